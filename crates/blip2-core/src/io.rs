@@ -1,0 +1,41 @@
+//! One table of graph IO names and dimension names, used by the exporter (to name
+//! graph inputs and outputs), the runtime (to feed them) and the manifest (to list them).
+
+/// File names of the graphs and of the manifest inside an exported model folder.
+pub const VISION_ENCODER_FILE: &str = "vision_encoder.onnx";
+pub const QFORMER_FILE: &str = "qformer.onnx";
+pub const LANGUAGE_MODEL_FILE: &str = "language_model.onnx";
+pub const MANIFEST_FILE: &str = "blip2_manifest.json";
+
+// vision_encoder.onnx
+pub const PIXEL_VALUES: &str = "pixel_values";
+pub const IMAGE_FEATURES: &str = "image_features";
+
+// qformer.onnx: image features in, projected query embeddings (the LM's image tokens) out.
+pub const IMAGE_EMBEDS: &str = "image_embeds";
+
+// language_model.onnx
+pub const INPUT_IDS: &str = "input_ids";
+pub const ATTENTION_MASK: &str = "attention_mask";
+pub const POSITION_IDS: &str = "position_ids";
+pub const LOGITS: &str = "logits";
+
+pub fn past_key(layer: usize) -> String {
+    format!("past_key_values.{layer}.key")
+}
+pub fn past_value(layer: usize) -> String {
+    format!("past_key_values.{layer}.value")
+}
+pub fn present_key(layer: usize) -> String {
+    format!("present.{layer}.key")
+}
+pub fn present_value(layer: usize) -> String {
+    format!("present.{layer}.value")
+}
+
+// Dimension names (symbolic dims of the graphs).
+pub const DIM_BATCH: &str = "batch_size";
+pub const DIM_SEQUENCE: &str = "sequence_length";
+pub const DIM_PAST_SEQUENCE: &str = "past_sequence_length";
+pub const DIM_TOTAL_SEQUENCE: &str = "total_sequence_length";
+pub const DIM_NUM_IMAGE_TOKENS: &str = "num_image_tokens";

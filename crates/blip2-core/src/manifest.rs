@@ -1,0 +1,186 @@
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the manifest layout; `infer` refuses manifests it does not know.
+pub const MANIFEST_VERSION: u32 = 1;
+
+/// Everything `infer` needs to know about an exported model, written by `export`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub manifest_version: u32,
+    /// The source checkpoint (Hub id or folder) and the revision when known.
+    pub source: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// Language-model family: "opt" (decoder-only) or "t5" (encoder-decoder).
+    pub family: String,
+    /// Weight dtype of the vision encoder and language model ("fp32" or "fp16").
+    /// The Q-Former always runs in fp32.
+    pub dtype: String,
+    pub graphs: Graphs,
+    pub tokens: SpecialTokens,
+    pub num_query_tokens: usize,
+    pub image: ImageConfig,
+    pub text: TextConfig,
+    pub prompts: PromptTemplates,
+    pub generation: GenerationDefaults,
+    /// Tokenizer file inside the model folder.
+    pub tokenizer_file: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Graphs {
+    pub vision_encoder: GraphInfo,
+    pub qformer: GraphInfo,
+    pub language_model: GraphInfo,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GraphInfo {
+    /// File name inside the model folder.
+    pub file: String,
+    /// External weight file beside the graph, when the graph is over 2 GB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_data: Option<String>,
+    pub inputs: Vec<TensorInfo>,
+    pub outputs: Vec<TensorInfo>,
+}
+
+/// One graph input or output: its name, element type and shape, where a dimension is
+/// either a fixed size or a symbolic name from [`crate::io`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TensorInfo {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<Dim>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Dim {
+    Fixed(i64),
+    Named(String),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SpecialTokens {
+    #[serde(default)]
+    pub bos_token_id: Option<i64>,
+    /// From generation_config.json (falling back to config.json's text_config).
+    pub eos_token_id: Vec<i64>,
+    #[serde(default)]
+    pub pad_token_id: Option<i64>,
+    pub image_token_id: i64,
+    /// T5 only: the first decoder token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decoder_start_token_id: Option<i64>,
+}
+
+/// How images become pixel values, mirroring BlipImageProcessor's settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ImageConfig {
+    pub height: u32,
+    pub width: u32,
+    pub do_resize: bool,
+    /// PIL resampling filter number (3 = bicubic, 2 = bilinear, 0 = nearest).
+    pub resample: u32,
+    pub do_rescale: bool,
+    pub rescale_factor: f64,
+    pub do_normalize: bool,
+    pub image_mean: [f32; 3],
+    pub image_std: [f32; 3],
+    pub do_convert_rgb: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub head_dim: usize,
+    /// The context limit prompts and chat history are kept within.
+    pub max_context: usize,
+    /// Position-embedding table size: prompt plus new tokens can never exceed it.
+    pub max_position_embeddings: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PromptTemplates {
+    /// `{}` is replaced by the question.
+    pub vqa: String,
+    /// One earlier chat turn: `{q}` and `{a}` are replaced.
+    pub chat_turn: String,
+    /// The current chat question.
+    pub chat_question: String,
+}
+
+impl Default for PromptTemplates {
+    fn default() -> Self {
+        Self {
+            vqa: "Question: {} Answer:".into(),
+            chat_turn: "Question: {q} Answer: {a}.".into(),
+            chat_question: "Question: {q} Answer:".into(),
+        }
+    }
+}
+
+/// Generation settings from generation_config.json; unset fields take transformers' defaults.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct GenerationDefaults {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_new_tokens: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_length: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_new_tokens: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_beams: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub length_penalty: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub early_stopping: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repetition_penalty: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_repeat_ngram_size: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub do_sample: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_return_sequences: Option<usize>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("{path}: cannot read the manifest: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{path}: not a blip2-ort manifest: {source}")]
+    Parse { path: String, source: serde_json::Error },
+    #[error("{path}: manifest version {found} is not supported (this build reads version {MANIFEST_VERSION}); re-export the model")]
+    Version { path: String, found: u32 },
+}
+
+impl Manifest {
+    /// Reads `blip2_manifest.json` from an exported model folder.
+    pub fn load(model_dir: &Path) -> Result<Self, ManifestError> {
+        let path = model_dir.join(crate::io::MANIFEST_FILE);
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(&path).map_err(|source| ManifestError::Io { path: p.clone(), source })?;
+        let m: Manifest = serde_json::from_str(&text).map_err(|source| ManifestError::Parse { path: p.clone(), source })?;
+        if m.manifest_version != MANIFEST_VERSION {
+            return Err(ManifestError::Version { path: p, found: m.manifest_version });
+        }
+        Ok(m)
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("manifest serializes")
+    }
+}

@@ -1,0 +1,6 @@
+//! The BLIP-2 runtime: turns images and prompts into tokens with the three graphs that
+//! `blip2-ort export` writes, on ONNX Runtime.
+//!
+//! Pieces, kept apart as in onnxruntime-genai: [`preprocess`] (images to pixel values,
+//! exactly as transformers' PIL path), [`generation`] (search: greedy, beam, sampling and
+//! the logits processors), and the model state with its KV cache.
