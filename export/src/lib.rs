@@ -1,1 +1,237 @@
-//! BLIP-2 exporter.
+//! Exports a Hugging Face BLIP-2 checkpoint to three ONNX graphs (vision encoder,
+//! Q-Former with projection, language model with past key values) and a manifest, with
+//! no Python and no ONNX Runtime.
+//!
+//! Paper: BLIP-2, Li et al. 2023, <https://arxiv.org/abs/2301.12597>. Reference
+//! implementation: transformers' `modeling_blip_2.py`.
+//!
+//! The export streams: weights are memory-mapped, converted chunk by chunk and written
+//! front to back, so peak memory does not grow with the model. Output goes to a
+//! temporary folder renamed into place at the end.
+
+pub mod builder;
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod onnx;
+mod opt;
+mod qformer;
+mod source;
+mod vision;
+
+use std::path::{Path, PathBuf};
+
+use blip2_core::{io, GraphInfo, Graphs, Manifest, TensorInfo, MANIFEST_VERSION};
+
+pub use checkpoint::Checkpoint;
+pub use error::{ExportError, Result};
+pub use source::SourceFiles;
+
+use crate::builder::Builder;
+use crate::config::{ModelConfig, TextModel};
+use crate::error::write_err;
+use crate::onnx::{Elem, Model, ValueInfo};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportDtype {
+    Fp32,
+    Fp16,
+}
+
+impl ExportDtype {
+    fn elem(self) -> Elem {
+        match self {
+            ExportDtype::Fp32 => Elem::F32,
+            ExportDtype::Fp16 => Elem::F16,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            ExportDtype::Fp32 => "fp32",
+            ExportDtype::Fp16 => "fp16",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ExportOptions {
+    pub dtype: ExportDtype,
+    /// What the user asked for (Hub id or folder), recorded in the manifest.
+    pub source_label: String,
+    pub revision: Option<String>,
+    /// Replace an existing export folder.
+    pub force: bool,
+    /// Context limit for prompts and chat history.
+    pub max_context: usize,
+    pub prompts: blip2_core::PromptTemplates,
+    /// Put weights in external data files even when under 2 GB (tests use this).
+    pub force_external_data: bool,
+}
+
+impl Default for ExportOptions {
+    fn default() -> Self {
+        Self {
+            dtype: ExportDtype::Fp32,
+            source_label: String::new(),
+            revision: None,
+            force: false,
+            max_context: 512,
+            prompts: Default::default(),
+            force_external_data: false,
+        }
+    }
+}
+
+/// Receives progress: one `stage` per graph with its weight bytes, then `advance`s.
+pub trait Progress {
+    fn stage(&mut self, name: &str, total_bytes: u64);
+    fn advance(&mut self, bytes: u64);
+    fn finish(&mut self) {}
+}
+
+/// Progress that goes nowhere (`--quiet`, tests).
+pub struct NoProgress;
+impl Progress for NoProgress {
+    fn stage(&mut self, _: &str, _: u64) {}
+    fn advance(&mut self, _: u64) {}
+}
+
+/// Exports the checkpoint in `src` into the folder `out`, atomically.
+pub fn export(src: &Path, out: &Path, opts: &ExportOptions, progress: &mut dyn Progress) -> Result<Manifest> {
+    if out.exists() {
+        if !opts.force {
+            return Err(ExportError::OutputExists { path: out.into() });
+        }
+        // --force replaces an earlier export, never an unrelated folder.
+        let is_export = out.join(io::MANIFEST_FILE).exists();
+        let is_empty = std::fs::read_dir(out).map(|mut d| d.next().is_none()).unwrap_or(false);
+        if !is_export && !is_empty {
+            return Err(ExportError::Config {
+                path: out.into(),
+                message: format!("exists and holds no {}; refusing to replace a folder blip2-ort did not write", io::MANIFEST_FILE),
+            });
+        }
+    }
+    // Everything about the source is checked before anything is written.
+    let files = SourceFiles::read(src)?;
+    let ck = Checkpoint::open(src)?;
+
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(write_err(parent))?;
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "export".into());
+    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(write_err(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(write_err(&tmp))?;
+    let result = write_all(&files, &ck, &tmp, opts, progress);
+    let manifest = match result {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
+    if out.exists() {
+        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+        std::fs::rename(out, &old).map_err(write_err(out))?;
+        std::fs::rename(&tmp, out).map_err(write_err(out))?;
+        let _ = std::fs::remove_dir_all(&old);
+    } else {
+        std::fs::rename(&tmp, out).map_err(write_err(out))?;
+    }
+    progress.finish();
+    Ok(manifest)
+}
+
+fn tensor_infos(v: &[ValueInfo]) -> Vec<TensorInfo> {
+    v.iter().map(|x| TensorInfo { name: x.name.clone(), dtype: x.elem.name().into(), shape: x.dims.clone() }).collect()
+}
+
+fn write_graph(
+    b: Builder<'_>,
+    name: &str,
+    file: &str,
+    dir: &Path,
+    opts: &ExportOptions,
+    progress: &mut dyn Progress,
+) -> Result<GraphInfo> {
+    progress.stage(name, b.weight_bytes);
+    let graph = b.finish(name);
+    let inputs = tensor_infos(&graph.inputs);
+    let outputs = tensor_infos(&graph.outputs);
+    let model = Model {
+        graph,
+        opsets: vec![(String::new(), onnx::OPSET)],
+        producer: "blip2-ort".into(),
+        metadata: vec![("source".into(), opts.source_label.clone())],
+    };
+    let external_name = format!("{file}.data");
+    let path = dir.join(file);
+    onnx::write_model(&model, &path, &external_name, opts.force_external_data, &mut |n| progress.advance(n))
+        .map_err(write_err(&path))?;
+    let has_external = dir.join(&external_name).exists();
+    Ok(GraphInfo { file: file.into(), external_data: has_external.then_some(external_name), inputs, outputs })
+}
+
+fn write_all(files: &SourceFiles, ck: &Checkpoint, dir: &Path, opts: &ExportOptions, progress: &mut dyn Progress) -> Result<Manifest> {
+    let cfg: &ModelConfig = &files.config;
+    let lm_float = opts.dtype.elem();
+    let v = &cfg.blip.vision_config;
+    let positions = (v.image_size / v.patch_size).pow(2) + 1;
+    let TextModel::Opt(text) = &cfg.text;
+
+    let mut b = Builder::new(ck, lm_float);
+    vision::build(&mut b, v)?;
+    let vision_info = write_graph(b, "vision_encoder", io::VISION_ENCODER_FILE, dir, opts, progress)?;
+
+    let mut b = Builder::new(ck, Elem::F32);
+    qformer::build(&mut b, &cfg.blip.qformer_config, cfg.blip.num_query_tokens, text.hidden_size, positions, lm_float, lm_float)?;
+    let qformer_info = write_graph(b, "qformer", io::QFORMER_FILE, dir, opts, progress)?;
+
+    let mut b = Builder::new(ck, lm_float);
+    opt::build(&mut b, text, files.image_token_id)?;
+    let lm_info = write_graph(b, "language_model", io::LANGUAGE_MODEL_FILE, dir, opts, progress)?;
+
+    files.copy_runtime_files(dir)?;
+    let manifest = Manifest {
+        manifest_version: MANIFEST_VERSION,
+        source: opts.source_label.clone(),
+        revision: opts.revision.clone(),
+        family: "opt".into(),
+        dtype: opts.dtype.name().into(),
+        graphs: Graphs { vision_encoder: vision_info, qformer: qformer_info, language_model: lm_info },
+        tokens: files.special_tokens(),
+        num_query_tokens: files.num_query_tokens,
+        image: files.image.clone(),
+        text: blip2_core::TextConfig {
+            vocab_size: text.vocab_size,
+            hidden_size: text.hidden_size,
+            num_layers: text.num_hidden_layers,
+            num_heads: text.num_attention_heads,
+            head_dim: text.hidden_size / text.num_attention_heads,
+            max_context: opts.max_context.min(text.max_position_embeddings),
+            max_position_embeddings: text.max_position_embeddings,
+        },
+        prompts: opts.prompts.clone(),
+        generation: files.generation.clone(),
+        tokenizer_file: "tokenizer.json".into(),
+    };
+    let path = dir.join(io::MANIFEST_FILE);
+    std::fs::write(&path, manifest.to_json()).map_err(write_err(&path))?;
+    Ok(manifest)
+}
+
+/// Files of an export folder, for listings and checks.
+pub fn export_files(m: &Manifest) -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    for g in [&m.graphs.vision_encoder, &m.graphs.qformer, &m.graphs.language_model] {
+        v.push(PathBuf::from(&g.file));
+        if let Some(e) = &g.external_data {
+            v.push(PathBuf::from(e));
+        }
+    }
+    v.push(PathBuf::from(io::MANIFEST_FILE));
+    v.push(PathBuf::from(&m.tokenizer_file));
+    v
+}

@@ -1,0 +1,106 @@
+//! `blip2-ort export`: checkpoint (folder or Hub id) to an export folder.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Result;
+use blip2_export::{ExportDtype, ExportOptions, Progress};
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(clap::Args, Debug)]
+pub struct ExportArgs {
+    /// A local checkpoint folder in the Hugging Face layout, or a Hub id such as Salesforce/blip2-opt-2.7b.
+    pub model: String,
+    /// Output folder (written atomically).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Weight type of the vision encoder and language model (the Q-Former stays fp32).
+    #[arg(long, value_enum, default_value = "fp32")]
+    pub dtype: Dtype,
+    /// Hub revision (branch, tag or commit) to fetch.
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// Replace an existing export in the output folder.
+    #[arg(long)]
+    pub force: bool,
+    /// Context limit (tokens) recorded for prompts and chat history.
+    #[arg(long, default_value_t = 512)]
+    pub max_context: usize,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum Dtype {
+    Fp32,
+    Fp16,
+}
+
+struct Bars {
+    bar: ProgressBar,
+}
+
+impl Progress for Bars {
+    fn stage(&mut self, name: &str, total: u64) {
+        self.bar.set_length(total);
+        self.bar.set_position(0);
+        self.bar.set_message(name.to_string());
+    }
+    fn advance(&mut self, n: u64) {
+        self.bar.inc(n);
+    }
+    fn finish(&mut self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+/// Resolves MODEL to a checkpoint folder (fetching Hub ids).
+pub fn resolve_checkpoint(model: &str, revision: Option<&str>, quiet: bool) -> Result<PathBuf> {
+    if crate::hub::looks_like_hub_id(model) {
+        crate::hub::fetch(model, revision, quiet)
+    } else {
+        Ok(PathBuf::from(model))
+    }
+}
+
+pub fn run(a: &ExportArgs, quiet: bool) -> Result<()> {
+    let start = Instant::now();
+    let src = resolve_checkpoint(&a.model, a.revision.as_deref(), quiet)?;
+    let opts = ExportOptions {
+        dtype: match a.dtype {
+            Dtype::Fp32 => ExportDtype::Fp32,
+            Dtype::Fp16 => ExportDtype::Fp16,
+        },
+        source_label: a.model.clone(),
+        revision: a.revision.clone(),
+        force: a.force,
+        max_context: a.max_context,
+        ..Default::default()
+    };
+    let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
+    bar.set_style(ProgressStyle::with_template("{msg:16} {bar:40} {bytes}/{total_bytes} {eta}").expect("valid template"));
+    let manifest = blip2_export::export(&src, &a.output, &opts, &mut Bars { bar })?;
+    if !quiet {
+        eprintln!("exported {} ({}, {}) in {:.1}s", a.model, manifest.family, manifest.dtype, start.elapsed().as_secs_f64());
+        for f in blip2_export::export_files(&manifest) {
+            let p = a.output.join(&f);
+            let size = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+            eprintln!("  {:<28} {:>10}", f.display(), human(size));
+        }
+    }
+    println!("{}", a.output.display());
+    Ok(())
+}
+
+pub fn human(n: u64) -> String {
+    let units = ["B", "KB", "MB", "GB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1000.0 && i < units.len() - 1 {
+        v /= 1000.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", units[i])
+    }
+}

@@ -1,0 +1,334 @@
+//! Graph building: a [`Builder`] that names nodes by path
+//! (`/vision/layers.0/attn/qkv/MatMul`, output `{node}/output_0`), makes each constant
+//! once (`/constants/INT64/[0, 0, -1]`), and takes weights straight from the checkpoint
+//! under their checkpoint names; plus the blocks every graph shares (linear, layer norm,
+//! activations, attention), each with a diagram of the ops it emits.
+
+use std::collections::HashMap;
+
+use blip2_core::Dim;
+
+use crate::checkpoint::{write_converted, Checkpoint, DType};
+use crate::error::{ExportError, Result};
+use crate::onnx::{Attr, Elem, Graph, InitData, Initializer, Node, Tensor, ValueInfo};
+
+pub struct Builder<'a> {
+    ck: &'a Checkpoint,
+    /// Element type of this graph's weights and activations.
+    pub float: Elem,
+    nodes: Vec<Node>,
+    inits: Vec<Initializer<'a>>,
+    inputs: Vec<ValueInfo>,
+    outputs: Vec<ValueInfo>,
+    consts: HashMap<String, String>,
+    weights: HashMap<String, String>,
+    node_names: std::collections::HashSet<String>,
+    pub weight_bytes: u64,
+}
+
+impl<'a> Builder<'a> {
+    pub fn new(ck: &'a Checkpoint, float: Elem) -> Self {
+        Self {
+            ck,
+            float,
+            nodes: Vec::new(),
+            inits: Vec::new(),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            consts: HashMap::new(),
+            weights: HashMap::new(),
+            node_names: Default::default(),
+            weight_bytes: 0,
+        }
+    }
+
+    pub fn input(&mut self, name: &str, elem: Elem, dims: Vec<Dim>) -> String {
+        self.inputs.push(ValueInfo { name: name.into(), elem, dims });
+        name.into()
+    }
+
+    /// Exposes `tensor` as the graph output `name`.
+    pub fn output(&mut self, tensor: &str, name: &str, elem: Elem, dims: Vec<Dim>) {
+        self.nodes.push(Node {
+            name: format!("/outputs/{name}/Identity"),
+            op_type: "Identity".into(),
+            domain: String::new(),
+            inputs: vec![tensor.into()],
+            outputs: vec![name.into()],
+            attrs: Vec::new(),
+        });
+        self.outputs.push(ValueInfo { name: name.into(), elem, dims });
+    }
+
+    /// Adds node `path` and returns its single output, `{path}/output_0`.
+    pub fn op(&mut self, path: &str, op: &str, inputs: &[&str], attrs: Vec<(&str, Attr)>) -> String {
+        self.op_n(path, op, inputs, attrs, 1).pop().expect("one output")
+    }
+
+    pub fn op_n(&mut self, path: &str, op: &str, inputs: &[&str], attrs: Vec<(&str, Attr)>, n: usize) -> Vec<String> {
+        // Node names are graph paths and must be unique; a clash is a builder bug.
+        assert!(self.node_names.insert(path.to_string()), "duplicate node name {path}");
+        let outputs: Vec<String> = (0..n).map(|i| format!("{path}/output_{i}")).collect();
+        self.nodes.push(Node {
+            name: path.into(),
+            op_type: op.into(),
+            domain: String::new(),
+            inputs: inputs.iter().map(|s| s.to_string()).collect(),
+            outputs: outputs.clone(),
+            attrs: attrs.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+        });
+        outputs
+    }
+
+    fn constant(&mut self, key: String, elem: Elem, dims: Vec<i64>, raw: Vec<u8>) -> String {
+        if let Some(name) = self.consts.get(&key) {
+            return name.clone();
+        }
+        self.inits.push(Initializer { name: key.clone(), elem, dims, doc: None, data: InitData::Inline(raw) });
+        self.consts.insert(key.clone(), key.clone());
+        key
+    }
+
+    /// A 1-D int64 constant.
+    pub fn ints(&mut self, v: &[i64]) -> String {
+        let raw = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.constant(format!("/constants/INT64/{v:?}"), Elem::I64, vec![v.len() as i64], raw)
+    }
+
+    /// A scalar int64 constant.
+    pub fn int(&mut self, v: i64) -> String {
+        self.constant(format!("/constants/INT64/{v}"), Elem::I64, vec![], v.to_le_bytes().to_vec())
+    }
+
+    /// A scalar constant of the graph's float type.
+    pub fn scalar(&mut self, v: f32) -> String {
+        let elem = self.float;
+        self.scalar_of(v, elem)
+    }
+
+    pub fn scalar_of(&mut self, v: f32, elem: Elem) -> String {
+        let (tag, raw) = match elem {
+            Elem::F16 => ("FLOAT16", half::f16::from_f32(v).to_le_bytes().to_vec()),
+            _ => ("FLOAT", v.to_le_bytes().to_vec()),
+        };
+        self.constant(format!("/constants/{tag}/{v:e}"), elem, vec![], raw)
+    }
+
+    /// The most negative finite value of the graph's float type, for masked scores.
+    pub fn mask_value(&mut self) -> String {
+        match self.float {
+            Elem::F16 => self.scalar(-65504.0),
+            _ => self.scalar(f32::MIN),
+        }
+    }
+
+    /// A weight from the checkpoint in the graph's float type.
+    pub fn weight(&mut self, name: &str, shape: &[usize]) -> Result<String> {
+        let elem = self.float;
+        self.weight_of(name, shape, false, elem)
+    }
+
+    /// A `[out, in]` Linear weight stored transposed, `[in, out]`, for MatMul.
+    pub fn weight_t(&mut self, name: &str, shape: &[usize]) -> Result<String> {
+        let elem = self.float;
+        self.weight_of(name, shape, true, elem)
+    }
+
+    pub fn weight_of(&mut self, name: &str, shape: &[usize], transpose: bool, elem: Elem) -> Result<String> {
+        let key = format!("{name}{}", if transpose { "#T" } else { "" });
+        if let Some(n) = self.weights.get(&key) {
+            return Ok(n.clone());
+        }
+        let t = self.ck.get_shaped(name, shape)?;
+        let to = match elem {
+            Elem::F16 => DType::F16,
+            Elem::F32 => DType::F32,
+            other => unreachable!("weights are float, not {other:?}"),
+        };
+        let mut dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        if transpose {
+            dims.reverse();
+        }
+        let len = (t.numel() * to.size()) as u64;
+        self.weight_bytes += len;
+        let write = Box::new(move |w: &mut dyn std::io::Write| write_converted(&t, to, transpose, w));
+        // The initializer keeps the checkpoint's name; a transposed copy says so.
+        let doc = transpose.then(|| "transposed from the checkpoint's [out, in] to [in, out] for MatMul".to_string());
+        self.inits.push(Initializer { name: name.into(), elem, dims, doc, data: InitData::Stream { len, write } });
+        self.weights.insert(key, name.into());
+        Ok(name.into())
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.ck.contains(name)
+    }
+
+    pub fn checkpoint(&self) -> &'a Checkpoint {
+        self.ck
+    }
+
+    pub fn finish(self, name: &str) -> Graph<'a> {
+        Graph { name: name.into(), nodes: self.nodes, inputs: self.inputs, outputs: self.outputs, initializers: self.inits }
+    }
+
+    /// Casts `x` to `to` (no node when `from == to`).
+    pub fn cast(&mut self, path: &str, x: &str, from: Elem, to: Elem) -> String {
+        if from == to {
+            return x.into();
+        }
+        self.op(path, "Cast", &[x], vec![("to", Attr::Int(to as i64))])
+    }
+}
+
+// --- shared blocks -------------------------------------------------------------------
+
+/// `x @ W^T + b` for a checkpoint Linear `{prefix}.weight` of shape `[out, in]`.
+///
+/// ```text
+///   x ──MatMul(W^T)──Add(b)──▶
+/// ```
+pub fn linear(b: &mut Builder, path: &str, x: &str, prefix: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<String> {
+    let w = b.weight_t(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
+    let y = b.op(&format!("{path}/MatMul"), "MatMul", &[x, &w], vec![]);
+    if !bias {
+        return Ok(y);
+    }
+    let bv = b.weight(&format!("{prefix}.bias"), &[out_dim])?;
+    Ok(b.op(&format!("{path}/Add"), "Add", &[&y, &bv], vec![]))
+}
+
+/// LayerNormalization over the last axis with `{prefix}.weight` and `{prefix}.bias`.
+pub fn layer_norm(b: &mut Builder, path: &str, x: &str, prefix: &str, dim: usize, eps: f64) -> Result<String> {
+    let g = b.weight(&format!("{prefix}.weight"), &[dim])?;
+    let beta = b.weight(&format!("{prefix}.bias"), &[dim])?;
+    Ok(b.op(
+        &format!("{path}/LayerNormalization"),
+        "LayerNormalization",
+        &[x, &g, &beta],
+        vec![("axis", Attr::Int(-1)), ("epsilon", Attr::Float(eps as f32))],
+    ))
+}
+
+/// LayerNormalization without learned scale and bias (OPT's `layer_norm_elementwise_affine = false`).
+pub fn layer_norm_plain(b: &mut Builder, path: &str, x: &str, dim: usize, eps: f64) -> String {
+    let (one, zero) = match b.float {
+        Elem::F16 => (half::f16::from_f32(1.0).to_le_bytes().to_vec(), half::f16::from_f32(0.0).to_le_bytes().to_vec()),
+        _ => (1f32.to_le_bytes().to_vec(), 0f32.to_le_bytes().to_vec()),
+    };
+    let elem = b.float;
+    let ones = b.constant(format!("/constants/ones/{dim}/{elem:?}"), elem, vec![dim as i64], one.repeat(dim));
+    let zeros = b.constant(format!("/constants/zeros/{dim}/{elem:?}"), elem, vec![dim as i64], zero.repeat(dim));
+    b.op(
+        &format!("{path}/LayerNormalization"),
+        "LayerNormalization",
+        &[x, &ones, &zeros],
+        vec![("axis", Attr::Int(-1)), ("epsilon", Attr::Float(eps as f32))],
+    )
+}
+
+/// The activations BLIP-2 configs name, in transformers' definitions (ACT2FN).
+///
+/// ```text
+///   gelu:       x * 0.5 * (1 + Erf(x / sqrt 2))          (ONNX Runtime fuses this into Gelu)
+///   gelu_new:   x * 0.5 * (1 + Tanh(sqrt(2/pi) * (x + 0.044715 x^3)))
+///   quick_gelu: x * Sigmoid(1.702 x)
+///   relu:       Relu(x)
+/// ```
+pub fn activation(b: &mut Builder, path: &str, x: &str, act: &str) -> Result<String> {
+    let p = |s: &str| format!("{path}/{s}");
+    Ok(match act {
+        "relu" => b.op(&p("Relu"), "Relu", &[x], vec![]),
+        "gelu" => {
+            let sqrt2 = b.scalar(std::f32::consts::SQRT_2);
+            let one = b.scalar(1.0);
+            let half = b.scalar(0.5);
+            let d = b.op(&p("Div"), "Div", &[x, &sqrt2], vec![]);
+            let e = b.op(&p("Erf"), "Erf", &[&d], vec![]);
+            let a = b.op(&p("Add"), "Add", &[&e, &one], vec![]);
+            let m = b.op(&p("Mul"), "Mul", &[x, &a], vec![]);
+            b.op(&p("Mul_1"), "Mul", &[&m, &half], vec![])
+        }
+        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => {
+            let c = b.scalar(0.044715);
+            let k = b.scalar((2.0f32 / std::f32::consts::PI).sqrt());
+            let one = b.scalar(1.0);
+            let half = b.scalar(0.5);
+            let x2 = b.op(&p("Mul"), "Mul", &[x, x], vec![]);
+            let x3 = b.op(&p("Mul_1"), "Mul", &[&x2, x], vec![]);
+            let cx3 = b.op(&p("Mul_2"), "Mul", &[&x3, &c], vec![]);
+            let s = b.op(&p("Add"), "Add", &[x, &cx3], vec![]);
+            let ks = b.op(&p("Mul_3"), "Mul", &[&s, &k], vec![]);
+            let t = b.op(&p("Tanh"), "Tanh", &[&ks], vec![]);
+            let a = b.op(&p("Add_1"), "Add", &[&t, &one], vec![]);
+            let m = b.op(&p("Mul_4"), "Mul", &[x, &a], vec![]);
+            b.op(&p("Mul_5"), "Mul", &[&m, &half], vec![])
+        }
+        "quick_gelu" => {
+            let k = b.scalar(1.702);
+            let kx = b.op(&p("Mul"), "Mul", &[x, &k], vec![]);
+            let s = b.op(&p("Sigmoid"), "Sigmoid", &[&kx], vec![]);
+            b.op(&p("Mul_1"), "Mul", &[x, &s], vec![])
+        }
+        other => {
+            return Err(ExportError::Config {
+                path: "config.json".into(),
+                message: format!("activation \"{other}\" is not supported (gelu, gelu_new, quick_gelu, relu)"),
+            })
+        }
+    })
+}
+
+/// `[B, S, H*D]` to `[B, H, S, D]`.
+pub fn split_heads(b: &mut Builder, path: &str, x: &str, heads: usize, head_dim: usize) -> String {
+    let shape = b.ints(&[0, 0, heads as i64, head_dim as i64]);
+    let r = b.op(&format!("{path}/Reshape"), "Reshape", &[x, &shape], vec![]);
+    b.op(&format!("{path}/Transpose"), "Transpose", &[&r], vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))])
+}
+
+/// Scaled dot-product attention over heads already split.
+///
+/// ```text
+///   q [B,H,S,D]   k [B,H,T,D]   v [B,H,T,D]
+///   q ──MatMul(Transpose(k))──Mul(scale)──Where(allowed, ·, min)──Softmax──MatMul(v)
+///     ──Transpose──Reshape ──▶ [B, S, H*D]
+/// ```
+/// `allowed` is a boolean mask broadcastable to `[B, H, S, T]`; masked scores are
+/// replaced (not offset), so a row with every key masked cannot overflow to NaN.
+pub fn attention(
+    b: &mut Builder,
+    path: &str,
+    q: &str,
+    k: &str,
+    v: &str,
+    scale: Option<f32>,
+    allowed: Option<&str>,
+) -> String {
+    let p = |s: &str| format!("{path}/{s}");
+    let kt = b.op(&p("Transpose"), "Transpose", &[k], vec![("perm", Attr::Ints(vec![0, 1, 3, 2]))]);
+    let mut s = b.op(&p("MatMul"), "MatMul", &[q, &kt], vec![]);
+    if let Some(scale) = scale {
+        let c = b.scalar(scale);
+        s = b.op(&p("Mul"), "Mul", &[&s, &c], vec![]);
+    }
+    if let Some(m) = allowed {
+        let min = b.mask_value();
+        s = b.op(&p("Where"), "Where", &[m, &s, &min], vec![]);
+    }
+    let probs = b.op(&p("Softmax"), "Softmax", &[&s], vec![("axis", Attr::Int(-1))]);
+    let o = b.op(&p("MatMul_1"), "MatMul", &[&probs, v], vec![]);
+    let t = b.op(&p("Transpose_1"), "Transpose", &[&o], vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))]);
+    let shape = b.ints(&[0, 0, -1]);
+    b.op(&p("Reshape"), "Reshape", &[&t, &shape], vec![])
+}
+
+/// Element `i` of a tensor's shape, as a 1-D int64 tensor of length one.
+pub fn dim_of(b: &mut Builder, path: &str, x: &str, i: i64) -> String {
+    let s = b.op(&format!("{path}/Shape"), "Shape", &[x], vec![]);
+    let idx = b.ints(&[i]);
+    b.op(&format!("{path}/Gather"), "Gather", &[&s, &idx], vec![("axis", Attr::Int(0))])
+}
+
+/// Tensor used by ConstantOfShape's `value` attribute.
+pub fn value_tensor(elem: Elem, raw: Vec<u8>) -> Attr {
+    Attr::Tensor(Tensor { elem, dims: vec![1], raw })
+}

@@ -1,0 +1,258 @@
+//! Reads safetensors weights from a Hugging Face checkpoint folder without loading them:
+//! every file is memory-mapped and tensors are handed out as byte views, so exporting a
+//! model never holds more than a conversion chunk of it in memory.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::tensor::Dtype as StDtype;
+use safetensors::SafeTensors;
+
+use crate::error::{io_err, ExportError, Result};
+
+/// Element types the exporter reads and writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+}
+
+/// A tensor inside a memory-mapped file.
+#[derive(Clone, Copy)]
+pub struct TensorView<'a> {
+    pub dtype: DType,
+    pub shape: &'a [usize],
+    pub data: &'a [u8],
+}
+
+impl TensorView<'_> {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+struct Entry {
+    file: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+pub struct Checkpoint {
+    files: Vec<(PathBuf, Mmap)>,
+    tensors: HashMap<String, Entry>,
+}
+
+impl Checkpoint {
+    /// Opens `model.safetensors`, or the shards listed in `model.safetensors.index.json`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let names: Vec<PathBuf> = if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(io_err(&index))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|source| ExportError::Json { path: index.clone(), source })?;
+            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ExportError::Config {
+                path: index.clone(),
+                message: "no \"weight_map\" object".into(),
+            })?;
+            let mut shards: Vec<String> = map.values().filter_map(|s| s.as_str().map(String::from)).collect();
+            shards.sort();
+            shards.dedup();
+            shards.into_iter().map(|s| dir.join(s)).collect()
+        } else if single.exists() {
+            vec![single]
+        } else {
+            return Err(ExportError::MissingFile {
+                path: single,
+                why: "the weights: model.safetensors or model.safetensors.index.json with its shards",
+            });
+        };
+        let mut files = Vec::new();
+        let mut tensors = HashMap::new();
+        for (i, path) in names.into_iter().enumerate() {
+            if !path.exists() {
+                return Err(ExportError::MissingFile { path, why: "a weight shard named in model.safetensors.index.json" });
+            }
+            let file = File::open(&path).map_err(io_err(&path))?;
+            // SAFETY: the file is opened read-only and is not expected to change while exporting.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(io_err(&path))?;
+            let (header_len, meta) = SafeTensors::read_metadata(&mmap)
+                .map_err(|e| ExportError::CorruptSafetensors { path: path.clone(), message: describe(&e) })?;
+            let base = 8 + header_len;
+            for (name, info) in meta.tensors() {
+                let dtype = match info.dtype {
+                    StDtype::F32 => DType::F32,
+                    StDtype::F16 => DType::F16,
+                    StDtype::BF16 => DType::BF16,
+                    other => {
+                        // Integer buffers (none in BLIP-2 today) are skipped; float tensors must be known types.
+                        if matches!(other, StDtype::I64 | StDtype::I32 | StDtype::BOOL | StDtype::U8) {
+                            continue;
+                        }
+                        return Err(ExportError::UnsupportedDtype { name, dtype: format!("{other:?}") });
+                    }
+                };
+                let (s, e) = info.data_offsets;
+                tensors.insert(name, Entry { file: i, dtype, shape: info.shape.clone(), start: base + s, end: base + e });
+            }
+            files.push((path, mmap));
+        }
+        Ok(Self { files, tensors })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    pub fn get(&self, name: &str) -> Result<TensorView<'_>> {
+        let e = self.tensors.get(name).ok_or_else(|| ExportError::MissingTensor {
+            name: name.to_string(),
+            files: self.file_list(),
+        })?;
+        Ok(TensorView { dtype: e.dtype, shape: &e.shape, data: &self.files[e.file].1[e.start..e.end] })
+    }
+
+    /// Like [`Checkpoint::get`], also checking the shape that config.json implies.
+    pub fn get_shaped(&self, name: &str, expected: &[usize]) -> Result<TensorView<'_>> {
+        let t = self.get(name)?;
+        if t.shape != expected {
+            return Err(ExportError::TensorShape {
+                name: name.into(),
+                found: t.shape.to_vec(),
+                expected: expected.to_vec(),
+            });
+        }
+        Ok(t)
+    }
+
+    fn file_list(&self) -> String {
+        let names: Vec<String> = self
+            .files
+            .iter()
+            .map(|(p, _)| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())
+            .collect();
+        names.join(", ")
+    }
+
+    /// Total bytes of every tensor, for progress reporting.
+    pub fn total_bytes(&self) -> u64 {
+        self.tensors.values().map(|e| (e.end - e.start) as u64).sum()
+    }
+
+    pub fn dtype_counts(&self) -> BTreeMap<&'static str, usize> {
+        let mut m = BTreeMap::new();
+        for e in self.tensors.values() {
+            *m.entry(match e.dtype {
+                DType::F32 => "F32",
+                DType::F16 => "F16",
+                DType::BF16 => "BF16",
+            })
+            .or_insert(0) += 1;
+        }
+        m
+    }
+}
+
+fn describe(e: &safetensors::SafeTensorError) -> String {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::MetadataIncompleteBuffer => "the file is shorter or longer than its header says (truncated download?)".into(),
+        E::HeaderTooSmall => "the file is too small to hold a header".into(),
+        E::InvalidHeaderLength => "the header length points past the end of the file (truncated?)".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Elements converted per chunk when streaming a tensor out: small enough to keep
+/// memory flat, large enough to keep writes efficient.
+const CHUNK: usize = 1 << 18;
+
+/// Reads element `i` of a little-endian buffer as f32.
+#[inline]
+fn read_f32(dtype: DType, data: &[u8], i: usize) -> f32 {
+    match dtype {
+        DType::F32 => f32::from_le_bytes(data[4 * i..4 * i + 4].try_into().unwrap()),
+        DType::F16 => f16::from_le_bytes([data[2 * i], data[2 * i + 1]]).to_f32(),
+        DType::BF16 => bf16::from_le_bytes([data[2 * i], data[2 * i + 1]]).to_f32(),
+    }
+}
+
+#[inline]
+fn push(out: &mut Vec<u8>, dtype: DType, v: f32) {
+    match dtype {
+        DType::F32 => out.extend_from_slice(&v.to_le_bytes()),
+        DType::F16 => out.extend_from_slice(&f16::from_f32(v).to_le_bytes()),
+        DType::BF16 => out.extend_from_slice(&bf16::from_f32(v).to_le_bytes()),
+    }
+}
+
+/// Writes `t` converted to `to`, optionally transposing a 2-D tensor, in bounded chunks.
+pub fn write_converted(t: &TensorView<'_>, to: DType, transpose: bool, w: &mut dyn Write) -> std::io::Result<()> {
+    if !transpose && t.dtype == to {
+        for chunk in t.data.chunks(CHUNK * 4) {
+            w.write_all(chunk)?;
+        }
+        return Ok(());
+    }
+    let mut buf = Vec::with_capacity(CHUNK * to.size());
+    if transpose {
+        let (rows, cols) = (t.shape[0], t.shape[1]);
+        // Output row c is source column c; walk the source in tiles so reads stay local.
+        let tile = (CHUNK / rows.max(1)).clamp(1, 64);
+        let mut c0 = 0;
+        while c0 < cols {
+            let c1 = (c0 + tile).min(cols);
+            let mut block = vec![0f32; (c1 - c0) * rows];
+            for r in 0..rows {
+                for c in c0..c1 {
+                    block[(c - c0) * rows + r] = read_f32(t.dtype, t.data, r * cols + c);
+                }
+            }
+            buf.clear();
+            for v in block {
+                push(&mut buf, to, v);
+            }
+            w.write_all(&buf)?;
+            c0 = c1;
+        }
+        return Ok(());
+    }
+    let n = t.numel();
+    let mut i = 0;
+    while i < n {
+        let j = (i + CHUNK).min(n);
+        buf.clear();
+        for k in i..j {
+            push(&mut buf, to, read_f32(t.dtype, t.data, k));
+        }
+        w.write_all(&buf)?;
+        i = j;
+    }
+    Ok(())
+}
+
+/// Reads a whole (small) tensor as f32 values.
+pub fn to_f32_vec(t: &TensorView<'_>) -> Vec<f32> {
+    (0..t.numel()).map(|i| read_f32(t.dtype, t.data, i)).collect()
+}
+

@@ -1,0 +1,188 @@
+//! The non-weight files of a checkpoint folder, in both layouts found on the Hub:
+//! the older one (flat `preprocessor_config.json`, `processor_config.json` holding only
+//! `num_query_tokens`) and the one transformers 5 writes (`processor_config.json` with a
+//! nested `image_processor`).
+
+use std::path::{Path, PathBuf};
+
+use blip2_core::{GenerationDefaults, ImageConfig, SpecialTokens};
+use serde_json::Value;
+
+use crate::config::{read_json, ModelConfig, TextModel};
+use crate::error::{write_err, ExportError, Result};
+
+pub struct SourceFiles {
+    pub dir: PathBuf,
+    pub config: ModelConfig,
+    pub image: ImageConfig,
+    pub num_query_tokens: usize,
+    pub image_token_id: i64,
+    pub eos: Vec<i64>,
+    pub bos: Option<i64>,
+    pub pad: Option<i64>,
+    pub generation: GenerationDefaults,
+}
+
+/// BLIP's defaults (OPENAI_CLIP_MEAN / OPENAI_CLIP_STD, bicubic, 1/255).
+const MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+const STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+
+fn ids(v: Option<&Value>) -> Vec<i64> {
+    match v {
+        Some(Value::Number(n)) => n.as_i64().into_iter().collect(),
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_i64).collect(),
+        _ => Vec::new(),
+    }
+}
+
+impl SourceFiles {
+    pub fn read(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(ExportError::MissingFile { path: dir.into(), why: "the checkpoint folder" });
+        }
+        let config = ModelConfig::load(dir)?;
+        let TextModel::Opt(text) = &config.text;
+
+        let proc_path = dir.join("processor_config.json");
+        let pre_path = dir.join("preprocessor_config.json");
+        let proc = if proc_path.exists() { Some(read_json(&proc_path, "processor settings")?) } else { None };
+        let image_proc = match proc.as_ref().and_then(|p| p.get("image_processor")) {
+            Some(v) => v.clone(),
+            None => read_json(&pre_path, "the image processor settings (or processor_config.json with image_processor)")?,
+        };
+        let image = image_config(&image_proc, &pre_path)?;
+        let num_query_tokens = proc
+            .as_ref()
+            .and_then(|p| p.get("num_query_tokens"))
+            .and_then(Value::as_u64)
+            .map(|n| n as usize)
+            .unwrap_or(config.blip.num_query_tokens);
+        if num_query_tokens != config.blip.num_query_tokens {
+            return Err(ExportError::Config {
+                path: proc_path,
+                message: format!(
+                    "num_query_tokens {num_query_tokens} differs from config.json's {}",
+                    config.blip.num_query_tokens
+                ),
+            });
+        }
+        let v = &config.blip.vision_config;
+        if image.height as usize != v.image_size || image.width as usize != v.image_size {
+            return Err(ExportError::Config {
+                path: pre_path,
+                message: format!(
+                    "image size {}x{} differs from vision_config.image_size {}",
+                    image.width, image.height, v.image_size
+                ),
+            });
+        }
+
+        let tok_path = dir.join("tokenizer.json");
+        let tokenizer = read_json(&tok_path, "the fast tokenizer file that infer uses")?;
+        let image_token_id = match config.blip.image_token_index {
+            Some(id) => id,
+            None => tokenizer
+                .get("added_tokens")
+                .and_then(Value::as_array)
+                .and_then(|a| a.iter().find(|t| t.get("content").and_then(Value::as_str) == Some("<image>")))
+                .and_then(|t| t.get("id").and_then(Value::as_i64))
+                .ok_or_else(|| ExportError::Config {
+                    path: config.path.clone(),
+                    message: "no image_token_index, and tokenizer.json has no <image> token".into(),
+                })?,
+        };
+        if image_token_id < 0 || image_token_id as usize >= text.vocab_size {
+            return Err(ExportError::Config {
+                path: config.path.clone(),
+                message: format!("image_token_index {image_token_id} is outside the vocabulary of {}", text.vocab_size),
+            });
+        }
+
+        let gen_path = dir.join("generation_config.json");
+        let gen = if gen_path.exists() { read_json(&gen_path, "generation settings")? } else { Value::Null };
+        let mut eos = ids(gen.get("eos_token_id"));
+        if eos.is_empty() {
+            eos = ids(text.eos_token_id.as_ref());
+        }
+        let bos = gen.get("bos_token_id").and_then(Value::as_i64).or(text.bos_token_id);
+        let pad = gen.get("pad_token_id").and_then(Value::as_i64).or(text.pad_token_id);
+        let generation: GenerationDefaults = serde_json::from_value(gen.clone()).unwrap_or_default();
+        Ok(Self { dir: dir.into(), config, image, num_query_tokens, image_token_id, eos, bos, pad, generation })
+    }
+
+    pub fn special_tokens(&self) -> SpecialTokens {
+        SpecialTokens {
+            bos_token_id: self.bos,
+            eos_token_id: self.eos.clone(),
+            pad_token_id: self.pad,
+            image_token_id: self.image_token_id,
+            decoder_start_token_id: None,
+        }
+    }
+
+    /// Copies what `infer` reads (the tokenizer) and, for provenance, the source's own
+    /// configuration files.
+    pub fn copy_runtime_files(&self, out: &Path) -> Result<()> {
+        for f in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "config.json",
+            "generation_config.json",
+            "preprocessor_config.json",
+            "processor_config.json",
+        ] {
+            let src = self.dir.join(f);
+            if src.exists() {
+                let dst = out.join(f);
+                std::fs::copy(&src, &dst).map_err(write_err(&dst))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn image_config(v: &Value, path: &Path) -> Result<ImageConfig> {
+    let bad = |m: String| ExportError::Config { path: path.into(), message: m };
+    let flag = |k: &str| v.get(k).and_then(Value::as_bool).unwrap_or(true);
+    let (height, width) = match v.get("size") {
+        Some(Value::Object(s)) => match (s.get("height").and_then(Value::as_u64), s.get("width").and_then(Value::as_u64)) {
+            (Some(h), Some(w)) => (h as u32, w as u32),
+            _ => match s.get("shortest_edge").and_then(Value::as_u64) {
+                Some(e) => (e as u32, e as u32),
+                None => return Err(bad(format!("size {} has neither height/width nor shortest_edge", Value::Object(s.clone())))),
+            },
+        },
+        Some(Value::Number(n)) => {
+            let e = n.as_u64().ok_or_else(|| bad("size is not a positive integer".into()))? as u32;
+            (e, e)
+        }
+        _ => (384, 384),
+    };
+    let triple = |k: &str, d: [f32; 3]| -> Result<[f32; 3]> {
+        match v.get(k) {
+            None | Some(Value::Null) => Ok(d),
+            Some(Value::Array(a)) if a.len() == 3 => {
+                let mut o = [0f32; 3];
+                for (i, x) in a.iter().enumerate() {
+                    o[i] = x.as_f64().ok_or_else(|| bad(format!("{k} holds a non-number")))? as f32;
+                }
+                Ok(o)
+            }
+            Some(Value::Number(n)) => Ok([n.as_f64().unwrap_or(0.0) as f32; 3]),
+            Some(other) => Err(bad(format!("{k} = {other} is not a list of three numbers"))),
+        }
+    };
+    Ok(ImageConfig {
+        height,
+        width,
+        do_resize: flag("do_resize"),
+        resample: v.get("resample").and_then(Value::as_u64).unwrap_or(3) as u32,
+        do_rescale: flag("do_rescale"),
+        rescale_factor: v.get("rescale_factor").and_then(Value::as_f64).unwrap_or(1.0 / 255.0),
+        do_normalize: flag("do_normalize"),
+        image_mean: triple("image_mean", MEAN)?,
+        image_std: triple("image_std", STD)?,
+        do_convert_rgb: flag("do_convert_rgb"),
+    })
+}
