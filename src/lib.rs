@@ -1,1 +1,65 @@
-//! Helpers shared by the cross-crate tests in tests/ and the benches.
+//! Helpers shared by the cross-crate tests in tests/ and the benches: fixture paths,
+//! a .npy reader for transformers' recorded outputs, and tolerance checks.
+
+use std::path::{Path, PathBuf};
+
+use ndarray::{ArrayD, IxDyn};
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `tests/fixtures/NAME`.
+pub fn fixture(name: &str) -> PathBuf {
+    root().join("tests").join("fixtures").join(name)
+}
+
+/// The tiny checkpoints made by scripts/make_fixtures.py.
+pub const CHECKPOINTS: &[&str] = &["opt-tiny-sharded", "opt-tiny"];
+
+/// Reads a little-endian float32 or int64 .npy file (C order) as f32 values.
+pub fn read_npy(path: &Path) -> ArrayD<f32> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(&bytes[..6], b"\x93NUMPY", "{}: not a .npy file", path.display());
+    let (hlen, start) = if bytes[6] == 1 {
+        (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10)
+    } else {
+        (u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize, 12)
+    };
+    let header = std::str::from_utf8(&bytes[start..start + hlen]).expect("ascii header");
+    assert!(header.contains("'fortran_order': False"), "{}: Fortran order", path.display());
+    let shape_txt = header.split("'shape': (").nth(1).and_then(|s| s.split(')').next()).expect("shape");
+    let shape: Vec<usize> = shape_txt.split(',').filter_map(|s| s.trim().parse().ok()).collect();
+    let data = &bytes[start + hlen..];
+    let values: Vec<f32> = if header.contains("'<f4'") {
+        data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    } else if header.contains("'<i8'") {
+        data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32).collect()
+    } else {
+        panic!("{}: unsupported dtype in {header}", path.display())
+    };
+    ArrayD::from_shape_vec(IxDyn(&shape), values).expect("shape matches data")
+}
+
+/// Max |a - b| and the reference's scale (max |b|).
+pub fn max_abs_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> (f32, f32) {
+    assert_eq!(a.shape(), b.shape(), "shapes differ");
+    let d = a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let s = b.iter().map(|x| x.abs()).fold(0f32, f32::max);
+    (d, s)
+}
+
+/// Asserts `a` matches the reference `b` within 1e-4 of the reference's scale.
+pub fn assert_close(what: &str, a: &ArrayD<f32>, b: &ArrayD<f32>) {
+    let (d, s) = max_abs_diff(a, b);
+    assert!(d.is_finite() && d <= 1e-4 * s.max(1e-6), "{what}: max abs diff {d:e} exceeds 1e-4 of scale {s}");
+}
+
+/// A fresh, empty temporary folder under target/ (removed first if present).
+pub fn temp_dir(name: &str) -> PathBuf {
+    let d = root().join("target").join("test-tmp").join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("create temp dir");
+    d
+}

@@ -63,7 +63,7 @@ pub fn fetch(id: &str, revision: Option<&str>, quiet: bool) -> Result<PathBuf> {
             cache.path().display()
         );
     }
-    let api = ApiBuilder::from_cache(cache.clone()).with_progress(false).build().context("cannot set up the Hub client")?;
+    let api = ApiBuilder::from_env().with_token(std::env::var("HF_TOKEN").ok().or_else(|| cache.token())).with_progress(false).build().context("cannot set up the Hub client")?;
     let r = api.repo(repo);
     let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
     bar.set_style(

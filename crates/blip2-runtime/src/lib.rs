@@ -4,3 +4,7 @@
 //! Pieces, kept apart as in onnxruntime-genai: [`preprocess`] (images to pixel values,
 //! exactly as transformers' PIL path), [`generation`] (search: greedy, beam, sampling and
 //! the logits processors), and the model state with its KV cache.
+pub mod error;
+pub mod model;
+pub mod prompt;
+pub mod generation;

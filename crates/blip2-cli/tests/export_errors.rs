@@ -1,0 +1,189 @@
+//! Bad checkpoints give one clear error line, a non-zero exit, and no output folder.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A copy of a fixture checkpoint in a fresh temporary folder.
+fn copy_fixture(name: &str, test: &str) -> (PathBuf, PathBuf) {
+    let base = root().join("target/test-tmp/export-errors").join(test);
+    let _ = std::fs::remove_dir_all(&base);
+    let ck = base.join("checkpoint");
+    std::fs::create_dir_all(&ck).unwrap();
+    let src = root().join("tests/fixtures").join(name).join("checkpoint");
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), ck.join(e.file_name())).unwrap();
+    }
+    (ck, base.join("out"))
+}
+
+/// Runs export and returns (exit code, stderr).
+fn export(ck: &Path, out: &Path) -> (i32, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_blip2-ort"))
+        .args(["export", "--quiet"])
+        .arg(ck)
+        .arg("-o")
+        .arg(out)
+        .output()
+        .unwrap();
+    (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+fn assert_one_line_error(code: i32, stderr: &str, needles: &[&str], out: &Path) {
+    assert_ne!(code, 0, "export should fail; stderr: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    for n in needles {
+        assert!(lines[0].contains(n), "error line lacks {n:?}: {stderr}");
+    }
+    assert!(!out.exists(), "no output folder may be left behind");
+    let parent = out.parent().unwrap();
+    let leftovers: Vec<_> = std::fs::read_dir(parent)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".partial-"))
+        .collect();
+    assert!(leftovers.is_empty(), "partial folder left behind");
+}
+
+#[test]
+fn truncated_safetensors() {
+    let (ck, out) = copy_fixture("opt-tiny", "truncated");
+    let f = ck.join("model.safetensors");
+    let len = std::fs::metadata(&f).unwrap().len();
+    let file = std::fs::OpenOptions::new().write(true).open(&f).unwrap();
+    file.set_len(len - 1000).unwrap();
+    let (code, err) = export(&ck, &out);
+    assert_one_line_error(code, &err, &["model.safetensors", "corrupt safetensors", "truncated"], &out);
+}
+
+#[test]
+fn missing_tensor() {
+    let (ck, out) = copy_fixture("opt-tiny", "missing-tensor");
+    let f = ck.join("model.safetensors");
+    let bytes = std::fs::read(&f).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let dropped = "qformer.encoder.layer.1.crossattention.attention.key.weight";
+    let kept: Vec<(String, safetensors::tensor::TensorView<'_>)> =
+        st.tensors().into_iter().filter(|(n, _)| n != dropped).collect();
+    let data = safetensors::serialize(kept, None).unwrap();
+    std::fs::write(&f, data).unwrap();
+    let (code, err) = export(&ck, &out);
+    assert_one_line_error(code, &err, &[dropped, "missing"], &out);
+}
+
+#[test]
+fn misshapen_tensor() {
+    let (ck, out) = copy_fixture("opt-tiny-sharded", "misshapen");
+    // The config now promises a wider Q-Former feed-forward than the weights have.
+    let cfg_path = ck.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["qformer_config"]["intermediate_size"] = serde_json::json!(41);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let (code, err) = export(&ck, &out);
+    assert_one_line_error(code, &err, &["intermediate_query.dense.weight", "shape [40, 32]", "expected [41, 32]"], &out);
+}
+
+#[test]
+fn wrong_model_type() {
+    let (ck, out) = copy_fixture("opt-tiny", "model-type");
+    let cfg_path = ck.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["model_type"] = serde_json::json!("llava");
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let (code, err) = export(&ck, &out);
+    assert_one_line_error(code, &err, &["config.json", "\"llava\"", "blip-2"], &out);
+}
+
+#[test]
+fn unsupported_language_model() {
+    let (ck, out) = copy_fixture("opt-tiny", "text-type");
+    let cfg_path = ck.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["text_config"]["model_type"] = serde_json::json!("llama");
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let (code, err) = export(&ck, &out);
+    assert_one_line_error(code, &err, &["text_config.model_type", "\"llama\""], &out);
+}
+
+#[test]
+fn missing_config() {
+    let (ck, out) = copy_fixture("opt-tiny", "no-config");
+    std::fs::remove_file(ck.join("config.json")).unwrap();
+    let (code, err) = export(&ck, &out);
+    assert_one_line_error(code, &err, &["config.json", "missing"], &out);
+}
+
+#[test]
+fn missing_shard() {
+    let (ck, out) = copy_fixture("opt-tiny-sharded", "no-shard");
+    std::fs::remove_file(ck.join("model-00002-of-00002.safetensors")).unwrap();
+    let (code, err) = export(&ck, &out);
+    assert_one_line_error(code, &err, &["model-00002-of-00002.safetensors", "missing"], &out);
+}
+
+#[test]
+fn missing_folder() {
+    let base = root().join("target/test-tmp/export-errors/no-folder");
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    let (code, err) = export(&base.join("nope"), &base.join("out"));
+    assert_one_line_error(code, &err, &["nope"], &base.join("out"));
+}
+
+#[test]
+fn existing_output_needs_force_and_keeps_user_folders() {
+    let (ck, out) = copy_fixture("opt-tiny", "force");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("notes.txt"), "mine").unwrap();
+    let (code, err) = export(&ck, &out);
+    assert_ne!(code, 0);
+    assert!(err.contains("already exists") && err.contains("--force"), "{err}");
+    // --force never replaces a folder that is not an export.
+    let o = Command::new(env!("CARGO_BIN_EXE_blip2-ort"))
+        .args(["export", "--quiet", "--force"])
+        .arg(&ck)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert_eq!(std::fs::read_to_string(out.join("notes.txt")).unwrap(), "mine");
+    // An earlier export is replaced with --force.
+    std::fs::remove_dir_all(&out).unwrap();
+    let (code, err) = export(&ck, &out);
+    assert_eq!(code, 0, "{err}");
+    let o = Command::new(env!("CARGO_BIN_EXE_blip2-ort"))
+        .args(["export", "--quiet", "--force"])
+        .arg(&ck)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.join("blip2_manifest.json").exists());
+}
+
+#[test]
+fn offline_hub_id_fails_clearly() {
+    let base = root().join("target/test-tmp/export-errors/hub");
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_blip2-ort"))
+        .current_dir(&base)
+        .env("HF_HOME", base.join("hf"))
+        .env("HF_HUB_OFFLINE", "1")
+        .args(["export", "--quiet", "Salesforce/blip2-opt-2.7b", "-o"])
+        .arg(base.join("out"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("Salesforce/blip2-opt-2.7b") && err.contains("HF_HUB_OFFLINE"), "{err}");
+}

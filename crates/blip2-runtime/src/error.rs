@@ -1,0 +1,22 @@
+use std::path::PathBuf;
+
+/// Errors of the runtime pieces that run models. Start-up problems (a missing file, a
+/// manifest this build cannot read) and inference problems (an ONNX Runtime failure in a
+/// named graph, bad input) are separate variants so callers can tell them apart.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Manifest(#[from] blip2_core::ManifestError),
+    #[error("{0}: missing from the model folder (export it again with blip2-ort export)")]
+    MissingFile(PathBuf),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("{what}: {source}")]
+    Ort { what: String, source: ort::Error },
+    #[error("the graph has no output {0}; the export is incomplete or from another tool")]
+    MissingOutput(String),
+    #[error("{path}: cannot load the tokenizer: {message}")]
+    Tokenizer { path: PathBuf, message: String },
+    #[error("{0}")]
+    Input(String),
+}

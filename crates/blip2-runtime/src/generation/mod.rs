@@ -1,0 +1,329 @@
+//! Search: picks the generated tokens from the language model's logits, reproducing
+//! Hugging Face transformers' `GenerationMixin.generate` (5.24) for a decoder-only model:
+//! greedy search, multinomial sampling, beam search and beam sampling, with the logits
+//! processors repetition penalty, no-repeat n-gram, min new tokens, temperature, top-k and top-p.
+//!
+//! The search never sees the model: it talks to it through [`StepModel`], which owns the
+//! sessions, the KV cache and the attention mask. The caller runs the prefill itself and hands
+//! over the logits of the last prompt position, one row per prompt.
+//!
+//! Lengths: transformers counts `max_length` including the prompt and, when neither
+//! `max_length` nor `max_new_tokens` is given, generates 20 new tokens. Here there is only
+//! [`GenerationConfig::max_new_tokens`] (default 20): the prompt length is that of the padded
+//! prompt rows, as in transformers, so every row gets at most that many new tokens.
+//!
+//! Not covered: the other processors (bad words, forced tokens, suppress tokens, min_p, typical,
+//! epsilon/eta, exponential decay, sequence bias, ...), constrained/group/contrastive search,
+//! assisted decoding, stop strings and `max_time`.
+
+mod beam;
+mod greedy;
+mod processors;
+mod rng;
+
+use std::fmt;
+use std::str::FromStr;
+
+use ndarray::Array2;
+
+/// The model side of generation: owns the sessions, the KV cache and the attention mask.
+///
+/// Rows are independent sequences. The search starts with one row per prompt (the caller has
+/// already run the prefill) and may re-arrange them with [`StepModel::select_rows`] to expand a
+/// prompt into beams or samples and to reorder beams.
+pub trait StepModel {
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// Appends one token to every current row (`tokens.len()` is the row count) and returns
+    /// the logits of that new position, shape `[rows, vocab]`.
+    fn step(&mut self, tokens: &[i64]) -> Result<Array2<f32>, Self::Error>;
+
+    /// Re-arranges the rows of the state (KV cache, masks): new row `i` is old row `rows[i]`.
+    /// Rows may repeat or be dropped; the row count becomes `rows.len()`.
+    fn select_rows(&mut self, rows: &[usize]) -> Result<(), Self::Error>;
+}
+
+/// transformers' `early_stopping`: when beam search may stop before `max_new_tokens`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EarlyStopping {
+    /// `False` (the default): stop once a heuristic says the running beams cannot beat the
+    /// finished ones, judging them at the current length.
+    #[default]
+    False,
+    /// `True`: stop as soon as `num_beams` hypotheses have finished.
+    True,
+    /// `"never"`: judge the running beams at the best length they could reach (canonical beam
+    /// search, with `length_penalty` 0).
+    Never,
+}
+
+impl From<bool> for EarlyStopping {
+    fn from(b: bool) -> Self {
+        if b {
+            EarlyStopping::True
+        } else {
+            EarlyStopping::False
+        }
+    }
+}
+
+impl FromStr for EarlyStopping {
+    type Err = ConfigError;
+
+    /// Accepts `true`, `false` and `never` (any case).
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s.to_ascii_lowercase().as_str() {
+            "true" => Ok(EarlyStopping::True),
+            "false" => Ok(EarlyStopping::False),
+            "never" => Ok(EarlyStopping::Never),
+            _ => Err(ConfigError::new("--early-stopping", format!("must be true, false or never, not {s:?}"))),
+        }
+    }
+}
+
+impl fmt::Display for EarlyStopping {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EarlyStopping::False => "false",
+            EarlyStopping::True => "true",
+            EarlyStopping::Never => "never",
+        })
+    }
+}
+
+/// The search settings, named and defaulted as in transformers' `GenerationConfig`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerationConfig {
+    /// At most this many new tokens per sequence (transformers' default amounts to 20).
+    pub max_new_tokens: usize,
+    /// The eos tokens are banned until this many new tokens exist.
+    pub min_new_tokens: usize,
+    /// Beam search when above 1.
+    pub num_beams: usize,
+    /// Finished beams score `sum of logprobs / new_tokens ^ length_penalty` (the eos counts).
+    pub length_penalty: f64,
+    pub early_stopping: EarlyStopping,
+    /// 1.0 is off; above 1 penalises ids already in the row (prompt included, padding not).
+    pub repetition_penalty: f64,
+    /// 0 is off; otherwise no n-gram of this size may occur twice in a row (prompt included).
+    pub no_repeat_ngram_size: usize,
+    /// Multinomial sampling (beam sampling with `num_beams` > 1).
+    pub do_sample: bool,
+    /// Sampling only: logits are divided by it.
+    pub temperature: f64,
+    /// Sampling only: keep the k most likely tokens; 0 is off. transformers defaults to 50.
+    pub top_k: usize,
+    /// Sampling only: keep the most likely tokens whose probabilities add up to top_p; 1.0 is off.
+    pub top_p: f64,
+    /// Sampling only: the same seed gives the same tokens (not torch's, which cannot be matched);
+    /// `None` draws a fresh seed.
+    pub seed: Option<u64>,
+    /// Sequences returned per prompt: the best beams, or independent samples.
+    pub num_return_sequences: usize,
+    /// A sequence ends when it produces one of these; empty means only `max_new_tokens` stops.
+    pub eos_token_ids: Vec<i64>,
+    /// Fed to rows that have finished while others go on; defaults to the first eos id.
+    pub pad_token_id: Option<i64>,
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        GenerationConfig {
+            max_new_tokens: 20,
+            min_new_tokens: 0,
+            num_beams: 1,
+            length_penalty: 1.0,
+            early_stopping: EarlyStopping::False,
+            repetition_penalty: 1.0,
+            no_repeat_ngram_size: 0,
+            do_sample: false,
+            temperature: 1.0,
+            top_k: 50,
+            top_p: 1.0,
+            seed: None,
+            num_return_sequences: 1,
+            eos_token_ids: Vec::new(),
+            pad_token_id: None,
+        }
+    }
+}
+
+/// One prompt row exactly as transformers' `generate` sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Prompt {
+    /// The full token ids: image-token placeholders and left padding included. The repetition
+    /// penalty and the n-gram ban look at them as transformers does.
+    pub ids: Vec<i64>,
+    /// How many leading positions are padding (masked out). transformers' repetition penalty
+    /// skips them; the n-gram ban does not.
+    pub padding: usize,
+}
+
+impl Prompt {
+    /// A prompt without padding.
+    pub fn new(ids: Vec<i64>) -> Self {
+        Prompt { ids, padding: 0 }
+    }
+
+    /// A prompt with its attention mask; the padding is the index of the first non-zero mask
+    /// entry (0 when there is none), as transformers computes it.
+    pub fn with_attention_mask(ids: Vec<i64>, attention_mask: &[i64]) -> Self {
+        let padding = attention_mask.iter().position(|&m| m != 0).unwrap_or(0);
+        Prompt { ids, padding }
+    }
+}
+
+/// A setting, or a combination of settings, that generation cannot run with. `flag` names the
+/// command-line flag at fault.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{flag}: {message}")]
+pub struct ConfigError {
+    pub flag: &'static str,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(flag: &'static str, message: impl Into<String>) -> Self {
+        ConfigError { flag, message: message.into() }
+    }
+}
+
+/// Why [`generate`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GenerationError<E: std::error::Error + 'static> {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The prompts or logits handed in do not fit together.
+    #[error("generation input: {0}")]
+    Input(String),
+    /// The model returned logits of the wrong shape.
+    #[error("the model returned logits of shape {got:?}, expected {expected:?}")]
+    LogitsShape { expected: (usize, usize), got: (usize, usize) },
+    #[error("the model failed during generation")]
+    Model(#[source] E),
+}
+
+/// Checks the settings, with transformers' rules; the error names the flag at fault.
+/// Sampling-only settings are checked only when sampling, as transformers only uses them then.
+pub fn validate(cfg: &GenerationConfig) -> Result<(), ConfigError> {
+    if cfg.max_new_tokens == 0 {
+        return Err(ConfigError::new("--max-new-tokens", "must be greater than 0"));
+    }
+    if cfg.num_beams == 0 {
+        return Err(ConfigError::new("--num-beams", "must be at least 1"));
+    }
+    if cfg.num_return_sequences == 0 {
+        return Err(ConfigError::new("--num-return-sequences", "must be at least 1"));
+    }
+    if cfg.num_return_sequences > 1 {
+        if cfg.num_beams == 1 && !cfg.do_sample {
+            return Err(ConfigError::new(
+                "--num-return-sequences",
+                format!(
+                    "greedy search (no --do-sample, --num-beams 1) returns exactly one sequence, got {}; \
+                     use --num-beams or --do-sample for more",
+                    cfg.num_return_sequences
+                ),
+            ));
+        }
+        if cfg.num_beams > 1 && cfg.num_return_sequences > cfg.num_beams {
+            return Err(ConfigError::new(
+                "--num-return-sequences",
+                format!(
+                    "({}) has to be smaller or equal to --num-beams ({})",
+                    cfg.num_return_sequences, cfg.num_beams
+                ),
+            ));
+        }
+    }
+    if !(cfg.repetition_penalty > 0.0 && cfg.repetition_penalty.is_finite()) {
+        return Err(ConfigError::new(
+            "--repetition-penalty",
+            format!("has to be a strictly positive number, but is {}", cfg.repetition_penalty),
+        ));
+    }
+    if !cfg.length_penalty.is_finite() {
+        return Err(ConfigError::new("--length-penalty", format!("has to be finite, but is {}", cfg.length_penalty)));
+    }
+    if cfg.do_sample {
+        if !(cfg.temperature > 0.0 && cfg.temperature.is_finite()) {
+            let hint = if cfg.temperature == 0.0 { "; for greedy search leave out --do-sample" } else { "" };
+            return Err(ConfigError::new(
+                "--temperature",
+                format!("has to be a strictly positive number, but is {}{hint}", cfg.temperature),
+            ));
+        }
+        if !(cfg.top_p > 0.0 && cfg.top_p <= 1.0) {
+            return Err(ConfigError::new("--top-p", format!("has to be in (0, 1], but is {}", cfg.top_p)));
+        }
+    }
+    Ok(())
+}
+
+/// Generates tokens for every prompt row, as transformers' `generate()` would.
+///
+/// * `prompts`: one per input row, all the same length (left-padded), exactly as transformers'
+///   generate sees them.
+/// * `first_logits`: `[rows, vocab]`, the logits of the last prompt position of each row; the
+///   model state holds these rows (the prefill is done).
+///
+/// Returns, per prompt, `num_return_sequences` sequences of new token ids: the prompt left
+/// out, cut at the first eos (the eos itself excluded), no padding. Beams come best first.
+pub fn generate<M: StepModel>(
+    model: &mut M,
+    prompts: &[Prompt],
+    first_logits: Array2<f32>,
+    cfg: &GenerationConfig,
+) -> Result<Vec<Vec<Vec<i64>>>, GenerationError<M::Error>> {
+    validate(cfg)?;
+    if prompts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let prompt_len = prompts[0].ids.len();
+    if prompts.iter().any(|p| p.ids.len() != prompt_len) {
+        return Err(GenerationError::Input("all prompt rows must have the same (padded) length".into()));
+    }
+    if prompts.iter().any(|p| p.padding > p.ids.len()) {
+        return Err(GenerationError::Input("a prompt's padding is longer than the prompt".into()));
+    }
+    if first_logits.nrows() != prompts.len() {
+        return Err(GenerationError::Input(format!(
+            "{} prompt rows but {} rows of logits",
+            prompts.len(),
+            first_logits.nrows()
+        )));
+    }
+    let vocab = first_logits.ncols();
+    if vocab == 0 {
+        return Err(GenerationError::Input("the logits have an empty vocabulary".into()));
+    }
+    // Sampling streams derive from one seed; without one, draw it.
+    let seed = cfg.seed.unwrap_or_else(rand::random);
+    if cfg.num_beams > 1 {
+        beam::run(model, prompts, first_logits, cfg, seed)
+    } else {
+        greedy::run(model, prompts, first_logits, cfg, seed)
+    }
+}
+
+/// The new tokens of a finished row: after the prompt, without a trailing eos.
+fn new_tokens(tokens: &[i64], prompt_len: usize, eos: &[i64]) -> Vec<i64> {
+    let mut out = tokens[prompt_len..].to_vec();
+    if out.last().is_some_and(|t| eos.contains(t)) {
+        out.pop();
+    }
+    out
+}
+
+/// Runs one model step and checks the shape of what comes back.
+fn step<M: StepModel>(
+    model: &mut M,
+    tokens: &[i64],
+    vocab: usize,
+) -> Result<Array2<f32>, GenerationError<M::Error>> {
+    let logits = model.step(tokens).map_err(GenerationError::Model)?;
+    if logits.dim() != (tokens.len(), vocab) {
+        return Err(GenerationError::LogitsShape { expected: (tokens.len(), vocab), got: logits.dim() });
+    }
+    Ok(logits)
+}

@@ -1,0 +1,251 @@
+//! The model state: the three ONNX Runtime sessions of an exported folder, described by
+//! its manifest, and the language-model state ([`LmState`]) that owns the KV cache and
+//! the attention mask between decode steps. Search talks to it through
+//! [`crate::generation::StepModel`].
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+
+use blip2_core::{io, Manifest};
+use ndarray::{Array2, Array4, ArrayD, Axis, IxDyn};
+use ort::session::{Session, SessionInputValue};
+use ort::value::{DynValue, Tensor};
+
+use crate::error::RuntimeError;
+
+/// Which graph a session is for, so a profile can place each on its own providers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GraphKind {
+    VisionEncoder,
+    QFormer,
+    LanguageModel,
+}
+
+impl GraphKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            GraphKind::VisionEncoder => "vision_encoder",
+            GraphKind::QFormer => "qformer",
+            GraphKind::LanguageModel => "language_model",
+        }
+    }
+}
+
+/// Creates a session for one graph file; the caller decides providers and options.
+pub type SessionFactory<'f> = dyn FnMut(GraphKind, &Path) -> Result<Session, RuntimeError> + 'f;
+
+pub struct Blip2Model {
+    pub manifest: Manifest,
+    pub dir: PathBuf,
+    vision: Session,
+    qformer: Session,
+    pub(crate) lm: Session,
+    /// Whether the LM graph takes and returns fp16 tensors.
+    pub(crate) lm_fp16: bool,
+}
+
+fn ort_err(what: impl Into<String>) -> impl FnOnce(ort::Error) -> RuntimeError {
+    let what = what.into();
+    move |source| RuntimeError::Ort { what, source }
+}
+
+impl Blip2Model {
+    pub fn load(dir: &Path, factory: &mut SessionFactory<'_>) -> Result<Self, RuntimeError> {
+        let manifest = Manifest::load(dir)?;
+        if manifest.family != "opt" {
+            return Err(RuntimeError::Unsupported(format!(
+                "{}: model family \"{}\" is not supported by this build",
+                dir.display(),
+                manifest.family
+            )));
+        }
+        let g = &manifest.graphs;
+        let mut open = |kind: GraphKind, file: &str| -> Result<Session, RuntimeError> {
+            let path = dir.join(file);
+            if !path.exists() {
+                return Err(RuntimeError::MissingFile(path));
+            }
+            factory(kind, &path)
+        };
+        let vision = open(GraphKind::VisionEncoder, &g.vision_encoder.file)?;
+        let qformer = open(GraphKind::QFormer, &g.qformer.file)?;
+        let lm = open(GraphKind::LanguageModel, &g.language_model.file)?;
+        let lm_fp16 = g
+            .language_model
+            .inputs
+            .iter()
+            .find(|t| t.name == io::IMAGE_EMBEDS)
+            .map(|t| t.dtype == "float16")
+            .unwrap_or(false);
+        Ok(Self { manifest, dir: dir.into(), vision, qformer, lm, lm_fp16 })
+    }
+
+    /// Vision encoder then Q-Former: pixel values `[B,3,H,W]` to the projected query
+    /// embeddings `[B, num_query_tokens, hidden]`, kept as an ONNX value in the LM's dtype.
+    pub fn encode_images(&mut self, pixels: Array4<f32>) -> Result<DynValue, RuntimeError> {
+        let px = Tensor::from_array(pixels).map_err(ort_err("pixel_values"))?;
+        let mut out = self
+            .vision
+            .run(ort::inputs![io::PIXEL_VALUES => px])
+            .map_err(ort_err("vision encoder"))?;
+        let feats = out.remove(io::IMAGE_FEATURES).ok_or_else(|| RuntimeError::MissingOutput(io::IMAGE_FEATURES.into()))?;
+        let mut out = self
+            .qformer
+            .run(ort::inputs![io::IMAGE_FEATURES => feats])
+            .map_err(ort_err("Q-Former"))?;
+        out.remove(io::IMAGE_EMBEDS).ok_or_else(|| RuntimeError::MissingOutput(io::IMAGE_EMBEDS.into()))
+    }
+
+    /// The vision encoder alone (benchmarks, parity tests).
+    pub fn vision_features(&mut self, pixels: Array4<f32>) -> Result<ArrayD<f32>, RuntimeError> {
+        let px = Tensor::from_array(pixels).map_err(ort_err("pixel_values"))?;
+        let out = self.vision.run(ort::inputs![io::PIXEL_VALUES => px]).map_err(ort_err("vision encoder"))?;
+        to_f32(&out[io::IMAGE_FEATURES])
+    }
+
+    /// The Q-Former alone on given image features.
+    pub fn qformer_embeds(&mut self, feats: ArrayD<f32>) -> Result<ArrayD<f32>, RuntimeError> {
+        let t = Tensor::from_array(feats).map_err(ort_err("image_features"))?;
+        let out = self.qformer.run(ort::inputs![io::IMAGE_FEATURES => t]).map_err(ort_err("Q-Former"))?;
+        to_f32(&out[io::IMAGE_EMBEDS])
+    }
+}
+
+/// Reads a float tensor (f32 or f16) as f32.
+pub fn to_f32(v: &DynValue) -> Result<ArrayD<f32>, RuntimeError> {
+    if let Ok(a) = v.try_extract_array::<f32>() {
+        return Ok(a.to_owned());
+    }
+    let a = v.try_extract_array::<half::f16>().map_err(ort_err("reading an output"))?;
+    Ok(a.mapv(|x| x.to_f32()))
+}
+
+/// Language-model state between steps: the KV cache (as ONNX values fed straight back
+/// in), the attention mask and the next position of each row.
+pub struct LmState<'m> {
+    model: &'m mut Blip2Model,
+    /// `present.*` of the last step, in layer order: key, value, key, value, ...
+    cache: Vec<DynValue>,
+    mask: Vec<Vec<i64>>,
+    next_pos: Vec<i64>,
+    hidden: usize,
+}
+
+impl<'m> LmState<'m> {
+    /// Runs the prompt (prefill) and returns the state plus the last position's logits.
+    ///
+    /// `ids` and `mask` are rectangular (left-padded) `[rows, len]`; `image_embeds` is
+    /// `[rows, num_query_tokens, hidden]`, matching the image tokens in `ids`.
+    pub fn prefill(
+        model: &'m mut Blip2Model,
+        ids: &[Vec<i64>],
+        mask: &[Vec<i64>],
+        image_embeds: DynValue,
+    ) -> Result<(Self, Array2<f32>), RuntimeError> {
+        let rows = ids.len();
+        let len = ids.first().map(Vec::len).unwrap_or(0);
+        let t = &model.manifest.text;
+        let (heads, head_dim, layers, hidden) = (t.num_heads, t.head_dim, t.num_layers, t.hidden_size);
+        // Positions as transformers' generate() makes them: count of real tokens so far.
+        let mut pos = Array2::<i64>::zeros((rows, len));
+        let mut next_pos = Vec::with_capacity(rows);
+        for r in 0..rows {
+            let mut c = 0i64;
+            for j in 0..len {
+                c += mask[r][j];
+                pos[[r, j]] = if mask[r][j] == 0 { 0 } else { c - 1 };
+            }
+            next_pos.push(c);
+        }
+        let mut cache = Vec::with_capacity(2 * layers);
+        for _ in 0..2 * layers {
+            cache.push(empty_kv(model.lm_fp16, rows, heads, head_dim)?);
+        }
+        let mut st = Self { model, cache, mask: mask.to_vec(), next_pos, hidden };
+        let ids = Array2::from_shape_fn((rows, len), |(r, j)| ids[r][j]);
+        let logits = st.run(ids, pos, image_embeds)?;
+        Ok((st, logits))
+    }
+
+    fn run(&mut self, ids: Array2<i64>, pos: Array2<i64>, image_embeds: DynValue) -> Result<Array2<f32>, RuntimeError> {
+        let rows = ids.nrows();
+        let total = self.mask.first().map(Vec::len).unwrap_or(0);
+        let mask = Array2::from_shape_fn((rows, total), |(r, j)| self.mask[r][j]);
+        let layers = self.cache.len() / 2;
+        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(4 + 2 * layers);
+        inputs.push((io::INPUT_IDS.into(), Tensor::from_array(ids).map_err(ort_err("input_ids"))?.into()));
+        inputs.push((io::IMAGE_EMBEDS.into(), image_embeds.into()));
+        inputs.push((io::ATTENTION_MASK.into(), Tensor::from_array(mask).map_err(ort_err("attention_mask"))?.into()));
+        inputs.push((io::POSITION_IDS.into(), Tensor::from_array(pos).map_err(ort_err("position_ids"))?.into()));
+        let cache = std::mem::take(&mut self.cache);
+        for (i, v) in cache.into_iter().enumerate() {
+            let name = if i % 2 == 0 { io::past_key(i / 2) } else { io::past_value(i / 2) };
+            inputs.push((name.into(), v.into()));
+        }
+        let mut out = self.model.lm.run(inputs).map_err(ort_err("language model"))?;
+        let mut cache = Vec::with_capacity(2 * layers);
+        for l in 0..layers {
+            for name in [io::present_key(l), io::present_value(l)] {
+                cache.push(out.remove(name.as_str()).ok_or(RuntimeError::MissingOutput(name))?);
+            }
+        }
+        self.cache = cache;
+        let logits = out.get(io::LOGITS).ok_or_else(|| RuntimeError::MissingOutput(io::LOGITS.into()))?;
+        let a = logits.try_extract_array::<f32>().map_err(ort_err("logits"))?;
+        let seq = a.shape()[1];
+        Ok(a.index_axis(Axis(1), seq - 1).to_owned().into_dimensionality().expect("2-D logits"))
+    }
+
+    /// Feeds one token per row and returns the logits of the new position.
+    pub fn step(&mut self, tokens: &[i64]) -> Result<Array2<f32>, RuntimeError> {
+        let rows = tokens.len();
+        for m in &mut self.mask {
+            m.push(1);
+        }
+        let pos = Array2::from_shape_fn((rows, 1), |(r, _)| self.next_pos[r]);
+        for p in &mut self.next_pos {
+            *p += 1;
+        }
+        let ids = Array2::from_shape_fn((rows, 1), |(r, _)| tokens[r]);
+        let no_images = empty_images(self.model.lm_fp16, rows, self.hidden)?;
+        self.run(ids, pos, no_images)
+    }
+
+    /// New row i is old row `rows[i]` (expansion into beams, beam reordering).
+    pub fn select_rows(&mut self, rows: &[usize]) -> Result<(), RuntimeError> {
+        self.mask = rows.iter().map(|&r| self.mask[r].clone()).collect();
+        self.next_pos = rows.iter().map(|&r| self.next_pos[r]).collect();
+        let fp16 = self.model.lm_fp16;
+        for v in &mut self.cache {
+            *v = if fp16 { select::<half::f16>(v, rows)? } else { select::<f32>(v, rows)? };
+        }
+        Ok(())
+    }
+}
+
+fn select<T>(v: &DynValue, rows: &[usize]) -> Result<DynValue, RuntimeError>
+where
+    T: ort::value::PrimitiveTensorElementType + Clone + std::fmt::Debug + 'static,
+{
+    let a = v.try_extract_array::<T>().map_err(ort_err("KV cache"))?;
+    let picked = a.select(Axis(0), rows);
+    Ok(Tensor::from_array(picked).map_err(ort_err("KV cache"))?.into_dyn())
+}
+
+fn empty_kv(fp16: bool, rows: usize, heads: usize, head_dim: usize) -> Result<DynValue, RuntimeError> {
+    let shape = IxDyn(&[rows, heads, 0, head_dim]);
+    Ok(if fp16 {
+        Tensor::from_array(ArrayD::<half::f16>::from_elem(shape, half::f16::ZERO)).map_err(ort_err("past_key_values"))?.into_dyn()
+    } else {
+        Tensor::from_array(ArrayD::<f32>::zeros(shape)).map_err(ort_err("past_key_values"))?.into_dyn()
+    })
+}
+
+fn empty_images(fp16: bool, rows: usize, hidden: usize) -> Result<DynValue, RuntimeError> {
+    let shape = IxDyn(&[rows, 0, hidden]);
+    Ok(if fp16 {
+        Tensor::from_array(ArrayD::<half::f16>::from_elem(shape, half::f16::ZERO)).map_err(ort_err("image_embeds"))?.into_dyn()
+    } else {
+        Tensor::from_array(ArrayD::<f32>::zeros(shape)).map_err(ort_err("image_embeds"))?.into_dyn()
+    })
+}

@@ -1,0 +1,147 @@
+//! Prompt assembly as transformers 5's `Blip2Processor` does it: `num_query_tokens`
+//! image tokens, then the tokenizer's output for the prompt (for OPT: BOS, then the
+//! text), left-padded across a batch between the image tokens and the text. Also the
+//! VQA and chat templates, and keeping a chat within the context limit.
+
+use std::path::Path;
+
+use blip2_core::{Manifest, PromptTemplates};
+use tokenizers::Tokenizer;
+
+use crate::error::RuntimeError;
+
+pub struct Prompter {
+    tokenizer: Tokenizer,
+    pub image_token_id: i64,
+    pub num_query_tokens: usize,
+    pub pad_token_id: i64,
+    pub max_context: usize,
+    pub templates: PromptTemplates,
+}
+
+/// Token ids and attention mask of a batch, rows padded to one length.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    pub ids: Vec<Vec<i64>>,
+    pub mask: Vec<Vec<i64>>,
+}
+
+impl Prompter {
+    pub fn load(dir: &Path, m: &Manifest) -> Result<Self, RuntimeError> {
+        let path = dir.join(&m.tokenizer_file);
+        let tokenizer = Tokenizer::from_file(&path)
+            .map_err(|e| RuntimeError::Tokenizer { path: path.clone(), message: e.to_string() })?;
+        Ok(Self {
+            tokenizer,
+            image_token_id: m.tokens.image_token_id,
+            num_query_tokens: m.num_query_tokens,
+            pad_token_id: m.tokens.pad_token_id.unwrap_or(1),
+            max_context: m.text.max_context,
+            templates: m.prompts.clone(),
+        })
+    }
+
+    /// The tokenizer's ids for `text`, special tokens included (OPT: BOS first).
+    pub fn text_ids(&self, text: &str) -> Result<Vec<i64>, RuntimeError> {
+        let enc = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| RuntimeError::Input(format!("cannot tokenize the prompt: {e}")))?;
+        Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
+    }
+
+    /// Tokens a prompt takes in the language model, image tokens included.
+    pub fn prompt_len(&self, text: &str) -> Result<usize, RuntimeError> {
+        Ok(self.num_query_tokens + self.text_ids(text)?.len())
+    }
+
+    /// Checks a prompt fits the context limit, with an error that says by how much not.
+    pub fn check_fits(&self, text: &str) -> Result<Vec<i64>, RuntimeError> {
+        let ids = self.text_ids(text)?;
+        let total = self.num_query_tokens + ids.len();
+        if total > self.max_context {
+            return Err(RuntimeError::Input(format!(
+                "the prompt is {} tokens ({} image tokens + {} text tokens), over the model's context limit of {}; \
+                 shorten it",
+                total,
+                self.num_query_tokens,
+                ids.len(),
+                self.max_context
+            )));
+        }
+        Ok(ids)
+    }
+
+    /// Image tokens, then each row's text ids left-padded to the longest.
+    pub fn assemble(&self, texts: &[Vec<i64>]) -> Batch {
+        let longest = texts.iter().map(Vec::len).max().unwrap_or(0);
+        let mut batch = Batch { ids: Vec::new(), mask: Vec::new() };
+        for t in texts {
+            let pad = longest - t.len();
+            let mut ids = vec![self.image_token_id; self.num_query_tokens];
+            ids.extend(std::iter::repeat_n(self.pad_token_id, pad));
+            ids.extend_from_slice(t);
+            let mut mask = vec![1i64; self.num_query_tokens];
+            mask.extend(std::iter::repeat_n(0, pad));
+            mask.extend(std::iter::repeat_n(1, t.len()));
+            batch.ids.push(ids);
+            batch.mask.push(mask);
+        }
+        batch
+    }
+
+    /// Text of new tokens, special tokens skipped and whitespace trimmed (as
+    /// `batch_decode(..., skip_special_tokens=True)` then `.strip()`).
+    pub fn decode(&self, ids: &[i64]) -> Result<String, RuntimeError> {
+        let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+        let s = self
+            .tokenizer
+            .decode(&ids, true)
+            .map_err(|e| RuntimeError::Input(format!("cannot decode tokens: {e}")))?;
+        Ok(s.trim().to_string())
+    }
+
+    pub fn vqa_prompt(&self, question: &str) -> String {
+        self.templates.vqa.replace("{}", question.trim())
+    }
+}
+
+/// A chat about one image: earlier turns, and the prompt for the next question.
+#[derive(Debug, Default, Clone)]
+pub struct Chat {
+    pub turns: Vec<(String, String)>,
+}
+
+impl Chat {
+    /// Earlier turns as `Question: {q} Answer: {a}.` joined by spaces, then
+    /// ` Question: {q} Answer:` (just `Question: {q} Answer:` on the first turn).
+    pub fn prompt(&self, t: &PromptTemplates, question: &str) -> String {
+        let mut parts: Vec<String> =
+            self.turns.iter().map(|(q, a)| t.chat_turn.replace("{q}", q).replace("{a}", a)).collect();
+        parts.push(t.chat_question.replace("{q}", question));
+        parts.join(" ")
+    }
+
+    /// The prompt for `question`, dropping the oldest turns until it fits the context;
+    /// returns it with the number of turns dropped.
+    pub fn fit(&mut self, p: &Prompter, question: &str) -> Result<(String, usize), RuntimeError> {
+        let mut dropped = 0;
+        loop {
+            let prompt = self.prompt(&p.templates, question);
+            if p.prompt_len(&prompt)? <= p.max_context {
+                return Ok((prompt, dropped));
+            }
+            if self.turns.is_empty() {
+                // The question alone is too long: say so with the numbers.
+                p.check_fits(&prompt)?;
+                return Ok((prompt, dropped));
+            }
+            self.turns.remove(0);
+            dropped += 1;
+        }
+    }
+
+    pub fn push(&mut self, question: &str, answer: &str) {
+        self.turns.push((question.to_string(), answer.to_string()));
+    }
+}
