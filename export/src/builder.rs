@@ -151,7 +151,13 @@ impl<'a> Builder<'a> {
         }
         let len = (t.numel() * to.size()) as u64;
         self.weight_bytes += len;
-        let write = Box::new(move |w: &mut dyn std::io::Write| write_converted(&t, to, transpose, w));
+        let ck = self.ck;
+        let owned = name.to_string();
+        let write = Box::new(move |w: &mut dyn std::io::Write| {
+            write_converted(&t, to, transpose, w)?;
+            ck.release(&owned);
+            Ok(())
+        });
         // The initializer keeps the checkpoint's name; a transposed copy says so.
         let doc = transpose.then(|| "transposed from the checkpoint's [out, in] to [in, out] for MatMul".to_string());
         self.inits.push(Initializer { name: name.into(), elem, dims, doc, data: InitData::Stream { len, write } });

@@ -92,6 +92,8 @@ impl Checkpoint {
             let file = File::open(&path).map_err(io_err(&path))?;
             // SAFETY: the file is opened read-only and is not expected to change while exporting.
             let mmap = unsafe { Mmap::map(&file) }.map_err(io_err(&path))?;
+            // Tensors are read front to back once.
+            let _ = mmap.advise(memmap2::Advice::Sequential);
             let (header_len, meta) = SafeTensors::read_metadata(&mmap)
                 .map_err(|e| ExportError::CorruptSafetensors { path: path.clone(), message: describe(&e) })?;
             let base = 8 + header_len;
@@ -152,6 +154,19 @@ impl Checkpoint {
             .map(|(p, _)| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())
             .collect();
         names.join(", ")
+    }
+
+    /// Drops the tensor's pages from this process's memory once it has been written:
+    /// mapped pages count as resident, and without this an export's peak RSS would be
+    /// the whole checkpoint. The mapping is read-only, so pages read again come back
+    /// from the file.
+    pub fn release(&self, name: &str) {
+        if let Some(e) = self.tensors.get(name) {
+            let mmap = &self.files[e.file].1;
+            let start = e.start & !4095;
+            // SAFETY: read-only file mapping; DONTNEED only makes later reads refetch the file.
+            let _ = unsafe { mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, e.end - start) };
+        }
     }
 
     /// Total bytes of every tensor, for progress reporting.
