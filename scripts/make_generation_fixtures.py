@@ -5,7 +5,10 @@ without Python.
     /tmp/pyenv/bin/python scripts/make_generation_fixtures.py   # any env with torch + transformers 5.x
 
 Writes tests/fixtures/generation/cases.json. Everything is seeded: running it again gives the
-same file.
+same file. Each case holds the generate() kwargs, the new tokens per prompt row (cut before the
+first eos) and the number of forward calls (the prefill plus one per step, so the Rust test
+also checks that the search stops when transformers' does). `kept_sets` holds, for a few
+sampling settings, the tokens transformers' warpers leave at the first step.
 
 The toy model is easy to rebuild exactly in Rust: the logits of the last position are
     A[x_t] + B[x_{t-1}] + C[p mod P]        (float32, added in that order)
@@ -49,11 +52,13 @@ class ToyLM(PreTrainedModel, GenerationMixin):
         self.A = torch.nn.Parameter(tables["A"], requires_grad=False)
         self.B = torch.nn.Parameter(tables["B"], requires_grad=False)
         self.C = torch.nn.Parameter(tables["C"], requires_grad=False)
+        self.calls = 0
 
     def _init_weights(self, module):
         pass
 
     def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        self.calls += 1
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         out = self.A[input_ids[:, -1]]
@@ -84,6 +89,9 @@ MODELS = {
     "eosy": make_tables(2, 1.5, 1.0, 0.5, {2: 1.2, 3: 0.6}),
     # flat: small logits, so beam search keeps many near candidates alive
     "flat": make_tables(3, 0.6, 0.4, 0.2, {2: 0.4}),
+    # stoppy: eos is often the best token, so the finished store fills early and beam search
+    # stops on its early-stopping rules well before max_new_tokens
+    "stoppy": make_tables(4, 1.5, 1.0, 0.5, {2: 2.5, 3: 1.0}),
 }
 
 # prompt sets: (ids, attention mask); left padding uses PAD with mask 0
@@ -132,12 +140,14 @@ def run(model_name, prompt_name, cfg):
     eos = cfg.get("eos_token_id", [])
     eos = [eos] if isinstance(eos, int) else list(eos)
     nret = cfg.get("num_return_sequences", 1)
-    return new_tokens(seqs, input_ids.shape[1], eos, len(ids), nret)
+    return new_tokens(seqs, input_ids.shape[1], eos, len(ids), nret), model.calls
 
 
 def case(cases, name, model_name, prompt_name, cfg):
-    expected = run(model_name, prompt_name, cfg)
-    cases.append({"name": name, "model": model_name, "prompts": prompt_name, "config": cfg, "expected": expected})
+    expected, calls = run(model_name, prompt_name, cfg)
+    # forward_calls: the prefill plus one per decoding step, i.e. when the search stopped
+    cases.append({"name": name, "model": model_name, "prompts": prompt_name, "config": cfg, "expected": expected,
+                  "forward_calls": calls})
 
 
 def kept_set(model_name, prompt_name, cfg):
@@ -201,6 +211,12 @@ def main():
                         case(cases, f"beam_{m}_{p}_nb{nb}_lp{lp}_es{es}", m, p,
                              {"max_new_tokens": 9, "num_beams": nb, "length_penalty": lp, "early_stopping": es,
                               "num_return_sequences": nret, "eos_token_id": [2], "pad_token_id": PAD})
+    for nb in (2, 3, 4):
+        for lp in (0.5, 1.0, 2.0, -0.5):
+            for es in (False, True, "never"):
+                case(cases, f"beam_stoppy_nb{nb}_lp{lp}_es{es}", "stoppy", "batch3",
+                     {"max_new_tokens": 20, "num_beams": nb, "length_penalty": lp, "early_stopping": es,
+                      "num_return_sequences": 1 + (nb + 1) % nb, "eos_token_id": [2, 3], "pad_token_id": PAD})
     case(cases, "beam_no_eos", "plain", "one", {"max_new_tokens": 7, "num_beams": 3, "num_return_sequences": 3})
     case(cases, "beam_default_length", "flat", "short", {"num_beams": 3, "eos_token_id": [2]})
     case(cases, "beam_two_eos", "eosy", "batch3",

@@ -21,7 +21,9 @@ use ndarray::Array2;
 
 use super::processors::{desc, log_softmax, top_k_indices, Processors};
 use super::rng::{sample_without_replacement, Rng};
-use super::{new_tokens, step, EarlyStopping, GenerationConfig, GenerationError, Prompt, StepModel};
+use super::{
+    new_tokens, step, EarlyStopping, GenerationConfig, GenerationError, Prompt, StepModel,
+};
 
 /// What transformers adds to a score to rule an entry out.
 const MASK: f32 = -1.0e9;
@@ -82,13 +84,25 @@ pub(crate) fn run<M: StepModel>(
         .iter()
         .map(|p| {
             (0..nb)
-                .map(|j| Beam { tokens: p.ids.clone(), score: if j == 0 { 0.0 } else { MASK } })
+                .map(|j| Beam {
+                    tokens: p.ids.clone(),
+                    score: if j == 0 { 0.0 } else { MASK },
+                })
                 .collect()
         })
         .collect();
     let mut finished: Vec<Vec<Hypothesis>> = prompts
         .iter()
-        .map(|p| vec![Hypothesis { tokens: p.ids.clone(), score: MASK, done: false }; nb])
+        .map(|p| {
+            vec![
+                Hypothesis {
+                    tokens: p.ids.clone(),
+                    score: MASK,
+                    done: false
+                };
+                nb
+            ]
+        })
         .collect();
     // Per prompt: may the running beams still improve on the finished store?
     let mut improvable = vec![true; batch];
@@ -149,11 +163,15 @@ pub(crate) fn run<M: StepModel>(
             };
 
             // 3. the next running beams: the best not-done continuations
-            let run_scores: Vec<f32> = cands.iter().map(|c| if c.done { c.score + MASK } else { c.score }).collect();
+            let run_scores: Vec<f32> = cands
+                .iter()
+                .map(|c| if c.done { c.score + MASK } else { c.score })
+                .collect();
             let next: Vec<usize> = top_k_indices(&run_scores, nb);
 
             // 4. the finished store: old entries and the done top-nb continuations compete
-            let full = cfg.early_stopping == EarlyStopping::True && finished[b].iter().all(|h| h.done);
+            let full =
+                cfg.early_stopping == EarlyStopping::True && finished[b].iter().all(|h| h.done);
             let mut merged: Vec<f32> = finished[b].iter().map(|h| h.score).collect();
             for (i, c) in cands.iter().enumerate() {
                 let mut s = c.score / penalty;
@@ -176,14 +194,21 @@ pub(crate) fn run<M: StepModel>(
                         finished[b][m].clone()
                     } else {
                         let i = m - nb;
-                        Hypothesis { tokens: extend(&cands[i]), score: merged[m], done: cands[i].done && i < nb }
+                        Hypothesis {
+                            tokens: extend(&cands[i]),
+                            score: merged[m],
+                            done: cands[i].done && i < nb,
+                        }
                     }
                 })
                 .collect();
 
             let beams: Vec<Beam> = next
                 .iter()
-                .map(|&i| Beam { tokens: extend(&cands[i]), score: run_scores[i] })
+                .map(|&i| Beam {
+                    tokens: extend(&cands[i]),
+                    score: run_scores[i],
+                })
                 .collect();
             sources.push(next.iter().map(|&i| cands[i].beam).collect());
             running[b] = beams;
@@ -196,14 +221,21 @@ pub(crate) fn run<M: StepModel>(
             if !improvable[b] {
                 continue;
             }
-            let best_len = if cfg.early_stopping == EarlyStopping::Never && cfg.length_penalty > 0.0 {
+            let best_len = if cfg.early_stopping == EarlyStopping::Never && cfg.length_penalty > 0.0
+            {
                 max_len - prompt_len
             } else {
                 cur_len - prompt_len
             };
-            let best_possible = running[b][0].score / ((best_len as f64).powf(cfg.length_penalty) as f32);
-            let worst = finished[b].iter().map(|h| h.score).fold(f32::INFINITY, f32::min);
-            improvable[b] = finished[b].iter().any(|h| best_possible > if h.done { worst } else { MASK });
+            let best_possible =
+                running[b][0].score / ((best_len as f64).powf(cfg.length_penalty) as f32);
+            let worst = finished[b]
+                .iter()
+                .map(|h| h.score)
+                .fold(f32::INFINITY, f32::min);
+            improvable[b] = finished[b]
+                .iter()
+                .any(|h| best_possible > if h.done { worst } else { MASK });
         }
         let all_stored = finished.iter().flatten().all(|h| h.done);
         let stop = !improvable.iter().any(|&i| i)
@@ -217,11 +249,18 @@ pub(crate) fn run<M: StepModel>(
         let rows: Vec<usize> = sources
             .iter()
             .enumerate()
-            .flat_map(|(b, src)| src.iter().map(move |&j| if expanded { b * nb + j } else { b }))
+            .flat_map(|(b, src)| {
+                src.iter()
+                    .map(move |&j| if expanded { b * nb + j } else { b })
+            })
             .collect();
         model.select_rows(&rows).map_err(GenerationError::Model)?;
         expanded = true;
-        let last: Vec<i64> = running.iter().flatten().map(|beam| *beam.tokens.last().expect("beam has tokens")).collect();
+        let last: Vec<i64> = running
+            .iter()
+            .flatten()
+            .map(|beam| *beam.tokens.last().expect("beam has tokens"))
+            .collect();
         logits = step(model, &last, vocab)?;
     }
 

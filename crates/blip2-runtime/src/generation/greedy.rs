@@ -23,9 +23,16 @@ pub(crate) fn run<M: StepModel>(
     let max_len = prompt_len + cfg.max_new_tokens;
     let eos = &cfg.eos_token_ids;
     // transformers feeds finished rows the pad token, falling back to the first eos id.
-    let pad = cfg.pad_token_id.or_else(|| eos.first().copied()).unwrap_or(0);
+    let pad = cfg
+        .pad_token_id
+        .or_else(|| eos.first().copied())
+        .unwrap_or(0);
     // Sampling several sequences per prompt repeats each prompt row (repeat_interleave).
-    let expand = if cfg.do_sample { cfg.num_return_sequences } else { 1 };
+    let expand = if cfg.do_sample {
+        cfg.num_return_sequences
+    } else {
+        1
+    };
     let rows = prompts.len() * expand;
     let source = |r: usize| r / expand;
 
@@ -49,7 +56,11 @@ pub(crate) fn run<M: StepModel>(
                 *s = l;
             }
             processors.apply(&tokens[r], prompts[source(r)].padding, &mut scores);
-            let pick = if cfg.do_sample { sample_one(&scores, &mut rngs[r]) } else { argmax(&scores) } as i64;
+            let pick = if cfg.do_sample {
+                sample_one(&scores, &mut rngs[r])
+            } else {
+                argmax(&scores)
+            } as i64;
             tokens[r].push(pick);
             next.push(pick);
             if tokens[r].len() >= max_len || eos.contains(&pick) {
@@ -69,6 +80,11 @@ pub(crate) fn run<M: StepModel>(
 
     Ok(tokens
         .chunks(expand)
-        .map(|group| group.iter().map(|t| new_tokens(t, prompt_len, eos)).collect())
+        .map(|group| {
+            group
+                .iter()
+                .map(|t| new_tokens(t, prompt_len, eos))
+                .collect()
+        })
         .collect())
 }

@@ -76,7 +76,10 @@ impl FromStr for EarlyStopping {
             "true" => Ok(EarlyStopping::True),
             "false" => Ok(EarlyStopping::False),
             "never" => Ok(EarlyStopping::Never),
-            _ => Err(ConfigError::new("--early-stopping", format!("must be true, false or never, not {s:?}"))),
+            _ => Err(ConfigError::new(
+                "--early-stopping",
+                format!("must be true, false or never, not {s:?}"),
+            )),
         }
     }
 }
@@ -184,7 +187,10 @@ pub struct ConfigError {
 
 impl ConfigError {
     fn new(flag: &'static str, message: impl Into<String>) -> Self {
-        ConfigError { flag, message: message.into() }
+        ConfigError {
+            flag,
+            message: message.into(),
+        }
     }
 }
 
@@ -198,7 +204,10 @@ pub enum GenerationError<E: std::error::Error + 'static> {
     Input(String),
     /// The model returned logits of the wrong shape.
     #[error("the model returned logits of shape {got:?}, expected {expected:?}")]
-    LogitsShape { expected: (usize, usize), got: (usize, usize) },
+    LogitsShape {
+        expected: (usize, usize),
+        got: (usize, usize),
+    },
     #[error("the model failed during generation")]
     Model(#[source] E),
 }
@@ -207,13 +216,19 @@ pub enum GenerationError<E: std::error::Error + 'static> {
 /// Sampling-only settings are checked only when sampling, as transformers only uses them then.
 pub fn validate(cfg: &GenerationConfig) -> Result<(), ConfigError> {
     if cfg.max_new_tokens == 0 {
-        return Err(ConfigError::new("--max-new-tokens", "must be greater than 0"));
+        return Err(ConfigError::new(
+            "--max-new-tokens",
+            "must be greater than 0",
+        ));
     }
     if cfg.num_beams == 0 {
         return Err(ConfigError::new("--num-beams", "must be at least 1"));
     }
     if cfg.num_return_sequences == 0 {
-        return Err(ConfigError::new("--num-return-sequences", "must be at least 1"));
+        return Err(ConfigError::new(
+            "--num-return-sequences",
+            "must be at least 1",
+        ));
     }
     if cfg.num_return_sequences > 1 {
         if cfg.num_beams == 1 && !cfg.do_sample {
@@ -239,22 +254,38 @@ pub fn validate(cfg: &GenerationConfig) -> Result<(), ConfigError> {
     if !(cfg.repetition_penalty > 0.0 && cfg.repetition_penalty.is_finite()) {
         return Err(ConfigError::new(
             "--repetition-penalty",
-            format!("has to be a strictly positive number, but is {}", cfg.repetition_penalty),
+            format!(
+                "has to be a strictly positive number, but is {}",
+                cfg.repetition_penalty
+            ),
         ));
     }
     if !cfg.length_penalty.is_finite() {
-        return Err(ConfigError::new("--length-penalty", format!("has to be finite, but is {}", cfg.length_penalty)));
+        return Err(ConfigError::new(
+            "--length-penalty",
+            format!("has to be finite, but is {}", cfg.length_penalty),
+        ));
     }
     if cfg.do_sample {
         if !(cfg.temperature > 0.0 && cfg.temperature.is_finite()) {
-            let hint = if cfg.temperature == 0.0 { "; for greedy search leave out --do-sample" } else { "" };
+            let hint = if cfg.temperature == 0.0 {
+                "; for greedy search leave out --do-sample"
+            } else {
+                ""
+            };
             return Err(ConfigError::new(
                 "--temperature",
-                format!("has to be a strictly positive number, but is {}{hint}", cfg.temperature),
+                format!(
+                    "has to be a strictly positive number, but is {}{hint}",
+                    cfg.temperature
+                ),
             ));
         }
         if !(cfg.top_p > 0.0 && cfg.top_p <= 1.0) {
-            return Err(ConfigError::new("--top-p", format!("has to be in (0, 1], but is {}", cfg.top_p)));
+            return Err(ConfigError::new(
+                "--top-p",
+                format!("has to be in (0, 1], but is {}", cfg.top_p),
+            ));
         }
     }
     Ok(())
@@ -281,10 +312,14 @@ pub fn generate<M: StepModel>(
     }
     let prompt_len = prompts[0].ids.len();
     if prompts.iter().any(|p| p.ids.len() != prompt_len) {
-        return Err(GenerationError::Input("all prompt rows must have the same (padded) length".into()));
+        return Err(GenerationError::Input(
+            "all prompt rows must have the same (padded) length".into(),
+        ));
     }
     if prompts.iter().any(|p| p.padding > p.ids.len()) {
-        return Err(GenerationError::Input("a prompt's padding is longer than the prompt".into()));
+        return Err(GenerationError::Input(
+            "a prompt's padding is longer than the prompt".into(),
+        ));
     }
     if first_logits.nrows() != prompts.len() {
         return Err(GenerationError::Input(format!(
@@ -295,7 +330,9 @@ pub fn generate<M: StepModel>(
     }
     let vocab = first_logits.ncols();
     if vocab == 0 {
-        return Err(GenerationError::Input("the logits have an empty vocabulary".into()));
+        return Err(GenerationError::Input(
+            "the logits have an empty vocabulary".into(),
+        ));
     }
     // Sampling streams derive from one seed; without one, draw it.
     let seed = cfg.seed.unwrap_or_else(rand::random);
@@ -323,7 +360,10 @@ fn step<M: StepModel>(
 ) -> Result<Array2<f32>, GenerationError<M::Error>> {
     let logits = model.step(tokens).map_err(GenerationError::Model)?;
     if logits.dim() != (tokens.len(), vocab) {
-        return Err(GenerationError::LogitsShape { expected: (tokens.len(), vocab), got: logits.dim() });
+        return Err(GenerationError::LogitsShape {
+            expected: (tokens.len(), vocab),
+            got: logits.dim(),
+        });
     }
     Ok(logits)
 }

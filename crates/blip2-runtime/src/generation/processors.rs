@@ -51,8 +51,16 @@ pub(crate) fn top_k_indices(scores: &[f32], k: usize) -> Vec<usize> {
 
 /// `torch.log_softmax` on one row: (x - max) - log(sum(exp(x - max))).
 pub(crate) fn log_softmax(logits: impl IntoIterator<Item = f32> + Clone, out: &mut [f32]) {
-    let max = logits.clone().into_iter().fold(f32::NEG_INFINITY, |m, x| if x > m || x.is_nan() { x } else { m });
-    let sum: f64 = logits.clone().into_iter().map(|x| f64::from((x - max).exp())).sum();
+    let max =
+        logits.clone().into_iter().fold(
+            f32::NEG_INFINITY,
+            |m, x| if x > m || x.is_nan() { x } else { m },
+        );
+    let sum: f64 = logits
+        .clone()
+        .into_iter()
+        .map(|x| f64::from((x - max).exp()))
+        .sum();
     let log_sum = (sum as f32).ln();
     for (o, x) in out.iter_mut().zip(logits) {
         *o = (x - max) - log_sum;
@@ -76,10 +84,15 @@ pub(crate) struct Processors<'a> {
 impl<'a> Processors<'a> {
     /// `min_tokens_to_keep` is what top-k/top-p may never drop below: 1 for plain sampling,
     /// (eos count + 1, at least 2) for beam sampling so an eos cannot wipe out every continuation.
-    pub(crate) fn new(cfg: &'a GenerationConfig, prompt_len: usize, min_tokens_to_keep: usize) -> Self {
+    pub(crate) fn new(
+        cfg: &'a GenerationConfig,
+        prompt_len: usize,
+        min_tokens_to_keep: usize,
+    ) -> Self {
         let sampling = cfg.do_sample;
         Processors {
-            repetition_penalty: (cfg.repetition_penalty != 1.0).then_some(cfg.repetition_penalty as f32),
+            repetition_penalty: (cfg.repetition_penalty != 1.0)
+                .then_some(cfg.repetition_penalty as f32),
             no_repeat_ngram_size: cfg.no_repeat_ngram_size,
             min_new_tokens: cfg.min_new_tokens,
             eos: &cfg.eos_token_ids,
@@ -219,9 +232,14 @@ mod tests {
         let x = [1.0f32, 2.0, 3.0, -1.0];
         let mut out = [0.0f32; 4];
         log_softmax(x.iter().copied(), &mut out);
-        let total: f32 = out.iter().map(|v| v.exp()).sum();
-        assert!((total - 1.0).abs() < 1e-6);
-        assert!((out[2] - (-0.44018966)).abs() < 1e-6, "{out:?}");
+        // torch.log_softmax(torch.tensor([1., 2., 3., -1.]), -1), float32
+        let torch = [
+            -2.4197165966033936f64,
+            -1.4197165966033936,
+            -0.41971665620803833,
+            -4.419716835021973,
+        ];
+        assert_eq!(out, torch.map(|v| v as f32));
     }
 
     #[test]
