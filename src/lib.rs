@@ -63,3 +63,21 @@ pub fn temp_dir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&d).expect("create temp dir");
     d
 }
+
+/// Builds sessions on the CPU profile (ONNX Runtime found as `blip2-ort` finds it: run
+/// `blip2-ort install-runtime` once, or set ORT_DYLIB_PATH).
+pub fn session_factory() -> impl FnMut(
+    blip2_runtime::model::GraphKind,
+    &Path,
+) -> Result<ort_session::Session, blip2_runtime::error::RuntimeError> {
+    let config = blip2_runtime::providers::Config::builtin();
+    let profile = config.profile("cpu").expect("built-in cpu profile").clone();
+    move |kind, path| {
+        blip2_runtime::providers::open_session(&profile, kind.name(), path)
+            .map_err(|e| blip2_runtime::error::RuntimeError::Input(e.to_string()))
+    }
+}
+
+mod ort_session {
+    pub use blip2_runtime::ort_reexport::session::Session;
+}

@@ -1,8 +1,11 @@
 //! `blip2-ort`: export BLIP-2 checkpoints to ONNX and run them on ONNX Runtime.
 //! This binary only parses flags and wires the library crates together.
 
+mod batch;
 mod export_cmd;
 mod hub;
+mod infer_cmd;
+mod session;
 
 use clap::{Parser, Subcommand};
 
@@ -20,17 +23,40 @@ struct Cli {
 enum Command {
     /// Export a BLIP-2 checkpoint to three ONNX graphs and a manifest.
     Export(export_cmd::ExportArgs),
+    /// Caption, answer questions about, or chat about images with an exported model.
+    Infer(infer_cmd::InferArgs),
+    /// Install the ONNX Runtime library (from the onnxruntime wheel, with pip) into the cache.
+    InstallRuntime {
+        /// The CUDA 13 build (onnxruntime-gpu) with the CUDA and TensorRT providers.
+        #[arg(long)]
+        gpu: bool,
+    },
+}
+
+fn install_runtime(gpu: bool, quiet: bool) -> anyhow::Result<i32> {
+    let path = blip2_runtime::ort_env::install(gpu, &mut |msg: &str| {
+        if !quiet {
+            eprintln!("{msg}");
+        }
+    })?;
+    println!("{}", path.display());
+    Ok(0)
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match &cli.command {
-        Command::Export(a) => export_cmd::run(a, cli.quiet),
+        Command::Export(a) => export_cmd::run(a, cli.quiet).map(|_| 0),
+        Command::Infer(a) => infer_cmd::run(a, cli.quiet),
+        Command::InstallRuntime { gpu } => install_runtime(*gpu, cli.quiet),
     };
-    if let Err(e) = result {
-        // One line: the error and its causes, most specific last.
-        let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-        eprintln!("error: {}", msg.join(": "));
-        std::process::exit(1);
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            // One line: the error and its causes, most specific last.
+            let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("error: {}", msg.join(": "));
+            std::process::exit(1);
+        }
     }
 }

@@ -7,7 +7,7 @@ use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 use blip2_core::{io, Manifest};
-use ndarray::{Array2, Array4, ArrayD, Axis, IxDyn};
+use ndarray::{Array2, Array3, Array4, ArrayD, Axis, IxDyn};
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor};
 
@@ -132,7 +132,8 @@ pub struct LmState<'m> {
 }
 
 impl<'m> LmState<'m> {
-    /// Runs the prompt (prefill) and returns the state plus the last position's logits.
+    /// Runs the prompt (prefill) and returns the state plus the logits of every prompt
+    /// position, `[rows, len, vocab]` (see [`last_position`]).
     ///
     /// `ids` and `mask` are rectangular (left-padded) `[rows, len]`; `image_embeds` is
     /// `[rows, num_query_tokens, hidden]`, matching the image tokens in `ids`.
@@ -141,7 +142,7 @@ impl<'m> LmState<'m> {
         ids: &[Vec<i64>],
         mask: &[Vec<i64>],
         image_embeds: DynValue,
-    ) -> Result<(Self, Array2<f32>), RuntimeError> {
+    ) -> Result<(Self, Array3<f32>), RuntimeError> {
         let rows = ids.len();
         let len = ids.first().map(Vec::len).unwrap_or(0);
         let t = &model.manifest.text;
@@ -167,7 +168,7 @@ impl<'m> LmState<'m> {
         Ok((st, logits))
     }
 
-    fn run(&mut self, ids: Array2<i64>, pos: Array2<i64>, image_embeds: DynValue) -> Result<Array2<f32>, RuntimeError> {
+    fn run(&mut self, ids: Array2<i64>, pos: Array2<i64>, image_embeds: DynValue) -> Result<Array3<f32>, RuntimeError> {
         let rows = ids.nrows();
         let total = self.mask.first().map(Vec::len).unwrap_or(0);
         let mask = Array2::from_shape_fn((rows, total), |(r, j)| self.mask[r][j]);
@@ -192,8 +193,7 @@ impl<'m> LmState<'m> {
         self.cache = cache;
         let logits = out.get(io::LOGITS).ok_or_else(|| RuntimeError::MissingOutput(io::LOGITS.into()))?;
         let a = logits.try_extract_array::<f32>().map_err(ort_err("logits"))?;
-        let seq = a.shape()[1];
-        Ok(a.index_axis(Axis(1), seq - 1).to_owned().into_dimensionality().expect("2-D logits"))
+        a.to_owned().into_dimensionality().map_err(|_| RuntimeError::MissingOutput("3-D logits".into()))
     }
 
     /// Feeds one token per row and returns the logits of the new position.
@@ -208,7 +208,7 @@ impl<'m> LmState<'m> {
         }
         let ids = Array2::from_shape_fn((rows, 1), |(r, _)| tokens[r]);
         let no_images = empty_images(self.model.lm_fp16, rows, self.hidden)?;
-        self.run(ids, pos, no_images)
+        Ok(last_position(&self.run(ids, pos, no_images)?))
     }
 
     /// New row i is old row `rows[i]` (expansion into beams, beam reordering).
@@ -221,6 +221,12 @@ impl<'m> LmState<'m> {
         }
         Ok(())
     }
+}
+
+/// The logits of the last position of each row, `[rows, vocab]`.
+pub fn last_position(logits: &Array3<f32>) -> Array2<f32> {
+    let seq = logits.shape()[1];
+    logits.index_axis(Axis(1), seq - 1).to_owned()
 }
 
 fn select<T>(v: &DynValue, rows: &[usize]) -> Result<DynValue, RuntimeError>
@@ -248,4 +254,9 @@ fn empty_images(fp16: bool, rows: usize, hidden: usize) -> Result<DynValue, Runt
     } else {
         Tensor::from_array(ArrayD::<f32>::zeros(shape)).map_err(ort_err("image_embeds"))?.into_dyn()
     })
+}
+
+/// Wraps an f32 array as an ONNX value (tests and callers that hold embeddings as arrays).
+pub fn f32_value(a: ArrayD<f32>) -> Result<DynValue, RuntimeError> {
+    Ok(Tensor::from_array(a).map_err(ort_err("tensor"))?.into_dyn())
 }
