@@ -8,3 +8,6 @@ pub mod error;
 pub mod model;
 pub mod prompt;
 pub mod generation;
+pub mod ort_env;
+pub mod providers;
+pub use ort as ort_reexport;

@@ -1,0 +1,366 @@
+//! Execution-provider profiles and the ONNX Runtime set-up, end to end.
+//!
+//! The tests that need the ONNX Runtime library (`blip2-ort install-runtime`) print a note
+//! and pass when it is not installed; everything else runs anywhere.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use blip2_runtime::ort_env::{self, RuntimeSetupError};
+use blip2_runtime::providers::{self, Config, GraphOptimization, Provider, ProviderError};
+use ort::session::Session;
+use ort::value::Tensor;
+
+/// An ONNX model computing `c = a + b` on float[3] (opset 13, IR 8), 80 bytes. Made once
+/// with the `onnx` Python package:
+///   g = helper.make_graph([helper.make_node("Add", ["a", "b"], ["c"])], "g", [a, b], [c])
+///   helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+/// where a, b, c are `make_tensor_value_info(name, TensorProto.FLOAT, [3])`.
+const ADD_ONNX: [u8; 80] = [
+    8, 8, 58, 70, 10, 14, 10, 1, 97, 10, 1, 98, 18, 1, 99, 34, 3, 65, 100, 100, 18, 1, 103, 90, 15, 10, 1, 97, 18, 10,
+    10, 8, 8, 1, 18, 4, 10, 2, 8, 3, 90, 15, 10, 1, 98, 18, 10, 10, 8, 8, 1, 18, 4, 10, 2, 8, 3, 98, 15, 10, 1, 99, 18,
+    10, 10, 8, 8, 1, 18, 4, 10, 2, 8, 3, 66, 4, 10, 0, 16, 13,
+];
+
+/// A fresh folder under the system temp dir, removed when dropped.
+struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn scratch(tag: &str) -> Scratch {
+    let p = std::env::temp_dir().join(format!("blip2-providers-test-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&p);
+    std::fs::create_dir_all(&p).unwrap();
+    Scratch(p)
+}
+
+/// Whether the ONNX Runtime library is installed; prints why a test is skipped if not.
+fn runtime_installed() -> bool {
+    match ort_env::find_dylib() {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("note: skipping, the ONNX Runtime library is not installed: {e}");
+            false
+        }
+    }
+}
+
+/// A machine with an NVIDIA GPU, where the CUDA profile may well work.
+fn has_nvidia_gpu() -> bool {
+    Path::new("/dev/nvidia0").exists()
+}
+
+fn run_add(session: &mut Session) -> Vec<f32> {
+    let a = Tensor::from_array(([3usize], vec![1.0f32, 2.0, 3.0])).unwrap();
+    let b = Tensor::from_array(([3usize], vec![10.0f32, 20.0, 30.0])).unwrap();
+    let out = session.run(ort::inputs!["a" => a, "b" => b]).unwrap();
+    out["c"].try_extract_array::<f32>().unwrap().iter().copied().collect()
+}
+
+// ---- profiles --------------------------------------------------------------------------
+
+#[test]
+fn builtin_profiles_parse() {
+    let c = Config::builtin();
+    assert_eq!(c.profile_names(), ["cpu", "cuda", "tensorrt"]);
+
+    let cpu = c.profile("cpu").unwrap();
+    assert_eq!(cpu.providers, [Provider::Cpu]);
+    assert!(!cpu.uses_gpu());
+    assert_eq!(cpu.graph_optimization, GraphOptimization::All);
+    assert!(!cpu.allow_fallback);
+
+    let cuda = c.profile("cuda").unwrap();
+    assert_eq!(cuda.providers, [Provider::Cuda, Provider::Cpu]);
+    assert_eq!(cuda.device_id, 0);
+    assert_eq!(cuda.gpu_mem_limit, None);
+    assert!(!cuda.allow_fallback, "asking for CUDA must not quietly run on the CPU");
+    assert!(cuda.uses_gpu());
+
+    let trt = c.profile("tensorrt").unwrap();
+    assert_eq!(trt.providers, [Provider::TensorRt, Provider::Cuda, Provider::Cpu]);
+    assert_eq!(trt.providers_for("vision_encoder"), [Provider::TensorRt, Provider::Cuda, Provider::Cpu]);
+    assert_eq!(trt.providers_for("language_model"), [Provider::Cuda, Provider::Cpu]);
+    let engines = trt.engine_cache_dir().unwrap();
+    assert!(
+        engines.starts_with(ort_env::cache_root()) && engines.ends_with("tensorrt-engines"),
+        "{}",
+        engines.display()
+    );
+
+    assert_eq!(c.models.len(), 7);
+    for (id, family) in [
+        ("Salesforce/blip2-opt-2.7b", "opt"),
+        ("Salesforce/blip2-opt-6.7b", "opt"),
+        ("Salesforce/blip2-opt-2.7b-coco", "opt"),
+        ("Salesforce/blip2-opt-6.7b-coco", "opt"),
+        ("Salesforce/blip2-flan-t5-xl", "t5"),
+        ("Salesforce/blip2-flan-t5-xxl", "t5"),
+        ("Salesforce/blip2-flan-t5-xl-coco", "t5"),
+    ] {
+        let m = &c.models[id];
+        assert_eq!((m.id.as_str(), m.family.as_str()), (id, family));
+        assert!(!m.description.is_empty());
+    }
+    assert_eq!(c.prompt("vqa"), Some("Question: {} Answer:"));
+}
+
+#[test]
+fn user_file_overrides_and_adds_profiles() {
+    let dir = scratch("override");
+    let path = dir.join("blip2-ort.toml");
+    std::fs::write(
+        &path,
+        r#"
+[profiles.cuda]
+device_id = 1
+gpu_mem_limit = 8589934592
+allow_fallback = true
+
+[profiles.cuda.graphs.language_model]
+providers = ["cpu"]
+
+[profiles.lean]
+providers = ["cpu"]
+intra_op_threads = 2
+graph_optimization = "basic"
+
+[prompts]
+vqa = "Q: {} A:"
+"#,
+    )
+    .unwrap();
+    let c = Config::load(Some(&path)).unwrap();
+    assert_eq!(c.profile_names(), ["cpu", "cuda", "lean", "tensorrt"]);
+
+    // Only the keys the user set change.
+    let cuda = c.profile("cuda").unwrap();
+    assert_eq!(cuda.providers, [Provider::Cuda, Provider::Cpu]);
+    assert_eq!(cuda.device_id, 1);
+    assert_eq!(cuda.gpu_mem_limit, Some(8 << 30));
+    assert!(cuda.allow_fallback);
+    assert_eq!(cuda.providers_for("language_model"), [Provider::Cpu]);
+    assert_eq!(cuda.providers_for("qformer"), [Provider::Cuda, Provider::Cpu]);
+
+    let lean = c.profile("lean").unwrap();
+    assert_eq!(lean.intra_op_threads, Some(2));
+    assert_eq!(lean.graph_optimization, GraphOptimization::Basic);
+    assert_eq!(c.prompt("vqa"), Some("Q: {} A:"));
+    assert_eq!(c.models.len(), 7, "models not named in the user file stay");
+
+    // The built-in profiles are untouched by loading without a file.
+    assert_eq!(Config::builtin().profile("cuda").unwrap().device_id, 0);
+}
+
+#[test]
+fn unknown_profile_lists_known_ones() {
+    let err = Config::builtin().profile("rocm").unwrap_err();
+    assert!(matches!(err, ProviderError::UnknownProfile { .. }));
+    assert_eq!(err.to_string(), "unknown profile \"rocm\"; known profiles: cpu, cuda, tensorrt");
+}
+
+#[test]
+fn unknown_provider_is_an_error() {
+    let mut c = Config::builtin();
+    let err = c.overlay_toml("[profiles.fast]\nproviders = [\"cuda\", \"directml\"]\n", "my.toml").unwrap_err();
+    assert!(matches!(err, ProviderError::UnknownProvider { ref name, .. } if name == "directml"), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        "my.toml: profile \"fast\": unknown provider \"directml\" (known: cpu, cuda, tensorrt)"
+    );
+}
+
+#[test]
+fn bad_user_files_name_the_file() {
+    let cases = [
+        ("[profiles.x]\nprovider = [\"cpu\"]\n", "unknown field `provider`"),
+        (
+            "[profiles.x]\nproviders = [\"cpu\"]\n[profiles.x.graphs.decoder]\nproviders = [\"cpu\"]\n",
+            "unknown graph \"decoder\"",
+        ),
+        ("[profiles.x]\ndevice_id = 1\n", "no providers list"),
+        ("[profiles.x]\nproviders = [\"cpu\"]\ngraph_optimization = \"max\"\n", "unknown graph_optimization \"max\""),
+        ("[profile.cpu]\nproviders = [\"cpu\"]\n", "unknown field `profile`"),
+        ("[models.\"a/b\"]\nfamily = \"llama\"\n", "family must be"),
+    ];
+    for (text, want) in cases {
+        let err = Config::builtin().overlay_toml(text, "user.toml").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("user.toml"), "{msg}");
+        assert!(msg.contains(want), "{want:?} not in {msg:?}");
+    }
+
+    let dir = scratch("missing");
+    let missing = dir.join("none.toml");
+    let err = Config::load(Some(&missing)).unwrap_err();
+    assert!(matches!(err, ProviderError::Read { .. }));
+    assert!(err.to_string().contains("none.toml"), "{err}");
+}
+
+// ---- with the ONNX Runtime library -----------------------------------------------------
+
+#[test]
+fn cpu_profile_runs_a_model() {
+    if !runtime_installed() {
+        return;
+    }
+    ort_env::init().unwrap();
+    ort_env::init().unwrap(); // idempotent
+    assert!(ort_env::loaded_dylib().is_some());
+
+    let c = Config::builtin();
+    let env = ort_env::environment().unwrap();
+    let builder =
+        providers::apply(Session::builder(env).unwrap(), c.profile("cpu").unwrap(), "vision_encoder").unwrap();
+    let mut builder = builder;
+    let mut session = builder.commit_from_memory(&ADD_ONNX).unwrap();
+    assert_eq!(run_add(&mut session), [11.0, 22.0, 33.0]);
+
+    // The same through open_session, from a file.
+    let dir = scratch("session");
+    let path = dir.join("add.onnx");
+    std::fs::write(&path, ADD_ONNX).unwrap();
+    let mut session = providers::open_session(c.profile("cpu").unwrap(), "qformer", &path).unwrap();
+    assert_eq!(run_add(&mut session), [11.0, 22.0, 33.0]);
+
+    // A missing model file names itself.
+    let err =
+        providers::open_session(c.profile("cpu").unwrap(), "qformer", &path.with_file_name("gone.onnx")).unwrap_err();
+    assert!(matches!(err, ProviderError::Commit { .. }) && err.to_string().contains("gone.onnx"), "{err}");
+}
+
+#[test]
+fn cuda_profile_without_gpu_is_a_clear_error() {
+    if !runtime_installed() || has_nvidia_gpu() {
+        return;
+    }
+    let env = ort_env::environment().unwrap();
+    let c = Config::builtin();
+    for name in ["cuda", "tensorrt"] {
+        let Err(err) = providers::apply(Session::builder(env).unwrap(), c.profile(name).unwrap(), "vision_encoder")
+        else {
+            panic!("{name}: the profile applied on a machine without a GPU");
+        };
+        let msg = err.to_string();
+        assert!(matches!(err, ProviderError::Unavailable { provider, .. } if provider.is_gpu()), "{msg}");
+        assert!(msg.contains(&format!("profile \"{name}\", graph vision_encoder")), "{msg}");
+        assert!(msg.contains("allow_fallback = true"), "{msg}");
+        eprintln!("{name}: {msg}");
+    }
+}
+
+#[test]
+fn allow_fallback_warns_and_runs_on_cpu() {
+    if !runtime_installed() || has_nvidia_gpu() {
+        return;
+    }
+    let mut c = Config::builtin();
+    c.overlay_toml("[profiles.cuda]\nallow_fallback = true\n", "test").unwrap();
+    let env = ort_env::environment().unwrap();
+    let builder =
+        providers::apply(Session::builder(env).unwrap(), c.profile("cuda").unwrap(), "language_model").unwrap();
+    let mut builder = builder;
+    let mut session = builder.commit_from_memory(&ADD_ONNX).unwrap();
+    assert_eq!(run_add(&mut session), [11.0, 22.0, 33.0]);
+}
+
+// ---- start-up failures, each in a child process -----------------------------------------
+// ort loads its library once per process, so a test of a failed load runs this test
+// binary again with a filter and a clean environment.
+
+const CHILD_ENV: &str = "BLIP2_PROVIDERS_TEST_CHILD";
+
+fn run_child(test: &str, envs: &[(&str, &Path)], remove: &[&str]) -> String {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", test, "--nocapture", "--test-threads=1"]).env(CHILD_ENV, "1");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    for k in remove {
+        cmd.env_remove(k);
+    }
+    let out = cmd.output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "child failed:\n{text}");
+    text
+}
+
+/// The child's report line (the test harness prints its own text before it on the line).
+fn child_line(out: &str) -> &str {
+    out.lines()
+        .find_map(|l| l.split_once("CHILD: ").map(|(_, rest)| rest))
+        .unwrap_or_else(|| panic!("no child output:\n{out}"))
+}
+
+#[test]
+fn init_names_a_library_that_will_not_load() {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        let err = ort_env::init().unwrap_err();
+        assert!(matches!(err, RuntimeSetupError::Load { .. }), "{err}");
+        println!("CHILD: {err}");
+        return;
+    }
+    let dir = scratch("badlib");
+    let bad = dir.join("libonnxruntime.so.1.31.1");
+    std::fs::write(&bad, b"this is not a shared library").unwrap();
+    let out = run_child("init_names_a_library_that_will_not_load", &[("ORT_DYLIB_PATH", &bad)], &[]);
+    let line = child_line(&out);
+    assert!(line.contains(&bad.display().to_string()) && line.contains("cannot load ONNX Runtime"), "{line}");
+}
+
+#[test]
+fn init_without_runtime_says_how_to_install() {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        let err = ort_env::init().unwrap_err();
+        assert!(matches!(err, RuntimeSetupError::NotInstalled { .. }), "{err}");
+        println!("CHILD: {}", err.to_string().replace('\n', " "));
+        return;
+    }
+    let empty = scratch("emptycache");
+    let out =
+        run_child("init_without_runtime_says_how_to_install", &[("BLIP2_ORT_CACHE", &empty)], &["ORT_DYLIB_PATH"]);
+    let line = child_line(&out);
+    assert!(
+        line.contains("`blip2-ort install-runtime`") && line.contains("`blip2-ort install-runtime --gpu`"),
+        "{line}"
+    );
+    assert!(line.contains(&empty.join("onnxruntime-1.31.1").display().to_string()), "{line}");
+}
+
+/// Installs the CPU runtime into the cache (downloads the wheel with pip); the same as
+/// `blip2-ort install-runtime`. Run with `cargo test -p blip2-runtime --test providers
+/// -- --ignored install_cpu_runtime`.
+#[test]
+#[ignore = "downloads the onnxruntime wheel"]
+fn install_cpu_runtime() {
+    let lib = ort_env::install(false, &mut |m| eprintln!("{m}")).unwrap();
+    assert!(lib.is_file());
+    assert_eq!(lib.parent().unwrap(), ort_env::cache_dir(false));
+}
+
+/// The GPU runtime (about 250 MB), as `blip2-ort install-runtime --gpu`.
+#[test]
+#[ignore = "downloads the onnxruntime-gpu wheel"]
+fn install_gpu_runtime() {
+    let lib = ort_env::install(true, &mut |m| eprintln!("{m}")).unwrap();
+    assert!(lib.is_file());
+    assert_eq!(lib.parent().unwrap(), ort_env::cache_dir(true));
+    for plugin in [
+        "libonnxruntime_providers_shared.so",
+        "libonnxruntime_providers_cuda.so",
+        "libonnxruntime_providers_tensorrt.so",
+    ] {
+        assert!(lib.with_file_name(plugin).is_file(), "{plugin} missing next to {}", lib.display());
+    }
+}
