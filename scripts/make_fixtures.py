@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, PreTrainedTokenizerFast
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
@@ -56,7 +56,21 @@ def opt_tokenizer():
     return fast
 
 
-# Two OPT configurations that differ wherever the exporter has a branch.
+def t5_tokenizer():
+    """A Unigram tokenizer shaped like T5's: `</s>` (id 1) is appended, `<pad>` (id 0) starts the decoder."""
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(corpus(), trainers.UnigramTrainer(
+        vocab_size=600, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"))
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    fast.padding_side = "left"
+    return fast
+
+
+# Checkpoint configurations that differ wherever the exporter has a branch.
 CONFIGS = {
     # Old Hub layout: sharded weights, flat preprocessor_config.json, lm_head stored.
     "opt-tiny-sharded": dict(
@@ -84,6 +98,22 @@ CONFIGS = {
                   vocab_size=616, max_position_embeddings=128, word_embed_proj_dim=64,
                   do_layer_norm_before=False, activation_function="relu", bos_token_id=2, pad_token_id=1,
                   init_std=0.25),
+        num_query_tokens=6),
+    # Flan-T5 shaped: gated-gelu, untied lm_head stored apart (as on the Hub), encoder and
+    # decoder depths differ (transformers 5.24 sizes the generation cache from num_layers,
+    # so the decoder must not be the deeper one), heads * d_kv != d_model, few relative-position buckets so the
+    # logarithmic buckets are reached by short prompts.
+    "t5-tiny": dict(
+        layout="v5",
+        image_size=24,
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    image_size=24, patch_size=8, qkv_bias=True, layer_norm_eps=1e-6),
+        qformer=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
+                     cross_attention_frequency=1, encoder_hidden_size=32, layer_norm_eps=1e-12),
+        text=dict(model_type="t5", d_model=32, d_ff=40, d_kv=12, num_layers=3, num_decoder_layers=2, num_heads=4,
+                  vocab_size=84, relative_attention_num_buckets=8, relative_attention_max_distance=20,
+                  feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0,
+                  eos_token_id=1, pad_token_id=0, init_std=0.25),
         num_query_tokens=6),
 }
 
@@ -158,15 +188,17 @@ def build(name, spec):
     refdir = os.path.join(base, "reference")
     shutil.rmtree(base, ignore_errors=True)
     os.makedirs(ckdir)
-    tok = opt_tokenizer()
+    t5 = spec["text"]["model_type"] == "t5"
+    tok = t5_tokenizer() if t5 else opt_tokenizer()
     size = spec["image_size"]
     processor = Blip2Processor(image_processor=BlipImageProcessorPil(size={"height": size, "width": size}),
                                tokenizer=tok, num_query_tokens=spec["num_query_tokens"])
     image_token = tok.convert_tokens_to_ids("<image>")
     text = dict(spec["text"])
     init_std = text.pop("init_std")
-    text["eos_token_id"] = tok.convert_tokens_to_ids("\u010a")
-    text["init_std"] = init_std
+    if not t5:
+        text["eos_token_id"] = tok.convert_tokens_to_ids("\u010a")
+        text["init_std"] = init_std
     cfg = Blip2Config(vision_config=spec["vision"], qformer_config=spec["qformer"], text_config=text,
                       num_query_tokens=spec["num_query_tokens"], image_token_index=image_token,
                       initializer_range=0.02)
@@ -180,17 +212,25 @@ def build(name, spec):
     photos = ["chelsea.png", "rocket.jpg", "camera.png", "chelsea_rgba.png", "no_time_for_that_tiny.gif"]
     # Save and reload first, so every output below comes from the weights on disk.
     model.save_pretrained(ckdir, safe_serialization=True)
+    if t5:
+        add_untied_t5_head(ckdir)
     model = Blip2ForConditionalGeneration.from_pretrained(ckdir).eval()
+    # Generated sequences start after the prompt (OPT) or after decoder_start_token_id (T5).
+    skip = (lambda enc: 1) if t5 else (lambda enc: enc["input_ids"].shape[1])
     # Make the model stop sometimes: its eos becomes a token it tends to produce.
     probe = processor(images=load_image("chelsea.png"), text="", return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**probe, max_new_tokens=12, do_sample=False)
-    produced = out[0, probe["input_ids"].shape[1]:].tolist()
+    produced = out[0, skip(probe):].tolist()
     # The first token that appears only after a few steps, so captions end mid-way.
     eos = next((t for i, t in enumerate(produced) if i >= 4 and t not in produced[:i]), produced[-1])
     model.generation_config.eos_token_id = eos
-    model.generation_config.pad_token_id = 1
-    model.generation_config.bos_token_id = 2
+    if t5:
+        model.generation_config.pad_token_id = 0
+        model.generation_config.decoder_start_token_id = 0
+    else:
+        model.generation_config.pad_token_id = 1
+        model.generation_config.bos_token_id = 2
     model.generation_config.save_pretrained(ckdir)
     # transformers 5 generates with the language model's own generation config, which it
     # derives from text_config: keep both files in agreement, as the Hub checkpoints do.
@@ -207,7 +247,7 @@ def build(name, spec):
     assert model.generation_config.eos_token_id == eos
     check = processor(images=load_image("chelsea.png"), text="", return_tensors="pt")
     with torch.no_grad():
-        again = model.generate(**check, max_new_tokens=12, do_sample=False)[0, check["input_ids"].shape[1]:].tolist()
+        again = model.generate(**check, max_new_tokens=12, do_sample=False)[0, skip(check):].tolist()
     # The reloaded model must reproduce the probe up to the chosen eos.
     assert again == produced[: produced.index(eos) + 1], (again, produced, eos)
 
@@ -229,36 +269,87 @@ def build(name, spec):
         save_npy(os.path.join(refdir, "pixel_values.npy"), pix.numpy())
         save_npy(os.path.join(refdir, "image_features.npy"), feats.numpy())
         save_npy(os.path.join(refdir, "image_embeds.npy"), img_embeds.numpy())
-        # LM prefill on the first image, then two cached decode steps.
-        ids = enc["input_ids"][:1]
-        mask = enc["attention_mask"][:1]
-        emb = model.get_input_embeddings()(ids)
-        emb = emb.masked_scatter((ids == image_token).unsqueeze(-1), img_embeds[:1])
-        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        o = model.language_model(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=True)
-        steps = [{"input_ids": ids[0].tolist(), "attention_mask": mask[0].tolist(), "position_ids": pos[0].tolist(),
-                  "logits": "prefill_logits.npy"}]
-        save_npy(os.path.join(refdir, "prefill_logits.npy"), o.logits.numpy())
-        past = o.past_key_values
-        nxt = o.logits[:, -1].argmax(-1, keepdim=True)
-        for s in range(2):
-            mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-            pos = torch.tensor([[mask.shape[1] - 1]])
-            o = model.language_model(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=past,
-                                     use_cache=True)
-            past = o.past_key_values
-            fname = f"decode{s + 1}_logits.npy"
-            save_npy(os.path.join(refdir, fname), o.logits.numpy())
-            steps.append({"input_ids": nxt[0].tolist(), "attention_mask": mask[0].tolist(),
-                          "position_ids": pos[0].tolist(), "logits": fname})
-            nxt = o.logits[:, -1].argmax(-1, keepdim=True)
-        graphs["lm_steps"] = steps
+        if t5:
+            graphs = t5_stages(model, enc, img_embeds, image_token, refdir)
+        else:
+            graphs = opt_stages(model, enc, img_embeds, image_token, refdir)
         graphs["image_token_id"] = image_token
         graphs["photos"] = ["chelsea.png", "rocket.jpg"]
     with open(os.path.join(refdir, "graphs.json"), "w") as f:
         json.dump(graphs, f, indent=1)
+    generate_cases(name, model, processor, tok, eos, skip, refdir)
 
-    # --- generate() for every task ----------------------------------------------------
+
+def opt_stages(model, enc, img_embeds, image_token, refdir):
+    """LM prefill on the first image, then two cached decode steps."""
+    graphs = {}
+    ids = enc["input_ids"][:1]
+    mask = enc["attention_mask"][:1]
+    emb = model.get_input_embeddings()(ids)
+    emb = emb.masked_scatter((ids == image_token).unsqueeze(-1), img_embeds[:1])
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    o = model.language_model(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=True)
+    steps = [{"input_ids": ids[0].tolist(), "attention_mask": mask[0].tolist(), "position_ids": pos[0].tolist(),
+              "logits": "prefill_logits.npy"}]
+    save_npy(os.path.join(refdir, "prefill_logits.npy"), o.logits.numpy())
+    past = o.past_key_values
+    nxt = o.logits[:, -1].argmax(-1, keepdim=True)
+    for s in range(2):
+        mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+        pos = torch.tensor([[mask.shape[1] - 1]])
+        o = model.language_model(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=past,
+                                 use_cache=True)
+        past = o.past_key_values
+        fname = f"decode{s + 1}_logits.npy"
+        save_npy(os.path.join(refdir, fname), o.logits.numpy())
+        steps.append({"input_ids": nxt[0].tolist(), "attention_mask": mask[0].tolist(),
+                      "position_ids": pos[0].tolist(), "logits": fname})
+        nxt = o.logits[:, -1].argmax(-1, keepdim=True)
+    graphs["lm_steps"] = steps
+    return graphs
+
+
+def t5_stages(model, enc, img_embeds, image_token, refdir):
+    """Encoder on the first image's prompt, then the decoder from decoder_start_token_id
+    and two cached steps."""
+    lm = model.language_model
+    ids = enc["input_ids"][:1]
+    mask = enc["attention_mask"][:1]
+    emb = model.get_input_embeddings()(ids)
+    emb = emb.masked_scatter((ids == image_token).unsqueeze(-1), img_embeds[:1])
+    enc_out = lm.encoder(inputs_embeds=emb, attention_mask=mask).last_hidden_state
+    save_npy(os.path.join(refdir, "encoder_hidden_states.npy"), enc_out.numpy())
+    start = lm.config.decoder_start_token_id
+    nxt = torch.tensor([[start]])
+    past = None
+    steps = []
+    for s in range(3):
+        o = lm(encoder_outputs=(enc_out,), attention_mask=mask, decoder_input_ids=nxt, past_key_values=past,
+               use_cache=True)
+        past = o.past_key_values
+        fname = f"decoder{s}_logits.npy"
+        save_npy(os.path.join(refdir, fname), o.logits.numpy())
+        steps.append({"decoder_input_ids": nxt[0].tolist(), "logits": fname})
+        nxt = o.logits[:, -1].argmax(-1, keepdim=True)
+    return {"input_ids": ids[0].tolist(), "attention_mask": mask[0].tolist(),
+            "encoder_hidden_states": "encoder_hidden_states.npy", "decoder_steps": steps}
+
+
+def add_untied_t5_head(ckdir):
+    """transformers 5 saves T5 with lm_head tied to `shared`; the Flan-T5 checkpoints on the
+    Hub store their own lm_head (and copies of the embeddings). Write it that way."""
+    path = os.path.join(ckdir, "model.safetensors")
+    sd = load_file(path)
+    shared = sd["language_model.shared.weight"]
+    g = torch.Generator().manual_seed(99)
+    sd["language_model.lm_head.weight"] = torch.randn(shared.shape, generator=g) * 0.15
+    sd["language_model.encoder.embed_tokens.weight"] = shared.clone()
+    sd["language_model.decoder.embed_tokens.weight"] = shared.clone()
+    save_file({k: v.contiguous() for k, v in sd.items()}, path, metadata={"format": "pt"})
+
+
+def generate_cases(name, model, processor, tok, eos, skip, refdir):
+    """generate() for every task."""
     cases = []
 
     def run(case_name, task, images, prompts, **kw):
@@ -271,8 +362,7 @@ def build(name, spec):
             gap = min(float((s.topk(2).values[:, 0] - s.topk(2).values[:, 1]).min()) for s in res.scores)
             if gap < 1e-3:
                 print(f"warning: {name}/{case_name}: top-2 logit gap {gap:.2e}")
-        plen = enc["input_ids"].shape[1]
-        seqs = [strip_eos(r, eos, 1) for r in new_tokens(out, plen)]
+        seqs = [strip_eos(r, eos, 1) for r in new_tokens(out, skip(enc))]
         texts = [tok.decode(s, skip_special_tokens=True).strip() for s in seqs]
         cases.append(dict(name=case_name, task=task, images=images, prompts=prompts, generate=kw,
                           input_ids=enc["input_ids"].tolist(), attention_mask=enc["attention_mask"].tolist(),

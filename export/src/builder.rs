@@ -95,6 +95,12 @@ impl<'a> Builder<'a> {
         self.constant(format!("/constants/INT64/{v:?}"), Elem::I64, vec![v.len() as i64], raw)
     }
 
+    /// A 1-D int64 lookup table under a descriptive name.
+    pub fn int_table(&mut self, key: &str, v: &[i64]) -> String {
+        let raw = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.constant(key.to_string(), Elem::I64, vec![v.len() as i64], raw)
+    }
+
     /// A scalar int64 constant.
     pub fn int(&mut self, v: i64) -> String {
         self.constant(format!("/constants/INT64/{v}"), Elem::I64, vec![], v.to_le_bytes().to_vec())
@@ -269,6 +275,10 @@ pub fn activation(b: &mut Builder, path: &str, x: &str, act: &str) -> Result<Str
             let m = b.op(&p("Mul_4"), "Mul", &[x, &a], vec![]);
             b.op(&p("Mul_5"), "Mul", &[&m, &half], vec![])
         }
+        "silu" | "swish" => {
+            let s = b.op(&p("Sigmoid"), "Sigmoid", &[x], vec![]);
+            b.op(&p("Mul"), "Mul", &[x, &s], vec![])
+        }
         "quick_gelu" => {
             let k = b.scalar(1.702);
             let kx = b.op(&p("Mul"), "Mul", &[x, &k], vec![]);
@@ -278,7 +288,7 @@ pub fn activation(b: &mut Builder, path: &str, x: &str, act: &str) -> Result<Str
         other => {
             return Err(ExportError::Config {
                 path: "config.json".into(),
-                message: format!("activation \"{other}\" is not supported (gelu, gelu_new, quick_gelu, relu)"),
+                message: format!("activation \"{other}\" is not supported (gelu, gelu_new, quick_gelu, relu, silu)"),
             })
         }
     })

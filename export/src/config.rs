@@ -106,6 +106,22 @@ pub struct OptConfig {
     pub pad_token_id: Option<i64>,
 }
 
+impl TextModel {
+    /// The width of the embeddings the Q-Former projection must produce.
+    pub fn hidden_size(&self) -> usize {
+        match self {
+            TextModel::Opt(c) => c.hidden_size,
+            TextModel::T5(c) => c.d_model,
+        }
+    }
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            TextModel::Opt(c) => c.vocab_size,
+            TextModel::T5(c) => c.vocab_size,
+        }
+    }
+}
+
 impl Default for OptConfig {
     fn default() -> Self {
         Self {
@@ -138,6 +154,76 @@ pub struct ModelConfig {
 
 pub enum TextModel {
     Opt(OptConfig),
+    T5(T5Config),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct T5Config {
+    pub vocab_size: usize,
+    pub d_model: usize,
+    pub d_kv: usize,
+    pub d_ff: usize,
+    pub num_layers: usize,
+    pub num_decoder_layers: Option<usize>,
+    pub num_heads: usize,
+    pub relative_attention_num_buckets: usize,
+    pub relative_attention_max_distance: usize,
+    pub layer_norm_epsilon: f64,
+    pub feed_forward_proj: String,
+    /// transformers scales the decoder output by d_model^-0.5 unless this is false
+    /// (T5 v1.1 and Flan-T5 set it false).
+    pub tie_word_embeddings: Option<bool>,
+    /// Written by transformers 5; when present it decides the scaling.
+    pub scale_decoder_outputs: Option<bool>,
+    pub decoder_start_token_id: Option<i64>,
+    pub eos_token_id: Option<serde_json::Value>,
+    pub pad_token_id: Option<i64>,
+}
+
+impl Default for T5Config {
+    fn default() -> Self {
+        Self {
+            vocab_size: 32128,
+            d_model: 512,
+            d_kv: 64,
+            d_ff: 2048,
+            num_layers: 6,
+            num_decoder_layers: None,
+            num_heads: 8,
+            relative_attention_num_buckets: 32,
+            relative_attention_max_distance: 128,
+            layer_norm_epsilon: 1e-6,
+            feed_forward_proj: "relu".into(),
+            tie_word_embeddings: None,
+            scale_decoder_outputs: None,
+            decoder_start_token_id: None,
+            eos_token_id: Some(serde_json::json!(1)),
+            pad_token_id: Some(0),
+        }
+    }
+}
+
+impl T5Config {
+    pub fn decoder_layers(&self) -> usize {
+        self.num_decoder_layers.unwrap_or(self.num_layers)
+    }
+    /// (gated, activation) from feed_forward_proj, as T5Config does ("gated-gelu" is gelu_new).
+    pub fn feed_forward(&self) -> (bool, String) {
+        let parts: Vec<&str> = self.feed_forward_proj.split('-').collect();
+        let gated = parts.len() == 2 && parts[0] == "gated";
+        let act = if self.feed_forward_proj == "gated-gelu" { "gelu_new" } else { parts[parts.len() - 1] };
+        (gated, act.to_string())
+    }
+    /// Whether the decoder output is scaled by d_model^-0.5 before the LM head, as
+    /// transformers decides it: its own `scale_decoder_outputs` when the config has one,
+    /// else unless `tie_word_embeddings` is false (T5 v1.1 and Flan-T5 on the Hub).
+    pub fn scale_output(&self) -> bool {
+        self.scale_decoder_outputs.unwrap_or(self.tie_word_embeddings != Some(false))
+    }
+    pub fn inner_dim(&self) -> usize {
+        self.num_heads * self.d_kv
+    }
 }
 
 pub fn read_json(path: &Path, why: &'static str) -> Result<serde_json::Value> {
@@ -164,6 +250,11 @@ impl ModelConfig {
                 let opt: OptConfig = serde_json::from_value(blip.text_config.clone())
                     .map_err(|e| ExportError::Config { path: path.clone(), message: format!("text_config: {e}") })?;
                 TextModel::Opt(opt)
+            }
+            "t5" => {
+                let t5: T5Config = serde_json::from_value(blip.text_config.clone())
+                    .map_err(|e| ExportError::Config { path: path.clone(), message: format!("text_config: {e}") })?;
+                TextModel::T5(t5)
             }
             _ => return Err(ExportError::UnsupportedLanguageModel { path, found: text_type }),
         };
@@ -217,6 +308,18 @@ impl ModelConfig {
                             t.hidden_size
                         )));
                     }
+                }
+            }
+            TextModel::T5(t) => {
+                let parts: Vec<&str> = t.feed_forward_proj.split('-').collect();
+                if parts.len() > 2 || (parts.len() == 2 && parts[0] != "gated") {
+                    return Err(self.bad(format!(
+                        "text_config.feed_forward_proj \"{}\" is neither gated-ACT nor ACT",
+                        t.feed_forward_proj
+                    )));
+                }
+                if t.relative_attention_num_buckets < 4 || t.relative_attention_max_distance == 0 {
+                    return Err(self.bad("text_config: relative attention needs at least 4 buckets and a max distance".into()));
                 }
             }
         }

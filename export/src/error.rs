@@ -14,7 +14,7 @@ pub enum ExportError {
     Config { path: PathBuf, message: String },
     #[error("{path}: model_type is \"{found}\"; blip2-ort exports \"blip-2\" checkpoints")]
     WrongModelType { path: PathBuf, found: String },
-    #[error("{path}: text_config.model_type \"{found}\" is not supported (supported: opt)")]
+    #[error("{path}: text_config.model_type \"{found}\" is not supported (supported: opt, t5)")]
     UnsupportedLanguageModel { path: PathBuf, found: String },
     #[error("{path}: corrupt safetensors file: {message}")]
     CorruptSafetensors { path: PathBuf, message: String },

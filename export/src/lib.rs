@@ -17,6 +17,7 @@ pub mod onnx;
 mod opt;
 mod qformer;
 mod source;
+pub mod t5;
 mod vision;
 
 use std::path::{Path, PathBuf};
@@ -31,6 +32,9 @@ use crate::builder::Builder;
 use crate::config::{ModelConfig, TextModel};
 use crate::error::write_err;
 use crate::onnx::{Elem, Model, ValueInfo};
+
+/// T5 has relative positions only; prompts and outputs are bounded by the context limit.
+const T5_MAX_POSITIONS: usize = 1 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExportDtype {
@@ -179,40 +183,65 @@ fn write_all(files: &SourceFiles, ck: &Checkpoint, dir: &Path, opts: &ExportOpti
     let lm_float = opts.dtype.elem();
     let v = &cfg.blip.vision_config;
     let positions = (v.image_size / v.patch_size).pow(2) + 1;
-    let TextModel::Opt(text) = &cfg.text;
+    let text_hidden = cfg.text.hidden_size();
 
     let mut b = Builder::new(ck, lm_float);
     vision::build(&mut b, v)?;
     let vision_info = write_graph(b, "vision_encoder", io::VISION_ENCODER_FILE, dir, opts, progress)?;
 
     let mut b = Builder::new(ck, Elem::F32);
-    qformer::build(&mut b, &cfg.blip.qformer_config, cfg.blip.num_query_tokens, text.hidden_size, positions, lm_float, lm_float)?;
+    qformer::build(&mut b, &cfg.blip.qformer_config, cfg.blip.num_query_tokens, text_hidden, positions, lm_float, lm_float)?;
     let qformer_info = write_graph(b, "qformer", io::QFORMER_FILE, dir, opts, progress)?;
 
-    let mut b = Builder::new(ck, lm_float);
-    opt::build(&mut b, text, files.image_token_id)?;
-    let lm_info = write_graph(b, "language_model", io::LANGUAGE_MODEL_FILE, dir, opts, progress)?;
+    let (family, text_encoder, lm_info, text_cfg) = match &cfg.text {
+        TextModel::Opt(text) => {
+            let mut b = Builder::new(ck, lm_float);
+            opt::build(&mut b, text, files.image_token_id)?;
+            let lm_info = write_graph(b, "language_model", io::LANGUAGE_MODEL_FILE, dir, opts, progress)?;
+            let tc = blip2_core::TextConfig {
+                vocab_size: text.vocab_size,
+                hidden_size: text.hidden_size,
+                num_layers: text.num_hidden_layers,
+                num_heads: text.num_attention_heads,
+                head_dim: text.hidden_size / text.num_attention_heads,
+                max_context: opts.max_context.min(text.max_position_embeddings),
+                max_position_embeddings: text.max_position_embeddings,
+            };
+            ("opt", None, lm_info, tc)
+        }
+        TextModel::T5(text) => {
+            let mut b = Builder::new(ck, lm_float);
+            t5::build_encoder(&mut b, text, files.image_token_id)?;
+            let enc_info = write_graph(b, "text_encoder", io::TEXT_ENCODER_FILE, dir, opts, progress)?;
+            let mut b = Builder::new(ck, lm_float);
+            t5::build_decoder(&mut b, text, text.scale_output())?;
+            let lm_info = write_graph(b, "language_model", io::LANGUAGE_MODEL_FILE, dir, opts, progress)?;
+            let tc = blip2_core::TextConfig {
+                vocab_size: text.vocab_size,
+                hidden_size: text.d_model,
+                num_layers: text.decoder_layers(),
+                num_heads: text.num_heads,
+                head_dim: text.d_kv,
+                max_context: opts.max_context,
+                // Relative positions have no table to run out of.
+                max_position_embeddings: T5_MAX_POSITIONS,
+            };
+            ("t5", Some(enc_info), lm_info, tc)
+        }
+    };
 
     files.copy_runtime_files(dir)?;
     let manifest = Manifest {
         manifest_version: MANIFEST_VERSION,
         source: opts.source_label.clone(),
         revision: opts.revision.clone(),
-        family: "opt".into(),
+        family: family.into(),
         dtype: opts.dtype.name().into(),
-        graphs: Graphs { vision_encoder: vision_info, qformer: qformer_info, language_model: lm_info },
+        graphs: Graphs { vision_encoder: vision_info, qformer: qformer_info, language_model: lm_info, text_encoder },
         tokens: files.special_tokens(),
         num_query_tokens: files.num_query_tokens,
         image: files.image.clone(),
-        text: blip2_core::TextConfig {
-            vocab_size: text.vocab_size,
-            hidden_size: text.hidden_size,
-            num_layers: text.num_hidden_layers,
-            num_heads: text.num_attention_heads,
-            head_dim: text.hidden_size / text.num_attention_heads,
-            max_context: opts.max_context.min(text.max_position_embeddings),
-            max_position_embeddings: text.max_position_embeddings,
-        },
+        text: text_cfg,
         prompts: opts.prompts.clone(),
         generation: files.generation.clone(),
         tokenizer_file: "tokenizer.json".into(),
@@ -225,7 +254,10 @@ fn write_all(files: &SourceFiles, ck: &Checkpoint, dir: &Path, opts: &ExportOpti
 /// Files of an export folder, for listings and checks.
 pub fn export_files(m: &Manifest) -> Vec<PathBuf> {
     let mut v = Vec::new();
-    for g in [&m.graphs.vision_encoder, &m.graphs.qformer, &m.graphs.language_model] {
+    for g in [Some(&m.graphs.vision_encoder), Some(&m.graphs.qformer), m.graphs.text_encoder.as_ref(), Some(&m.graphs.language_model)]
+        .into_iter()
+        .flatten()
+    {
         v.push(PathBuf::from(&g.file));
         if let Some(e) = &g.external_data {
             v.push(PathBuf::from(e));

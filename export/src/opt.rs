@@ -61,15 +61,7 @@ pub fn build(b: &mut Builder, c: &OptConfig, image_token_id: i64) -> Result<()> 
     // Tied embeddings are read once: Gemm's transB uses embed_tokens as stored.
     let head = if c.tie_word_embeddings { format!("{P}.embed_tokens.weight") } else { "language_model.lm_head.weight".into() };
     let w = b.weight(&head, &[c.vocab_size, d])?;
-    let flat_shape = b.ints(&[-1, d as i64]);
-    let flat = b.op("/lm/lm_head/Reshape", "Reshape", &[&h, &flat_shape], vec![]);
-    let logits = b.op("/lm/lm_head/Gemm", "Gemm", &[&flat, &w], vec![("transB", Attr::Int(1))]);
-    let batch = dim_of(b, "/lm/lm_head/batch", &ids, 0);
-    let seq = dim_of(b, "/lm/lm_head/seq", &ids, 1);
-    let vocab = b.ints(&[c.vocab_size as i64]);
-    let out_shape = b.op("/lm/lm_head/Concat", "Concat", &[&batch, &seq, &vocab], vec![("axis", Attr::Int(0))]);
-    let logits = b.op("/lm/lm_head/Reshape_1", "Reshape", &[&logits, &out_shape], vec![]);
-    let logits = b.cast("/lm/lm_head/Cast", &logits, float, Elem::F32);
+    let logits = lm_head(b, &h, &w, &ids, d, c.vocab_size);
     b.output(&logits, io::LOGITS, Elem::F32, vec![named(io::DIM_BATCH), named(io::DIM_SEQUENCE), Dim::Fixed(c.vocab_size as i64)]);
     Ok(())
 }
@@ -82,6 +74,25 @@ fn embeddings(b: &mut Builder, c: &OptConfig, ids: &str, img: &str, pos: &str, i
     let d = c.hidden_size;
     let table = b.weight(&format!("{P}.embed_tokens.weight"), &[c.vocab_size, d])?;
     let tok = b.op("/lm/embed_tokens/Gather", "Gather", &[&table, ids], vec![("axis", Attr::Int(0))]);
+    let emb = scatter_image_embeds(b, ids, img, &tok, image_token_id);
+
+    let positions = b.weight(&format!("{P}.embed_positions.weight"), &[c.max_position_embeddings + POSITION_OFFSET as usize, d])?;
+    let offset = b.int(POSITION_OFFSET);
+    let shifted = b.op("/lm/embed_positions/Add", "Add", &[pos, &offset], vec![]);
+    let pe = b.op("/lm/embed_positions/Gather", "Gather", &[&positions, &shifted], vec![("axis", Attr::Int(0))]);
+    Ok(b.op("/lm/embeddings/Add", "Add", &[&emb, &pe], vec![]))
+}
+
+/// Replaces the embeddings of image tokens with the image embeddings, in order: the k-th
+/// image token of a row takes row k of its image embeddings (what transformers'
+/// masked_scatter does). Other tokens index a zero row appended to the image embeddings,
+/// so steps with no image tokens (`num_image_tokens` = 0) need no special case.
+///
+/// ```text
+///   input_ids == image token ─▶ is_img ──Cast──CumSum──Sub(1)──Where(is_img, ·, count) ─▶ index
+///   image_embeds ──Pad(one zero row)──GatherND(index, batch_dims 1)──Where(is_img, ·, tok) ─▶
+/// ```
+pub(crate) fn scatter_image_embeds(b: &mut Builder, ids: &str, img: &str, tok: &str, image_token_id: i64) -> String {
     let image_id = b.int(image_token_id);
     let is_img = b.op("/lm/image/Equal", "Equal", &[ids, &image_id], vec![]);
     let as_int = b.op("/lm/image/Cast", "Cast", &[&is_img], vec![("to", Attr::Int(Elem::I64 as i64))]);
@@ -97,13 +108,23 @@ fn embeddings(b: &mut Builder, c: &OptConfig, ids: &str, img: &str, pos: &str, i
     let padded = b.op("/lm/image/Pad", "Pad", &[img, &pads], vec![]);
     let gathered = b.op("/lm/image/GatherND", "GatherND", &[&padded, &idx], vec![("batch_dims", Attr::Int(1))]);
     let sel = b.op("/lm/image/Unsqueeze_1", "Unsqueeze", &[&is_img, &axes2], vec![]);
-    let emb = b.op("/lm/image/Where_1", "Where", &[&sel, &gathered, &tok], vec![]);
+    b.op("/lm/image/Where_1", "Where", &[&sel, &gathered, tok], vec![])
 
-    let positions = b.weight(&format!("{P}.embed_positions.weight"), &[c.max_position_embeddings + POSITION_OFFSET as usize, d])?;
-    let offset = b.int(POSITION_OFFSET);
-    let shifted = b.op("/lm/embed_positions/Add", "Add", &[pos, &offset], vec![]);
-    let pe = b.op("/lm/embed_positions/Gather", "Gather", &[&positions, &shifted], vec![("axis", Attr::Int(0))]);
-    Ok(b.op("/lm/embeddings/Add", "Add", &[&emb, &pe], vec![]))
+}
+
+/// Logits `[B, S, V]` in float32 from hidden states `[B, S, D]` and a `[V, D]` table, read
+/// as stored (Gemm's transB), so a table tied to the embeddings is not copied.
+pub(crate) fn lm_head(b: &mut Builder, h: &str, w: &str, ids: &str, hidden: usize, vocab: usize) -> String {
+    let float = b.float;
+    let flat_shape = b.ints(&[-1, hidden as i64]);
+    let flat = b.op("/lm/lm_head/Reshape", "Reshape", &[h, &flat_shape], vec![]);
+    let logits = b.op("/lm/lm_head/Gemm", "Gemm", &[&flat, w], vec![("transB", Attr::Int(1))]);
+    let batch = dim_of(b, "/lm/lm_head/batch", ids, 0);
+    let seq = dim_of(b, "/lm/lm_head/seq", ids, 1);
+    let v = b.ints(&[vocab as i64]);
+    let out_shape = b.op("/lm/lm_head/Concat", "Concat", &[&batch, &seq, &v], vec![("axis", Attr::Int(0))]);
+    let logits = b.op("/lm/lm_head/Reshape_1", "Reshape", &[&logits, &out_shape], vec![]);
+    b.cast("/lm/lm_head/Cast", &logits, float, Elem::F32)
 }
 
 /// Which keys each query may see: key j is allowed for the query at absolute position

@@ -20,6 +20,7 @@ pub struct SourceFiles {
     pub eos: Vec<i64>,
     pub bos: Option<i64>,
     pub pad: Option<i64>,
+    pub decoder_start: Option<i64>,
     pub generation: GenerationDefaults,
 }
 
@@ -41,7 +42,10 @@ impl SourceFiles {
             return Err(ExportError::MissingFile { path: dir.into(), why: "the checkpoint folder" });
         }
         let config = ModelConfig::load(dir)?;
-        let TextModel::Opt(text) = &config.text;
+        let (vocab_size, text_eos, text_bos, text_pad) = match &config.text {
+            TextModel::Opt(t) => (t.vocab_size, t.eos_token_id.clone(), t.bos_token_id, t.pad_token_id),
+            TextModel::T5(t) => (t.vocab_size, t.eos_token_id.clone(), None, t.pad_token_id),
+        };
 
         let proc_path = dir.join("processor_config.json");
         let pre_path = dir.join("preprocessor_config.json");
@@ -91,10 +95,10 @@ impl SourceFiles {
                     message: "no image_token_index, and tokenizer.json has no <image> token".into(),
                 })?,
         };
-        if image_token_id < 0 || image_token_id as usize >= text.vocab_size {
+        if image_token_id < 0 || image_token_id as usize >= vocab_size {
             return Err(ExportError::Config {
                 path: config.path.clone(),
-                message: format!("image_token_index {image_token_id} is outside the vocabulary of {}", text.vocab_size),
+                message: format!("image_token_index {image_token_id} is outside the vocabulary of {vocab_size}"),
             });
         }
 
@@ -102,12 +106,18 @@ impl SourceFiles {
         let gen = if gen_path.exists() { read_json(&gen_path, "generation settings")? } else { Value::Null };
         let mut eos = ids(gen.get("eos_token_id"));
         if eos.is_empty() {
-            eos = ids(text.eos_token_id.as_ref());
+            eos = ids(text_eos.as_ref());
         }
-        let bos = gen.get("bos_token_id").and_then(Value::as_i64).or(text.bos_token_id);
-        let pad = gen.get("pad_token_id").and_then(Value::as_i64).or(text.pad_token_id);
+        let bos = gen.get("bos_token_id").and_then(Value::as_i64).or(text_bos);
+        let pad = gen.get("pad_token_id").and_then(Value::as_i64).or(text_pad);
+        let decoder_start = match &config.text {
+            TextModel::T5(t) => Some(
+                gen.get("decoder_start_token_id").and_then(Value::as_i64).or(t.decoder_start_token_id).or(pad).unwrap_or(0),
+            ),
+            TextModel::Opt(_) => None,
+        };
         let generation: GenerationDefaults = serde_json::from_value(gen.clone()).unwrap_or_default();
-        Ok(Self { dir: dir.into(), config, image, num_query_tokens, image_token_id, eos, bos, pad, generation })
+        Ok(Self { dir: dir.into(), config, image, num_query_tokens, image_token_id, eos, bos, pad, decoder_start, generation })
     }
 
     pub fn special_tokens(&self) -> SpecialTokens {
@@ -116,7 +126,7 @@ impl SourceFiles {
             eos_token_id: self.eos.clone(),
             pad_token_id: self.pad,
             image_token_id: self.image_token_id,
-            decoder_start_token_id: None,
+            decoder_start_token_id: self.decoder_start,
         }
     }
 

@@ -6,6 +6,8 @@ pub const VISION_ENCODER_FILE: &str = "vision_encoder.onnx";
 pub const QFORMER_FILE: &str = "qformer.onnx";
 pub const LANGUAGE_MODEL_FILE: &str = "language_model.onnx";
 pub const MANIFEST_FILE: &str = "blip2_manifest.json";
+/// Encoder-decoder language models (Flan-T5) only: the text encoder.
+pub const TEXT_ENCODER_FILE: &str = "text_encoder.onnx";
 
 // vision_encoder.onnx
 pub const PIXEL_VALUES: &str = "pixel_values";
@@ -19,6 +21,18 @@ pub const INPUT_IDS: &str = "input_ids";
 pub const ATTENTION_MASK: &str = "attention_mask";
 pub const POSITION_IDS: &str = "position_ids";
 pub const LOGITS: &str = "logits";
+
+// text_encoder.onnx (T5): the encoder output and, for each decoder layer, the
+// cross-attention keys and values, computed once per prompt.
+pub const ENCODER_HIDDEN_STATES: &str = "encoder_hidden_states";
+pub const ENCODER_ATTENTION_MASK: &str = "encoder_attention_mask";
+
+pub fn cross_key(layer: usize) -> String {
+    format!("cross.{layer}.key")
+}
+pub fn cross_value(layer: usize) -> String {
+    format!("cross.{layer}.value")
+}
 
 pub fn past_key(layer: usize) -> String {
     format!("past_key_values.{layer}.key")
@@ -39,3 +53,4 @@ pub const DIM_SEQUENCE: &str = "sequence_length";
 pub const DIM_PAST_SEQUENCE: &str = "past_sequence_length";
 pub const DIM_TOTAL_SEQUENCE: &str = "total_sequence_length";
 pub const DIM_NUM_IMAGE_TOKENS: &str = "num_image_tokens";
+pub const DIM_ENCODER_SEQUENCE: &str = "encoder_sequence_length";

@@ -33,7 +33,11 @@ pub struct Manifest {
 pub struct Graphs {
     pub vision_encoder: GraphInfo,
     pub qformer: GraphInfo,
+    /// The decoder with past key values (OPT's whole LM; T5's decoder).
     pub language_model: GraphInfo,
+    /// T5 only: the text encoder, which also returns the decoder's cross-attention cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_encoder: Option<GraphInfo>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
