@@ -66,3 +66,82 @@ fn external_data_layout_matches_too() {
     let m = blip2_core::Manifest::load(&dir).unwrap();
     assert_eq!(m.graphs.language_model.external_data.as_deref(), Some("language_model.onnx.data"));
 }
+
+/// Flan-T5 shaped checkpoint: vision, Q-Former, text encoder, then the decoder from
+/// decoder_start_token_id and two cached steps.
+fn check_t5(dtype: blip2_export::ExportDtype) -> Vec<(f32, f32, bool)> {
+    let name = "t5-tiny";
+    let out = temp_dir(&format!("graphs-t5-{}", dtype.name())).join("export");
+    let opts = blip2_export::ExportOptions { dtype, ..Default::default() };
+    blip2_export::export(&fixture(name).join("checkpoint"), &out, &opts, &mut blip2_export::NoProgress).unwrap();
+    let refd = fixture(name).join("reference");
+    let mut model = Blip2Model::load(&out, &mut session_factory()).unwrap();
+    let graphs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(refd.join("graphs.json")).unwrap()).unwrap();
+    let ints = |v: &serde_json::Value| -> Vec<i64> { v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect() };
+    let ids = ints(&graphs["input_ids"]);
+    let mask = ints(&graphs["attention_mask"]);
+    let ref_embeds = read_npy(&refd.join("image_embeds.npy"));
+    let (q, d) = (ref_embeds.shape()[1], ref_embeds.shape()[2]);
+    let img = ArrayD::from_shape_vec(IxDyn(&[1, q, d]), ref_embeds.iter().take(q * d).copied().collect()).unwrap();
+    let mut errs = Vec::new();
+    let mut record = |what: &str, a: &ArrayD<f32>, b: &ArrayD<f32>| {
+        let (diff, scale) = blip2_ort_suite::max_abs_diff(a, b);
+        let same_argmax = a.shape().last() == b.shape().last() && argmax_last(a) == argmax_last(b);
+        if dtype == blip2_export::ExportDtype::Fp32 {
+            assert_close(&format!("t5-tiny: {what}"), a, b);
+        }
+        errs.push((diff, scale, same_argmax));
+    };
+    let px: Array4<f32> = read_npy(&refd.join("pixel_values.npy")).into_dimensionality().unwrap();
+    let feats = model.vision_features(px).unwrap();
+    record("image features", &feats, &read_npy(&refd.join("image_features.npy")));
+    let n = ids.len();
+    let hidden = model
+        .text_encoder_hidden(
+            ndarray::Array2::from_shape_vec((1, n), ids.clone()).unwrap(),
+            ndarray::Array2::from_shape_vec((1, n), mask.clone()).unwrap(),
+            blip2_runtime::model::lm_value(&model, img.clone()).unwrap(),
+        )
+        .unwrap();
+    record("encoder hidden states", &hidden, &read_npy(&refd.join("encoder_hidden_states.npy")));
+    let steps = graphs["decoder_steps"].as_array().unwrap();
+    let start = ints(&steps[0]["decoder_input_ids"])[0];
+    let (mut state, logits) = blip2_runtime::model::T5State::prefill(&mut model, &[ids], &[mask], img, start).unwrap();
+    let mut logits = logits;
+    for (k, s) in steps.iter().enumerate() {
+        if k > 0 {
+            logits = state.step(&ints(&s["decoder_input_ids"])).unwrap();
+        }
+        let r = read_npy(&refd.join(s["logits"].as_str().unwrap()));
+        let r = r.into_shape_with_order(IxDyn(&[1, logits.ncols()])).unwrap();
+        record(&format!("decoder step {k} logits"), &logits.clone().into_dyn(), &r);
+    }
+    errs
+}
+
+fn argmax_last(a: &ArrayD<f32>) -> Vec<usize> {
+    let v = *a.shape().last().unwrap();
+    a.as_slice()
+        .unwrap()
+        .chunks(v)
+        .map(|row| row.iter().enumerate().fold((0, f32::MIN), |m, (i, &x)| if x > m.1 { (i, x) } else { m }).0)
+        .collect()
+}
+
+#[test]
+fn t5_graphs_match_transformers() {
+    let errs = check_t5(blip2_export::ExportDtype::Fp32);
+    assert_eq!(errs.len(), 5);
+}
+
+#[test]
+fn t5_fp16_agrees_with_fp32_reference() {
+    // fp16 keeps wo and the residual stream in fp32; its logits stay within 1% of the
+    // reference's scale and pick the same tokens.
+    let errs = check_t5(blip2_export::ExportDtype::Fp16);
+    for (i, (diff, scale, same)) in errs.iter().enumerate().skip(2) {
+        assert!(*diff <= 1e-2 * scale, "output {i}: fp16 error {diff} vs scale {scale}");
+        assert!(same, "output {i}: fp16 picks another token");
+    }
+}

@@ -40,6 +40,8 @@ pub struct Blip2Model {
     vision: Session,
     qformer: Session,
     pub(crate) lm: Session,
+    /// T5 only: the text encoder.
+    pub(crate) text_encoder: Option<Session>,
     /// Whether the LM graph takes and returns fp16 tensors.
     pub(crate) lm_fp16: bool,
 }
@@ -52,7 +54,7 @@ fn ort_err(what: impl Into<String>) -> impl FnOnce(ort::Error) -> RuntimeError {
 impl Blip2Model {
     pub fn load(dir: &Path, factory: &mut SessionFactory<'_>) -> Result<Self, RuntimeError> {
         let manifest = Manifest::load(dir)?;
-        if manifest.family != "opt" {
+        if manifest.family != "opt" && manifest.family != "t5" {
             return Err(RuntimeError::Unsupported(format!(
                 "{}: model family \"{}\" is not supported by this build",
                 dir.display(),
@@ -69,15 +71,21 @@ impl Blip2Model {
         };
         let vision = open(GraphKind::VisionEncoder, &g.vision_encoder.file)?;
         let qformer = open(GraphKind::QFormer, &g.qformer.file)?;
+        let text_encoder = match (&g.text_encoder, manifest.family.as_str()) {
+            (Some(te), _) => Some(open(GraphKind::LanguageModel, &te.file)?),
+            (None, "t5") => return Err(RuntimeError::Unsupported("a t5 manifest without text_encoder".into())),
+            (None, _) => None,
+        };
         let lm = open(GraphKind::LanguageModel, &g.language_model.file)?;
+        // The Q-Former's output is in the language model's dtype.
         let lm_fp16 = g
-            .language_model
-            .inputs
+            .qformer
+            .outputs
             .iter()
             .find(|t| t.name == io::IMAGE_EMBEDS)
             .map(|t| t.dtype == "float16")
             .unwrap_or(false);
-        Ok(Self { manifest, dir: dir.into(), vision, qformer, lm, lm_fp16 })
+        Ok(Self { manifest, dir: dir.into(), vision, qformer, lm, text_encoder, lm_fp16 })
     }
 
     /// Vision encoder then Q-Former: pixel values `[B,3,H,W]` to the projected query
@@ -101,6 +109,24 @@ impl Blip2Model {
         let px = Tensor::from_array(pixels).map_err(ort_err("pixel_values"))?;
         let out = self.vision.run(ort::inputs![io::PIXEL_VALUES => px]).map_err(ort_err("vision encoder"))?;
         to_f32(&out[io::IMAGE_FEATURES])
+    }
+
+    /// T5's text encoder alone: `encoder_hidden_states` for one batch (parity tests).
+    pub fn text_encoder_hidden(&mut self, ids: Array2<i64>, mask: Array2<i64>, image_embeds: DynValue) -> Result<ArrayD<f32>, RuntimeError> {
+        let enc = self.text_encoder.as_mut().ok_or_else(|| RuntimeError::Unsupported("no text encoder".into()))?;
+        let out = enc
+            .run(ort::inputs![
+                io::INPUT_IDS => Tensor::from_array(ids).map_err(ort_err("input_ids"))?,
+                io::IMAGE_EMBEDS => image_embeds,
+                io::ATTENTION_MASK => Tensor::from_array(mask).map_err(ort_err("attention_mask"))?,
+            ])
+            .map_err(ort_err("text encoder"))?;
+        to_f32(&out[io::ENCODER_HIDDEN_STATES])
+    }
+
+    /// Whether the language model runs in fp16.
+    pub fn is_fp16(&self) -> bool {
+        self.lm_fp16
     }
 
     /// The Q-Former alone on given image features.
@@ -223,6 +249,129 @@ impl<'m> LmState<'m> {
     }
 }
 
+/// Encoder-decoder (T5) state: the cross-attention cache the text encoder computed once,
+/// the encoder mask, and the decoder's self-attention cache.
+pub struct T5State<'m> {
+    model: &'m mut Blip2Model,
+    /// cross.{i}.key, cross.{i}.value, ... per decoder layer.
+    cross: Vec<DynValue>,
+    enc_mask: Array2<i64>,
+    cache: Vec<DynValue>,
+}
+
+impl<'m> T5State<'m> {
+    /// Runs the encoder on each row alone (so a batch row sees exactly the positions it
+    /// sees alone: T5's relative positions would shift with padding), pads the rows'
+    /// cross-attention caches on the right with a zero mask, then runs the decoder's
+    /// first step from `decoder_start`. Returns the state and `[rows, vocab]` logits.
+    pub fn prefill(
+        model: &'m mut Blip2Model,
+        ids: &[Vec<i64>],
+        mask: &[Vec<i64>],
+        image_embeds: ArrayD<f32>,
+        decoder_start: i64,
+    ) -> Result<(Self, Array2<f32>), RuntimeError> {
+        let rows = ids.len();
+        let t = &model.manifest.text;
+        let (heads, head_dim, layers) = (t.num_heads, t.head_dim, t.num_layers);
+        let fp16 = model.lm_fp16;
+        let encoder = model.text_encoder.as_mut().ok_or_else(|| RuntimeError::Unsupported("no text encoder".into()))?;
+        // Per row: the unpadded ids and its cross caches as f32 arrays.
+        let mut per_row: Vec<Vec<ArrayD<f32>>> = Vec::with_capacity(rows);
+        let mut lens = Vec::with_capacity(rows);
+        for r in 0..rows {
+            let keep: Vec<i64> = ids[r].iter().zip(&mask[r]).filter(|(_, &m)| m != 0).map(|(&i, _)| i).collect();
+            let n = keep.len();
+            let row_ids = Array2::from_shape_vec((1, n), keep).expect("row shape");
+            let row_mask = Array2::<i64>::ones((1, n));
+            let img = image_embeds.index_axis(Axis(0), r).insert_axis(Axis(0)).to_owned();
+            let img = if fp16 { half_value(img)? } else { f32_value(img)? };
+            let out = encoder
+                .run(ort::inputs![
+                    io::INPUT_IDS => Tensor::from_array(row_ids).map_err(ort_err("input_ids"))?,
+                    io::IMAGE_EMBEDS => img,
+                    io::ATTENTION_MASK => Tensor::from_array(row_mask).map_err(ort_err("attention_mask"))?,
+                ])
+                .map_err(ort_err("text encoder"))?;
+            let mut caches = Vec::with_capacity(2 * layers);
+            for l in 0..layers {
+                for name in [io::cross_key(l), io::cross_value(l)] {
+                    let v = out.get(name.as_str()).ok_or(RuntimeError::MissingOutput(name))?;
+                    caches.push(to_f32(v)?);
+                }
+            }
+            per_row.push(caches);
+            lens.push(n);
+        }
+        let longest = lens.iter().copied().max().unwrap_or(0);
+        let enc_mask = Array2::from_shape_fn((rows, longest), |(r, j)| i64::from(j < lens[r]));
+        let mut cross = Vec::with_capacity(2 * layers);
+        for c in 0..2 * layers {
+            let mut a = ArrayD::<f32>::zeros(IxDyn(&[rows, heads, longest, head_dim]));
+            for r in 0..rows {
+                let src = &per_row[r][c];
+                a.slice_mut(ndarray::s![r, .., ..lens[r], ..]).assign(&src.index_axis(Axis(0), 0));
+            }
+            cross.push(if fp16 { half_value(a)? } else { f32_value(a)? });
+        }
+        let mut cache = Vec::with_capacity(2 * layers);
+        for _ in 0..2 * layers {
+            cache.push(empty_kv(fp16, rows, heads, head_dim)?);
+        }
+        let mut st = Self { model, cross, enc_mask, cache };
+        let logits = st.step(&vec![decoder_start; rows])?;
+        Ok((st, logits))
+    }
+
+    /// Feeds one decoder token per row and returns the logits of the new position.
+    pub fn step(&mut self, tokens: &[i64]) -> Result<Array2<f32>, RuntimeError> {
+        let rows = tokens.len();
+        let layers = self.cache.len() / 2;
+        let ids = Array2::from_shape_fn((rows, 1), |(r, _)| tokens[r]);
+        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(2 + 4 * layers);
+        inputs.push((io::INPUT_IDS.into(), Tensor::from_array(ids).map_err(ort_err("input_ids"))?.into()));
+        inputs.push((
+            io::ENCODER_ATTENTION_MASK.into(),
+            Tensor::from_array(self.enc_mask.clone()).map_err(ort_err("encoder_attention_mask"))?.into(),
+        ));
+        for (i, v) in self.cross.iter().enumerate() {
+            let name = if i % 2 == 0 { io::cross_key(i / 2) } else { io::cross_value(i / 2) };
+            inputs.push((name.into(), v.into()));
+        }
+        let cache = std::mem::take(&mut self.cache);
+        for (i, v) in cache.into_iter().enumerate() {
+            let name = if i % 2 == 0 { io::past_key(i / 2) } else { io::past_value(i / 2) };
+            inputs.push((name.into(), v.into()));
+        }
+        let mut out = self.model.lm.run(inputs).map_err(ort_err("text decoder"))?;
+        let mut cache = Vec::with_capacity(2 * layers);
+        for l in 0..layers {
+            for name in [io::present_key(l), io::present_value(l)] {
+                cache.push(out.remove(name.as_str()).ok_or(RuntimeError::MissingOutput(name))?);
+            }
+        }
+        self.cache = cache;
+        let logits = out.get(io::LOGITS).ok_or_else(|| RuntimeError::MissingOutput(io::LOGITS.into()))?;
+        let a = logits.try_extract_array::<f32>().map_err(ort_err("logits"))?;
+        let a: Array3<f32> = a.to_owned().into_dimensionality().map_err(|_| RuntimeError::MissingOutput("3-D logits".into()))?;
+        Ok(last_position(&a))
+    }
+
+    /// New row i is old row `rows[i]`.
+    pub fn select_rows(&mut self, rows: &[usize]) -> Result<(), RuntimeError> {
+        self.enc_mask = self.enc_mask.select(Axis(0), rows);
+        let fp16 = self.model.lm_fp16;
+        for v in self.cache.iter_mut().chain(self.cross.iter_mut()) {
+            *v = if fp16 { select::<half::f16>(v, rows)? } else { select::<f32>(v, rows)? };
+        }
+        Ok(())
+    }
+}
+
+fn half_value(a: ArrayD<f32>) -> Result<DynValue, RuntimeError> {
+    Ok(Tensor::from_array(a.mapv(half::f16::from_f32)).map_err(ort_err("tensor"))?.into_dyn())
+}
+
 /// The logits of the last position of each row, `[rows, vocab]`.
 pub fn last_position(logits: &Array3<f32>) -> Array2<f32> {
     let seq = logits.shape()[1];
@@ -254,6 +403,15 @@ fn empty_images(fp16: bool, rows: usize, hidden: usize) -> Result<DynValue, Runt
     } else {
         Tensor::from_array(ArrayD::<f32>::zeros(shape)).map_err(ort_err("image_embeds"))?.into_dyn()
     })
+}
+
+/// Wraps an f32 array as an ONNX value in the LM's dtype.
+pub fn lm_value(model: &Blip2Model, a: ArrayD<f32>) -> Result<DynValue, RuntimeError> {
+    if model.lm_fp16 {
+        half_value(a)
+    } else {
+        f32_value(a)
+    }
 }
 
 /// Wraps an f32 array as an ONNX value (tests and callers that hold embeddings as arrays).

@@ -7,7 +7,7 @@ use image::DynamicImage;
 
 use crate::error::RuntimeError;
 use crate::generation::{self, GenerationConfig, GenerationError, Prompt, StepModel};
-use crate::model::{Blip2Model, LmState, SessionFactory};
+use crate::model::{to_f32, Blip2Model, LmState, SessionFactory, T5State};
 use crate::preprocess::{self, ImageLimits};
 use crate::prompt::Prompter;
 
@@ -32,6 +32,23 @@ impl StepModel for LmState<'_> {
     }
     fn select_rows(&mut self, rows: &[usize]) -> Result<(), RuntimeError> {
         LmState::select_rows(self, rows)
+    }
+}
+
+impl StepModel for T5State<'_> {
+    type Error = RuntimeError;
+    fn step(&mut self, tokens: &[i64]) -> Result<ndarray::Array2<f32>, RuntimeError> {
+        T5State::step(self, tokens)
+    }
+    fn select_rows(&mut self, rows: &[usize]) -> Result<(), RuntimeError> {
+        T5State::select_rows(self, rows)
+    }
+}
+
+fn search_err(e: GenerationError<RuntimeError>) -> RuntimeError {
+    match e {
+        GenerationError::Model(m) => m,
+        other => RuntimeError::Input(other.to_string()),
     }
 }
 
@@ -101,14 +118,21 @@ impl Pipeline {
         }
         let pixels = preprocess::preprocess_batch(images, &self.model.manifest.image);
         let embeds = self.model.encode_images(pixels)?;
-        let prompts: Vec<Prompt> =
-            batch.ids.iter().zip(&batch.mask).map(|(ids, m)| Prompt::with_attention_mask(ids.clone(), m)).collect();
-        let (mut state, logits) = LmState::prefill(&mut self.model, &batch.ids, &batch.mask, embeds)?;
-        let logits = crate::model::last_position(&logits);
-        let out = generation::generate(&mut state, &prompts, logits, cfg).map_err(|e| match e {
-            GenerationError::Model(m) => m,
-            other => RuntimeError::Input(other.to_string()),
-        })?;
+        let out = if self.model.manifest.family == "t5" {
+            // The search sees the decoder's ids, as transformers' processors do for
+            // encoder-decoder models.
+            let start = self.model.manifest.tokens.decoder_start_token_id.unwrap_or(0);
+            let prompts = vec![Prompt::new(vec![start]); images.len()];
+            let embeds = to_f32(&embeds)?;
+            let (mut state, logits) = T5State::prefill(&mut self.model, &batch.ids, &batch.mask, embeds, start)?;
+            generation::generate(&mut state, &prompts, logits, cfg).map_err(search_err)?
+        } else {
+            let prompts: Vec<Prompt> =
+                batch.ids.iter().zip(&batch.mask).map(|(ids, m)| Prompt::with_attention_mask(ids.clone(), m)).collect();
+            let (mut state, logits) = LmState::prefill(&mut self.model, &batch.ids, &batch.mask, embeds)?;
+            let logits = crate::model::last_position(&logits);
+            generation::generate(&mut state, &prompts, logits, cfg).map_err(search_err)?
+        };
         let mut res = Vec::with_capacity(out.len());
         for row in out {
             let mut seqs = Vec::with_capacity(row.len());
