@@ -15,8 +15,11 @@ pub fn fixture(name: &str) -> PathBuf {
     root().join("tests").join("fixtures").join(name)
 }
 
-/// The tiny checkpoints made by scripts/make_fixtures.py.
+/// The tiny OPT checkpoints made by scripts/make_fixtures.py.
 pub const CHECKPOINTS: &[&str] = &["opt-tiny-sharded", "opt-tiny"];
+
+/// Every tiny checkpoint, Flan-T5 shaped one included.
+pub const ALL_CHECKPOINTS: &[&str] = &["opt-tiny-sharded", "opt-tiny", "t5-tiny"];
 
 /// Reads a little-endian float32 or int64 .npy file (C order) as f32 values.
 pub fn read_npy(path: &Path) -> ArrayD<f32> {

@@ -84,7 +84,7 @@ pub fn run(pipe: &mut Pipeline, file: &Path, cfg: &GenerationConfig, batch_size:
             Err(_) if chunk.len() > 1 => {
                 for (i, img) in chunk {
                     let r = pipe.generate(std::slice::from_ref(img), std::slice::from_ref(&requests[*i].prompt), cfg);
-                    outputs[*i] = Some(r.map_err(|e| e.to_string()));
+                    outputs[*i] = Some(r.map(|mut v| v.remove(0)).map_err(|e| e.to_string()));
                 }
             }
             Err(e) => outputs[chunk[0].0] = Some(Err(e.to_string())),

@@ -15,7 +15,7 @@ use crate::session::SessionOptions;
 pub struct InferArgs {
     /// An exported model folder, a Hugging Face checkpoint folder, or a Hub id (the last
     /// two are exported once into the blip2-ort cache and reused).
-    #[arg(long, global = true, required = true)]
+    #[arg(long, global = true)]
     pub model: Option<String>,
     #[command(flatten)]
     pub session: SessionOptions,
@@ -202,7 +202,9 @@ impl Out {
 }
 
 pub fn run(a: &InferArgs, quiet: bool) -> Result<i32> {
-    let model = a.model.as_deref().expect("clap requires --model");
+    let Some(model) = a.model.as_deref() else {
+        bail!("--model is required: an exported folder, a checkpoint folder or a Hub id");
+    };
     let dir = resolve_model(model, quiet)?;
     let mut pipe = crate::session::load_pipeline(&dir, &a.session)?;
     let cfg = a.gen.apply(pipe.default_config())?;

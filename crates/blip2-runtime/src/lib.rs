@@ -11,3 +11,5 @@ pub mod generation;
 pub mod ort_env;
 pub mod providers;
 pub use ort as ort_reexport;
+pub mod pipeline;
+pub mod preprocess;

@@ -102,6 +102,25 @@ impl Pipeline {
         if images.is_empty() {
             return Ok(Vec::new());
         }
+        let pixels = preprocess::preprocess_batch(images, &self.model.manifest.image)
+            .map_err(|e| RuntimeError::Input(e.to_string()))?;
+        self.generate_pixels(pixels, prompts, cfg)
+    }
+
+    /// [`Pipeline::generate`] on pixel values already made, `[B, 3, H, W]`.
+    pub fn generate_pixels(
+        &mut self,
+        pixels: ndarray::Array4<f32>,
+        prompts: &[String],
+        cfg: &GenerationConfig,
+    ) -> Result<Vec<Vec<Generated>>, RuntimeError> {
+        let rows = pixels.shape()[0];
+        if rows != prompts.len() {
+            return Err(RuntimeError::Input(format!("{rows} images but {} prompts", prompts.len())));
+        }
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
         generation::validate(cfg).map_err(|e| RuntimeError::Input(e.to_string()))?;
         let mut texts = Vec::with_capacity(prompts.len());
         for p in prompts {
@@ -116,13 +135,12 @@ impl Pipeline {
                 cfg.max_new_tokens
             )));
         }
-        let pixels = preprocess::preprocess_batch(images, &self.model.manifest.image);
         let embeds = self.model.encode_images(pixels)?;
         let out = if self.model.manifest.family == "t5" {
             // The search sees the decoder's ids, as transformers' processors do for
             // encoder-decoder models.
             let start = self.model.manifest.tokens.decoder_start_token_id.unwrap_or(0);
-            let prompts = vec![Prompt::new(vec![start]); images.len()];
+            let prompts = vec![Prompt::new(vec![start]); rows];
             let embeds = to_f32(&embeds)?;
             let (mut state, logits) = T5State::prefill(&mut self.model, &batch.ids, &batch.mask, embeds, start)?;
             generation::generate(&mut state, &prompts, logits, cfg).map_err(search_err)?

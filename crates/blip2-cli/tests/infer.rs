@@ -1,0 +1,261 @@
+//! The `infer` command line: tasks against transformers' recorded outputs, output format,
+//! and bad input (unreadable images, bad batch lines, over-long prompts, providers).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn photo(name: &str) -> PathBuf {
+    root().join("tests/data/photos").join(name)
+}
+
+fn tmp(test: &str) -> PathBuf {
+    let d = root().join("target/test-tmp/infer").join(test);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_blip2-ort"))
+}
+
+/// Exports a fixture checkpoint with the CLI and returns the export folder.
+fn export(name: &str, test: &str) -> PathBuf {
+    let out = tmp(test).join("model");
+    let o = bin()
+        .args(["export", "--quiet"])
+        .arg(root().join("tests/fixtures").join(name).join("checkpoint"))
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    out
+}
+
+fn run(args: &[&str], model: &Path) -> Output {
+    bin().args(["infer", "--model"]).arg(model).args(args).output().unwrap()
+}
+
+fn run_stdin(args: &[&str], model: &Path, stdin: &[u8]) -> Output {
+    let mut child = bin()
+        .args(["infer", "--model"])
+        .arg(model)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn json_lines(o: &Output) -> Vec<Value> {
+    String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn reference(name: &str, case: &str) -> Value {
+    let p = root().join("tests/fixtures").join(name).join("reference/generate.json");
+    let all: Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+    all["cases"].as_array().unwrap().iter().find(|c| c["name"] == case).unwrap().clone()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn caption_vqa_and_prompted_caption_match_transformers() {
+    let m = export("opt-tiny-sharded", "tasks");
+    let o = run(&["caption", photo("chelsea.png").to_str().unwrap(), "--max-new-tokens", "10", "--json"], &m);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = reference("opt-tiny-sharded", "caption");
+    let got = json_lines(&o);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0]["token_ids"], r["sequences"][0]);
+    assert_eq!(got[0]["text"], r["texts"][0]);
+
+    let o = run(&["caption", photo("rocket.jpg").to_str().unwrap(), "--prompt", "a photo of", "--max-new-tokens", "10", "--json"], &m);
+    assert_eq!(json_lines(&o)[0]["token_ids"], reference("opt-tiny-sharded", "prompted_caption")["sequences"][0]);
+
+    let o = run(&["vqa", photo("camera.png").to_str().unwrap(), "--question", "what is in the picture?", "--max-new-tokens", "10", "--json"], &m);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = reference("opt-tiny-sharded", "vqa");
+    assert_eq!(json_lines(&o)[0]["token_ids"], r["sequences"][0]);
+    assert_eq!(json_lines(&o)[0]["prompt"], r["prompts"][0]);
+
+    // Without --json: the text alone, one line per image, in order.
+    let o = run(&["caption", photo("chelsea.png").to_str().unwrap(), photo("camera.png").to_str().unwrap(), "--max-new-tokens", "10"], &m);
+    let text = String::from_utf8_lossy(&o.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines, vec![
+        reference("opt-tiny-sharded", "caption")["texts"][0].as_str().unwrap(),
+        reference("opt-tiny-sharded", "caption_gray")["texts"][0].as_str().unwrap(),
+    ]);
+}
+
+#[test]
+fn beam_search_flags_match_transformers() {
+    let m = export("opt-tiny-sharded", "beam");
+    let img = photo("chelsea.png");
+    let args = ["caption", img.to_str().unwrap(), "--prompt", "a photo of", "--max-new-tokens", "10",
+                "--num-beams", "3", "--length-penalty", "0.5", "--num-return-sequences", "2", "--json"];
+    let o = run(&args, &m);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got: Vec<Value> = json_lines(&o).iter().map(|l| l["token_ids"].clone()).collect();
+    let want: Vec<Value> = reference("opt-tiny-sharded", "beam")["sequences"].as_array().unwrap().clone();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn chat_keeps_the_seed_format_across_turns() {
+    let m = export("opt-tiny-sharded", "chat");
+    let o = run_stdin(&["chat", photo("chelsea.png").to_str().unwrap(), "--max-new-tokens", "10", "--json"], &m, b"what is this?\n\nwhere is it?\n");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got = json_lines(&o);
+    assert_eq!(got.len(), 2, "the empty line is skipped");
+    for (g, case) in got.iter().zip(["chat_turn1", "chat_turn2"]) {
+        let r = reference("opt-tiny-sharded", case);
+        assert_eq!(g["prompt"], r["prompts"][0], "{case}");
+        assert_eq!(g["token_ids"], r["sequences"][0], "{case}");
+    }
+}
+
+#[test]
+fn chat_drops_the_oldest_turns_beyond_the_context() {
+    let m = export("opt-tiny", "chat-context");
+    // A context of 40 tokens leaves room for little history.
+    let manifest = m.join("blip2_manifest.json");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    v["text"]["max_context"] = serde_json::json!(40);
+    std::fs::write(&manifest, v.to_string()).unwrap();
+    let questions = b"what is this?\nwhere is it?\nwhat color is the sky in the picture?\nhow many?\n";
+    let o = run_stdin(&["chat", photo("chelsea.png").to_str().unwrap(), "--max-new-tokens", "3", "--json"], &m, questions);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(json_lines(&o).len(), 4);
+    assert!(stderr(&o).contains("dropped the"), "{}", stderr(&o));
+}
+
+#[test]
+fn batch_runs_good_lines_and_reports_bad_ones() {
+    let m = export("opt-tiny-sharded", "batch");
+    let dir = m.parent().unwrap();
+    std::fs::copy(photo("chelsea.png"), dir.join("cat.png")).unwrap();
+    std::fs::write(dir.join("notes.txt"), "not an image").unwrap();
+    let mut lines: Vec<u8> = Vec::new();
+    lines.extend_from_slice(b"{\"image\": \"cat.png\"}\n");
+    lines.extend_from_slice(format!("{{\"image\": \"{}\", \"prompt\": \"a photo of the\"}}\n", photo("rocket.jpg").display()).as_bytes());
+    lines.extend_from_slice(b"\n"); // empty: skipped
+    lines.extend_from_slice(b"{not json\n");
+    lines.extend_from_slice(b"{\"image\": \"notes.txt\"}\n");
+    lines.extend_from_slice(b"{\"image\": \"missing.png\"}\n");
+    lines.extend_from_slice(b"\xff\xfe not utf-8\n");
+    lines.extend_from_slice(format!("{{\"image\": \"{}\", \"question\": \"what is in the picture?\"}}\n", photo("no_time_for_that_tiny.gif").display()).as_bytes());
+    std::fs::write(dir.join("requests.jsonl"), &lines).unwrap();
+    let o = run(&["batch", dir.join("requests.jsonl").to_str().unwrap(), "--max-new-tokens", "10"], &m);
+    assert_eq!(o.status.code(), Some(1), "bad lines make the exit code non-zero");
+    let got = json_lines(&o);
+    let line_nos: Vec<i64> = got.iter().map(|g| g["line"].as_i64().unwrap()).collect();
+    assert_eq!(line_nos, vec![1, 2, 4, 5, 6, 7, 8], "one result per non-empty line, in input order");
+    assert_eq!(got[0]["token_ids"], reference("opt-tiny-sharded", "batch_row0")["sequences"][0]);
+    assert_eq!(got[1]["token_ids"], reference("opt-tiny-sharded", "batch_row1")["sequences"][0]);
+    assert_eq!(got[6]["token_ids"], reference("opt-tiny-sharded", "batch_row2")["sequences"][0]);
+    assert!(got[2]["error"].as_str().unwrap().contains("JSON"), "{}", got[2]);
+    assert!(got[3]["error"].as_str().unwrap().contains("notes.txt"), "{}", got[3]);
+    assert!(got[4]["error"].as_str().unwrap().contains("missing.png"), "{}", got[4]);
+    assert!(got[5]["error"].as_str().unwrap().contains("UTF-8"), "{}", got[5]);
+}
+
+#[test]
+fn unreadable_image_names_the_file() {
+    let m = export("opt-tiny", "bad-image");
+    let bad = m.parent().unwrap().join("photo.jpg");
+    std::fs::write(&bad, b"this is not a jpeg").unwrap();
+    let o = run(&["caption", bad.to_str().unwrap()], &m);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(e.starts_with("error: ") && e.contains("photo.jpg"), "{e}");
+    assert!(o.stdout.is_empty());
+    let o = run(&["caption", "/no/such/file.png"], &m);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("/no/such/file.png"), "{}", stderr(&o));
+}
+
+#[test]
+fn over_long_prompt_is_refused() {
+    let m = export("opt-tiny", "long-prompt");
+    let prompt = "a photo of the cat ".repeat(200);
+    let o = run(&["caption", photo("chelsea.png").to_str().unwrap(), "--prompt", &prompt], &m);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("context limit"), "{}", stderr(&o));
+}
+
+#[test]
+fn generation_flags_are_validated() {
+    let m = export("opt-tiny", "flags");
+    let o = run(&["caption", photo("chelsea.png").to_str().unwrap(), "--num-return-sequences", "2"], &m);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--num-return-sequences"), "{}", stderr(&o));
+    let o = run(&["caption", photo("chelsea.png").to_str().unwrap(), "--do-sample", "--top-p", "1.5"], &m);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--top-p"), "{}", stderr(&o));
+}
+
+#[test]
+fn sampling_with_a_seed_is_reproducible_from_the_cli() {
+    let m = export("opt-tiny", "seed");
+    let img = photo("rocket.jpg");
+    let args = ["caption", img.to_str().unwrap(), "--do-sample", "--seed", "11", "--top-k", "0",
+                "--temperature", "2.0", "--max-new-tokens", "12", "--json"];
+    let a = run(&args, &m);
+    let b = run(&args, &m);
+    assert!(a.status.success(), "{}", stderr(&a));
+    assert_eq!(a.stdout, b.stdout);
+}
+
+#[test]
+fn unknown_or_unavailable_providers_fail_clearly() {
+    let m = export("opt-tiny", "providers");
+    let o = run(&["--ep", "rocm", "caption", photo("chelsea.png").to_str().unwrap()], &m);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("rocm") && stderr(&o).contains("cpu"), "{}", stderr(&o));
+    if Path::new("/dev/nvidia0").exists() {
+        return; // a GPU machine can run the cuda profile
+    }
+    let o = run(&["--ep", "cuda", "caption", photo("chelsea.png").to_str().unwrap()], &m);
+    assert_eq!(o.status.code(), Some(1), "no silent CPU fallback");
+    assert!(stderr(&o).to_lowercase().contains("cuda"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_checkpoint_folder_is_exported_once_into_the_cache() {
+    let dir = tmp("cache");
+    let dylib = blip2_runtime::ort_env::find_dylib().expect("ONNX Runtime installed (scripts/test does it)");
+    let ck = root().join("tests/fixtures/opt-tiny/checkpoint");
+    let go = || {
+        bin()
+            .env("BLIP2_ORT_CACHE", dir.join("cache"))
+            .env("ORT_DYLIB_PATH", &dylib)
+            .args(["infer", "--model"])
+            .arg(&ck)
+            .args(["caption", photo("chelsea.png").to_str().unwrap(), "--max-new-tokens", "10", "--json"])
+            .output()
+            .unwrap()
+    };
+    let first = go();
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert!(stderr(&first).contains("exporting"), "{}", stderr(&first));
+    let second = go();
+    assert!(!stderr(&second).contains("exporting"), "the second run reuses the cached export");
+    assert_eq!(first.stdout, second.stdout);
+    assert_eq!(json_lines(&first)[0]["token_ids"], reference("opt-tiny", "caption")["sequences"][0]);
+}
