@@ -271,3 +271,59 @@ pub fn to_f32_vec(t: &TensorView<'_>) -> Vec<f32> {
     (0..t.numel()).map(|i| read_f32(t.dtype, t.data, i)).collect()
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view<'a>(dtype: DType, shape: &'a [usize], data: &'a [u8]) -> TensorView<'a> {
+        TensorView { dtype, shape, data }
+    }
+
+    fn f32s(bytes: &[u8]) -> Vec<f32> {
+        bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    }
+
+    #[test]
+    fn f16_and_bf16_sources_widen_exactly() {
+        let vals = [0.5f32, -1.25, 3.0, 65504.0, -0.0, 1e-3];
+        let f16: Vec<u8> = vals.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect();
+        let bf16: Vec<u8> = vals.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect();
+        let mut out = Vec::new();
+        write_converted(&view(DType::F16, &[6], &f16), DType::F32, false, &mut out).unwrap();
+        let want: Vec<f32> = vals.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
+        assert_eq!(f32s(&out), want);
+        out.clear();
+        write_converted(&view(DType::BF16, &[6], &bf16), DType::F32, false, &mut out).unwrap();
+        let want: Vec<f32> = vals.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+        assert_eq!(f32s(&out), want);
+    }
+
+    #[test]
+    fn f32_narrows_to_f16_with_rounding() {
+        let vals = [0.1f32, 1.0 / 3.0, 70000.0];
+        let data: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut out = Vec::new();
+        write_converted(&view(DType::F32, &[3], &data), DType::F16, false, &mut out).unwrap();
+        let got: Vec<half::f16> = out.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]])).collect();
+        let want: Vec<half::f16> = vals.iter().map(|&v| half::f16::from_f32(v)).collect();
+        assert_eq!(got, want);
+        assert!(got[2].is_infinite(), "out-of-range values saturate to infinity as torch's .half() does");
+    }
+
+    #[test]
+    fn transposes_in_tiles_of_any_size() {
+        // 3 x 70: wider than one 64-column tile.
+        let (rows, cols) = (3usize, 70usize);
+        let vals: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+        let data: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut out = Vec::new();
+        write_converted(&view(DType::F32, &[rows, cols], &data), DType::F32, true, &mut out).unwrap();
+        let got = f32s(&out);
+        for r in 0..rows {
+            for c in 0..cols {
+                assert_eq!(got[c * rows + r], vals[r * cols + c]);
+            }
+        }
+    }
+}
