@@ -204,22 +204,7 @@ impl<'m> LmState<'m> {
         inputs.push((io::IMAGE_EMBEDS.into(), image_embeds.into()));
         inputs.push((io::ATTENTION_MASK.into(), Tensor::from_array(mask).map_err(ort_err("attention_mask"))?.into()));
         inputs.push((io::POSITION_IDS.into(), Tensor::from_array(pos).map_err(ort_err("position_ids"))?.into()));
-        let cache = std::mem::take(&mut self.cache);
-        for (i, v) in cache.into_iter().enumerate() {
-            let name = if i % 2 == 0 { io::past_key(i / 2) } else { io::past_value(i / 2) };
-            inputs.push((name.into(), v.into()));
-        }
-        let mut out = self.model.lm.run(inputs).map_err(ort_err("language model"))?;
-        let mut cache = Vec::with_capacity(2 * layers);
-        for l in 0..layers {
-            for name in [io::present_key(l), io::present_value(l)] {
-                cache.push(out.remove(name.as_str()).ok_or(RuntimeError::MissingOutput(name))?);
-            }
-        }
-        self.cache = cache;
-        let logits = out.get(io::LOGITS).ok_or_else(|| RuntimeError::MissingOutput(io::LOGITS.into()))?;
-        let a = logits.try_extract_array::<f32>().map_err(ort_err("logits"))?;
-        a.to_owned().into_dimensionality().map_err(|_| RuntimeError::MissingOutput("3-D logits".into()))
+        run_decoder(&mut self.model.lm, inputs, &mut self.cache, "language model")
     }
 
     /// Feeds one token per row and returns the logits of the new position.
@@ -338,23 +323,8 @@ impl<'m> T5State<'m> {
             let name = if i % 2 == 0 { io::cross_key(i / 2) } else { io::cross_value(i / 2) };
             inputs.push((name.into(), v.into()));
         }
-        let cache = std::mem::take(&mut self.cache);
-        for (i, v) in cache.into_iter().enumerate() {
-            let name = if i % 2 == 0 { io::past_key(i / 2) } else { io::past_value(i / 2) };
-            inputs.push((name.into(), v.into()));
-        }
-        let mut out = self.model.lm.run(inputs).map_err(ort_err("text decoder"))?;
-        let mut cache = Vec::with_capacity(2 * layers);
-        for l in 0..layers {
-            for name in [io::present_key(l), io::present_value(l)] {
-                cache.push(out.remove(name.as_str()).ok_or(RuntimeError::MissingOutput(name))?);
-            }
-        }
-        self.cache = cache;
-        let logits = out.get(io::LOGITS).ok_or_else(|| RuntimeError::MissingOutput(io::LOGITS.into()))?;
-        let a = logits.try_extract_array::<f32>().map_err(ort_err("logits"))?;
-        let a: Array3<f32> = a.to_owned().into_dimensionality().map_err(|_| RuntimeError::MissingOutput("3-D logits".into()))?;
-        Ok(last_position(&a))
+        let logits = run_decoder(&mut self.model.lm, inputs, &mut self.cache, "text decoder")?;
+        Ok(last_position(&logits))
     }
 
     /// New row i is old row `rows[i]`.
@@ -370,6 +340,31 @@ impl<'m> T5State<'m> {
 
 fn half_value(a: ArrayD<f32>) -> Result<DynValue, RuntimeError> {
     Ok(Tensor::from_array(a.mapv(half::f16::from_f32)).map_err(ort_err("tensor"))?.into_dyn())
+}
+
+/// Runs a decoder graph with its KV cache: `cache` (present.* of the last step, key then
+/// value per layer) is fed as `past_key_values.*` without copies and replaced by this
+/// step's `present.*`. Returns the logits `[rows, seq, vocab]`.
+fn run_decoder<'i>(
+    session: &mut Session,
+    mut inputs: Vec<(Cow<'i, str>, SessionInputValue<'i>)>,
+    cache: &mut Vec<DynValue>,
+    what: &str,
+) -> Result<Array3<f32>, RuntimeError> {
+    let layers = cache.len() / 2;
+    for (i, v) in std::mem::take(cache).into_iter().enumerate() {
+        let name = if i % 2 == 0 { io::past_key(i / 2) } else { io::past_value(i / 2) };
+        inputs.push((name.into(), v.into()));
+    }
+    let mut out = session.run(inputs).map_err(ort_err(what))?;
+    for l in 0..layers {
+        for name in [io::present_key(l), io::present_value(l)] {
+            cache.push(out.remove(name.as_str()).ok_or(RuntimeError::MissingOutput(name))?);
+        }
+    }
+    let logits = out.get(io::LOGITS).ok_or_else(|| RuntimeError::MissingOutput(io::LOGITS.into()))?;
+    let a = logits.try_extract_array::<f32>().map_err(ort_err("logits"))?;
+    a.to_owned().into_dimensionality().map_err(|_| RuntimeError::MissingOutput("3-D logits".into()))
 }
 
 /// The logits of the last position of each row, `[rows, vocab]`.
