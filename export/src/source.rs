@@ -85,15 +85,17 @@ impl SourceFiles {
         let tokenizer = read_json(&tok_path, "the fast tokenizer file that infer uses")?;
         let image_token_id = match config.blip.image_token_index {
             Some(id) => id,
-            None => tokenizer
+            None => match tokenizer
                 .get("added_tokens")
                 .and_then(Value::as_array)
                 .and_then(|a| a.iter().find(|t| t.get("content").and_then(Value::as_str) == Some("<image>")))
                 .and_then(|t| t.get("id").and_then(Value::as_i64))
-                .ok_or_else(|| ExportError::Config {
-                    path: config.path.clone(),
-                    message: "no image_token_index, and tokenizer.json has no <image> token".into(),
-                })?,
+            {
+                Some(id) => id,
+                // Older checkpoints have neither: transformers' Blip2Processor then adds
+                // <image> to the tokenizer, which gives it the next free id.
+                None => next_free_id(&tokenizer),
+            },
         };
         if image_token_id < 0 || image_token_id as usize >= vocab_size {
             return Err(ExportError::Config {
@@ -150,6 +152,22 @@ impl SourceFiles {
         }
         Ok(())
     }
+}
+
+/// The id a token added to this tokenizer would get: one past the largest id in use.
+fn next_free_id(tokenizer: &Value) -> i64 {
+    let vocab = tokenizer.pointer("/model/vocab");
+    let from_vocab = match vocab {
+        Some(Value::Object(m)) => m.values().filter_map(Value::as_i64).max(),
+        // Unigram vocabularies are [piece, score] lists indexed by id.
+        Some(Value::Array(a)) => Some(a.len() as i64 - 1),
+        _ => None,
+    };
+    let from_added = tokenizer
+        .get("added_tokens")
+        .and_then(Value::as_array)
+        .and_then(|a| a.iter().filter_map(|t| t.get("id").and_then(Value::as_i64)).max());
+    from_vocab.into_iter().chain(from_added).max().map(|m| m + 1).unwrap_or(0)
 }
 
 fn image_config(v: &Value, path: &Path) -> Result<ImageConfig> {

@@ -187,3 +187,25 @@ fn offline_hub_id_fails_clearly() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("Salesforce/blip2-opt-2.7b") && err.contains("HF_HUB_OFFLINE"), "{err}");
 }
+
+#[test]
+fn older_checkpoints_without_an_image_token_get_the_next_free_id() {
+    // As transformers' Blip2Processor adds <image> to such a tokenizer: one past the
+    // largest id. The fixture's <image> is that token already, so removing it from both
+    // files must give the same id back.
+    let (ck, out) = copy_fixture("opt-tiny", "no-image-token");
+    let cfg_path = ck.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let want = cfg["image_token_index"].as_i64().unwrap();
+    cfg.as_object_mut().unwrap().remove("image_token_index");
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let tok_path = ck.join("tokenizer.json");
+    let mut tok: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&tok_path).unwrap()).unwrap();
+    tok["added_tokens"].as_array_mut().unwrap().retain(|t| t["content"] != "<image>");
+    std::fs::write(&tok_path, tok.to_string()).unwrap();
+    let (code, err) = export(&ck, &out);
+    assert_eq!(code, 0, "{err}");
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("blip2_manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["tokens"]["image_token_id"].as_i64().unwrap(), want);
+}

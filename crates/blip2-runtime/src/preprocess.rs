@@ -1,17 +1,20 @@
 //! Images to pixel values exactly as transformers' PIL path does it
-//! (`BlipImageProcessorPil`): decode, convert to RGB compositing any transparency onto
-//! white (Pillow's `alpha_composite`), resize with Pillow's 8-bit fixed-point resampling,
-//! rescale in float64 then cast to float32, normalize in float32.
+//! (`BlipImageProcessorPil` on Pillow 13): decode, convert to RGB compositing any
+//! transparency onto white (Pillow's integer `alpha_composite`), resize with Pillow's
+//! 8-bit fixed-point resampling, rescale in float64 and cast to float32, normalize in
+//! float32. Every step is integer-exact or uses the same IEEE operations in the same
+//! order, so PNG/GIF/BMP/TIFF/WebP inputs give bit-identical pixel values; JPEG decoders
+//! (zune-jpeg here, libjpeg-turbo in Pillow) may differ by a level or so.
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
 use blip2_core::ImageConfig;
-use image::{DynamicImage, ImageReader, RgbImage};
+use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage, RgbaImage};
 use ndarray::{Array3, Array4, Axis};
 
 /// Images above this many pixels are refused before their pixels are decoded.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ImageLimits {
     pub max_pixels: u64,
 }
@@ -24,81 +27,207 @@ impl Default for ImageLimits {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PreprocessError {
-    #[error("{path}: cannot read the image: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: cannot read the file: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path}: not an image in a supported format (PNG, JPEG, GIF, WebP, BMP, TIFF)")]
     UnknownFormat { path: PathBuf },
-    #[error("{path}: cannot decode the image: {message}")]
-    Decode { path: PathBuf, message: String },
-    #[error("{path}: {width}x{height} is {pixels} pixels, over the limit of {limit}")]
+    #[error("{path}: image format not supported: {source}")]
+    Unsupported {
+        path: PathBuf,
+        #[source]
+        source: image::ImageError,
+    },
+    #[error("{path}: cannot decode the image: {source}")]
+    Decode {
+        path: PathBuf,
+        #[source]
+        source: image::ImageError,
+    },
+    #[error("{path}: the image is empty ({width}x{height})")]
+    Empty { path: PathBuf, width: u32, height: u32 },
+    #[error("{path}: {width}x{height} is {pixels} pixels, over the limit of {limit} pixels")]
     TooLarge { path: PathBuf, width: u32, height: u32, pixels: u64, limit: u64 },
-    #[error("resampling filter {0} is not supported (2 = bilinear, 3 = bicubic)")]
+    #[error(
+        "resampling filter {0} is not supported (0 nearest, 1 lanczos, 2 bilinear, 3 bicubic, \
+         4 box, 5 hamming, 6 mks2013, 7 mks2021)"
+    )]
     Resample(u32),
+    #[error("cannot resize a {from_width}x{from_height} image to {width}x{height}")]
+    BadSize { from_width: u32, from_height: u32, width: u32, height: u32 },
+    #[error("image {index} of the batch is {width}x{height} after preprocessing, expected {expected_width}x{expected_height} (is do_resize off?)")]
+    BatchSize { index: usize, width: usize, height: usize, expected_width: u32, expected_height: u32 },
 }
 
+/// Reads and decodes an image file (PNG, JPEG, GIF first frame, WebP, BMP, TIFF); the
+/// format is taken from the content, not the extension.
 pub fn load_image(path: &Path, limits: &ImageLimits) -> Result<DynamicImage, PreprocessError> {
     let bytes = std::fs::read(path).map_err(|source| PreprocessError::Read { path: path.into(), source })?;
-    load_image_bytes(&bytes, path, limits)
+    decode(&bytes, path, limits)
 }
 
-/// Decodes an image held in memory; `name` is used in errors.
-pub fn load_image_bytes(bytes: &[u8], name: &Path, limits: &ImageLimits) -> Result<DynamicImage, PreprocessError> {
-    let reader = || {
-        ImageReader::new(Cursor::new(bytes))
-            .with_guessed_format()
-            .map_err(|source| PreprocessError::Read { path: name.into(), source })
-    };
-    let r = reader()?;
-    if r.format().is_none() {
-        return Err(PreprocessError::UnknownFormat { path: name.into() });
+/// Decodes an image held in memory; `name` stands for it in errors.
+pub fn load_image_bytes(bytes: &[u8], name: &str, limits: &ImageLimits) -> Result<DynamicImage, PreprocessError> {
+    decode(bytes, Path::new(name), limits)
+}
+
+fn decode(bytes: &[u8], path: &Path, limits: &ImageLimits) -> Result<DynamicImage, PreprocessError> {
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|source| PreprocessError::Read { path: path.into(), source })?;
+    if reader.format().is_none() {
+        return Err(PreprocessError::UnknownFormat { path: path.into() });
     }
-    // The header alone says how big the image is: refuse decompression bombs before
-    // any pixel is decoded.
-    let (width, height) = r.into_dimensions().map_err(|e| PreprocessError::Decode { path: name.into(), message: e.to_string() })?;
+    let classify = |source: image::ImageError| match source {
+        image::ImageError::Unsupported(_) => PreprocessError::Unsupported { path: path.into(), source },
+        source => PreprocessError::Decode { path: path.into(), source },
+    };
+    // Making the decoder reads only the header: the size is known before any pixel is
+    // decoded, so decompression bombs are refused here.
+    let mut decoder = reader.into_decoder().map_err(classify)?;
+    let (width, height) = decoder.dimensions();
     let pixels = width as u64 * height as u64;
     if pixels > limits.max_pixels {
-        return Err(PreprocessError::TooLarge { path: name.into(), width, height, pixels, limit: limits.max_pixels });
+        return Err(PreprocessError::TooLarge { path: path.into(), width, height, pixels, limit: limits.max_pixels });
     }
-    let mut r = reader()?;
+    if pixels == 0 {
+        return Err(PreprocessError::Empty { path: path.into(), width, height });
+    }
+    // And the decoder is held to that size: 16 bytes a pixel covers every output layout
+    // (RGBA f32) plus the decoders' working buffers.
     let mut l = image::Limits::default();
     l.max_image_width = Some(width);
     l.max_image_height = Some(height);
-    l.max_alloc = Some(pixels.saturating_mul(16).max(1 << 20));
-    r.limits(l);
-    r.decode().map_err(|e| PreprocessError::Decode { path: name.into(), message: e.to_string() })
+    l.max_alloc = Some(pixels.saturating_mul(16).max(64 << 20));
+    decoder.set_limits(l).map_err(classify)?;
+    DynamicImage::from_decoder(decoder).map_err(classify)
 }
 
-/// RGB as transformers' `convert_to_rgb`: images with an alpha channel are composited
-/// onto opaque white with Pillow's integer `alpha_composite`, others converted directly.
+/// RGB as transformers' `convert_to_rgb` on a Pillow image: an image with an alpha channel
+/// (or a transparent colour, which the decoders turn into one) is composited onto opaque
+/// white with Pillow's integer `alpha_composite`; others are converted as Pillow does.
 pub fn to_rgb(img: &DynamicImage) -> RgbImage {
     if !img.color().has_alpha() {
-        return img.to_rgb8();
+        return pillow_rgb(img);
     }
-    let rgba = img.to_rgba8();
+    let rgba = pillow_rgba(img);
     let mut out = RgbImage::new(rgba.width(), rgba.height());
     for (o, p) in out.pixels_mut().zip(rgba.pixels()) {
         let [r, g, b, a] = p.0;
-        o.0 = if a == 0 { [255, 255, 255] } else { [over_white(r, a), over_white(g, a), over_white(b, a)] };
+        o.0 = [over_white(r, a), over_white(g, a), over_white(b, a)];
     }
     out
 }
 
-/// One channel of `src` over opaque white, with Pillow's 7-bit fixed-point coefficients
-/// and its rounded division by 255.
-fn over_white(c: u8, a: u8) -> u8 {
-    const BITS: u32 = 7;
-    let (c, a) = (c as u32, a as u32);
-    // With an opaque background outa255 = 255 * 255, so coef1 = a << BITS exactly.
-    let outa255 = a * 255 + 255 * (255 - a);
-    let coef1 = a * 255 * 255 * (1 << BITS) / outa255;
-    let coef2 = 255 * (1 << BITS) - coef1;
-    let tmp = c * coef1 + 255 * coef2 + (0x80 << BITS);
-    ((((tmp >> 8) + tmp) >> 8) >> BITS) as u8
+/// Pillow's 8-bit view of 16-bit samples keeps the high byte (`RGB;16B`, `LA;16B` raw modes).
+fn high_byte(v: u16) -> u8 {
+    (v >> 8) as u8
 }
 
-/// Pillow's filters: support radius and kernel.
-fn filter(resample: u32) -> Result<(f64, fn(f64) -> f64), PreprocessError> {
-    fn bicubic(x: f64) -> f64 {
+/// Pillow's `convert("RGB")` without compositing. Where Pillow reads 16-bit data differently
+/// from the image crate's rounding conversion, follow Pillow.
+fn pillow_rgb(img: &DynamicImage) -> RgbImage {
+    match img {
+        DynamicImage::ImageRgb8(i) => i.clone(),
+        // 16-bit greyscale is Pillow's "I;16", whose conversion to RGB saturates at 255
+        // instead of scaling (Convert.c, I16_RGB).
+        DynamicImage::ImageLuma16(i) => RgbImage::from_fn(i.width(), i.height(), |x, y| {
+            let v = i.get_pixel(x, y).0[0].min(255) as u8;
+            image::Rgb([v, v, v])
+        }),
+        DynamicImage::ImageRgb16(i) => RgbImage::from_fn(i.width(), i.height(), |x, y| {
+            image::Rgb(i.get_pixel(x, y).0.map(high_byte))
+        }),
+        DynamicImage::ImageRgba16(_) | DynamicImage::ImageLumaA16(_) => {
+            let rgba = pillow_rgba(img);
+            RgbImage::from_fn(rgba.width(), rgba.height(), |x, y| {
+                let [r, g, b, _] = rgba.get_pixel(x, y).0;
+                image::Rgb([r, g, b])
+            })
+        }
+        other => other.to_rgb8(),
+    }
+}
+
+/// Pillow's RGBA for an image with alpha; 16-bit samples keep their high byte.
+fn pillow_rgba(img: &DynamicImage) -> RgbaImage {
+    match img {
+        DynamicImage::ImageRgba8(i) => i.clone(),
+        DynamicImage::ImageRgba16(i) => RgbaImage::from_fn(i.width(), i.height(), |x, y| {
+            image::Rgba(i.get_pixel(x, y).0.map(high_byte))
+        }),
+        DynamicImage::ImageLumaA16(i) => RgbaImage::from_fn(i.width(), i.height(), |x, y| {
+            let [l, a] = i.get_pixel(x, y).0.map(high_byte);
+            image::Rgba([l, l, l, a])
+        }),
+        other => other.to_rgba8(),
+    }
+}
+
+/// One channel of a pixel with alpha `a` laid over opaque white, in Pillow's
+/// `alpha_composite` arithmetic: 7 extra fixed-point bits and a rounded division by 255.
+fn over_white(c: u8, a: u8) -> u8 {
+    const BITS: u32 = 7;
+    if a == 0 {
+        // Pillow copies the background pixel outright.
+        return 255;
+    }
+    let (c, a) = (c as u32, a as u32);
+    // Background alpha is 255, so the output alpha (x255) is always 255 * 255.
+    let out_a255 = a * 255 + 255 * (255 - a);
+    let coef_src = a * 255 * 255 * (1 << BITS) / out_a255;
+    let coef_dst = 255 * (1 << BITS) - coef_src;
+    let t = c * coef_src + 255 * coef_dst + (0x80 << BITS);
+    // (t + t / 256) / 256 is Pillow's shift-based rounded division by 255.
+    ((((t >> 8) + t) >> 8) >> BITS) as u8
+}
+
+/// A Pillow resampling filter: its support radius (at scale 1) and kernel.
+struct Filter {
+    support: f64,
+    kernel: fn(f64) -> f64,
+}
+
+/// The kernels of Resample.c, written with the same operations in the same order so that
+/// the double-precision weights, and hence the rounded fixed-point ones, are identical.
+mod kernels {
+    use std::f64::consts::PI;
+
+    pub fn box_(x: f64) -> f64 {
+        if x > -0.5 && x <= 0.5 {
+            1.0
+        } else {
+            0.0
+        }
+    }
+
+    pub fn bilinear(x: f64) -> f64 {
+        let x = x.abs();
+        if x < 1.0 {
+            1.0 - x
+        } else {
+            0.0
+        }
+    }
+
+    pub fn hamming(x: f64) -> f64 {
+        let x = x.abs();
+        if x == 0.0 {
+            return 1.0;
+        }
+        if x >= 1.0 {
+            return 0.0;
+        }
+        let x = x * PI;
+        // The C source uses float literals 0.54f and 0.46f, widened to double.
+        x.sin() / x * (0.54f32 as f64 + 0.46f32 as f64 * x.cos())
+    }
+
+    pub fn bicubic(x: f64) -> f64 {
+        // Keys' cubic convolution with a = -0.5.
         const A: f64 = -0.5;
         let x = x.abs();
         if x < 1.0 {
@@ -109,84 +238,156 @@ fn filter(resample: u32) -> Result<(f64, fn(f64) -> f64), PreprocessError> {
             0.0
         }
     }
-    fn bilinear(x: f64) -> f64 {
-        let x = x.abs();
-        if x < 1.0 {
-            1.0 - x
+
+    fn sinc(x: f64) -> f64 {
+        if x == 0.0 {
+            return 1.0;
+        }
+        let x = x * PI;
+        x.sin() / x
+    }
+
+    pub fn lanczos(x: f64) -> f64 {
+        if (-3.0..3.0).contains(&x) {
+            sinc(x) * sinc(x / 3.0)
         } else {
             0.0
         }
     }
-    match resample {
-        3 => Ok((2.0, bicubic)),
-        2 => Ok((1.0, bilinear)),
-        other => Err(PreprocessError::Resample(other)),
+
+    pub fn mks2013(x: f64) -> f64 {
+        let x = x.abs();
+        if x < 0.5 {
+            17.0 / 16.0 - 7.0 / 4.0 * (x * x)
+        } else if x < 1.5 {
+            (1.0 - x) * (7.0 / 4.0 - x)
+        } else if x < 2.5 {
+            let d = x - 5.0 / 2.0;
+            -1.0 / 8.0 * (d * d)
+        } else {
+            0.0
+        }
+    }
+
+    pub fn mks2021(x: f64) -> f64 {
+        let x = x.abs();
+        if x < 0.5 {
+            577.0 / 576.0 - 239.0 / 144.0 * (x * x)
+        } else if x < 1.5 {
+            35.0 / 36.0 * (x - 1.0) * (x - 239.0 / 140.0)
+        } else if x < 2.5 {
+            1.0 / 6.0 * (x - 2.0) * (65.0 / 24.0 - x)
+        } else if x < 3.5 {
+            1.0 / 36.0 * (x - 3.0) * (x - 15.0 / 4.0)
+        } else if x < 4.5 {
+            let d = x - 9.0 / 2.0;
+            -1.0 / 288.0 * (d * d)
+        } else {
+            0.0
+        }
     }
 }
 
-/// Fixed-point precision of Pillow's 8-bit resampling.
+/// Pillow's filter numbers (`PIL.Image.Resampling`); `None` is NEAREST, which Pillow does
+/// not resample but maps coordinates (see [`nearest`]).
+fn filter(resample: u32) -> Result<Option<Filter>, PreprocessError> {
+    let (support, kernel): (f64, fn(f64) -> f64) = match resample {
+        0 => return Ok(None),
+        1 => (3.0, kernels::lanczos),
+        2 => (1.0, kernels::bilinear),
+        3 => (2.0, kernels::bicubic),
+        4 => (0.5, kernels::box_),
+        5 => (1.0, kernels::hamming),
+        6 => (2.5, kernels::mks2013),
+        7 => (4.5, kernels::mks2021),
+        other => return Err(PreprocessError::Resample(other)),
+    };
+    Ok(Some(Filter { support, kernel }))
+}
+
+/// Fixed-point precision of Pillow's 8-bit resampling: 8 bits of result, 2 of headroom
+/// for filters with negative lobes, in a 32-bit accumulator.
 const PRECISION_BITS: u32 = 32 - 8 - 2;
 
-/// Per output position: first input index, count, and fixed-point weights
-/// (Pillow's precompute_coeffs then normalize_coeffs_8bpc).
+/// One axis' weights: for each output position the first input index, the tap count and
+/// the fixed-point weights (`ksize` slots per position).
 struct Coeffs {
-    bounds: Vec<(usize, usize)>,
+    start: Vec<usize>,
+    taps: Vec<usize>,
     ksize: usize,
     weights: Vec<i32>,
 }
 
-fn coeffs(in_size: usize, out_size: usize, support: f64, f: fn(f64) -> f64) -> Coeffs {
-    let scale = in_size as f64 / out_size as f64;
+impl Coeffs {
+    fn of(&self, i: usize) -> (usize, &[i32]) {
+        let k = &self.weights[i * self.ksize..i * self.ksize + self.taps[i]];
+        (self.start[i], k)
+    }
+}
+
+/// Pillow's `precompute_coeffs` followed by `normalize_coeffs_8bpc`.
+fn coeffs(in_size: usize, out_size: usize, f: &Filter) -> Coeffs {
+    // Pillow takes the source extent from a float box: reproduce that rounding (only
+    // visible past 2^24 pixels).
+    let span = in_size as f32 as f64;
+    let scale = span / out_size as f64;
     let filterscale = scale.max(1.0);
-    let support = support * filterscale;
+    let support = f.support * filterscale;
     let ksize = support.ceil() as usize * 2 + 1;
-    let mut bounds = Vec::with_capacity(out_size);
+    let inv = 1.0 / filterscale;
+    let mut start = Vec::with_capacity(out_size);
+    let mut taps = Vec::with_capacity(out_size);
     let mut weights = vec![0i32; out_size * ksize];
-    let mut k = vec![0f64; ksize];
+    let mut w = vec![0f64; ksize];
     for xx in 0..out_size {
         let center = (xx as f64 + 0.5) * scale;
-        let ss = 1.0 / filterscale;
-        // Truncation toward zero, as C's (int) cast.
+        // Truncation toward zero, as C's (int) cast, then clamp to the image.
         let xmin = ((center - support + 0.5) as i64).max(0) as usize;
         let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
-        let n = xmax - xmin;
-        let mut ww = 0.0;
-        for (x, kx) in k.iter_mut().enumerate().take(n) {
-            let w = f((x as f64 + xmin as f64 - center + 0.5) * ss);
-            *kx = w;
-            ww += w;
+        let n = xmax.saturating_sub(xmin).min(ksize);
+        let mut total = 0.0;
+        for (x, wx) in w.iter_mut().enumerate().take(n) {
+            // (x + xmin) is an int sum in C, exact in f64 too.
+            *wx = (f.kernel)(((x + xmin) as f64 - center + 0.5) * inv);
+            total += *wx;
         }
-        for (x, kx) in k.iter().enumerate().take(n) {
-            let w = if ww != 0.0 { kx / ww } else { *kx };
-            let fixed = w * (1i64 << PRECISION_BITS) as f64;
-            weights[xx * ksize + x] = if w < 0.0 { (fixed - 0.5) as i32 } else { (fixed + 0.5) as i32 };
+        let row = &mut weights[xx * ksize..xx * ksize + n];
+        for (slot, &wx) in row.iter_mut().zip(&w[..n]) {
+            let wx = if total != 0.0 { wx / total } else { wx };
+            let fixed = wx * (1 << PRECISION_BITS) as f64;
+            // Round half away from zero, as normalize_coeffs_8bpc.
+            *slot = if wx < 0.0 { (-0.5 + fixed) as i32 } else { (0.5 + fixed) as i32 };
         }
-        bounds.push((xmin, n));
+        start.push(xmin);
+        taps.push(n);
     }
-    Coeffs { bounds, ksize, weights }
+    Coeffs { start, taps, ksize, weights }
 }
+
+/// The accumulator's start value: one half, so that the final shift rounds.
+const HALF: i32 = 1 << (PRECISION_BITS - 1);
 
 #[inline]
-fn clip8(v: i32) -> u8 {
-    (v >> PRECISION_BITS).clamp(0, 255) as u8
+fn clip8(acc: i32) -> u8 {
+    (acc >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
-/// Resamples rows: `src` is `h x w x 3`, result `h x out_w x 3`.
-fn horizontal(src: &[u8], w: usize, h: usize, c: &Coeffs) -> Vec<u8> {
-    let out_w = c.bounds.len();
-    let mut out = vec![0u8; out_w * h * 3];
-    for y in 0..h {
-        let row = &src[y * w * 3..(y + 1) * w * 3];
-        for (xx, &(xmin, n)) in c.bounds.iter().enumerate() {
-            let k = &c.weights[xx * c.ksize..xx * c.ksize + n];
-            let mut s = [1i32 << (PRECISION_BITS - 1); 3];
-            for (x, &kx) in k.iter().enumerate() {
-                let p = &row[(xmin + x) * 3..(xmin + x) * 3 + 3];
+/// Horizontal pass over `rows` rows of a packed RGB buffer `w` pixels wide, starting at
+/// row `first`: the result is `rows` rows of `c.start.len()` pixels.
+fn horizontal(src: &[u8], w: usize, first: usize, rows: usize, c: &Coeffs) -> Vec<u8> {
+    let ow = c.start.len();
+    let mut out = vec![0u8; ow * rows * 3];
+    for (y, out_row) in out.chunks_exact_mut(ow * 3).enumerate() {
+        let row = &src[(first + y) * w * 3..(first + y + 1) * w * 3];
+        for (xx, o) in out_row.chunks_exact_mut(3).enumerate() {
+            let (xmin, k) = c.of(xx);
+            let px = &row[xmin * 3..(xmin + k.len()) * 3];
+            let mut s = [HALF; 3];
+            for (p, &kx) in px.chunks_exact(3).zip(k) {
                 s[0] += p[0] as i32 * kx;
                 s[1] += p[1] as i32 * kx;
                 s[2] += p[2] as i32 * kx;
             }
-            let o = &mut out[(y * out_w + xx) * 3..(y * out_w + xx) * 3 + 3];
             o[0] = clip8(s[0]);
             o[1] = clip8(s[1]);
             o[2] = clip8(s[2]);
@@ -195,86 +396,128 @@ fn horizontal(src: &[u8], w: usize, h: usize, c: &Coeffs) -> Vec<u8> {
     out
 }
 
-/// Resamples columns: `src` is `h x w x 3`, result `out_h x w x 3`.
-fn vertical(src: &[u8], w: usize, c: &Coeffs) -> Vec<u8> {
-    let out_h = c.bounds.len();
-    let mut out = vec![0u8; w * out_h * 3];
-    let mut acc = vec![0i32; w * 3];
-    for (yy, &(ymin, n)) in c.bounds.iter().enumerate() {
-        let k = &c.weights[yy * c.ksize..yy * c.ksize + n];
-        acc.fill(1i32 << (PRECISION_BITS - 1));
+/// Vertical pass over a packed RGB buffer `w` pixels wide whose row 0 is source row
+/// `offset` (the weights index source rows).
+fn vertical(src: &[u8], w: usize, offset: usize, c: &Coeffs) -> Vec<u8> {
+    let oh = c.start.len();
+    let stride = w * 3;
+    let mut out = vec![0u8; stride * oh];
+    // Row by row into an accumulator line: each source row is read contiguously.
+    let mut acc = vec![0i32; stride];
+    for (yy, out_row) in out.chunks_exact_mut(stride).enumerate() {
+        let (ymin, k) = c.of(yy);
+        acc.fill(HALF);
         for (y, &ky) in k.iter().enumerate() {
-            let row = &src[(ymin + y) * w * 3..(ymin + y + 1) * w * 3];
-            for (a, &p) in acc.iter_mut().zip(row) {
+            let r = ymin + y - offset;
+            for (a, &p) in acc.iter_mut().zip(&src[r * stride..(r + 1) * stride]) {
                 *a += p as i32 * ky;
             }
         }
-        for (o, &a) in out[yy * w * 3..(yy + 1) * w * 3].iter_mut().zip(&acc) {
+        for (o, &a) in out_row.iter_mut().zip(&acc) {
             *o = clip8(a);
         }
     }
     out
 }
 
-/// Pillow 13's `Image.resize` for 8-bit RGB: two separable passes with 8-bit rounding
-/// between them. The horizontal pass runs first (over only the rows the vertical pass
-/// will read) unless the height shrinks by more than twice as many pixels as the width,
-/// in which case the vertical pass runs first; a pass whose size does not change is
-/// skipped.
-pub fn resize_rgb(img: &RgbImage, width: u32, height: u32, resample: u32) -> Result<RgbImage, PreprocessError> {
-    let (support, f) = filter(resample)?;
+/// Pillow's NEAREST resize: an affine coordinate map stepped by repeated addition
+/// (Geometry.c, ImagingScaleAffine), not a filter.
+fn nearest(img: &RgbImage, ow: usize, oh: usize) -> Vec<u8> {
     let (w, h) = (img.width() as usize, img.height() as usize);
-    let (ow, oh) = (width as usize, height as usize);
-    let need_h = ow != w;
-    let need_v = oh != h;
-    let dh = h as i64 - oh as i64;
-    let horizontal_first = !(dh > 0 && dh > (w as i64 - ow as i64) * 2);
-    let src = img.as_raw();
-    let data = if horizontal_first {
-        let mut vert = coeffs(h, oh, support, f);
-        let mut data = src.clone();
-        if need_h {
-            // Only rows first..last are read by the vertical pass.
-            let first = vert.bounds.first().map(|b| b.0).unwrap_or(0);
-            let last = vert.bounds.last().map(|b| b.0 + b.1).unwrap_or(h);
-            for b in &mut vert.bounds {
-                b.0 -= first;
-            }
-            let hz = coeffs(w, ow, support, f);
-            data = horizontal(&src[first * w * 3..last * w * 3], w, last - first, &hz);
-        }
-        if need_v {
-            data = vertical(&data, ow, &vert);
-        }
-        data
-    } else {
-        let mut data = vertical(src, w, &coeffs(h, oh, support, f));
-        if need_h {
-            data = horizontal(&data, w, oh, &coeffs(w, ow, support, f));
-        }
-        data
+    let table = |in_size: usize, out_size: usize| -> Vec<Option<usize>> {
+        let a = in_size as f32 as f64 / out_size as f64;
+        let mut pos = a * 0.5;
+        (0..out_size)
+            .map(|_| {
+                let i = if pos < 0.0 { None } else { Some(pos as usize).filter(|&i| i < in_size) };
+                pos += a;
+                i
+            })
+            .collect()
     };
-    Ok(RgbImage::from_raw(width, height, data).expect("buffer matches the size"))
+    let (xs, ys) = (table(w, ow), table(h, oh));
+    let src = img.as_raw();
+    let mut out = vec![0u8; ow * oh * 3];
+    for (row, yi) in out.chunks_exact_mut(ow * 3).zip(&ys) {
+        // Pillow leaves pixels that map outside the source black.
+        let Some(yi) = yi else { continue };
+        for (o, xi) in row.chunks_exact_mut(3).zip(&xs) {
+            if let Some(xi) = xi {
+                o.copy_from_slice(&src[(yi * w + xi) * 3..(yi * w + xi) * 3 + 3]);
+            }
+        }
+    }
+    out
 }
 
-/// `(3, H, W)` pixel values for one image.
-pub fn preprocess(img: &DynamicImage, cfg: &ImageConfig) -> Result<Array3<f32>, PreprocessError> {
-    let rgb = if cfg.do_convert_rgb { to_rgb(img) } else { img.to_rgb8() };
-    let rgb = if cfg.do_resize && (rgb.width() != cfg.width || rgb.height() != cfg.height) {
-        resize_rgb(&rgb, cfg.width, cfg.height, cfg.resample)?
-    } else {
-        rgb
+/// Pillow's `Image.resize((width, height), resample)` of an 8-bit RGB image, bit for bit.
+///
+/// Two separable passes in 8 bits with 22-bit fixed-point weights; a pass whose size does
+/// not change is skipped. Pillow 13 runs the vertical pass first when the height shrinks
+/// by more than twice as many pixels as the width does, otherwise the horizontal pass
+/// first over only the rows the vertical pass will read.
+pub fn resize_rgb(img: &RgbImage, width: u32, height: u32, resample: u32) -> Result<RgbImage, PreprocessError> {
+    let f = filter(resample)?;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let (ow, oh) = (width as usize, height as usize);
+    if ow == 0 || oh == 0 || w == 0 || h == 0 {
+        return Err(PreprocessError::BadSize { from_width: img.width(), from_height: img.height(), width, height });
+    }
+    if (w, h) == (ow, oh) {
+        return Ok(img.clone());
+    }
+    let data = match f {
+        None => nearest(img, ow, oh),
+        Some(f) => {
+            let src = img.as_raw();
+            let (need_h, need_v) = (ow != w, oh != h);
+            let (dw, dh) = (w as i64 - ow as i64, h as i64 - oh as i64);
+            let vertical_first = dh > 0 && dh > dw * 2;
+            if vertical_first {
+                let tmp = vertical(src, w, 0, &coeffs(h, oh, &f));
+                if need_h {
+                    horizontal(&tmp, w, 0, oh, &coeffs(w, ow, &f))
+                } else {
+                    tmp
+                }
+            } else if need_v {
+                let vc = coeffs(h, oh, &f);
+                if need_h {
+                    // Rows outside [first, last) are never read by the vertical pass.
+                    let first = vc.start[0];
+                    let last = vc.start[oh - 1] + vc.taps[oh - 1];
+                    let tmp = horizontal(src, w, first, last - first, &coeffs(w, ow, &f));
+                    vertical(&tmp, ow, first, &vc)
+                } else {
+                    vertical(src, w, 0, &vc)
+                }
+            } else {
+                horizontal(src, w, 0, h, &coeffs(w, ow, &f))
+            }
+        }
     };
+    // The passes produce exactly width * height * 3 bytes.
+    RgbImage::from_raw(width, height, data)
+        .ok_or(PreprocessError::BadSize { from_width: img.width(), from_height: img.height(), width, height })
+}
+
+/// `(3, H, W)` pixel values for one image, as `BlipImageProcessorPil` makes them.
+pub fn preprocess(img: &DynamicImage, cfg: &ImageConfig) -> Result<Array3<f32>, PreprocessError> {
+    // Without do_convert_rgb transformers keeps the image's own channels, which the
+    // vision encoder cannot take; Pillow's plain RGB conversion is the closest fit.
+    let rgb = if cfg.do_convert_rgb { to_rgb(img) } else { pillow_rgb(img) };
+    let rgb = if cfg.do_resize { resize_rgb(&rgb, cfg.width, cfg.height, cfg.resample)? } else { rgb };
     let (w, h) = (rgb.width() as usize, rgb.height() as usize);
     let mut out = Array3::<f32>::zeros((3, h, w));
     let raw = rgb.as_raw();
     for c in 0..3 {
-        let mean = cfg.image_mean[c];
-        let std = cfg.image_std[c];
+        let (mean, std) = (cfg.image_mean[c], cfg.image_std[c]);
         let mut plane = out.index_axis_mut(Axis(0), c);
-        for (i, v) in plane.iter_mut().enumerate() {
-            let p = raw[i * 3 + c];
-            // transformers rescales in float64 and casts to float32, then normalizes in float32.
+        let plane = plane.as_slice_mut().expect("a fresh array is contiguous");
+        for (v, px) in plane.iter_mut().zip(raw.chunks_exact(3)) {
+            let p = px[c];
+            // transformers' rescale multiplies in float64 and casts to float32; normalize
+            // then works in float32 (mean and std cast to float32), (x - mean) / std.
             let mut x = if cfg.do_rescale { (p as f64 * cfg.rescale_factor) as f32 } else { p as f32 };
             if cfg.do_normalize {
                 x = (x - mean) / std;
@@ -285,11 +528,23 @@ pub fn preprocess(img: &DynamicImage, cfg: &ImageConfig) -> Result<Array3<f32>, 
     Ok(out)
 }
 
-/// `(B, 3, H, W)` pixel values for a batch.
+/// `(B, 3, H, W)` pixel values for a batch; every image must come out at the configured
+/// size (always so when `do_resize` is on).
 pub fn preprocess_batch(images: &[DynamicImage], cfg: &ImageConfig) -> Result<Array4<f32>, PreprocessError> {
     let mut out = Array4::<f32>::zeros((images.len(), 3, cfg.height as usize, cfg.width as usize));
-    for (i, img) in images.iter().enumerate() {
-        out.index_axis_mut(Axis(0), i).assign(&preprocess(img, cfg)?);
+    for (index, img) in images.iter().enumerate() {
+        let px = preprocess(img, cfg)?;
+        let (height, width) = (px.shape()[1], px.shape()[2]);
+        if (height, width) != (cfg.height as usize, cfg.width as usize) {
+            return Err(PreprocessError::BatchSize {
+                index,
+                width,
+                height,
+                expected_width: cfg.width,
+                expected_height: cfg.height,
+            });
+        }
+        out.index_axis_mut(Axis(0), index).assign(&px);
     }
     Ok(out)
 }
