@@ -37,8 +37,8 @@ pub enum RuntimeSetupError {
     #[error("{var} is set to {path}, but there is no file there (unset it to use the library installed by `blip2-ort install-runtime`)", var = DYLIB_ENV, path = .0.display())]
     DylibEnvMissing(PathBuf),
     #[error(
-        "ONNX Runtime {ver} is not installed (looked for {searched}).\n\
-         Install it with `blip2-ort install-runtime` (CPU) or `blip2-ort install-runtime --gpu` \
+        "ONNX Runtime {ver} is not installed (looked for {searched}); \
+         install it with `blip2-ort install-runtime` (CPU) or `blip2-ort install-runtime --gpu` \
          (CUDA and TensorRT), or point {var} at a libonnxruntime of version {ver}.",
         ver = ORT_VERSION,
         var = DYLIB_ENV,

@@ -58,7 +58,10 @@ pub enum PreprocessError {
     Resample(u32),
     #[error("cannot resize a {from_width}x{from_height} image to {width}x{height}")]
     BadSize { from_width: u32, from_height: u32, width: u32, height: u32 },
-    #[error("image {index} of the batch is {width}x{height} after preprocessing, expected {expected_width}x{expected_height} (is do_resize off?)")]
+    #[error(
+        "image {index} of the batch is {width}x{height} after preprocessing, expected \
+         {expected_width}x{expected_height} (is do_resize off?)"
+    )]
     BatchSize { index: usize, width: usize, height: usize, expected_width: u32, expected_height: u32 },
 }
 

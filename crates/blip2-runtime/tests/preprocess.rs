@@ -1,28 +1,51 @@
 //! Pixel values against transformers' BlipImageProcessorPil (tests/fixtures/preprocess and
 //! each tiny checkpoint's reference/pixels): PNG and GIF inputs bit for bit, JPEG within
-//! 1/255 before normalization where the decoders differ.
+//! one 8-bit level before normalization where the decoders differ.
 
 use std::path::{Path, PathBuf};
 
 use blip2_core::ImageConfig;
 use blip2_runtime::preprocess::{self, ImageLimits, PreprocessError};
+use image::DynamicImage;
 use ndarray::ArrayD;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+fn photo(name: &str) -> DynamicImage {
+    preprocess::load_image(&root().join("tests/data/photos").join(name), &ImageLimits::default()).unwrap()
+}
+
+/// A minimal .npy reader: little-endian float32, C order, header dict parsed for dtype,
+/// order and shape.
 fn read_npy(path: &Path) -> ArrayD<f32> {
-    let bytes = std::fs::read(path).unwrap();
-    let hlen = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
-    let header = std::str::from_utf8(&bytes[10..10 + hlen]).unwrap();
-    assert!(header.contains("'<f4'"), "{header}");
-    let shape: Vec<usize> = header.split("'shape': (").nth(1).unwrap().split(')').next().unwrap()
-        .split(',').filter_map(|s| s.trim().parse().ok()).collect();
-    let data: Vec<f32> = bytes[10 + hlen..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(&bytes[..6], b"\x93NUMPY", "{}: not a .npy file", path.display());
+    let (hlen, hstart) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        2 | 3 => (u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize, 12),
+        v => panic!("{}: .npy version {v}", path.display()),
+    };
+    let header = std::str::from_utf8(&bytes[hstart..hstart + hlen]).unwrap();
+    let field = |key: &str| {
+        let at = header.find(&format!("'{key}':")).unwrap_or_else(|| panic!("no {key} in {header}"));
+        header[at + key.len() + 3..].trim_start()
+    };
+    assert!(field("descr").starts_with("'<f4'"), "{header}");
+    assert!(field("fortran_order").starts_with("False"), "{header}");
+    let shape = field("shape");
+    let shape: Vec<usize> = shape[1..shape.find(')').unwrap()]
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| s.trim().parse().unwrap())
+        .collect();
+    let data: Vec<f32> =
+        bytes[hstart + hlen..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
     ArrayD::from_shape_vec(shape, data).unwrap()
 }
 
+/// BLIP's processor settings at `size` (the defaults of cases.json and the checkpoints).
 fn config(size: u32) -> ImageConfig {
     ImageConfig {
         height: size,
@@ -32,13 +55,43 @@ fn config(size: u32) -> ImageConfig {
         do_rescale: true,
         rescale_factor: 1.0 / 255.0,
         do_normalize: true,
-        image_mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
-        image_std: [0.268_629_54, 0.261_302_58, 0.275_777_11],
+        // Python floats cast to float32, as transformers' normalize does.
+        image_mean: [0.48145466f64, 0.4578275, 0.40821073].map(|v| v as f32),
+        image_std: [0.26862954f64, 0.26130258, 0.27577711].map(|v| v as f32),
         do_convert_rgb: true,
     }
 }
 
-/// Max difference in 8-bit levels before normalization.
+/// The settings as a checkpoint stores them: nested `image_processor` in
+/// processor_config.json (transformers 5) or flat preprocessor_config.json (older).
+fn checkpoint_config(name: &str) -> ImageConfig {
+    let dir = root().join("tests/fixtures").join(name).join("checkpoint");
+    let read = |f: &str| -> Option<serde_json::Value> {
+        std::fs::read_to_string(dir.join(f)).ok().map(|s| serde_json::from_str(&s).unwrap())
+    };
+    let ip = match read("preprocessor_config.json") {
+        Some(v) => v,
+        None => read("processor_config.json").unwrap()["image_processor"].clone(),
+    };
+    let f32s = |k: &str| -> [f32; 3] {
+        let v: Vec<f32> = ip[k].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+        v.try_into().unwrap()
+    };
+    ImageConfig {
+        height: ip["size"]["height"].as_u64().unwrap() as u32,
+        width: ip["size"]["width"].as_u64().unwrap() as u32,
+        do_resize: ip["do_resize"].as_bool().unwrap(),
+        resample: ip["resample"].as_u64().unwrap() as u32,
+        do_rescale: ip["do_rescale"].as_bool().unwrap(),
+        rescale_factor: ip["rescale_factor"].as_f64().unwrap(),
+        do_normalize: ip["do_normalize"].as_bool().unwrap(),
+        image_mean: f32s("image_mean"),
+        image_std: f32s("image_std"),
+        do_convert_rgb: ip["do_convert_rgb"].as_bool().unwrap(),
+    }
+}
+
+/// Largest difference in 8-bit levels before normalization: |a - b| * std * 255.
 fn max_level_diff(got: &ArrayD<f32>, want: &ArrayD<f32>, cfg: &ImageConfig) -> f32 {
     assert_eq!(got.shape(), want.shape());
     let plane = got.len() / 3;
@@ -49,31 +102,52 @@ fn max_level_diff(got: &ArrayD<f32>, want: &ArrayD<f32>, cfg: &ImageConfig) -> f
         .fold(0.0, f32::max)
 }
 
-fn check(photo: &str, size: u32, want: &Path) -> f32 {
-    let cfg = config(size);
-    let img = preprocess::load_image(&root().join("tests/data/photos").join(photo), &ImageLimits::default()).unwrap();
-    let got = preprocess::preprocess(&img, &cfg).unwrap().into_dyn();
-    let want = read_npy(want);
-    if photo.ends_with(".jpg") {
-        let d = max_level_diff(&got, &want, &cfg);
-        assert!(d <= 1.0 + 1e-3, "{photo} at {size}: {d} levels apart");
-        d
+/// Whether `got` passes for `photo`: bitwise equal, or for JPEG within one level.
+fn matches(photo: &str, got: &ArrayD<f32>, want: &ArrayD<f32>, cfg: &ImageConfig) -> Result<f32, String> {
+    if got.shape() != want.shape() {
+        return Err(format!("shape {:?}, want {:?}", got.shape(), want.shape()));
+    }
+    let exact = got.iter().zip(want.iter()).all(|(a, b)| a.to_bits() == b.to_bits());
+    if exact {
+        return Ok(0.0);
+    }
+    let d = max_level_diff(got, want, cfg);
+    if photo.ends_with(".jpg") && d <= 1.0 + 1e-3 {
+        Ok(d)
     } else {
-        assert_eq!(got, want, "{photo} at {size}: pixel values differ from transformers");
-        0.0
+        let n = got.iter().zip(want.iter()).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        Err(format!("{n} values differ, up to {d} levels"))
     }
 }
+
+fn check(photo_name: &str, cfg: &ImageConfig, want: &Path) -> f32 {
+    let got = preprocess::preprocess(&photo(photo_name), cfg).unwrap().into_dyn();
+    let want = read_npy(want);
+    matches(photo_name, &got, &want, cfg).unwrap_or_else(|e| panic!("{photo_name} at {}: {e}", cfg.width))
+}
+
+const PHOTOS: [&str; 5] = ["chelsea.png", "camera.png", "chelsea_rgba.png", "no_time_for_that_tiny.gif", "rocket.jpg"];
 
 #[test]
 fn pixel_values_match_transformers() {
     let dir = root().join("tests/fixtures/preprocess");
-    let cases: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    let mut cfg_mean = [0f32; 3];
+    let mut cfg_std = [0f32; 3];
+    for c in 0..3 {
+        cfg_mean[c] = cases["image_mean"][c].as_f64().unwrap() as f32;
+        cfg_std[c] = cases["image_std"][c].as_f64().unwrap() as f32;
+    }
     let mut n = 0;
     for c in cases["cases"].as_array().unwrap() {
-        let d = check(c["photo"].as_str().unwrap(), c["size"].as_u64().unwrap() as u32, &dir.join(c["pixels"].as_str().unwrap()));
-        if d > 0.0 {
-            eprintln!("{}: JPEG decoders differ by up to {d} levels", c["photo"]);
-        }
+        let (name, size) = (c["photo"].as_str().unwrap(), c["size"].as_u64().unwrap() as u32);
+        let mut cfg = config(size);
+        cfg.image_mean = cfg_mean;
+        cfg.image_std = cfg_std;
+        let d = check(name, &cfg, &dir.join(c["pixels"].as_str().unwrap()));
+        let how = if d == 0.0 { "bit-identical".to_string() } else { format!("up to {d} levels apart") };
+        eprintln!("{name} at {size}: {how}");
         n += 1;
     }
     assert_eq!(n, 10);
@@ -81,72 +155,163 @@ fn pixel_values_match_transformers() {
 
 #[test]
 fn pixel_values_match_at_each_checkpoint_size() {
+    // 32 and 28 upscale the GIF (14x25) both ways; 24 shrinks its height only, where
+    // Pillow 13 runs the vertical pass first.
     for (name, size) in [("opt-tiny-sharded", 32), ("opt-tiny", 28), ("t5-tiny", 24)] {
+        let cfg = checkpoint_config(name);
+        assert_eq!((cfg.width, cfg.height, cfg.resample), (size, size, 3), "{name}");
         let dir = root().join("tests/fixtures").join(name).join("reference/pixels");
-        for photo in ["chelsea.png", "camera.png", "chelsea_rgba.png", "no_time_for_that_tiny.gif", "rocket.jpg"] {
-            let stem = photo.rsplit_once('.').unwrap().0;
-            check(photo, size, &dir.join(format!("{stem}.npy")));
+        for p in PHOTOS {
+            let stem = p.rsplit_once('.').unwrap().0;
+            let d = check(p, &cfg, &dir.join(format!("{stem}.npy")));
+            if d > 0.0 {
+                eprintln!("{name}: {p} up to {d} levels apart");
+            }
         }
     }
 }
 
 #[test]
-fn a_wrong_filter_would_not_pass() {
-    // Guards the test itself: bilinear output must differ from transformers' bicubic.
+fn the_comparison_catches_wrong_pixels() {
+    // Guards the test itself: a wrong filter, a wrong pass order or a single level off
+    // must all fail the comparison.
+    let want = read_npy(&root().join("tests/fixtures/preprocess/chelsea_61.npy"));
     let mut cfg = config(61);
     cfg.resample = 2;
-    let img = preprocess::load_image(&root().join("tests/data/photos/chelsea.png"), &ImageLimits::default()).unwrap();
-    let got = preprocess::preprocess(&img, &cfg).unwrap().into_dyn();
-    let want = read_npy(&root().join("tests/fixtures/preprocess/chelsea_61.npy"));
-    assert_ne!(got, want);
-    cfg.resample = 4;
-    assert!(matches!(preprocess::preprocess(&img, &cfg), Err(PreprocessError::Resample(4))));
+    let bilinear = preprocess::preprocess(&photo("chelsea.png"), &cfg).unwrap().into_dyn();
+    assert!(matches("chelsea.png", &bilinear, &want, &cfg).is_err());
+
+    // The GIF at 24 with the horizontal pass first (by resizing in two explicit steps).
+    let cfg = config(24);
+    let want24 = read_npy(&root().join("tests/fixtures/t5-tiny/reference/pixels/no_time_for_that_tiny.npy"));
+    let gif = preprocess::to_rgb(&photo("no_time_for_that_tiny.gif"));
+    let (w, h) = (gif.width(), gif.height());
+    let hv = preprocess::resize_rgb(&preprocess::resize_rgb(&gif, 24, h, 3).unwrap(), 24, 24, 3).unwrap();
+    let vh = preprocess::resize_rgb(&preprocess::resize_rgb(&gif, w, 24, 3).unwrap(), 24, 24, 3).unwrap();
+    let direct = preprocess::resize_rgb(&gif, 24, 24, 3).unwrap();
+    assert_eq!(direct, vh, "Pillow 13 shrinks 25 rows to 24 before widening 14 columns to 24");
+    assert_ne!(direct, hv);
+    let mut cfg_no_resize = cfg.clone();
+    cfg_no_resize.do_resize = false;
+    let hv = preprocess::preprocess(&DynamicImage::ImageRgb8(hv), &cfg_no_resize).unwrap().into_dyn();
+    assert!(matches("x.gif", &hv, &want24, &cfg).is_err());
+
+    // One value one level off.
+    let mut off = want.clone();
+    off[[1, 30, 30]] += 1.0 / 255.0 / cfg.image_std[1];
+    assert!(matches("chelsea.png", &off, &want, &cfg).is_err());
+    // And two levels off is too much even for JPEG.
+    off[[1, 30, 30]] += 1.0 / 255.0 / cfg.image_std[1];
+    assert!(matches("rocket.jpg", &off, &want, &cfg).is_err());
+}
+
+#[test]
+fn batches_stack_single_images() {
+    let cfg = config(28);
+    let images = [photo("chelsea.png"), photo("camera.png"), photo("rocket.jpg")];
+    let batch = preprocess::preprocess_batch(&images, &cfg).unwrap();
+    assert_eq!(batch.shape(), &[3, 3, 28, 28]);
+    for (i, img) in images.iter().enumerate() {
+        assert_eq!(batch.index_axis(ndarray::Axis(0), i), preprocess::preprocess(img, &cfg).unwrap());
+    }
+    assert_eq!(preprocess::preprocess_batch(&[], &cfg).unwrap().shape(), &[0, 3, 28, 28]);
+    // Without resizing, an image of another size cannot join the batch.
+    let mut cfg = cfg;
+    cfg.do_resize = false;
+    let e = preprocess::preprocess_batch(&images[..1], &cfg).unwrap_err();
+    assert!(matches!(e, PreprocessError::BatchSize { index: 0, width: 451, height: 300, .. }), "{e}");
+}
+
+#[test]
+fn unsupported_resampling_filters_are_errors() {
+    let img = preprocess::to_rgb(&photo("camera.png"));
+    assert!(matches!(preprocess::resize_rgb(&img, 10, 10, 8), Err(PreprocessError::Resample(8))));
+    assert!(matches!(preprocess::resize_rgb(&img, 10, 10, 99), Err(PreprocessError::Resample(99))));
+    let mut cfg = config(61);
+    cfg.resample = 42;
+    let e = preprocess::preprocess(&photo("chelsea.png"), &cfg).unwrap_err();
+    assert!(matches!(e, PreprocessError::Resample(42)), "{e}");
+    assert!(e.to_string().contains("42"), "{e}");
+    assert!(matches!(preprocess::resize_rgb(&img, 0, 10, 3), Err(PreprocessError::BadSize { .. })));
+    // Every Pillow filter number resizes.
+    for f in 0..8 {
+        let out = preprocess::resize_rgb(&img, 37, 23, f).unwrap();
+        assert_eq!((out.width(), out.height()), (37, 23));
+    }
+}
+
+/// A fresh scratch folder for this test process.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("blip2-preprocess-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 #[test]
 fn bad_files_are_named_in_errors() {
-    let dir = root().join("target/test-tmp/preprocess");
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("bad");
     let text = dir.join("notes.png");
-    std::fs::write(&text, "hello").unwrap();
-    let e = preprocess::load_image(&text, &ImageLimits::default()).unwrap_err().to_string();
-    assert!(e.contains("notes.png"), "{e}");
-    let e = preprocess::load_image(&dir.join("absent.jpg"), &ImageLimits::default()).unwrap_err().to_string();
-    assert!(e.contains("absent.jpg"), "{e}");
+    std::fs::write(&text, "hello, not a picture").unwrap();
+    let e = preprocess::load_image(&text, &ImageLimits::default()).unwrap_err();
+    assert!(matches!(e, PreprocessError::UnknownFormat { .. }), "{e}");
+    assert!(e.to_string().contains("notes.png"), "{e}");
+
+    let e = preprocess::load_image(&dir.join("absent.jpg"), &ImageLimits::default()).unwrap_err();
+    assert!(matches!(e, PreprocessError::Read { .. }), "{e}");
+    assert!(e.to_string().contains("absent.jpg"), "{e}");
+
     // A truncated PNG: the header is fine, the pixels are not.
     let png = std::fs::read(root().join("tests/data/photos/chelsea.png")).unwrap();
     let cut = dir.join("cut.png");
     std::fs::write(&cut, &png[..png.len() / 2]).unwrap();
-    let e = preprocess::load_image(&cut, &ImageLimits::default()).unwrap_err().to_string();
-    assert!(e.contains("cut.png"), "{e}");
+    let e = preprocess::load_image(&cut, &ImageLimits::default()).unwrap_err();
+    assert!(matches!(e, PreprocessError::Decode { .. }), "{e}");
+    assert!(e.to_string().contains("cut.png"), "{e}");
+
+    let e = preprocess::load_image_bytes(b"", "empty.webp", &ImageLimits::default()).unwrap_err();
+    assert!(e.to_string().contains("empty.webp"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+fn png_chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+    let mut body = kind.to_vec();
+    body.extend_from_slice(data);
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out.extend_from_slice(&crc32(&body).to_be_bytes());
 }
 
 #[test]
 fn images_over_the_pixel_limit_are_refused_before_decoding() {
-    let path = root().join("tests/data/photos/camera.png");
-    let e = preprocess::load_image(&path, &ImageLimits { max_pixels: 1000 }).unwrap_err();
-    match e {
-        PreprocessError::TooLarge { width, height, limit, .. } => assert_eq!((width, height, limit), (512, 512, 1000)),
+    // A real image with a tiny limit.
+    let dir = scratch("limit");
+    let small = dir.join("small.png");
+    image::RgbImage::from_pixel(40, 30, image::Rgb([1, 2, 3])).save(&small).unwrap();
+    let e = preprocess::load_image(&small, &ImageLimits { max_pixels: 1000 }).unwrap_err();
+    match &e {
+        PreprocessError::TooLarge { width, height, pixels, limit, .. } => {
+            assert_eq!((*width, *height, *pixels, *limit), (40, 30, 1200, 1000))
+        }
         other => panic!("{other}"),
     }
-    // A PNG header claiming 100000 x 100000 pixels with no pixel data behind it.
-    let mut bomb = Vec::new();
-    bomb.extend_from_slice(b"\x89PNG\r\n\x1a\n");
+    assert!(e.to_string().contains("small.png") && e.to_string().contains("40x30"), "{e}");
+    assert!(preprocess::load_image(&small, &ImageLimits { max_pixels: 1200 }).is_ok());
+    std::fs::remove_dir_all(&dir).ok();
+
+    // A PNG whose header claims 30000 x 30000 pixels with a few bytes of data behind it:
+    // decoding it would need 2.7 GB; it must be refused from the header alone.
+    let mut bomb = b"\x89PNG\r\n\x1a\n".to_vec();
     let mut ihdr = Vec::new();
-    ihdr.extend_from_slice(b"IHDR");
-    ihdr.extend_from_slice(&100_000u32.to_be_bytes());
-    ihdr.extend_from_slice(&100_000u32.to_be_bytes());
+    ihdr.extend_from_slice(&30_000u32.to_be_bytes());
+    ihdr.extend_from_slice(&30_000u32.to_be_bytes());
     ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
-    bomb.extend_from_slice(&13u32.to_be_bytes());
-    bomb.extend_from_slice(&ihdr);
-    bomb.extend_from_slice(&crc32(&ihdr).to_be_bytes());
-    for chunk in [&b"IDAT"[..], &b"IEND"[..]] {
-        bomb.extend_from_slice(&0u32.to_be_bytes());
-        bomb.extend_from_slice(chunk);
-        bomb.extend_from_slice(&crc32(chunk).to_be_bytes());
-    }
-    let e = preprocess::load_image_bytes(&bomb, Path::new("bomb.png"), &ImageLimits::default()).unwrap_err().to_string();
-    assert!(e.contains("bomb.png") && e.contains("100000x100000"), "{e}");
+    png_chunk(&mut bomb, b"IHDR", &ihdr);
+    png_chunk(&mut bomb, b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]);
+    png_chunk(&mut bomb, b"IEND", &[]);
+    let e = preprocess::load_image_bytes(&bomb, "bomb.png", &ImageLimits::default()).unwrap_err();
+    assert!(matches!(e, PreprocessError::TooLarge { width: 30_000, height: 30_000, .. }), "{e}");
+    let msg = e.to_string();
+    assert!(msg.contains("bomb.png") && msg.contains("30000x30000") && msg.contains("64000000"), "{msg}");
 }
 
 fn crc32(data: &[u8]) -> u32 {
