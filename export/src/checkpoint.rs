@@ -212,12 +212,35 @@ fn read_f32(dtype: DType, data: &[u8], i: usize) -> f32 {
     }
 }
 
-#[inline]
-fn push(out: &mut Vec<u8>, dtype: DType, v: f32) {
+
+/// Decodes `n` elements starting at element `start` into `out` as f32.
+fn decode_into(dtype: DType, data: &[u8], start: usize, out: &mut [f32]) {
+    let n = out.len();
     match dtype {
-        DType::F32 => out.extend_from_slice(&v.to_le_bytes()),
-        DType::F16 => out.extend_from_slice(&f16::from_f32(v).to_le_bytes()),
-        DType::BF16 => out.extend_from_slice(&bf16::from_f32(v).to_le_bytes()),
+        DType::F32 => {
+            for (o, c) in out.iter_mut().zip(data[4 * start..4 * (start + n)].chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        DType::F16 => {
+            for (o, c) in out.iter_mut().zip(data[2 * start..2 * (start + n)].chunks_exact(2)) {
+                *o = f16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+        DType::BF16 => {
+            for (o, c) in out.iter_mut().zip(data[2 * start..2 * (start + n)].chunks_exact(2)) {
+                *o = bf16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+    }
+}
+
+/// Encodes f32 values as `to`, appending to `out`.
+fn encode(values: &[f32], to: DType, out: &mut Vec<u8>) {
+    match to {
+        DType::F32 => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        DType::F16 => values.iter().for_each(|&v| out.extend_from_slice(&f16::from_f32(v).to_le_bytes())),
+        DType::BF16 => values.iter().for_each(|&v| out.extend_from_slice(&bf16::from_f32(v).to_le_bytes())),
     }
 }
 
@@ -232,34 +255,36 @@ pub fn write_converted(t: &TensorView<'_>, to: DType, transpose: bool, w: &mut d
     let mut buf = Vec::with_capacity(CHUNK * to.size());
     if transpose {
         let (rows, cols) = (t.shape[0], t.shape[1]);
-        // Output row c is source column c; walk the source in tiles so reads stay local.
+        // Output row c is source column c: decode a tile of columns row by row (contiguous
+        // reads), then emit it column-major.
         let tile = (CHUNK / rows.max(1)).clamp(1, 64);
+        let mut row = vec![0f32; tile];
+        let mut block = vec![0f32; tile * rows];
         let mut c0 = 0;
         while c0 < cols {
             let c1 = (c0 + tile).min(cols);
-            let mut block = vec![0f32; (c1 - c0) * rows];
+            let width = c1 - c0;
             for r in 0..rows {
-                for c in c0..c1 {
-                    block[(c - c0) * rows + r] = read_f32(t.dtype, t.data, r * cols + c);
+                decode_into(t.dtype, t.data, r * cols + c0, &mut row[..width]);
+                for (c, &v) in row[..width].iter().enumerate() {
+                    block[c * rows + r] = v;
                 }
             }
             buf.clear();
-            for v in block {
-                push(&mut buf, to, v);
-            }
+            encode(&block[..width * rows], to, &mut buf);
             w.write_all(&buf)?;
             c0 = c1;
         }
         return Ok(());
     }
     let n = t.numel();
+    let mut vals = vec![0f32; CHUNK.min(n)];
     let mut i = 0;
     while i < n {
         let j = (i + CHUNK).min(n);
+        decode_into(t.dtype, t.data, i, &mut vals[..j - i]);
         buf.clear();
-        for k in i..j {
-            push(&mut buf, to, read_f32(t.dtype, t.data, k));
-        }
+        encode(&vals[..j - i], to, &mut buf);
         w.write_all(&buf)?;
         i = j;
     }
