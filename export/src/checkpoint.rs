@@ -218,8 +218,16 @@ fn decode_into(dtype: DType, data: &[u8], start: usize, out: &mut [f32]) {
     let n = out.len();
     match dtype {
         DType::F32 => {
-            for (o, c) in out.iter_mut().zip(data[4 * start..4 * (start + n)].chunks_exact(4)) {
-                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            let src = &data[4 * start..4 * (start + n)];
+            if cfg!(target_endian = "little") {
+                // SAFETY: `out` is n f32s, 4n bytes; any bit pattern is a valid f32, and on a
+                // little-endian machine the file's byte order is the native one.
+                let dst = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut u8, 4 * n) };
+                dst.copy_from_slice(src);
+            } else {
+                for (o, c) in out.iter_mut().zip(src.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
             }
         }
         DType::F16 => {
@@ -238,6 +246,10 @@ fn decode_into(dtype: DType, data: &[u8], start: usize, out: &mut [f32]) {
 /// Encodes f32 values as `to`, appending to `out`.
 fn encode(values: &[f32], to: DType, out: &mut Vec<u8>) {
     match to {
+        DType::F32 if cfg!(target_endian = "little") => {
+            // SAFETY: reading the f32s' bytes; little-endian is the file's byte order.
+            out.extend_from_slice(unsafe { std::slice::from_raw_parts(values.as_ptr() as *const u8, 4 * values.len()) })
+        }
         DType::F32 => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
         DType::F16 => values.iter().for_each(|&v| out.extend_from_slice(&f16::from_f32(v).to_le_bytes())),
         DType::BF16 => values.iter().for_each(|&v| out.extend_from_slice(&bf16::from_f32(v).to_le_bytes())),
