@@ -39,5 +39,11 @@ pub fn load_pipeline(dir: &Path, o: &SessionOptions) -> Result<Pipeline> {
     let mut factory = |kind: blip2_runtime::model::GraphKind, path: &Path| {
         providers::open_session(&profile, kind.name(), path).map_err(|e| RuntimeError::Input(e.to_string()))
     };
-    Ok(Pipeline::load(dir, &mut factory)?)
+    let mut pipe = Pipeline::load(dir, &mut factory)?;
+    // On a GPU the decoder's KV cache stays on the device between steps.
+    let lm = profile.providers_for("language_model");
+    if matches!(lm.first(), Some(providers::Provider::Cuda | providers::Provider::TensorRt)) {
+        pipe.model.keep_cache_on_cuda(profile.device_id)?;
+    }
+    Ok(pipe)
 }

@@ -3,13 +3,13 @@
 //! the attention mask between decode steps. Search talks to it through
 //! [`crate::generation::StepModel`].
 
-use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 use blip2_core::{io, Manifest};
 use ndarray::{Array2, Array3, Array4, ArrayD, Axis, IxDyn};
-use ort::session::{Session, SessionInputValue};
-use ort::value::{DynValue, Tensor};
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::Session;
+use ort::value::{DynTensorValueType, DynValue, Tensor};
 
 use crate::error::RuntimeError;
 
@@ -44,6 +44,8 @@ pub struct Blip2Model {
     pub(crate) text_encoder: Option<Session>,
     /// Whether the LM graph takes and returns fp16 tensors.
     pub(crate) lm_fp16: bool,
+    /// Where the KV cache lives between decode steps (host memory unless set).
+    pub(crate) kv_memory: MemoryInfo<'static>,
 }
 
 fn ort_err(what: impl Into<String>) -> impl FnOnce(ort::Error) -> RuntimeError {
@@ -85,7 +87,9 @@ impl Blip2Model {
             .find(|t| t.name == io::IMAGE_EMBEDS)
             .map(|t| t.dtype == "float16")
             .unwrap_or(false);
-        Ok(Self { manifest, dir: dir.into(), vision, qformer, lm, text_encoder, lm_fp16 })
+        let kv_memory = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)
+            .map_err(ort_err("host memory info"))?;
+        Ok(Self { manifest, dir: dir.into(), vision, qformer, lm, text_encoder, lm_fp16, kv_memory })
     }
 
     /// Vision encoder then Q-Former: pixel values `[B,3,H,W]` to the projected query
@@ -122,6 +126,14 @@ impl Blip2Model {
             ])
             .map_err(ort_err("text encoder"))?;
         to_f32(&out[io::ENCODER_HIDDEN_STATES])
+    }
+
+    /// Keeps the KV cache on a CUDA device between steps (for sessions on the CUDA or
+    /// TensorRT providers); by default it stays in host memory.
+    pub fn keep_cache_on_cuda(&mut self, device_id: i32) -> Result<(), RuntimeError> {
+        self.kv_memory = MemoryInfo::new(AllocationDevice::CUDA, device_id, AllocatorType::Device, MemoryType::Default)
+            .map_err(ort_err("CUDA memory info"))?;
+        Ok(())
     }
 
     /// Whether the language model runs in fp16.
@@ -198,13 +210,15 @@ impl<'m> LmState<'m> {
         let rows = ids.nrows();
         let total = self.mask.first().map(Vec::len).unwrap_or(0);
         let mask = Array2::from_shape_fn((rows, total), |(r, j)| self.mask[r][j]);
-        let layers = self.cache.len() / 2;
-        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(4 + 2 * layers);
-        inputs.push((io::INPUT_IDS.into(), Tensor::from_array(ids).map_err(ort_err("input_ids"))?.into()));
-        inputs.push((io::IMAGE_EMBEDS.into(), image_embeds.into()));
-        inputs.push((io::ATTENTION_MASK.into(), Tensor::from_array(mask).map_err(ort_err("attention_mask"))?.into()));
-        inputs.push((io::POSITION_IDS.into(), Tensor::from_array(pos).map_err(ort_err("position_ids"))?.into()));
-        run_decoder(&mut self.model.lm, inputs, &mut self.cache, "language model")
+        let inputs = [
+            (io::INPUT_IDS, Tensor::from_array(ids).map_err(ort_err("input_ids"))?.into_dyn()),
+            (io::IMAGE_EMBEDS, image_embeds),
+            (io::ATTENTION_MASK, Tensor::from_array(mask).map_err(ort_err("attention_mask"))?.into_dyn()),
+            (io::POSITION_IDS, Tensor::from_array(pos).map_err(ort_err("position_ids"))?.into_dyn()),
+        ];
+        let refs: Vec<(String, &DynValue)> = inputs.iter().map(|(n, v)| (n.to_string(), v)).collect();
+        let m = &mut *self.model;
+        run_decoder(&mut m.lm, &m.kv_memory, &refs, &mut self.cache, "language model")
     }
 
     /// Feeds one token per row and returns the logits of the new position.
@@ -311,19 +325,17 @@ impl<'m> T5State<'m> {
     /// Feeds one decoder token per row and returns the logits of the new position.
     pub fn step(&mut self, tokens: &[i64]) -> Result<Array2<f32>, RuntimeError> {
         let rows = tokens.len();
-        let layers = self.cache.len() / 2;
         let ids = Array2::from_shape_fn((rows, 1), |(r, _)| tokens[r]);
-        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(2 + 4 * layers);
-        inputs.push((io::INPUT_IDS.into(), Tensor::from_array(ids).map_err(ort_err("input_ids"))?.into()));
-        inputs.push((
-            io::ENCODER_ATTENTION_MASK.into(),
-            Tensor::from_array(self.enc_mask.clone()).map_err(ort_err("encoder_attention_mask"))?.into(),
-        ));
+        let ids = Tensor::from_array(ids).map_err(ort_err("input_ids"))?.into_dyn();
+        let mask = Tensor::from_array(self.enc_mask.clone()).map_err(ort_err("encoder_attention_mask"))?.into_dyn();
+        let mut refs: Vec<(String, &DynValue)> =
+            vec![(io::INPUT_IDS.to_string(), &ids), (io::ENCODER_ATTENTION_MASK.to_string(), &mask)];
         for (i, v) in self.cross.iter().enumerate() {
             let name = if i % 2 == 0 { io::cross_key(i / 2) } else { io::cross_value(i / 2) };
-            inputs.push((name.into(), v.into()));
+            refs.push((name, v));
         }
-        let logits = run_decoder(&mut self.model.lm, inputs, &mut self.cache, "text decoder")?;
+        let m = &mut *self.model;
+        let logits = run_decoder(&mut m.lm, &m.kv_memory, &refs, &mut self.cache, "text decoder")?;
         Ok(last_position(&logits))
     }
 
@@ -342,29 +354,50 @@ fn half_value(a: ArrayD<f32>) -> Result<DynValue, RuntimeError> {
     Ok(Tensor::from_array(a.mapv(half::f16::from_f32)).map_err(ort_err("tensor"))?.into_dyn())
 }
 
-/// Runs a decoder graph with its KV cache: `cache` (present.* of the last step, key then
-/// value per layer) is fed as `past_key_values.*` without copies and replaced by this
-/// step's `present.*`. Returns the logits `[rows, seq, vocab]`.
-fn run_decoder<'i>(
+/// Runs a decoder graph with its KV cache through an IO binding: `cache` (present.* of
+/// the last step, key then value per layer) is bound as `past_key_values.*` where it
+/// lies, and this step's `present.*` are allocated on `kv_memory` (the GPU for CUDA
+/// profiles), so the cache never crosses to the host between steps; only the logits come
+/// back to host memory. Returns the logits `[rows, seq, vocab]`.
+fn run_decoder(
     session: &mut Session,
-    mut inputs: Vec<(Cow<'i, str>, SessionInputValue<'i>)>,
+    kv_memory: &MemoryInfo,
+    inputs: &[(String, &DynValue)],
     cache: &mut Vec<DynValue>,
     what: &str,
 ) -> Result<Array3<f32>, RuntimeError> {
     let layers = cache.len() / 2;
-    for (i, v) in std::mem::take(cache).into_iter().enumerate() {
-        let name = if i % 2 == 0 { io::past_key(i / 2) } else { io::past_value(i / 2) };
-        inputs.push((name.into(), v.into()));
-    }
-    let mut out = session.run(inputs).map_err(ort_err(what))?;
+    let bind_err = ort_err(format!("{what}: binding inputs and outputs"));
+    let mut binding = session.create_binding().map_err(ort_err(format!("{what}: creating an IO binding")))?;
+    let bound = (|| -> Result<(), ort::Error> {
+        for (name, v) in inputs {
+            binding.bind_input(name.as_str(), *v)?;
+        }
+        for (i, v) in cache.iter().enumerate() {
+            let name = if i % 2 == 0 { io::past_key(i / 2) } else { io::past_value(i / 2) };
+            binding.bind_input(name, v)?;
+        }
+        for l in 0..layers {
+            binding.bind_output_to_device(io::present_key(l), kv_memory)?;
+            binding.bind_output_to_device(io::present_value(l), kv_memory)?;
+        }
+        let host = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)?;
+        binding.bind_output_to_device(io::LOGITS, &host)?;
+        Ok(())
+    })();
+    bound.map_err(bind_err)?;
+    let mut out = session.run_binding(&binding).map_err(ort_err(what))?;
+    let mut next = Vec::with_capacity(2 * layers);
     for l in 0..layers {
         for name in [io::present_key(l), io::present_value(l)] {
-            cache.push(out.remove(name.as_str()).ok_or(RuntimeError::MissingOutput(name))?);
+            next.push(out.remove(name.as_str()).ok_or(RuntimeError::MissingOutput(name))?);
         }
     }
     let logits = out.get(io::LOGITS).ok_or_else(|| RuntimeError::MissingOutput(io::LOGITS.into()))?;
     let a = logits.try_extract_array::<f32>().map_err(ort_err("logits"))?;
-    a.to_owned().into_dimensionality().map_err(|_| RuntimeError::MissingOutput("3-D logits".into()))
+    let a = a.to_owned().into_dimensionality().map_err(|_| RuntimeError::MissingOutput("3-D logits".into()))?;
+    *cache = next;
+    Ok(a)
 }
 
 /// The logits of the last position of each row, `[rows, vocab]`.
@@ -377,6 +410,15 @@ fn select<T>(v: &DynValue, rows: &[usize]) -> Result<DynValue, RuntimeError>
 where
     T: ort::value::PrimitiveTensorElementType + Clone + std::fmt::Debug + 'static,
 {
+    // A cache kept on a GPU comes to the host for reordering (beam search only).
+    let tensor = v.view().downcast::<DynTensorValueType>().map_err(ort_err("KV cache"))?;
+    let host;
+    let v = if tensor.memory_info().is_cpu_accessible() {
+        v
+    } else {
+        host = tensor.to(AllocationDevice::CPU, 0).map_err(ort_err("copying the KV cache to the host"))?.into_dyn();
+        &host
+    };
     let a = v.try_extract_array::<T>().map_err(ort_err("KV cache"))?;
     let picked = a.select(Axis(0), rows);
     Ok(Tensor::from_array(picked).map_err(ort_err("KV cache"))?.into_dyn())
