@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use blip2_core::Dim;
 
-use crate::checkpoint::{write_converted, Checkpoint, DType};
+use crate::checkpoint::{write_converted, Checkpoint, DType, Quantizer};
 use crate::error::{ExportError, Result};
 use crate::onnx::{Attr, Elem, Graph, InitData, Initializer, Node, Tensor, ValueInfo};
 
@@ -24,6 +24,10 @@ pub struct Builder<'a> {
     weights: HashMap<String, String>,
     node_names: std::collections::HashSet<String>,
     pub weight_bytes: u64,
+    /// Weight-only quantization of this graph's projections (MatMulNBits), if asked for.
+    pub quant: Option<(u32, usize)>,
+    /// Whether a com.microsoft operator was emitted (the model then imports that domain).
+    pub uses_ms_domain: bool,
 }
 
 impl<'a> Builder<'a> {
@@ -39,6 +43,8 @@ impl<'a> Builder<'a> {
             weights: HashMap::new(),
             node_names: Default::default(),
             weight_bytes: 0,
+            quant: None,
+            uses_ms_domain: false,
         }
     }
 
@@ -171,6 +177,63 @@ impl<'a> Builder<'a> {
         Ok(name.into())
     }
 
+    /// `x @ W^T` for a checkpoint `[N, K]` weight with ONNX Runtime's MatMulNBits
+    /// (com.microsoft): the weight stored quantized in its checkpoint layout, activations
+    /// quantized to int8 inside the kernel (accuracy_level 4) for speed.
+    ///
+    /// ```text
+    ///   x ──MatMulNBits(W_q [N, blocks, blob], scales [N*blocks]) ─▶ [.., N]
+    /// ```
+    pub fn matmul_nbits(&mut self, path: &str, x: &str, name: &str, n: usize, k: usize) -> Result<String> {
+        let (bits, block) = self.quant.expect("quantization is on");
+        let t = self.ck.get_shaped(name, &[n, k])?;
+        let q = Quantizer { bits, block };
+        let blocks = q.blocks(k);
+        let values = format!("{name}.quantized");
+        let scales = format!("{name}.scales");
+        let vlen = (n * blocks * q.blob()) as u64;
+        let slen = (n * blocks * 4) as u64;
+        self.weight_bytes += vlen + slen;
+        let ck = self.ck;
+        let owned = name.to_string();
+        let doc = Some(format!("{bits}-bit blocks of {block} of {name}, for MatMulNBits"));
+        let write_values = Box::new(move |w: &mut dyn std::io::Write| {
+            Quantizer { bits, block }.write_values(&t, w)?;
+            ck.release(&owned);
+            Ok(())
+        });
+        self.inits.push(Initializer {
+            name: values.clone(),
+            elem: Elem::U8,
+            dims: vec![n as i64, blocks as i64, q.blob() as i64],
+            doc,
+            data: InitData::Stream { len: vlen, write: write_values },
+        });
+        let write_scales = Box::new(move |w: &mut dyn std::io::Write| Quantizer { bits, block }.write_scales(&t, w));
+        self.inits.push(Initializer {
+            name: scales.clone(),
+            elem: Elem::F32,
+            dims: vec![(n * blocks) as i64],
+            doc: None,
+            data: InitData::Stream { len: slen, write: write_scales },
+        });
+        self.uses_ms_domain = true;
+        let out = self.op(
+            path,
+            "MatMulNBits",
+            &[x, &values, &scales],
+            vec![
+                ("K", Attr::Int(k as i64)),
+                ("N", Attr::Int(n as i64)),
+                ("bits", Attr::Int(bits as i64)),
+                ("block_size", Attr::Int(block as i64)),
+                ("accuracy_level", Attr::Int(4)),
+            ],
+        );
+        self.nodes.last_mut().expect("just added").domain = "com.microsoft".into();
+        Ok(out)
+    }
+
     pub fn has(&self, name: &str) -> bool {
         self.ck.contains(name)
     }
@@ -200,13 +263,22 @@ impl<'a> Builder<'a> {
 ///   x ──MatMul(W^T)──Add(b)──▶
 /// ```
 pub fn linear(b: &mut Builder, path: &str, x: &str, prefix: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<String> {
-    let w = b.weight_t(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
-    let y = b.op(&format!("{path}/MatMul"), "MatMul", &[x, &w], vec![]);
+    let y = project(b, path, x, &format!("{prefix}.weight"), in_dim, out_dim)?;
     if !bias {
         return Ok(y);
     }
     let bv = b.weight(&format!("{prefix}.bias"), &[out_dim])?;
     Ok(b.op(&format!("{path}/Add"), "Add", &[&y, &bv], vec![]))
+}
+
+/// `x @ W^T` for a checkpoint `[out, in]` weight: MatMul on the transposed weight, or
+/// MatMulNBits on the quantized one when the graph is quantized.
+pub fn project(b: &mut Builder, path: &str, x: &str, name: &str, in_dim: usize, out_dim: usize) -> Result<String> {
+    if b.quant.is_some() {
+        return b.matmul_nbits(&format!("{path}/MatMulNBits"), x, name, out_dim, in_dim);
+    }
+    let w = b.weight_t(name, &[out_dim, in_dim])?;
+    Ok(b.op(&format!("{path}/MatMul"), "MatMul", &[x, &w], vec![]))
 }
 
 /// LayerNormalization over the last axis with `{prefix}.weight` and `{prefix}.bias`.

@@ -303,6 +303,76 @@ pub fn write_converted(t: &TensorView<'_>, to: DType, transpose: bool, w: &mut d
     Ok(())
 }
 
+/// Weight-only quantization of a `[N, K]` tensor for ONNX Runtime's MatMulNBits: each
+/// row in blocks of `block` along K, symmetric, one f32 scale per block, values offset by
+/// the operator's default zero point (2^(bits-1)); 4-bit values pack two to a byte, low
+/// nibble first. A partial last block is padded with zeros.
+pub struct Quantizer {
+    pub bits: u32,
+    pub block: usize,
+}
+
+impl Quantizer {
+    pub fn blocks(&self, k: usize) -> usize {
+        k.div_ceil(self.block)
+    }
+    /// Bytes of one quantized block.
+    pub fn blob(&self) -> usize {
+        self.block * self.bits as usize / 8
+    }
+
+    fn row_blocks(&self, t: &TensorView<'_>, n: usize, row: &mut [f32], mut f: impl FnMut(&[f32], f32)) {
+        let k = t.shape[1];
+        decode_into(t.dtype, t.data, n * k, &mut row[..k]);
+        row[k..].fill(0.0);
+        let qmax = ((1u32 << (self.bits - 1)) - 1) as f32;
+        for b in row.chunks(self.block) {
+            let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            f(b, amax / qmax);
+        }
+    }
+
+    /// The packed values, `[N, blocks, blob]` bytes.
+    pub fn write_values(&self, t: &TensorView<'_>, w: &mut dyn Write) -> std::io::Result<()> {
+        let (n_rows, k) = (t.shape[0], t.shape[1]);
+        let mut row = vec![0f32; self.blocks(k) * self.block];
+        let zp = 1i32 << (self.bits - 1);
+        let top = (1i32 << self.bits) - 1;
+        let mut out = Vec::with_capacity(row.len());
+        for n in 0..n_rows {
+            out.clear();
+            self.row_blocks(t, n, &mut row, |b, scale| {
+                let q = |v: f32| -> u8 {
+                    let x = if scale > 0.0 { (v / scale).round() as i32 } else { 0 };
+                    (x + zp).clamp(0, top) as u8
+                };
+                if self.bits == 8 {
+                    out.extend(b.iter().map(|&v| q(v)));
+                } else {
+                    out.extend(b.chunks(2).map(|p| q(p[0]) | (q(p[1]) << 4)));
+                }
+            });
+            w.write_all(&out)?;
+        }
+        Ok(())
+    }
+
+    /// The scales, `[N * blocks]` f32.
+    pub fn write_scales(&self, t: &TensorView<'_>, w: &mut dyn Write) -> std::io::Result<()> {
+        let (n_rows, k) = (t.shape[0], t.shape[1]);
+        let mut row = vec![0f32; self.blocks(k) * self.block];
+        let mut scales = Vec::with_capacity(self.blocks(k));
+        for n in 0..n_rows {
+            scales.clear();
+            self.row_blocks(t, n, &mut row, |_, scale| scales.push(scale));
+            let mut bytes = Vec::with_capacity(4 * scales.len());
+            encode(&scales, DType::F32, &mut bytes);
+            w.write_all(&bytes)?;
+        }
+        Ok(())
+    }
+}
+
 /// Reads a whole (small) tensor as f32 values.
 pub fn to_f32_vec(t: &TensorView<'_>) -> Vec<f32> {
     (0..t.numel()).map(|i| read_f32(t.dtype, t.data, i)).collect()

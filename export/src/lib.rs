@@ -70,6 +70,30 @@ pub struct ExportOptions {
     pub prompts: blip2_core::PromptTemplates,
     /// Put weights in external data files even when under 2 GB (tests use this).
     pub force_external_data: bool,
+    /// Weight-only quantization of the vision encoder's and language model's projections.
+    pub quantize: Option<Quantize>,
+}
+
+/// `--quantize`: MatMulNBits weights in blocks of 32, symmetric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quantize {
+    Int8,
+    Int4,
+}
+
+impl Quantize {
+    pub fn name(self) -> &'static str {
+        match self {
+            Quantize::Int8 => "int8",
+            Quantize::Int4 => "int4",
+        }
+    }
+    fn bits_block(self) -> (u32, usize) {
+        match self {
+            Quantize::Int8 => (8, 32),
+            Quantize::Int4 => (4, 32),
+        }
+    }
 }
 
 impl Default for ExportOptions {
@@ -82,6 +106,7 @@ impl Default for ExportOptions {
             max_context: 512,
             prompts: Default::default(),
             force_external_data: false,
+            quantize: None,
         }
     }
 }
@@ -161,12 +186,16 @@ fn write_graph(
     progress: &mut dyn Progress,
 ) -> Result<GraphInfo> {
     progress.stage(name, b.weight_bytes);
+    let mut opsets = vec![(String::new(), onnx::OPSET)];
+    if b.uses_ms_domain {
+        opsets.push(("com.microsoft".to_string(), 1));
+    }
     let graph = b.finish(name);
     let inputs = tensor_infos(&graph.inputs);
     let outputs = tensor_infos(&graph.outputs);
     let model = Model {
         graph,
-        opsets: vec![(String::new(), onnx::OPSET)],
+        opsets,
         producer: "blip2-ort".into(),
         metadata: vec![("source".into(), opts.source_label.clone())],
     };
@@ -185,7 +214,15 @@ fn write_all(files: &SourceFiles, ck: &Checkpoint, dir: &Path, opts: &ExportOpti
     let positions = (v.image_size / v.patch_size).pow(2) + 1;
     let text_hidden = cfg.text.hidden_size();
 
+    if opts.quantize.is_some() && opts.dtype == ExportDtype::Fp16 {
+        return Err(ExportError::Config {
+            path: "--quantize".into(),
+            message: "quantized exports keep fp32 activations; use --dtype fp32 with --quantize".into(),
+        });
+    }
+    let quant = opts.quantize.map(Quantize::bits_block);
     let mut b = Builder::new(ck, lm_float);
+    b.quant = quant;
     vision::build(&mut b, v)?;
     let vision_info = write_graph(b, "vision_encoder", io::VISION_ENCODER_FILE, dir, opts, progress)?;
 
@@ -196,6 +233,7 @@ fn write_all(files: &SourceFiles, ck: &Checkpoint, dir: &Path, opts: &ExportOpti
     let (family, text_encoder, lm_info, text_cfg) = match &cfg.text {
         TextModel::Opt(text) => {
             let mut b = Builder::new(ck, lm_float);
+            b.quant = quant;
             opt::build(&mut b, text, files.image_token_id)?;
             let lm_info = write_graph(b, "language_model", io::LANGUAGE_MODEL_FILE, dir, opts, progress)?;
             let tc = blip2_core::TextConfig {
@@ -211,9 +249,11 @@ fn write_all(files: &SourceFiles, ck: &Checkpoint, dir: &Path, opts: &ExportOpti
         }
         TextModel::T5(text) => {
             let mut b = Builder::new(ck, lm_float);
+            b.quant = quant;
             t5::build_encoder(&mut b, text, files.image_token_id)?;
             let enc_info = write_graph(b, "text_encoder", io::TEXT_ENCODER_FILE, dir, opts, progress)?;
             let mut b = Builder::new(ck, lm_float);
+            b.quant = quant;
             t5::build_decoder(&mut b, text, text.scale_output())?;
             let lm_info = write_graph(b, "language_model", io::LANGUAGE_MODEL_FILE, dir, opts, progress)?;
             let tc = blip2_core::TextConfig {
@@ -237,6 +277,7 @@ fn write_all(files: &SourceFiles, ck: &Checkpoint, dir: &Path, opts: &ExportOpti
         revision: opts.revision.clone(),
         family: family.into(),
         dtype: opts.dtype.name().into(),
+        quantization: opts.quantize.map(|q| q.name().to_string()),
         graphs: Graphs { vision_encoder: vision_info, qformer: qformer_info, language_model: lm_info, text_encoder },
         tokens: files.special_tokens(),
         num_query_tokens: files.num_query_tokens,

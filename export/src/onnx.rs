@@ -16,6 +16,7 @@ use blip2_core::Dim;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Elem {
     F32 = 1,
+    U8 = 2,
     I32 = 6,
     I64 = 7,
     Bool = 9,
@@ -26,6 +27,7 @@ impl Elem {
     pub fn name(self) -> &'static str {
         match self {
             Elem::F32 => "float32",
+            Elem::U8 => "uint8",
             Elem::I32 => "int32",
             Elem::I64 => "int64",
             Elem::Bool => "bool",
@@ -36,7 +38,7 @@ impl Elem {
         match self {
             Elem::F32 | Elem::I32 => 4,
             Elem::I64 => 8,
-            Elem::Bool => 1,
+            Elem::Bool | Elem::U8 => 1,
             Elem::F16 => 2,
         }
     }

@@ -60,8 +60,7 @@ pub fn build(b: &mut Builder, c: &OptConfig, image_token_id: i64) -> Result<()> 
 
     // Tied embeddings are read once: Gemm's transB uses embed_tokens as stored.
     let head = if c.tie_word_embeddings { format!("{P}.embed_tokens.weight") } else { "language_model.lm_head.weight".into() };
-    let w = b.weight(&head, &[c.vocab_size, d])?;
-    let logits = lm_head(b, &h, &w, &ids, d, c.vocab_size);
+    let logits = lm_head(b, &h, &head, &ids, d, c.vocab_size)?;
     b.output(&logits, io::LOGITS, Elem::F32, vec![named(io::DIM_BATCH), named(io::DIM_SEQUENCE), Dim::Fixed(c.vocab_size as i64)]);
     Ok(())
 }
@@ -114,8 +113,15 @@ pub(crate) fn scatter_image_embeds(b: &mut Builder, ids: &str, img: &str, tok: &
 
 /// Logits `[B, S, V]` in float32 from hidden states `[B, S, D]` and a `[V, D]` table, read
 /// as stored (Gemm's transB), so a table tied to the embeddings is not copied.
-pub(crate) fn lm_head(b: &mut Builder, h: &str, w: &str, ids: &str, hidden: usize, vocab: usize) -> String {
+pub(crate) fn lm_head(b: &mut Builder, h: &str, head: &str, ids: &str, hidden: usize, vocab: usize) -> Result<String> {
     let float = b.float;
+    if b.quant.is_some() {
+        // The table is [V, D], MatMulNBits' own layout: no reshape around it.
+        let logits = b.matmul_nbits("/lm/lm_head/MatMulNBits", h, head, vocab, hidden)?;
+        return Ok(b.cast("/lm/lm_head/Cast", &logits, float, Elem::F32));
+    }
+    let w = b.weight(head, &[vocab, hidden])?;
+    let w = w.as_str();
     let flat_shape = b.ints(&[-1, hidden as i64]);
     let flat = b.op("/lm/lm_head/Reshape", "Reshape", &[h, &flat_shape], vec![]);
     let logits = b.op("/lm/lm_head/Gemm", "Gemm", &[&flat, w], vec![("transB", Attr::Int(1))]);
@@ -124,7 +130,7 @@ pub(crate) fn lm_head(b: &mut Builder, h: &str, w: &str, ids: &str, hidden: usiz
     let v = b.ints(&[vocab as i64]);
     let out_shape = b.op("/lm/lm_head/Concat", "Concat", &[&batch, &seq, &v], vec![("axis", Attr::Int(0))]);
     let logits = b.op("/lm/lm_head/Reshape_1", "Reshape", &[&logits, &out_shape], vec![]);
-    b.cast("/lm/lm_head/Cast", &logits, float, Elem::F32)
+    Ok(b.cast("/lm/lm_head/Cast", &logits, float, Elem::F32))
 }
 
 /// Which keys each query may see: key j is allowed for the query at absolute position

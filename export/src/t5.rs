@@ -110,8 +110,7 @@ fn rms_norm(b: &mut Builder, path: &str, x: &str, prefix: &str, dim: usize, eps:
 
 /// A bias-free projection `x @ W^T` in the graph's float type.
 fn proj(b: &mut Builder, path: &str, x: &str, name: &str, in_dim: usize, out_dim: usize) -> Result<String> {
-    let w = b.weight_t(name, &[out_dim, in_dim])?;
-    Ok(b.op(&format!("{path}/MatMul"), "MatMul", &[x, &w], vec![]))
+    crate::builder::project(b, path, x, name, in_dim, out_dim)
 }
 
 /// Adds a sublayer output (graph float type) to the fp32 residual stream.
@@ -329,8 +328,7 @@ pub fn build_decoder(b: &mut Builder, c: &T5Config, scale_output: bool) -> Resul
         out = b.op("/lm/decoder/scale/Mul", "Mul", &[&out, &s], vec![]);
     }
     let head = if b.has(&format!("{P}.lm_head.weight")) { format!("{P}.lm_head.weight") } else { embedding_name(b) };
-    let w = b.weight(&head, &[c.vocab_size, d])?;
-    let logits = crate::opt::lm_head(b, &out, &w, &ids, d, c.vocab_size);
+    let logits = crate::opt::lm_head(b, &out, &head, &ids, d, c.vocab_size)?;
     b.output(&logits, io::LOGITS, Elem::F32, vec![named(io::DIM_BATCH), named(io::DIM_SEQUENCE), Dim::Fixed(c.vocab_size as i64)]);
     Ok(())
 }

@@ -26,6 +26,16 @@ pub struct ExportArgs {
     /// Context limit (tokens) recorded for prompts and chat history.
     #[arg(long, default_value_t = 512)]
     pub max_context: usize,
+    /// Weight-only quantization of the vision encoder and language model (MatMulNBits,
+    /// blocks of 32): int8 or int4. The Q-Former stays fp32. Needs --dtype fp32.
+    #[arg(long, value_enum)]
+    pub quantize: Option<Quant>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum Quant {
+    Int8,
+    Int4,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -73,13 +83,24 @@ pub fn run(a: &ExportArgs, quiet: bool) -> Result<()> {
         revision: a.revision.clone(),
         force: a.force,
         max_context: a.max_context,
+        quantize: a.quantize.map(|q| match q {
+            Quant::Int8 => blip2_export::Quantize::Int8,
+            Quant::Int4 => blip2_export::Quantize::Int4,
+        }),
         ..Default::default()
     };
     let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
     bar.set_style(ProgressStyle::with_template("{msg:16} {bar:40} {bytes}/{total_bytes} {eta}").expect("valid template"));
     let manifest = blip2_export::export(&src, &a.output, &opts, &mut Bars { bar })?;
     if !quiet {
-        eprintln!("exported {} ({}, {}) in {:.1}s", a.model, manifest.family, manifest.dtype, start.elapsed().as_secs_f64());
+        let quant = manifest.quantization.as_deref().map(|q| format!(", {q} weights")).unwrap_or_default();
+        eprintln!(
+            "exported {} ({}, {}{quant}) in {:.1}s",
+            a.model,
+            manifest.family,
+            manifest.dtype,
+            start.elapsed().as_secs_f64()
+        );
         for f in blip2_export::export_files(&manifest) {
             let p = a.output.join(&f);
             let size = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);

@@ -18,6 +18,10 @@ pub struct Manifest {
     /// Weight dtype of the vision encoder and language model ("fp32" or "fp16").
     /// The Q-Former always runs in fp32.
     pub dtype: String,
+    /// Weight-only quantization of the vision encoder and language model ("int8",
+    /// "int4"), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<String>,
     pub graphs: Graphs,
     pub tokens: SpecialTokens,
     pub num_query_tokens: usize,
