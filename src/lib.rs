@@ -84,3 +84,47 @@ pub fn session_factory() -> impl FnMut(
 mod ort_session {
     pub use blip2_runtime::ort_reexport::session::Session;
 }
+
+/// A search config from a recorded generate() call's keyword arguments, over the
+/// model's defaults.
+pub fn config(p: &blip2_runtime::pipeline::Pipeline, kw: &serde_json::Value) -> blip2_runtime::generation::GenerationConfig {
+    let mut c = p.default_config();
+    let u = |k: &str| kw.get(k).and_then(serde_json::Value::as_u64).map(|v| v as usize);
+    let f = |k: &str| kw.get(k).and_then(serde_json::Value::as_f64);
+    if let Some(v) = u("max_new_tokens") {
+        c.max_new_tokens = v;
+    }
+    if let Some(v) = u("min_new_tokens") {
+        c.min_new_tokens = v;
+    }
+    if let Some(v) = u("num_beams") {
+        c.num_beams = v;
+    }
+    if let Some(v) = u("num_return_sequences") {
+        c.num_return_sequences = v;
+    }
+    if let Some(v) = u("no_repeat_ngram_size") {
+        c.no_repeat_ngram_size = v;
+    }
+    if let Some(v) = f("length_penalty") {
+        c.length_penalty = v;
+    }
+    if let Some(v) = f("repetition_penalty") {
+        c.repetition_penalty = v;
+    }
+    if let Some(v) = kw.get("early_stopping").and_then(serde_json::Value::as_bool) {
+        c.early_stopping = blip2_runtime::generation::EarlyStopping::from(v);
+    }
+    c
+}
+
+/// A JSON array of integers.
+pub fn ids(v: &serde_json::Value) -> Vec<i64> {
+    v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect()
+}
+
+/// A photo in tests/data/photos.
+pub fn photo(name: &str) -> PathBuf {
+    root().join("tests/data/photos").join(name)
+}
+

@@ -7,8 +7,8 @@
 
 use std::path::PathBuf;
 
-use blip2_ort_suite::{fixture, root, session_factory, temp_dir, ALL_CHECKPOINTS};
-use blip2_runtime::generation::{EarlyStopping, GenerationConfig};
+use blip2_ort_suite::{config, fixture, ids, photo, session_factory, temp_dir, ALL_CHECKPOINTS};
+use blip2_runtime::generation::GenerationConfig;
 use blip2_runtime::pipeline::Pipeline;
 use serde_json::Value;
 
@@ -22,45 +22,6 @@ fn export(name: &str, test: &str) -> PathBuf {
 fn cases(name: &str) -> Value {
     let p = fixture(name).join("reference").join("generate.json");
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
-}
-
-fn config(p: &Pipeline, kw: &Value) -> GenerationConfig {
-    let mut c = p.default_config();
-    let u = |k: &str| kw.get(k).and_then(Value::as_u64).map(|v| v as usize);
-    let f = |k: &str| kw.get(k).and_then(Value::as_f64);
-    if let Some(v) = u("max_new_tokens") {
-        c.max_new_tokens = v;
-    }
-    if let Some(v) = u("min_new_tokens") {
-        c.min_new_tokens = v;
-    }
-    if let Some(v) = u("num_beams") {
-        c.num_beams = v;
-    }
-    if let Some(v) = u("num_return_sequences") {
-        c.num_return_sequences = v;
-    }
-    if let Some(v) = u("no_repeat_ngram_size") {
-        c.no_repeat_ngram_size = v;
-    }
-    if let Some(v) = f("length_penalty") {
-        c.length_penalty = v;
-    }
-    if let Some(v) = f("repetition_penalty") {
-        c.repetition_penalty = v;
-    }
-    if let Some(v) = kw.get("early_stopping").and_then(Value::as_bool) {
-        c.early_stopping = EarlyStopping::from(v);
-    }
-    c
-}
-
-fn ids(v: &Value) -> Vec<i64> {
-    v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect()
-}
-
-fn photo(name: &str) -> PathBuf {
-    root().join("tests/data/photos").join(name)
 }
 
 #[test]

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use blip2_export::{ExportOptions, Quantize};
-use blip2_ort_suite::{fixture, max_abs_diff, read_npy, root, session_factory, temp_dir};
+use blip2_ort_suite::{config, fixture, ids, max_abs_diff, photo, read_npy, session_factory, temp_dir};
 use blip2_runtime::model::{f32_value, Blip2Model, LmState};
 use blip2_runtime::pipeline::Pipeline;
 use ndarray::{ArrayD, IxDyn};
@@ -17,10 +17,6 @@ fn export(name: &str, q: Quantize) -> PathBuf {
     let opts = ExportOptions { quantize: Some(q), ..Default::default() };
     blip2_export::export(&fixture(name).join("checkpoint"), &out, &opts, &mut blip2_export::NoProgress).unwrap();
     out
-}
-
-fn ids(v: &Value) -> Vec<i64> {
-    v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect()
 }
 
 /// (prefill logit error / scale, agreeing tokens, total tokens)
@@ -50,19 +46,10 @@ fn measure(name: &str, q: Quantize) -> (f32, usize, usize) {
             .as_array()
             .unwrap()
             .iter()
-            .map(|s| p.load_image(&root().join("tests/data/photos").join(s.as_str().unwrap())).unwrap())
+            .map(|s| p.load_image(&photo(s.as_str().unwrap())).unwrap())
             .collect();
         let prompts: Vec<String> = case["prompts"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().into()).collect();
-        let kw = &case["generate"];
-        let mut cfg = p.default_config();
-        let u = |k: &str| kw.get(k).and_then(Value::as_u64).map(|v| v as usize);
-        cfg.max_new_tokens = u("max_new_tokens").unwrap_or(cfg.max_new_tokens);
-        cfg.min_new_tokens = u("min_new_tokens").unwrap_or(0);
-        cfg.num_beams = u("num_beams").unwrap_or(1);
-        cfg.num_return_sequences = u("num_return_sequences").unwrap_or(1);
-        cfg.no_repeat_ngram_size = u("no_repeat_ngram_size").unwrap_or(0);
-        cfg.length_penalty = kw.get("length_penalty").and_then(Value::as_f64).unwrap_or(1.0);
-        cfg.repetition_penalty = kw.get("repetition_penalty").and_then(Value::as_f64).unwrap_or(1.0);
+        let cfg = config(&p, &case["generate"]);
         let got = p.generate(&images, &prompts, &cfg).unwrap();
         let want: Vec<Vec<i64>> = case["sequences"].as_array().unwrap().iter().map(ids).collect();
         for (g, w) in got.iter().flatten().zip(&want) {
