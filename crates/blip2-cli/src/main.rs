@@ -2,6 +2,7 @@
 //! This binary only parses flags and wires the library crates together.
 
 mod batch;
+mod bench_cmd;
 mod export_cmd;
 mod hub;
 mod infer_cmd;
@@ -25,6 +26,8 @@ enum Command {
     Export(export_cmd::ExportArgs),
     /// Caption, answer questions about, or chat about images with an exported model.
     Infer(infer_cmd::InferArgs),
+    /// Time generation and its pieces on random images (JSON comparable with hf_generate_bench.py).
+    Bench(bench_cmd::BenchArgs),
     /// Install the ONNX Runtime library (from the onnxruntime wheel, with pip) into the cache.
     InstallRuntime {
         /// The CUDA 13 build (onnxruntime-gpu) with the CUDA and TensorRT providers.
@@ -48,6 +51,7 @@ fn main() {
     let result = match &cli.command {
         Command::Export(a) => export_cmd::run(a, cli.quiet).map(|_| 0),
         Command::Infer(a) => infer_cmd::run(a, cli.quiet),
+        Command::Bench(a) => bench_cmd::run(a, cli.quiet),
         Command::InstallRuntime { gpu } => install_runtime(*gpu, cli.quiet),
     };
     match result {

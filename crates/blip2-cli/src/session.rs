@@ -35,7 +35,7 @@ pub fn profile(o: &SessionOptions) -> Result<Profile> {
 
 pub fn load_pipeline(dir: &Path, o: &SessionOptions) -> Result<Pipeline> {
     let profile = profile(o)?;
-    blip2_runtime::ort_env::init()?;
+    blip2_runtime::ort_env::init_with_threads(profile.intra_op_threads)?;
     let mut factory = |kind: blip2_runtime::model::GraphKind, path: &Path| {
         providers::open_session(&profile, kind.name(), path).map_err(|e| RuntimeError::Input(e.to_string()))
     };

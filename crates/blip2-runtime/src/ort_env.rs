@@ -148,9 +148,26 @@ pub fn init() -> Result<(), RuntimeSetupError> {
     environment().map(|_| ())
 }
 
+/// [`init`], with one intra-op thread pool of `intra_op_threads` threads (`None`: ONNX
+/// Runtime's default, one per physical core) shared by every session of the process
+/// instead of a pool per session. A pipeline runs its sessions one after another; with a
+/// pool each, the threads of the session that just finished keep spinning for work
+/// while the next one runs, and on a machine with few cores that costs ~15% of a
+/// caption (measured in docs/PERFORMANCE.md). Sessions' own thread counts are then
+/// ignored. Only the first initialisation of the process decides.
+pub fn init_with_threads(intra_op_threads: Option<usize>) -> Result<(), RuntimeSetupError> {
+    environment_with(Some(intra_op_threads.unwrap_or(0))).map(|_| ())
+}
+
 /// The environment sessions are built in (`Session::builder(environment()?)`);
 /// initialises on first use.
 pub fn environment() -> Result<&'static Environment, RuntimeSetupError> {
+    environment_with(None)
+}
+
+/// The environment, created with a shared pool of `shared_pool` threads (0: default)
+/// if this call creates it.
+fn environment_with(shared_pool: Option<usize>) -> Result<&'static Environment, RuntimeSetupError> {
     if let Some((env, _)) = ENV.get() {
         return Ok(env);
     }
@@ -161,7 +178,15 @@ pub fn environment() -> Result<&'static Environment, RuntimeSetupError> {
     let path = find_dylib()?;
     let builder =
         ort::init_from(&path).map_err(|e| RuntimeSetupError::Load { path: path.clone(), message: e.to_string() })?;
-    let env = builder.with_name("blip2-ort").with_telemetry(false).build().map_err(RuntimeSetupError::Environment)?;
+    let mut builder = builder.with_name("blip2-ort").with_telemetry(false);
+    if let Some(n) = shared_pool {
+        let pool = ort::environment::GlobalThreadPoolOptions::default()
+            .with_intra_threads(n)
+            .and_then(|o| o.with_inter_threads(1))
+            .map_err(RuntimeSetupError::Environment)?;
+        builder = builder.with_global_thread_pool(pool);
+    }
+    let env = builder.build().map_err(RuntimeSetupError::Environment)?;
     let _ = ENV.set((env, path));
     Ok(&ENV.get().expect("set just above").0)
 }

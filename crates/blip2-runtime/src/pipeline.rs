@@ -1,13 +1,15 @@
 //! The tasks, end to end: images and prompts in, generated tokens and text out. Wires
 //! preprocessing, prompt assembly, the model state and the search together.
 
+use std::collections::VecDeque;
 use std::path::Path;
 
 use image::DynamicImage;
+use ndarray::{Array3, Array4, ArrayD, Axis, IxDyn};
 
 use crate::error::RuntimeError;
 use crate::generation::{self, GenerationConfig, GenerationError, Prompt, StepModel};
-use crate::model::{to_f32, Blip2Model, LmState, SessionFactory, T5State};
+use crate::model::{lm_value, to_f32, Blip2Model, LmState, SessionFactory, T5State};
 use crate::preprocess::{self, ImageLimits};
 use crate::prompt::Prompter;
 
@@ -23,6 +25,60 @@ pub struct Pipeline {
     pub model: Blip2Model,
     pub prompter: Prompter,
     pub limits: ImageLimits,
+    embed_cache: EmbedCache,
+}
+
+/// How many images' query embeddings [`Pipeline`] keeps by default: enough for a chat
+/// or a few questions about the same images, small next to the model (~100 KB each for
+/// OPT-2.7b's 32 x 2560, plus the image's 600 KB of pixel values to check a hit exactly).
+pub const DEFAULT_EMBED_CACHE: usize = 8;
+
+/// Vision encoder + Q-Former output of recently seen images, least recently used first
+/// to go. Keyed by a hash of the pixel values, a hit confirmed by comparing them all, so
+/// a collision can never hand back another image's embeddings.
+struct EmbedCache {
+    capacity: usize,
+    /// (hash, pixel values `[3, H, W]`, embeddings `[num_query_tokens, hidden]` as f32),
+    /// most recently used last.
+    entries: VecDeque<(u64, Array3<f32>, ArrayD<f32>)>,
+    hits: u64,
+    misses: u64,
+}
+
+impl EmbedCache {
+    fn new(capacity: usize) -> Self {
+        Self { capacity, entries: VecDeque::new(), hits: 0, misses: 0 }
+    }
+
+    fn get(&mut self, hash: u64, px: ndarray::ArrayView3<'_, f32>) -> Option<ArrayD<f32>> {
+        let i = self.entries.iter().position(|(h, p, _)| *h == hash && p.view() == px)?;
+        let e = self.entries.remove(i).expect("index from position");
+        let embeds = e.2.clone();
+        self.entries.push_back(e);
+        Some(embeds)
+    }
+
+    fn put(&mut self, hash: u64, px: Array3<f32>, embeds: ArrayD<f32>) {
+        if self.capacity == 0 {
+            return;
+        }
+        while self.entries.len() >= self.capacity {
+            self.entries.pop_front();
+        }
+        self.entries.push_back((hash, px, embeds));
+    }
+}
+
+/// A fast 64-bit hash of pixel values (multiply-xor over the f32 bits). Only picks the
+/// candidate: equality is checked on the values themselves.
+fn pixel_hash(px: ndarray::ArrayView3<'_, f32>) -> u64 {
+    const K: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut h = K ^ px.len() as u64;
+    for &x in px.iter() {
+        h = (h ^ u64::from(x.to_bits())).wrapping_mul(K);
+        h ^= h >> 32;
+    }
+    h
 }
 
 impl StepModel for LmState<'_> {
@@ -56,7 +112,68 @@ impl Pipeline {
     pub fn load(dir: &Path, factory: &mut SessionFactory<'_>) -> Result<Self, RuntimeError> {
         let model = Blip2Model::load(dir, factory)?;
         let prompter = Prompter::load(dir, &model.manifest)?;
-        Ok(Self { model, prompter, limits: ImageLimits::default() })
+        Ok(Self { model, prompter, limits: ImageLimits::default(), embed_cache: EmbedCache::new(DEFAULT_EMBED_CACHE) })
+    }
+
+    /// How many images' embeddings to keep (0 turns the cache off and drops its entries).
+    pub fn set_embed_cache_capacity(&mut self, capacity: usize) {
+        self.embed_cache = EmbedCache::new(capacity);
+    }
+
+    /// (hits, misses) of the image-embedding cache so far, counted per image.
+    pub fn embed_cache_stats(&self) -> (u64, u64) {
+        (self.embed_cache.hits, self.embed_cache.misses)
+    }
+
+    /// Vision encoder + Q-Former for a batch, `[B, num_query_tokens, hidden]` as f32.
+    /// Images seen recently come from the cache; the others (each distinct one once) run
+    /// as one batch.
+    pub fn image_embeds(&mut self, pixels: Array4<f32>) -> Result<ArrayD<f32>, RuntimeError> {
+        if self.embed_cache.capacity == 0 || pixels.shape()[0] == 0 {
+            return to_f32(&self.model.encode_images(pixels)?);
+        }
+        let rows = pixels.shape()[0];
+        let hashes: Vec<u64> = pixels.outer_iter().map(pixel_hash).collect();
+        let mut found: Vec<Option<ArrayD<f32>>> = Vec::with_capacity(rows);
+        // Rows to encode: the first row of each distinct image not in the cache; `source[r]`
+        // is the index in `todo` that row r's embeddings come from.
+        let mut todo: Vec<usize> = Vec::new();
+        let mut source: Vec<usize> = vec![usize::MAX; rows];
+        for r in 0..rows {
+            let px = pixels.index_axis(Axis(0), r);
+            let hit = self.embed_cache.get(hashes[r], px);
+            if hit.is_some() {
+                self.embed_cache.hits += 1;
+            } else if let Some(k) = todo.iter().position(|&t| hashes[t] == hashes[r] && pixels.index_axis(Axis(0), t) == px) {
+                source[r] = k;
+            } else {
+                self.embed_cache.misses += 1;
+                source[r] = todo.len();
+                todo.push(r);
+            }
+            found.push(hit);
+        }
+        let fresh = match todo.len() {
+            0 => None,
+            n if n == rows => Some(to_f32(&self.model.encode_images(pixels.clone())?)?),
+            _ => Some(to_f32(&self.model.encode_images(pixels.select(Axis(0), &todo))?)?),
+        };
+        let mut full: Option<ArrayD<f32>> = None;
+        for r in 0..rows {
+            let e = match (&found[r], &fresh) {
+                (Some(e), _) => e.view(),
+                (None, Some(f)) => f.index_axis(Axis(0), source[r]),
+                (None, None) => unreachable!("a row is either cached or encoded"),
+            };
+            let full = full.get_or_insert_with(|| ArrayD::zeros(IxDyn(&[&[rows][..], e.shape()].concat())));
+            full.index_axis_mut(Axis(0), r).assign(&e);
+        }
+        if let Some(f) = &fresh {
+            for (k, &r) in todo.iter().enumerate() {
+                self.embed_cache.put(hashes[r], pixels.index_axis(Axis(0), r).to_owned(), f.index_axis(Axis(0), k).to_owned());
+            }
+        }
+        Ok(full.expect("at least one row"))
     }
 
     /// The search settings this model defaults to: generation_config.json's values over
@@ -110,7 +227,7 @@ impl Pipeline {
     /// [`Pipeline::generate`] on pixel values already made, `[B, 3, H, W]`.
     pub fn generate_pixels(
         &mut self,
-        pixels: ndarray::Array4<f32>,
+        pixels: Array4<f32>,
         prompts: &[String],
         cfg: &GenerationConfig,
     ) -> Result<Vec<Vec<Generated>>, RuntimeError> {
@@ -126,7 +243,27 @@ impl Pipeline {
         for p in prompts {
             texts.push(self.prompter.check_fits(p)?);
         }
-        let batch = self.prompter.assemble(&texts);
+        self.generate_text_ids(pixels, &texts, cfg)
+    }
+
+    /// [`Pipeline::generate_pixels`] on prompts already tokenized: each row's text ids as
+    /// [`Prompter::text_ids`] gives them (special tokens included, image tokens not).
+    /// Benchmarks use it to feed fixed token ids.
+    pub fn generate_text_ids(
+        &mut self,
+        pixels: Array4<f32>,
+        texts: &[Vec<i64>],
+        cfg: &GenerationConfig,
+    ) -> Result<Vec<Vec<Generated>>, RuntimeError> {
+        let rows = pixels.shape()[0];
+        if rows != texts.len() {
+            return Err(RuntimeError::Input(format!("{rows} images but {} prompts", texts.len())));
+        }
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        generation::validate(cfg).map_err(|e| RuntimeError::Input(e.to_string()))?;
+        let batch = self.prompter.assemble(texts);
         let len = batch.ids[0].len();
         let limit = self.model.manifest.text.max_position_embeddings;
         if len + cfg.max_new_tokens > limit {
@@ -135,20 +272,19 @@ impl Pipeline {
                 cfg.max_new_tokens
             )));
         }
-        let embeds = self.model.encode_images(pixels)?;
+        let embeds = self.image_embeds(pixels)?;
         let out = if self.model.manifest.family == "t5" {
             // The search sees the decoder's ids, as transformers' processors do for
             // encoder-decoder models.
             let start = self.model.manifest.tokens.decoder_start_token_id.unwrap_or(0);
             let prompts = vec![Prompt::new(vec![start]); rows];
-            let embeds = to_f32(&embeds)?;
             let (mut state, logits) = T5State::prefill(&mut self.model, &batch.ids, &batch.mask, embeds, start)?;
             generation::generate(&mut state, &prompts, logits, cfg).map_err(search_err)?
         } else {
             let prompts: Vec<Prompt> =
                 batch.ids.iter().zip(&batch.mask).map(|(ids, m)| Prompt::with_attention_mask(ids.clone(), m)).collect();
-            let (mut state, logits) = LmState::prefill(&mut self.model, &batch.ids, &batch.mask, embeds)?;
-            let logits = crate::model::last_position(&logits);
+            let embeds = lm_value(&self.model, embeds)?;
+            let (mut state, logits) = LmState::prefill_last(&mut self.model, &batch.ids, &batch.mask, embeds)?;
             generation::generate(&mut state, &prompts, logits, cfg).map_err(search_err)?
         };
         let mut res = Vec::with_capacity(out.len());
@@ -160,5 +296,42 @@ impl Pipeline {
             res.push(seqs);
         }
         Ok(res)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(seed: f32) -> Array3<f32> {
+        Array3::from_shape_fn((3, 4, 4), |(c, y, x)| seed + (c * 16 + y * 4 + x) as f32)
+    }
+
+    fn embeds(v: f32) -> ArrayD<f32> {
+        ArrayD::from_elem(IxDyn(&[2, 3]), v)
+    }
+
+    #[test]
+    fn embed_cache_hits_exact_pixels_and_evicts_the_least_recent() {
+        let mut c = EmbedCache::new(2);
+        let (a, b, d) = (image(0.0), image(1.0), image(2.0));
+        let h = |p: &Array3<f32>| pixel_hash(p.view());
+        assert_ne!(h(&a), h(&b));
+        c.put(h(&a), a.clone(), embeds(1.0));
+        c.put(h(&b), b.clone(), embeds(2.0));
+        assert_eq!(c.get(h(&a), a.view()), Some(embeds(1.0)));
+        // b is now the least recently used and goes first.
+        c.put(h(&d), d.clone(), embeds(3.0));
+        assert_eq!(c.get(h(&b), b.view()), None);
+        assert_eq!(c.get(h(&a), a.view()), Some(embeds(1.0)));
+        assert_eq!(c.get(h(&d), d.view()), Some(embeds(3.0)));
+        // Same hash, other pixels: never a hit.
+        let mut other = a.clone();
+        other[[0, 0, 0]] += 0.5;
+        assert_eq!(c.get(h(&a), other.view()), None);
+        // Capacity 0 keeps nothing.
+        let mut off = EmbedCache::new(0);
+        off.put(h(&a), a.clone(), embeds(1.0));
+        assert_eq!(off.get(h(&a), a.view()), None);
     }
 }
