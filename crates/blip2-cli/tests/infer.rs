@@ -259,3 +259,24 @@ fn a_checkpoint_folder_is_exported_once_into_the_cache() {
     assert_eq!(first.stdout, second.stdout);
     assert_eq!(json_lines(&first)[0]["token_ids"], reference("opt-tiny", "caption")["sequences"][0]);
 }
+
+#[test]
+fn bench_reports_the_keys_hf_generate_bench_uses() {
+    let m = export("opt-tiny", "bench");
+    let o = bin()
+        .args(["bench", "--model"])
+        .arg(&m)
+        .args(["--batch", "1,2", "--new-tokens", "3", "--reps", "1", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    for k in ["generate_b1_ms", "generate_b2_ms", "images_per_s_b1", "images_per_s_b2", "peak_rss_MB"] {
+        assert!(v[k].as_f64().is_some_and(|x| x > 0.0), "missing or bad {k}: {v}");
+    }
+    assert!(v["vision_b1_ms"].as_f64().is_some_and(|x| x >= 0.0), "{v}");
+    // A difference of two timings: present, but timing noise on a busy machine can make
+    // it negative for a model this small.
+    assert!(v["decode_ms_per_token_b1"].as_f64().is_some(), "{v}");
+    assert!(v["images_per_s_b2"].as_f64().unwrap() > 0.0);
+}

@@ -708,11 +708,40 @@ fn cached_graph(profile: &Profile, path: &Path, root: &Path) -> Result<PathBuf, 
         std::fs::rename(&tmp, &dir).map_err(|e| format!("{}: {e}", dir.display()))
     });
     let _ = std::fs::remove_dir_all(&tmp);
+    if written.is_ok() {
+        prune_optimized_cache(root);
+    }
     match written {
         Ok(()) => Ok(model),
         // Another process may have put the same copy in place first.
         Err(_) if fresh(&dir) => Ok(model),
         Err(e) => Err(e),
+    }
+}
+
+/// Drops cached copies whose source graph is gone (a deleted or moved export) and
+/// temporary folders an interrupted start left behind more than an hour ago, so the
+/// cache does not keep gigabytes for models that no longer exist.
+fn prune_optimized_cache(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let stale = if name.contains(".tmp-") {
+            entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > std::time::Duration::from_secs(3600))
+        } else {
+            std::fs::read_to_string(path.join("stamp")).ok().is_some_and(|stamp| {
+                stamp.lines().find_map(|l| l.strip_prefix("source ")).is_some_and(|src| !Path::new(src).exists())
+            })
+        };
+        if stale {
+            let _ = std::fs::remove_dir_all(&path);
+        }
     }
 }
 
@@ -828,6 +857,17 @@ mod tests {
         assert_eq!(run_add(&mut s), [11.0, 22.0, 33.0]);
         assert_ne!(stamp(), stamp1);
         assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 1);
+
+        // A copy whose source is gone is dropped when another copy is made.
+        let other = dir.join("other.onnx");
+        std::fs::write(&other, ADD_ONNX).unwrap();
+        let _ = open_session_with_cache(&profile, "qformer", &other, Some(&cache)).unwrap();
+        assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 2);
+        std::fs::remove_file(&other).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&model, ADD_ONNX).unwrap();
+        let _ = open(&cache);
+        assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 1, "the copy of the deleted graph is pruned");
 
         // A cache that cannot be written is no error: the original graph loads.
         let blocked = dir.join("not-a-folder");
