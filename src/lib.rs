@@ -128,3 +128,19 @@ pub fn photo(name: &str) -> PathBuf {
     root().join("tests/data/photos").join(name)
 }
 
+
+/// Runs one recorded generate() case on `p`: blip2-ort's sequences (rows x
+/// num_return_sequences, row-major, as transformers returns them) and transformers' ones.
+pub fn run_case(
+    p: &mut blip2_runtime::pipeline::Pipeline,
+    case: &serde_json::Value,
+) -> (Vec<blip2_runtime::pipeline::Generated>, Vec<Vec<i64>>) {
+    let strs = |k: &str| -> Vec<String> {
+        case[k].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect()
+    };
+    let images: Vec<_> = strs("images").iter().map(|s| p.load_image(&photo(s)).unwrap()).collect();
+    let cfg = config(p, &case["generate"]);
+    let got = p.generate(&images, &strs("prompts"), &cfg).unwrap();
+    let want = case["sequences"].as_array().unwrap().iter().map(ids).collect();
+    (got.into_iter().flatten().collect(), want)
+}

@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 
-use blip2_ort_suite::{config, fixture, ids, photo, session_factory, temp_dir, ALL_CHECKPOINTS};
+use blip2_ort_suite::{config, fixture, ids, photo, run_case, session_factory, temp_dir, ALL_CHECKPOINTS};
 use blip2_runtime::generation::GenerationConfig;
 use blip2_runtime::pipeline::Pipeline;
 use serde_json::Value;
@@ -56,17 +56,11 @@ fn every_task_matches_transformers_token_for_token() {
                 // batch against transformers' single runs instead.
                 continue;
             }
-            let images: Vec<_> =
-                case["images"].as_array().unwrap().iter().map(|s| p.load_image(&photo(s.as_str().unwrap())).unwrap()).collect();
-            let prompts: Vec<String> = case["prompts"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect();
-            let cfg = config(&p, &case["generate"]);
-            let got = p.generate(&images, &prompts, &cfg).unwrap();
-            // transformers returns rows * num_return_sequences sequences, row-major.
-            let want: Vec<Vec<i64>> = case["sequences"].as_array().unwrap().iter().map(ids).collect();
-            let got_flat: Vec<Vec<i64>> = got.iter().flatten().map(|g| g.token_ids.clone()).collect();
+            let (got, want) = run_case(&mut p, case);
+            let got_flat: Vec<Vec<i64>> = got.iter().map(|g| g.token_ids.clone()).collect();
             assert_eq!(got_flat, want, "{name}/{cname}: token ids differ from transformers");
             let want_text: Vec<&str> = case["texts"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
-            let got_text: Vec<&str> = got.iter().flatten().map(|g| g.text.as_str()).collect();
+            let got_text: Vec<&str> = got.iter().map(|g| g.text.as_str()).collect();
             assert_eq!(got_text, want_text, "{name}/{cname}: decoded text differs");
             checked += 1;
         }
@@ -154,13 +148,8 @@ fn fp16_agreement(name: &str) -> (usize, usize) {
         if name.starts_with("t5") && case["name"] == "batch" {
             continue;
         }
-        let images: Vec<_> =
-            case["images"].as_array().unwrap().iter().map(|s| p.load_image(&photo(s.as_str().unwrap())).unwrap()).collect();
-        let prompts: Vec<String> = case["prompts"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect();
-        let cfg = config(&p, &case["generate"]);
-        let got = p.generate(&images, &prompts, &cfg).unwrap();
-        let want: Vec<Vec<i64>> = case["sequences"].as_array().unwrap().iter().map(ids).collect();
-        for (g, w) in got.iter().flatten().zip(&want) {
+        let (got, want) = run_case(&mut p, case);
+        for (g, w) in got.iter().zip(&want) {
             let agree = g.token_ids.iter().zip(w).take_while(|(a, b)| a == b).count();
             same += agree;
             total += w.len().max(g.token_ids.len());

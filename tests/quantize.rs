@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use blip2_export::{ExportOptions, Quantize};
-use blip2_ort_suite::{config, fixture, ids, max_abs_diff, photo, read_npy, session_factory, temp_dir};
+use blip2_ort_suite::{fixture, ids, max_abs_diff, read_npy, run_case, session_factory, temp_dir};
 use blip2_runtime::model::{f32_value, Blip2Model, LmState};
 use blip2_runtime::pipeline::Pipeline;
 use ndarray::{ArrayD, IxDyn};
@@ -42,17 +42,8 @@ fn measure(name: &str, q: Quantize) -> (f32, usize, usize) {
         serde_json::from_str(&std::fs::read_to_string(refd.join("generate.json")).unwrap()).unwrap();
     let (mut same, mut total) = (0, 0);
     for case in cases["cases"].as_array().unwrap() {
-        let images: Vec<_> = case["images"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| p.load_image(&photo(s.as_str().unwrap())).unwrap())
-            .collect();
-        let prompts: Vec<String> = case["prompts"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().into()).collect();
-        let cfg = config(&p, &case["generate"]);
-        let got = p.generate(&images, &prompts, &cfg).unwrap();
-        let want: Vec<Vec<i64>> = case["sequences"].as_array().unwrap().iter().map(ids).collect();
-        for (g, w) in got.iter().flatten().zip(&want) {
+        let (got, want) = run_case(&mut p, case);
+        for (g, w) in got.iter().zip(&want) {
             same += g.token_ids.iter().zip(w).take_while(|(a, b)| a == b).count();
             total += w.len().max(g.token_ids.len());
         }

@@ -21,6 +21,13 @@ fn copy_fixture(name: &str, test: &str) -> (PathBuf, PathBuf) {
     (ck, base.join("out"))
 }
 
+/// Rewrites a JSON file in place.
+fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(path, v.to_string()).unwrap();
+}
+
 /// Runs export and returns (exit code, stderr).
 fn export(ck: &Path, out: &Path) -> (i32, String) {
     let o = Command::new(env!("CARGO_BIN_EXE_blip2-ort"))
@@ -81,10 +88,7 @@ fn missing_tensor() {
 fn misshapen_tensor() {
     let (ck, out) = copy_fixture("opt-tiny-sharded", "misshapen");
     // The config now promises a wider Q-Former feed-forward than the weights have.
-    let cfg_path = ck.join("config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
-    cfg["qformer_config"]["intermediate_size"] = serde_json::json!(41);
-    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    edit_json(&ck.join("config.json"), |cfg| cfg["qformer_config"]["intermediate_size"] = serde_json::json!(41));
     let (code, err) = export(&ck, &out);
     assert_one_line_error(code, &err, &["intermediate_query.dense.weight", "shape [40, 32]", "expected [41, 32]"], &out);
 }
@@ -92,10 +96,7 @@ fn misshapen_tensor() {
 #[test]
 fn wrong_model_type() {
     let (ck, out) = copy_fixture("opt-tiny", "model-type");
-    let cfg_path = ck.join("config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
-    cfg["model_type"] = serde_json::json!("llava");
-    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    edit_json(&ck.join("config.json"), |cfg| cfg["model_type"] = serde_json::json!("llava"));
     let (code, err) = export(&ck, &out);
     assert_one_line_error(code, &err, &["config.json", "\"llava\"", "blip-2"], &out);
 }
@@ -103,10 +104,7 @@ fn wrong_model_type() {
 #[test]
 fn unsupported_language_model() {
     let (ck, out) = copy_fixture("opt-tiny", "text-type");
-    let cfg_path = ck.join("config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
-    cfg["text_config"]["model_type"] = serde_json::json!("llama");
-    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    edit_json(&ck.join("config.json"), |cfg| cfg["text_config"]["model_type"] = serde_json::json!("llama"));
     let (code, err) = export(&ck, &out);
     assert_one_line_error(code, &err, &["text_config.model_type", "\"llama\""], &out);
 }
