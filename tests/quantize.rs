@@ -1,31 +1,69 @@
-//! Weight-only quantized exports (`--quantize int8|int4`) against transformers' fp32
-//! reference: logit error of the LM prefill and token agreement over every recorded
-//! generate() case. Quantization changes outputs by design; these tests bound how much
+//! Quantized exports (`--quantize int8|int4`, `--quantize-encoders int8`) against
+//! transformers' fp32 reference: error of each graph's output and token agreement over
+//! every recorded generate() case. Quantization changes outputs by design; these tests bound how much
 //! and print the numbers docs/PERFORMANCE.md reports.
 
 use std::path::PathBuf;
 
 use blip2_export::{ExportOptions, Quantize};
 use blip2_ort_suite::{fixture, ids, max_abs_diff, read_npy, run_case, session_factory, temp_dir};
-use blip2_runtime::model::{f32_value, Blip2Model, LmState};
+use blip2_runtime::model::{f32_value, to_f32, Blip2Model, LmState};
 use blip2_runtime::pipeline::Pipeline;
-use ndarray::{ArrayD, IxDyn};
+use ndarray::{Array4, ArrayD, IxDyn};
 use serde_json::Value;
 
-fn export(name: &str, q: Quantize) -> PathBuf {
-    let out = temp_dir(&format!("quantize-{name}-{}", q.name())).join("export");
-    let opts = ExportOptions { quantize: Some(q), ..Default::default() };
+/// What an export quantizes: the LM (and, without `encoders`, the vision encoder) with
+/// MatMulNBits, and with `encoders` the vision encoder and Q-Former with dynamic int8.
+#[derive(Clone, Copy)]
+struct Variant {
+    weights: Option<Quantize>,
+    encoders: bool,
+}
+
+impl Variant {
+    fn label(self) -> String {
+        let mut parts: Vec<String> = self.weights.iter().map(|q| format!("--quantize {}", q.name())).collect();
+        if self.encoders {
+            parts.push("--quantize-encoders int8".into());
+        }
+        parts.join(" ")
+    }
+}
+
+fn export(name: &str, v: Variant) -> PathBuf {
+    let tag = format!("{}-{}", v.weights.map_or("none", |q| q.name()), v.encoders);
+    let out = temp_dir(&format!("quantize-{name}-{tag}")).join("export");
+    let opts = ExportOptions { quantize: v.weights, quantize_encoders: v.encoders, ..Default::default() };
     blip2_export::export(&fixture(name).join("checkpoint"), &out, &opts, &mut blip2_export::NoProgress).unwrap();
     out
 }
 
-/// (prefill logit error / scale, agreeing tokens, total tokens)
-fn measure(name: &str, q: Quantize) -> (f32, usize, usize) {
-    let dir = export(name, q);
+/// Errors relative to the output's scale (max abs difference / max abs reference value)
+/// and token agreement against transformers' fp32 reference.
+struct Agreement {
+    features: f32,
+    embeds: f32,
+    prefill_logits: f32,
+    same: usize,
+    total: usize,
+}
+
+fn measure(name: &str, v: Variant) -> Agreement {
+    let dir = export(name, v);
     let refd = fixture(name).join("reference");
     let mut model = Blip2Model::load(&dir, &mut session_factory()).unwrap();
     let m = model.manifest.clone();
-    assert_eq!(m.quantization.as_deref(), Some(q.name()));
+    assert_eq!(m.quantization.as_deref(), v.weights.map(|q| q.name()));
+    assert_eq!(m.encoder_quantization.as_deref(), v.encoders.then_some(blip2_export::ENCODER_INT8));
+
+    // Each graph is fed transformers' own inputs, so each is judged alone.
+    let px: Array4<f32> = read_npy(&refd.join("pixel_values.npy")).into_dimensionality().unwrap();
+    let (diff, scale) = max_abs_diff(&model.vision_features(px).unwrap(), &read_npy(&refd.join("image_features.npy")));
+    let features = diff / scale;
+    let ref_feats = read_npy(&refd.join("image_features.npy"));
+    let (diff, scale) = max_abs_diff(&model.qformer_embeds(ref_feats).unwrap(), &read_npy(&refd.join("image_embeds.npy")));
+    let embeds = diff / scale;
+
     let graphs: Value = serde_json::from_str(&std::fs::read_to_string(refd.join("graphs.json")).unwrap()).unwrap();
     let first = &graphs["lm_steps"][0];
     let e = read_npy(&refd.join("image_embeds.npy"));
@@ -35,8 +73,11 @@ fn measure(name: &str, q: Quantize) -> (f32, usize, usize) {
         LmState::prefill(&mut model, &[ids(&first["input_ids"])], &[ids(&first["attention_mask"])], f32_value(img).unwrap())
             .unwrap();
     let (diff, scale) = max_abs_diff(&logits.into_dyn(), &read_npy(&refd.join("prefill_logits.npy")));
+    let prefill_logits = diff / scale;
     drop(model);
 
+    // Whole pipeline: every recorded generate() case, tokens agreeing up to the first
+    // difference, over the longer of the two sequences.
     let mut p = Pipeline::load(&dir, &mut session_factory()).unwrap();
     let cases: Value =
         serde_json::from_str(&std::fs::read_to_string(refd.join("generate.json")).unwrap()).unwrap();
@@ -48,27 +89,72 @@ fn measure(name: &str, q: Quantize) -> (f32, usize, usize) {
             total += w.len().max(g.token_ids.len());
         }
     }
-    let rel = diff / scale;
-    eprintln!("{name} {}: prefill logits max error {diff:.4} (scale {scale:.2}, {:.2}%); {same}/{total} tokens agree", q.name(), rel * 100.0);
-    (rel, same, total)
+    let pct = |x: f32| x * 100.0;
+    eprintln!(
+        "{name} {}: image features {:.2}%, image embeds {:.2}%, prefill logits {:.2}% of scale off; {same}/{total} tokens agree",
+        v.label(),
+        pct(features),
+        pct(embeds),
+        pct(prefill_logits)
+    );
+    Agreement { features, embeds, prefill_logits, same, total }
 }
+
+const INT8: Variant = Variant { weights: Some(Quantize::Int8), encoders: false };
 
 #[test]
 fn int8_weights_stay_close_to_fp32() {
     for name in ["opt-tiny-sharded", "opt-tiny"] {
-        let (rel, same, total) = measure(name, Quantize::Int8);
-        assert!(rel < 0.05, "{name}: int8 logits {:.2}% off", rel * 100.0);
-        assert!(total > 100 && same * 2 >= total, "{name}: only {same}/{total} tokens agree");
+        let a = measure(name, INT8);
+        assert!(a.features < 0.05, "{name}: int8 image features {:.2}% off", a.features * 100.0);
+        // The Q-Former is not quantized by --quantize.
+        assert!(a.embeds < 1e-4, "{name}: image embeds {:.2}% off", a.embeds * 100.0);
+        assert!(a.prefill_logits < 0.05, "{name}: int8 logits {:.2}% off", a.prefill_logits * 100.0);
+        assert!(a.total > 100 && a.same * 2 >= a.total, "{name}: only {}/{} tokens agree", a.same, a.total);
     }
 }
 
 #[test]
 fn int4_weights_run_and_report_their_agreement() {
     for name in ["opt-tiny-sharded", "opt-tiny"] {
-        let (rel, _, total) = measure(name, Quantize::Int4);
-        assert!(rel < 0.5, "{name}: int4 logits {:.2}% off", rel * 100.0);
-        assert!(total > 100);
+        let a = measure(name, Variant { weights: Some(Quantize::Int4), encoders: false });
+        assert!(a.prefill_logits < 0.5, "{name}: int4 logits {:.2}% off", a.prefill_logits * 100.0);
+        assert!(a.total > 100);
     }
+}
+
+#[test]
+fn int8_encoders_stay_close_to_fp32() {
+    for name in ["opt-tiny-sharded", "opt-tiny"] {
+        // Encoders alone: the LM is exact, so the logits match as in the fp32 export.
+        let a = measure(name, Variant { weights: None, encoders: true });
+        assert!(a.features < 0.05, "{name}: image features {:.2}% off", a.features * 100.0);
+        assert!(a.embeds < 0.05, "{name}: image embeds {:.2}% off", a.embeds * 100.0);
+        assert!(a.prefill_logits < 1e-4, "{name}: logits {:.4}% off", a.prefill_logits * 100.0);
+        assert!(a.total > 100 && a.same * 2 >= a.total, "{name}: only {}/{} tokens agree", a.same, a.total);
+        // With the int8 LM as well: the fastest CPU export.
+        let a = measure(name, Variant { weights: Some(Quantize::Int8), encoders: true });
+        assert!(a.features < 0.05 && a.embeds < 0.05 && a.prefill_logits < 0.05, "{name}: errors too large");
+        assert!(a.total > 100 && a.same * 2 >= a.total, "{name}: only {}/{} tokens agree", a.same, a.total);
+    }
+}
+
+#[test]
+fn int8_encoders_on_t5_stay_close_to_fp32() {
+    // The encoders are the same modules in the Flan-T5 family; check they export and run.
+    let dir = temp_dir("quantize-t5-encoders").join("export");
+    let opts = ExportOptions { quantize_encoders: true, ..Default::default() };
+    blip2_export::export(&fixture("t5-tiny").join("checkpoint"), &dir, &opts, &mut blip2_export::NoProgress).unwrap();
+    let refd = fixture("t5-tiny").join("reference");
+    let mut model = Blip2Model::load(&dir, &mut session_factory()).unwrap();
+    let px: Array4<f32> = read_npy(&refd.join("pixel_values.npy")).into_dimensionality().unwrap();
+    let (diff, scale) = max_abs_diff(&model.vision_features(px).unwrap(), &read_npy(&refd.join("image_features.npy")));
+    assert!(diff / scale < 0.05, "t5-tiny: image features {:.2}% off", diff / scale * 100.0);
+    let (diff, scale) = max_abs_diff(
+        &model.qformer_embeds(read_npy(&refd.join("image_features.npy"))).unwrap(),
+        &read_npy(&refd.join("image_embeds.npy")),
+    );
+    assert!(diff / scale < 0.05, "t5-tiny: image embeds {:.2}% off", diff / scale * 100.0);
 }
 
 #[test]
@@ -78,4 +164,30 @@ fn quantized_fp16_is_refused() {
     let e = blip2_export::export(&fixture("opt-tiny").join("checkpoint"), &out, &opts, &mut blip2_export::NoProgress).unwrap_err();
     assert!(e.to_string().contains("--quantize"), "{e}");
     assert!(!out.exists());
+    let opts = ExportOptions { quantize_encoders: true, dtype: blip2_export::ExportDtype::Fp16, ..Default::default() };
+    let e = blip2_export::export(&fixture("opt-tiny").join("checkpoint"), &out, &opts, &mut blip2_export::NoProgress).unwrap_err();
+    assert!(e.to_string().contains("--quantize-encoders"), "{e}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn int8_encoders_give_each_image_of_a_batch_its_own_result() {
+    // Dynamic quantization picks its scale from the whole input, so the runtime encodes
+    // one image per call: a batch must equal single runs exactly.
+    let dir = temp_dir("quantize-batch-rows").join("export");
+    let opts = ExportOptions { quantize_encoders: true, ..Default::default() };
+    blip2_export::export(&fixture("opt-tiny").join("checkpoint"), &dir, &opts, &mut blip2_export::NoProgress).unwrap();
+    let refd = fixture("opt-tiny").join("reference");
+    let mut model = Blip2Model::load(&dir, &mut session_factory()).unwrap();
+    let px: Array4<f32> = read_npy(&refd.join("pixel_values.npy")).into_dimensionality().unwrap();
+    let px = px.slice(ndarray::s![0..1, .., .., ..]).to_owned();
+    // A second image with a wider value range, so a shared scale would differ.
+    let other = px.mapv(|v| v * 3.0 + 0.5);
+    let batch = ndarray::concatenate(ndarray::Axis(0), &[px.view(), other.view()]).unwrap();
+    let both = to_f32(&model.encode_images(batch).unwrap()).unwrap();
+    let alone = [to_f32(&model.encode_images(px).unwrap()).unwrap(), to_f32(&model.encode_images(other).unwrap()).unwrap()];
+    for (r, a) in alone.iter().enumerate() {
+        assert_eq!(both.index_axis(ndarray::Axis(0), r), a.index_axis(ndarray::Axis(0), 0), "row {r}");
+    }
+    assert_ne!(alone[0], alone[1]);
 }

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use blip2_core::Dim;
 
-use crate::checkpoint::{write_converted, Checkpoint, DType, Quantizer};
+use crate::checkpoint::{write_converted, ChannelQuantizer, Checkpoint, DType, Quantizer};
 use crate::error::{ExportError, Result};
 use crate::onnx::{Attr, Elem, Graph, InitData, Initializer, Node, Tensor, ValueInfo};
 
@@ -26,6 +26,9 @@ pub struct Builder<'a> {
     pub weight_bytes: u64,
     /// Weight-only quantization of this graph's projections (MatMulNBits), if asked for.
     pub quant: Option<(u32, usize)>,
+    /// int8 weights and dynamically quantized int8 activations for this graph's
+    /// projections (DynamicQuantizeMatMul); takes precedence over `quant`.
+    pub dynamic_int8: bool,
     /// Whether a com.microsoft operator was emitted (the model then imports that domain).
     pub uses_ms_domain: bool,
 }
@@ -44,6 +47,7 @@ impl<'a> Builder<'a> {
             node_names: Default::default(),
             weight_bytes: 0,
             quant: None,
+            dynamic_int8: false,
             uses_ms_domain: false,
         }
     }
@@ -209,7 +213,12 @@ impl<'a> Builder<'a> {
             doc,
             data: InitData::Stream { len: vlen, write: write_values },
         });
-        let write_scales = Box::new(move |w: &mut dyn std::io::Write| Quantizer { bits, block }.write_scales(&t, w));
+        let owned = name.to_string();
+        let write_scales = Box::new(move |w: &mut dyn std::io::Write| {
+            Quantizer { bits, block }.write_scales(&t, w)?;
+            ck.release(&owned);
+            Ok(())
+        });
         self.inits.push(Initializer {
             name: scales.clone(),
             elem: Elem::F32,
@@ -230,6 +239,59 @@ impl<'a> Builder<'a> {
                 ("accuracy_level", Attr::Int(4)),
             ],
         );
+        self.nodes.last_mut().expect("just added").domain = "com.microsoft".into();
+        Ok(out)
+    }
+
+    /// `x @ W^T (+ bias)` for a checkpoint `[N, K]` weight with ONNX Runtime's
+    /// DynamicQuantizeMatMul (com.microsoft): the weight stored as int8 `[K, N]` with one
+    /// scale per output channel; at run time the kernel quantizes `x` to uint8 with one
+    /// scale and zero point for the whole tensor and multiplies in integers (the CPU's
+    /// int8 dot-product instructions), then rescales to fp32 and adds the bias.
+    ///
+    /// ```text
+    ///   x ──DynamicQuantizeMatMul(W_q [K, N] int8, scales [N], bias [N]) ─▶ [.., N]
+    /// ```
+    pub fn matmul_dynamic_int8(&mut self, path: &str, x: &str, name: &str, n: usize, k: usize, bias: Option<&str>) -> Result<String> {
+        let t = self.ck.get_shaped(name, &[n, k])?;
+        let values = format!("{name}.int8");
+        let scales = format!("{name}.channel_scales");
+        self.weight_bytes += (n * k + n * 4) as u64;
+        let ck = self.ck;
+        let owned = name.to_string();
+        let write_values = Box::new(move |w: &mut dyn std::io::Write| {
+            ChannelQuantizer::write_values(&t, w)?;
+            ck.release(&owned);
+            Ok(())
+        });
+        self.inits.push(Initializer {
+            name: values.clone(),
+            elem: Elem::I8,
+            dims: vec![k as i64, n as i64],
+            doc: Some(format!("{name} transposed to [in, out], int8 with one scale per output channel")),
+            data: InitData::Stream { len: (n * k) as u64, write: write_values },
+        });
+        let owned = name.to_string();
+        let write_scales = Box::new(move |w: &mut dyn std::io::Write| {
+            let bytes: Vec<u8> = ChannelQuantizer::scales(&t).iter().flat_map(|v| v.to_le_bytes()).collect();
+            w.write_all(&bytes)?;
+            ck.release(&owned);
+            Ok(())
+        });
+        self.inits.push(Initializer {
+            name: scales.clone(),
+            elem: Elem::F32,
+            dims: vec![n as i64],
+            doc: None,
+            data: InitData::Stream { len: (n * 4) as u64, write: write_scales },
+        });
+        self.uses_ms_domain = true;
+        // Inputs: A, B, b_scale, b_zero_point (absent: symmetric), bias.
+        let mut inputs = vec![x, values.as_str(), scales.as_str()];
+        if let Some(bias) = bias {
+            inputs.extend(["", bias]);
+        }
+        let out = self.op(path, "DynamicQuantizeMatMul", &inputs, vec![]);
         self.nodes.last_mut().expect("just added").domain = "com.microsoft".into();
         Ok(out)
     }
@@ -263,6 +325,11 @@ impl<'a> Builder<'a> {
 ///   x ──MatMul(W^T)──Add(b)──▶
 /// ```
 pub fn linear(b: &mut Builder, path: &str, x: &str, prefix: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<String> {
+    if b.dynamic_int8 {
+        let bv = if bias { Some(b.weight(&format!("{prefix}.bias"), &[out_dim])?) } else { None };
+        let name = format!("{prefix}.weight");
+        return b.matmul_dynamic_int8(&format!("{path}/DynamicQuantizeMatMul"), x, &name, out_dim, in_dim, bv.as_deref());
+    }
     let y = project(b, path, x, &format!("{prefix}.weight"), in_dim, out_dim)?;
     if !bias {
         return Ok(y);
@@ -274,6 +341,9 @@ pub fn linear(b: &mut Builder, path: &str, x: &str, prefix: &str, in_dim: usize,
 /// `x @ W^T` for a checkpoint `[out, in]` weight: MatMul on the transposed weight, or
 /// MatMulNBits on the quantized one when the graph is quantized.
 pub fn project(b: &mut Builder, path: &str, x: &str, name: &str, in_dim: usize, out_dim: usize) -> Result<String> {
+    if b.dynamic_int8 {
+        return b.matmul_dynamic_int8(&format!("{path}/DynamicQuantizeMatMul"), x, name, out_dim, in_dim, None);
+    }
     if b.quant.is_some() {
         return b.matmul_nbits(&format!("{path}/MatMulNBits"), x, name, out_dim, in_dim);
     }

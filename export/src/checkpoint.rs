@@ -373,6 +373,48 @@ impl Quantizer {
     }
 }
 
+/// Symmetric int8 quantization of a `[N, K]` tensor with one scale per row (output
+/// channel), written transposed to `[K, N]` for DynamicQuantizeMatMul's B input:
+/// `q = round(w / s)` with `s = max|row| / 127`, so values lie in [-127, 127].
+pub struct ChannelQuantizer;
+
+impl ChannelQuantizer {
+    /// One scale per row, `max|row| / 127` (1 for an all-zero row, which then stays zero).
+    pub fn scales(t: &TensorView<'_>) -> Vec<f32> {
+        let (n_rows, k) = (t.shape[0], t.shape[1]);
+        let mut row = vec![0f32; k];
+        (0..n_rows)
+            .map(|n| {
+                decode_into(t.dtype, t.data, n * k, &mut row);
+                let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+                if amax > 0.0 { amax / 127.0 } else { 1.0 }
+            })
+            .collect()
+    }
+
+    /// The quantized values, `[K, N]` int8.
+    pub fn write_values(t: &TensorView<'_>, w: &mut dyn Write) -> std::io::Result<()> {
+        let (n_rows, k) = (t.shape[0], t.shape[1]);
+        let scales = Self::scales(t);
+        let mut vals = vec![0f32; n_rows * k];
+        decode_into(t.dtype, t.data, 0, &mut vals);
+        let q: Vec<i8> = vals
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| (v / scales[i / k]).round().clamp(-127.0, 127.0) as i8)
+            .collect();
+        drop(vals);
+        let mut out = vec![0u8; n_rows];
+        for kk in 0..k {
+            for (n, o) in out.iter_mut().enumerate() {
+                *o = q[n * k + kk] as u8;
+            }
+            w.write_all(&out)?;
+        }
+        Ok(())
+    }
+}
+
 /// Reads a whole (small) tensor as f32 values.
 pub fn to_f32_vec(t: &TensorView<'_>) -> Vec<f32> {
     (0..t.numel()).map(|i| read_f32(t.dtype, t.data, i)).collect()
@@ -416,6 +458,20 @@ mod tests {
         let want: Vec<half::f16> = vals.iter().map(|&v| half::f16::from_f32(v)).collect();
         assert_eq!(got, want);
         assert!(got[2].is_infinite(), "out-of-range values saturate to infinity as torch's .half() does");
+    }
+
+    #[test]
+    fn channel_quantizer_transposes_and_scales_per_row() {
+        // Rows [out channels] of a [2, 3] weight; the second row is all zero.
+        let vals = [1.0f32, -0.5, 0.25, 0.0, 0.0, 0.0];
+        let data: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let t = view(DType::F32, &[2, 3], &data);
+        assert_eq!(ChannelQuantizer::scales(&t), vec![1.0 / 127.0, 1.0]);
+        let mut out = Vec::new();
+        ChannelQuantizer::write_values(&t, &mut out).unwrap();
+        let got: Vec<i8> = out.iter().map(|&b| b as i8).collect();
+        // [K=3, N=2]: column 0 is row 0 quantized, column 1 is zeros.
+        assert_eq!(got, vec![127, 0, -64, 0, 32, 0]);
     }
 
     #[test]

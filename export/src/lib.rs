@@ -72,7 +72,13 @@ pub struct ExportOptions {
     pub force_external_data: bool,
     /// Weight-only quantization of the vision encoder's and language model's projections.
     pub quantize: Option<Quantize>,
+    /// int8 weights and dynamically quantized int8 activations in the vision encoder's and
+    /// Q-Former's projections (`--quantize-encoders int8`).
+    pub quantize_encoders: bool,
 }
+
+/// The manifest's `encoder_quantization` for `--quantize-encoders int8`.
+pub const ENCODER_INT8: &str = "int8-dynamic";
 
 /// `--quantize`: MatMulNBits weights in blocks of 32, symmetric.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +113,7 @@ impl Default for ExportOptions {
             prompts: Default::default(),
             force_external_data: false,
             quantize: None,
+            quantize_encoders: false,
         }
     }
 }
@@ -220,13 +227,21 @@ fn write_all(files: &SourceFiles, ck: &Checkpoint, dir: &Path, opts: &ExportOpti
             message: "quantized exports keep fp32 activations; use --dtype fp32 with --quantize".into(),
         });
     }
+    if opts.quantize_encoders && opts.dtype == ExportDtype::Fp16 {
+        return Err(ExportError::Config {
+            path: "--quantize-encoders".into(),
+            message: "int8 encoders take fp32 activations; use --dtype fp32 with --quantize-encoders".into(),
+        });
+    }
     let quant = opts.quantize.map(Quantize::bits_block);
     let mut b = Builder::new(ck, lm_float);
     b.quant = quant;
+    b.dynamic_int8 = opts.quantize_encoders;
     vision::build(&mut b, v)?;
     let vision_info = write_graph(b, "vision_encoder", io::VISION_ENCODER_FILE, dir, opts, progress)?;
 
     let mut b = Builder::new(ck, Elem::F32);
+    b.dynamic_int8 = opts.quantize_encoders;
     qformer::build(&mut b, &cfg.blip.qformer_config, cfg.blip.num_query_tokens, text_hidden, positions, lm_float, lm_float)?;
     let qformer_info = write_graph(b, "qformer", io::QFORMER_FILE, dir, opts, progress)?;
 
@@ -278,6 +293,7 @@ fn write_all(files: &SourceFiles, ck: &Checkpoint, dir: &Path, opts: &ExportOpti
         family: family.into(),
         dtype: opts.dtype.name().into(),
         quantization: opts.quantize.map(|q| q.name().to_string()),
+        encoder_quantization: opts.quantize_encoders.then(|| ENCODER_INT8.to_string()),
         graphs: Graphs { vision_encoder: vision_info, qformer: qformer_info, language_model: lm_info, text_encoder },
         tokens: files.special_tokens(),
         num_query_tokens: files.num_query_tokens,

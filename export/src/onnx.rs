@@ -17,6 +17,7 @@ use blip2_core::Dim;
 pub enum Elem {
     F32 = 1,
     U8 = 2,
+    I8 = 3,
     I32 = 6,
     I64 = 7,
     Bool = 9,
@@ -28,6 +29,7 @@ impl Elem {
         match self {
             Elem::F32 => "float32",
             Elem::U8 => "uint8",
+            Elem::I8 => "int8",
             Elem::I32 => "int32",
             Elem::I64 => "int64",
             Elem::Bool => "bool",
@@ -38,7 +40,7 @@ impl Elem {
         match self {
             Elem::F32 | Elem::I32 => 4,
             Elem::I64 => 8,
-            Elem::Bool | Elem::U8 => 1,
+            Elem::Bool | Elem::U8 | Elem::I8 => 1,
             Elem::F16 => 2,
         }
     }

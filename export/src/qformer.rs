@@ -44,7 +44,11 @@ pub fn build(
     }
     let h = b.cast("/qformer/Cast_1", &h, Elem::F32, lm_float);
     b.float = lm_float;
+    // The projection is one small product over the queries: it stays in float even when
+    // the Q-Former's layers are quantized.
+    let dynamic_int8 = std::mem::replace(&mut b.dynamic_int8, false);
     let out = linear(b, "/language_projection", &h, "language_projection", dq, text_hidden, true)?;
+    b.dynamic_int8 = dynamic_int8;
     b.float = Elem::F32;
     b.output(
         &out,

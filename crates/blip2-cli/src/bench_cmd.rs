@@ -175,6 +175,7 @@ pub fn run(a: &BenchArgs, quiet: bool) -> Result<i32> {
     res.insert("reps".into(), json!(a.reps));
     res.insert("dtype".into(), json!(pipe.model.manifest.dtype));
     res.insert("quantize".into(), json!(pipe.model.manifest.quantization));
+    res.insert("quantize_encoders".into(), json!(pipe.model.manifest.encoder_quantization));
     res.insert("ort_version".into(), json!(blip2_runtime::ort_env::ORT_VERSION));
     res.insert("load_ms".into(), json!(load_ms));
     res.insert("rss_after_load_MB".into(), json!(rss_after_load));
@@ -286,10 +287,11 @@ fn print_table(out: &mut impl Write, r: &BTreeMap<String, Value>, a: &BenchArgs)
     let num = |k: &str| r.get(k).and_then(Value::as_f64);
     writeln!(
         out,
-        "{} ({}{}, {} threads, ep {}), {} new tokens, {} prompt tokens, {} beam(s), median of {}",
+        "{} ({}{}{}, {} threads, ep {}), {} new tokens, {} prompt tokens, {} beam(s), median of {}",
         r["model"].as_str().unwrap_or(""),
         r["dtype"].as_str().unwrap_or(""),
         r["quantize"].as_str().map(|q| format!(", {q} weights")).unwrap_or_default(),
+        r["quantize_encoders"].as_str().map(|q| format!(", {q} encoders")).unwrap_or_default(),
         r["threads"].as_u64().map(|t| t.to_string()).unwrap_or_else(|| "default".into()),
         a.session.ep,
         a.new_tokens,

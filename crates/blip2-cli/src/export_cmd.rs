@@ -30,6 +30,17 @@ pub struct ExportArgs {
     /// blocks of 32): int8 or int4. The Q-Former stays fp32. Needs --dtype fp32.
     #[arg(long, value_enum)]
     pub quantize: Option<Quant>,
+    /// Quantize the vision encoder and Q-Former: int8 weights (one scale per output
+    /// channel) and int8 activations quantized on the fly (DynamicQuantizeMatMul).
+    /// The fastest CPU option; outputs move further from fp32 than with --quantize
+    /// alone (docs/PERFORMANCE.md). Needs --dtype fp32.
+    #[arg(long, value_enum)]
+    pub quantize_encoders: Option<EncoderQuant>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum EncoderQuant {
+    Int8,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -87,13 +98,17 @@ pub fn run(a: &ExportArgs, quiet: bool) -> Result<()> {
             Quant::Int8 => blip2_export::Quantize::Int8,
             Quant::Int4 => blip2_export::Quantize::Int4,
         }),
+        quantize_encoders: a.quantize_encoders.is_some(),
         ..Default::default()
     };
     let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
     bar.set_style(ProgressStyle::with_template("{msg:16} {bar:40} {bytes}/{total_bytes} {eta}").expect("valid template"));
     let manifest = blip2_export::export(&src, &a.output, &opts, &mut Bars { bar })?;
     if !quiet {
-        let quant = manifest.quantization.as_deref().map(|q| format!(", {q} weights")).unwrap_or_default();
+        let mut quant = manifest.quantization.as_deref().map(|q| format!(", {q} weights")).unwrap_or_default();
+        if let Some(q) = &manifest.encoder_quantization {
+            quant.push_str(&format!(", {q} encoders"));
+        }
         eprintln!(
             "exported {} ({}, {}{quant}) in {:.1}s",
             a.model,

@@ -22,6 +22,10 @@ pub struct Manifest {
     /// "int4"), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantization: Option<String>,
+    /// Quantization of the vision encoder's and Q-Former's projections: "int8-dynamic"
+    /// (int8 weights per output channel, activations quantized to int8 per call), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoder_quantization: Option<String>,
     pub graphs: Graphs,
     pub tokens: SpecialTokens,
     pub num_query_tokens: usize,

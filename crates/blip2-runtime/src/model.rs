@@ -95,6 +95,11 @@ impl Blip2Model {
     /// Vision encoder then Q-Former: pixel values `[B,3,H,W]` to the projected query
     /// embeddings `[B, num_query_tokens, hidden]`, kept as an ONNX value in the LM's dtype.
     pub fn encode_images(&mut self, pixels: Array4<f32>) -> Result<DynValue, RuntimeError> {
+        if self.per_image_encoders() && pixels.shape()[0] > 1 {
+            // Quantized encoders are fp32 throughout (the exporter refuses fp16 with them).
+            let rows = pixels.outer_iter().map(|p| to_f32(&self.encode_images(p.insert_axis(Axis(0)).to_owned())?));
+            return f32_value(concat_rows(rows)?);
+        }
         let px = Tensor::from_array(pixels).map_err(ort_err("pixel_values"))?;
         let mut out = self
             .vision
@@ -110,6 +115,10 @@ impl Blip2Model {
 
     /// The vision encoder alone (benchmarks, parity tests).
     pub fn vision_features(&mut self, pixels: Array4<f32>) -> Result<ArrayD<f32>, RuntimeError> {
+        if self.per_image_encoders() && pixels.shape()[0] > 1 {
+            let rows = pixels.outer_iter().map(|p| self.vision_features(p.insert_axis(Axis(0)).to_owned()));
+            return concat_rows(rows);
+        }
         let px = Tensor::from_array(pixels).map_err(ort_err("pixel_values"))?;
         let out = self.vision.run(ort::inputs![io::PIXEL_VALUES => px]).map_err(ort_err("vision encoder"))?;
         to_f32(&out[io::IMAGE_FEATURES])
@@ -143,10 +152,29 @@ impl Blip2Model {
 
     /// The Q-Former alone on given image features.
     pub fn qformer_embeds(&mut self, feats: ArrayD<f32>) -> Result<ArrayD<f32>, RuntimeError> {
+        if self.per_image_encoders() && feats.shape()[0] > 1 {
+            let rows = feats.outer_iter().map(|f| self.qformer_embeds(f.insert_axis(Axis(0)).to_owned()));
+            return concat_rows(rows);
+        }
         let t = Tensor::from_array(feats).map_err(ort_err("image_features"))?;
         let out = self.qformer.run(ort::inputs![io::IMAGE_FEATURES => t]).map_err(ort_err("Q-Former"))?;
         to_f32(&out[io::IMAGE_EMBEDS])
     }
+}
+
+impl Blip2Model {
+    /// Encoders with dynamically quantized activations (`--quantize-encoders`) pick one
+    /// quantization scale per call from the whole input; run one image per call so an
+    /// image's result never depends on the others in its batch.
+    fn per_image_encoders(&self) -> bool {
+        self.manifest.encoder_quantization.is_some()
+    }
+}
+
+fn concat_rows(rows: impl Iterator<Item = Result<ArrayD<f32>, RuntimeError>>) -> Result<ArrayD<f32>, RuntimeError> {
+    let rows = rows.collect::<Result<Vec<_>, _>>()?;
+    let views: Vec<_> = rows.iter().map(|r| r.view()).collect();
+    ndarray::concatenate(Axis(0), &views).map_err(|e| RuntimeError::Unsupported(format!("joining per-image outputs: {e}")))
 }
 
 /// Reads a float tensor (f32 or f16) as f32.
