@@ -145,3 +145,55 @@ fn t5_fp16_agrees_with_fp32_reference() {
         assert!(same, "output {i}: fp16 picks another token");
     }
 }
+
+/// The language model on its own, fed the way any ONNX Runtime deployment would feed it:
+/// with `logits_to_keep` = 1 the prefill returns one position of logits, transformers'
+/// last one; left out, it returns all of them (its default, 0).
+#[test]
+fn logits_to_keep_computes_the_last_positions_only() {
+    use blip2_runtime::ort_reexport::value::{DynValue, Tensor};
+    let name = "opt-tiny";
+    let dir = temp_dir("graphs-logits-to-keep").join("export");
+    blip2_export::export(&fixture(name).join("checkpoint"), &dir, &Default::default(), &mut blip2_export::NoProgress).unwrap();
+    let m = blip2_core::Manifest::load(&dir).unwrap();
+    let keep_info = m.graphs.language_model.inputs.iter().find(|t| t.name == "logits_to_keep").expect("listed in the manifest");
+    assert!(keep_info.optional && keep_info.shape.is_empty());
+
+    let refd = fixture(name).join("reference");
+    let graphs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(refd.join("graphs.json")).unwrap()).unwrap();
+    let first = &graphs["lm_steps"][0];
+    let vec_of = |k: &str| -> Vec<i64> { first[k].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect() };
+    let (ids, mask) = (vec_of("input_ids"), vec_of("attention_mask"));
+    let n = ids.len();
+    assert!(mask.iter().all(|&m| m == 1), "the recorded prefill has no padding");
+    let embeds = read_npy(&refd.join("image_embeds.npy"));
+    let (q, d) = (embeds.shape()[1], embeds.shape()[2]);
+    let img = ArrayD::from_shape_vec(IxDyn(&[1, q, d]), embeds.iter().take(q * d).copied().collect()).unwrap();
+    let ref_logits = read_npy(&refd.join("prefill_logits.npy"));
+
+    let mut session = session_factory()(blip2_runtime::model::GraphKind::LanguageModel, &dir.join("language_model.onnx")).unwrap();
+    for keep in [Some(1i64), Some(3), None] {
+        let mut feeds: Vec<(String, DynValue)> = vec![
+            ("input_ids".into(), Tensor::from_array(ndarray::Array2::from_shape_vec((1, n), ids.clone()).unwrap()).unwrap().into_dyn()),
+            ("image_embeds".into(), Tensor::from_array(img.clone()).unwrap().into_dyn()),
+            ("attention_mask".into(), Tensor::from_array(ndarray::Array2::from_shape_vec((1, n), mask.clone()).unwrap()).unwrap().into_dyn()),
+            ("position_ids".into(), Tensor::from_array(ndarray::Array2::from_shape_fn((1, n), |(_, j)| j as i64)).unwrap().into_dyn()),
+        ];
+        for l in 0..m.text.num_layers {
+            for kind in ["key", "value"] {
+                let empty = ArrayD::<f32>::zeros(IxDyn(&[1, m.text.num_heads, 0, m.text.head_dim]));
+                feeds.push((format!("past_key_values.{l}.{kind}"), Tensor::from_array(empty).unwrap().into_dyn()));
+            }
+        }
+        if let Some(k) = keep {
+            feeds.push(("logits_to_keep".into(), Tensor::from_array(ndarray::arr0(k)).unwrap().into_dyn()));
+        }
+        let out = session.run(feeds).unwrap();
+        let logits = out["logits"].try_extract_array::<f32>().unwrap().to_owned();
+        let kept = keep.map_or(n, |k| k as usize);
+        assert_eq!(logits.shape(), &[1, kept, m.text.vocab_size], "logits_to_keep = {keep:?}");
+        let want = ref_logits.slice(ndarray::s![.., n - kept.., ..]).to_owned().into_dyn();
+        assert_close(&format!("{name}: prefill logits, logits_to_keep = {keep:?}"), &logits, &want);
+    }
+}

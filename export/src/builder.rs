@@ -57,6 +57,15 @@ impl<'a> Builder<'a> {
         name.into()
     }
 
+    /// An input with a default value: an initializer of the same name, which a caller's
+    /// feed replaces (ONNX IR >= 4).
+    pub fn input_with_default(&mut self, name: &str, elem: Elem, dims: Vec<i64>, raw: Vec<u8>) -> String {
+        let shape = dims.iter().map(|&d| Dim::Fixed(d)).collect();
+        self.inputs.push(ValueInfo { name: name.into(), elem, dims: shape });
+        self.inits.push(Initializer { name: name.into(), elem, dims, doc: None, data: InitData::Inline(raw) });
+        name.into()
+    }
+
     /// Exposes `tensor` as the graph output `name`.
     pub fn output(&mut self, tensor: &str, name: &str, elem: Elem, dims: Vec<Dim>) {
         self.nodes.push(Node {

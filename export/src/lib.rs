@@ -181,7 +181,7 @@ pub fn export(src: &Path, out: &Path, opts: &ExportOptions, progress: &mut dyn P
 }
 
 fn tensor_infos(v: &[ValueInfo]) -> Vec<TensorInfo> {
-    v.iter().map(|x| TensorInfo { name: x.name.clone(), dtype: x.elem.name().into(), shape: x.dims.clone() }).collect()
+    v.iter().map(|x| TensorInfo { name: x.name.clone(), dtype: x.elem.name().into(), shape: x.dims.clone(), optional: false }).collect()
 }
 
 fn write_graph(
@@ -198,7 +198,11 @@ fn write_graph(
         opsets.push(("com.microsoft".to_string(), 1));
     }
     let graph = b.finish(name);
-    let inputs = tensor_infos(&graph.inputs);
+    let mut inputs = tensor_infos(&graph.inputs);
+    // Inputs that are also initializers have a default (ONNX IR >= 4) and may be left out.
+    for t in &mut inputs {
+        t.optional = graph.initializers.iter().any(|i| i.name == t.name);
+    }
     let outputs = tensor_infos(&graph.outputs);
     let model = Model {
         graph,

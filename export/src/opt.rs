@@ -60,8 +60,9 @@ pub fn build(b: &mut Builder, c: &OptConfig, image_token_id: i64) -> Result<()> 
 
     // Tied embeddings are read once: Gemm's transB uses embed_tokens as stored.
     let head = if c.tie_word_embeddings { format!("{P}.embed_tokens.weight") } else { "language_model.lm_head.weight".into() };
-    let logits = lm_head(b, &h, &head, &ids, d, c.vocab_size)?;
-    b.output(&logits, io::LOGITS, Elem::F32, vec![named(io::DIM_BATCH), named(io::DIM_SEQUENCE), Dim::Fixed(c.vocab_size as i64)]);
+    let h = keep_last_positions(b, &h);
+    let logits = lm_head(b, &h, &head, d, c.vocab_size)?;
+    b.output(&logits, io::LOGITS, Elem::F32, vec![named(io::DIM_BATCH), named(io::DIM_LOGITS_SEQUENCE), Dim::Fixed(c.vocab_size as i64)]);
     Ok(())
 }
 
@@ -111,9 +112,26 @@ pub(crate) fn scatter_image_embeds(b: &mut Builder, ids: &str, img: &str, tok: &
 
 }
 
+/// The last `logits_to_keep` positions of `h` (all when it is 0, its default), so the
+/// prefill of a generation computes the LM head for one position instead of all.
+///
+/// ```text
+///   logits_to_keep (scalar, default 0) ──Unsqueeze──Neg ─▶ start
+///   h [B,S,D] ──Slice(axis 1, start .. end) ─▶ [B, min(S, keep) or S, D]
+/// ```
+fn keep_last_positions(b: &mut Builder, h: &str) -> String {
+    let keep = b.input_with_default(io::LOGITS_TO_KEEP, Elem::I64, vec![], 0i64.to_le_bytes().to_vec());
+    let axis0 = b.ints(&[0]);
+    let keep = b.op("/lm/logits_to_keep/Unsqueeze", "Unsqueeze", &[&keep, &axis0], vec![]);
+    let start = b.op("/lm/logits_to_keep/Neg", "Neg", &[&keep], vec![]);
+    let end = b.ints(&[i64::MAX]);
+    let axis1 = b.ints(&[1]);
+    b.op("/lm/logits_to_keep/Slice", "Slice", &[h, &start, &end, &axis1], vec![])
+}
+
 /// Logits `[B, S, V]` in float32 from hidden states `[B, S, D]` and a `[V, D]` table, read
 /// as stored (Gemm's transB), so a table tied to the embeddings is not copied.
-pub(crate) fn lm_head(b: &mut Builder, h: &str, head: &str, ids: &str, hidden: usize, vocab: usize) -> Result<String> {
+pub(crate) fn lm_head(b: &mut Builder, h: &str, head: &str, hidden: usize, vocab: usize) -> Result<String> {
     let float = b.float;
     if b.quant.is_some() {
         // The table is [V, D], MatMulNBits' own layout: no reshape around it.
@@ -125,8 +143,8 @@ pub(crate) fn lm_head(b: &mut Builder, h: &str, head: &str, ids: &str, hidden: u
     let flat_shape = b.ints(&[-1, hidden as i64]);
     let flat = b.op("/lm/lm_head/Reshape", "Reshape", &[h, &flat_shape], vec![]);
     let logits = b.op("/lm/lm_head/Gemm", "Gemm", &[&flat, w], vec![("transB", Attr::Int(1))]);
-    let batch = dim_of(b, "/lm/lm_head/batch", ids, 0);
-    let seq = dim_of(b, "/lm/lm_head/seq", ids, 1);
+    let batch = dim_of(b, "/lm/lm_head/batch", h, 0);
+    let seq = dim_of(b, "/lm/lm_head/seq", h, 1);
     let v = b.ints(&[vocab as i64]);
     let out_shape = b.op("/lm/lm_head/Concat", "Concat", &[&batch, &seq, &v], vec![("axis", Attr::Int(0))]);
     let logits = b.op("/lm/lm_head/Reshape_1", "Reshape", &[&logits, &out_shape], vec![]);

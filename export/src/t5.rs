@@ -328,7 +328,7 @@ pub fn build_decoder(b: &mut Builder, c: &T5Config, scale_output: bool) -> Resul
         out = b.op("/lm/decoder/scale/Mul", "Mul", &[&out, &s], vec![]);
     }
     let head = if b.has(&format!("{P}.lm_head.weight")) { format!("{P}.lm_head.weight") } else { embedding_name(b) };
-    let logits = crate::opt::lm_head(b, &out, &head, &ids, d, c.vocab_size)?;
+    let logits = crate::opt::lm_head(b, &out, &head, d, c.vocab_size)?;
     b.output(&logits, io::LOGITS, Elem::F32, vec![named(io::DIM_BATCH), named(io::DIM_SEQUENCE), Dim::Fixed(c.vocab_size as i64)]);
     Ok(())
 }

@@ -21,6 +21,10 @@ pub const INPUT_IDS: &str = "input_ids";
 pub const ATTENTION_MASK: &str = "attention_mask";
 pub const POSITION_IDS: &str = "position_ids";
 pub const LOGITS: &str = "logits";
+/// Optional scalar input of the OPT language model (a graph input with a default):
+/// logits are computed for the last `logits_to_keep` positions only; 0, the default,
+/// means all. Generation feeds 1 to its prefill, as transformers' generate() does.
+pub const LOGITS_TO_KEEP: &str = "logits_to_keep";
 
 // text_encoder.onnx (T5): the encoder output and, for each decoder layer, the
 // cross-attention keys and values, computed once per prompt.
@@ -50,6 +54,8 @@ pub fn present_value(layer: usize) -> String {
 // Dimension names (symbolic dims of the graphs).
 pub const DIM_BATCH: &str = "batch_size";
 pub const DIM_SEQUENCE: &str = "sequence_length";
+/// Positions the logits are computed for: `sequence_length`, or `logits_to_keep` if smaller.
+pub const DIM_LOGITS_SEQUENCE: &str = "logits_sequence_length";
 pub const DIM_PAST_SEQUENCE: &str = "past_sequence_length";
 pub const DIM_TOTAL_SEQUENCE: &str = "total_sequence_length";
 pub const DIM_NUM_IMAGE_TOKENS: &str = "num_image_tokens";

@@ -66,6 +66,9 @@ pub struct TensorInfo {
     pub name: String,
     pub dtype: String,
     pub shape: Vec<Dim>,
+    /// An input with a default value in the graph, which callers may leave out.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub optional: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -46,6 +46,8 @@ pub struct Blip2Model {
     pub(crate) lm_fp16: bool,
     /// Where the KV cache lives between decode steps (host memory unless set).
     pub(crate) kv_memory: MemoryInfo<'static>,
+    /// Whether the LM graph takes `logits_to_keep` (exports before it computed all).
+    lm_logits_to_keep: bool,
 }
 
 fn ort_err(what: impl Into<String>) -> impl FnOnce(ort::Error) -> RuntimeError {
@@ -89,7 +91,8 @@ impl Blip2Model {
             .unwrap_or(false);
         let kv_memory = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)
             .map_err(ort_err("host memory info"))?;
-        Ok(Self { manifest, dir: dir.into(), vision, qformer, lm, text_encoder, lm_fp16, kv_memory })
+        let lm_logits_to_keep = g.language_model.inputs.iter().any(|t| t.name == io::LOGITS_TO_KEEP);
+        Ok(Self { manifest, dir: dir.into(), vision, qformer, lm, text_encoder, lm_fp16, kv_memory, lm_logits_to_keep })
     }
 
     /// Vision encoder then Q-Former: pixel values `[B,3,H,W]` to the projected query
@@ -267,12 +270,18 @@ impl<'m> LmState<'m> {
         let rows = ids.nrows();
         let total = self.mask.first().map(Vec::len).unwrap_or(0);
         let mask = Array2::from_shape_fn((rows, total), |(r, j)| self.mask[r][j]);
-        let inputs = [
+        let seq = ids.ncols();
+        let mut inputs = vec![
             (io::INPUT_IDS, Tensor::from_array(ids).map_err(ort_err("input_ids"))?.into_dyn()),
             (io::IMAGE_EMBEDS, image_embeds),
             (io::ATTENTION_MASK, Tensor::from_array(mask).map_err(ort_err("attention_mask"))?.into_dyn()),
             (io::POSITION_IDS, Tensor::from_array(pos).map_err(ort_err("position_ids"))?.into_dyn()),
         ];
+        if last_only && seq > 1 && self.model.lm_logits_to_keep {
+            // The LM head runs for the last position only.
+            let keep = Tensor::from_array(ndarray::arr0(1i64)).map_err(ort_err("logits_to_keep"))?;
+            inputs.push((io::LOGITS_TO_KEEP, keep.into_dyn()));
+        }
         let refs: Vec<(String, &DynValue)> = inputs.iter().map(|(n, v)| (n.to_string(), v)).collect();
         let m = &mut *self.model;
         run_decoder(&mut m.lm, &m.kv_memory, &refs, &mut self.cache, "language model", last_only)
