@@ -7,6 +7,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use memmap2::Mmap;
 use safetensors::tensor::Dtype as StDtype;
@@ -231,8 +232,15 @@ fn decode_into(dtype: DType, data: &[u8], start: usize, out: &mut [f32]) {
             }
         }
         DType::F16 => {
-            for (o, c) in out.iter_mut().zip(data[2 * start..2 * (start + n)].chunks_exact(2)) {
-                *o = f16::from_le_bytes([c[0], c[1]]).to_f32();
+            let src = &data[2 * start..2 * (start + n)];
+            // SAFETY: any u16 bit pattern is a valid f16; align_to only yields the aligned middle.
+            match unsafe { src.align_to::<f16>() } {
+                ([], halves, []) if cfg!(target_endian = "little") => halves.convert_to_f32_slice(out),
+                _ => {
+                    for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
+                        *o = f16::from_le_bytes([c[0], c[1]]).to_f32();
+                    }
+                }
             }
         }
         DType::BF16 => {
@@ -251,6 +259,12 @@ fn encode(values: &[f32], to: DType, out: &mut Vec<u8>) {
             out.extend_from_slice(unsafe { std::slice::from_raw_parts(values.as_ptr() as *const u8, 4 * values.len()) })
         }
         DType::F32 => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        DType::F16 if cfg!(target_endian = "little") => {
+            let mut halves = vec![f16::ZERO; values.len()];
+            halves.convert_from_f32_slice(values);
+            // SAFETY: reading the f16s' bytes; little-endian is the file's byte order.
+            out.extend_from_slice(unsafe { std::slice::from_raw_parts(halves.as_ptr() as *const u8, 2 * halves.len()) })
+        }
         DType::F16 => values.iter().for_each(|&v| out.extend_from_slice(&f16::from_f32(v).to_le_bytes())),
         DType::BF16 => values.iter().for_each(|&v| out.extend_from_slice(&bf16::from_f32(v).to_le_bytes())),
     }
@@ -264,41 +278,68 @@ pub fn write_converted(t: &TensorView<'_>, to: DType, transpose: bool, w: &mut d
         }
         return Ok(());
     }
-    let mut buf = Vec::with_capacity(CHUNK * to.size());
+    let mut vals = Vec::new();
+    let mut buf = Vec::new();
+    // Converts a run of whole source elements to `to` and writes it.
+    let mut emit = |bytes: &[u8]| -> std::io::Result<()> {
+        if t.dtype == to {
+            return w.write_all(bytes);
+        }
+        for piece in bytes.chunks(CHUNK * t.dtype.size()) {
+            vals.resize(piece.len() / t.dtype.size(), 0f32);
+            decode_into(t.dtype, piece, 0, &mut vals);
+            buf.clear();
+            encode(&vals, to, &mut buf);
+            w.write_all(&buf)?;
+        }
+        Ok(())
+    };
     if transpose {
+        // Transposed in the source type (bytes only), converted a strip at a time.
         let (rows, cols) = (t.shape[0], t.shape[1]);
-        // Output row c is source column c: decode a tile of columns row by row (contiguous
-        // reads), then emit it column-major.
-        let tile = (CHUNK / rows.max(1)).clamp(1, 64);
-        let mut row = vec![0f32; tile];
-        let mut block = vec![0f32; tile * rows];
-        let mut c0 = 0;
-        while c0 < cols {
-            let c1 = (c0 + tile).min(cols);
-            let width = c1 - c0;
-            for r in 0..rows {
-                decode_into(t.dtype, t.data, r * cols + c0, &mut row[..width]);
-                for (c, &v) in row[..width].iter().enumerate() {
-                    block[c * rows + r] = v;
+        return match t.dtype.size() {
+            2 => write_transposed_raw::<2>(t.data, rows, cols, &mut emit),
+            _ => write_transposed_raw::<4>(t.data, rows, cols, &mut emit),
+        };
+    }
+    emit(t.data)
+}
+
+/// Writes a row-major `[rows, cols]` matrix of `N`-byte elements transposed, without
+/// converting them. A strip of 64 columns (64 output rows) is built at a time, from
+/// 64 x 64 tiles: each tile's rows are copied whole into a small contiguous buffer, then
+/// scattered into the strip from there. (Reading the tile's columns straight from the
+/// matrix would hit 64 rows a power-of-two stride apart, which share an L1 cache set.)
+fn write_transposed_raw<const N: usize>(
+    data: &[u8],
+    rows: usize,
+    cols: usize,
+    emit: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    const B: usize = 64;
+    let elems: &[[u8; N]] = data[..rows * cols * N].as_chunks::<N>().0;
+    let mut out = vec![[0u8; N]; B.min(cols) * rows];
+    let mut tile = vec![[0u8; N]; B * B];
+    let mut c0 = 0;
+    while c0 < cols {
+        let width = B.min(cols - c0);
+        let mut r0 = 0;
+        while r0 < rows {
+            let height = B.min(rows - r0);
+            for i in 0..height {
+                let src = (r0 + i) * cols + c0;
+                tile[i * B..i * B + width].copy_from_slice(&elems[src..src + width]);
+            }
+            for c in 0..width {
+                let dst = &mut out[c * rows + r0..c * rows + r0 + height];
+                for (i, d) in dst.iter_mut().enumerate() {
+                    *d = tile[i * B + c];
                 }
             }
-            buf.clear();
-            encode(&block[..width * rows], to, &mut buf);
-            w.write_all(&buf)?;
-            c0 = c1;
+            r0 += height;
         }
-        return Ok(());
-    }
-    let n = t.numel();
-    let mut vals = vec![0f32; CHUNK.min(n)];
-    let mut i = 0;
-    while i < n {
-        let j = (i + CHUNK).min(n);
-        decode_into(t.dtype, t.data, i, &mut vals[..j - i]);
-        buf.clear();
-        encode(&vals[..j - i], to, &mut buf);
-        w.write_all(&buf)?;
-        i = j;
+        emit(out[..width * rows].as_flattened())?;
+        c0 += width;
     }
     Ok(())
 }
@@ -472,6 +513,38 @@ mod tests {
         let got: Vec<i8> = out.iter().map(|&b| b as i8).collect();
         // [K=3, N=2]: column 0 is row 0 quantized, column 1 is zeros.
         assert_eq!(got, vec![127, 0, -64, 0, 32, 0]);
+    }
+
+    #[test]
+    fn transposes_and_converts_f32_to_f16() {
+        let (rows, cols) = (70usize, 67usize);
+        let vals: Vec<f32> = (0..rows * cols).map(|i| i as f32 * 0.37 - 11.0).collect();
+        let data: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut out = Vec::new();
+        write_converted(&view(DType::F32, &[rows, cols], &data), DType::F16, true, &mut out).unwrap();
+        let got: Vec<f16> = out.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]])).collect();
+        for r in 0..rows {
+            for c in 0..cols {
+                assert_eq!(got[c * rows + r], f16::from_f32(vals[r * cols + c]));
+            }
+        }
+    }
+
+    #[test]
+    fn transposes_f16_without_conversion() {
+        // 70 x 3 half-precision values (more rows than one strip has columns), NaN bits
+        // included: the bytes must move unchanged.
+        let (rows, cols) = (70usize, 3usize);
+        let bits: Vec<u16> = (0..rows * cols).map(|i| if i == 5 { 0x7e01 } else { i as u16 * 7 }).collect();
+        let data: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+        let mut out = Vec::new();
+        write_converted(&view(DType::F16, &[rows, cols], &data), DType::F16, true, &mut out).unwrap();
+        let got: Vec<u16> = out.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+        for r in 0..rows {
+            for c in 0..cols {
+                assert_eq!(got[c * rows + r], bits[r * cols + c]);
+            }
+        }
     }
 
     #[test]
