@@ -207,3 +207,37 @@ fn older_checkpoints_without_an_image_token_get_the_next_free_id() {
         serde_json::from_str(&std::fs::read_to_string(out.join("blip2_manifest.json")).unwrap()).unwrap();
     assert_eq!(m["tokens"]["image_token_id"].as_i64().unwrap(), want);
 }
+
+#[test]
+fn quantized_encoders_need_fp32() {
+    let (ck, out) = copy_fixture("opt-tiny", "quantize-encoders-fp16");
+    let o = Command::new(env!("CARGO_BIN_EXE_blip2-ort"))
+        .args(["export", "--quiet", "--dtype", "fp16", "--quantize-encoders", "int8"])
+        .arg(&ck)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_one_line_error(o.status.code().unwrap_or(-1), &stderr, &["--quantize-encoders", "--dtype fp32"], &out);
+}
+
+#[test]
+fn quantized_encoders_export_from_the_command_line() {
+    let (ck, out) = copy_fixture("opt-tiny", "quantize-encoders");
+    let o = Command::new(env!("CARGO_BIN_EXE_blip2-ort"))
+        .args(["export", "--quantize", "int8", "--quantize-encoders", "int8"])
+        .arg(&ck)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(stderr.contains("int8 weights, int8-dynamic encoders"), "{stderr}");
+    let m = blip2_core::Manifest::load(&out).unwrap();
+    assert_eq!(m.quantization.as_deref(), Some("int8"));
+    assert_eq!(m.encoder_quantization.as_deref(), Some("int8-dynamic"));
+    let vision = std::fs::read(out.join(&m.graphs.vision_encoder.file)).unwrap();
+    assert!(vision.windows(21).any(|w| w == b"DynamicQuantizeMatMul"), "vision encoder uses DynamicQuantizeMatMul");
+}
