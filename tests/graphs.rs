@@ -197,3 +197,24 @@ fn logits_to_keep_computes_the_last_positions_only() {
         assert_close(&format!("{name}: prefill logits, logits_to_keep = {keep:?}"), &logits, &want);
     }
 }
+
+/// `blip2-ort bench` reports ONNX Runtime's arena peak as GPU memory on CUDA profiles
+/// (`Blip2Model::allocator_peak_bytes`); the statistics call is checked here on a CPU
+/// session with ONNX Runtime's CPU arena on.
+#[test]
+fn allocator_statistics_report_the_peak() {
+    use blip2_runtime::ort_reexport::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+    use blip2_runtime::ort_reexport::session::Session;
+    use blip2_runtime::ort_reexport::value::Tensor;
+    let env = blip2_runtime::ort_env::environment().unwrap();
+    let dir = temp_dir("graphs-allocator-stats").join("export");
+    blip2_export::export(&fixture("opt-tiny").join("checkpoint"), &dir, &Default::default(), &mut blip2_export::NoProgress).unwrap();
+    let mut session = Session::builder(env).unwrap().commit_from_file(dir.join("vision_encoder.onnx")).unwrap();
+    let cpu = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Arena, MemoryType::Default).unwrap();
+    let px = read_npy(&fixture("opt-tiny").join("reference/pixel_values.npy"));
+    let out = session.run(blip2_runtime::ort_reexport::inputs!["pixel_values" => Tensor::from_array(px).unwrap()]).unwrap();
+    let feats = out["image_features"].try_extract_array::<f32>().unwrap().len() * 4;
+    drop(out);
+    let peak = blip2_runtime::model::allocator_peak(&session, &cpu).expect("the CPU arena keeps statistics");
+    assert!(peak as usize >= feats, "peak {peak} bytes, below the {feats}-byte output");
+}

@@ -273,6 +273,13 @@ pub fn run(a: &BenchArgs, quiet: bool) -> Result<i32> {
     })?;
     res.insert("generate_b1_cached_image_ms".into(), json!(cached));
     res.insert("peak_rss_MB".into(), json!(rss_mb("VmHWM:")));
+    if profile.uses_gpu() {
+        // ONNX Runtime's CUDA arenas, as hf_generate_bench.py reports torch's allocator.
+        let mem = blip2_runtime::model::cuda_memory(profile.device_id)?;
+        if let Some(bytes) = b.pipe.model.allocator_peak_bytes(&mem) {
+            res.insert("peak_gpu_mem_MB".into(), json!(round(bytes as f64 / (1u64 << 20) as f64, 1)));
+        }
+    }
 
     let mut out = std::io::stdout().lock();
     if a.json {
@@ -317,5 +324,6 @@ fn print_table(out: &mut impl Write, r: &BTreeMap<String, Value>, a: &BenchArgs)
     row("generate, batch 1, cached image", num("generate_b1_cached_image_ms"), "ms")?;
     row("RSS after load", num("rss_after_load_MB"), "MB")?;
     row("peak RSS", num("peak_rss_MB"), "MB")?;
+    row("peak GPU memory (ORT arenas)", num("peak_gpu_mem_MB"), "MB")?;
     Ok(())
 }

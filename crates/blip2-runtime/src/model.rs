@@ -166,12 +166,51 @@ impl Blip2Model {
 }
 
 impl Blip2Model {
+    /// Peak bytes ONNX Runtime's allocators for `memory` held, summed over the graphs'
+    /// sessions (each arena's `MaxInUse`): the GPU memory the model used on a CUDA
+    /// profile (weights, activations, KV cache), as `torch.cuda.max_memory_allocated` is
+    /// for transformers. None when no session's allocator for that memory keeps statistics
+    /// (ONNX Runtime's CPU allocator without its arena, as the CPU profile runs).
+    pub fn allocator_peak_bytes(&self, memory: &MemoryInfo<'_>) -> Option<u64> {
+        let sessions = [&self.vision, &self.qformer, &self.lm].into_iter().chain(self.text_encoder.as_ref());
+        sessions.filter_map(|s| allocator_peak(s, memory)).reduce(|a, b| a + b)
+    }
+
     /// Encoders with dynamically quantized activations (`--quantize-encoders`) pick one
     /// quantization scale per call from the whole input; run one image per call so an
     /// image's result never depends on the others in its batch.
     fn per_image_encoders(&self) -> bool {
         self.manifest.encoder_quantization.is_some()
     }
+}
+
+/// `MaxInUse` of `session`'s allocator for `memory`, if it keeps statistics.
+pub fn allocator_peak(session: &Session, memory: &MemoryInfo<'_>) -> Option<u64> {
+    use ort::AsPointer;
+    let alloc = ort::memory::Allocator::new(session, memory.clone()).ok()?;
+    let api = ort::api();
+    let mut kvp: *mut ort::sys::OrtKeyValuePairs = std::ptr::null_mut();
+    // SAFETY: `alloc` is a live allocator; on success `kvp` is a key-value list we own
+    // and release below; the value string is read before that.
+    unsafe {
+        let status = (api.AllocatorGetStats)(alloc.ptr(), &mut kvp);
+        if !status.0.is_null() {
+            (api.ReleaseStatus)(status.0);
+            return None;
+        }
+        if kvp.is_null() {
+            return None;
+        }
+        let v = (api.GetKeyValue)(kvp, c"MaxInUse".as_ptr());
+        let peak = if v.is_null() { None } else { std::ffi::CStr::from_ptr(v).to_str().ok().and_then(|s| s.parse().ok()) };
+        (api.ReleaseKeyValuePairs)(kvp);
+        peak
+    }
+}
+
+/// ONNX Runtime's device memory on CUDA device `id` (where its CUDA arenas allocate).
+pub fn cuda_memory(id: i32) -> Result<MemoryInfo<'static>, RuntimeError> {
+    MemoryInfo::new(AllocationDevice::CUDA, id, AllocatorType::Arena, MemoryType::Default).map_err(ort_err("CUDA memory info"))
 }
 
 fn concat_rows(rows: impl Iterator<Item = Result<ArrayD<f32>, RuntimeError>>) -> Result<ArrayD<f32>, RuntimeError> {
