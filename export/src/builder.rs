@@ -8,9 +8,12 @@ use std::collections::HashMap;
 
 use blip2_core::Dim;
 
-use crate::checkpoint::{write_converted, ChannelQuantizer, Checkpoint, DType, Quantizer};
+use crate::checkpoint::{write_converted, ChannelQuantizer, Checkpoint, DType, Quantizer, TensorView};
 use crate::error::{ExportError, Result};
 use crate::onnx::{Attr, Elem, Graph, InitData, Initializer, Node, Tensor, ValueInfo};
+
+/// ONNX Runtime's contrib operator domain (MatMulNBits, DynamicQuantizeMatMul).
+pub const MS_DOMAIN: &str = "com.microsoft";
 
 pub struct Builder<'a> {
     ck: &'a Checkpoint,
@@ -31,8 +34,6 @@ pub struct Builder<'a> {
     /// int8 weights and dynamically quantized int8 activations for this graph's
     /// projections (DynamicQuantizeMatMul); takes precedence over `quant`.
     pub dynamic_int8: bool,
-    /// Whether a com.microsoft operator was emitted (the model then imports that domain).
-    pub uses_ms_domain: bool,
 }
 
 impl<'a> Builder<'a> {
@@ -51,7 +52,6 @@ impl<'a> Builder<'a> {
             weight_bytes: 0,
             quant: None,
             dynamic_int8: false,
-            uses_ms_domain: false,
         }
     }
 
@@ -188,19 +188,44 @@ impl<'a> Builder<'a> {
             dims.reverse();
         }
         let len = (t.numel() * to.size()) as u64;
-        self.weight_bytes += len;
-        let ck = self.ck;
-        let owned = name.to_string();
-        let write = Box::new(move |w: &mut dyn std::io::Write| {
-            write_converted(&t, to, transpose, w)?;
-            ck.release(&owned);
-            Ok(())
-        });
         // The initializer keeps the checkpoint's name; a transposed copy says so.
         let doc = transpose.then(|| "transposed from the checkpoint's [out, in] to [in, out] for MatMul".to_string());
-        self.inits.push(Initializer { name: name.into(), elem, dims, doc, data: InitData::Stream { len, write } });
+        self.derived(name, name, elem, dims, doc, len, move |t, w| write_converted(t, to, transpose, w))?;
         self.weights.insert(key, name.into());
         Ok(name.into())
+    }
+
+    /// Adds initializer `init` whose `len` bytes `write` makes from checkpoint tensor
+    /// `source` when the model is written; the tensor's mapped pages are released after.
+    #[allow(clippy::too_many_arguments)]
+    fn derived(
+        &mut self,
+        init: &str,
+        source: &str,
+        elem: Elem,
+        dims: Vec<i64>,
+        doc: Option<String>,
+        len: u64,
+        write: impl Fn(&TensorView<'a>, &mut dyn std::io::Write) -> std::io::Result<()> + 'a,
+    ) -> Result<()> {
+        let t = self.ck.get(source)?;
+        let ck = self.ck;
+        let source = source.to_string();
+        let write = Box::new(move |w: &mut dyn std::io::Write| {
+            write(&t, w)?;
+            ck.release(&source);
+            Ok(())
+        });
+        self.weight_bytes += len;
+        self.inits.push(Initializer { name: init.into(), elem, dims, doc, data: InitData::Stream { len, write } });
+        Ok(())
+    }
+
+    /// Adds a com.microsoft (ONNX Runtime contrib) node; the model then imports that domain.
+    fn ms_op(&mut self, path: &str, op: &str, inputs: &[&str], attrs: Vec<(&str, Attr)>) -> String {
+        let out = self.op(path, op, inputs, attrs);
+        self.nodes.last_mut().expect("just added").domain = MS_DOMAIN.into();
+        out
     }
 
     /// `x @ W^T` for a checkpoint `[N, K]` weight with ONNX Runtime's MatMulNBits
@@ -212,57 +237,27 @@ impl<'a> Builder<'a> {
     /// ```
     pub fn matmul_nbits(&mut self, path: &str, x: &str, name: &str, n: usize, k: usize) -> Result<String> {
         let (bits, block) = self.quant.expect("quantization is on");
-        let t = self.ck.get_shaped(name, &[n, k])?;
+        self.ck.get_shaped(name, &[n, k])?;
         let q = Quantizer { bits, block };
         let blocks = q.blocks(k);
         let values = format!("{name}.quantized");
         let scales = format!("{name}.scales");
-        let vlen = (n * blocks * q.blob()) as u64;
-        let slen = (n * blocks * 4) as u64;
-        self.weight_bytes += vlen + slen;
-        let ck = self.ck;
-        let owned = name.to_string();
         let doc = Some(format!("{bits}-bit blocks of {block} of {name}, for MatMulNBits"));
-        let write_values = Box::new(move |w: &mut dyn std::io::Write| {
-            Quantizer { bits, block }.write_values(&t, w)?;
-            ck.release(&owned);
-            Ok(())
-        });
-        self.inits.push(Initializer {
-            name: values.clone(),
-            elem: Elem::U8,
-            dims: vec![n as i64, blocks as i64, q.blob() as i64],
-            doc,
-            data: InitData::Stream { len: vlen, write: write_values },
-        });
-        let owned = name.to_string();
-        let write_scales = Box::new(move |w: &mut dyn std::io::Write| {
-            Quantizer { bits, block }.write_scales(&t, w)?;
-            ck.release(&owned);
-            Ok(())
-        });
-        self.inits.push(Initializer {
-            name: scales.clone(),
-            elem: Elem::F32,
-            dims: vec![(n * blocks) as i64],
-            doc: None,
-            data: InitData::Stream { len: slen, write: write_scales },
-        });
-        self.uses_ms_domain = true;
-        let out = self.op(
-            path,
-            "MatMulNBits",
-            &[x, &values, &scales],
-            vec![
-                ("K", Attr::Int(k as i64)),
-                ("N", Attr::Int(n as i64)),
-                ("bits", Attr::Int(bits as i64)),
-                ("block_size", Attr::Int(block as i64)),
-                ("accuracy_level", Attr::Int(4)),
-            ],
-        );
-        self.nodes.last_mut().expect("just added").domain = "com.microsoft".into();
-        Ok(out)
+        let dims = vec![n as i64, blocks as i64, q.blob() as i64];
+        let len = (n * blocks * q.blob()) as u64;
+        self.derived(&values, name, Elem::U8, dims, doc, len, move |t, w| Quantizer { bits, block }.write_values(t, w))?;
+        let len = (n * blocks * 4) as u64;
+        self.derived(&scales, name, Elem::F32, vec![(n * blocks) as i64], None, len, move |t, w| {
+            Quantizer { bits, block }.write_scales(t, w)
+        })?;
+        let attrs = vec![
+            ("K", Attr::Int(k as i64)),
+            ("N", Attr::Int(n as i64)),
+            ("bits", Attr::Int(bits as i64)),
+            ("block_size", Attr::Int(block as i64)),
+            ("accuracy_level", Attr::Int(4)),
+        ];
+        Ok(self.ms_op(path, "MatMulNBits", &[x, &values, &scales], attrs))
     }
 
     /// `x @ W^T (+ bias)` for a checkpoint `[N, K]` weight with ONNX Runtime's
@@ -275,47 +270,21 @@ impl<'a> Builder<'a> {
     ///   x ──DynamicQuantizeMatMul(W_q [K, N] int8, scales [N], bias [N]) ─▶ [.., N]
     /// ```
     pub fn matmul_dynamic_int8(&mut self, path: &str, x: &str, name: &str, n: usize, k: usize, bias: Option<&str>) -> Result<String> {
-        let t = self.ck.get_shaped(name, &[n, k])?;
+        self.ck.get_shaped(name, &[n, k])?;
         let values = format!("{name}.int8");
         let scales = format!("{name}.channel_scales");
-        self.weight_bytes += (n * k + n * 4) as u64;
-        let ck = self.ck;
-        let owned = name.to_string();
-        let write_values = Box::new(move |w: &mut dyn std::io::Write| {
-            ChannelQuantizer::write_values(&t, w)?;
-            ck.release(&owned);
-            Ok(())
-        });
-        self.inits.push(Initializer {
-            name: values.clone(),
-            elem: Elem::I8,
-            dims: vec![k as i64, n as i64],
-            doc: Some(format!("{name} transposed to [in, out], int8 with one scale per output channel")),
-            data: InitData::Stream { len: (n * k) as u64, write: write_values },
-        });
-        let owned = name.to_string();
-        let write_scales = Box::new(move |w: &mut dyn std::io::Write| {
-            let bytes: Vec<u8> = ChannelQuantizer::scales(&t).iter().flat_map(|v| v.to_le_bytes()).collect();
-            w.write_all(&bytes)?;
-            ck.release(&owned);
-            Ok(())
-        });
-        self.inits.push(Initializer {
-            name: scales.clone(),
-            elem: Elem::F32,
-            dims: vec![n as i64],
-            doc: None,
-            data: InitData::Stream { len: (n * 4) as u64, write: write_scales },
-        });
-        self.uses_ms_domain = true;
+        let doc = Some(format!("{name} transposed to [in, out], int8 with one scale per output channel"));
+        self.derived(&values, name, Elem::I8, vec![k as i64, n as i64], doc, (n * k) as u64, ChannelQuantizer::write_values)?;
+        self.derived(&scales, name, Elem::F32, vec![n as i64], None, (n * 4) as u64, |t, w| {
+            let bytes: Vec<u8> = ChannelQuantizer::scales(t).iter().flat_map(|v| v.to_le_bytes()).collect();
+            w.write_all(&bytes)
+        })?;
         // Inputs: A, B, b_scale, b_zero_point (absent: symmetric), bias.
         let mut inputs = vec![x, values.as_str(), scales.as_str()];
         if let Some(bias) = bias {
             inputs.extend(["", bias]);
         }
-        let out = self.op(path, "DynamicQuantizeMatMul", &inputs, vec![]);
-        self.nodes.last_mut().expect("just added").domain = "com.microsoft".into();
-        Ok(out)
+        Ok(self.ms_op(path, "DynamicQuantizeMatMul", &inputs, vec![]))
     }
 
     pub fn has(&self, name: &str) -> bool {

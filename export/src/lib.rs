@@ -193,11 +193,11 @@ fn write_graph(
     progress: &mut dyn Progress,
 ) -> Result<GraphInfo> {
     progress.stage(name, b.weight_bytes);
-    let mut opsets = vec![(String::new(), onnx::OPSET)];
-    if b.uses_ms_domain {
-        opsets.push(("com.microsoft".to_string(), 1));
-    }
     let graph = b.finish(name);
+    let mut opsets = vec![(String::new(), onnx::OPSET)];
+    if graph.nodes.iter().any(|n| n.domain == builder::MS_DOMAIN) {
+        opsets.push((builder::MS_DOMAIN.to_string(), 1));
+    }
     let mut inputs = tensor_infos(&graph.inputs);
     // Inputs that are also initializers have a default (ONNX IR >= 4) and may be left out.
     for t in &mut inputs {

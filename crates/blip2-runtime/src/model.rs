@@ -46,8 +46,6 @@ pub struct Blip2Model {
     pub(crate) lm_fp16: bool,
     /// Where the KV cache lives between decode steps (host memory unless set).
     pub(crate) kv_memory: MemoryInfo<'static>,
-    /// Whether the LM graph takes `logits_to_keep` (exports before it computed all).
-    lm_logits_to_keep: bool,
 }
 
 fn ort_err(what: impl Into<String>) -> impl FnOnce(ort::Error) -> RuntimeError {
@@ -91,8 +89,7 @@ impl Blip2Model {
             .unwrap_or(false);
         let kv_memory = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)
             .map_err(ort_err("host memory info"))?;
-        let lm_logits_to_keep = g.language_model.inputs.iter().any(|t| t.name == io::LOGITS_TO_KEEP);
-        Ok(Self { manifest, dir: dir.into(), vision, qformer, lm, text_encoder, lm_fp16, kv_memory, lm_logits_to_keep })
+        Ok(Self { manifest, dir: dir.into(), vision, qformer, lm, text_encoder, lm_fp16, kv_memory })
     }
 
     /// Vision encoder then Q-Former: pixel values `[B,3,H,W]` to the projected query
@@ -100,8 +97,7 @@ impl Blip2Model {
     pub fn encode_images(&mut self, pixels: Array4<f32>) -> Result<DynValue, RuntimeError> {
         if self.per_image_encoders() && pixels.shape()[0] > 1 {
             // Quantized encoders are fp32 throughout (the exporter refuses fp16 with them).
-            let rows = pixels.outer_iter().map(|p| to_f32(&self.encode_images(p.insert_axis(Axis(0)).to_owned())?));
-            return f32_value(concat_rows(rows)?);
+            return f32_value(self.one_image_at_a_time(pixels, |m, p| to_f32(&m.encode_images(p)?))?);
         }
         let px = Tensor::from_array(pixels).map_err(ort_err("pixel_values"))?;
         let mut out = self
@@ -119,8 +115,7 @@ impl Blip2Model {
     /// The vision encoder alone (benchmarks, parity tests).
     pub fn vision_features(&mut self, pixels: Array4<f32>) -> Result<ArrayD<f32>, RuntimeError> {
         if self.per_image_encoders() && pixels.shape()[0] > 1 {
-            let rows = pixels.outer_iter().map(|p| self.vision_features(p.insert_axis(Axis(0)).to_owned()));
-            return concat_rows(rows);
+            return self.one_image_at_a_time(pixels, Self::vision_features);
         }
         let px = Tensor::from_array(pixels).map_err(ort_err("pixel_values"))?;
         let out = self.vision.run(ort::inputs![io::PIXEL_VALUES => px]).map_err(ort_err("vision encoder"))?;
@@ -156,8 +151,7 @@ impl Blip2Model {
     /// The Q-Former alone on given image features.
     pub fn qformer_embeds(&mut self, feats: ArrayD<f32>) -> Result<ArrayD<f32>, RuntimeError> {
         if self.per_image_encoders() && feats.shape()[0] > 1 {
-            let rows = feats.outer_iter().map(|f| self.qformer_embeds(f.insert_axis(Axis(0)).to_owned()));
-            return concat_rows(rows);
+            return self.one_image_at_a_time(feats, Self::qformer_embeds);
         }
         let t = Tensor::from_array(feats).map_err(ort_err("image_features"))?;
         let out = self.qformer.run(ort::inputs![io::IMAGE_FEATURES => t]).map_err(ort_err("Q-Former"))?;
@@ -181,6 +175,25 @@ impl Blip2Model {
     /// image's result never depends on the others in its batch.
     fn per_image_encoders(&self) -> bool {
         self.manifest.encoder_quantization.is_some()
+    }
+
+    /// `encode` on each image of the batch `x` alone, the results joined along the batch.
+    fn one_image_at_a_time<D: ndarray::RemoveAxis>(
+        &mut self,
+        x: ndarray::Array<f32, D>,
+        encode: impl Fn(&mut Self, ndarray::Array<f32, D>) -> Result<ArrayD<f32>, RuntimeError>,
+    ) -> Result<ArrayD<f32>, RuntimeError> {
+        let rows = x
+            .outer_iter()
+            .map(|one| encode(self, one.insert_axis(Axis(0)).into_dimensionality::<D>().expect("same rank").to_owned()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let views: Vec<_> = rows.iter().map(|r| r.view()).collect();
+        ndarray::concatenate(Axis(0), &views).map_err(|e| RuntimeError::Unsupported(format!("joining per-image outputs: {e}")))
+    }
+
+    /// Whether the LM graph takes `logits_to_keep` (earlier exports computed every position).
+    fn lm_takes_logits_to_keep(&self) -> bool {
+        self.manifest.graphs.language_model.inputs.iter().any(|t| t.name == io::LOGITS_TO_KEEP)
     }
 }
 
@@ -211,12 +224,6 @@ pub fn allocator_peak(session: &Session, memory: &MemoryInfo<'_>) -> Option<u64>
 /// ONNX Runtime's device memory on CUDA device `id` (where its CUDA arenas allocate).
 pub fn cuda_memory(id: i32) -> Result<MemoryInfo<'static>, RuntimeError> {
     MemoryInfo::new(AllocationDevice::CUDA, id, AllocatorType::Arena, MemoryType::Default).map_err(ort_err("CUDA memory info"))
-}
-
-fn concat_rows(rows: impl Iterator<Item = Result<ArrayD<f32>, RuntimeError>>) -> Result<ArrayD<f32>, RuntimeError> {
-    let rows = rows.collect::<Result<Vec<_>, _>>()?;
-    let views: Vec<_> = rows.iter().map(|r| r.view()).collect();
-    ndarray::concatenate(Axis(0), &views).map_err(|e| RuntimeError::Unsupported(format!("joining per-image outputs: {e}")))
 }
 
 /// Reads a float tensor (f32 or f16) as f32.
@@ -316,7 +323,7 @@ impl<'m> LmState<'m> {
             (io::ATTENTION_MASK, Tensor::from_array(mask).map_err(ort_err("attention_mask"))?.into_dyn()),
             (io::POSITION_IDS, Tensor::from_array(pos).map_err(ort_err("position_ids"))?.into_dyn()),
         ];
-        if last_only && seq > 1 && self.model.lm_logits_to_keep {
+        if last_only && seq > 1 && self.model.lm_takes_logits_to_keep() {
             // The LM head runs for the last position only.
             let keep = Tensor::from_array(ndarray::arr0(1i64)).map_err(ort_err("logits_to_keep"))?;
             inputs.push((io::LOGITS_TO_KEEP, keep.into_dyn()));

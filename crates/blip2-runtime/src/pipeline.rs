@@ -231,18 +231,8 @@ impl Pipeline {
         prompts: &[String],
         cfg: &GenerationConfig,
     ) -> Result<Vec<Vec<Generated>>, RuntimeError> {
-        let rows = pixels.shape()[0];
-        if rows != prompts.len() {
-            return Err(RuntimeError::Input(format!("{rows} images but {} prompts", prompts.len())));
-        }
-        if rows == 0 {
-            return Ok(Vec::new());
-        }
-        generation::validate(cfg).map_err(|e| RuntimeError::Input(e.to_string()))?;
-        let mut texts = Vec::with_capacity(prompts.len());
-        for p in prompts {
-            texts.push(self.prompter.check_fits(p)?);
-        }
+        // Counts, the empty batch and the config are checked by generate_text_ids.
+        let texts = prompts.iter().map(|p| self.prompter.check_fits(p)).collect::<Result<Vec<_>, _>>()?;
         self.generate_text_ids(pixels, &texts, cfg)
     }
 
