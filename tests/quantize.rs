@@ -30,9 +30,10 @@ impl Variant {
     }
 }
 
-fn export(name: &str, v: Variant) -> PathBuf {
+/// Exports fixture `name` with `v` into a folder of its own for test `test`.
+fn export(test: &str, name: &str, v: Variant) -> PathBuf {
     let tag = format!("{}-{}", v.weights.map_or("none", |q| q.name()), v.encoders);
-    let out = temp_dir(&format!("quantize-{name}-{tag}")).join("export");
+    let out = temp_dir(&format!("quantize-{test}-{name}-{tag}")).join("export");
     let opts = ExportOptions { quantize: v.weights, quantize_encoders: v.encoders, ..Default::default() };
     blip2_export::export(&fixture(name).join("checkpoint"), &out, &opts, &mut blip2_export::NoProgress).unwrap();
     out
@@ -48,8 +49,19 @@ struct Agreement {
     total: usize,
 }
 
+/// Errors of the vision encoder's and the Q-Former's outputs, each fed transformers' own
+/// input, relative to the output's scale.
+fn encoder_errors(model: &mut Blip2Model, refd: &std::path::Path) -> (f32, f32) {
+    let px: Array4<f32> = read_npy(&refd.join("pixel_values.npy")).into_dimensionality().unwrap();
+    let ref_feats = read_npy(&refd.join("image_features.npy"));
+    let (diff, scale) = max_abs_diff(&model.vision_features(px).unwrap(), &ref_feats);
+    let features = diff / scale;
+    let (diff, scale) = max_abs_diff(&model.qformer_embeds(ref_feats).unwrap(), &read_npy(&refd.join("image_embeds.npy")));
+    (features, diff / scale)
+}
+
 fn measure(name: &str, v: Variant) -> Agreement {
-    let dir = export(name, v);
+    let dir = export("measure", name, v);
     let refd = fixture(name).join("reference");
     let mut model = Blip2Model::load(&dir, &mut session_factory()).unwrap();
     let m = model.manifest.clone();
@@ -57,12 +69,7 @@ fn measure(name: &str, v: Variant) -> Agreement {
     assert_eq!(m.encoder_quantization.as_deref(), v.encoders.then_some(blip2_export::ENCODER_INT8));
 
     // Each graph is fed transformers' own inputs, so each is judged alone.
-    let px: Array4<f32> = read_npy(&refd.join("pixel_values.npy")).into_dimensionality().unwrap();
-    let (diff, scale) = max_abs_diff(&model.vision_features(px).unwrap(), &read_npy(&refd.join("image_features.npy")));
-    let features = diff / scale;
-    let ref_feats = read_npy(&refd.join("image_features.npy"));
-    let (diff, scale) = max_abs_diff(&model.qformer_embeds(ref_feats).unwrap(), &read_npy(&refd.join("image_embeds.npy")));
-    let embeds = diff / scale;
+    let (features, embeds) = encoder_errors(&mut model, &refd);
 
     let graphs: Value = serde_json::from_str(&std::fs::read_to_string(refd.join("graphs.json")).unwrap()).unwrap();
     let first = &graphs["lm_steps"][0];
@@ -142,19 +149,11 @@ fn int8_encoders_stay_close_to_fp32() {
 #[test]
 fn int8_encoders_on_t5_stay_close_to_fp32() {
     // The encoders are the same modules in the Flan-T5 family; check they export and run.
-    let dir = temp_dir("quantize-t5-encoders").join("export");
-    let opts = ExportOptions { quantize_encoders: true, ..Default::default() };
-    blip2_export::export(&fixture("t5-tiny").join("checkpoint"), &dir, &opts, &mut blip2_export::NoProgress).unwrap();
-    let refd = fixture("t5-tiny").join("reference");
+    let dir = export("t5", "t5-tiny", Variant { weights: None, encoders: true });
     let mut model = Blip2Model::load(&dir, &mut session_factory()).unwrap();
-    let px: Array4<f32> = read_npy(&refd.join("pixel_values.npy")).into_dimensionality().unwrap();
-    let (diff, scale) = max_abs_diff(&model.vision_features(px).unwrap(), &read_npy(&refd.join("image_features.npy")));
-    assert!(diff / scale < 0.05, "t5-tiny: image features {:.2}% off", diff / scale * 100.0);
-    let (diff, scale) = max_abs_diff(
-        &model.qformer_embeds(read_npy(&refd.join("image_features.npy"))).unwrap(),
-        &read_npy(&refd.join("image_embeds.npy")),
-    );
-    assert!(diff / scale < 0.05, "t5-tiny: image embeds {:.2}% off", diff / scale * 100.0);
+    let (features, embeds) = encoder_errors(&mut model, &fixture("t5-tiny").join("reference"));
+    assert!(features < 0.05, "t5-tiny: image features {:.2}% off", features * 100.0);
+    assert!(embeds < 0.05, "t5-tiny: image embeds {:.2}% off", embeds * 100.0);
 }
 
 #[test]
@@ -174,9 +173,7 @@ fn quantized_fp16_is_refused() {
 fn int8_encoders_give_each_image_of_a_batch_its_own_result() {
     // Dynamic quantization picks its scale from the whole input, so the runtime encodes
     // one image per call: a batch must equal single runs exactly.
-    let dir = temp_dir("quantize-batch-rows").join("export");
-    let opts = ExportOptions { quantize_encoders: true, ..Default::default() };
-    blip2_export::export(&fixture("opt-tiny").join("checkpoint"), &dir, &opts, &mut blip2_export::NoProgress).unwrap();
+    let dir = export("batch-rows", "opt-tiny", Variant { weights: None, encoders: true });
     let refd = fixture("opt-tiny").join("reference");
     let mut model = Blip2Model::load(&dir, &mut session_factory()).unwrap();
     let px: Array4<f32> = read_npy(&refd.join("pixel_values.npy")).into_dimensionality().unwrap();

@@ -28,16 +28,15 @@ fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     std::fs::write(path, v.to_string()).unwrap();
 }
 
-/// Runs export and returns (exit code, stderr).
-fn export(ck: &Path, out: &Path) -> (i32, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_blip2-ort"))
-        .args(["export", "--quiet"])
-        .arg(ck)
-        .arg("-o")
-        .arg(out)
-        .output()
-        .unwrap();
+/// Runs `export CK -o OUT` with `flags` and returns (exit code, stderr).
+fn export_with(flags: &[&str], ck: &Path, out: &Path) -> (i32, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_blip2-ort")).arg("export").args(flags).arg(ck).arg("-o").arg(out).output().unwrap();
     (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+/// Runs a quiet export and returns (exit code, stderr).
+fn export(ck: &Path, out: &Path) -> (i32, String) {
+    export_with(&["--quiet"], ck, out)
 }
 
 fn assert_one_line_error(code: i32, stderr: &str, needles: &[&str], out: &Path) {
@@ -143,27 +142,15 @@ fn existing_output_needs_force_and_keeps_user_folders() {
     assert_ne!(code, 0);
     assert!(err.contains("already exists") && err.contains("--force"), "{err}");
     // --force never replaces a folder that is not an export.
-    let o = Command::new(env!("CARGO_BIN_EXE_blip2-ort"))
-        .args(["export", "--quiet", "--force"])
-        .arg(&ck)
-        .arg("-o")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(!o.status.success());
+    let (code, _) = export_with(&["--quiet", "--force"], &ck, &out);
+    assert_ne!(code, 0);
     assert_eq!(std::fs::read_to_string(out.join("notes.txt")).unwrap(), "mine");
     // An earlier export is replaced with --force.
     std::fs::remove_dir_all(&out).unwrap();
     let (code, err) = export(&ck, &out);
     assert_eq!(code, 0, "{err}");
-    let o = Command::new(env!("CARGO_BIN_EXE_blip2-ort"))
-        .args(["export", "--quiet", "--force"])
-        .arg(&ck)
-        .arg("-o")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (code, err) = export_with(&["--quiet", "--force"], &ck, &out);
+    assert_eq!(code, 0, "{err}");
     assert!(out.join("blip2_manifest.json").exists());
 }
 
@@ -211,29 +198,15 @@ fn older_checkpoints_without_an_image_token_get_the_next_free_id() {
 #[test]
 fn quantized_encoders_need_fp32() {
     let (ck, out) = copy_fixture("opt-tiny", "quantize-encoders-fp16");
-    let o = Command::new(env!("CARGO_BIN_EXE_blip2-ort"))
-        .args(["export", "--quiet", "--dtype", "fp16", "--quantize-encoders", "int8"])
-        .arg(&ck)
-        .arg("-o")
-        .arg(&out)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert_one_line_error(o.status.code().unwrap_or(-1), &stderr, &["--quantize-encoders", "--dtype fp32"], &out);
+    let (code, stderr) = export_with(&["--quiet", "--dtype", "fp16", "--quantize-encoders", "int8"], &ck, &out);
+    assert_one_line_error(code, &stderr, &["--quantize-encoders", "--dtype fp32"], &out);
 }
 
 #[test]
 fn quantized_encoders_export_from_the_command_line() {
     let (ck, out) = copy_fixture("opt-tiny", "quantize-encoders");
-    let o = Command::new(env!("CARGO_BIN_EXE_blip2-ort"))
-        .args(["export", "--quantize", "int8", "--quantize-encoders", "int8"])
-        .arg(&ck)
-        .arg("-o")
-        .arg(&out)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{stderr}");
+    let (code, stderr) = export_with(&["--quantize", "int8", "--quantize-encoders", "int8"], &ck, &out);
+    assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("int8 weights, int8-dynamic encoders"), "{stderr}");
     let m = blip2_core::Manifest::load(&out).unwrap();
     assert_eq!(m.quantization.as_deref(), Some("int8"));
