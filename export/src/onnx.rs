@@ -8,9 +8,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::path::Path;
 
@@ -393,26 +391,25 @@ pub fn write_model(
     Ok(written)
 }
 
-/// A file written by a writer thread: full buffers are handed over through a short queue
-/// and written at their offsets, so producing the bytes (converting, transposing,
-/// quantizing weights) and the kernel's copying of them into the page cache run on two
-/// cores instead of taking turns. (The copying is most of an export's time: about twice
-/// the producing.)
+/// A file written by a second thread: full buffers are handed over through a short
+/// queue, so producing the bytes (converting, transposing, quantizing weights) and the
+/// kernel's copying of them into the page cache run on two cores instead of taking turns.
+/// (The copying is most of an export's time: about twice the producing. A second writer
+/// thread, writing at offsets, measured more system time for no less wall time: writes to
+/// one file take its inode lock in turn.)
 struct PipedFile {
     buf: PageBuf,
     pos: u64,
     full: Option<SyncSender<PageBuf>>,
     empty: Receiver<PageBuf>,
-    file: Option<Arc<File>>,
-    threads: Vec<JoinHandle<std::io::Result<()>>>,
+    writer: Option<JoinHandle<std::io::Result<File>>>,
 }
 
-/// A page-aligned byte buffer of [`PipedFile::BUF`] bytes and the file offset it goes to.
+/// A page-aligned byte buffer of [`PipedFile::BUF`] bytes.
 struct PageBuf {
     mem: Vec<u8>,
     start: usize,
     len: usize,
-    offset: u64,
 }
 
 impl PageBuf {
@@ -421,7 +418,7 @@ impl PageBuf {
     fn new() -> Self {
         let mem = vec![0u8; PipedFile::BUF + Self::PAGE];
         let start = mem.as_ptr().align_offset(Self::PAGE);
-        Self { mem, start, len: 0, offset: 0 }
+        Self { mem, start, len: 0 }
     }
     fn bytes(&self) -> &[u8] {
         &self.mem[self.start..self.start + self.len]
@@ -437,31 +434,22 @@ impl PageBuf {
 }
 
 impl PipedFile {
-    /// Buffers are whole pages, so two writers never share a page of the file.
     const BUF: usize = 256 << 10;
-    /// One writer: writes to one file serialize in the kernel (ext4 takes the inode lock
-    /// per write), and two writers measured more system time for no less wall time.
-    const WRITERS: usize = 1;
 
     fn create(path: &Path) -> std::io::Result<Self> {
-        let file = Arc::new(File::create(path)?);
-        // Four buffers queued, one being written per writer, one being filled: 1.5 MB.
+        let mut file = File::create(path)?;
+        // Four buffers queued, one being written, one being filled: 1.5 MB.
         let (full, queued) = sync_channel::<PageBuf>(4);
-        let queued = Arc::new(Mutex::new(queued));
         let (recycle, empty) = channel::<PageBuf>();
-        let mut threads = Vec::with_capacity(Self::WRITERS);
-        for i in 0..Self::WRITERS {
-            let (file, queued, recycle) = (file.clone(), queued.clone(), recycle.clone());
-            let t = std::thread::Builder::new().name(format!("export-writer-{i}")).spawn(move || loop {
-                let next = queued.lock().map_err(|_| std::io::Error::other("export writer queue poisoned"))?.recv();
-                let Ok(mut b) = next else { return Ok(()) };
-                file.write_all_at(b.bytes(), b.offset)?;
+        let writer = std::thread::Builder::new().name("export-writer".into()).spawn(move || {
+            for mut b in queued {
+                file.write_all(b.bytes())?;
                 b.len = 0;
                 let _ = recycle.send(b);
-            })?;
-            threads.push(t);
-        }
-        Ok(Self { buf: PageBuf::new(), pos: 0, full: Some(full), empty, file: Some(file), threads })
+            }
+            Ok(file)
+        })?;
+        Ok(Self { buf: PageBuf::new(), pos: 0, full: Some(full), empty, writer: Some(writer) })
     }
 
     /// Bytes written so far (the file's length once all is written).
@@ -474,36 +462,29 @@ impl PipedFile {
             return Ok(());
         }
         let next = self.empty.try_recv().unwrap_or_else(|_| PageBuf::new());
-        let mut b = std::mem::replace(&mut self.buf, next);
-        b.offset = self.pos - b.len as u64;
+        let b = std::mem::replace(&mut self.buf, next);
         let sent = self.full.as_ref().map(|f| f.send(b).is_ok()).unwrap_or(false);
         if sent {
             Ok(())
         } else {
-            // Every writer stopped: their error says why.
-            Err(self.join().err().unwrap_or_else(|| std::io::Error::other("export writers stopped")))
+            // The writer stopped: its error says why.
+            Err(self.join().err().unwrap_or_else(|| std::io::Error::other("export writer stopped")))
         }
     }
 
-    /// Waits for the writers; the first error any of them met.
-    fn join(&mut self) -> std::io::Result<()> {
+    /// Closes the queue and waits for the writer: the file, or the error it met.
+    fn join(&mut self) -> std::io::Result<File> {
         self.full = None;
-        let mut result = Ok(());
-        for t in self.threads.drain(..) {
-            let r = t.join().map_err(|_| std::io::Error::other("export writer thread panicked")).and_then(|r| r);
-            if result.is_ok() {
-                result = r;
-            }
+        match self.writer.take() {
+            Some(t) => t.join().map_err(|_| std::io::Error::other("export writer thread panicked"))?,
+            None => Err(std::io::Error::other("export writer already finished")),
         }
-        result
     }
 
     /// Writes what is buffered and returns the file once every byte is written.
     fn finish(mut self) -> std::io::Result<File> {
         self.hand_over()?;
-        self.join()?;
-        let file = self.file.take().expect("finish runs once");
-        Arc::try_unwrap(file).map_err(|_| std::io::Error::other("export writer still holds the file"))
+        self.join()
     }
 }
 
