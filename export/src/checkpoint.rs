@@ -436,23 +436,13 @@ impl ChannelQuantizer {
     /// The quantized values, `[K, N]` int8.
     pub fn write_values(t: &TensorView<'_>, w: &mut dyn Write) -> std::io::Result<()> {
         let (n_rows, k) = (t.shape[0], t.shape[1]);
-        let scales = Self::scales(t);
-        let mut vals = vec![0f32; n_rows * k];
-        decode_into(t.dtype, t.data, 0, &mut vals);
-        let q: Vec<i8> = vals
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| (v / scales[i / k]).round().clamp(-127.0, 127.0) as i8)
-            .collect();
-        drop(vals);
-        let mut out = vec![0u8; n_rows];
-        for kk in 0..k {
-            for (n, o) in out.iter_mut().enumerate() {
-                *o = q[n * k + kk] as u8;
-            }
-            w.write_all(&out)?;
+        let mut row = vec![0f32; k];
+        let mut q = Vec::with_capacity(n_rows * k);
+        for (n, s) in Self::scales(t).into_iter().enumerate() {
+            decode_into(t.dtype, t.data, n * k, &mut row);
+            q.extend(row.iter().map(|&v| (v / s).round().clamp(-127.0, 127.0) as i8 as u8));
         }
-        Ok(())
+        write_transposed_raw::<1>(&q, n_rows, k, &mut |b| w.write_all(b))
     }
 }
 
