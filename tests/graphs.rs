@@ -158,6 +158,10 @@ fn logits_to_keep_computes_the_last_positions_only() {
     let m = blip2_core::Manifest::load(&dir).unwrap();
     let keep_info = m.graphs.language_model.inputs.iter().find(|t| t.name == "logits_to_keep").expect("listed in the manifest");
     assert!(keep_info.optional && keep_info.shape.is_empty());
+    // Graph outputs (the KV cache above all) are named on the nodes that make them, not
+    // copied by an Identity node at every step.
+    let lm = std::fs::read(dir.join("language_model.onnx")).unwrap();
+    assert!(!lm.windows(8).any(|w| w == b"Identity"), "an Identity node in the language model");
 
     let refd = fixture(name).join("reference");
     let graphs: serde_json::Value =
@@ -217,4 +221,41 @@ fn allocator_statistics_report_the_peak() {
     drop(out);
     let peak = blip2_runtime::model::allocator_peak(&session, &cpu).expect("the CPU arena keeps statistics");
     assert!(peak as usize >= feats, "peak {peak} bytes, below the {feats}-byte output");
+}
+
+/// Generation's prefill (`LmState::prefill_last`) feeds `logits_to_keep` = 1 when the
+/// export lists that input and slices the full logits for exports made before it; both
+/// give transformers' last-position logits.
+#[test]
+fn prefill_last_matches_with_and_without_logits_to_keep() {
+    let name = "opt-tiny";
+    let dir = temp_dir("graphs-prefill-last").join("export");
+    blip2_export::export(&fixture(name).join("checkpoint"), &dir, &Default::default(), &mut blip2_export::NoProgress).unwrap();
+    let refd = fixture(name).join("reference");
+    let graphs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(refd.join("graphs.json")).unwrap()).unwrap();
+    let first = &graphs["lm_steps"][0];
+    let vec_of = |k: &str| -> Vec<i64> { first[k].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect() };
+    let embeds = read_npy(&refd.join("image_embeds.npy"));
+    let (q, d) = (embeds.shape()[1], embeds.shape()[2]);
+    let img = ArrayD::from_shape_vec(IxDyn(&[1, q, d]), embeds.iter().take(q * d).copied().collect()).unwrap();
+    let ref_logits = read_npy(&refd.join("prefill_logits.npy"));
+    let n = ref_logits.shape()[1];
+    let want = ref_logits.slice(ndarray::s![.., n - 1, ..]).to_owned().into_dyn();
+
+    let manifest = dir.join("blip2_manifest.json");
+    for older in [false, true] {
+        if older {
+            // An export from before logits_to_keep: its manifest does not list the input.
+            let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+            m["graphs"]["language_model"]["inputs"].as_array_mut().unwrap().retain(|t| t["name"] != "logits_to_keep");
+            std::fs::write(&manifest, m.to_string()).unwrap();
+        }
+        let mut model = Blip2Model::load(&dir, &mut session_factory()).unwrap();
+        assert_eq!(model.lm_takes_logits_to_keep(), !older);
+        let (_, logits) =
+            LmState::prefill_last(&mut model, &[vec_of("input_ids")], &[vec_of("attention_mask")], f32_value(img.clone()).unwrap())
+                .unwrap();
+        assert_close(&format!("{name}: last-position prefill logits (older export: {older})"), &logits.into_dyn(), &want);
+    }
 }

@@ -192,7 +192,7 @@ impl Blip2Model {
     }
 
     /// Whether the LM graph takes `logits_to_keep` (earlier exports computed every position).
-    fn lm_takes_logits_to_keep(&self) -> bool {
+    pub fn lm_takes_logits_to_keep(&self) -> bool {
         self.manifest.graphs.language_model.inputs.iter().any(|t| t.name == io::LOGITS_TO_KEEP)
     }
 }
