@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use blip2_core::ImageConfig;
 use blip2_ort_suite::{fixture, root, session_factory, temp_dir};
-use blip2_runtime::model::{lm_value, Blip2Model, LmState};
+use blip2_runtime::model::{lm_value, Blip2Model};
+use blip2_runtime::state::opt::OptState;
 use blip2_runtime::preprocess::{self, ImageLimits};
 use blip2_runtime::prompt::{Chat, Prompter};
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -113,7 +114,7 @@ fn bench_decode_step(c: &mut Criterion) {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
                 let e = lm_value(&model, embeds.clone()).unwrap();
-                let (mut st, _) = LmState::prefill_last(&mut model, &batch.ids, &batch.mask, e).unwrap();
+                let (mut st, _) = OptState::prefill_last(&mut model, &batch.ids, &batch.mask, e).unwrap();
                 let t = Instant::now();
                 black_box(st.step(&[5]).unwrap());
                 total += t.elapsed();
@@ -127,7 +128,7 @@ fn bench_decode_step(c: &mut Criterion) {
             for _ in 0..iters {
                 let e = lm_value(&model, embeds.clone()).unwrap();
                 let t = Instant::now();
-                black_box(LmState::prefill_last(&mut model, &batch.ids, &batch.mask, e).unwrap());
+                black_box(OptState::prefill_last(&mut model, &batch.ids, &batch.mask, e).unwrap());
                 total += t.elapsed();
             }
             total

@@ -168,3 +168,15 @@ fn t5_fp16_generation_agrees_with_fp32() {
     assert!(total > 100);
     assert!(same * 10 >= total * 9, "{same}/{total}");
 }
+
+#[test]
+fn opt_fp16_generation_agrees_with_fp32() {
+    // fp16 vision encoder and language model on both OPT checkpoints: every recorded
+    // case runs (batches and beams included), and near-ties aside the tokens follow
+    // transformers' fp32 ones: at least 90% agree.
+    for name in blip2_ort_suite::CHECKPOINTS {
+        let (same, total) = fp16_agreement(name);
+        assert!(total > 100, "{name}: {total} tokens compared");
+        assert!(same * 10 >= total * 9, "{name}: {same}/{total}");
+    }
+}

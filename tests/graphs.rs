@@ -4,31 +4,42 @@
 //! decode steps. Tolerance: max abs difference at most 1e-4 of the output's scale.
 
 use blip2_ort_suite::{assert_close, fixture, read_npy, session_factory, temp_dir, CHECKPOINTS};
-use blip2_runtime::model::{f32_value, Blip2Model, LmState};
+use blip2_runtime::model::{f32_value, Blip2Model};
+use blip2_runtime::state::opt::OptState;
 use ndarray::{Array4, ArrayD, IxDyn};
 
 fn export(name: &str, force_external: bool) -> std::path::PathBuf {
-    let out = temp_dir(&format!("graphs-{name}-{force_external}")).join("export");
     let opts = blip2_export::ExportOptions { force_external_data: force_external, ..Default::default() };
-    blip2_export::export(&fixture(name).join("checkpoint"), &out, &opts, &mut blip2_export::NoProgress).unwrap();
+    export_with(name, &format!("graphs-{name}-{force_external}"), &opts)
+}
+
+fn export_with(name: &str, test: &str, opts: &blip2_export::ExportOptions) -> std::path::PathBuf {
+    let out = temp_dir(test).join("export");
+    blip2_export::export(&fixture(name).join("checkpoint"), &out, opts, &mut blip2_export::NoProgress).unwrap();
     out
 }
 
-fn check(name: &str, force_external: bool) {
-    let dir = export(name, force_external);
+/// Every OPT graph output of the export in `dir` against transformers' fp32 output:
+/// (what, max abs difference, the reference's scale, whether the last axis' argmax agrees).
+fn errors(name: &str, dir: &std::path::Path) -> Vec<(String, f32, f32, bool)> {
     let refd = fixture(name).join("reference");
-    let mut model = Blip2Model::load(&dir, &mut session_factory()).unwrap();
+    let mut model = Blip2Model::load(dir, &mut session_factory()).unwrap();
+    let mut errs = Vec::new();
+    let mut record = |what: &str, got: &ArrayD<f32>, want: &ArrayD<f32>| {
+        let (d, s) = blip2_ort_suite::max_abs_diff(got, want);
+        errs.push((format!("{name}: {what}"), d, s, argmax_last(got) == argmax_last(want)));
+    };
 
     let px = read_npy(&refd.join("pixel_values.npy"));
     let px: Array4<f32> = px.into_dimensionality().unwrap();
     let feats = model.vision_features(px).unwrap();
     let ref_feats = read_npy(&refd.join("image_features.npy"));
-    assert_close(&format!("{name}: image features"), &feats, &ref_feats);
+    record("image features", &feats, &ref_feats);
 
     // The Q-Former is fed transformers' own features, so each graph is judged alone.
     let embeds = model.qformer_embeds(ref_feats.clone()).unwrap();
     let ref_embeds = read_npy(&refd.join("image_embeds.npy"));
-    assert_close(&format!("{name}: image embeds"), &embeds, &ref_embeds);
+    record("image embeds", &embeds, &ref_embeds);
 
     let graphs: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(refd.join("graphs.json")).unwrap()).unwrap();
@@ -39,15 +50,41 @@ fn check(name: &str, force_external: bool) {
     let d = ref_embeds.shape()[2];
     let img: Vec<f32> = ref_embeds.iter().take(q * d).copied().collect();
     let img = ArrayD::from_shape_vec(IxDyn(&[1, q, d]), img).unwrap();
-    let (mut state, logits) =
-        LmState::prefill(&mut model, &[ids(first, "input_ids")], &[ids(first, "attention_mask")], f32_value(img).unwrap()).unwrap();
+    let img = blip2_runtime::model::lm_value(&model, img).unwrap();
+    let (mut state, logits) = OptState::prefill(&mut model, &[ids(first, "input_ids")], &[ids(first, "attention_mask")], img).unwrap();
     let ref_logits = read_npy(&refd.join(first["logits"].as_str().unwrap()));
-    assert_close(&format!("{name}: prefill logits"), &logits.into_dyn(), &ref_logits);
+    record("prefill logits", &logits.into_dyn(), &ref_logits);
     for (k, s) in steps.iter().enumerate().skip(1) {
         let logits = state.step(&ids(s, "input_ids")).unwrap();
         let ref_logits = read_npy(&refd.join(s["logits"].as_str().unwrap()));
         let ref_logits = ref_logits.into_shape_with_order(IxDyn(&[1, logits.ncols()])).unwrap();
-        assert_close(&format!("{name}: decode step {k} logits"), &logits.into_dyn(), &ref_logits);
+        record(&format!("decode step {k} logits"), &logits.into_dyn(), &ref_logits);
+    }
+    errs
+}
+
+fn check(name: &str, force_external: bool) {
+    let dir = export(name, force_external);
+    for (what, d, s, _) in errors(name, &dir) {
+        assert!(d.is_finite() && d <= 1e-4 * s.max(1e-6), "{what}: max abs diff {d:e} exceeds 1e-4 of scale {s}");
+    }
+}
+
+#[test]
+fn opt_fp16_agrees_with_fp32_reference() {
+    // fp16 vision encoder and language model (the Q-Former stays fp32, as transformers
+    // keeps it): every output within 1% of its scale of transformers' fp32 output, and
+    // the same most likely token.
+    for name in CHECKPOINTS {
+        let opts = blip2_export::ExportOptions { dtype: blip2_export::ExportDtype::Fp16, ..Default::default() };
+        let dir = export_with(name, &format!("graphs-fp16-{name}"), &opts);
+        let errs = errors(name, &dir);
+        assert_eq!(errs.len(), 5, "{name}: every graph output compared");
+        for (what, d, s, same) in errs {
+            eprintln!("{what}: fp16 error {d:.2e} of scale {s:.3}");
+            assert!(d <= 1e-2 * s, "{what}: fp16 error {d} vs scale {s}");
+            assert!(same, "{what}: fp16 picks another token");
+        }
     }
 }
 
@@ -107,7 +144,7 @@ fn check_t5(dtype: blip2_export::ExportDtype) -> Vec<(f32, f32, bool)> {
     record("encoder hidden states", &hidden, &read_npy(&refd.join("encoder_hidden_states.npy")));
     let steps = graphs["decoder_steps"].as_array().unwrap();
     let start = ints(&steps[0]["decoder_input_ids"])[0];
-    let (mut state, logits) = blip2_runtime::model::T5State::prefill(&mut model, &[ids], &[mask], img, start).unwrap();
+    let (mut state, logits) = blip2_runtime::state::t5::T5State::prefill(&mut model, &[ids], &[mask], img, start).unwrap();
     let mut logits = logits;
     for (k, s) in steps.iter().enumerate() {
         if k > 0 {
@@ -223,7 +260,7 @@ fn allocator_statistics_report_the_peak() {
     assert!(peak as usize >= feats, "peak {peak} bytes, below the {feats}-byte output");
 }
 
-/// Generation's prefill (`LmState::prefill_last`) feeds `logits_to_keep` = 1 when the
+/// Generation's prefill (`OptState::prefill_last`) feeds `logits_to_keep` = 1 when the
 /// export lists that input and slices the full logits for exports made before it; both
 /// give transformers' last-position logits.
 #[test]
@@ -254,7 +291,7 @@ fn prefill_last_matches_with_and_without_logits_to_keep() {
         let mut model = Blip2Model::load(&dir, &mut session_factory()).unwrap();
         assert_eq!(model.lm_takes_logits_to_keep(), !older);
         let (_, logits) =
-            LmState::prefill_last(&mut model, &[vec_of("input_ids")], &[vec_of("attention_mask")], f32_value(img.clone()).unwrap())
+            OptState::prefill_last(&mut model, &[vec_of("input_ids")], &[vec_of("attention_mask")], f32_value(img.clone()).unwrap())
                 .unwrap();
         assert_close(&format!("{name}: last-position prefill logits (older export: {older})"), &logits.into_dyn(), &want);
     }

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 
 use blip2_export::{ExportOptions, Quantize};
 use blip2_ort_suite::{fixture, ids, max_abs_diff, read_npy, run_case, session_factory, temp_dir};
-use blip2_runtime::model::{f32_value, to_f32, Blip2Model, LmState};
+use blip2_runtime::model::{f32_value, to_f32, Blip2Model};
+use blip2_runtime::state::opt::OptState;
 use blip2_runtime::pipeline::Pipeline;
 use ndarray::{Array4, ArrayD, IxDyn};
 use serde_json::Value;
@@ -77,7 +78,7 @@ fn measure(name: &str, v: Variant) -> Agreement {
     let (qn, d) = (e.shape()[1], e.shape()[2]);
     let img = ArrayD::from_shape_vec(IxDyn(&[1, qn, d]), e.iter().take(qn * d).copied().collect()).unwrap();
     let (_, logits) =
-        LmState::prefill(&mut model, &[ids(&first["input_ids"])], &[ids(&first["attention_mask"])], f32_value(img).unwrap())
+        OptState::prefill(&mut model, &[ids(&first["input_ids"])], &[ids(&first["attention_mask"])], f32_value(img).unwrap())
             .unwrap();
     let (diff, scale) = max_abs_diff(&logits.into_dyn(), &read_npy(&refd.join("prefill_logits.npy")));
     let prefill_logits = diff / scale;

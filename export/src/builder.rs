@@ -34,6 +34,12 @@ pub struct Builder<'a> {
     /// int8 weights and dynamically quantized int8 activations for this graph's
     /// projections (DynamicQuantizeMatMul); takes precedence over `quant`.
     pub dynamic_int8: bool,
+    /// Build for ONNX Runtime's CUDA provider (`--target cuda`): attention as
+    /// com.microsoft MultiHeadAttention / GroupQueryAttention, and every layer norm of a
+    /// residual sum fused into SkipLayerNormalization at [`Builder::finish`].
+    pub fused: bool,
+    /// Outputs of residual additions ([`Builder::residual`]), the fusion candidates.
+    residuals: std::collections::HashSet<String>,
 }
 
 impl<'a> Builder<'a> {
@@ -52,7 +58,17 @@ impl<'a> Builder<'a> {
             weight_bytes: 0,
             quant: None,
             dynamic_int8: false,
+            fused: false,
+            residuals: Default::default(),
         }
+    }
+
+    /// `a + b` where one side is the residual stream: a LayerNormalization reading the
+    /// sum becomes one SkipLayerNormalization in fused graphs (see [`Builder::finish`]).
+    pub fn residual(&mut self, path: &str, a: &str, b: &str) -> String {
+        let out = self.op(path, "Add", &[a, b], vec![]);
+        self.residuals.insert(out.clone());
+        out
     }
 
     pub fn input(&mut self, name: &str, elem: Elem, dims: Vec<Dim>) -> String {
@@ -221,8 +237,13 @@ impl<'a> Builder<'a> {
         Ok(())
     }
 
+    /// Puts the node added last in the com.microsoft (ONNX Runtime contrib) domain.
+    pub fn mark_ms_domain(&mut self) {
+        self.nodes.last_mut().expect("a node was added").domain = MS_DOMAIN.into();
+    }
+
     /// Adds a com.microsoft (ONNX Runtime contrib) node; the model then imports that domain.
-    fn ms_op(&mut self, path: &str, op: &str, inputs: &[&str], attrs: Vec<(&str, Attr)>) -> String {
+    pub fn ms_op(&mut self, path: &str, op: &str, inputs: &[&str], attrs: Vec<(&str, Attr)>) -> String {
         let out = self.op(path, op, inputs, attrs);
         self.nodes.last_mut().expect("just added").domain = MS_DOMAIN.into();
         out
@@ -296,6 +317,9 @@ impl<'a> Builder<'a> {
     }
 
     pub fn finish(mut self, name: &str) -> Graph<'a> {
+        if self.fused {
+            self.fuse_skip_layer_norms();
+        }
         for n in &mut self.nodes {
             for t in n.inputs.iter_mut().chain(n.outputs.iter_mut()) {
                 if let Some(out) = self.renames.get(t.as_str()) {
@@ -304,6 +328,65 @@ impl<'a> Builder<'a> {
             }
         }
         Graph { name: name.into(), nodes: self.nodes, inputs: self.inputs, outputs: self.outputs, initializers: self.inits }
+    }
+
+    /// Fuses each residual Add whose sum a LayerNormalization reads into one
+    /// com.microsoft SkipLayerNormalization, put where the Add was; the sum itself comes
+    /// out as its fourth output when anything else reads it.
+    ///
+    /// ```text
+    ///   a, b ──Add──▶ sum ──LayerNormalization(γ, β) ─▶ y
+    ///   a, b ──SkipLayerNormalization(γ, β) ─▶ y, (mean), (inv_std), sum
+    /// ```
+    fn fuse_skip_layer_norms(&mut self) {
+        let mut readers: HashMap<String, usize> = HashMap::new();
+        for n in &self.nodes {
+            for i in &n.inputs {
+                *readers.entry(i.clone()).or_default() += 1;
+            }
+        }
+        let mut fused: Vec<(usize, usize)> = Vec::new();
+        for (ln_at, ln) in self.nodes.iter().enumerate() {
+            if ln.op_type != "LayerNormalization" || !self.residuals.contains(&ln.inputs[0]) {
+                continue;
+            }
+            let add_at = self.nodes.iter().position(|n| n.outputs[0] == ln.inputs[0]).expect("the residual's node");
+            if fused.iter().any(|&(a, _)| a == add_at) {
+                continue;
+            }
+            fused.push((add_at, ln_at));
+        }
+        for &(add_at, ln_at) in &fused {
+            let (add, ln) = (&self.nodes[add_at], &self.nodes[ln_at]);
+            let sum = add.outputs[0].clone();
+            let sum_read = readers.get(&sum).copied().unwrap_or(0) > 1 || self.renames.contains_key(&sum);
+            let epsilon = ln
+                .attrs
+                .iter()
+                .find_map(|(k, v)| match v {
+                    Attr::Float(e) if k == "epsilon" => Some(*e),
+                    _ => None,
+                })
+                .unwrap_or(1e-5);
+            let node = Node {
+                name: ln.name.replace("LayerNormalization", "SkipLayerNormalization"),
+                op_type: "SkipLayerNormalization".into(),
+                domain: MS_DOMAIN.into(),
+                inputs: vec![add.inputs[0].clone(), add.inputs[1].clone(), ln.inputs[1].clone(), ln.inputs[2].clone()],
+                outputs: if sum_read {
+                    vec![ln.outputs[0].clone(), String::new(), String::new(), sum]
+                } else {
+                    vec![ln.outputs[0].clone()]
+                },
+                attrs: vec![("epsilon".into(), Attr::Float(epsilon))],
+            };
+            self.nodes[add_at] = node;
+        }
+        let mut drop: Vec<usize> = fused.iter().map(|&(_, ln)| ln).collect();
+        drop.sort_unstable();
+        for at in drop.into_iter().rev() {
+            self.nodes.remove(at);
+        }
     }
 
     /// Casts `x` to `to` (no node when `from == to`).
@@ -475,6 +558,17 @@ pub fn attention(
     let t = b.op(&p("Transpose_1"), "Transpose", &[&o], vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))]);
     let shape = b.ints(&[0, 0, -1]);
     b.op(&p("Reshape"), "Reshape", &[&t, &shape], vec![])
+}
+
+/// Attention with ONNX Runtime's fused MultiHeadAttention (com.microsoft) on inputs whose
+/// heads are not split: q `[B,S,H*D]`, k and v `[B,T,H*D]`; the output is `[B,S,H*D]`,
+/// as [`attention`]'s. Scores are scaled by `D^-0.5`, the operator's default.
+///
+/// ```text
+///   q, k, v ──MultiHeadAttention(num_heads) ─▶ [B, S, H*D]
+/// ```
+pub fn fused_attention(b: &mut Builder, path: &str, q: &str, k: &str, v: &str, heads: usize) -> String {
+    b.ms_op(&format!("{path}/MultiHeadAttention"), "MultiHeadAttention", &[q, k, v], vec![("num_heads", Attr::Int(heads as i64))])
 }
 
 /// Element `i` of a tensor's shape, as a 1-D int64 tensor of length one.

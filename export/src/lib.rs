@@ -22,7 +22,7 @@ mod vision;
 
 use std::path::{Path, PathBuf};
 
-use blip2_core::{io, GraphInfo, Graphs, Manifest, TensorInfo, MANIFEST_VERSION};
+use blip2_core::{io, GraphInfo, Graphs, Manifest, Target, TensorInfo, MANIFEST_VERSION};
 
 pub use checkpoint::Checkpoint;
 pub use error::{ExportError, Result};
@@ -75,6 +75,8 @@ pub struct ExportOptions {
     /// int8 weights and dynamically quantized int8 activations in the vision encoder's and
     /// Q-Former's projections (`--quantize-encoders int8`).
     pub quantize_encoders: bool,
+    /// Which runtime the graphs are built for (`--target`).
+    pub target: Target,
 }
 
 /// The manifest's `encoder_quantization` for `--quantize-encoders int8`.
@@ -114,6 +116,7 @@ impl Default for ExportOptions {
             force_external_data: false,
             quantize: None,
             quantize_encoders: false,
+            target: Target::Portable,
         }
     }
 }
@@ -237,24 +240,46 @@ fn write_all(files: &SourceFiles, ck: &Checkpoint, dir: &Path, opts: &ExportOpti
             message: "int8 encoders take fp32 activations; use --dtype fp32 with --quantize-encoders".into(),
         });
     }
+    if opts.quantize_encoders && opts.target == Target::Cuda {
+        return Err(ExportError::Config {
+            path: "--quantize-encoders".into(),
+            message: "int8 encoders (DynamicQuantizeMatMul) run on the CPU only; leave it out with --target cuda".into(),
+        });
+    }
     let quant = opts.quantize.map(Quantize::bits_block);
-    let mut b = Builder::new(ck, lm_float);
+    let fused = opts.target == Target::Cuda;
+    let builder = |float: Elem| {
+        let mut b = Builder::new(ck, float);
+        b.fused = fused;
+        b
+    };
+    let mut b = builder(lm_float);
     b.quant = quant;
     b.dynamic_int8 = opts.quantize_encoders;
     vision::build(&mut b, v)?;
     let vision_info = write_graph(b, "vision_encoder", io::VISION_ENCODER_FILE, dir, opts, progress)?;
 
-    let mut b = Builder::new(ck, Elem::F32);
+    let mut b = builder(Elem::F32);
     b.dynamic_int8 = opts.quantize_encoders;
     qformer::build(&mut b, &cfg.blip.qformer_config, cfg.blip.num_query_tokens, text_hidden, positions, lm_float, lm_float)?;
     let qformer_info = write_graph(b, "qformer", io::QFORMER_FILE, dir, opts, progress)?;
 
+    let mut kv_reorder = None;
     let (family, text_encoder, lm_info, text_cfg) = match &cfg.text {
         TextModel::Opt(text) => {
-            let mut b = Builder::new(ck, lm_float);
+            let mut b = builder(lm_float);
             b.quant = quant;
-            opt::build(&mut b, text, files.image_token_id)?;
+            if fused {
+                opt::build_cuda(&mut b, text, files.image_token_id)?;
+            } else {
+                opt::build(&mut b, text, files.image_token_id)?;
+            }
             let lm_info = write_graph(b, "language_model", io::LANGUAGE_MODEL_FILE, dir, opts, progress)?;
+            if fused {
+                let mut b = builder(lm_float);
+                opt::build_kv_reorder(&mut b, text);
+                kv_reorder = Some(write_graph(b, "kv_reorder", io::KV_REORDER_FILE, dir, opts, progress)?);
+            }
             let tc = blip2_core::TextConfig {
                 vocab_size: text.vocab_size,
                 hidden_size: text.hidden_size,
@@ -267,6 +292,7 @@ fn write_all(files: &SourceFiles, ck: &Checkpoint, dir: &Path, opts: &ExportOpti
             ("opt", None, lm_info, tc)
         }
         TextModel::T5(text) => {
+            // The T5 decoder keeps its portable graph on every target for now.
             let mut b = Builder::new(ck, lm_float);
             b.quant = quant;
             t5::build_encoder(&mut b, text, files.image_token_id)?;
@@ -298,7 +324,8 @@ fn write_all(files: &SourceFiles, ck: &Checkpoint, dir: &Path, opts: &ExportOpti
         dtype: opts.dtype.name().into(),
         quantization: opts.quantize.map(|q| q.name().to_string()),
         encoder_quantization: opts.quantize_encoders.then(|| ENCODER_INT8.to_string()),
-        graphs: Graphs { vision_encoder: vision_info, qformer: qformer_info, language_model: lm_info, text_encoder },
+        target: opts.target,
+        graphs: Graphs { vision_encoder: vision_info, qformer: qformer_info, language_model: lm_info, text_encoder, kv_reorder },
         tokens: files.special_tokens(),
         num_query_tokens: files.num_query_tokens,
         image: files.image.clone(),
@@ -315,7 +342,8 @@ fn write_all(files: &SourceFiles, ck: &Checkpoint, dir: &Path, opts: &ExportOpti
 /// Files of an export folder, for listings and checks.
 pub fn export_files(m: &Manifest) -> Vec<PathBuf> {
     let mut v = Vec::new();
-    for g in [Some(&m.graphs.vision_encoder), Some(&m.graphs.qformer), m.graphs.text_encoder.as_ref(), Some(&m.graphs.language_model)]
+    let g = &m.graphs;
+    for g in [Some(&g.vision_encoder), Some(&g.qformer), g.text_encoder.as_ref(), Some(&g.language_model), g.kv_reorder.as_ref()]
         .into_iter()
         .flatten()
     {

@@ -49,7 +49,7 @@ pub fn build(b: &mut Builder, c: &OptConfig, image_token_id: i64) -> Result<()> 
     let allowed = causal_padding_mask(b, &ids, &mask);
     let mut h = h;
     for (i, (pk, pv)) in past.iter().enumerate() {
-        let (out, k, v) = layer(b, c, i, &h, pk, pv, &allowed)?;
+        let (out, k, v) = layer(b, c, i, &h, Kv::Growing { past_key: pk, past_value: pv, allowed: &allowed })?;
         h = out;
         b.output(&k, &io::present_key(i), float, kv_dims(io::DIM_TOTAL_SEQUENCE));
         b.output(&v, &io::present_value(i), float, kv_dims(io::DIM_TOTAL_SEQUENCE));
@@ -64,6 +64,132 @@ pub fn build(b: &mut Builder, c: &OptConfig, image_token_id: i64) -> Result<()> 
     let logits = lm_head(b, &h, &head, d, c.vocab_size)?;
     b.output(&logits, io::LOGITS, Elem::F32, vec![named(io::DIM_BATCH), named(io::DIM_LOGITS_SEQUENCE), Dim::Fixed(c.vocab_size as i64)]);
     Ok(())
+}
+
+/// The CUDA-target language model (`--target cuda`): the graph [`build`] makes, with
+/// GroupQueryAttention over per-layer KV buffers of a fixed length that are bound as
+/// both past and present and written in place, rows right-padded and described by their
+/// lengths (`seqlens_k`) instead of an attention mask, the LM head on each row's last
+/// real position only, and token selection on the device.
+///
+/// ```text
+///   input_ids, image_embeds, position_ids ──embeddings ─▶ h
+///   h ──▶ layers.0 … layers.L-1 (each: GroupQueryAttention(past_key_values.i, seqlens_k,
+///         total_sequence_length) ─▶ present.i, the same buffers)
+///     ──GatherElements(min(seqlens_k, S-1))──final_layer_norm──lm_head ─▶ logits [B,1,V]
+///   logits ──ArgMax ─▶ next_token [B]
+///   logits ──LogSoftmax──TopK(top_k) ─▶ top_logprobs, top_ids [B, top_k]
+/// ```
+pub fn build_cuda(b: &mut Builder, c: &OptConfig, image_token_id: i64) -> Result<()> {
+    let d = c.hidden_size;
+    let heads = c.num_attention_heads;
+    let dh = d / heads;
+    let float = b.float;
+    let batch = || named(io::DIM_BATCH);
+    let ids = b.input(io::INPUT_IDS, Elem::I64, vec![batch(), named(io::DIM_SEQUENCE)]);
+    let img = b.input(io::IMAGE_EMBEDS, float, vec![batch(), named(io::DIM_NUM_IMAGE_TOKENS), Dim::Fixed(d as i64)]);
+    let pos = b.input(io::POSITION_IDS, Elem::I64, vec![batch(), named(io::DIM_SEQUENCE)]);
+    let seqlens = b.input(io::SEQLENS_K, Elem::I32, vec![batch()]);
+    let total = b.input(io::TOTAL_SEQUENCE_LENGTH, Elem::I32, vec![]);
+    let kv_dims = || vec![batch(), Dim::Fixed(heads as i64), named(io::DIM_MAX_SEQUENCE), Dim::Fixed(dh as i64)];
+    let mut past = Vec::new();
+    for i in 0..c.num_hidden_layers {
+        let k = b.input(&io::past_key(i), float, kv_dims());
+        let v = b.input(&io::past_value(i), float, kv_dims());
+        past.push((k, v));
+    }
+    let mut h = embeddings(b, c, &ids, &img, &pos, image_token_id)?;
+    for (i, (pk, pv)) in past.iter().enumerate() {
+        let kv = Kv::Static { past_key: pk, past_value: pv, seqlens_k: &seqlens, total: &total };
+        let (out, k, v) = layer(b, c, i, &h, kv)?;
+        h = out;
+        b.output(&k, &io::present_key(i), float, kv_dims());
+        b.output(&v, &io::present_value(i), float, kv_dims());
+    }
+    let h = last_real_position(b, &h, &seqlens, d);
+    let h = if c.do_layer_norm_before && !c.remove_final_layer_norm {
+        norm(b, c, "/lm/final_layer_norm", &h, &format!("{P}.final_layer_norm"))?
+    } else {
+        h
+    };
+    let head = if c.tie_word_embeddings { format!("{P}.embed_tokens.weight") } else { "language_model.lm_head.weight".into() };
+    let logits = lm_head(b, &h, &head, d, c.vocab_size)?;
+    b.output(&logits, io::LOGITS, Elem::F32, vec![batch(), Dim::Fixed(1), Dim::Fixed(c.vocab_size as i64)]);
+    select_tokens(b, &logits);
+    Ok(())
+}
+
+/// Each row's hidden state at its last real position: `seqlens_k` in the prefill (rows
+/// are right-padded), 0 in a decode step (one position). `[B,S,D]` to `[B,1,D]`.
+///
+/// ```text
+///   seqlens_k ──Cast──Min(S - 1)──Unsqueeze──Expand([B,1,D]) ─▶ index
+///   h ──GatherElements(index, axis 1) ─▶
+/// ```
+fn last_real_position(b: &mut Builder, h: &str, seqlens: &str, d: usize) -> String {
+    let p = "/lm/last_position";
+    let s = dim_of(b, &format!("{p}/seq"), h, 1);
+    let one = b.ints(&[1]);
+    let last = b.op(&format!("{p}/Sub"), "Sub", &[&s, &one], vec![]);
+    let k = b.op(&format!("{p}/Cast"), "Cast", &[seqlens], vec![("to", Attr::Int(Elem::I64 as i64))]);
+    let idx = b.op(&format!("{p}/Min"), "Min", &[&k, &last], vec![]);
+    let axes = b.ints(&[1, 2]);
+    let idx = b.op(&format!("{p}/Unsqueeze"), "Unsqueeze", &[&idx, &axes], vec![]);
+    let rows = dim_of(b, &format!("{p}/batch"), h, 0);
+    let tail = b.ints(&[1, d as i64]);
+    let shape = b.op(&format!("{p}/Concat"), "Concat", &[&rows, &tail], vec![("axis", Attr::Int(0))]);
+    let idx = b.op(&format!("{p}/Expand"), "Expand", &[&idx, &shape], vec![]);
+    b.op(&format!("{p}/GatherElements"), "GatherElements", &[h, &idx], vec![("axis", Attr::Int(1))])
+}
+
+/// Token selection on the device, so a decode step sends back token ids or a few
+/// candidates instead of the vocabulary's logits: the first most likely token of each
+/// row (ties to the lowest id, as `torch.argmax`), and the `top_k` largest log-softmax
+/// values with their ids (ties to the lowest id, as ONNX TopK specifies).
+///
+/// ```text
+///   logits [B,1,V] ──ArgMax(axis 2)──Reshape ─▶ next_token [B]
+///   logits ──LogSoftmax──TopK(top_k)──Squeeze(1) ─▶ top_logprobs, top_ids [B, top_k]
+/// ```
+fn select_tokens(b: &mut Builder, logits: &str) {
+    let p = "/lm/select";
+    let arg = b.op(&format!("{p}/ArgMax"), "ArgMax", &[logits], vec![("axis", Attr::Int(2)), ("keepdims", Attr::Int(0))]);
+    let flat = b.ints(&[-1]);
+    let next = b.op(&format!("{p}/Reshape"), "Reshape", &[&arg, &flat], vec![]);
+    b.output(&next, io::NEXT_TOKEN, Elem::I64, vec![named(io::DIM_BATCH)]);
+    let k = b.input_with_default(io::TOP_K, Elem::I64, vec![], 1i64.to_le_bytes().to_vec());
+    let axis0 = b.ints(&[0]);
+    let k = b.op(&format!("{p}/Unsqueeze"), "Unsqueeze", &[&k, &axis0], vec![]);
+    let lp = b.op(&format!("{p}/LogSoftmax"), "LogSoftmax", &[logits], vec![("axis", Attr::Int(-1))]);
+    let top = b.op_n(&format!("{p}/TopK"), "TopK", &[&lp, &k], vec![("axis", Attr::Int(-1))], 2);
+    let axis1 = b.ints(&[1]);
+    let values = b.op(&format!("{p}/Squeeze"), "Squeeze", &[&top[0], &axis1], vec![]);
+    let indices = b.op(&format!("{p}/Squeeze_1"), "Squeeze", &[&top[1], &axis1], vec![]);
+    let dims = vec![named(io::DIM_BATCH), named(io::DIM_TOP_K)];
+    b.output(&values, io::TOP_LOGPROBS, Elem::F32, dims.clone());
+    b.output(&indices, io::TOP_IDS, Elem::I64, dims);
+}
+
+/// CUDA target: reorders the rows of every layer's KV buffer, `present.*[r] =
+/// past_key_values.*[rows[r]]`, for beam search; the runtime binds the outputs to a
+/// second set of buffers and swaps.
+///
+/// ```text
+///   past_key_values.i.key ──Gather(rows, axis 0) ─▶ present.i.key   (every layer, key and value)
+/// ```
+pub fn build_kv_reorder(b: &mut Builder, c: &OptConfig) {
+    let heads = c.num_attention_heads;
+    let dh = c.hidden_size / heads;
+    let float = b.float;
+    let dims = |batch: &str| vec![named(batch), Dim::Fixed(heads as i64), named(io::DIM_MAX_SEQUENCE), Dim::Fixed(dh as i64)];
+    let rows = b.input(io::ROWS, Elem::I64, vec![named(io::DIM_NEW_BATCH)]);
+    for i in 0..c.num_hidden_layers {
+        for (past, present) in [(io::past_key(i), io::present_key(i)), (io::past_value(i), io::present_value(i))] {
+            let x = b.input(&past, float, dims(io::DIM_BATCH));
+            let y = b.op(&format!("/kv_reorder/{present}/Gather"), "Gather", &[&x, &rows], vec![("axis", Attr::Int(0))]);
+            b.output(&y, &present, float, dims(io::DIM_NEW_BATCH));
+        }
+    }
 }
 
 /// Token embeddings with the image embeddings scattered over the image tokens, plus
@@ -199,16 +325,114 @@ fn norm(b: &mut Builder, c: &OptConfig, path: &str, x: &str, prefix: &str) -> Re
 ///     ──out_proj──Add(h)──[LayerNorm] ─▶ r
 ///   r ──[LayerNorm]──fc1──act──fc2──Add(r)──[LayerNorm] ─▶
 /// ```
+fn layer(b: &mut Builder, c: &OptConfig, i: usize, h: &str, kv: Kv<'_>) -> Result<(String, String, String)> {
+    let d = c.hidden_size;
+    let pre = format!("{P}.layers.{i}");
+    let path = format!("/lm/layers.{i}");
+    let bias = c.enable_bias;
+    let ln1 = format!("{pre}.self_attn_layer_norm");
+    let x = if c.do_layer_norm_before { norm(b, c, &format!("{path}/self_attn_layer_norm"), h, &ln1)? } else { h.to_string() };
+    let (a, k, v) = match kv {
+        Kv::Growing { past_key, past_value, allowed } => self_attention(b, c, i, &x, past_key, past_value, allowed)?,
+        Kv::Static { past_key, past_value, seqlens_k, total } => {
+            self_attention_gqa(b, c, i, &x, past_key, past_value, seqlens_k, total)?
+        }
+    };
+    let o = linear(b, &format!("{path}/attn/out_proj"), &a, &format!("{pre}.self_attn.out_proj"), d, d, bias)?;
+    let mut r = b.residual(&format!("{path}/Add"), h, &o);
+    if !c.do_layer_norm_before {
+        r = norm(b, c, &format!("{path}/self_attn_layer_norm"), &r, &ln1)?;
+    }
+    let ln2 = format!("{pre}.final_layer_norm");
+    let x = if c.do_layer_norm_before { norm(b, c, &format!("{path}/final_layer_norm"), &r, &ln2)? } else { r.clone() };
+    let f = linear(b, &format!("{path}/fc1"), &x, &format!("{pre}.fc1"), d, c.ffn_dim, bias)?;
+    let f = crate::builder::activation(b, &format!("{path}/act"), &f, &c.activation_function)?;
+    let f = linear(b, &format!("{path}/fc2"), &f, &format!("{pre}.fc2"), c.ffn_dim, d, bias)?;
+    let mut out = b.residual(&format!("{path}/Add_1"), &r, &f);
+    if !c.do_layer_norm_before {
+        out = norm(b, c, &format!("{path}/final_layer_norm"), &out, &ln2)?;
+    }
+    Ok((out, k, v))
+}
+
+/// OPT self-attention with ONNX Runtime's GroupQueryAttention (com.microsoft; as many
+/// KV heads as query heads, no rotary) over a KV buffer it updates in place. Without
+/// quantization q, k and v come from one packed product: the transposed weights are
+/// concatenated in the graph, which ONNX Runtime folds into one initializer at load.
+/// The scores are scaled by `Dh^-0.5` inside the operator (its default) instead of
+/// scaling q first.
+///
+/// ```text
+///   x ──MatMul(Concat(Wq^T, Wk^T, Wv^T))──Add(Concat(bq, bk, bv)) ─▶ qkv [B, S, 3D]
+///   qkv ──GroupQueryAttention(past.key, past.value, seqlens_k, total) ─▶ a, present.key, present.value
+/// ```
 #[allow(clippy::too_many_arguments)]
-fn layer(b: &mut Builder, c: &OptConfig, i: usize, h: &str, pk: &str, pv: &str, allowed: &str) -> Result<(String, String, String)> {
+fn self_attention_gqa(
+    b: &mut Builder,
+    c: &OptConfig,
+    i: usize,
+    x: &str,
+    pk: &str,
+    pv: &str,
+    seqlens: &str,
+    total: &str,
+) -> Result<(String, String, String)> {
+    let d = c.hidden_size;
+    let heads = c.num_attention_heads;
+    let pre = format!("{P}.layers.{i}");
+    let path = format!("/lm/layers.{i}/attn");
+    let bias = c.enable_bias;
+    let proj = |n: &str| format!("{pre}.self_attn.{n}_proj");
+    let mut inputs: Vec<String> = Vec::new();
+    if b.quant.is_some() {
+        for n in ["q", "k", "v"] {
+            inputs.push(linear(b, &format!("{path}/{n}_proj"), x, &proj(n), d, d, bias)?);
+        }
+    } else {
+        let w: Vec<String> = ["q", "k", "v"].iter().map(|n| b.weight_t(&format!("{}.weight", proj(n)), &[d, d])).collect::<Result<_>>()?;
+        let w: Vec<&str> = w.iter().map(String::as_str).collect();
+        let w = b.op(&format!("{path}/qkv_proj/weight/Concat"), "Concat", &w, vec![("axis", Attr::Int(1))]);
+        let mut qkv = b.op(&format!("{path}/qkv_proj/MatMul"), "MatMul", &[x, &w], vec![]);
+        if bias {
+            let bs: Vec<String> = ["q", "k", "v"].iter().map(|n| b.weight(&format!("{}.bias", proj(n)), &[d])).collect::<Result<_>>()?;
+            let bs: Vec<&str> = bs.iter().map(String::as_str).collect();
+            let bv = b.op(&format!("{path}/qkv_proj/bias/Concat"), "Concat", &bs, vec![("axis", Attr::Int(0))]);
+            qkv = b.op(&format!("{path}/qkv_proj/Add"), "Add", &[&qkv, &bv], vec![]);
+        }
+        inputs = vec![qkv, String::new(), String::new()];
+    }
+    let ins: Vec<&str> = inputs.iter().map(String::as_str).chain([pk, pv, seqlens, total]).collect();
+    let attrs = vec![("num_heads", Attr::Int(heads as i64)), ("kv_num_heads", Attr::Int(heads as i64))];
+    let mut outs = b.op_n(&format!("{path}/GroupQueryAttention"), "GroupQueryAttention", &ins, attrs, 3);
+    b.mark_ms_domain();
+    let v = outs.pop().expect("three outputs");
+    let k = outs.pop().expect("three outputs");
+    Ok((outs.pop().expect("three outputs"), k, v))
+}
+
+/// How a layer reads and extends its KV cache.
+enum Kv<'s> {
+    /// Portable: `present = Concat(past, new)`, masked by `allowed` `[B,1,S,T]`.
+    Growing { past_key: &'s str, past_value: &'s str, allowed: &'s str },
+    /// CUDA target: a fixed-length buffer updated in place by GroupQueryAttention.
+    Static { past_key: &'s str, past_value: &'s str, seqlens_k: &'s str, total: &'s str },
+}
+
+/// OPT self-attention with standard operators over a cache that grows by concatenation.
+///
+/// ```text
+///   x ──q_proj──Mul(Dh^-0.5)──heads ─▶ q
+///   x ──k_proj──heads──Concat(past.key) ─▶ present.key ─┐
+///   x ──v_proj──heads──Concat(past.value) ─▶ present.value ─ attention(allowed) ─▶
+/// ```
+fn self_attention(b: &mut Builder, c: &OptConfig, i: usize, x: &str, pk: &str, pv: &str, allowed: &str) -> Result<(String, String, String)> {
     let d = c.hidden_size;
     let heads = c.num_attention_heads;
     let dh = d / heads;
     let pre = format!("{P}.layers.{i}");
     let path = format!("/lm/layers.{i}");
     let bias = c.enable_bias;
-    let ln1 = format!("{pre}.self_attn_layer_norm");
-    let x = if c.do_layer_norm_before { norm(b, c, &format!("{path}/self_attn_layer_norm"), h, &ln1)? } else { h.to_string() };
+    let x = &x;
     let q = linear(b, &format!("{path}/attn/q_proj"), &x, &format!("{pre}.self_attn.q_proj"), d, d, bias)?;
     let scale = b.scalar((dh as f32).powf(-0.5));
     let q = b.op(&format!("{path}/attn/q_proj/Mul"), "Mul", &[&q, &scale], vec![]);
@@ -220,19 +444,5 @@ fn layer(b: &mut Builder, c: &OptConfig, i: usize, h: &str, pk: &str, pv: &str, 
     let k = b.op(&format!("{path}/attn/present_key/Concat"), "Concat", &[pk, &k], vec![("axis", Attr::Int(2))]);
     let v = b.op(&format!("{path}/attn/present_value/Concat"), "Concat", &[pv, &v], vec![("axis", Attr::Int(2))]);
     let a = attention(b, &format!("{path}/attn"), &q, &k, &v, None, Some(allowed));
-    let o = linear(b, &format!("{path}/attn/out_proj"), &a, &format!("{pre}.self_attn.out_proj"), d, d, bias)?;
-    let mut r = b.op(&format!("{path}/Add"), "Add", &[h, &o], vec![]);
-    if !c.do_layer_norm_before {
-        r = norm(b, c, &format!("{path}/self_attn_layer_norm"), &r, &ln1)?;
-    }
-    let ln2 = format!("{pre}.final_layer_norm");
-    let x = if c.do_layer_norm_before { norm(b, c, &format!("{path}/final_layer_norm"), &r, &ln2)? } else { r.clone() };
-    let f = linear(b, &format!("{path}/fc1"), &x, &format!("{pre}.fc1"), d, c.ffn_dim, bias)?;
-    let f = crate::builder::activation(b, &format!("{path}/act"), &f, &c.activation_function)?;
-    let f = linear(b, &format!("{path}/fc2"), &f, &format!("{pre}.fc2"), c.ffn_dim, d, bias)?;
-    let mut out = b.op(&format!("{path}/Add_1"), "Add", &[&r, &f], vec![]);
-    if !c.do_layer_norm_before {
-        out = norm(b, c, &format!("{path}/final_layer_norm"), &out, &ln2)?;
-    }
-    Ok((out, k, v))
+    Ok((a, k, v))
 }

@@ -5,7 +5,7 @@
 
 use blip2_core::{io, Dim};
 
-use crate::builder::{activation, attention, dim_of, layer_norm, linear, split_heads, Builder};
+use crate::builder::{activation, attention, dim_of, fused_attention, layer_norm, linear, split_heads, Builder};
 use crate::config::QFormerConfig;
 use crate::error::Result;
 use crate::onnx::{Attr, Elem};
@@ -86,7 +86,7 @@ fn layer(b: &mut Builder, c: &QFormerConfig, i: usize, h: &str, feats: &str) -> 
     let f = linear(b, &format!("{path}/intermediate_query"), &h, &format!("{pre}.intermediate_query.dense"), d, c.intermediate_size, true)?;
     let f = activation(b, &format!("{path}/intermediate_query/act"), &f, &c.hidden_act)?;
     let f = linear(b, &format!("{path}/output_query"), &f, &format!("{pre}.output_query.dense"), c.intermediate_size, d, true)?;
-    let r = b.op(&format!("{path}/output_query/Add_1"), "Add", &[&f, &h], vec![]);
+    let r = b.residual(&format!("{path}/output_query/Add_1"), &f, &h);
     layer_norm(b, &format!("{path}/output_query/LayerNorm"), &r, &format!("{pre}.output_query.LayerNorm"), d, c.layer_norm_eps)
 }
 
@@ -98,11 +98,15 @@ fn attention_block(b: &mut Builder, c: &QFormerConfig, path: &str, pre: &str, h:
     let q = linear(b, &format!("{path}/query"), h, &format!("{pre}.attention.query"), d, d, true)?;
     let k = linear(b, &format!("{path}/key"), kv, &format!("{pre}.attention.key"), kv_dim, d, true)?;
     let v = linear(b, &format!("{path}/value"), kv, &format!("{pre}.attention.value"), kv_dim, d, true)?;
-    let q = split_heads(b, &format!("{path}/query/heads"), &q, heads, dh);
-    let k = split_heads(b, &format!("{path}/key/heads"), &k, heads, dh);
-    let v = split_heads(b, &format!("{path}/value/heads"), &v, heads, dh);
-    let a = attention(b, path, &q, &k, &v, Some((dh as f32).powf(-0.5)), None);
+    let a = if b.fused {
+        fused_attention(b, path, &q, &k, &v, heads)
+    } else {
+        let q = split_heads(b, &format!("{path}/query/heads"), &q, heads, dh);
+        let k = split_heads(b, &format!("{path}/key/heads"), &k, heads, dh);
+        let v = split_heads(b, &format!("{path}/value/heads"), &v, heads, dh);
+        attention(b, path, &q, &k, &v, Some((dh as f32).powf(-0.5)), None)
+    };
     let o = linear(b, &format!("{path}/output/dense"), &a, &format!("{pre}.output.dense"), d, d, true)?;
-    let r = b.op(&format!("{path}/output/Add_1"), "Add", &[&o, h], vec![]);
+    let r = b.residual(&format!("{path}/output/Add_1"), &o, h);
     layer_norm(b, &format!("{path}/output/LayerNorm"), &r, &format!("{pre}.output.LayerNorm"), d, c.layer_norm_eps)
 }

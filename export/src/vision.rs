@@ -3,7 +3,7 @@
 
 use blip2_core::{io, Dim};
 
-use crate::builder::{activation, attention, dim_of, layer_norm, linear, Builder};
+use crate::builder::{activation, attention, dim_of, fused_attention, layer_norm, linear, Builder};
 use crate::config::VisionConfig;
 use crate::error::Result;
 use crate::onnx::{Attr, Elem};
@@ -76,8 +76,27 @@ fn layer(b: &mut Builder, c: &VisionConfig, i: usize, h: &str) -> Result<String>
     let path = format!("/vision/layers.{i}");
     let x = layer_norm(b, &format!("{path}/layer_norm1"), h, &format!("{pre}.layer_norm1"), d, c.layer_norm_eps)?;
     let qkv = linear(b, &format!("{path}/attn/qkv"), &x, &format!("{pre}.self_attn.qkv"), d, 3 * d, c.qkv_bias)?;
+    let a = if b.fused {
+        // qkv is [B, T, 3 * D] laid out (q | k | v), each head-major.
+        let sizes = b.ints(&[d as i64; 3]);
+        let parts = b.op_n(&format!("{path}/attn/qkv/Split"), "Split", &[&qkv, &sizes], vec![("axis", Attr::Int(-1))], 3);
+        fused_attention(b, &format!("{path}/attn"), &parts[0], &parts[1], &parts[2], heads)
+    } else {
+        split_attention(b, &path, &qkv, heads, dh)
+    };
+    let o = linear(b, &format!("{path}/attn/projection"), &a, &format!("{pre}.self_attn.projection"), d, d, true)?;
+    let r = b.residual(&format!("{path}/Add"), &o, h);
+    let x = layer_norm(b, &format!("{path}/layer_norm2"), &r, &format!("{pre}.layer_norm2"), d, c.layer_norm_eps)?;
+    let f = linear(b, &format!("{path}/mlp/fc1"), &x, &format!("{pre}.mlp.fc1"), d, c.intermediate_size, true)?;
+    let f = activation(b, &format!("{path}/mlp/act"), &f, &c.hidden_act)?;
+    let f = linear(b, &format!("{path}/mlp/fc2"), &f, &format!("{pre}.mlp.fc2"), c.intermediate_size, d, true)?;
+    Ok(b.residual(&format!("{path}/Add_1"), &f, &r))
+}
+
+/// Standard-operator attention over a packed `[B, T, 3 * H * Dh]` projection.
+fn split_attention(b: &mut Builder, path: &str, qkv: &str, heads: usize, dh: usize) -> String {
     let shape = b.ints(&[0, 0, 3, heads as i64, dh as i64]);
-    let r = b.op(&format!("{path}/attn/qkv/Reshape"), "Reshape", &[&qkv, &shape], vec![]);
+    let r = b.op(&format!("{path}/attn/qkv/Reshape"), "Reshape", &[qkv, &shape], vec![]);
     let t = b.op(&format!("{path}/attn/qkv/Transpose"), "Transpose", &[&r], vec![("perm", Attr::Ints(vec![2, 0, 3, 1, 4]))]);
     let mut qkv_parts = Vec::new();
     for (j, n) in ["q", "k", "v"].iter().enumerate() {
@@ -85,12 +104,5 @@ fn layer(b: &mut Builder, c: &VisionConfig, i: usize, h: &str) -> Result<String>
         qkv_parts.push(b.op(&format!("{path}/attn/{n}/Gather"), "Gather", &[&t, &idx], vec![("axis", Attr::Int(0))]));
     }
     let scale = (dh as f32).powf(-0.5);
-    let a = attention(b, &format!("{path}/attn"), &qkv_parts[0], &qkv_parts[1], &qkv_parts[2], Some(scale), None);
-    let o = linear(b, &format!("{path}/attn/projection"), &a, &format!("{pre}.self_attn.projection"), d, d, true)?;
-    let r = b.op(&format!("{path}/Add"), "Add", &[&o, h], vec![]);
-    let x = layer_norm(b, &format!("{path}/layer_norm2"), &r, &format!("{pre}.layer_norm2"), d, c.layer_norm_eps)?;
-    let f = linear(b, &format!("{path}/mlp/fc1"), &x, &format!("{pre}.mlp.fc1"), d, c.intermediate_size, true)?;
-    let f = activation(b, &format!("{path}/mlp/act"), &f, &c.hidden_act)?;
-    let f = linear(b, &format!("{path}/mlp/fc2"), &f, &format!("{pre}.mlp.fc2"), c.intermediate_size, d, true)?;
-    Ok(b.op(&format!("{path}/Add_1"), "Add", &[&f, &r], vec![]))
+    attention(b, &format!("{path}/attn"), &qkv_parts[0], &qkv_parts[1], &qkv_parts[2], Some(scale), None)
 }

@@ -36,6 +36,18 @@ pub struct ExportArgs {
     /// alone (docs/PERFORMANCE.md). Needs --dtype fp32.
     #[arg(long, value_enum)]
     pub quantize_encoders: Option<EncoderQuant>,
+    /// What the graphs are built for: `portable` (standard operators, any ONNX Runtime
+    /// build and provider) or `cuda` (ONNX Runtime's fused attention and layer-norm
+    /// operators, a fixed-length KV buffer updated in place and token selection on the
+    /// device; use with --dtype fp16 on a GPU, see docs/gpu.md).
+    #[arg(long, value_enum, default_value = "portable")]
+    pub target: TargetArg,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum TargetArg {
+    Portable,
+    Cuda,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -99,6 +111,10 @@ pub fn run(a: &ExportArgs, quiet: bool) -> Result<()> {
             Quant::Int4 => blip2_export::Quantize::Int4,
         }),
         quantize_encoders: a.quantize_encoders.is_some(),
+        target: match a.target {
+            TargetArg::Portable => blip2_core::Target::Portable,
+            TargetArg::Cuda => blip2_core::Target::Cuda,
+        },
         ..Default::default()
     };
     let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
@@ -108,6 +124,9 @@ pub fn run(a: &ExportArgs, quiet: bool) -> Result<()> {
         let mut quant = manifest.quantization.as_deref().map(|q| format!(", {q} weights")).unwrap_or_default();
         if let Some(q) = &manifest.encoder_quantization {
             quant.push_str(&format!(", {q} encoders"));
+        }
+        if !manifest.target.is_portable() {
+            quant.push_str(&format!(", {} target", manifest.target.name()));
         }
         eprintln!(
             "exported {} ({}, {}{quant}) in {:.1}s",

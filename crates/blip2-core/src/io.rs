@@ -8,6 +8,8 @@ pub const LANGUAGE_MODEL_FILE: &str = "language_model.onnx";
 pub const MANIFEST_FILE: &str = "blip2_manifest.json";
 /// Encoder-decoder language models (Flan-T5) only: the text encoder.
 pub const TEXT_ENCODER_FILE: &str = "text_encoder.onnx";
+/// CUDA-target exports only: the KV-buffer row reorder for beam search.
+pub const KV_REORDER_FILE: &str = "kv_reorder.onnx";
 
 // vision_encoder.onnx
 pub const PIXEL_VALUES: &str = "pixel_values";
@@ -25,6 +27,26 @@ pub const LOGITS: &str = "logits";
 /// logits are computed for the last `logits_to_keep` positions only; 0, the default,
 /// means all. Generation feeds 1 to its prefill, as transformers' generate() does.
 pub const LOGITS_TO_KEEP: &str = "logits_to_keep";
+
+// language_model.onnx of a CUDA-target export (see `Target::Cuda`): the KV buffers are
+// `[batch, heads, max_sequence_length, head_dim]`, bound as both past and present; rows
+// are right-padded and each row's length is given instead of an attention mask.
+/// int32 `[batch]`: each row's length including this step's tokens, minus one.
+pub const SEQLENS_K: &str = "seqlens_k";
+/// int32 scalar: the longest row's length including this step's tokens (the padded
+/// prompt length in the prefill).
+pub const TOTAL_SEQUENCE_LENGTH: &str = "total_sequence_length";
+/// int64 `[batch]`: the most likely next token of each row (first index on ties).
+pub const NEXT_TOKEN: &str = "next_token";
+/// Optional int64 scalar input (default 1): how many candidates `top_logprobs` keeps.
+pub const TOP_K: &str = "top_k";
+/// float32 `[batch, top_k]`: the largest log-softmax values of each row, best first.
+pub const TOP_LOGPROBS: &str = "top_logprobs";
+/// int64 `[batch, top_k]`: their token ids.
+pub const TOP_IDS: &str = "top_ids";
+// kv_reorder.onnx: past_key_values.* in, present.* out, row r of the output being row
+// `rows[r]` of the input.
+pub const ROWS: &str = "rows";
 
 // text_encoder.onnx (T5): the encoder output and, for each decoder layer, the
 // cross-attention keys and values, computed once per prompt.
@@ -60,3 +82,7 @@ pub const DIM_PAST_SEQUENCE: &str = "past_sequence_length";
 pub const DIM_TOTAL_SEQUENCE: &str = "total_sequence_length";
 pub const DIM_NUM_IMAGE_TOKENS: &str = "num_image_tokens";
 pub const DIM_ENCODER_SEQUENCE: &str = "encoder_sequence_length";
+/// The fixed length of a CUDA-target export's KV buffers (prompt plus new tokens).
+pub const DIM_MAX_SEQUENCE: &str = "max_sequence_length";
+pub const DIM_TOP_K: &str = "top_k";
+pub const DIM_NEW_BATCH: &str = "new_batch_size";

@@ -26,6 +26,10 @@ pub struct Manifest {
     /// (int8 weights per output channel, activations quantized to int8 per call), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encoder_quantization: Option<String>,
+    /// Which runtime the graphs are built for: the portable standard-operator graphs
+    /// (the default, left out of the file) or ONNX Runtime's CUDA provider.
+    #[serde(default, skip_serializing_if = "Target::is_portable")]
+    pub target: Target,
     pub graphs: Graphs,
     pub tokens: SpecialTokens,
     pub num_query_tokens: usize,
@@ -37,6 +41,35 @@ pub struct Manifest {
     pub tokenizer_file: String,
 }
 
+/// What an export's graphs are built for (`blip2-ort export --target`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// Standard ONNX operators (plus com.microsoft ones only when quantized): any ONNX
+    /// Runtime build and provider; a language model whose KV cache grows by one
+    /// position a step.
+    #[default]
+    Portable,
+    /// ONNX Runtime's fused contrib operators for its CUDA provider: the language model
+    /// attends with GroupQueryAttention over a KV buffer of fixed length that it updates
+    /// in place (rows right-padded, one length per row), picks tokens on the device
+    /// (ArgMax, LogSoftmax + TopK), and a small graph reorders cache rows for beams.
+    Cuda,
+}
+
+impl Target {
+    pub fn is_portable(&self) -> bool {
+        *self == Target::Portable
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Portable => "portable",
+            Target::Cuda => "cuda",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Graphs {
     pub vision_encoder: GraphInfo,
@@ -46,6 +79,10 @@ pub struct Graphs {
     /// T5 only: the text encoder, which also returns the decoder's cross-attention cache.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text_encoder: Option<GraphInfo>,
+    /// CUDA-target exports only: reorders the rows of every layer's KV buffer on the
+    /// device (beam search), `rows` picking the source row of each new row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_reorder: Option<GraphInfo>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

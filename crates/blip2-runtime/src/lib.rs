@@ -3,9 +3,12 @@
 //!
 //! Pieces, kept apart as in onnxruntime-genai: [`preprocess`] (images to pixel values,
 //! exactly as transformers' PIL path), [`generation`] (search: greedy, beam, sampling and
-//! the logits processors), and the model state with its KV cache.
+//! the logits processors), [`model`] (the sessions), [`state`] (each decoder's state
+//! between steps) and [`kv_cache`].
 pub mod error;
+pub mod kv_cache;
 pub mod model;
+pub mod state;
 pub mod prompt;
 pub mod generation;
 pub mod ort_env;

@@ -8,8 +8,8 @@ use image::DynamicImage;
 use ndarray::{Array3, Array4, ArrayD, Axis, IxDyn};
 
 use crate::error::RuntimeError;
-use crate::generation::{self, GenerationConfig, GenerationError, Prompt, StepModel};
-use crate::model::{lm_value, to_f32, Blip2Model, LmState, SessionFactory, T5State};
+use crate::generation::{self, GenerationConfig, GenerationError};
+use crate::model::{to_f32, Blip2Model, SessionFactory};
 use crate::preprocess::{self, ImageLimits};
 use crate::prompt::Prompter;
 
@@ -79,26 +79,6 @@ fn pixel_hash(px: ndarray::ArrayView3<'_, f32>) -> u64 {
         h ^= h >> 32;
     }
     h
-}
-
-impl StepModel for LmState<'_> {
-    type Error = RuntimeError;
-    fn step(&mut self, tokens: &[i64]) -> Result<ndarray::Array2<f32>, RuntimeError> {
-        LmState::step(self, tokens)
-    }
-    fn select_rows(&mut self, rows: &[usize]) -> Result<(), RuntimeError> {
-        LmState::select_rows(self, rows)
-    }
-}
-
-impl StepModel for T5State<'_> {
-    type Error = RuntimeError;
-    fn step(&mut self, tokens: &[i64]) -> Result<ndarray::Array2<f32>, RuntimeError> {
-        T5State::step(self, tokens)
-    }
-    fn select_rows(&mut self, rows: &[usize]) -> Result<(), RuntimeError> {
-        T5State::select_rows(self, rows)
-    }
 }
 
 fn search_err(e: GenerationError<RuntimeError>) -> RuntimeError {
@@ -263,20 +243,8 @@ impl Pipeline {
             )));
         }
         let embeds = self.image_embeds(pixels)?;
-        let out = if self.model.manifest.family == "t5" {
-            // The search sees the decoder's ids, as transformers' processors do for
-            // encoder-decoder models.
-            let start = self.model.manifest.tokens.decoder_start_token_id.unwrap_or(0);
-            let prompts = vec![Prompt::new(vec![start]); rows];
-            let (mut state, logits) = T5State::prefill(&mut self.model, &batch.ids, &batch.mask, embeds, start)?;
-            generation::generate(&mut state, &prompts, logits, cfg).map_err(search_err)?
-        } else {
-            let prompts: Vec<Prompt> =
-                batch.ids.iter().zip(&batch.mask).map(|(ids, m)| Prompt::with_attention_mask(ids.clone(), m)).collect();
-            let embeds = lm_value(&self.model, embeds)?;
-            let (mut state, logits) = LmState::prefill_last(&mut self.model, &batch.ids, &batch.mask, embeds)?;
-            generation::generate(&mut state, &prompts, logits, cfg).map_err(search_err)?
-        };
+        let mut p = crate::state::prefill(&mut self.model, &batch, embeds, cfg.max_new_tokens)?;
+        let out = generation::generate(&mut *p.state, &p.prompts, p.logits, cfg).map_err(search_err)?;
         let mut res = Vec::with_capacity(out.len());
         for row in out {
             let mut seqs = Vec::with_capacity(row.len());

@@ -25,7 +25,7 @@ pub const BUILTIN_ORIGIN: &str = "built-in models.toml";
 /// Environment variable naming a user config file (used when no path is given).
 pub const CONFIG_ENV: &str = "BLIP2_ORT_CONFIG";
 /// The graphs of an export, as `[profiles.x.graphs.NAME]` names them.
-pub const GRAPHS: [&str; 3] = ["vision_encoder", "qformer", "language_model"];
+pub const GRAPHS: [&str; 4] = ["vision_encoder", "qformer", "text_encoder", "language_model"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Provider {
@@ -136,6 +136,9 @@ pub struct Profile {
     pub device_id: i32,
     pub gpu_mem_limit: Option<u64>,
     pub fp16: bool,
+    /// Let the CUDA provider run fp32 products on TF32 tensor cores (10-bit mantissa).
+    /// Off by default, as in PyTorch, so an fp32 export gives the CPU's tokens on CUDA.
+    pub tf32: bool,
     pub engine_cache_path: Option<PathBuf>,
     pub allow_fallback: bool,
     pub intra_op_threads: Option<usize>,
@@ -218,6 +221,7 @@ struct RawProfile {
     device_id: Option<i32>,
     gpu_mem_limit: Option<u64>,
     fp16: Option<bool>,
+    tf32: Option<bool>,
     engine_cache_path: Option<PathBuf>,
     allow_fallback: Option<bool>,
     intra_op_threads: Option<usize>,
@@ -247,6 +251,7 @@ struct PartialProfile {
     device_id: Option<i32>,
     gpu_mem_limit: Option<u64>,
     fp16: Option<bool>,
+    tf32: Option<bool>,
     engine_cache_path: Option<PathBuf>,
     allow_fallback: Option<bool>,
     intra_op_threads: Option<usize>,
@@ -276,6 +281,7 @@ impl PartialProfile {
             device_id: raw.device_id,
             gpu_mem_limit: raw.gpu_mem_limit,
             fp16: raw.fp16,
+            tf32: raw.tf32,
             engine_cache_path: raw.engine_cache_path,
             allow_fallback: raw.allow_fallback,
             intra_op_threads: raw.intra_op_threads,
@@ -293,6 +299,7 @@ impl PartialProfile {
             device_id: over.device_id.or(self.device_id),
             gpu_mem_limit: over.gpu_mem_limit.or(self.gpu_mem_limit),
             fp16: over.fp16.or(self.fp16),
+            tf32: over.tf32.or(self.tf32),
             engine_cache_path: over.engine_cache_path.or(self.engine_cache_path),
             allow_fallback: over.allow_fallback.or(self.allow_fallback),
             intra_op_threads: over.intra_op_threads.or(self.intra_op_threads),
@@ -313,6 +320,7 @@ impl PartialProfile {
             device_id: self.device_id.unwrap_or(0),
             gpu_mem_limit: self.gpu_mem_limit,
             fp16: self.fp16.unwrap_or(false),
+            tf32: self.tf32.unwrap_or(false),
             engine_cache_path: self.engine_cache_path.clone(),
             allow_fallback: self.allow_fallback.unwrap_or(false),
             intra_op_threads: self.intra_op_threads,
@@ -479,7 +487,9 @@ fn dispatch(p: Provider, profile: &Profile) -> ExecutionProviderDispatch {
         // batch 4, where the arena keeps the largest activations of every graph.
         Provider::Cpu => ep::CPU::default().with_arena_allocator(false).build(),
         Provider::Cuda => {
-            let mut cuda = ep::CUDA::default().with_device_id(profile.device_id);
+            // ONNX Runtime's CUDA provider defaults to TF32 products; PyTorch (the
+            // reference) does not, and TF32 changes fp32 tokens, so it is off unless asked.
+            let mut cuda = ep::CUDA::default().with_device_id(profile.device_id).with_tf32(profile.tf32);
             if let Some(limit) = profile.gpu_mem_limit {
                 cuda = cuda.with_memory_limit(usize::try_from(limit).unwrap_or(usize::MAX));
             }

@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 
 use blip2_runtime::generation::{
     generate, validate, EarlyStopping, GenerationConfig, GenerationError, Prompt, StepModel,
+    StepOutput, Want,
 };
 use ndarray::Array2;
 use serde_json::Value;
@@ -110,6 +111,11 @@ struct Toy<'a> {
     vocab: usize,
     rows: Vec<(Vec<i64>, Vec<i64>)>,
     steps: usize,
+    /// Answer steps with only what the search wants, as a model that selects tokens on
+    /// its device does; counts those answers.
+    device: bool,
+    argmax_answers: usize,
+    top_k_answers: usize,
 }
 
 impl<'a> Toy<'a> {
@@ -128,6 +134,9 @@ impl<'a> Toy<'a> {
                 vocab: f.vocab,
                 rows,
                 steps: 0,
+                device: false,
+                argmax_answers: 0,
+                top_k_answers: 0,
             },
             prompts,
         )
@@ -166,6 +175,44 @@ impl StepModel for Toy<'_> {
     fn select_rows(&mut self, rows: &[usize]) -> Result<(), Infallible> {
         self.rows = rows.iter().map(|&r| self.rows[r].clone()).collect();
         Ok(())
+    }
+
+    fn step_for(&mut self, tokens: &[i64], want: Want) -> Result<StepOutput, Infallible> {
+        let logits = self.step(tokens)?;
+        if !self.device {
+            return Ok(StepOutput::Logits(logits));
+        }
+        Ok(match want {
+            Want::Logits => StepOutput::Logits(logits),
+            Want::Argmax => {
+                self.argmax_answers += 1;
+                // The first index among equal maxima, as ONNX ArgMax and torch.argmax.
+                let pick = |row: ndarray::ArrayView1<f32>| {
+                    row.iter().enumerate().fold((0, f32::NEG_INFINITY), |m, (i, &x)| if x > m.1 { (i, x) } else { m }).0 as i64
+                };
+                StepOutput::Argmax(logits.rows().into_iter().map(pick).collect())
+            }
+            Want::TopLogProbs(k) => {
+                self.top_k_answers += 1;
+                let rows = logits.nrows();
+                let mut logprobs = Array2::<f32>::zeros((rows, k));
+                let mut ids = Array2::<i64>::zeros((rows, k));
+                for (r, row) in logits.rows().into_iter().enumerate() {
+                    // log-softmax in f32 with an f64 sum, as the host search computes it.
+                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let sum: f64 = row.iter().map(|&x| f64::from((x - max).exp())).sum();
+                    let lp: Vec<f32> = row.iter().map(|&x| (x - max) - (sum as f32).ln()).collect();
+                    let mut order: Vec<usize> = (0..lp.len()).collect();
+                    // Best first, ties to the lower id (ONNX TopK).
+                    order.sort_by(|&a, &b| lp[b].partial_cmp(&lp[a]).unwrap().then(a.cmp(&b)));
+                    for (t, &i) in order[..k].iter().enumerate() {
+                        logprobs[[r, t]] = lp[i];
+                        ids[[r, t]] = i as i64;
+                    }
+                }
+                StepOutput::TopLogProbs { logprobs, ids }
+            }
+        })
     }
 }
 
@@ -207,10 +254,37 @@ fn config(v: &Value) -> GenerationConfig {
 }
 
 fn run(model: &str, prompts: &str, cfg: &GenerationConfig) -> (Vec<Vec<Vec<i64>>>, usize) {
+    let (out, toy) = run_on(model, prompts, cfg, false);
+    (out, toy.steps)
+}
+
+/// Runs a case on the toy model, which selects tokens itself when `device` is set.
+fn run_on<'a>(model: &str, prompts: &str, cfg: &GenerationConfig, device: bool) -> (Vec<Vec<Vec<i64>>>, Toy<'a>) {
     let (mut toy, prompts) = Toy::new(model, prompts);
+    toy.device = device;
     let first = toy.last_logits();
     let out = generate(&mut toy, &prompts, first, cfg).expect("generate");
-    (out, toy.steps)
+    (out, toy)
+}
+
+#[test]
+fn selection_on_the_model_side_matches_transformers() {
+    // Every recorded case again, with a model that answers a step with only the argmax or
+    // the top-k log-probabilities when the search asks for them (as CUDA-target exports
+    // do on the GPU): the same sequences, and those answers were actually used.
+    let (mut argmax, mut top_k) = (0, 0);
+    let mut failures = Vec::new();
+    for case in fixtures().doc["cases"].as_array().unwrap() {
+        let cfg = config(&case["config"]);
+        let (got, toy) = run_on(case["model"].as_str().unwrap(), case["prompts"].as_str().unwrap(), &cfg, true);
+        if got != expected(&case["expected"]) {
+            failures.push(case["name"].as_str().unwrap().to_string());
+        }
+        argmax += toy.argmax_answers;
+        top_k += toy.top_k_answers;
+    }
+    assert!(failures.is_empty(), "cases that differ with model-side selection: {failures:?}");
+    assert!(argmax > 0 && top_k > 0, "model-side selection unused: {argmax} argmax, {top_k} top-k answers");
 }
 
 fn expected(v: &Value) -> Vec<Vec<Vec<i64>>> {

@@ -23,6 +23,7 @@ use super::processors::{desc, log_softmax, top_k_indices, Processors};
 use super::rng::{sample_without_replacement, Rng};
 use super::{
     new_tokens, step, EarlyStopping, GenerationConfig, GenerationError, Prompt, StepModel,
+    StepOutput, Want,
 };
 
 /// What transformers adds to a score to rule an entry out.
@@ -54,7 +55,7 @@ struct Candidate {
     done: bool,
 }
 
-pub(crate) fn run<M: StepModel>(
+pub(crate) fn run<M: StepModel + ?Sized>(
     model: &mut M,
     prompts: &[Prompt],
     first_logits: Array2<f32>,
@@ -110,39 +111,66 @@ pub(crate) fn run<M: StepModel>(
     // Until the first reorder the model holds one row per prompt (the prefill); the beams of a
     // prompt all read that row. Afterwards it holds batch * nb rows.
     let mut expanded = false;
-    let mut logits = first_logits;
+    let mut out = StepOutput::Logits(first_logits);
     let mut cur_len = prompt_len;
     let mut acc = vec![0f32; nb * vocab];
     loop {
-        // 1-2. candidates per prompt
+        // 1-2. candidates per prompt: (index into the [beams * vocab] scores, score)
         let mut candidates: Vec<Vec<Candidate>> = Vec::with_capacity(batch);
         for b in 0..batch {
-            for (j, beam) in running[b].iter().enumerate() {
-                let row = logits.row(if expanded { b * nb + j } else { b });
-                let scores = &mut acc[j * vocab..(j + 1) * vocab];
-                log_softmax(row.iter().copied(), scores);
-                processors.apply(&beam.tokens, prompts[b].padding, scores);
-                for s in scores.iter_mut() {
-                    *s += beam.score;
+            let picked: Vec<(usize, f32)> = match &out {
+                StepOutput::Logits(logits) => {
+                    for (j, beam) in running[b].iter().enumerate() {
+                        let row = logits.row(if expanded { b * nb + j } else { b });
+                        let scores = &mut acc[j * vocab..(j + 1) * vocab];
+                        log_softmax(row.iter().copied(), scores);
+                        processors.apply(&beam.tokens, prompts[b].padding, scores);
+                        for s in scores.iter_mut() {
+                            *s += beam.score;
+                        }
+                    }
+                    let picked = if cfg.do_sample {
+                        let mut drawn = sample_without_replacement(&acc, keep, &mut rngs[b]);
+                        // Sorted best first; the stable sort keeps draw order among equal scores.
+                        drawn.sort_by(|&x, &y| desc(acc[x], acc[y]));
+                        drawn
+                    } else {
+                        top_k_indices(&acc, keep)
+                    };
+                    picked.into_iter().map(|i| (i, acc[i])).collect()
                 }
-            }
-            let picked = if cfg.do_sample {
-                let mut drawn = sample_without_replacement(&acc, keep, &mut rngs[b]);
-                // Sorted best first; the stable sort keeps draw order among equal scores.
-                drawn.sort_by(|&x, &y| desc(acc[x], acc[y]));
-                drawn
-            } else {
-                top_k_indices(&acc, keep)
+                // The model's per-beam best `keep` log-probabilities (processors inert):
+                // the best `keep` over all beams are among them. Laid out in index order
+                // so equal scores resolve as over the full scores.
+                // While the minimum length bans the eos tokens, the model returned that many
+                // more candidates and the eos ones are dropped here.
+                StepOutput::TopLogProbs { logprobs, ids } => {
+                    let ban = processors.model_side(cur_len) == Some(true);
+                    let mut entries: Vec<(usize, f32)> = Vec::with_capacity(nb * logprobs.ncols());
+                    for (j, beam) in running[b].iter().enumerate() {
+                        let r = b * nb + j;
+                        for t in 0..logprobs.ncols() {
+                            if ban && eos.contains(&ids[[r, t]]) {
+                                continue;
+                            }
+                            entries.push((j * vocab + ids[[r, t]] as usize, logprobs[[r, t]] + beam.score));
+                        }
+                    }
+                    entries.sort_by_key(|e| e.0);
+                    let scores: Vec<f32> = entries.iter().map(|e| e.1).collect();
+                    top_k_indices(&scores, keep).into_iter().map(|i| entries[i]).collect()
+                }
+                StepOutput::Argmax(_) => unreachable!("beam search never asks for the argmax"),
             };
             candidates.push(
                 picked
                     .into_iter()
-                    .map(|i| {
+                    .map(|(i, score)| {
                         let token = (i % vocab) as i64;
                         Candidate {
                             beam: i / vocab,
                             token,
-                            score: acc[i],
+                            score,
                             done: cur_len + 1 >= max_len || eos.contains(&token),
                         }
                     })
@@ -261,7 +289,14 @@ pub(crate) fn run<M: StepModel>(
             .flatten()
             .map(|beam| *beam.tokens.last().expect("beam has tokens"))
             .collect();
-        logits = step(model, &last, vocab)?;
+        // Every running beam has cur_len ids.
+        let want = match processors.model_side(cur_len) {
+            _ if cfg.do_sample => Want::Logits,
+            Some(false) if keep <= vocab => Want::TopLogProbs(keep),
+            Some(true) if keep + eos.len() <= vocab => Want::TopLogProbs(keep + eos.len()),
+            _ => Want::Logits,
+        };
+        out = step(model, &last, vocab, want)?;
     }
 
     Ok(finished

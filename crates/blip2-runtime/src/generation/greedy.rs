@@ -9,9 +9,9 @@ use ndarray::Array2;
 
 use super::processors::{argmax, Processors};
 use super::rng::{sample_one, Rng};
-use super::{new_tokens, step, GenerationConfig, GenerationError, Prompt, StepModel};
+use super::{new_tokens, step, GenerationConfig, GenerationError, Prompt, StepModel, StepOutput, Want};
 
-pub(crate) fn run<M: StepModel>(
+pub(crate) fn run<M: StepModel + ?Sized>(
     model: &mut M,
     prompts: &[Prompt],
     first_logits: Array2<f32>,
@@ -40,7 +40,7 @@ pub(crate) fn run<M: StepModel>(
     let mut tokens: Vec<Vec<i64>> = (0..rows).map(|r| prompts[source(r)].ids.clone()).collect();
     let mut rngs: Vec<Rng> = (0..rows).map(|r| Rng::new(seed, r as u64)).collect();
     let mut unfinished = vec![true; rows];
-    let mut logits = first_logits;
+    let mut out = StepOutput::Logits(first_logits);
     let mut first = true;
     let mut scores = vec![0f32; vocab];
     loop {
@@ -50,17 +50,28 @@ pub(crate) fn run<M: StepModel>(
                 next.push(pad);
                 continue;
             }
-            // The prefill logits have one row per prompt; later steps one per expanded row.
-            let row = logits.row(if first { source(r) } else { r });
-            for (s, &l) in scores.iter_mut().zip(row.iter()) {
-                *s = l;
-            }
-            processors.apply(&tokens[r], prompts[source(r)].padding, &mut scores);
-            let pick = if cfg.do_sample {
-                sample_one(&scores, &mut rngs[r])
-            } else {
-                argmax(&scores)
-            } as i64;
+            let pick = match &out {
+                // The model picked it (asked for only when no processor reads the scores).
+                StepOutput::Argmax(picks) => picks[r],
+                // Its best candidates, while the minimum length bans the eos tokens: the
+                // best one that is not an eos (eos.len() + 1 candidates hold one).
+                StepOutput::TopLogProbs { ids, .. } => {
+                    *ids.row(r).iter().find(|t| !eos.contains(t)).expect("a candidate that is not an eos")
+                }
+                StepOutput::Logits(logits) => {
+                    // The prefill logits have one row per prompt; later steps one per expanded row.
+                    let row = logits.row(if first { source(r) } else { r });
+                    for (s, &l) in scores.iter_mut().zip(row.iter()) {
+                        *s = l;
+                    }
+                    processors.apply(&tokens[r], prompts[source(r)].padding, &mut scores);
+                    (if cfg.do_sample {
+                        sample_one(&scores, &mut rngs[r])
+                    } else {
+                        argmax(&scores)
+                    }) as i64
+                }
+            };
             tokens[r].push(pick);
             next.push(pick);
             if tokens[r].len() >= max_len || eos.contains(&pick) {
@@ -75,7 +86,15 @@ pub(crate) fn run<M: StepModel>(
             model.select_rows(&map).map_err(GenerationError::Model)?;
         }
         first = false;
-        logits = step(model, &next, vocab)?;
+        // Every unfinished row has the same length: the prompt plus the picks so far.
+        let len = tokens.iter().zip(&unfinished).find(|(_, &u)| u).map_or(0, |(t, _)| t.len());
+        let want = match processors.model_side(len) {
+            _ if cfg.do_sample => Want::Logits,
+            Some(false) => Want::Argmax,
+            Some(true) if eos.len() < vocab => Want::TopLogProbs(eos.len() + 1),
+            _ => Want::Logits,
+        };
+        out = step(model, &next, vocab, want)?;
     }
 
     Ok(tokens

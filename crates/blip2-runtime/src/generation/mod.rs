@@ -41,6 +41,38 @@ pub trait StepModel {
     /// Re-arranges the rows of the state (KV cache, masks): new row `i` is old row `rows[i]`.
     /// Rows may repeat or be dropped; the row count becomes `rows.len()`.
     fn select_rows(&mut self, rows: &[usize]) -> Result<(), Self::Error>;
+
+    /// [`StepModel::step`] for a search that needs only `want` from the logits. A model
+    /// that can pick tokens where it runs (on a GPU) returns just those, so the vocabulary's
+    /// logits never cross to the host; the default returns the logits, which serve any want.
+    fn step_for(&mut self, tokens: &[i64], want: Want) -> Result<StepOutput, Self::Error> {
+        let _ = want;
+        self.step(tokens).map(StepOutput::Logits)
+    }
+}
+
+/// What the search needs from a step's logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Want {
+    /// All of them (a logits processor or sampling reads every score).
+    Logits,
+    /// Each row's most likely token, the first on ties (greedy search).
+    Argmax,
+    /// Each row's `k` largest log-softmax values with their ids, best first, ties to the
+    /// lower id (beam search keeps the best `k` continuations over all beams, and those
+    /// are always among each beam's own best `k`).
+    TopLogProbs(usize),
+}
+
+/// What a step returned: the logits, or only what [`Want`] asked for.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StepOutput {
+    /// `[rows, vocab]`.
+    Logits(Array2<f32>),
+    /// One token per row.
+    Argmax(Vec<i64>),
+    /// `[rows, k]` log-probabilities and their token ids.
+    TopLogProbs { logprobs: Array2<f32>, ids: Array2<i64> },
 }
 
 /// transformers' `early_stopping`: when beam search may stop before `max_new_tokens`.
@@ -300,7 +332,7 @@ pub fn validate(cfg: &GenerationConfig) -> Result<(), ConfigError> {
 ///
 /// Returns, per prompt, `num_return_sequences` sequences of new token ids: the prompt left
 /// out, cut at the first eos (the eos itself excluded), no padding. Beams come best first.
-pub fn generate<M: StepModel>(
+pub fn generate<M: StepModel + ?Sized>(
     model: &mut M,
     prompts: &[Prompt],
     first_logits: Array2<f32>,
@@ -353,17 +385,24 @@ fn new_tokens(tokens: &[i64], prompt_len: usize, eos: &[i64]) -> Vec<i64> {
 }
 
 /// Runs one model step and checks the shape of what comes back.
-fn step<M: StepModel>(
+fn step<M: StepModel + ?Sized>(
     model: &mut M,
     tokens: &[i64],
     vocab: usize,
-) -> Result<Array2<f32>, GenerationError<M::Error>> {
-    let logits = model.step(tokens).map_err(GenerationError::Model)?;
-    if logits.dim() != (tokens.len(), vocab) {
-        return Err(GenerationError::LogitsShape {
-            expected: (tokens.len(), vocab),
-            got: logits.dim(),
-        });
+    want: Want,
+) -> Result<StepOutput, GenerationError<M::Error>> {
+    let out = model.step_for(tokens, want).map_err(GenerationError::Model)?;
+    let rows = tokens.len();
+    let shape_err = |got: (usize, usize), expected: (usize, usize)| Err(GenerationError::LogitsShape { expected, got });
+    match &out {
+        StepOutput::Logits(l) if l.dim() != (rows, vocab) => return shape_err(l.dim(), (rows, vocab)),
+        StepOutput::Argmax(t) if t.len() != rows || want != Want::Argmax => return shape_err((t.len(), 1), (rows, 1)),
+        StepOutput::TopLogProbs { logprobs, ids } => match want {
+            Want::TopLogProbs(k) if logprobs.dim() == (rows, k) && ids.dim() == (rows, k) => {}
+            Want::TopLogProbs(k) => return shape_err(logprobs.dim(), (rows, k)),
+            _ => return shape_err(logprobs.dim(), (rows, vocab)),
+        },
+        _ => {}
     }
-    Ok(logits)
+    Ok(out)
 }

@@ -104,6 +104,20 @@ impl<'a> Processors<'a> {
         }
     }
 
+    /// Whether the model may pick the next token of rows with `len` ids so far on its own
+    /// (its argmax or top-k of the raw scores): `None` when a processor reads every score
+    /// (penalty, n-gram ban, sampling warpers); `Some(ban)` otherwise, `ban` being true
+    /// while the minimum length still bans the eos tokens, which the search then skips
+    /// among the model's candidates.
+    pub(crate) fn model_side(&self, len: usize) -> Option<bool> {
+        let plain = self.repetition_penalty.is_none()
+            && self.no_repeat_ngram_size == 0
+            && self.temperature.is_none()
+            && self.top_k == 0
+            && self.top_p.is_none();
+        plain.then(|| self.min_new_tokens > 0 && !self.eos.is_empty() && len - self.prompt_len < self.min_new_tokens)
+    }
+
     /// Applies every enabled processor, in transformers' order, to the scores of the next token
     /// of a row whose ids so far (prompt included) are `tokens`. `padding` leading prompt
     /// positions are padding, which the repetition penalty skips (as transformers does with the

@@ -1,0 +1,226 @@
+//! A decoder's self-attention KV cache: one key and one value tensor per layer, kept
+//! between steps where the decoder runs (host memory, or the GPU on CUDA profiles).
+//!
+//! Two layouts, one per kind of export:
+//! - [`Layout::Growing`] (portable graphs): each step's `present.*` are the past plus the
+//!   new positions; they replace the cache and are fed back as `past_key_values.*`.
+//! - [`Layout::Static`] (CUDA-target graphs): buffers of a fixed length allocated once,
+//!   bound as both `past_key_values.*` and `present.*`; GroupQueryAttention writes each
+//!   step's positions into them in place. Rows are right-padded; their lengths live in
+//!   the decoder state.
+
+use blip2_core::io;
+use ndarray::{ArrayD, Axis, IxDyn};
+use ort::memory::{AllocationDevice, Allocator, MemoryInfo};
+use ort::session::{IoBinding, Session, SessionOutputs};
+use ort::value::{DynTensor, DynTensorValueType, DynValue, Tensor, TensorElementType};
+
+use crate::error::RuntimeError;
+use crate::model::ort_err;
+
+/// The shape of a decoder's cache: `[rows, heads, length, head_dim]` per layer and kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvSpec {
+    pub layers: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    /// float16 tensors (else float32).
+    pub fp16: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Replaced by `present.*` after every step.
+    Growing,
+    /// Fixed-length buffers written in place.
+    Static { capacity: usize },
+}
+
+pub struct KvCache {
+    spec: KvSpec,
+    layout: Layout,
+    rows: usize,
+    /// Key then value, per layer.
+    layers: Vec<[DynValue; 2]>,
+}
+
+impl KvCache {
+    /// An empty growing cache: zero-length host tensors, as the first step of a portable
+    /// decoder takes them.
+    pub fn empty(spec: KvSpec, rows: usize) -> Result<Self, RuntimeError> {
+        let layers = (0..spec.layers).map(|_| Ok([host_zeros(spec, rows, 0)?, host_zeros(spec, rows, 0)?])).collect::<Result<_, RuntimeError>>()?;
+        Ok(Self { spec, layout: Layout::Growing, rows, layers })
+    }
+
+    /// A static cache of `capacity` positions per row, allocated by `allocator` (on the
+    /// device the decoder runs on). Its contents start undefined: the decoder only reads
+    /// positions it wrote.
+    pub fn allocate(spec: KvSpec, rows: usize, capacity: usize, allocator: &Allocator) -> Result<Self, RuntimeError> {
+        let elem = if spec.fp16 { TensorElementType::Float16 } else { TensorElementType::Float32 };
+        let shape = [rows, spec.heads, capacity, spec.head_dim];
+        let mut layers = Vec::with_capacity(spec.layers);
+        for _ in 0..spec.layers {
+            let k = DynTensor::new(allocator, elem, shape).map_err(ort_err("allocating the KV buffers"))?;
+            let v = DynTensor::new(allocator, elem, shape).map_err(ort_err("allocating the KV buffers"))?;
+            layers.push([k.into_dyn(), v.into_dyn()]);
+        }
+        Ok(Self { spec, layout: Layout::Static { capacity }, rows, layers })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    pub fn spec(&self) -> KvSpec {
+        self.spec
+    }
+
+    /// Binds the cache as the step's `past_key_values.*`; a static cache is also bound
+    /// as `present.*`, so the decoder writes into the same buffers; a growing cache's
+    /// `present.*` are allocated on `memory`.
+    pub fn bind(&mut self, binding: &mut IoBinding, memory: &MemoryInfo) -> Result<(), ort::Error> {
+        for (l, kv) in self.layers.iter_mut().enumerate() {
+            for (which, v) in kv.iter_mut().enumerate() {
+                let (past, present) = names(l, which);
+                binding.bind_input(past, &*v)?;
+                match self.layout {
+                    Layout::Static { .. } => binding.bind_output(present, &mut *v)?,
+                    Layout::Growing => binding.bind_output_to_device(present, memory)?,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// After a step of a growing cache: takes this step's `present.*` as the cache.
+    pub fn take_present(&mut self, out: &mut SessionOutputs<'_>) -> Result<(), RuntimeError> {
+        if self.layout != Layout::Growing {
+            return Ok(());
+        }
+        for (l, kv) in self.layers.iter_mut().enumerate() {
+            for (which, v) in kv.iter_mut().enumerate() {
+                let (_, present) = names(l, which);
+                *v = out.remove(present.as_str()).ok_or(RuntimeError::MissingOutput(present))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Growing caches: new row `i` is old row `rows[i]`, by way of host memory (a cache
+    /// on a GPU is copied over and back). Static caches reorder with
+    /// [`KvCache::reorder_on_device`].
+    pub fn select_rows(&mut self, rows: &[usize]) -> Result<(), RuntimeError> {
+        if self.layout != Layout::Growing {
+            return Err(RuntimeError::Unsupported("a static KV cache is reordered on the device, with kv_reorder".into()));
+        }
+        for kv in &mut self.layers {
+            for v in kv.iter_mut() {
+                *v = select_rows_of(v, rows, self.spec.fp16)?;
+            }
+        }
+        self.rows = rows.len();
+        Ok(())
+    }
+
+    /// Static caches: new row `i` is old row `rows[i]`, gathered on the device by the
+    /// export's `kv_reorder` graph into a second set of buffers, which then become the
+    /// cache (the old set is kept in `spare` for the next reorder of the same shape).
+    pub fn reorder_on_device(
+        &mut self,
+        session: &mut Session,
+        rows: &[usize],
+        spare: &mut Option<KvCache>,
+        allocator: &Allocator,
+    ) -> Result<(), RuntimeError> {
+        let capacity = self.capacity();
+        let mut target = match spare.take() {
+            Some(s) if s.rows == rows.len() => s,
+            _ => Self::allocate(self.spec, rows.len(), capacity, allocator)?,
+        };
+        let index = Tensor::from_array(ndarray::Array1::from_iter(rows.iter().map(|&r| r as i64))).map_err(ort_err("rows"))?;
+        let mut binding = session.create_binding().map_err(ort_err("kv_reorder: creating an IO binding"))?;
+        (|| -> Result<(), ort::Error> {
+            binding.bind_input(io::ROWS, &index)?;
+            for (l, (src, dst)) in self.layers.iter().zip(target.layers.iter_mut()).enumerate() {
+                for which in 0..2 {
+                    let (past, present) = names(l, which);
+                    binding.bind_input(past, &src[which])?;
+                    binding.bind_output(present, &mut dst[which])?;
+                }
+            }
+            Ok(())
+        })()
+        .map_err(ort_err("kv_reorder: binding inputs and outputs"))?;
+        session.run_binding(&binding).map_err(ort_err("kv_reorder"))?;
+        drop(binding);
+        let old = std::mem::replace(self, target);
+        *spare = Some(old);
+        Ok(())
+    }
+
+    fn capacity(&self) -> usize {
+        match self.layout {
+            Layout::Static { capacity } => capacity,
+            Layout::Growing => 0,
+        }
+    }
+
+    /// Layer `l`'s key (`which` 0) or value (1), as f32 on the host (tests).
+    pub fn to_host(&self, l: usize, which: usize) -> Result<ArrayD<f32>, RuntimeError> {
+        let v = &self.layers[l][which];
+        let host = on_host(v)?;
+        crate::model::to_f32(host.as_ref().unwrap_or(v))
+    }
+}
+
+fn names(layer: usize, which: usize) -> (String, String) {
+    if which == 0 {
+        (io::past_key(layer), io::present_key(layer))
+    } else {
+        (io::past_value(layer), io::present_value(layer))
+    }
+}
+
+fn host_zeros(spec: KvSpec, rows: usize, len: usize) -> Result<DynValue, RuntimeError> {
+    let shape = IxDyn(&[rows, spec.heads, len, spec.head_dim]);
+    Ok(if spec.fp16 {
+        Tensor::from_array(ArrayD::<half::f16>::from_elem(shape, half::f16::ZERO)).map_err(ort_err("past_key_values"))?.into_dyn()
+    } else {
+        Tensor::from_array(ArrayD::<f32>::zeros(shape)).map_err(ort_err("past_key_values"))?.into_dyn()
+    })
+}
+
+/// A host copy of `v` when it lies on a device, else None.
+fn on_host(v: &DynValue) -> Result<Option<DynValue>, RuntimeError> {
+    let tensor = v.view().downcast::<DynTensorValueType>().map_err(ort_err("KV cache"))?;
+    if tensor.memory_info().is_cpu_accessible() {
+        return Ok(None);
+    }
+    let host = tensor.to(AllocationDevice::CPU, 0).map_err(ort_err("copying the KV cache to the host"))?;
+    Ok(Some(host.into_dyn()))
+}
+
+/// Rows `rows` of a `[rows, ...]` tensor (fp16 or f32), as a host tensor.
+pub(crate) fn select_rows_of(v: &DynValue, rows: &[usize], fp16: bool) -> Result<DynValue, RuntimeError> {
+    if fp16 {
+        select::<half::f16>(v, rows)
+    } else {
+        select::<f32>(v, rows)
+    }
+}
+
+fn select<T>(v: &DynValue, rows: &[usize]) -> Result<DynValue, RuntimeError>
+where
+    T: ort::value::PrimitiveTensorElementType + Clone + std::fmt::Debug + 'static,
+{
+    let host = on_host(v)?;
+    let v = host.as_ref().unwrap_or(v);
+    let a = v.try_extract_array::<T>().map_err(ort_err("KV cache"))?;
+    let picked = a.select(Axis(0), rows);
+    Ok(Tensor::from_array(picked).map_err(ort_err("KV cache"))?.into_dyn())
+}
+

@@ -1,0 +1,124 @@
+//! Flan-T5's decoder: the text encoder runs once per prompt and also returns every decoder
+//! layer's cross-attention keys and values; the decoder's self-attention cache grows by
+//! one position a step.
+
+use blip2_core::io;
+use ndarray::{Array2, ArrayD, Axis, IxDyn};
+use ort::value::{DynValue, Tensor};
+
+use crate::error::RuntimeError;
+use crate::generation::StepModel;
+use crate::kv_cache::{select_rows_of, KvCache};
+use crate::model::{float_value, ort_err, to_f32, Blip2Model};
+use crate::state::opt::{kv_spec, run_decoder};
+
+/// Encoder-decoder (T5) state: the cross-attention cache the text encoder computed once,
+/// the encoder mask, and the decoder's self-attention cache.
+pub struct T5State<'m> {
+    model: &'m mut Blip2Model,
+    /// cross.{i}.key, cross.{i}.value, ... per decoder layer.
+    cross: Vec<[DynValue; 2]>,
+    enc_mask: Array2<i64>,
+    cache: KvCache,
+}
+
+impl<'m> T5State<'m> {
+    /// Runs the encoder on each row alone (so a batch row sees exactly the positions it
+    /// sees alone: T5's relative positions would shift with padding), pads the rows'
+    /// cross-attention caches on the right with a zero mask, then runs the decoder's
+    /// first step from `decoder_start`. Returns the state and `[rows, vocab]` logits.
+    pub fn prefill(
+        model: &'m mut Blip2Model,
+        ids: &[Vec<i64>],
+        mask: &[Vec<i64>],
+        image_embeds: ArrayD<f32>,
+        decoder_start: i64,
+    ) -> Result<(Self, Array2<f32>), RuntimeError> {
+        let rows = ids.len();
+        let spec = kv_spec(model);
+        let fp16 = model.lm_fp16;
+        let encoder = model.text_encoder.as_mut().ok_or_else(|| RuntimeError::Unsupported("no text encoder".into()))?;
+        // Per row: its cross caches as f32 arrays, key and value per layer.
+        let mut per_row: Vec<Vec<[ArrayD<f32>; 2]>> = Vec::with_capacity(rows);
+        let mut lens = Vec::with_capacity(rows);
+        for r in 0..rows {
+            let keep: Vec<i64> = ids[r].iter().zip(&mask[r]).filter(|(_, &m)| m != 0).map(|(&i, _)| i).collect();
+            let n = keep.len();
+            let row_ids = Array2::from_shape_vec((1, n), keep).expect("row shape");
+            let row_mask = Array2::<i64>::ones((1, n));
+            let img = image_embeds.index_axis(Axis(0), r).insert_axis(Axis(0)).to_owned();
+            let out = encoder
+                .run(ort::inputs![
+                    io::INPUT_IDS => Tensor::from_array(row_ids).map_err(ort_err("input_ids"))?,
+                    io::IMAGE_EMBEDS => float_value(fp16, img)?,
+                    io::ATTENTION_MASK => Tensor::from_array(row_mask).map_err(ort_err("attention_mask"))?,
+                ])
+                .map_err(ort_err("text encoder"))?;
+            let mut caches = Vec::with_capacity(spec.layers);
+            for l in 0..spec.layers {
+                let get = |name: String| -> Result<ArrayD<f32>, RuntimeError> {
+                    to_f32(out.get(name.as_str()).ok_or(RuntimeError::MissingOutput(name.clone()))?)
+                };
+                caches.push([get(io::cross_key(l))?, get(io::cross_value(l))?]);
+            }
+            per_row.push(caches);
+            lens.push(n);
+        }
+        let longest = lens.iter().copied().max().unwrap_or(0);
+        let enc_mask = Array2::from_shape_fn((rows, longest), |(r, j)| i64::from(j < lens[r]));
+        let mut cross = Vec::with_capacity(spec.layers);
+        for l in 0..spec.layers {
+            let padded = |which: usize| -> Result<DynValue, RuntimeError> {
+                let mut a = ArrayD::<f32>::zeros(IxDyn(&[rows, spec.heads, longest, spec.head_dim]));
+                for r in 0..rows {
+                    let src = &per_row[r][l][which];
+                    a.slice_mut(ndarray::s![r, .., ..lens[r], ..]).assign(&src.index_axis(Axis(0), 0));
+                }
+                float_value(fp16, a)
+            };
+            cross.push([padded(0)?, padded(1)?]);
+        }
+        let cache = KvCache::empty(spec, rows)?;
+        let mut st = Self { model, cross, enc_mask, cache };
+        let logits = st.step(&vec![decoder_start; rows])?;
+        Ok((st, logits))
+    }
+
+    /// Feeds one decoder token per row and returns the logits of the new position.
+    pub fn step(&mut self, tokens: &[i64]) -> Result<Array2<f32>, RuntimeError> {
+        let rows = tokens.len();
+        let ids = Array2::from_shape_fn((rows, 1), |(r, _)| tokens[r]);
+        let ids = Tensor::from_array(ids).map_err(ort_err("input_ids"))?.into_dyn();
+        let mask = Tensor::from_array(self.enc_mask.clone()).map_err(ort_err("encoder_attention_mask"))?.into_dyn();
+        let mut inputs: Vec<(&str, &DynValue)> = vec![(io::INPUT_IDS, &ids), (io::ENCODER_ATTENTION_MASK, &mask)];
+        let names: Vec<[String; 2]> = (0..self.cross.len()).map(|l| [io::cross_key(l), io::cross_value(l)]).collect();
+        for (kv, n) in self.cross.iter().zip(&names) {
+            for which in 0..2 {
+                inputs.push((n[which].as_str(), &kv[which]));
+            }
+        }
+        let m = &mut *self.model;
+        let logits = run_decoder(&mut m.lm, &m.kv_memory, &inputs, &mut self.cache, "text decoder", true)?;
+        Ok(logits.index_axis_move(Axis(1), 0))
+    }
+}
+
+impl StepModel for T5State<'_> {
+    type Error = RuntimeError;
+
+    fn step(&mut self, tokens: &[i64]) -> Result<Array2<f32>, RuntimeError> {
+        T5State::step(self, tokens)
+    }
+
+    /// New row i is old row `rows[i]`.
+    fn select_rows(&mut self, rows: &[usize]) -> Result<(), RuntimeError> {
+        self.enc_mask = self.enc_mask.select(Axis(0), rows);
+        let fp16 = self.model.lm_fp16;
+        for kv in &mut self.cross {
+            for v in kv.iter_mut() {
+                *v = select_rows_of(v, rows, fp16)?;
+            }
+        }
+        self.cache.select_rows(rows)
+    }
+}

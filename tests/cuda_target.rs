@@ -1,0 +1,200 @@
+//! The CUDA-target export (`blip2-ort export --target cuda`) run on ONNX Runtime's CPU
+//! kernels, which implement the same contrib operators (GroupQueryAttention,
+//! MultiHeadAttention, SkipLayerNormalization) in fp32: its graphs against transformers'
+//! recorded outputs, its static KV buffers, right padding and on-device token selection
+//! against transformers' `generate()` token for token, batches and beams included.
+
+use std::path::PathBuf;
+
+use blip2_core::{io, Target};
+use blip2_ort_suite::{assert_close, fixture, ids, photo, read_npy, run_case, session_factory, temp_dir, CHECKPOINTS};
+use blip2_runtime::generation::{StepModel, StepOutput, Want};
+use blip2_runtime::model::Blip2Model;
+use blip2_runtime::pipeline::Pipeline;
+use blip2_runtime::prompt::Batch;
+use blip2_runtime::state::opt_static::OptStaticState;
+use ndarray::{Array4, Axis, IxDyn};
+use serde_json::Value;
+
+fn export(name: &str, test: &str) -> PathBuf {
+    let out = temp_dir(&format!("cuda-target-{test}-{name}")).join("export");
+    let opts = blip2_export::ExportOptions { target: Target::Cuda, ..Default::default() };
+    blip2_export::export(&fixture(name).join("checkpoint"), &out, &opts, &mut blip2_export::NoProgress).unwrap();
+    out
+}
+
+fn cases(name: &str) -> Value {
+    let p = fixture(name).join("reference").join("generate.json");
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+/// The op types a graph file uses (node op_type strings appear verbatim in the protobuf).
+fn uses(path: &std::path::Path, op: &str) -> bool {
+    let bytes = std::fs::read(path).unwrap();
+    bytes.windows(op.len()).any(|w| w == op.as_bytes())
+}
+
+#[test]
+fn the_export_is_built_from_onnx_runtimes_fused_operators() {
+    for name in CHECKPOINTS {
+        let dir = export(name, "ops");
+        let m = blip2_core::Manifest::load(&dir).unwrap();
+        assert_eq!(m.target, Target::Cuda);
+        let lm = dir.join(io::LANGUAGE_MODEL_FILE);
+        assert!(uses(&lm, "GroupQueryAttention"), "{name}: no GroupQueryAttention");
+        assert!(uses(&lm, "SkipLayerNormalization"), "{name}: no SkipLayerNormalization in the LM");
+        for g in [io::VISION_ENCODER_FILE, io::QFORMER_FILE] {
+            assert!(uses(&dir.join(g), "MultiHeadAttention"), "{name}/{g}: no MultiHeadAttention");
+            assert!(uses(&dir.join(g), "SkipLayerNormalization"), "{name}/{g}: no SkipLayerNormalization");
+            assert!(!uses(&dir.join(g), "Softmax"), "{name}/{g}: attention left unfused");
+        }
+        let names: Vec<&str> = m.graphs.language_model.inputs.iter().map(|t| t.name.as_str()).collect();
+        for want in [io::SEQLENS_K, io::TOTAL_SEQUENCE_LENGTH, io::POSITION_IDS] {
+            assert!(names.contains(&want), "{name}: LM input {want} missing from {names:?}");
+        }
+        assert!(!names.contains(&io::ATTENTION_MASK), "{name}: a static-cache LM takes lengths, not a mask");
+        let outs: Vec<&str> = m.graphs.language_model.outputs.iter().map(|t| t.name.as_str()).collect();
+        for want in [io::NEXT_TOKEN, io::TOP_LOGPROBS, io::TOP_IDS] {
+            assert!(outs.contains(&want), "{name}: LM output {want} missing");
+        }
+        let reorder = m.graphs.kv_reorder.as_ref().expect("a kv_reorder graph");
+        assert!(dir.join(&reorder.file).exists());
+    }
+}
+
+#[test]
+fn encoders_match_transformers() {
+    for name in CHECKPOINTS {
+        let dir = export(name, "encoders");
+        let refd = fixture(name).join("reference");
+        let mut model = Blip2Model::load(&dir, &mut session_factory()).unwrap();
+        let px: Array4<f32> = read_npy(&refd.join("pixel_values.npy")).into_dimensionality().unwrap();
+        let feats = model.vision_features(px).unwrap();
+        let ref_feats = read_npy(&refd.join("image_features.npy"));
+        assert_close(&format!("{name}: image features"), &feats, &ref_feats);
+        let embeds = model.qformer_embeds(ref_feats).unwrap();
+        assert_close(&format!("{name}: image embeds"), &embeds, &read_npy(&refd.join("image_embeds.npy")));
+    }
+}
+
+/// transformers' log_softmax of one row, for checking the graph's top-k.
+fn log_softmax(row: &[f32]) -> Vec<f32> {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = row.iter().map(|&x| f64::from((x - max).exp())).sum();
+    row.iter().map(|&x| x - max - (sum as f32).ln()).collect()
+}
+
+#[test]
+fn prefill_and_decode_steps_match_transformers_and_select_on_the_device() {
+    for name in CHECKPOINTS {
+        let dir = export(name, "steps");
+        let refd = fixture(name).join("reference");
+        let mut model = Blip2Model::load(&dir, &mut session_factory()).unwrap();
+        let graphs: Value = serde_json::from_str(&std::fs::read_to_string(refd.join("graphs.json")).unwrap()).unwrap();
+        let steps = graphs["lm_steps"].as_array().unwrap();
+        let first = &steps[0];
+        let embeds = read_npy(&refd.join("image_embeds.npy"));
+        let img = embeds.index_axis(Axis(0), 0).insert_axis(Axis(0)).to_owned();
+        let batch = Batch { ids: vec![ids(&first["input_ids"])], mask: vec![ids(&first["attention_mask"])] };
+        let (mut state, logits) = OptStaticState::prefill(&mut model, &batch, img, 8).unwrap();
+        assert_eq!(state.lens(), &[batch.ids[0].len()]);
+        // transformers' prefill logits cover every position; the graph computes the last.
+        let all = read_npy(&refd.join(first["logits"].as_str().unwrap()));
+        let seq = all.shape()[1];
+        let last = all.index_axis(Axis(1), seq - 1).to_owned().into_dyn();
+        assert_close(&format!("{name}: prefill logits"), &logits.into_dyn(), &last);
+        for (k, s) in steps.iter().enumerate().skip(1) {
+            let token = ids(&s["input_ids"]);
+            let r = read_npy(&refd.join(s["logits"].as_str().unwrap()));
+            let v = r.len();
+            let r = r.into_shape_with_order(IxDyn(&[1, v])).unwrap();
+            // Each step is run once; what the step asks for decides what comes back. The
+            // first decode step returns the logits, the second the device's picks, checked
+            // against transformers' logits.
+            if k == 1 {
+                let StepOutput::Logits(l) = state.step_for(&token, Want::Logits).unwrap() else { panic!("logits") };
+                assert_close(&format!("{name}: decode step {k} logits"), &l.into_dyn(), &r);
+            } else {
+                let StepOutput::TopLogProbs { logprobs, ids: top } = state.step_for(&token, Want::TopLogProbs(3)).unwrap() else {
+                    panic!("top-k")
+                };
+                let lp = log_softmax(r.as_slice().unwrap());
+                let mut order: Vec<usize> = (0..v).collect();
+                order.sort_by(|&a, &b| lp[b].partial_cmp(&lp[a]).unwrap().then(a.cmp(&b)));
+                let want_ids: Vec<i64> = order[..3].iter().map(|&i| i as i64).collect();
+                assert_eq!(top.row(0).to_vec(), want_ids, "{name}: step {k} top-3 ids");
+                for (t, &i) in order[..3].iter().enumerate() {
+                    let d = (logprobs[[0, t]] - lp[i]).abs();
+                    assert!(d <= 1e-4 * lp[i].abs().max(1.0), "{name}: step {k} top-3 log-prob {t}: {} vs {}", logprobs[[0, t]], lp[i]);
+                }
+            }
+        }
+        // One more step asking for the argmax: the device's pick is the logits' argmax.
+        let mut again = {
+            let img = embeds.index_axis(Axis(0), 0).insert_axis(Axis(0)).to_owned();
+            OptStaticState::prefill(&mut model, &batch, img, 8).unwrap().0
+        };
+        let StepOutput::Logits(l) = again.step_for(&[5], Want::Logits).unwrap() else { panic!("logits") };
+        let pick = l.row(0).iter().enumerate().fold((0, f32::MIN), |m, (i, &x)| if x > m.1 { (i, x) } else { m }).0 as i64;
+        drop(again);
+        let img = embeds.index_axis(Axis(0), 0).insert_axis(Axis(0)).to_owned();
+        let (mut third, _) = OptStaticState::prefill(&mut model, &batch, img, 8).unwrap();
+        assert_eq!(third.step_for(&[5], Want::Argmax).unwrap(), StepOutput::Argmax(vec![pick]), "{name}: device argmax");
+        assert_eq!(third.lens(), &[batch.ids[0].len() + 1]);
+    }
+}
+
+#[test]
+fn every_task_matches_transformers_token_for_token() {
+    for name in CHECKPOINTS {
+        let dir = export(name, "tasks");
+        let mut p = Pipeline::load(&dir, &mut session_factory()).unwrap();
+        let mut checked = 0;
+        for case in cases(name)["cases"].as_array().unwrap() {
+            let cname = case["name"].as_str().unwrap();
+            let (got, want) = run_case(&mut p, case);
+            let got: Vec<Vec<i64>> = got.iter().map(|g| g.token_ids.clone()).collect();
+            assert_eq!(got, want, "{name}/{cname}: token ids differ from transformers on the CUDA-target graphs");
+            checked += 1;
+        }
+        assert!(checked >= 15, "{name}: only {checked} cases ran");
+    }
+}
+
+#[test]
+fn batch_rows_equal_single_runs() {
+    for name in CHECKPOINTS {
+        let dir = export(name, "batch");
+        let mut p = Pipeline::load(&dir, &mut session_factory()).unwrap();
+        let all = cases(name);
+        let case = all["cases"].as_array().unwrap().iter().find(|c| c["name"] == "batch").unwrap();
+        let images: Vec<_> =
+            case["images"].as_array().unwrap().iter().map(|s| p.load_image(&photo(s.as_str().unwrap())).unwrap()).collect();
+        let prompts: Vec<String> = case["prompts"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect();
+        let cfg = blip2_ort_suite::config(&p, &case["generate"]);
+        let batched = p.generate(&images, &prompts, &cfg).unwrap();
+        for i in 0..images.len() {
+            let single = p.generate(&images[i..i + 1], &prompts[i..i + 1], &cfg).unwrap();
+            assert_eq!(batched[i], single[0], "{name}: batch row {i} differs from its single run");
+        }
+    }
+}
+
+#[test]
+fn beams_reorder_the_buffers_with_the_kv_reorder_graph() {
+    // Without kv_reorder a static cache cannot follow its beams: the run must fail
+    // clearly, which shows beam search goes through that graph.
+    let name = "opt-tiny";
+    let dir = export(name, "reorder");
+    let all = cases(name);
+    let case = all["cases"].as_array().unwrap().iter().find(|c| c["generate"]["num_beams"].as_u64().unwrap_or(1) > 1).unwrap().clone();
+    let mut m: Value = serde_json::from_str(&std::fs::read_to_string(dir.join(io::MANIFEST_FILE)).unwrap()).unwrap();
+    m["graphs"].as_object_mut().unwrap().remove("kv_reorder");
+    std::fs::write(dir.join(io::MANIFEST_FILE), serde_json::to_string(&m).unwrap()).unwrap();
+    let mut p = Pipeline::load(&dir, &mut session_factory()).unwrap();
+    let images: Vec<_> = case["images"].as_array().unwrap().iter().map(|s| p.load_image(&photo(s.as_str().unwrap())).unwrap()).collect();
+    let prompts: Vec<String> = case["prompts"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect();
+    let cfg = blip2_ort_suite::config(&p, &case["generate"]);
+    let e = p.generate(&images, &prompts, &cfg).unwrap_err().to_string();
+    assert!(e.contains("kv_reorder"), "{e}");
+}
