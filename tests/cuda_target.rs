@@ -198,3 +198,57 @@ fn beams_reorder_the_buffers_with_the_kv_reorder_graph() {
     let e = p.generate(&images, &prompts, &cfg).unwrap_err().to_string();
     assert!(e.contains("kv_reorder"), "{e}");
 }
+
+#[test]
+fn fp16_cuda_target_agrees_with_fp32_reference() {
+    // The GPU configuration itself (fp16 + --target cuda), on ONNX Runtime's CPU fp16
+    // kernels: every recorded case runs, and near-ties aside its tokens follow
+    // transformers' fp32 ones (at least 90% agree, as for the portable fp16 exports).
+    for name in CHECKPOINTS {
+        let out = temp_dir(&format!("cuda-target-fp16-{name}")).join("export");
+        let opts = blip2_export::ExportOptions { target: Target::Cuda, dtype: blip2_export::ExportDtype::Fp16, ..Default::default() };
+        blip2_export::export(&fixture(name).join("checkpoint"), &out, &opts, &mut blip2_export::NoProgress).unwrap();
+        let mut p = Pipeline::load(&out, &mut session_factory()).unwrap();
+        let (mut same, mut total) = (0, 0);
+        for case in cases(name)["cases"].as_array().unwrap() {
+            let (got, want) = run_case(&mut p, case);
+            for (g, w) in got.iter().zip(&want) {
+                same += g.token_ids.iter().zip(w).take_while(|(a, b)| a == b).count();
+                total += w.len().max(g.token_ids.len());
+            }
+        }
+        eprintln!("{name} fp16, cuda target: {same}/{total} tokens agree with transformers fp32");
+        assert!(total > 100, "{name}: {total} tokens compared");
+        assert!(same * 10 >= total * 9, "{name}: {same}/{total}");
+    }
+}
+
+#[test]
+fn reordered_rows_carry_their_own_cache() {
+    // Two rows (two images), then new rows [1, 1, 0]: each new row's next logits are those
+    // of its source row run alone, so the buffers really moved with the rows.
+    let name = "opt-tiny";
+    let dir = export(name, "rows");
+    let refd = fixture(name).join("reference");
+    let mut model = Blip2Model::load(&dir, &mut session_factory()).unwrap();
+    let graphs: Value = serde_json::from_str(&std::fs::read_to_string(refd.join("graphs.json")).unwrap()).unwrap();
+    let first = &graphs["lm_steps"][0];
+    let embeds = read_npy(&refd.join("image_embeds.npy"));
+    assert!(embeds.shape()[0] >= 2, "two images recorded");
+    let row = || (ids(&first["input_ids"]), ids(&first["attention_mask"]));
+    let (i, m) = row();
+    let both = Batch { ids: vec![i.clone(), i.clone()], mask: vec![m.clone(), m.clone()] };
+    let pair = embeds.slice(ndarray::s![..2, .., ..]).to_owned().into_dyn();
+    let (mut st, _) = OptStaticState::prefill(&mut model, &both, pair, 4).unwrap();
+    st.select_rows(&[1, 1, 0]).unwrap();
+    let StepOutput::Logits(moved) = st.step_for(&[7, 7, 7], Want::Logits).unwrap() else { panic!("logits") };
+    drop(st);
+    for (new_row, source) in [(0usize, 1usize), (1, 1), (2, 0)] {
+        let one = Batch { ids: vec![i.clone()], mask: vec![m.clone()] };
+        let img = embeds.index_axis(Axis(0), source).insert_axis(Axis(0)).to_owned();
+        let (mut alone, _) = OptStaticState::prefill(&mut model, &one, img, 4).unwrap();
+        let StepOutput::Logits(want) = alone.step_for(&[7], Want::Logits).unwrap() else { panic!("logits") };
+        let got = moved.row(new_row).to_owned().into_dyn();
+        assert_close(&format!("row {new_row} from row {source}"), &got, &want.row(0).to_owned().into_dyn());
+    }
+}
