@@ -214,3 +214,14 @@ fn quantized_encoders_export_from_the_command_line() {
     let vision = std::fs::read(out.join(&m.graphs.vision_encoder.file)).unwrap();
     assert!(vision.windows(21).any(|w| w == b"DynamicQuantizeMatMul"), "vision encoder uses DynamicQuantizeMatMul");
 }
+
+#[test]
+fn cuda_target_refuses_cpu_only_encoders_and_prints_its_target() {
+    let (ck, out) = copy_fixture("opt-tiny", "cuda-target-encoders");
+    let (code, stderr) = export_with(&["--quiet", "--target", "cuda", "--quantize-encoders", "int8"], &ck, &out);
+    assert_one_line_error(code, &stderr, &["--quantize-encoders", "--target cuda"], &out);
+    let (code, stderr) = export_with(&["--target", "cuda", "--quantize", "int8"], &ck, &out);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("int8 weights, cuda target"), "{stderr}");
+    assert!(out.join("kv_reorder.onnx").exists(), "{stderr}");
+}
