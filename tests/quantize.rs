@@ -126,7 +126,12 @@ fn int8_weights_stay_close_to_fp32() {
 fn int4_weights_run_and_report_their_agreement() {
     for name in ["opt-tiny-sharded", "opt-tiny"] {
         let a = measure(name, Variant { weights: Some(Quantize::Int4), encoders: false });
-        assert!(a.prefill_logits < 0.5, "{name}: int4 logits {:.2}% off", a.prefill_logits * 100.0);
+        // 4-bit blocks: clearly coarser than int8 (measured ~1-2%), yet bounded (measured
+        // 15-16% on image features, 16-29% on logits: docs/PERFORMANCE.md).
+        let int8 = measure(name, INT8);
+        assert!(a.features > 2.0 * int8.features, "{name}: int4 features {:.2}% vs int8 {:.2}%", a.features * 100.0, int8.features * 100.0);
+        assert!(a.features < 0.25, "{name}: int4 image features {:.2}% off", a.features * 100.0);
+        assert!(a.prefill_logits < 0.4, "{name}: int4 logits {:.2}% off", a.prefill_logits * 100.0);
         assert!(a.total > 100);
     }
 }

@@ -492,6 +492,34 @@ mod tests {
     }
 
     #[test]
+    fn matmul_nbits_packing_is_what_the_operator_reads() {
+        // One row, K = 6, blocks of 4: the second block is partial and padded with zeros.
+        // 4 bits: scale = max|block| / 7, value q = round(w / scale) + 8, two values a
+        // byte, the first in the low nibble (hand-computed below).
+        let vals = [7.0f32, -7.0, 3.5, 0.0, 2.0, 0.5];
+        let data: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let t = view(DType::F32, &[1, 6], &data);
+        let q4 = Quantizer { bits: 4, block: 4 };
+        let (mut values, mut scales) = (Vec::new(), Vec::new());
+        q4.write_values(&t, &mut values).unwrap();
+        q4.write_scales(&t, &mut scales).unwrap();
+        // Block 0: 7 -> 15, -7 -> 1, 3.5 -> 4 + 8 = 12, 0 -> 8. Block 1 (scale 2/7):
+        // 2 -> 7 + 8 = 15, 0.5 -> round(1.75) + 8 = 10, padding -> 8, 8.
+        assert_eq!(values, vec![0x1F, 0x8C, 0xAF, 0x88]);
+        assert_eq!(f32s(&scales), vec![1.0, 2.0 / 7.0]);
+        // 8 bits: scale = max|block| / 127, zero point 128, one value a byte.
+        let vals = [127.0f32, -127.0, 64.0, 0.0];
+        let data: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let t = view(DType::F32, &[1, 4], &data);
+        let q8 = Quantizer { bits: 8, block: 4 };
+        let (mut values, mut scales) = (Vec::new(), Vec::new());
+        q8.write_values(&t, &mut values).unwrap();
+        q8.write_scales(&t, &mut scales).unwrap();
+        assert_eq!(values, vec![255, 1, 192, 128]);
+        assert_eq!(f32s(&scales), vec![1.0]);
+    }
+
+    #[test]
     fn channel_quantizer_transposes_and_scales_per_row() {
         // Rows [out channels] of a [2, 3] weight; the second row is all zero.
         let vals = [1.0f32, -0.5, 0.25, 0.0, 0.0, 0.0];
