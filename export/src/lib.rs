@@ -1,6 +1,7 @@
-//! Exports a Hugging Face BLIP-2 checkpoint to three ONNX graphs (vision encoder,
-//! Q-Former with projection, language model with past key values) and a manifest, with
-//! no Python and no ONNX Runtime.
+//! Exports a Hugging Face BLIP-2 checkpoint to ONNX graphs (vision encoder, Q-Former
+//! with projection, language model with past key values; plus the text encoder for
+//! Flan-T5 and the KV reorder for `--target cuda`) and a manifest, with no Python and
+//! no ONNX Runtime.
 //!
 //! Paper: BLIP-2, Li et al. 2023, <https://arxiv.org/abs/2301.12597>. Reference
 //! implementation: transformers' `modeling_blip_2.py`.

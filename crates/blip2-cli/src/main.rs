@@ -22,7 +22,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Export a BLIP-2 checkpoint to three ONNX graphs and a manifest.
+    /// Export a BLIP-2 checkpoint to ONNX graphs and a manifest.
     Export(export_cmd::ExportArgs),
     /// Caption, answer questions about, or chat about images with an exported model.
     Infer(infer_cmd::InferArgs),

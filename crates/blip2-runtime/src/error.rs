@@ -1,8 +1,8 @@
 use std::path::PathBuf;
 
-/// Errors of the runtime pieces that run models. Start-up problems (a missing file, a
-/// manifest this build cannot read) and inference problems (an ONNX Runtime failure in a
-/// named graph, bad input) are separate variants so callers can tell them apart.
+/// Errors of the runtime pieces that run models: a manifest or file problem, a model this
+/// build does not support, an ONNX Runtime failure with what it was doing, a missing
+/// graph output, the tokenizer, or bad input.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     #[error(transparent)]

@@ -1,4 +1,4 @@
-//! The BLIP-2 runtime: turns images and prompts into tokens with the three graphs that
+//! The BLIP-2 runtime: turns images and prompts into tokens with the graphs that
 //! `blip2-ort export` writes, on ONNX Runtime.
 //!
 //! Pieces, kept apart as in onnxruntime-genai: [`preprocess`] (images to pixel values,
