@@ -15,10 +15,27 @@ use crate::onnx::{Attr, Elem, Graph, InitData, Initializer, Node, Tensor, ValueI
 /// ONNX Runtime's contrib operator domain (MatMulNBits, DynamicQuantizeMatMul).
 pub const MS_DOMAIN: &str = "com.microsoft";
 
+/// How a graph's projections (`x @ W^T` for a checkpoint `[out, in]` weight) keep their
+/// weights.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Projection {
+    /// In the graph's float type: MatMul on the transposed weight.
+    #[default]
+    Float,
+    /// ONNX Runtime's MatMulNBits: `bits`-bit values in blocks of `block` along K
+    /// (`--quantize`).
+    NBits { bits: u32, block: usize },
+    /// ONNX Runtime's DynamicQuantizeMatMul: int8 weights with one scale per output
+    /// channel, activations quantized to int8 per call (`--quantize-encoders`).
+    DynamicInt8,
+}
+
 pub struct Builder<'a> {
     ck: &'a Checkpoint,
     /// Element type of this graph's weights and activations.
-    pub float: Elem,
+    float: Elem,
+    /// How this graph's projections keep their weights.
+    projection: Projection,
     nodes: Vec<Node>,
     inits: Vec<Initializer<'a>>,
     inputs: Vec<ValueInfo>,
@@ -29,24 +46,22 @@ pub struct Builder<'a> {
     /// Node outputs that are graph outputs: tensor name to output name.
     renames: HashMap<String, String>,
     pub weight_bytes: u64,
-    /// Weight-only quantization of this graph's projections (MatMulNBits), if asked for.
-    pub quant: Option<(u32, usize)>,
-    /// int8 weights and dynamically quantized int8 activations for this graph's
-    /// projections (DynamicQuantizeMatMul); takes precedence over `quant`.
-    pub dynamic_int8: bool,
     /// Build for ONNX Runtime's CUDA provider (`--target cuda`): attention as
     /// com.microsoft MultiHeadAttention / GroupQueryAttention, and every layer norm of a
     /// residual sum fused into SkipLayerNormalization at [`Builder::finish`].
-    pub fused: bool,
+    fused: bool,
     /// Outputs of residual additions ([`Builder::residual`]), the fusion candidates.
     residuals: std::collections::HashSet<String>,
 }
 
 impl<'a> Builder<'a> {
+    /// A graph in `float` with plain projections; see [`Builder::projection`] and
+    /// [`Builder::fused`] for the others.
     pub fn new(ck: &'a Checkpoint, float: Elem) -> Self {
         Self {
             ck,
             float,
+            projection: Projection::Float,
             nodes: Vec::new(),
             inits: Vec::new(),
             inputs: Vec::new(),
@@ -56,11 +71,44 @@ impl<'a> Builder<'a> {
             node_names: Default::default(),
             renames: HashMap::new(),
             weight_bytes: 0,
-            quant: None,
-            dynamic_int8: false,
             fused: false,
             residuals: Default::default(),
         }
+    }
+
+    /// The graph's projections keep their weights as `projection` says.
+    pub fn with_projection(mut self, projection: Projection) -> Self {
+        self.projection = projection;
+        self
+    }
+
+    /// Builds with ONNX Runtime's fused CUDA operators (`--target cuda`).
+    pub fn with_fused_operators(mut self, fused: bool) -> Self {
+        self.fused = fused;
+        self
+    }
+
+    /// The element type of the graph's weights and activations (at this point of it).
+    pub fn float(&self) -> Elem {
+        self.float
+    }
+
+    pub fn projection(&self) -> Projection {
+        self.projection
+    }
+
+    pub fn fused(&self) -> bool {
+        self.fused
+    }
+
+    /// Builds part of the graph in another float type and projection mode (the
+    /// Q-Former's fp32 layers end in a projection in the language model's type, never
+    /// quantized), the graph's own restored after.
+    pub fn scoped<T>(&mut self, float: Elem, projection: Projection, build: impl FnOnce(&mut Self) -> T) -> T {
+        let saved = (std::mem::replace(&mut self.float, float), std::mem::replace(&mut self.projection, projection));
+        let out = build(self);
+        (self.float, self.projection) = saved;
+        out
     }
 
     /// `a + b` where one side is the residual stream: a LayerNormalization reading the
@@ -257,7 +305,7 @@ impl<'a> Builder<'a> {
     ///   x ──MatMulNBits(W_q [N, blocks, blob], scales [N*blocks]) ─▶ [.., N]
     /// ```
     pub fn matmul_nbits(&mut self, path: &str, x: &str, name: &str, n: usize, k: usize) -> Result<String> {
-        let (bits, block) = self.quant.expect("quantization is on");
+        let Projection::NBits { bits, block } = self.projection else { unreachable!("MatMulNBits in a graph without it") };
         self.ck.get_shaped(name, &[n, k])?;
         let q = Quantizer { bits, block };
         let blocks = q.blocks(k);
@@ -406,7 +454,7 @@ impl<'a> Builder<'a> {
 ///   x ──MatMul(W^T)──Add(b)──▶
 /// ```
 pub fn linear(b: &mut Builder, path: &str, x: &str, prefix: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<String> {
-    if b.dynamic_int8 {
+    if b.projection == Projection::DynamicInt8 {
         let bv = if bias { Some(b.weight(&format!("{prefix}.bias"), &[out_dim])?) } else { None };
         let name = format!("{prefix}.weight");
         return b.matmul_dynamic_int8(&format!("{path}/DynamicQuantizeMatMul"), x, &name, out_dim, in_dim, bv.as_deref());
@@ -422,14 +470,14 @@ pub fn linear(b: &mut Builder, path: &str, x: &str, prefix: &str, in_dim: usize,
 /// `x @ W^T` for a checkpoint `[out, in]` weight: MatMul on the transposed weight, or
 /// MatMulNBits on the quantized one when the graph is quantized.
 pub fn project(b: &mut Builder, path: &str, x: &str, name: &str, in_dim: usize, out_dim: usize) -> Result<String> {
-    if b.dynamic_int8 {
-        return b.matmul_dynamic_int8(&format!("{path}/DynamicQuantizeMatMul"), x, name, out_dim, in_dim, None);
+    match b.projection {
+        Projection::DynamicInt8 => b.matmul_dynamic_int8(&format!("{path}/DynamicQuantizeMatMul"), x, name, out_dim, in_dim, None),
+        Projection::NBits { .. } => b.matmul_nbits(&format!("{path}/MatMulNBits"), x, name, out_dim, in_dim),
+        Projection::Float => {
+            let w = b.weight_t(name, &[out_dim, in_dim])?;
+            Ok(b.op(&format!("{path}/MatMul"), "MatMul", &[x, &w], vec![]))
+        }
     }
-    if b.quant.is_some() {
-        return b.matmul_nbits(&format!("{path}/MatMulNBits"), x, name, out_dim, in_dim);
-    }
-    let w = b.weight_t(name, &[out_dim, in_dim])?;
-    Ok(b.op(&format!("{path}/MatMul"), "MatMul", &[x, &w], vec![]))
 }
 
 /// LayerNormalization over the last axis with `{prefix}.weight` and `{prefix}.bias`.

@@ -29,7 +29,7 @@ pub use checkpoint::Checkpoint;
 pub use error::{ExportError, Result};
 pub use source::SourceFiles;
 
-use crate::builder::Builder;
+use crate::builder::{Builder, Projection};
 use crate::config::{ModelConfig, TextModel};
 use crate::error::write_err;
 use crate::onnx::{Elem, Model, ValueInfo};
@@ -247,29 +247,27 @@ fn write_all(files: &SourceFiles, ck: &Checkpoint, dir: &Path, opts: &ExportOpti
             message: "int8 encoders (DynamicQuantizeMatMul) run on the CPU only; leave it out with --target cuda".into(),
         });
     }
-    let quant = opts.quantize.map(Quantize::bits_block);
+    // The vision encoder and language model take --quantize, the encoders
+    // --quantize-encoders (which wins in the vision encoder).
+    let weights = opts.quantize.map_or(Projection::Float, |q| {
+        let (bits, block) = q.bits_block();
+        Projection::NBits { bits, block }
+    });
+    let encoders = if opts.quantize_encoders { Projection::DynamicInt8 } else { Projection::Float };
     let fused = opts.target == Target::Cuda;
-    let builder = |float: Elem| {
-        let mut b = Builder::new(ck, float);
-        b.fused = fused;
-        b
-    };
-    let mut b = builder(lm_float);
-    b.quant = quant;
-    b.dynamic_int8 = opts.quantize_encoders;
+    let builder = |float: Elem, projection: Projection| Builder::new(ck, float).with_projection(projection).with_fused_operators(fused);
+    let mut b = builder(lm_float, if opts.quantize_encoders { encoders } else { weights });
     vision::build(&mut b, v)?;
     let vision_info = write_graph(b, "vision_encoder", io::VISION_ENCODER_FILE, dir, opts, progress)?;
 
-    let mut b = builder(Elem::F32);
-    b.dynamic_int8 = opts.quantize_encoders;
+    let mut b = builder(Elem::F32, encoders);
     qformer::build(&mut b, &cfg.blip.qformer_config, cfg.blip.num_query_tokens, text_hidden, positions, lm_float, lm_float)?;
     let qformer_info = write_graph(b, "qformer", io::QFORMER_FILE, dir, opts, progress)?;
 
     let mut kv_reorder = None;
     let (family, text_encoder, lm_info, text_cfg) = match &cfg.text {
         TextModel::Opt(text) => {
-            let mut b = builder(lm_float);
-            b.quant = quant;
+            let mut b = builder(lm_float, weights);
             if fused {
                 opt::build_cuda(&mut b, text, files.image_token_id)?;
             } else {
@@ -277,7 +275,7 @@ fn write_all(files: &SourceFiles, ck: &Checkpoint, dir: &Path, opts: &ExportOpti
             }
             let lm_info = write_graph(b, "language_model", io::LANGUAGE_MODEL_FILE, dir, opts, progress)?;
             if fused {
-                let mut b = builder(lm_float);
+                let mut b = builder(lm_float, Projection::Float);
                 opt::build_kv_reorder(&mut b, text);
                 kv_reorder = Some(write_graph(b, "kv_reorder", io::KV_REORDER_FILE, dir, opts, progress)?);
             }
@@ -294,12 +292,10 @@ fn write_all(files: &SourceFiles, ck: &Checkpoint, dir: &Path, opts: &ExportOpti
         }
         TextModel::T5(text) => {
             // The T5 decoder keeps its portable graph on every target for now.
-            let mut b = Builder::new(ck, lm_float);
-            b.quant = quant;
+            let mut b = Builder::new(ck, lm_float).with_projection(weights);
             t5::build_encoder(&mut b, text, files.image_token_id)?;
             let enc_info = write_graph(b, "text_encoder", io::TEXT_ENCODER_FILE, dir, opts, progress)?;
-            let mut b = Builder::new(ck, lm_float);
-            b.quant = quant;
+            let mut b = Builder::new(ck, lm_float).with_projection(weights);
             t5::build_decoder(&mut b, text, text.scale_output())?;
             let lm_info = write_graph(b, "language_model", io::LANGUAGE_MODEL_FILE, dir, opts, progress)?;
             let tc = blip2_core::TextConfig {

@@ -5,7 +5,7 @@
 
 use blip2_core::{io, Dim};
 
-use crate::builder::{attention, dim_of, layer_norm, layer_norm_plain, linear, split_heads, Builder};
+use crate::builder::{attention, dim_of, layer_norm, layer_norm_plain, linear, split_heads, Builder, Projection};
 use crate::config::OptConfig;
 use crate::error::Result;
 use crate::onnx::{Attr, Elem};
@@ -32,7 +32,7 @@ pub fn build(b: &mut Builder, c: &OptConfig, image_token_id: i64) -> Result<()> 
     let d = c.hidden_size;
     let heads = c.num_attention_heads;
     let dh = d / heads;
-    let float = b.float;
+    let float = b.float();
     let ids = b.input(io::INPUT_IDS, Elem::I64, vec![named(io::DIM_BATCH), named(io::DIM_SEQUENCE)]);
     let img = b.input(io::IMAGE_EMBEDS, float, vec![named(io::DIM_BATCH), named(io::DIM_NUM_IMAGE_TOKENS), Dim::Fixed(d as i64)]);
     let mask = b.input(io::ATTENTION_MASK, Elem::I64, vec![named(io::DIM_BATCH), named(io::DIM_TOTAL_SEQUENCE)]);
@@ -84,7 +84,7 @@ pub fn build_cuda(b: &mut Builder, c: &OptConfig, image_token_id: i64) -> Result
     let d = c.hidden_size;
     let heads = c.num_attention_heads;
     let dh = d / heads;
-    let float = b.float;
+    let float = b.float();
     let batch = || named(io::DIM_BATCH);
     let ids = b.input(io::INPUT_IDS, Elem::I64, vec![batch(), named(io::DIM_SEQUENCE)]);
     let img = b.input(io::IMAGE_EMBEDS, float, vec![batch(), named(io::DIM_NUM_IMAGE_TOKENS), Dim::Fixed(d as i64)]);
@@ -180,7 +180,7 @@ fn select_tokens(b: &mut Builder, logits: &str) {
 pub fn build_kv_reorder(b: &mut Builder, c: &OptConfig) {
     let heads = c.num_attention_heads;
     let dh = c.hidden_size / heads;
-    let float = b.float;
+    let float = b.float();
     let dims = |batch: &str| vec![named(batch), Dim::Fixed(heads as i64), named(io::DIM_MAX_SEQUENCE), Dim::Fixed(dh as i64)];
     let rows = b.input(io::ROWS, Elem::I64, vec![named(io::DIM_NEW_BATCH)]);
     for i in 0..c.num_hidden_layers {
@@ -258,8 +258,8 @@ fn keep_last_positions(b: &mut Builder, h: &str) -> String {
 /// Logits `[B, S, V]` in float32 from hidden states `[B, S, D]` and a `[V, D]` table, read
 /// as stored (Gemm's transB), so a table tied to the embeddings is not copied.
 pub(crate) fn lm_head(b: &mut Builder, h: &str, head: &str, hidden: usize, vocab: usize) -> Result<String> {
-    let float = b.float;
-    if b.quant.is_some() {
+    let float = b.float();
+    if matches!(b.projection(), Projection::NBits { .. }) {
         // The table is [V, D], MatMulNBits' own layout: no reshape around it.
         let logits = b.matmul_nbits("/lm/lm_head/MatMulNBits", h, head, vocab, hidden)?;
         return Ok(b.cast("/lm/lm_head/Cast", &logits, float, Elem::F32));
@@ -384,7 +384,7 @@ fn self_attention_gqa(
     let bias = c.enable_bias;
     let proj = |n: &str| format!("{pre}.self_attn.{n}_proj");
     let mut inputs: Vec<String> = Vec::new();
-    if b.quant.is_some() {
+    if matches!(b.projection(), Projection::NBits { .. }) {
         for n in ["q", "k", "v"] {
             inputs.push(linear(b, &format!("{path}/{n}_proj"), x, &proj(n), d, d, bias)?);
         }

@@ -5,7 +5,7 @@
 
 use blip2_core::{io, Dim};
 
-use crate::builder::{activation, attention, dim_of, fused_attention, layer_norm, linear, split_heads, Builder};
+use crate::builder::{activation, attention, dim_of, fused_attention, layer_norm, linear, split_heads, Builder, Projection};
 use crate::config::QFormerConfig;
 use crate::error::Result;
 use crate::onnx::{Attr, Elem};
@@ -43,13 +43,11 @@ pub fn build(
         h = layer(b, c, i, &h, &feats)?;
     }
     let h = b.cast("/qformer/Cast_1", &h, Elem::F32, lm_float);
-    b.float = lm_float;
-    // The projection is one small product over the queries: it stays in float even when
-    // the Q-Former's layers are quantized.
-    let dynamic_int8 = std::mem::replace(&mut b.dynamic_int8, false);
-    let out = linear(b, "/language_projection", &h, "language_projection", dq, text_hidden, true)?;
-    b.dynamic_int8 = dynamic_int8;
-    b.float = Elem::F32;
+    // The projection is one small product over the queries, in the LM's type: it stays
+    // in float even when the Q-Former's layers are quantized.
+    let out = b.scoped(lm_float, Projection::Float, |b| {
+        linear(b, "/language_projection", &h, "language_projection", dq, text_hidden, true)
+    })?;
     b.output(
         &out,
         io::IMAGE_EMBEDS,
@@ -98,7 +96,7 @@ fn attention_block(b: &mut Builder, c: &QFormerConfig, path: &str, pre: &str, h:
     let q = linear(b, &format!("{path}/query"), h, &format!("{pre}.attention.query"), d, d, true)?;
     let k = linear(b, &format!("{path}/key"), kv, &format!("{pre}.attention.key"), kv_dim, d, true)?;
     let v = linear(b, &format!("{path}/value"), kv, &format!("{pre}.attention.value"), kv_dim, d, true)?;
-    let a = if b.fused {
+    let a = if b.fused() {
         fused_attention(b, path, &q, &k, &v, heads)
     } else {
         let q = split_heads(b, &format!("{path}/query/heads"), &q, heads, dh);

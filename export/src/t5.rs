@@ -102,7 +102,7 @@ fn rms_norm(b: &mut Builder, path: &str, x: &str, prefix: &str, dim: usize, eps:
     let v = b.op(&p("Add"), "Add", &[&var, &e], vec![]);
     let s = b.op(&p("Sqrt"), "Sqrt", &[&v], vec![]);
     let n = b.op(&p("Div"), "Div", &[x, &s], vec![]);
-    let float = b.float;
+    let float = b.float();
     let n = b.cast(&p("Cast"), &n, Elem::F32, float);
     let w = b.weight(&format!("{prefix}.weight"), &[dim])?;
     Ok(b.op(&p("Mul_1"), "Mul", &[&w, &n], vec![]))
@@ -115,7 +115,7 @@ fn proj(b: &mut Builder, path: &str, x: &str, name: &str, in_dim: usize, out_dim
 
 /// Adds a sublayer output (graph float type) to the fp32 residual stream.
 fn residual(b: &mut Builder, path: &str, h: &str, y: &str) -> String {
-    let float = b.float;
+    let float = b.float();
     let y = b.cast(&format!("{path}/Cast"), y, float, Elem::F32);
     b.op(&format!("{path}/Add"), "Add", &[h, &y], vec![])
 }
@@ -180,7 +180,7 @@ fn feed_forward(b: &mut Builder, c: &T5Config, path: &str, x: &str, prefix: &str
         let h = proj(b, &format!("{path}/wi"), x, &format!("{prefix}.wi.weight"), c.d_model, c.d_ff)?;
         activation(b, &format!("{path}/act"), &h, &act)?
     };
-    let float = b.float;
+    let float = b.float();
     let h = b.cast(&format!("{path}/wo/Cast"), &h, float, Elem::F32);
     let w = b.weight_of(&format!("{prefix}.wo.weight"), &[c.d_model, c.d_ff], true, Elem::F32)?;
     Ok(b.op(&format!("{path}/wo/MatMul"), "MatMul", &[&h, &w], vec![]))
@@ -202,7 +202,7 @@ fn key_mask(b: &mut Builder, path: &str, mask: &str) -> String {
 ///     ──per decoder layer: EncDecAttention.k / .v ─▶ cross.{i}.key / .value
 /// ```
 pub fn build_encoder(b: &mut Builder, c: &T5Config, image_token_id: i64) -> Result<()> {
-    let float = b.float;
+    let float = b.float();
     let d = c.d_model;
     let ids = b.input(io::INPUT_IDS, Elem::I64, vec![named(io::DIM_BATCH), named(io::DIM_SEQUENCE)]);
     let img = b.input(io::IMAGE_EMBEDS, float, vec![named(io::DIM_BATCH), named(io::DIM_NUM_IMAGE_TOKENS), Dim::Fixed(d as i64)]);
@@ -259,7 +259,7 @@ pub fn build_encoder(b: &mut Builder, c: &T5Config, image_token_id: i64) -> Resu
 ///     ──final_layer_norm──[× d_model^-0.5]──lm_head ─▶ logits (float32)
 /// ```
 pub fn build_decoder(b: &mut Builder, c: &T5Config, scale_output: bool) -> Result<()> {
-    let float = b.float;
+    let float = b.float();
     let d = c.d_model;
     let ids = b.input(io::INPUT_IDS, Elem::I64, vec![named(io::DIM_BATCH), named(io::DIM_SEQUENCE)]);
     let enc_mask = b.input(io::ENCODER_ATTENTION_MASK, Elem::I64, vec![named(io::DIM_BATCH), named(io::DIM_ENCODER_SEQUENCE)]);

@@ -19,7 +19,7 @@ pub fn build(b: &mut Builder, c: &VisionConfig) -> Result<()> {
     let d = c.hidden_size;
     let grid = c.image_size / c.patch_size;
     let positions = grid * grid + 1;
-    let float = b.float;
+    let float = b.float();
     let px = b.input(
         io::PIXEL_VALUES,
         Elem::F32,
@@ -76,7 +76,7 @@ fn layer(b: &mut Builder, c: &VisionConfig, i: usize, h: &str) -> Result<String>
     let path = format!("/vision/layers.{i}");
     let x = layer_norm(b, &format!("{path}/layer_norm1"), h, &format!("{pre}.layer_norm1"), d, c.layer_norm_eps)?;
     let qkv = linear(b, &format!("{path}/attn/qkv"), &x, &format!("{pre}.self_attn.qkv"), d, 3 * d, c.qkv_bias)?;
-    let a = if b.fused {
+    let a = if b.fused() {
         // qkv is [B, T, 3 * D] laid out (q | k | v), each head-major.
         let sizes = b.ints(&[d as i64; 3]);
         let parts = b.op_n(&format!("{path}/attn/qkv/Split"), "Split", &[&qkv, &sizes], vec![("axis", Attr::Int(-1))], 3);
