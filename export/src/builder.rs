@@ -1,16 +1,15 @@
 //! Graph building: a [`Builder`] that names nodes by path
 //! (`/vision/layers.0/attn/qkv/MatMul`, output `{node}/output_0`), makes each constant
 //! once (`/constants/INT64/[0, 0, -1]`), and takes weights straight from the checkpoint
-//! under their checkpoint names; plus the blocks every graph shares (linear, layer norm,
-//! activations, attention), each with a diagram of the ops it emits.
+//! under their checkpoint names. The blocks the graphs share are in [`crate::blocks`].
 
 use std::collections::HashMap;
 
 use blip2_core::Dim;
 
 use crate::checkpoint::{write_converted, ChannelQuantizer, Checkpoint, DType, Quantizer, TensorView};
-use crate::error::{ExportError, Result};
-use crate::onnx::{Attr, Elem, Graph, InitData, Initializer, Node, Tensor, ValueInfo};
+use crate::error::Result;
+use crate::onnx::{Attr, Elem, Graph, InitData, Initializer, Node, ValueInfo};
 
 /// ONNX Runtime's contrib operator domain (MatMulNBits, DynamicQuantizeMatMul).
 pub const MS_DOMAIN: &str = "com.microsoft";
@@ -176,7 +175,7 @@ impl<'a> Builder<'a> {
         outputs
     }
 
-    fn constant(&mut self, key: String, elem: Elem, dims: Vec<i64>, raw: Vec<u8>) -> String {
+    pub(crate) fn constant(&mut self, key: String, elem: Elem, dims: Vec<i64>, raw: Vec<u8>) -> String {
         if let Some(name) = self.consts.get(&key) {
             return name.clone();
         }
@@ -444,189 +443,4 @@ impl<'a> Builder<'a> {
         }
         self.op(path, "Cast", &[x], vec![("to", Attr::Int(to as i64))])
     }
-}
-
-// --- shared blocks -------------------------------------------------------------------
-
-/// `x @ W^T + b` for a checkpoint Linear `{prefix}.weight` of shape `[out, in]`.
-///
-/// ```text
-///   x ──MatMul(W^T)──Add(b)──▶
-/// ```
-pub fn linear(b: &mut Builder, path: &str, x: &str, prefix: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<String> {
-    if b.projection == Projection::DynamicInt8 {
-        let bv = if bias { Some(b.weight(&format!("{prefix}.bias"), &[out_dim])?) } else { None };
-        let name = format!("{prefix}.weight");
-        return b.matmul_dynamic_int8(&format!("{path}/DynamicQuantizeMatMul"), x, &name, out_dim, in_dim, bv.as_deref());
-    }
-    let y = project(b, path, x, &format!("{prefix}.weight"), in_dim, out_dim)?;
-    if !bias {
-        return Ok(y);
-    }
-    let bv = b.weight(&format!("{prefix}.bias"), &[out_dim])?;
-    Ok(b.op(&format!("{path}/Add"), "Add", &[&y, &bv], vec![]))
-}
-
-/// `x @ W^T` for a checkpoint `[out, in]` weight: MatMul on the transposed weight, or
-/// MatMulNBits on the quantized one when the graph is quantized.
-pub fn project(b: &mut Builder, path: &str, x: &str, name: &str, in_dim: usize, out_dim: usize) -> Result<String> {
-    match b.projection {
-        Projection::DynamicInt8 => b.matmul_dynamic_int8(&format!("{path}/DynamicQuantizeMatMul"), x, name, out_dim, in_dim, None),
-        Projection::NBits { .. } => b.matmul_nbits(&format!("{path}/MatMulNBits"), x, name, out_dim, in_dim),
-        Projection::Float => {
-            let w = b.weight_t(name, &[out_dim, in_dim])?;
-            Ok(b.op(&format!("{path}/MatMul"), "MatMul", &[x, &w], vec![]))
-        }
-    }
-}
-
-/// LayerNormalization over the last axis with `{prefix}.weight` and `{prefix}.bias`.
-pub fn layer_norm(b: &mut Builder, path: &str, x: &str, prefix: &str, dim: usize, eps: f64) -> Result<String> {
-    let g = b.weight(&format!("{prefix}.weight"), &[dim])?;
-    let beta = b.weight(&format!("{prefix}.bias"), &[dim])?;
-    Ok(b.op(
-        &format!("{path}/LayerNormalization"),
-        "LayerNormalization",
-        &[x, &g, &beta],
-        vec![("axis", Attr::Int(-1)), ("epsilon", Attr::Float(eps as f32))],
-    ))
-}
-
-/// LayerNormalization without learned scale and bias (OPT's `layer_norm_elementwise_affine = false`).
-pub fn layer_norm_plain(b: &mut Builder, path: &str, x: &str, dim: usize, eps: f64) -> String {
-    let (one, zero) = match b.float {
-        Elem::F16 => (half::f16::from_f32(1.0).to_le_bytes().to_vec(), half::f16::from_f32(0.0).to_le_bytes().to_vec()),
-        _ => (1f32.to_le_bytes().to_vec(), 0f32.to_le_bytes().to_vec()),
-    };
-    let elem = b.float;
-    let ones = b.constant(format!("/constants/ones/{dim}/{elem:?}"), elem, vec![dim as i64], one.repeat(dim));
-    let zeros = b.constant(format!("/constants/zeros/{dim}/{elem:?}"), elem, vec![dim as i64], zero.repeat(dim));
-    b.op(
-        &format!("{path}/LayerNormalization"),
-        "LayerNormalization",
-        &[x, &ones, &zeros],
-        vec![("axis", Attr::Int(-1)), ("epsilon", Attr::Float(eps as f32))],
-    )
-}
-
-/// The activations BLIP-2 configs name, in transformers' definitions (ACT2FN).
-///
-/// ```text
-///   gelu:       x * 0.5 * (1 + Erf(x / sqrt 2))          (ONNX Runtime fuses this into Gelu)
-///   gelu_new:   x * 0.5 * (1 + Tanh(sqrt(2/pi) * (x + 0.044715 x^3)))
-///   quick_gelu: x * Sigmoid(1.702 x)
-///   relu:       Relu(x)
-/// ```
-pub fn activation(b: &mut Builder, path: &str, x: &str, act: &str) -> Result<String> {
-    let p = |s: &str| format!("{path}/{s}");
-    Ok(match act {
-        "relu" => b.op(&p("Relu"), "Relu", &[x], vec![]),
-        "gelu" => {
-            let sqrt2 = b.scalar(std::f32::consts::SQRT_2);
-            let one = b.scalar(1.0);
-            let half = b.scalar(0.5);
-            let d = b.op(&p("Div"), "Div", &[x, &sqrt2], vec![]);
-            let e = b.op(&p("Erf"), "Erf", &[&d], vec![]);
-            let a = b.op(&p("Add"), "Add", &[&e, &one], vec![]);
-            let m = b.op(&p("Mul"), "Mul", &[x, &a], vec![]);
-            b.op(&p("Mul_1"), "Mul", &[&m, &half], vec![])
-        }
-        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => {
-            let c = b.scalar(0.044715);
-            let k = b.scalar((2.0f32 / std::f32::consts::PI).sqrt());
-            let one = b.scalar(1.0);
-            let half = b.scalar(0.5);
-            let x2 = b.op(&p("Mul"), "Mul", &[x, x], vec![]);
-            let x3 = b.op(&p("Mul_1"), "Mul", &[&x2, x], vec![]);
-            let cx3 = b.op(&p("Mul_2"), "Mul", &[&x3, &c], vec![]);
-            let s = b.op(&p("Add"), "Add", &[x, &cx3], vec![]);
-            let ks = b.op(&p("Mul_3"), "Mul", &[&s, &k], vec![]);
-            let t = b.op(&p("Tanh"), "Tanh", &[&ks], vec![]);
-            let a = b.op(&p("Add_1"), "Add", &[&t, &one], vec![]);
-            let m = b.op(&p("Mul_4"), "Mul", &[x, &a], vec![]);
-            b.op(&p("Mul_5"), "Mul", &[&m, &half], vec![])
-        }
-        "silu" | "swish" => {
-            let s = b.op(&p("Sigmoid"), "Sigmoid", &[x], vec![]);
-            b.op(&p("Mul"), "Mul", &[x, &s], vec![])
-        }
-        "quick_gelu" => {
-            let k = b.scalar(1.702);
-            let kx = b.op(&p("Mul"), "Mul", &[x, &k], vec![]);
-            let s = b.op(&p("Sigmoid"), "Sigmoid", &[&kx], vec![]);
-            b.op(&p("Mul_1"), "Mul", &[x, &s], vec![])
-        }
-        other => {
-            return Err(ExportError::Config {
-                path: "config.json".into(),
-                message: format!("activation \"{other}\" is not supported (gelu, gelu_new, quick_gelu, relu, silu)"),
-            })
-        }
-    })
-}
-
-/// `[B, S, H*D]` to `[B, H, S, D]`.
-pub fn split_heads(b: &mut Builder, path: &str, x: &str, heads: usize, head_dim: usize) -> String {
-    let shape = b.ints(&[0, 0, heads as i64, head_dim as i64]);
-    let r = b.op(&format!("{path}/Reshape"), "Reshape", &[x, &shape], vec![]);
-    b.op(&format!("{path}/Transpose"), "Transpose", &[&r], vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))])
-}
-
-/// Scaled dot-product attention over heads already split.
-///
-/// ```text
-///   q [B,H,S,D]   k [B,H,T,D]   v [B,H,T,D]
-///   q ──MatMul(Transpose(k))──Mul(scale)──Where(allowed, ·, min)──Softmax──MatMul(v)
-///     ──Transpose──Reshape ──▶ [B, S, H*D]
-/// ```
-/// `allowed` is a boolean mask broadcastable to `[B, H, S, T]`; masked scores are
-/// replaced (not offset), so a row with every key masked cannot overflow to NaN.
-pub fn attention(
-    b: &mut Builder,
-    path: &str,
-    q: &str,
-    k: &str,
-    v: &str,
-    scale: Option<f32>,
-    allowed: Option<&str>,
-) -> String {
-    let p = |s: &str| format!("{path}/{s}");
-    let kt = b.op(&p("Transpose"), "Transpose", &[k], vec![("perm", Attr::Ints(vec![0, 1, 3, 2]))]);
-    let mut s = b.op(&p("MatMul"), "MatMul", &[q, &kt], vec![]);
-    if let Some(scale) = scale {
-        let c = b.scalar(scale);
-        s = b.op(&p("Mul"), "Mul", &[&s, &c], vec![]);
-    }
-    if let Some(m) = allowed {
-        let min = b.mask_value();
-        s = b.op(&p("Where"), "Where", &[m, &s, &min], vec![]);
-    }
-    let probs = b.op(&p("Softmax"), "Softmax", &[&s], vec![("axis", Attr::Int(-1))]);
-    let o = b.op(&p("MatMul_1"), "MatMul", &[&probs, v], vec![]);
-    let t = b.op(&p("Transpose_1"), "Transpose", &[&o], vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))]);
-    let shape = b.ints(&[0, 0, -1]);
-    b.op(&p("Reshape"), "Reshape", &[&t, &shape], vec![])
-}
-
-/// Attention with ONNX Runtime's fused MultiHeadAttention (com.microsoft) on inputs whose
-/// heads are not split: q `[B,S,H*D]`, k and v `[B,T,H*D]`; the output is `[B,S,H*D]`,
-/// as [`attention`]'s. Scores are scaled by `D^-0.5`, the operator's default.
-///
-/// ```text
-///   q, k, v ──MultiHeadAttention(num_heads) ─▶ [B, S, H*D]
-/// ```
-pub fn fused_attention(b: &mut Builder, path: &str, q: &str, k: &str, v: &str, heads: usize) -> String {
-    b.ms_op(&format!("{path}/MultiHeadAttention"), "MultiHeadAttention", &[q, k, v], vec![("num_heads", Attr::Int(heads as i64))])
-}
-
-/// Element `i` of a tensor's shape, as a 1-D int64 tensor of length one.
-pub fn dim_of(b: &mut Builder, path: &str, x: &str, i: i64) -> String {
-    let s = b.op(&format!("{path}/Shape"), "Shape", &[x], vec![]);
-    let idx = b.ints(&[i]);
-    b.op(&format!("{path}/Gather"), "Gather", &[&s, &idx], vec![("axis", Attr::Int(0))])
-}
-
-/// Tensor used by ConstantOfShape's `value` attribute.
-pub fn value_tensor(elem: Elem, raw: Vec<u8>) -> Attr {
-    Attr::Tensor(Tensor { elem, dims: vec![1], raw })
 }

@@ -10,6 +10,7 @@
 //! front to back, so peak memory does not grow with the model. Output goes to a
 //! temporary folder renamed into place at the end.
 
+pub mod blocks;
 pub mod builder;
 pub mod checkpoint;
 pub mod config;

@@ -5,7 +5,10 @@
 
 use blip2_core::{io, Dim};
 
-use crate::builder::{attention, dim_of, layer_norm, layer_norm_plain, linear, split_heads, Builder, Projection};
+use crate::blocks::{
+    attention, causal_positions, dim_of, layer_norm, layer_norm_plain, lm_head, linear, scatter_image_embeds, split_heads,
+};
+use crate::builder::{Builder, Projection};
 use crate::config::OptConfig;
 use crate::error::Result;
 use crate::onnx::{Attr, Elem};
@@ -209,35 +212,6 @@ fn embeddings(b: &mut Builder, c: &OptConfig, ids: &str, img: &str, pos: &str, i
     Ok(b.op("/lm/embeddings/Add", "Add", &[&emb, &pe], vec![]))
 }
 
-/// Replaces the embeddings of image tokens with the image embeddings, in order: the k-th
-/// image token of a row takes row k of its image embeddings (what transformers'
-/// masked_scatter does). Other tokens index a zero row appended to the image embeddings,
-/// so steps with no image tokens (`num_image_tokens` = 0) need no special case.
-///
-/// ```text
-///   input_ids == image token ─▶ is_img ──Cast──CumSum──Sub(1)──Where(is_img, ·, count) ─▶ index
-///   image_embeds ──Pad(one zero row)──GatherND(index, batch_dims 1)──Where(is_img, ·, tok) ─▶
-/// ```
-pub(crate) fn scatter_image_embeds(b: &mut Builder, ids: &str, img: &str, tok: &str, image_token_id: i64) -> String {
-    let image_id = b.int(image_token_id);
-    let is_img = b.op("/lm/image/Equal", "Equal", &[ids, &image_id], vec![]);
-    let as_int = b.op("/lm/image/Cast", "Cast", &[&is_img], vec![("to", Attr::Int(Elem::I64 as i64))]);
-    let axis1 = b.int(1);
-    let cum = b.op("/lm/image/CumSum", "CumSum", &[&as_int, &axis1], vec![]);
-    let one = b.int(1);
-    let k = b.op("/lm/image/Sub", "Sub", &[&cum, &one], vec![]);
-    let n_img = dim_of(b, "/lm/image/count", img, 1);
-    let idx = b.op("/lm/image/Where", "Where", &[&is_img, &k, &n_img], vec![]);
-    let axes2 = b.ints(&[2]);
-    let idx = b.op("/lm/image/Unsqueeze", "Unsqueeze", &[&idx, &axes2], vec![]);
-    let pads = b.ints(&[0, 0, 0, 0, 1, 0]);
-    let padded = b.op("/lm/image/Pad", "Pad", &[img, &pads], vec![]);
-    let gathered = b.op("/lm/image/GatherND", "GatherND", &[&padded, &idx], vec![("batch_dims", Attr::Int(1))]);
-    let sel = b.op("/lm/image/Unsqueeze_1", "Unsqueeze", &[&is_img, &axes2], vec![]);
-    b.op("/lm/image/Where_1", "Where", &[&sel, &gathered, tok], vec![])
-
-}
-
 /// The last `logits_to_keep` positions of `h` (all when it is 0, its default), so the
 /// prefill of a generation computes the LM head for one position instead of all.
 ///
@@ -255,34 +229,11 @@ fn keep_last_positions(b: &mut Builder, h: &str) -> String {
     b.op("/lm/logits_to_keep/Slice", "Slice", &[h, &start, &end, &axis1], vec![])
 }
 
-/// Logits `[B, S, V]` in float32 from hidden states `[B, S, D]` and a `[V, D]` table, read
-/// as stored (Gemm's transB), so a table tied to the embeddings is not copied.
-pub(crate) fn lm_head(b: &mut Builder, h: &str, head: &str, hidden: usize, vocab: usize) -> Result<String> {
-    let float = b.float();
-    if matches!(b.projection(), Projection::NBits { .. }) {
-        // The table is [V, D], MatMulNBits' own layout: no reshape around it.
-        let logits = b.matmul_nbits("/lm/lm_head/MatMulNBits", h, head, vocab, hidden)?;
-        return Ok(b.cast("/lm/lm_head/Cast", &logits, float, Elem::F32));
-    }
-    let w = b.weight(head, &[vocab, hidden])?;
-    let w = w.as_str();
-    let flat_shape = b.ints(&[-1, hidden as i64]);
-    let flat = b.op("/lm/lm_head/Reshape", "Reshape", &[h, &flat_shape], vec![]);
-    let logits = b.op("/lm/lm_head/Gemm", "Gemm", &[&flat, w], vec![("transB", Attr::Int(1))]);
-    let batch = dim_of(b, "/lm/lm_head/batch", h, 0);
-    let seq = dim_of(b, "/lm/lm_head/seq", h, 1);
-    let v = b.ints(&[vocab as i64]);
-    let out_shape = b.op("/lm/lm_head/Concat", "Concat", &[&batch, &seq, &v], vec![("axis", Attr::Int(0))]);
-    let logits = b.op("/lm/lm_head/Reshape_1", "Reshape", &[&logits, &out_shape], vec![]);
-    Ok(b.cast("/lm/lm_head/Cast", &logits, float, Elem::F32))
-}
-
 /// Which keys each query may see: key j is allowed for the query at absolute position
 /// past + i when j <= past + i and attention_mask[b, j] is 1.
 ///
 /// ```text
-///   Range(past, T) ─Unsqueeze(1)─┐
-///   Range(0, T) ───Unsqueeze(0)──LessOrEqual ─▶ causal [S,T]
+///   causal_positions(past = T - S, T) ─▶ causal [S,T]
 ///   attention_mask ──Cast(bool)──Unsqueeze(1,2) ─▶ [B,1,1,T] ──And(causal) ─▶ allowed [B,1,S,T]
 /// ```
 fn causal_padding_mask(b: &mut Builder, ids: &str, mask: &str) -> String {
@@ -293,14 +244,7 @@ fn causal_padding_mask(b: &mut Builder, ids: &str, mask: &str) -> String {
     let axes0 = b.ints(&[0]);
     let past = b.op(&format!("{p}/Squeeze"), "Squeeze", &[&past, &axes0], vec![]);
     let total = b.op(&format!("{p}/Squeeze_1"), "Squeeze", &[&t, &axes0], vec![]);
-    let zero = b.int(0);
-    let one = b.int(1);
-    let qpos = b.op(&format!("{p}/Range"), "Range", &[&past, &total, &one], vec![]);
-    let kpos = b.op(&format!("{p}/Range_1"), "Range", &[&zero, &total, &one], vec![]);
-    let axes1 = b.ints(&[1]);
-    let q2 = b.op(&format!("{p}/Unsqueeze"), "Unsqueeze", &[&qpos, &axes1], vec![]);
-    let k2 = b.op(&format!("{p}/Unsqueeze_1"), "Unsqueeze", &[&kpos, &axes0], vec![]);
-    let causal = b.op(&format!("{p}/LessOrEqual"), "LessOrEqual", &[&k2, &q2], vec![]);
+    let (_, _, causal) = causal_positions(b, p, &past, &total);
     let pad = b.op(&format!("{p}/Cast"), "Cast", &[mask], vec![("to", Attr::Int(Elem::Bool as i64))]);
     let axes12 = b.ints(&[1, 2]);
     let pad = b.op(&format!("{p}/Unsqueeze_2"), "Unsqueeze", &[&pad, &axes12], vec![]);
@@ -346,7 +290,7 @@ fn layer(b: &mut Builder, c: &OptConfig, i: usize, h: &str, kv: Kv<'_>) -> Resul
     let ln2 = format!("{pre}.final_layer_norm");
     let x = if c.do_layer_norm_before { norm(b, c, &format!("{path}/final_layer_norm"), &r, &ln2)? } else { r.clone() };
     let f = linear(b, &format!("{path}/fc1"), &x, &format!("{pre}.fc1"), d, c.ffn_dim, bias)?;
-    let f = crate::builder::activation(b, &format!("{path}/act"), &f, &c.activation_function)?;
+    let f = crate::blocks::activation(b, &format!("{path}/act"), &f, &c.activation_function)?;
     let f = linear(b, &format!("{path}/fc2"), &f, &format!("{pre}.fc2"), c.ffn_dim, d, bias)?;
     let mut out = b.residual(&format!("{path}/Add_1"), &r, &f);
     if !c.do_layer_norm_before {
@@ -443,6 +387,6 @@ fn self_attention(b: &mut Builder, c: &OptConfig, i: usize, x: &str, pk: &str, p
     let v = split_heads(b, &format!("{path}/attn/v_proj/heads"), &v, heads, dh);
     let k = b.op(&format!("{path}/attn/present_key/Concat"), "Concat", &[pk, &k], vec![("axis", Attr::Int(2))]);
     let v = b.op(&format!("{path}/attn/present_value/Concat"), "Concat", &[pv, &v], vec![("axis", Attr::Int(2))]);
-    let a = attention(b, &format!("{path}/attn"), &q, &k, &v, None, Some(allowed));
+    let a = attention(b, &format!("{path}/attn"), &q, &k, &v, None, None, Some(allowed));
     Ok((a, k, v))
 }

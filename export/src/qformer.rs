@@ -5,7 +5,8 @@
 
 use blip2_core::{io, Dim};
 
-use crate::builder::{activation, attention, dim_of, fused_attention, layer_norm, linear, split_heads, Builder, Projection};
+use crate::blocks::{activation, attention, dim_of, fused_attention, layer_norm, linear, split_heads};
+use crate::builder::{Builder, Projection};
 use crate::config::QFormerConfig;
 use crate::error::Result;
 use crate::onnx::{Attr, Elem};
@@ -102,7 +103,7 @@ fn attention_block(b: &mut Builder, c: &QFormerConfig, path: &str, pre: &str, h:
         let q = split_heads(b, &format!("{path}/query/heads"), &q, heads, dh);
         let k = split_heads(b, &format!("{path}/key/heads"), &k, heads, dh);
         let v = split_heads(b, &format!("{path}/value/heads"), &v, heads, dh);
-        attention(b, path, &q, &k, &v, Some((dh as f32).powf(-0.5)), None)
+        attention(b, path, &q, &k, &v, Some((dh as f32).powf(-0.5)), None, None)
     };
     let o = linear(b, &format!("{path}/output/dense"), &a, &format!("{pre}.output.dense"), d, d, true)?;
     let r = b.residual(&format!("{path}/output/Add_1"), &o, h);

@@ -9,7 +9,8 @@
 
 use blip2_core::{io, Dim};
 
-use crate::builder::{activation, attention, dim_of, split_heads, Builder};
+use crate::blocks::{activation, attention, causal_positions, dim_of, lm_head, scatter_image_embeds, split_heads};
+use crate::builder::Builder;
 use crate::config::T5Config;
 use crate::error::Result;
 use crate::onnx::{Attr, Elem};
@@ -110,7 +111,7 @@ fn rms_norm(b: &mut Builder, path: &str, x: &str, prefix: &str, dim: usize, eps:
 
 /// A bias-free projection `x @ W^T` in the graph's float type.
 fn proj(b: &mut Builder, path: &str, x: &str, name: &str, in_dim: usize, out_dim: usize) -> Result<String> {
-    crate::builder::project(b, path, x, name, in_dim, out_dim)
+    crate::blocks::project(b, path, x, name, in_dim, out_dim)
 }
 
 /// Adds a sublayer output (graph float type) to the fp32 residual stream.
@@ -125,7 +126,7 @@ fn embeddings(b: &mut Builder, c: &T5Config, ids: &str, img: &str, image_token_i
     let table = embedding_name(b);
     let table = b.weight(&table, &[c.vocab_size, c.d_model])?;
     let tok = b.op("/lm/embed_tokens/Gather", "Gather", &[&table, ids], vec![("axis", Attr::Int(0))]);
-    Ok(crate::opt::scatter_image_embeds(b, ids, img, &tok, image_token_id))
+    Ok(scatter_image_embeds(b, ids, img, &tok, image_token_id))
 }
 
 /// Self- or cross-attention of T5 (no score scaling), optional bias and mask.
@@ -144,28 +145,8 @@ fn t5_attention(
     let inner = c.inner_dim();
     let q = proj(b, &format!("{path}/q"), q_in, &format!("{prefix}.q.weight"), c.d_model, inner)?;
     let q = split_heads(b, &format!("{path}/q/heads"), &q, c.num_heads, c.d_kv);
-    let a = attention_with_bias(b, path, &q, k, v, bias, allowed);
+    let a = attention(b, path, &q, k, v, None, bias, Some(allowed));
     proj(b, &format!("{path}/o"), &a, &format!("{prefix}.o.weight"), inner, c.d_model)
-}
-
-/// [`attention`] with an additive position bias before the mask.
-fn attention_with_bias(b: &mut Builder, path: &str, q: &str, k: &str, v: &str, bias: Option<&str>, allowed: &str) -> String {
-    match bias {
-        None => attention(b, path, q, k, v, None, Some(allowed)),
-        Some(bias) => {
-            let p = |s: &str| format!("{path}/{s}");
-            let kt = b.op(&p("Transpose"), "Transpose", &[k], vec![("perm", Attr::Ints(vec![0, 1, 3, 2]))]);
-            let s = b.op(&p("MatMul"), "MatMul", &[q, &kt], vec![]);
-            let s = b.op(&p("Add"), "Add", &[&s, bias], vec![]);
-            let min = b.mask_value();
-            let s = b.op(&p("Where"), "Where", &[allowed, &s, &min], vec![]);
-            let probs = b.op(&p("Softmax"), "Softmax", &[&s], vec![("axis", Attr::Int(-1))]);
-            let o = b.op(&p("MatMul_1"), "MatMul", &[&probs, v], vec![]);
-            let t = b.op(&p("Transpose_1"), "Transpose", &[&o], vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))]);
-            let shape = b.ints(&[0, 0, -1]);
-            b.op(&p("Reshape"), "Reshape", &[&t, &shape], vec![])
-        }
-    }
 }
 
 /// T5LayerFF: gated (`act(wi_0 x) * wi_1 x`) or plain (`act(wi x)`), then `wo` in fp32.
@@ -290,14 +271,7 @@ pub fn build_decoder(b: &mut Builder, c: &T5Config, scale_output: bool) -> Resul
     let axes0 = b.ints(&[0]);
     let pl = b.op(&format!("{p}/Squeeze"), "Squeeze", &[&pl, &axes0], vec![]);
     let t = b.op(&format!("{p}/Squeeze_1"), "Squeeze", &[&t, &axes0], vec![]);
-    let zero = b.int(0);
-    let one = b.int(1);
-    let qpos = b.op(&format!("{p}/Range"), "Range", &[&pl, &t, &one], vec![]);
-    let kpos = b.op(&format!("{p}/Range_1"), "Range", &[&zero, &t, &one], vec![]);
-    let axes1 = b.ints(&[1]);
-    let q2 = b.op(&format!("{p}/Unsqueeze"), "Unsqueeze", &[&qpos, &axes1], vec![]);
-    let k2 = b.op(&format!("{p}/Unsqueeze_1"), "Unsqueeze", &[&kpos, &axes0], vec![]);
-    let causal = b.op(&format!("{p}/LessOrEqual"), "LessOrEqual", &[&k2, &q2], vec![]);
+    let (qpos, kpos, causal) = causal_positions(b, p, &pl, &t);
     let bias = position_bias(b, c, "/lm/decoder/position_bias", &format!("{P}.decoder.block.0.layer.0.SelfAttention"), &qpos, &kpos, false)?;
     let cross_allowed = key_mask(b, "/lm/decoder/encoder_mask", &enc_mask);
 
@@ -328,7 +302,7 @@ pub fn build_decoder(b: &mut Builder, c: &T5Config, scale_output: bool) -> Resul
         out = b.op("/lm/decoder/scale/Mul", "Mul", &[&out, &s], vec![]);
     }
     let head = if b.has(&format!("{P}.lm_head.weight")) { format!("{P}.lm_head.weight") } else { embedding_name(b) };
-    let logits = crate::opt::lm_head(b, &out, &head, d, c.vocab_size)?;
+    let logits = lm_head(b, &out, &head, d, c.vocab_size)?;
     b.output(&logits, io::LOGITS, Elem::F32, vec![named(io::DIM_BATCH), named(io::DIM_SEQUENCE), Dim::Fixed(c.vocab_size as i64)]);
     Ok(())
 }

@@ -3,7 +3,8 @@
 
 use blip2_core::{io, Dim};
 
-use crate::builder::{activation, attention, dim_of, fused_attention, layer_norm, linear, Builder};
+use crate::blocks::{activation, attention, dim_of, fused_attention, layer_norm, linear};
+use crate::builder::Builder;
 use crate::config::VisionConfig;
 use crate::error::Result;
 use crate::onnx::{Attr, Elem};
@@ -104,5 +105,5 @@ fn split_attention(b: &mut Builder, path: &str, qkv: &str, heads: usize, dh: usi
         qkv_parts.push(b.op(&format!("{path}/attn/{n}/Gather"), "Gather", &[&t, &idx], vec![("axis", Attr::Int(0))]));
     }
     let scale = (dh as f32).powf(-0.5);
-    attention(b, &format!("{path}/attn"), &qkv_parts[0], &qkv_parts[1], &qkv_parts[2], Some(scale), None)
+    attention(b, &format!("{path}/attn"), &qkv_parts[0], &qkv_parts[1], &qkv_parts[2], Some(scale), None, None)
 }
