@@ -144,3 +144,43 @@ pub fn run_case(
     let want = case["sequences"].as_array().unwrap().iter().map(ids).collect();
     (got.into_iter().flatten().collect(), want)
 }
+
+/// The recorded generate() cases of a fixture checkpoint (`reference/generate.json`).
+pub fn generate_cases(name: &str) -> serde_json::Value {
+    let p = fixture(name).join("reference").join("generate.json");
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+/// Runs a recorded batch case as one batch, then each row alone: (batched, singles),
+/// per row its sequences.
+pub fn batch_and_single_runs(
+    p: &mut blip2_runtime::pipeline::Pipeline,
+    case: &serde_json::Value,
+) -> (Vec<Vec<blip2_runtime::pipeline::Generated>>, Vec<Vec<blip2_runtime::pipeline::Generated>>) {
+    let images: Vec<_> =
+        case["images"].as_array().unwrap().iter().map(|s| p.load_image(&photo(s.as_str().unwrap())).unwrap()).collect();
+    let prompts: Vec<String> = case["prompts"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect();
+    let cfg = config(p, &case["generate"]);
+    let batched = p.generate(&images, &prompts, &cfg).unwrap();
+    let singles = (0..images.len()).map(|i| p.generate(&images[i..i + 1], &prompts[i..i + 1], &cfg).unwrap().remove(0)).collect();
+    (batched, singles)
+}
+
+/// Over every recorded case of `cases` that `keep` accepts: how many generated tokens
+/// agree with transformers' (up to the first difference in each sequence), and how many
+/// there are (the longer of the two sequences each).
+pub fn token_agreement(
+    p: &mut blip2_runtime::pipeline::Pipeline,
+    cases: &serde_json::Value,
+    keep: impl Fn(&serde_json::Value) -> bool,
+) -> (usize, usize) {
+    let (mut same, mut total) = (0, 0);
+    for case in cases["cases"].as_array().unwrap().iter().filter(|c| keep(c)) {
+        let (got, want) = run_case(p, case);
+        for (g, w) in got.iter().zip(&want) {
+            same += g.token_ids.iter().zip(w).take_while(|(a, b)| a == b).count();
+            total += w.len().max(g.token_ids.len());
+        }
+    }
+    (same, total)
+}

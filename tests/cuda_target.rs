@@ -7,7 +7,10 @@
 use std::path::PathBuf;
 
 use blip2_core::{io, Target};
-use blip2_ort_suite::{assert_close, fixture, ids, photo, read_npy, run_case, session_factory, temp_dir, CHECKPOINTS};
+use blip2_ort_suite::{
+    assert_close, batch_and_single_runs, fixture, generate_cases, ids, photo, read_npy, run_case, session_factory, temp_dir,
+    token_agreement, CHECKPOINTS,
+};
 use blip2_runtime::generation::{StepModel, StepOutput, Want};
 use blip2_runtime::model::Blip2Model;
 use blip2_runtime::pipeline::Pipeline;
@@ -24,8 +27,7 @@ fn export(name: &str, test: &str) -> PathBuf {
 }
 
 fn cases(name: &str) -> Value {
-    let p = fixture(name).join("reference").join("generate.json");
-    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    generate_cases(name)
 }
 
 /// The op types a graph file uses (node op_type strings appear verbatim in the protobuf).
@@ -168,14 +170,9 @@ fn batch_rows_equal_single_runs() {
         let mut p = Pipeline::load(&dir, &mut session_factory()).unwrap();
         let all = cases(name);
         let case = all["cases"].as_array().unwrap().iter().find(|c| c["name"] == "batch").unwrap();
-        let images: Vec<_> =
-            case["images"].as_array().unwrap().iter().map(|s| p.load_image(&photo(s.as_str().unwrap())).unwrap()).collect();
-        let prompts: Vec<String> = case["prompts"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect();
-        let cfg = blip2_ort_suite::config(&p, &case["generate"]);
-        let batched = p.generate(&images, &prompts, &cfg).unwrap();
-        for i in 0..images.len() {
-            let single = p.generate(&images[i..i + 1], &prompts[i..i + 1], &cfg).unwrap();
-            assert_eq!(batched[i], single[0], "{name}: batch row {i} differs from its single run");
+        let (batched, singles) = batch_and_single_runs(&mut p, case);
+        for (i, single) in singles.iter().enumerate() {
+            assert_eq!(&batched[i], single, "{name}: batch row {i} differs from its single run");
         }
     }
 }
@@ -209,14 +206,7 @@ fn fp16_cuda_target_agrees_with_fp32_reference() {
         let opts = blip2_export::ExportOptions { target: Target::Cuda, dtype: blip2_export::ExportDtype::Fp16, ..Default::default() };
         blip2_export::export(&fixture(name).join("checkpoint"), &out, &opts, &mut blip2_export::NoProgress).unwrap();
         let mut p = Pipeline::load(&out, &mut session_factory()).unwrap();
-        let (mut same, mut total) = (0, 0);
-        for case in cases(name)["cases"].as_array().unwrap() {
-            let (got, want) = run_case(&mut p, case);
-            for (g, w) in got.iter().zip(&want) {
-                same += g.token_ids.iter().zip(w).take_while(|(a, b)| a == b).count();
-                total += w.len().max(g.token_ids.len());
-            }
-        }
+        let (same, total) = token_agreement(&mut p, &cases(name), |_| true);
         eprintln!("{name} fp16, cuda target: {same}/{total} tokens agree with transformers fp32");
         assert!(total > 100, "{name}: {total} tokens compared");
         assert!(same * 10 >= total * 9, "{name}: {same}/{total}");

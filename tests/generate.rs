@@ -7,7 +7,10 @@
 
 use std::path::PathBuf;
 
-use blip2_ort_suite::{config, fixture, ids, photo, run_case, session_factory, temp_dir, ALL_CHECKPOINTS};
+use blip2_ort_suite::{
+    batch_and_single_runs, config, fixture, generate_cases, ids, photo, run_case, session_factory, temp_dir, token_agreement,
+    ALL_CHECKPOINTS,
+};
 use blip2_runtime::generation::GenerationConfig;
 use blip2_runtime::pipeline::Pipeline;
 use serde_json::Value;
@@ -20,8 +23,7 @@ fn export(name: &str, test: &str) -> PathBuf {
 }
 
 fn cases(name: &str) -> Value {
-    let p = fixture(name).join("reference").join("generate.json");
-    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    generate_cases(name)
 }
 
 #[test]
@@ -75,18 +77,13 @@ fn batch_rows_equal_single_runs() {
         let mut p = Pipeline::load(&dir, &mut session_factory()).unwrap();
         let all = cases(name);
         let case = all["cases"].as_array().unwrap().iter().find(|c| c["name"] == "batch").unwrap();
-        let images: Vec<_> =
-            case["images"].as_array().unwrap().iter().map(|s| p.load_image(&photo(s.as_str().unwrap())).unwrap()).collect();
-        let prompts: Vec<String> = case["prompts"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect();
-        let cfg = config(&p, &case["generate"]);
-        let batched = p.generate(&images, &prompts, &cfg).unwrap();
-        for i in 0..images.len() {
-            let single = p.generate(&images[i..i + 1], &prompts[i..i + 1], &cfg).unwrap();
-            assert_eq!(batched[i], single[0], "{name}: batch row {i} differs from its single run");
+        let (batched, singles) = batch_and_single_runs(&mut p, case);
+        for (i, single) in singles.iter().enumerate() {
+            assert_eq!(&batched[i], single, "{name}: batch row {i} differs from its single run");
             // And the single run is transformers' single run (for T5, transformers' own
             // batched run differs from its single runs; the single run is the reference).
             let row = all["cases"].as_array().unwrap().iter().find(|c| c["name"] == format!("batch_row{i}")).unwrap();
-            assert_eq!(single[0][0].token_ids, ids(&row["sequences"][0]), "{name}: row {i} vs transformers");
+            assert_eq!(single[0].token_ids, ids(&row["sequences"][0]), "{name}: row {i} vs transformers");
         }
     }
 }
@@ -143,18 +140,8 @@ fn fp16_agreement(name: &str) -> (usize, usize) {
     let opts = blip2_export::ExportOptions { dtype: blip2_export::ExportDtype::Fp16, ..Default::default() };
     blip2_export::export(&fixture(name).join("checkpoint"), &out, &opts, &mut blip2_export::NoProgress).unwrap();
     let mut p = Pipeline::load(&out, &mut session_factory()).unwrap();
-    let (mut same, mut total) = (0, 0);
-    for case in cases(name)["cases"].as_array().unwrap() {
-        if name.starts_with("t5") && case["name"] == "batch" {
-            continue;
-        }
-        let (got, want) = run_case(&mut p, case);
-        for (g, w) in got.iter().zip(&want) {
-            let agree = g.token_ids.iter().zip(w).take_while(|(a, b)| a == b).count();
-            same += agree;
-            total += w.len().max(g.token_ids.len());
-        }
-    }
+    // transformers' own batched T5 run differs from its single runs (see above).
+    let (same, total) = token_agreement(&mut p, &cases(name), |c| !(name.starts_with("t5") && c["name"] == "batch"));
     eprintln!("{name} fp16: {same}/{total} tokens agree with transformers fp32");
     (same, total)
 }
