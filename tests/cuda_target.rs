@@ -16,6 +16,7 @@ use blip2_runtime::model::Blip2Model;
 use blip2_runtime::pipeline::Pipeline;
 use blip2_runtime::prompt::Batch;
 use blip2_runtime::state::opt_static::OptStaticState;
+use blip2_runtime::state::t5::T5State;
 use ndarray::{Array4, Axis, IxDyn};
 use serde_json::Value;
 
@@ -241,4 +242,46 @@ fn reordered_rows_carry_their_own_cache() {
         let got = moved.row(new_row).to_owned().into_dyn();
         assert_close(&format!("row {new_row} from row {source}"), &got, &want.row(0).to_owned().into_dyn());
     }
+}
+
+#[test]
+fn flan_t5_picks_tokens_on_the_device_and_matches_transformers() {
+    // Flan-T5 with --target cuda: fused vision encoder and Q-Former, and a decoder that
+    // also returns its argmax and top-k (its attention keeps the portable operators).
+    let name = "t5-tiny";
+    let dir = export(name, "t5");
+    let m = blip2_core::Manifest::load(&dir).unwrap();
+    let outs: Vec<&str> = m.graphs.language_model.outputs.iter().map(|t| t.name.as_str()).collect();
+    for want in [io::NEXT_TOKEN, io::TOP_LOGPROBS, io::TOP_IDS] {
+        assert!(outs.contains(&want), "{name}: decoder output {want} missing");
+    }
+    assert!(uses(&dir.join(io::VISION_ENCODER_FILE), "MultiHeadAttention"));
+    {
+        // The decoder answers a step with only the argmax, and it is the logits' argmax.
+        let refd = fixture(name).join("reference");
+        let graphs: Value = serde_json::from_str(&std::fs::read_to_string(refd.join("graphs.json")).unwrap()).unwrap();
+        let (tok, mask) = (ids(&graphs["input_ids"]), ids(&graphs["attention_mask"]));
+        let img = read_npy(&refd.join("image_embeds.npy")).index_axis(Axis(0), 0).insert_axis(Axis(0)).to_owned();
+        let start = graphs["decoder_steps"][0]["decoder_input_ids"][0].as_i64().unwrap();
+        let mut model = Blip2Model::load(&dir, &mut session_factory()).unwrap();
+        let (mut st, _) = T5State::prefill(&mut model, &[tok.clone()], &[mask.clone()], img.clone(), start).unwrap();
+        let StepOutput::Logits(l) = st.step_for(&[3], Want::Logits).unwrap() else { panic!("logits") };
+        let pick = l.row(0).iter().enumerate().fold((0, f32::MIN), |m, (i, &x)| if x > m.1 { (i, x) } else { m }).0 as i64;
+        drop(st);
+        let (mut st, _) = T5State::prefill(&mut model, &[tok], &[mask], img, start).unwrap();
+        assert_eq!(st.step_for(&[3], Want::Argmax).unwrap(), StepOutput::Argmax(vec![pick]), "{name}: device argmax");
+    }
+    let mut p = Pipeline::load(&dir, &mut session_factory()).unwrap();
+    let mut checked = 0;
+    for case in cases(name)["cases"].as_array().unwrap() {
+        // transformers' batched T5 run differs from its single runs (tests/generate.rs).
+        if case["name"] == "batch" {
+            continue;
+        }
+        let (got, want) = run_case(&mut p, case);
+        let got: Vec<Vec<i64>> = got.iter().map(|g| g.token_ids.clone()).collect();
+        assert_eq!(got, want, "{name}/{}: token ids differ from transformers", case["name"]);
+        checked += 1;
+    }
+    assert!(checked >= 15, "{name}: only {checked} cases ran");
 }

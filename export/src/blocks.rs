@@ -3,6 +3,8 @@
 //! with a bias, or fused), the causal positions of a decoder step, the image-embedding
 //! scatter and the LM head.
 
+use blip2_core::{io, Dim};
+
 use crate::builder::{Builder, Projection};
 use crate::error::{ExportError, Result};
 use crate::onnx::{Attr, Elem, Tensor};
@@ -268,4 +270,32 @@ pub fn lm_head(b: &mut Builder, h: &str, head: &str, hidden: usize, vocab: usize
     let out_shape = b.op("/lm/lm_head/Concat", "Concat", &[&batch, &seq, &v], vec![("axis", Attr::Int(0))]);
     let logits = b.op("/lm/lm_head/Reshape_1", "Reshape", &[&logits, &out_shape], vec![]);
     Ok(b.cast("/lm/lm_head/Cast", &logits, float, Elem::F32))
+}
+
+/// Token selection on the device, so a decode step sends back token ids or a few
+/// candidates instead of the vocabulary's logits: the first most likely token of each
+/// row (ties to the lowest id, as `torch.argmax`), and the `top_k` largest log-softmax
+/// values with their ids (ties to the lowest id, as ONNX TopK specifies). `logits` are
+/// one position per row, `[B,1,V]`.
+///
+/// ```text
+///   logits [B,1,V] ──ArgMax(axis 2)──Reshape ─▶ next_token [B]
+///   logits ──LogSoftmax──TopK(top_k)──Squeeze(1) ─▶ top_logprobs, top_ids [B, top_k]
+/// ```
+pub fn select_tokens(b: &mut Builder, logits: &str, p: &str) {
+    let arg = b.op(&format!("{p}/ArgMax"), "ArgMax", &[logits], vec![("axis", Attr::Int(2)), ("keepdims", Attr::Int(0))]);
+    let flat = b.ints(&[-1]);
+    let next = b.op(&format!("{p}/Reshape"), "Reshape", &[&arg, &flat], vec![]);
+    b.output(&next, io::NEXT_TOKEN, Elem::I64, vec![Dim::Named(io::DIM_BATCH.into())]);
+    let k = b.input_with_default(io::TOP_K, Elem::I64, vec![], 1i64.to_le_bytes().to_vec());
+    let axis0 = b.ints(&[0]);
+    let k = b.op(&format!("{p}/Unsqueeze"), "Unsqueeze", &[&k, &axis0], vec![]);
+    let lp = b.op(&format!("{p}/LogSoftmax"), "LogSoftmax", &[logits], vec![("axis", Attr::Int(-1))]);
+    let top = b.op_n(&format!("{p}/TopK"), "TopK", &[&lp, &k], vec![("axis", Attr::Int(-1))], 2);
+    let axis1 = b.ints(&[1]);
+    let values = b.op(&format!("{p}/Squeeze"), "Squeeze", &[&top[0], &axis1], vec![]);
+    let indices = b.op(&format!("{p}/Squeeze_1"), "Squeeze", &[&top[1], &axis1], vec![]);
+    let dims = vec![Dim::Named(io::DIM_BATCH.into()), Dim::Named(io::DIM_TOP_K.into())];
+    b.output(&values, io::TOP_LOGPROBS, Elem::F32, dims.clone());
+    b.output(&indices, io::TOP_IDS, Elem::I64, dims);
 }

@@ -292,11 +292,10 @@ fn write_all(files: &SourceFiles, ck: &Checkpoint, dir: &Path, opts: &ExportOpti
             ("opt", None, lm_info, tc)
         }
         TextModel::T5(text) => {
-            // The T5 decoder keeps its portable graph on every target for now.
-            let mut b = Builder::new(ck, lm_float).with_projection(weights);
+            let mut b = builder(lm_float, weights);
             t5::build_encoder(&mut b, text, files.image_token_id)?;
             let enc_info = write_graph(b, "text_encoder", io::TEXT_ENCODER_FILE, dir, opts, progress)?;
-            let mut b = Builder::new(ck, lm_float).with_projection(weights);
+            let mut b = builder(lm_float, weights);
             t5::build_decoder(&mut b, text, text.scale_output())?;
             let lm_info = write_graph(b, "language_model", io::LANGUAGE_MODEL_FILE, dir, opts, progress)?;
             let tc = blip2_core::TextConfig {

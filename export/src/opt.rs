@@ -6,7 +6,8 @@
 use blip2_core::{io, Dim};
 
 use crate::blocks::{
-    attention, causal_positions, dim_of, layer_norm, layer_norm_plain, lm_head, linear, scatter_image_embeds, split_heads,
+    attention, causal_positions, dim_of, layer_norm, layer_norm_plain, lm_head, linear, scatter_image_embeds, select_tokens,
+    split_heads,
 };
 use crate::builder::{Builder, Projection};
 use crate::config::OptConfig;
@@ -118,7 +119,7 @@ pub fn build_cuda(b: &mut Builder, c: &OptConfig, image_token_id: i64) -> Result
     let head = if c.tie_word_embeddings { format!("{P}.embed_tokens.weight") } else { "language_model.lm_head.weight".into() };
     let logits = lm_head(b, &h, &head, d, c.vocab_size)?;
     b.output(&logits, io::LOGITS, Elem::F32, vec![batch(), Dim::Fixed(1), Dim::Fixed(c.vocab_size as i64)]);
-    select_tokens(b, &logits);
+    select_tokens(b, &logits, "/lm/select");
     Ok(())
 }
 
@@ -143,34 +144,6 @@ fn last_real_position(b: &mut Builder, h: &str, seqlens: &str, d: usize) -> Stri
     let shape = b.op(&format!("{p}/Concat"), "Concat", &[&rows, &tail], vec![("axis", Attr::Int(0))]);
     let idx = b.op(&format!("{p}/Expand"), "Expand", &[&idx, &shape], vec![]);
     b.op(&format!("{p}/GatherElements"), "GatherElements", &[h, &idx], vec![("axis", Attr::Int(1))])
-}
-
-/// Token selection on the device, so a decode step sends back token ids or a few
-/// candidates instead of the vocabulary's logits: the first most likely token of each
-/// row (ties to the lowest id, as `torch.argmax`), and the `top_k` largest log-softmax
-/// values with their ids (ties to the lowest id, as ONNX TopK specifies).
-///
-/// ```text
-///   logits [B,1,V] ──ArgMax(axis 2)──Reshape ─▶ next_token [B]
-///   logits ──LogSoftmax──TopK(top_k)──Squeeze(1) ─▶ top_logprobs, top_ids [B, top_k]
-/// ```
-fn select_tokens(b: &mut Builder, logits: &str) {
-    let p = "/lm/select";
-    let arg = b.op(&format!("{p}/ArgMax"), "ArgMax", &[logits], vec![("axis", Attr::Int(2)), ("keepdims", Attr::Int(0))]);
-    let flat = b.ints(&[-1]);
-    let next = b.op(&format!("{p}/Reshape"), "Reshape", &[&arg, &flat], vec![]);
-    b.output(&next, io::NEXT_TOKEN, Elem::I64, vec![named(io::DIM_BATCH)]);
-    let k = b.input_with_default(io::TOP_K, Elem::I64, vec![], 1i64.to_le_bytes().to_vec());
-    let axis0 = b.ints(&[0]);
-    let k = b.op(&format!("{p}/Unsqueeze"), "Unsqueeze", &[&k, &axis0], vec![]);
-    let lp = b.op(&format!("{p}/LogSoftmax"), "LogSoftmax", &[logits], vec![("axis", Attr::Int(-1))]);
-    let top = b.op_n(&format!("{p}/TopK"), "TopK", &[&lp, &k], vec![("axis", Attr::Int(-1))], 2);
-    let axis1 = b.ints(&[1]);
-    let values = b.op(&format!("{p}/Squeeze"), "Squeeze", &[&top[0], &axis1], vec![]);
-    let indices = b.op(&format!("{p}/Squeeze_1"), "Squeeze", &[&top[1], &axis1], vec![]);
-    let dims = vec![named(io::DIM_BATCH), named(io::DIM_TOP_K)];
-    b.output(&values, io::TOP_LOGPROBS, Elem::F32, dims.clone());
-    b.output(&indices, io::TOP_IDS, Elem::I64, dims);
 }
 
 /// CUDA target: reorders the rows of every layer's KV buffer, `present.*[r] =

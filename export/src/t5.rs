@@ -9,7 +9,7 @@
 
 use blip2_core::{io, Dim};
 
-use crate::blocks::{activation, attention, causal_positions, dim_of, lm_head, scatter_image_embeds, split_heads};
+use crate::blocks::{activation, attention, causal_positions, dim_of, lm_head, scatter_image_embeds, select_tokens, split_heads};
 use crate::builder::Builder;
 use crate::config::T5Config;
 use crate::error::Result;
@@ -304,5 +304,9 @@ pub fn build_decoder(b: &mut Builder, c: &T5Config, scale_output: bool) -> Resul
     let head = if b.has(&format!("{P}.lm_head.weight")) { format!("{P}.lm_head.weight") } else { embedding_name(b) };
     let logits = lm_head(b, &out, &head, d, c.vocab_size)?;
     b.output(&logits, io::LOGITS, Elem::F32, vec![named(io::DIM_BATCH), named(io::DIM_SEQUENCE), Dim::Fixed(c.vocab_size as i64)]);
+    if b.fused() {
+        // CUDA target: the decoder also picks tokens (it runs one position a step).
+        select_tokens(b, &logits, "/lm/decoder/select");
+    }
     Ok(())
 }

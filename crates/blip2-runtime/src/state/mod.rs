@@ -14,11 +14,15 @@ pub mod opt_static;
 pub mod t5;
 
 use blip2_core::io;
-use ndarray::{Array2, ArrayD};
+use ndarray::{Array2, ArrayD, Axis};
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::Session;
+use ort::value::{DynValue, Tensor};
 
 use crate::error::RuntimeError;
-use crate::generation::{Prompt, StepModel};
-use crate::model::Blip2Model;
+use crate::generation::{Prompt, StepModel, StepOutput, Want};
+use crate::kv_cache::KvCache;
+use crate::model::{ort_err, Blip2Model};
 use crate::prompt::Batch;
 
 /// A decoder state the search can drive.
@@ -63,4 +67,71 @@ pub fn prefill<'m>(
 /// Whether the export's language model keeps a static KV buffer (`--target cuda`).
 pub fn is_static(model: &Blip2Model) -> bool {
     model.manifest.graphs.language_model.inputs.iter().any(|t| t.name == io::SEQLENS_K)
+}
+
+/// Whether the export's decoder picks tokens itself (`next_token`, `top_logprobs`; the
+/// `--target cuda` graphs).
+pub fn selects_tokens(model: &Blip2Model) -> bool {
+    model.manifest.graphs.language_model.outputs.iter().any(|t| t.name == io::NEXT_TOKEN)
+}
+
+/// Runs one step of a decoder graph that picks tokens itself, with its KV cache bound
+/// where it lies: only what `want` asks for comes back to host memory (the logits of
+/// the one new position `[rows, vocab]`, the argmax, or the top-k log-probabilities);
+/// the other outputs stay where the decoder runs.
+pub(crate) fn run_selecting(
+    session: &mut Session,
+    kv_memory: &MemoryInfo,
+    inputs: &[(&str, &DynValue)],
+    cache: &mut KvCache,
+    want: Want,
+    what: &str,
+) -> Result<StepOutput, RuntimeError> {
+    let k = match want {
+        Want::TopLogProbs(k) => k,
+        _ => 1,
+    };
+    let top_k = Tensor::from_array(ndarray::arr0(k as i64)).map_err(ort_err("top_k"))?.into_dyn();
+    let wanted: &[&str] = match want {
+        Want::Logits => &[io::LOGITS],
+        Want::Argmax => &[io::NEXT_TOKEN],
+        Want::TopLogProbs(_) => &[io::TOP_LOGPROBS, io::TOP_IDS],
+    };
+    let mut binding = session.create_binding().map_err(ort_err(format!("{what}: creating an IO binding")))?;
+    (|| -> Result<(), ort::Error> {
+        for (name, v) in inputs {
+            binding.bind_input(*name, *v)?;
+        }
+        binding.bind_input(io::TOP_K, &top_k)?;
+        cache.bind(&mut binding, kv_memory)?;
+        let host = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)?;
+        for name in [io::LOGITS, io::NEXT_TOKEN, io::TOP_LOGPROBS, io::TOP_IDS] {
+            binding.bind_output_to_device(name, if wanted.contains(&name) { &host } else { kv_memory })?;
+        }
+        Ok(())
+    })()
+    .map_err(ort_err(format!("{what}: binding inputs and outputs")))?;
+    let mut out = session.run_binding(&binding).map_err(ort_err(what))?;
+    cache.take_present(&mut out)?;
+    let get = |name: &str| out.get(name).ok_or_else(|| RuntimeError::MissingOutput(name.into()));
+    let shape_err = |what: &str| RuntimeError::MissingOutput(format!("{what} of the expected rank"));
+    Ok(match want {
+        Want::Logits => {
+            let a = get(io::LOGITS)?.try_extract_array::<f32>().map_err(ort_err("logits"))?;
+            let a = a.into_dimensionality::<ndarray::Ix3>().map_err(|_| shape_err("3-D logits"))?;
+            StepOutput::Logits(a.index_axis(Axis(1), a.shape()[1] - 1).to_owned())
+        }
+        Want::Argmax => {
+            let a = get(io::NEXT_TOKEN)?.try_extract_array::<i64>().map_err(ort_err("next_token"))?;
+            StepOutput::Argmax(a.iter().copied().collect())
+        }
+        Want::TopLogProbs(_) => {
+            let lp = get(io::TOP_LOGPROBS)?.try_extract_array::<f32>().map_err(ort_err("top_logprobs"))?;
+            let ids = get(io::TOP_IDS)?.try_extract_array::<i64>().map_err(ort_err("top_ids"))?;
+            StepOutput::TopLogProbs {
+                logprobs: lp.into_dimensionality::<ndarray::Ix2>().map_err(|_| shape_err("top_logprobs"))?.to_owned(),
+                ids: ids.into_dimensionality::<ndarray::Ix2>().map_err(|_| shape_err("top_ids"))?.to_owned(),
+            }
+        }
+    })
 }

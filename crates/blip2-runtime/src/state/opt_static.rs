@@ -8,8 +8,8 @@
 //! log-probabilities, whichever the search asks for.
 
 use blip2_core::io;
-use ndarray::{Array1, Array2, ArrayD, Axis};
-use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
+use ndarray::{Array1, Array2, ArrayD};
+use ort::memory::Allocator;
 use ort::value::{DynValue, Tensor};
 
 use crate::error::RuntimeError;
@@ -18,6 +18,7 @@ use crate::kv_cache::KvCache;
 use crate::model::{lm_value, ort_err, Blip2Model};
 use crate::prompt::Batch;
 use crate::state::opt::{kv_spec, no_image_embeds};
+use crate::state::run_selecting;
 
 pub struct OptStaticState<'m> {
     model: &'m mut Blip2Model,
@@ -82,56 +83,9 @@ impl<'m> OptStaticState<'m> {
             (io::SEQLENS_K, Tensor::from_array(Array1::from(seqlens.to_vec())).map_err(ort_err("seqlens_k"))?.into_dyn()),
             (io::TOTAL_SEQUENCE_LENGTH, Tensor::from_array(ndarray::arr0(total)).map_err(ort_err("total_sequence_length"))?.into_dyn()),
         ];
-        let k = match want {
-            Want::TopLogProbs(k) => k,
-            _ => 1,
-        };
-        let top_k = Tensor::from_array(ndarray::arr0(k as i64)).map_err(ort_err("top_k"))?.into_dyn();
-        // What the search asked for comes to the host; the other outputs stay where the
-        // decoder runs.
-        let wanted: &[&str] = match want {
-            Want::Logits => &[io::LOGITS],
-            Want::Argmax => &[io::NEXT_TOKEN],
-            Want::TopLogProbs(_) => &[io::TOP_LOGPROBS, io::TOP_IDS],
-        };
+        let refs: Vec<(&str, &DynValue)> = inputs.iter().map(|(n, v)| (*n, v)).collect();
         let m = &mut *self.model;
-        let mut binding = m.lm.create_binding().map_err(ort_err("language model: creating an IO binding"))?;
-        (|| -> Result<(), ort::Error> {
-            for (name, v) in &inputs {
-                binding.bind_input(*name, v)?;
-            }
-            binding.bind_input(io::TOP_K, &top_k)?;
-            self.cache.bind(&mut binding, &m.kv_memory)?;
-            let host = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)?;
-            for name in [io::LOGITS, io::NEXT_TOKEN, io::TOP_LOGPROBS, io::TOP_IDS] {
-                binding.bind_output_to_device(name, if wanted.contains(&name) { &host } else { &m.kv_memory })?;
-            }
-            Ok(())
-        })()
-        .map_err(ort_err("language model: binding inputs and outputs"))?;
-        let out = m.lm.run_binding(&binding).map_err(ort_err("language model"))?;
-        let get = |name: &str| out.get(name).ok_or_else(|| RuntimeError::MissingOutput(name.into()));
-        Ok(match want {
-            Want::Logits => {
-                let a = get(io::LOGITS)?.try_extract_array::<f32>().map_err(ort_err("logits"))?;
-                let a = a.into_dimensionality::<ndarray::Ix3>().map_err(|_| RuntimeError::MissingOutput("3-D logits".into()))?;
-                StepOutput::Logits(a.index_axis(Axis(1), 0).to_owned())
-            }
-            Want::Argmax => {
-                let a = get(io::NEXT_TOKEN)?.try_extract_array::<i64>().map_err(ort_err("next_token"))?;
-                StepOutput::Argmax(a.iter().copied().collect())
-            }
-            Want::TopLogProbs(_) => {
-                let two = |v: ndarray::ArrayViewD<'_, f32>| v.into_dimensionality::<ndarray::Ix2>().map(|a| a.to_owned());
-                let lp = get(io::TOP_LOGPROBS)?.try_extract_array::<f32>().map_err(ort_err("top_logprobs"))?;
-                let ids = get(io::TOP_IDS)?.try_extract_array::<i64>().map_err(ort_err("top_ids"))?;
-                let shape_err = |_| RuntimeError::MissingOutput("2-D top-k outputs".into());
-                StepOutput::TopLogProbs {
-                    logprobs: two(lp).map_err(shape_err)?,
-                    ids: ids.into_dimensionality::<ndarray::Ix2>().map_err(shape_err)?.to_owned(),
-                }
-            }
-        })
+        run_selecting(&mut m.lm, &m.kv_memory, &refs, &mut self.cache, want, "language model")
     }
 
     /// Each row's length in the cache (tests).

@@ -7,10 +7,11 @@ use ndarray::{Array2, ArrayD, Axis, IxDyn};
 use ort::value::{DynValue, Tensor};
 
 use crate::error::RuntimeError;
-use crate::generation::StepModel;
+use crate::generation::{StepModel, StepOutput, Want};
 use crate::kv_cache::{select_rows_of, KvCache};
 use crate::model::{float_value, ort_err, to_f32, Blip2Model};
 use crate::state::opt::{kv_spec, run_decoder};
+use crate::state::run_selecting;
 
 /// Encoder-decoder (T5) state: the cross-attention cache the text encoder computed once,
 /// the encoder mask, and the decoder's self-attention cache.
@@ -20,6 +21,8 @@ pub struct T5State<'m> {
     cross: Vec<[DynValue; 2]>,
     enc_mask: Array2<i64>,
     cache: KvCache,
+    /// The decoder picks tokens itself (`--target cuda`).
+    selects: bool,
 }
 
 impl<'m> T5State<'m> {
@@ -79,13 +82,21 @@ impl<'m> T5State<'m> {
             cross.push([padded(0)?, padded(1)?]);
         }
         let cache = KvCache::empty(spec, rows)?;
-        let mut st = Self { model, cross, enc_mask, cache };
+        let selects = crate::state::selects_tokens(model);
+        let mut st = Self { model, cross, enc_mask, cache, selects };
         let logits = st.step(&vec![decoder_start; rows])?;
         Ok((st, logits))
     }
 
     /// Feeds one decoder token per row and returns the logits of the new position.
     pub fn step(&mut self, tokens: &[i64]) -> Result<Array2<f32>, RuntimeError> {
+        match self.step_want(tokens, Want::Logits)? {
+            StepOutput::Logits(l) => Ok(l),
+            _ => unreachable!("asked for logits"),
+        }
+    }
+
+    fn step_want(&mut self, tokens: &[i64], want: Want) -> Result<StepOutput, RuntimeError> {
         let rows = tokens.len();
         let ids = Array2::from_shape_fn((rows, 1), |(r, _)| tokens[r]);
         let ids = Tensor::from_array(ids).map_err(ort_err("input_ids"))?.into_dyn();
@@ -98,8 +109,11 @@ impl<'m> T5State<'m> {
             }
         }
         let m = &mut *self.model;
+        if self.selects {
+            return run_selecting(&mut m.lm, &m.kv_memory, &inputs, &mut self.cache, want, "text decoder");
+        }
         let logits = run_decoder(&mut m.lm, &m.kv_memory, &inputs, &mut self.cache, "text decoder", true)?;
-        Ok(logits.index_axis_move(Axis(1), 0))
+        Ok(StepOutput::Logits(logits.index_axis_move(Axis(1), 0)))
     }
 }
 
@@ -108,6 +122,10 @@ impl StepModel for T5State<'_> {
 
     fn step(&mut self, tokens: &[i64]) -> Result<Array2<f32>, RuntimeError> {
         T5State::step(self, tokens)
+    }
+
+    fn step_for(&mut self, tokens: &[i64], want: Want) -> Result<StepOutput, RuntimeError> {
+        self.step_want(tokens, if self.selects { want } else { Want::Logits })
     }
 
     /// New row i is old row `rows[i]`.
