@@ -72,7 +72,7 @@ pub fn temp_dir(name: &str) -> PathBuf {
 pub fn session_factory() -> impl FnMut(
     blip2_runtime::model::GraphKind,
     &Path,
-) -> Result<ort_session::Session, blip2_runtime::error::RuntimeError> {
+) -> Result<ort::session::Session, blip2_runtime::error::RuntimeError> {
     let config = blip2_runtime::providers::Config::builtin();
     let profile = config.profile("cpu").expect("built-in cpu profile").clone();
     move |kind, path| {
@@ -81,9 +81,6 @@ pub fn session_factory() -> impl FnMut(
     }
 }
 
-mod ort_session {
-    pub use blip2_runtime::ort_reexport::session::Session;
-}
 
 /// A search config from a recorded generate() call's keyword arguments, over the
 /// model's defaults.

@@ -10,7 +10,7 @@ use blip2_export::onnx::{self, Elem, Model};
 use blip2_export::{blocks, Checkpoint};
 use blip2_ort_suite::{fixture, session_factory, temp_dir};
 use blip2_runtime::model::GraphKind;
-use blip2_runtime::ort_reexport::value::{DynValue, Tensor};
+use ort::value::{DynValue, Tensor};
 use ndarray::{ArrayD, IxDyn};
 
 /// A folder with a `model.safetensors` holding the given f32 tensors (and ONNX Runtime

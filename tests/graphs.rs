@@ -188,7 +188,7 @@ fn t5_fp16_agrees_with_fp32_reference() {
 /// last one; left out, it returns all of them (its default, 0).
 #[test]
 fn logits_to_keep_computes_the_last_positions_only() {
-    use blip2_runtime::ort_reexport::value::{DynValue, Tensor};
+    use ort::value::{DynValue, Tensor};
     let name = "opt-tiny";
     let dir = temp_dir("graphs-logits-to-keep").join("export");
     blip2_export::export(&fixture(name).join("checkpoint"), &dir, &Default::default(), &mut blip2_export::NoProgress).unwrap();
@@ -244,16 +244,16 @@ fn logits_to_keep_computes_the_last_positions_only() {
 /// session with ONNX Runtime's CPU arena on.
 #[test]
 fn allocator_statistics_report_the_peak() {
-    use blip2_runtime::ort_reexport::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
-    use blip2_runtime::ort_reexport::session::Session;
-    use blip2_runtime::ort_reexport::value::Tensor;
+    use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+    use ort::session::Session;
+    use ort::value::Tensor;
     let env = blip2_runtime::ort_env::environment().unwrap();
     let dir = temp_dir("graphs-allocator-stats").join("export");
     blip2_export::export(&fixture("opt-tiny").join("checkpoint"), &dir, &Default::default(), &mut blip2_export::NoProgress).unwrap();
     let mut session = Session::builder(env).unwrap().commit_from_file(dir.join("vision_encoder.onnx")).unwrap();
     let cpu = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Arena, MemoryType::Default).unwrap();
     let px = read_npy(&fixture("opt-tiny").join("reference/pixel_values.npy"));
-    let out = session.run(blip2_runtime::ort_reexport::inputs!["pixel_values" => Tensor::from_array(px).unwrap()]).unwrap();
+    let out = session.run(ort::inputs!["pixel_values" => Tensor::from_array(px).unwrap()]).unwrap();
     let feats = out["image_features"].try_extract_array::<f32>().unwrap().len() * 4;
     drop(out);
     let peak = blip2_runtime::model::allocator_peak(&session, &cpu).expect("the CPU arena keeps statistics");

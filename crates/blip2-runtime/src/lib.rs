@@ -13,6 +13,5 @@ pub mod prompt;
 pub mod generation;
 pub mod ort_env;
 pub mod providers;
-pub use ort as ort_reexport;
 pub mod pipeline;
 pub mod preprocess;
