@@ -313,3 +313,37 @@ fn cuda_target_exports_answer_like_transformers_from_the_cli() {
     let want = reference("opt-tiny", "beam")["sequences"].as_array().unwrap().clone();
     assert_eq!(got, want);
 }
+
+/// A case of the photo variants' references (scripts/make_photo_fixtures.py).
+fn photo_reference(name: &str, case: &str) -> Value {
+    let p = root().join("tests/fixtures").join(name).join("reference/photos.json");
+    let all: Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+    all["cases"].as_array().unwrap().iter().find(|c| c["name"] == case).unwrap().clone()
+}
+
+#[test]
+fn truncated_jpeg_is_refused_and_a_batch_goes_on() {
+    let m = export("t5-tiny", "truncated");
+    let cut = photo("variants/truncated.jpg");
+    let o = run(&["caption", cut.to_str().unwrap()], &m);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(e.starts_with("error: ") && e.contains("truncated.jpg: image file is truncated"), "{e}");
+    assert!(o.stdout.is_empty(), "nothing is printed for a refused image");
+
+    // In a batch the line reports the error and the other lines run, upright.
+    let dir = m.parent().unwrap();
+    let lines = format!(
+        "{{\"image\": \"{}\"}}\n{{\"image\": \"{}\"}}\n",
+        cut.display(),
+        photo("variants/exif6.jpg").display()
+    );
+    std::fs::write(dir.join("requests.jsonl"), lines).unwrap();
+    let o = run(&["batch", dir.join("requests.jsonl").to_str().unwrap(), "--max-new-tokens", "10"], &m);
+    assert_eq!(o.status.code(), Some(1));
+    let got = json_lines(&o);
+    assert_eq!(got.len(), 2);
+    assert!(got[0]["error"].as_str().unwrap().contains("image file is truncated"), "{}", got[0]);
+    assert_eq!(got[1]["token_ids"], photo_reference("t5-tiny", "exif6_caption")["sequences"][0]);
+}

@@ -15,3 +15,5 @@ pub mod ort_env;
 pub mod providers;
 pub mod pipeline;
 pub mod preprocess;
+mod jpeg;
+pub mod orientation;

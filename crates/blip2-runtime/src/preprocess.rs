@@ -3,14 +3,18 @@
 //! transparency onto white (Pillow's integer `alpha_composite`), resize with Pillow's
 //! 8-bit fixed-point resampling, rescale in float64 and cast to float32, normalize in
 //! float32. Every step is integer-exact or uses the same IEEE operations in the same
-//! order, so PNG/GIF/BMP/TIFF/WebP inputs give bit-identical pixel values; JPEG decoders
-//! (zune-jpeg here, libjpeg-turbo in Pillow) may differ by a level or so.
+//! order, so the pixel values are bit-identical. Loading follows transformers'
+//! `load_image`: JPEG is decoded by libjpeg-turbo as Pillow drives it (see `jpeg`), and
+//! the EXIF orientation is applied as `ImageOps.exif_transpose` does (see
+//! [`crate::orientation`]).
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
 use blip2_core::ImageConfig;
-use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage, RgbaImage};
+use crate::jpeg::{self, JpegError};
+use crate::orientation;
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage, RgbaImage};
 use ndarray::{Array3, Array4, Axis};
 
 /// Images above this many pixels are refused before their pixels are decoded.
@@ -47,6 +51,10 @@ pub enum PreprocessError {
         #[source]
         source: image::ImageError,
     },
+    #[error("{path}: image file is truncated: the data ends before the image does")]
+    Truncated { path: PathBuf },
+    #[error("{path}: cannot decode the image: {message}")]
+    Corrupt { path: PathBuf, message: String },
     #[error("{path}: the image is empty ({width}x{height})")]
     Empty { path: PathBuf, width: u32, height: u32 },
     #[error("{path}: {width}x{height} is {pixels} pixels, over the limit of {limit} pixels")]
@@ -65,8 +73,9 @@ pub enum PreprocessError {
     BatchSize { index: usize, width: usize, height: usize, expected_width: u32, expected_height: u32 },
 }
 
-/// Reads and decodes an image file (PNG, JPEG, GIF first frame, WebP, BMP, TIFF); the
-/// format is taken from the content, not the extension.
+/// Reads and decodes an image file (PNG, JPEG, GIF first frame, WebP, BMP, TIFF) and turns
+/// it upright by its EXIF orientation; the format is taken from the content, not the
+/// extension. A truncated file is an error, as in Pillow.
 pub fn load_image(path: &Path, limits: &ImageLimits) -> Result<DynamicImage, PreprocessError> {
     let bytes = std::fs::read(path).map_err(|source| PreprocessError::Read { path: path.into(), source })?;
     decode(&bytes, path, limits)
@@ -78,6 +87,42 @@ pub fn load_image_bytes(bytes: &[u8], name: &str, limits: &ImageLimits) -> Resul
 }
 
 fn decode(bytes: &[u8], path: &Path, limits: &ImageLimits) -> Result<DynamicImage, PreprocessError> {
+    if jpeg::is_jpeg(bytes) {
+        return decode_jpeg(bytes, path, limits);
+    }
+    let img = decode_other(bytes, path, limits)?;
+    let orientation = match image::guess_format(bytes) {
+        Ok(ImageFormat::Png) => orientation::png_orientation(bytes),
+        Ok(ImageFormat::WebP) => orientation::webp_orientation(bytes),
+        Ok(ImageFormat::Tiff) => orientation::resolve(orientation::from_tiff(bytes), None),
+        _ => orientation::UPRIGHT,
+    };
+    Ok(orientation::apply(img, orientation))
+}
+
+fn decode_jpeg(bytes: &[u8], path: &Path, limits: &ImageLimits) -> Result<DynamicImage, PreprocessError> {
+    let path = || path.to_path_buf();
+    match jpeg::decode(bytes, limits.max_pixels) {
+        Ok(j) => {
+            let o = orientation::resolve(j.exif.as_deref().and_then(orientation::from_exif), j.xmp.as_deref());
+            Ok(orientation::apply(j.image, o))
+        }
+        Err(JpegError::Truncated) => Err(PreprocessError::Truncated { path: path() }),
+        Err(JpegError::Broken(message)) | Err(JpegError::Unsupported(message)) => {
+            Err(PreprocessError::Corrupt { path: path(), message })
+        }
+        Err(JpegError::TooLarge { width, height }) => Err(PreprocessError::TooLarge {
+            path: path(),
+            width,
+            height,
+            pixels: width as u64 * height as u64,
+            limit: limits.max_pixels,
+        }),
+        Err(JpegError::Empty { width, height }) => Err(PreprocessError::Empty { path: path(), width, height }),
+    }
+}
+
+fn decode_other(bytes: &[u8], path: &Path, limits: &ImageLimits) -> Result<DynamicImage, PreprocessError> {
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|source| PreprocessError::Read { path: path.into(), source })?;
