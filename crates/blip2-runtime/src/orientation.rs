@@ -160,8 +160,9 @@ pub fn apply(img: DynamicImage, orientation: u16) -> DynamicImage {
 /// header lines); XMP from a text chunk keyed `XML:com.adobe.xmp`. Chunks after the image
 /// data count too. Compressed text chunks (zTXt, compressed iTXt) are not read.
 pub fn png_orientation(bytes: &[u8]) -> u16 {
-    let (mut exif, mut raw_profile, mut xmp): (Option<Vec<u8>>, Option<Vec<u8>>, Option<Vec<u8>>) =
-        (None, None, None);
+    let mut exif: Option<Vec<u8>> = None;
+    let mut raw_profile: Option<Vec<u8>> = None;
+    let mut xmp: Option<Vec<u8>> = None;
     let mut at = 8;
     while let Some(h) = bytes.get(at..at + 8) {
         let len = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize;
