@@ -57,6 +57,23 @@ def exif_with_orientation(o):
     return exif.tobytes()
 
 
+def tiff_block(endian, entries):
+    """A one-IFD EXIF block written by hand, for layouts Pillow's writer does not make:
+    entries are (tag, type, count, 4-byte value field)."""
+    import struct
+    head = (b"II*\x00" if endian == "<" else b"MM\x00*") + struct.pack(endian + "L", 8)
+    ifd = struct.pack(endian + "H", len(entries))
+    for tag, typ, count, value in entries:
+        ifd += struct.pack(endian + "HHL", tag, typ, count) + value
+    return b"Exif\x00\x00" + head + ifd + struct.pack(endian + "L", 0)
+
+
+def xmp_orientation(o):
+    return (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+            b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/"><tiff:Orientation>' + str(o).encode()
+            + b"</tiff:Orientation></rdf:Description></rdf:RDF></x:xmpmeta>")
+
+
 def strip_adobe(data):
     """The same JPEG without its APP14 Adobe segment."""
     i = data.index(b"\xff\xee")
@@ -105,6 +122,15 @@ def make_variants():
         xmp=b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
             b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/>'
             b"</rdf:RDF></x:xmpmeta>")
+    # EXIF layouts cameras write that Pillow's writer does not: little-endian, a LONG
+    # Orientation; an Orientation that is text (Pillow then ignores XMP too); EXIF without
+    # Orientation, where XMP's element form decides.
+    files["exif_le5.jpg"] = jpeg_bytes(rgb, quality=85, exif=tiff_block("<", [(274, 3, 1, b"\x05\x00\x00\x00")]))
+    files["exif_long7.jpg"] = jpeg_bytes(rgb, quality=85, exif=tiff_block(">", [(274, 4, 1, b"\x00\x00\x00\x07")]))
+    files["exif_text_xmp6.jpg"] = jpeg_bytes(rgb, quality=85, exif=tiff_block(">", [(274, 2, 2, b"6\x00\x00\x00")]),
+                                             xmp=xmp_orientation(6))
+    files["exif_none_xmp8.jpg"] = jpeg_bytes(rgb, quality=85, exif=tiff_block(">", [(271, 2, 4, b"abc\x00")]),
+                                             xmp=xmp_orientation(8))
     files["gray_exif8.jpg"] = jpeg_bytes(gray, quality=85, exif=exif_with_orientation(8))
     buf = io.BytesIO()
     rgb.save(buf, "PNG", exif=exif_with_orientation(6))

@@ -344,7 +344,7 @@ fn photo_variant_mismatches() -> Vec<String> {
             bad.push(format!("{name}: {n} values differ, up to {} levels", max_level_diff(&got, &want, &cfg)));
         }
     }
-    assert!(cases["cases"].as_array().unwrap().len() >= 25);
+    assert!(cases["cases"].as_array().unwrap().len() >= 29);
     bad
 }
 
@@ -352,7 +352,8 @@ fn photo_variant_mismatches() -> Vec<String> {
 fn photo_variants_match_transformers_bit_for_bit() {
     // JPEG (quality 60/75/95, 4:4:4, 4:2:2, 4:2:0, progressive, grayscale, RGB, CMYK with
     // and without the Adobe marker, YCCK), EXIF orientation 1-8 in JPEG, PNG, WebP and
-    // TIFF, and orientation from XMP alone.
+    // TIFF, little-endian and LONG-typed EXIF, orientation from XMP alone (attribute and
+    // element forms), and a text-typed EXIF Orientation, which Pillow ignores (XMP too).
     let bad = photo_variant_mismatches();
     assert!(bad.is_empty(), "{}", bad.join("\n"));
 }
