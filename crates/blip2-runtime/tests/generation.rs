@@ -657,6 +657,22 @@ fn validation_names_the_flag() {
             },
             "--repetition-penalty",
         ),
+        // Sampling-only values are checked without sampling too (transformers only warns
+        // and ignores them): a bad value never passes silently.
+        (
+            GenerationConfig {
+                top_p: 3.0,
+                ..Default::default()
+            },
+            "--top-p",
+        ),
+        (
+            GenerationConfig {
+                temperature: 0.0,
+                ..Default::default()
+            },
+            "--temperature",
+        ),
         (
             GenerationConfig {
                 length_penalty: f64::INFINITY,
@@ -691,12 +707,6 @@ fn validation_names_the_flag() {
             do_sample: true,
             num_return_sequences: 5,
             top_p: 1.0,
-            ..Default::default()
-        },
-        // sampling-only values are not checked without sampling, as in transformers
-        GenerationConfig {
-            temperature: 0.0,
-            top_p: 3.0,
             ..Default::default()
         },
     ];

@@ -245,23 +245,14 @@ pub enum GenerationError<E: std::error::Error + 'static> {
 }
 
 /// Checks the settings, with transformers' rules; the error names the flag at fault.
-/// Sampling-only settings are checked only when sampling, as transformers only uses them then.
+///
+/// Every value is checked whether or not this search uses it: `--top-p 1.5` is refused
+/// without `--do-sample` too (transformers only warns there, and ignores the value), so a
+/// mistake never passes silently and turns up later, when sampling is switched on.
 pub fn validate(cfg: &GenerationConfig) -> Result<(), ConfigError> {
-    if cfg.max_new_tokens == 0 {
-        return Err(ConfigError::new(
-            "--max-new-tokens",
-            "must be greater than 0",
-        ));
-    }
-    if cfg.num_beams == 0 {
-        return Err(ConfigError::new("--num-beams", "must be at least 1"));
-    }
-    if cfg.num_return_sequences == 0 {
-        return Err(ConfigError::new(
-            "--num-return-sequences",
-            "must be at least 1",
-        ));
-    }
+    check_max_new_tokens(cfg.max_new_tokens)?;
+    check_num_beams(cfg.num_beams)?;
+    check_num_return_sequences(cfg.num_return_sequences)?;
     if cfg.num_return_sequences > 1 {
         if cfg.num_beams == 1 && !cfg.do_sample {
             return Err(ConfigError::new(
@@ -283,42 +274,80 @@ pub fn validate(cfg: &GenerationConfig) -> Result<(), ConfigError> {
             ));
         }
     }
-    if !(cfg.repetition_penalty > 0.0 && cfg.repetition_penalty.is_finite()) {
-        return Err(ConfigError::new(
-            "--repetition-penalty",
-            format!(
-                "has to be a strictly positive number, but is {}",
-                cfg.repetition_penalty
-            ),
-        ));
-    }
-    if !cfg.length_penalty.is_finite() {
-        return Err(ConfigError::new(
-            "--length-penalty",
-            format!("has to be finite, but is {}", cfg.length_penalty),
-        ));
-    }
-    if cfg.do_sample {
-        if !(cfg.temperature > 0.0 && cfg.temperature.is_finite()) {
-            let hint = if cfg.temperature == 0.0 {
+    check_repetition_penalty(cfg.repetition_penalty)?;
+    check_length_penalty(cfg.length_penalty)?;
+    check_temperature(cfg.temperature).map_err(|mut e| {
+        if cfg.temperature == 0.0 {
+            e.message.push_str(if cfg.do_sample {
                 "; for greedy search leave out --do-sample"
             } else {
-                ""
-            };
-            return Err(ConfigError::new(
-                "--temperature",
-                format!(
-                    "has to be a strictly positive number, but is {}{hint}",
-                    cfg.temperature
-                ),
-            ));
+                "; greedy search needs no temperature: leave it out"
+            });
         }
-        if !(cfg.top_p > 0.0 && cfg.top_p <= 1.0) {
-            return Err(ConfigError::new(
-                "--top-p",
-                format!("has to be in (0, 1], but is {}", cfg.top_p),
-            ));
-        }
+        e
+    })?;
+    check_top_p(cfg.top_p)?;
+    Ok(())
+}
+
+/// `--max-new-tokens`: at least 1.
+pub fn check_max_new_tokens(v: usize) -> Result<(), ConfigError> {
+    if v == 0 {
+        return Err(ConfigError::new("--max-new-tokens", "must be greater than 0"));
+    }
+    Ok(())
+}
+
+/// `--num-beams`: at least 1.
+pub fn check_num_beams(v: usize) -> Result<(), ConfigError> {
+    if v == 0 {
+        return Err(ConfigError::new("--num-beams", "must be at least 1"));
+    }
+    Ok(())
+}
+
+/// `--num-return-sequences`: at least 1.
+pub fn check_num_return_sequences(v: usize) -> Result<(), ConfigError> {
+    if v == 0 {
+        return Err(ConfigError::new("--num-return-sequences", "must be at least 1"));
+    }
+    Ok(())
+}
+
+/// `--repetition-penalty`: a finite number above 0.
+pub fn check_repetition_penalty(v: f64) -> Result<(), ConfigError> {
+    if !(v > 0.0 && v.is_finite()) {
+        return Err(ConfigError::new(
+            "--repetition-penalty",
+            format!("has to be a strictly positive number, but is {v}"),
+        ));
+    }
+    Ok(())
+}
+
+/// `--length-penalty`: finite (negative values favour shorter beams).
+pub fn check_length_penalty(v: f64) -> Result<(), ConfigError> {
+    if !v.is_finite() {
+        return Err(ConfigError::new("--length-penalty", format!("has to be finite, but is {v}")));
+    }
+    Ok(())
+}
+
+/// `--temperature`: a finite number above 0.
+pub fn check_temperature(v: f64) -> Result<(), ConfigError> {
+    if !(v > 0.0 && v.is_finite()) {
+        return Err(ConfigError::new(
+            "--temperature",
+            format!("has to be a strictly positive number, but is {v}"),
+        ));
+    }
+    Ok(())
+}
+
+/// `--top-p`: in (0, 1].
+pub fn check_top_p(v: f64) -> Result<(), ConfigError> {
+    if !(v > 0.0 && v <= 1.0) {
+        return Err(ConfigError::new("--top-p", format!("has to be in (0, 1], but is {v}")));
     }
     Ok(())
 }
