@@ -641,8 +641,9 @@ pub fn optimized_cache_applies(profile: &Profile, graph: &str, path: &Path) -> b
 /// weights in an external data file that ONNX Runtime memory-maps. It is keyed by the
 /// source's path, size and modification time, the ONNX Runtime version and the level, so
 /// a re-export or another library rebuilds it. The first start writes it and then loads
-/// it like every later start, so all starts run the same graph. Any failure to cache
-/// (read-only cache, full disk) is a warning and the original graph is loaded.
+/// it like every later start, so all starts run the same graph. A cached copy that no
+/// longer loads (a truncated or damaged file) is deleted and made again, once. Any failure
+/// to cache (read-only cache, full disk) is a warning and the original graph is loaded.
 pub fn open_session_with_cache(
     profile: &Profile,
     graph: &str,
@@ -650,17 +651,31 @@ pub fn open_session_with_cache(
     cache: Option<&Path>,
 ) -> Result<Session, ProviderError> {
     if let Some(root) = cache {
-        match cached_graph(profile, path, root) {
-            Ok(optimized) => match commit(profile, graph, &optimized) {
-                Ok(session) => return Ok(session),
-                Err(e) => eprintln!("warning: {}: cannot load the cached optimized graph ({e}); loading the original", path.display()),
-            },
+        match open_cached(profile, graph, path, root) {
+            Ok(session) => return Ok(session),
             Err(reason) => {
-                eprintln!("warning: {}: cannot cache the optimized graph ({reason}); loading the original", path.display())
+                eprintln!("warning: {}: cannot use the optimized-graph cache ({reason}); loading the original", path.display())
             }
         }
     }
     commit(profile, graph, path)
+}
+
+/// Loads the cached copy of `path`, making it first if needed, and making it again once
+/// if it does not load.
+fn open_cached(profile: &Profile, graph: &str, path: &Path, root: &Path) -> Result<Session, String> {
+    let optimized = cached_graph(profile, path, root)?;
+    match commit(profile, graph, &optimized) {
+        Ok(session) => Ok(session),
+        Err(first) => {
+            let entry = optimized.parent().expect("a cached graph lives in its entry folder");
+            std::fs::remove_dir_all(entry)
+                .map_err(|e| format!("{}: does not load ({first}) and cannot be removed: {e}", entry.display()))?;
+            let optimized = cached_graph(profile, path, root)?;
+            commit(profile, graph, &optimized)
+                .map_err(|e| format!("{}: made again, still does not load: {e}", optimized.display()))
+        }
+    }
 }
 
 fn commit(profile: &Profile, graph: &str, path: &Path) -> Result<Session, ProviderError> {
@@ -890,6 +905,31 @@ mod tests {
         let cuda = Config::builtin().profile("cuda").unwrap().clone();
         std::fs::write(&model, vec![0u8; OPTIMIZED_CACHE_MIN_BYTES as usize]).unwrap();
         assert!(!optimized_cache_applies(&cuda, "qformer", &model));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_broken_cached_graph_is_made_again() {
+        if ort_env::find_dylib().is_err() {
+            eprintln!("note: skipping, the ONNX Runtime library is not installed");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("blip2-ort-optcache-broken-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let model = dir.join("add.onnx");
+        std::fs::write(&model, ADD_ONNX).unwrap();
+        let cache = dir.join("cache");
+        let profile = Config::builtin().profile("cpu").unwrap().clone();
+        let open = || open_session_with_cache(&profile, "qformer", &model, Some(&cache)).unwrap();
+        drop(open());
+        let entry = std::fs::read_dir(&cache).unwrap().next().unwrap().unwrap().path();
+        let good = std::fs::read(entry.join("model.onnx")).unwrap();
+        // Damage the copy but keep its stamp: it still looks current.
+        std::fs::write(entry.join("model.onnx"), &good[..good.len() / 2]).unwrap();
+        let mut s = open();
+        assert_eq!(run_add(&mut s), [11.0, 22.0, 33.0]);
+        assert_eq!(std::fs::read(entry.join("model.onnx")).unwrap(), good, "the broken copy is made again");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
