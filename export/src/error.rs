@@ -24,6 +24,10 @@ pub enum ExportError {
     TensorShape { name: String, found: Vec<usize>, expected: Vec<usize> },
     #[error("tensor {name}: dtype {dtype} is not supported (supported: F32, F16, BF16)")]
     UnsupportedDtype { name: String, dtype: String },
+    /// A command-line setting that cannot be used (out of range for this model, or at odds
+    /// with another): a usage error.
+    #[error("{flag}: {message}")]
+    Flag { flag: &'static str, message: String },
     #[error("{path}: already exists; pass --force to replace it")]
     OutputExists { path: PathBuf },
     #[error("{path}: cannot write: {source}")]

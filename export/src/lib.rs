@@ -17,6 +17,7 @@ pub mod config;
 pub mod error;
 pub mod onnx;
 mod opt;
+pub mod output;
 mod qformer;
 mod source;
 pub mod t5;
@@ -27,6 +28,7 @@ use std::path::{Path, PathBuf};
 use blip2_core::{io, GraphInfo, Graphs, Manifest, Target, TensorInfo, MANIFEST_VERSION};
 
 pub use checkpoint::Checkpoint;
+pub use output::remove_partials;
 pub use error::{ExportError, Result};
 pub use source::SourceFiles;
 
@@ -34,6 +36,9 @@ use crate::builder::{Builder, Projection};
 use crate::config::{ModelConfig, TextModel};
 use crate::error::write_err;
 use crate::onnx::{Elem, Model, ValueInfo};
+
+/// The context limit when `--max-context` is not given (or the LM's positions, if fewer).
+pub const DEFAULT_MAX_CONTEXT: usize = 512;
 
 /// T5 has relative positions only; prompts and outputs are bounded by the context limit.
 const T5_MAX_POSITIONS: usize = 1 << 20;
@@ -67,8 +72,10 @@ pub struct ExportOptions {
     pub revision: Option<String>,
     /// Replace an existing export folder.
     pub force: bool,
-    /// Context limit for prompts and chat history.
-    pub max_context: usize,
+    /// Context limit for prompts and chat history, in tokens (image tokens included).
+    /// `None`: [`DEFAULT_MAX_CONTEXT`], lowered to the language model's positions. A value
+    /// above the positions or too small for the image tokens is refused.
+    pub max_context: Option<usize>,
     pub prompts: blip2_core::PromptTemplates,
     /// Put weights in external data files even when under 2 GB (tests use this).
     pub force_external_data: bool,
@@ -113,7 +120,7 @@ impl Default for ExportOptions {
             source_label: String::new(),
             revision: None,
             force: false,
-            max_context: 512,
+            max_context: None,
             prompts: Default::default(),
             force_external_data: false,
             quantize: None,
@@ -137,22 +144,9 @@ impl Progress for NoProgress {
     fn advance(&mut self, _: u64) {}
 }
 
-/// Exports the checkpoint in `src` into the folder `out`, atomically.
+/// Exports the checkpoint in `src` into the folder `out`, atomically (see [`output`]).
 pub fn export(src: &Path, out: &Path, opts: &ExportOptions, progress: &mut dyn Progress) -> Result<Manifest> {
-    if out.exists() {
-        if !opts.force {
-            return Err(ExportError::OutputExists { path: out.into() });
-        }
-        // --force replaces an earlier export, never an unrelated folder.
-        let is_export = out.join(io::MANIFEST_FILE).exists();
-        let is_empty = std::fs::read_dir(out).map(|mut d| d.next().is_none()).unwrap_or(false);
-        if !is_export && !is_empty {
-            return Err(ExportError::Config {
-                path: out.into(),
-                message: format!("exists and holds no {}; refusing to replace a folder blip2-ort did not write", io::MANIFEST_FILE),
-            });
-        }
-    }
+    output::check_output(out, opts.force)?;
     // Everything about the source is checked before anything is written.
     let files = SourceFiles::read(src)?;
     let ck = Checkpoint::open(src)?;
@@ -160,29 +154,36 @@ pub fn export(src: &Path, out: &Path, opts: &ExportOptions, progress: &mut dyn P
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(write_err(parent))?;
     let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "export".into());
-    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(write_err(&tmp))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(write_err(&tmp))?;
-    let result = write_all(&files, &ck, &tmp, opts, progress);
-    let manifest = match result {
-        Ok(m) => m,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
-    };
-    if out.exists() {
-        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-        std::fs::rename(out, &old).map_err(write_err(out))?;
-        std::fs::rename(&tmp, out).map_err(write_err(out))?;
-        let _ = std::fs::remove_dir_all(&old);
-    } else {
-        std::fs::rename(&tmp, out).map_err(write_err(out))?;
-    }
+    output::remove_stale_partials(parent, &name);
+    let partial = output::Partial::create(parent.join(output::partial_name(&name, std::process::id())))?;
+    let manifest = write_all(&files, &ck, &partial.path, opts, progress)?;
+    output::put_in_place(partial, out)?;
     progress.finish();
     Ok(manifest)
+}
+
+/// The context limit to record: the one asked for if the language model has that many
+/// positions and it leaves room for the image tokens and some text.
+fn max_context(asked: Option<usize>, text: &TextModel, num_query_tokens: usize) -> Result<usize> {
+    let positions = match text {
+        TextModel::Opt(t) => Some(t.max_position_embeddings),
+        TextModel::T5(_) => None,
+    };
+    let Some(n) = asked else {
+        return Ok(positions.map_or(DEFAULT_MAX_CONTEXT, |p| p.min(DEFAULT_MAX_CONTEXT)));
+    };
+    let bad = |message: String| ExportError::Flag { flag: "--max-context", message };
+    if let Some(p) = positions.filter(|&p| n > p) {
+        return Err(bad(format!(
+            "{n} is more than the language model's {p} positions (text_config.max_position_embeddings); use at most {p}"
+        )));
+    }
+    if n <= num_query_tokens {
+        return Err(bad(format!(
+            "{n} leaves no room for a prompt after the {num_query_tokens} image tokens; use more than {num_query_tokens}"
+        )));
+    }
+    Ok(n)
 }
 
 fn tensor_infos(v: &[ValueInfo]) -> Vec<TensorInfo> {
@@ -231,23 +232,24 @@ fn write_all(files: &SourceFiles, ck: &Checkpoint, dir: &Path, opts: &ExportOpti
     let text_hidden = cfg.text.hidden_size();
 
     if opts.quantize.is_some() && opts.dtype == ExportDtype::Fp16 {
-        return Err(ExportError::Config {
-            path: "--quantize".into(),
+        return Err(ExportError::Flag {
+            flag: "--quantize",
             message: "quantized exports keep fp32 activations; use --dtype fp32 with --quantize".into(),
         });
     }
     if opts.quantize_encoders && opts.dtype == ExportDtype::Fp16 {
-        return Err(ExportError::Config {
-            path: "--quantize-encoders".into(),
+        return Err(ExportError::Flag {
+            flag: "--quantize-encoders",
             message: "int8 encoders take fp32 activations; use --dtype fp32 with --quantize-encoders".into(),
         });
     }
     if opts.quantize_encoders && opts.target == Target::Cuda {
-        return Err(ExportError::Config {
-            path: "--quantize-encoders".into(),
+        return Err(ExportError::Flag {
+            flag: "--quantize-encoders",
             message: "int8 encoders (DynamicQuantizeMatMul) run on the CPU only; leave it out with --target cuda".into(),
         });
     }
+    let max_context = max_context(opts.max_context, &cfg.text, files.num_query_tokens)?;
     // The vision encoder and language model take --quantize, the encoders
     // --quantize-encoders (which wins in the vision encoder).
     let weights = opts.quantize.map_or(Projection::Float, |q| {
@@ -286,7 +288,7 @@ fn write_all(files: &SourceFiles, ck: &Checkpoint, dir: &Path, opts: &ExportOpti
                 num_layers: text.num_hidden_layers,
                 num_heads: text.num_attention_heads,
                 head_dim: text.hidden_size / text.num_attention_heads,
-                max_context: opts.max_context.min(text.max_position_embeddings),
+                max_context,
                 max_position_embeddings: text.max_position_embeddings,
             };
             ("opt", None, lm_info, tc)
@@ -304,7 +306,7 @@ fn write_all(files: &SourceFiles, ck: &Checkpoint, dir: &Path, opts: &ExportOpti
                 num_layers: text.decoder_layers(),
                 num_heads: text.num_heads,
                 head_dim: text.d_kv,
-                max_context: opts.max_context,
+                max_context,
                 // Relative positions have no table to run out of.
                 max_position_embeddings: T5_MAX_POSITIONS,
             };

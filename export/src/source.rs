@@ -11,6 +11,17 @@ use serde_json::Value;
 use crate::config::{read_json, ModelConfig, TextModel};
 use crate::error::{write_err, ExportError, Result};
 
+/// The checkpoint's files an export copies beside its graphs (those that exist).
+pub const RUNTIME_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "config.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+];
+
 pub struct SourceFiles {
     pub dir: PathBuf,
     pub config: ModelConfig,
@@ -135,15 +146,7 @@ impl SourceFiles {
     /// Copies what `infer` reads (the tokenizer) and, for provenance, the source's own
     /// configuration files.
     pub fn copy_runtime_files(&self, out: &Path) -> Result<()> {
-        for f in [
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "special_tokens_map.json",
-            "config.json",
-            "generation_config.json",
-            "preprocessor_config.json",
-            "processor_config.json",
-        ] {
+        for f in RUNTIME_FILES {
             let src = self.dir.join(f);
             if src.exists() {
                 let dst = out.join(f);

@@ -23,9 +23,11 @@ pub struct ExportArgs {
     /// Replace an existing export in the output folder.
     #[arg(long)]
     pub force: bool,
-    /// Context limit (tokens) recorded for prompts and chat history.
-    #[arg(long, default_value_t = 512)]
-    pub max_context: usize,
+    /// Context limit (tokens, image tokens included) recorded for prompts and chat history
+    /// [default: 512, or the language model's positions if fewer]. At most the language
+    /// model's positions.
+    #[arg(long, value_parser = crate::args::count)]
+    pub max_context: Option<usize>,
     /// Weight-only quantization of the vision encoder and language model (MatMulNBits,
     /// blocks of 32): int8 or int4. The Q-Former stays fp32. Needs --dtype fp32.
     #[arg(long, value_enum)]

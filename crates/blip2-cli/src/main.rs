@@ -1,14 +1,16 @@
 //! `blip2-ort`: export BLIP-2 checkpoints to ONNX and run them on ONNX Runtime.
 //! This binary only parses flags and wires the library crates together.
 
+mod args;
 mod batch;
 mod bench_cmd;
 mod export_cmd;
 mod hub;
 mod infer_cmd;
 mod session;
+mod signals;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
 #[command(name = "blip2-ort", version, about = "BLIP-2 on ONNX Runtime, without Python")]
@@ -26,7 +28,7 @@ enum Command {
     Export(export_cmd::ExportArgs),
     /// Caption, answer questions about, or chat about images with an exported model.
     Infer(infer_cmd::InferArgs),
-    /// Time generation and its pieces on random images (JSON comparable with hf_generate_bench.py).
+    /// Time generation and its pieces on random images (JSON comparable with scripts/hf_generate_bench.py).
     Bench(bench_cmd::BenchArgs),
     /// Install the ONNX Runtime library (from the onnxruntime wheel, with pip) into the cache.
     InstallRuntime {
@@ -46,8 +48,60 @@ fn install_runtime(gpu: bool, quiet: bool) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// A mistake on the command line found after parsing (a flag value out of range, flags
+/// that contradict each other, a missing --model): exits with status 2, as clap's own
+/// usage errors do.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// Exit status of a failure: 2 when the command line is at fault, 1 otherwise.
+fn exit_code(e: &anyhow::Error) -> i32 {
+    let usage = e.chain().any(|c| {
+        c.downcast_ref::<UsageError>().is_some()
+            || c.downcast_ref::<blip2_runtime::generation::ConfigError>().is_some()
+            || matches!(c.downcast_ref::<blip2_export::ExportError>(), Some(blip2_export::ExportError::Flag { .. }))
+    });
+    if usage {
+        2
+    } else {
+        1
+    }
+}
+
+/// The error and its causes on one line, most specific last. A cause whose text its
+/// parent already shows (errors that print their source, as most here do) is left out,
+/// so nothing is said twice.
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.is_empty() {
+            line = text;
+        } else if !text.is_empty() && !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+    }
+    line
+}
+
+/// The command line, with negative numbers accepted as the values of every flag that
+/// takes one: `--top-k -1` then reaches the flag's own check and gets a message naming
+/// the flag, instead of clap's tip to write `-- -1` (which no subcommand accepts).
+fn parse_cli() -> Cli {
+    fn negative_values(cmd: clap::Command) -> clap::Command {
+        cmd.mut_args(|a| if a.get_long().is_some() && a.get_action().takes_values() { a.allow_negative_numbers(true) } else { a })
+            .mut_subcommands(negative_values)
+    }
+    let matches = negative_values(Cli::command()).get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
 fn main() {
-    let cli = Cli::parse();
+    let cli = parse_cli();
+    // An interrupted export removes its temporary folder before the process ends.
+    signals::install();
     let result = match &cli.command {
         Command::Export(a) => export_cmd::run(a, cli.quiet).map(|_| 0),
         Command::Infer(a) => infer_cmd::run(a, cli.quiet),
@@ -57,10 +111,8 @@ fn main() {
     match result {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            // One line: the error and its causes, most specific last.
-            let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-            eprintln!("error: {}", msg.join(": "));
-            std::process::exit(1);
+            eprintln!("error: {}", error_line(&e));
+            std::process::exit(exit_code(&e));
         }
     }
 }

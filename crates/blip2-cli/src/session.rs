@@ -17,7 +17,7 @@ pub struct SessionOptions {
     #[arg(long, global = true)]
     pub config: Option<PathBuf>,
     /// ONNX Runtime intra-op threads (default: the profile's, else ONNX Runtime's choice).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, value_parser = crate::args::positive)]
     pub threads: Option<usize>,
 }
 
@@ -25,9 +25,6 @@ pub fn profile(o: &SessionOptions) -> Result<Profile> {
     let config = Config::load(o.config.as_deref())?;
     let mut p = config.profile(&o.ep)?.clone();
     if let Some(n) = o.threads {
-        if n == 0 {
-            anyhow::bail!("--threads must be at least 1");
-        }
         p.intra_op_threads = Some(n);
     }
     Ok(p)

@@ -200,6 +200,7 @@ fn quantized_encoders_need_fp32() {
     let (ck, out) = copy_fixture("opt-tiny", "quantize-encoders-fp16");
     let (code, stderr) = export_with(&["--quiet", "--dtype", "fp16", "--quantize-encoders", "int8"], &ck, &out);
     assert_one_line_error(code, &stderr, &["--quantize-encoders", "--dtype fp32"], &out);
+    assert_eq!(code, 2, "flags at odds are a usage error");
 }
 
 #[test]
@@ -224,4 +225,128 @@ fn cuda_target_refuses_cpu_only_encoders_and_prints_its_target() {
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("int8 weights, cuda target"), "{stderr}");
     assert!(out.join("kv_reorder.onnx").exists(), "{stderr}");
+}
+
+/// Item 4: `--force` replaces the files an export writes and keeps every other file.
+#[test]
+fn force_keeps_the_files_export_did_not_write() {
+    let (ck, out) = copy_fixture("opt-tiny", "force-keeps");
+    let (code, err) = export(&ck, &out);
+    assert_eq!(code, 0, "{err}");
+    std::fs::write(out.join("notes.txt"), "mine").unwrap();
+    std::fs::create_dir_all(out.join("samples")).unwrap();
+    std::fs::write(out.join("samples/a.txt"), "also mine").unwrap();
+    // A file an earlier export wrote that this one does not: it goes.
+    std::fs::write(out.join("language_model.onnx.data"), b"stale weights").unwrap();
+    let (code, err) = export_with(&["--quiet", "--force", "--dtype", "fp16"], &ck, &out);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(std::fs::read_to_string(out.join("notes.txt")).unwrap(), "mine");
+    assert_eq!(std::fs::read_to_string(out.join("samples/a.txt")).unwrap(), "also mine");
+    assert!(!out.join("language_model.onnx.data").exists(), "the old export's files are replaced");
+    let m = blip2_core::Manifest::load(&out).unwrap();
+    assert_eq!(m.dtype, "fp16", "the new export is in place");
+    let leftovers: Vec<_> = std::fs::read_dir(out.parent().unwrap())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert!(!out.join(".blip2-ort-replacing").exists());
+}
+
+/// Item 10: a context limit beyond the language model's positions is refused, not
+/// quietly lowered.
+#[test]
+fn max_context_beyond_the_positions_is_refused() {
+    let (ck, out) = copy_fixture("opt-tiny", "max-context");
+    let (code, err) = export_with(&["--quiet", "--max-context", "999"], &ck, &out);
+    assert_one_line_error(code, &err, &["--max-context", "999", "128 positions"], &out);
+    assert_eq!(code, 2, "a value out of range is a usage error");
+    let (code, err) = export_with(&["--quiet", "--max-context", "4"], &ck, &out);
+    assert_one_line_error(code, &err, &["--max-context", "image tokens"], &out);
+    assert_eq!(code, 2);
+    let (code, err) = export_with(&["--quiet", "--max-context", "-5"], &ck, &out);
+    assert_eq!(code, 2, "a negative number is a usage error: {err}");
+    assert!(err.contains("--max-context") && !err.contains("'-- "), "{err}");
+    let (code, err) = export_with(&["--quiet", "--max-context", "100"], &ck, &out);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(blip2_core::Manifest::load(&out).unwrap().text.max_context, 100);
+    // Without the flag: 512, lowered to the model's positions.
+    std::fs::remove_dir_all(&out).unwrap();
+    let (code, err) = export(&ck, &out);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(blip2_core::Manifest::load(&out).unwrap().text.max_context, 128);
+}
+
+/// Item 8: a cause that the message already shows is not printed again.
+#[test]
+fn write_errors_name_the_cause_once() {
+    let (ck, out) = copy_fixture("opt-tiny", "write-error");
+    let blocker = out.parent().unwrap().join("a-file");
+    std::fs::write(&blocker, b"").unwrap();
+    let (code, err) = export(&ck, &blocker.join("out"));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("a-file"), "{err}");
+    // The operating system's reason, said once.
+    assert_eq!(err.matches("(os error").count(), 1, "{err}");
+}
+
+/// Item 2: partial folders of exports whose process is gone are removed by the next
+/// export beside the same output; those of running exports are left alone.
+#[test]
+fn stale_partial_folders_are_removed_by_the_next_export() {
+    let (ck, out) = copy_fixture("opt-tiny", "stale-partials");
+    let parent = out.parent().unwrap();
+    // A process id that has ended: a child that exited.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_blip2-ort")).arg("--version").stdout(std::process::Stdio::null()).spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let stale = parent.join(format!(".out.partial-{dead}"));
+    let running = parent.join(format!(".out.partial-{}", std::process::id()));
+    let other = parent.join(format!(".other.partial-{dead}"));
+    for d in [&stale, &running, &other] {
+        std::fs::create_dir_all(d).unwrap();
+        std::fs::write(d.join("language_model.onnx"), vec![0u8; 1024]).unwrap();
+    }
+    let (code, err) = export(&ck, &out);
+    assert_eq!(code, 0, "{err}");
+    assert!(!stale.exists(), "the dead export's folder is removed");
+    assert!(running.exists(), "a running export's folder is kept");
+    assert!(other.exists(), "another output's folders are not this export's business");
+}
+
+/// Item 2: SIGTERM, SIGINT and SIGHUP during an export remove its partial folder, and the
+/// process still ends by that signal.
+#[cfg(unix)]
+#[test]
+fn signals_remove_the_partial_folder() {
+    use std::os::unix::process::ExitStatusExt;
+    for (sig, name) in [(libc::SIGTERM, "term"), (libc::SIGINT, "int"), (libc::SIGHUP, "hup")] {
+        let (ck, out) = copy_fixture("opt-tiny", &format!("signal-{name}"));
+        // The export copies special_tokens_map.json after writing the graphs; as a FIFO
+        // with no writer, opening it blocks, holding the export half-way.
+        let fifo = ck.join("special_tokens_map.json");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_blip2-ort"))
+            .args(["export", "--quiet"])
+            .arg(&ck)
+            .arg("-o")
+            .arg(&out)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let partial = out.parent().unwrap().join(format!(".out.partial-{}", child.id()));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !partial.join("language_model.onnx").exists() {
+            assert!(std::time::Instant::now() < deadline, "the export never reached its graphs");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, sig) }, 0);
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), Some(sig), "ends by the signal ({name}): {status:?}");
+        assert!(!partial.exists(), "SIG{name}: the partial folder is removed");
+        assert!(!out.exists());
+    }
 }
