@@ -82,7 +82,7 @@ fn bench_prompts(c: &mut Criterion) {
     g.bench_function("chat prompt, 4 turns of history", |b| {
         b.iter(|| {
             let mut h = chat.clone();
-            h.fit(&p, black_box("and what colour is the car?")).unwrap()
+            h.fit(&p, black_box("and what colour is the car?"), 20).unwrap()
         })
     });
     g.bench_function("assemble batch of 4 (left padding)", |b| b.iter(|| p.assemble(black_box(&texts))));

@@ -99,13 +99,13 @@ fn chat_turns_follow_the_seed_format() {
     let img = p.load_image(&photo("chelsea.png")).unwrap();
     let cfg = config(&p, &t1["generate"]);
     let mut chat = blip2_runtime::prompt::Chat::default();
-    let (prompt, dropped) = chat.fit(&p.prompter, "what is this?").unwrap();
+    let (prompt, dropped) = chat.fit(&p.prompter, "what is this?", cfg.max_new_tokens).unwrap();
     assert_eq!(dropped, 0);
     assert_eq!(prompt, t1["prompts"][0].as_str().unwrap());
     let a1 = p.generate(std::slice::from_ref(&img), &[prompt], &cfg).unwrap()[0][0].clone();
     assert_eq!(a1.token_ids, ids(&t1["sequences"][0]));
     chat.push("what is this?", &a1.text);
-    let (prompt, _) = chat.fit(&p.prompter, "where is it?").unwrap();
+    let (prompt, _) = chat.fit(&p.prompter, "where is it?", cfg.max_new_tokens).unwrap();
     assert_eq!(prompt, t2["prompts"][0].as_str().unwrap());
     let a2 = p.generate(std::slice::from_ref(&img), &[prompt], &cfg).unwrap();
     assert_eq!(a2[0][0].token_ids, ids(&t2["sequences"][0]));

@@ -6,10 +6,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use blip2_runtime::generation::{EarlyStopping, GenerationConfig};
 use blip2_runtime::pipeline::{Generated, Pipeline};
+use blip2_runtime::preprocess::preprocess_batch;
 use clap::{Args, Subcommand};
 use serde_json::json;
 
 use crate::session::SessionOptions;
+use crate::UsageError;
 
 #[derive(Args, Debug)]
 pub struct InferArgs {
@@ -23,7 +25,7 @@ pub struct InferArgs {
     #[arg(long, global = true)]
     pub json: bool,
     /// Images per batch for caption and batch.
-    #[arg(long, global = true, default_value_t = 8)]
+    #[arg(long, global = true, default_value_t = 8, value_parser = crate::args::positive)]
     pub batch_size: usize,
     #[command(flatten)]
     pub gen: GenArgs,
@@ -57,43 +59,43 @@ pub enum Task {
 #[derive(Args, Debug, Default)]
 pub struct GenArgs {
     /// At most this many new tokens [default: 20].
-    #[arg(long, global = true)]
+    #[arg(long, global = true, value_parser = crate::args::max_new_tokens)]
     pub max_new_tokens: Option<usize>,
     /// No eos before this many new tokens [default: 0].
-    #[arg(long, global = true)]
+    #[arg(long, global = true, value_parser = crate::args::count)]
     pub min_new_tokens: Option<usize>,
     /// Beam search with this many beams [default: 1].
-    #[arg(long, global = true)]
+    #[arg(long, global = true, value_parser = crate::args::num_beams)]
     pub num_beams: Option<usize>,
     /// Beam scores are divided by length^penalty [default: 1.0].
-    #[arg(long, global = true, allow_negative_numbers = true)]
+    #[arg(long, global = true, value_parser = crate::args::length_penalty)]
     pub length_penalty: Option<f64>,
     /// Beam search stop rule: true, false or never [default: false].
     #[arg(long, global = true)]
     pub early_stopping: Option<String>,
     /// Penalise tokens already present (1.0 = off) [default: 1.0].
-    #[arg(long, global = true)]
+    #[arg(long, global = true, value_parser = crate::args::repetition_penalty)]
     pub repetition_penalty: Option<f64>,
     /// Never repeat an n-gram of this size (0 = off) [default: 0].
-    #[arg(long, global = true)]
+    #[arg(long, global = true, value_parser = crate::args::count)]
     pub no_repeat_ngram_size: Option<usize>,
     /// Sample instead of taking the most likely tokens.
     #[arg(long, global = true)]
     pub do_sample: bool,
     /// Sampling temperature [default: 1.0].
-    #[arg(long, global = true)]
+    #[arg(long, global = true, value_parser = crate::args::temperature)]
     pub temperature: Option<f64>,
     /// Sample among the k most likely tokens (0 = off) [default: 50].
-    #[arg(long, global = true)]
+    #[arg(long, global = true, value_parser = crate::args::count)]
     pub top_k: Option<usize>,
     /// Sample among the tokens holding this much probability [default: 1.0].
-    #[arg(long, global = true)]
+    #[arg(long, global = true, value_parser = crate::args::top_p)]
     pub top_p: Option<f64>,
     /// Seed for sampling: the same seed gives the same output.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, value_parser = crate::args::seed)]
     pub seed: Option<u64>,
     /// Sequences per input (beams or samples) [default: 1].
-    #[arg(long, global = true)]
+    #[arg(long, global = true, value_parser = crate::args::num_return_sequences)]
     pub num_return_sequences: Option<usize>,
 }
 
@@ -144,14 +146,27 @@ impl GenArgs {
 }
 
 /// Resolves --model to an exported folder, exporting a checkpoint into the cache once.
+///
+/// A checkpoint's export is cached under a key made from its content (see
+/// [`fingerprint`]), so another checkpoint put at the same path, or a new Hub revision,
+/// gets its own export instead of the old model's answers.
 pub fn resolve_model(model: &str, quiet: bool) -> Result<PathBuf> {
     let p = Path::new(model);
     if p.join(blip2_core::io::MANIFEST_FILE).exists() {
         return Ok(p.to_path_buf());
     }
-    let (src, key) = if p.join("config.json").exists() {
+    if let Some(graph) = export_graph_in(p) {
+        bail!(
+            "{model}: an export folder without its {} ({} is there): the manifest was deleted or the export did not \
+             finish; export the checkpoint again with `blip2-ort export CHECKPOINT -o {model} --force`",
+            blip2_core::io::MANIFEST_FILE,
+            graph
+        );
+    }
+    let (src, label) = if p.join("config.json").exists() {
         let canon = p.canonicalize().with_context(|| format!("{model}: cannot resolve the path"))?;
-        (canon.clone(), format!("local/{}", sanitize(&canon.to_string_lossy())))
+        let label = format!("local/{}", sanitize(&canon.to_string_lossy()));
+        (canon, label)
     } else if crate::hub::looks_like_hub_id(model) {
         (crate::hub::fetch(model, None, quiet)?, format!("hub/{}", sanitize(model)))
     } else if p.exists() {
@@ -159,7 +174,7 @@ pub fn resolve_model(model: &str, quiet: bool) -> Result<PathBuf> {
     } else {
         bail!("{model}: no such folder, and not a Hub id of the form owner/name");
     };
-    let out = models_cache().join(key);
+    let out = models_cache().join(format!("{label}-{:016x}", fingerprint(&src)?));
     if out.join(blip2_core::io::MANIFEST_FILE).exists() {
         return Ok(out);
     }
@@ -167,8 +182,89 @@ pub fn resolve_model(model: &str, quiet: bool) -> Result<PathBuf> {
         eprintln!("exporting {model} into {} (once)", out.display());
     }
     let opts = blip2_export::ExportOptions { source_label: model.to_string(), ..Default::default() };
-    blip2_export::export(&src, &out, &opts, &mut blip2_export::NoProgress)?;
+    match blip2_export::export(&src, &out, &opts, &mut blip2_export::NoProgress) {
+        Ok(_) => {}
+        // Another process exported the same checkpoint meanwhile.
+        Err(blip2_export::ExportError::OutputExists { .. }) if out.join(blip2_core::io::MANIFEST_FILE).exists() => {}
+        Err(e) => return Err(e.into()),
+    }
+    remove_other_versions(&out);
     Ok(out)
+}
+
+/// The name of a graph file an export writes, if `dir` holds one.
+fn export_graph_in(dir: &Path) -> Option<&'static str> {
+    use blip2_core::io;
+    [io::VISION_ENCODER_FILE, io::QFORMER_FILE, io::LANGUAGE_MODEL_FILE].into_iter().find(|f| dir.join(f).is_file())
+}
+
+/// A hash of a checkpoint folder's content as far as it can be had without reading the
+/// weights: every file's name, size and modification time (through the symlinks of the
+/// Hugging Face cache, whose snapshot folder names the revision), and the bytes of the
+/// small JSON files that decide the export.
+pub fn fingerprint(dir: &Path) -> Result<u64> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("{}: cannot list the checkpoint folder", dir.display()))?
+        .flatten()
+        .collect();
+    entries.sort_by_key(|e| e.file_name());
+    let mut h = Fnv::default();
+    h.add(dir.to_string_lossy().as_bytes());
+    for e in entries {
+        let name = e.file_name();
+        let Ok(meta) = std::fs::metadata(e.path()) else { continue };
+        if !meta.is_file() {
+            continue;
+        }
+        h.add(name.as_encoded_bytes());
+        h.add(&meta.len().to_le_bytes());
+        let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
+        h.add(&mtime.to_le_bytes());
+        let small_json = name.to_string_lossy().ends_with(".json") && meta.len() <= 16 << 20;
+        if small_json {
+            let bytes = std::fs::read(e.path()).with_context(|| format!("{}: cannot read", e.path().display()))?;
+            h.add(&bytes);
+        }
+    }
+    Ok(h.0)
+}
+
+/// FNV-1a, 64 bits: stable across releases, unlike std's hasher.
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    fn add(&mut self, bytes: &[u8]) {
+        // Length first, so that concatenations cannot collide.
+        for &b in (bytes.len() as u64).to_le_bytes().iter().chain(bytes) {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+/// Removes cached exports of the same path or Hub id made from other content: only the
+/// newest is ever used again.
+fn remove_other_versions(out: &Path) {
+    let (Some(parent), Some(name)) = (out.parent(), out.file_name().map(|n| n.to_string_lossy().into_owned())) else {
+        return;
+    };
+    let Some((label, _)) = name.rsplit_once('-') else { return };
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    for e in entries.flatten() {
+        let other = e.file_name().to_string_lossy().into_owned();
+        let same_label = other.rsplit_once('-').is_some_and(|(l, hash)| {
+            l == label && hash.len() == 16 && hash.chars().all(|c| c.is_ascii_hexdigit())
+        });
+        let old_format = other == label;
+        if other != name && (same_label || old_format) && e.path().join(blip2_core::io::MANIFEST_FILE).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 fn models_cache() -> PathBuf {
@@ -199,25 +295,40 @@ impl Out {
         }
         let _ = stdout.flush();
     }
+
+    /// A question that got no answer: with --json a line `{"image", "line", "error"}` keeps
+    /// one stdout line per question; the text output leaves it to stderr.
+    fn emit_error(&self, image: &Path, line: usize, error: &str) {
+        if self.json {
+            let mut stdout = std::io::stdout().lock();
+            let _ = writeln!(stdout, "{}", json!({"image": image.display().to_string(), "line": line, "error": error}));
+            let _ = stdout.flush();
+        }
+    }
 }
 
 pub fn run(a: &InferArgs, quiet: bool) -> Result<i32> {
     let Some(model) = a.model.as_deref() else {
-        bail!("--model is required: an exported folder, a checkpoint folder or a Hub id");
+        return Err(UsageError("--model is required: an exported folder, a checkpoint folder or a Hub id".into()).into());
     };
     let dir = resolve_model(model, quiet)?;
     let mut pipe = crate::session::load_pipeline(&dir, &a.session)?;
     let cfg = a.gen.apply(pipe.default_config())?;
     let out = Out { json: a.json };
-    if a.batch_size == 0 {
-        bail!("--batch-size must be at least 1");
-    }
     match &a.task {
         Task::Caption { images, prompt } => {
-            for chunk in images.chunks(a.batch_size) {
-                let imgs = chunk.iter().map(|p| pipe.load_image(p)).collect::<Result<Vec<_>, _>>()?;
+            // Every image is read before anything is printed, so an unreadable one fails
+            // the command with nothing on stdout. Only its pixel values are kept.
+            let mut pixels = Vec::with_capacity(images.len());
+            for p in images {
+                let img = pipe.load_image(p)?;
+                pixels.push(preprocess_batch(std::slice::from_ref(&img), &pipe.model.manifest.image).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?);
+            }
+            for (chunk, px) in images.chunks(a.batch_size).zip(pixels.chunks(a.batch_size)) {
+                let views: Vec<_> = px.iter().map(|p| p.view()).collect();
+                let batch = ndarray::concatenate(ndarray::Axis(0), &views).context("joining the batch's pixel values")?;
                 let prompts = vec![prompt.clone(); chunk.len()];
-                let res = pipe.generate(&imgs, &prompts, &cfg)?;
+                let res = pipe.generate_pixels(batch, &prompts, &cfg)?;
                 for (p, r) in chunk.iter().zip(&res) {
                     out.emit(p, prompt, r);
                 }
@@ -236,6 +347,9 @@ pub fn run(a: &InferArgs, quiet: bool) -> Result<i32> {
     }
 }
 
+/// Answers one question per stdin line. The context keeps as many of the latest turns as
+/// fit with room for --max-new-tokens; a question too long on its own fails only its
+/// line (exit status 1 at the end), and the session goes on.
 fn chat(pipe: &mut Pipeline, image: &Path, cfg: &GenerationConfig, out: &Out) -> Result<i32> {
     let img = pipe.load_image(image)?;
     let stdin = std::io::stdin();
@@ -243,6 +357,8 @@ fn chat(pipe: &mut Pipeline, image: &Path, cfg: &GenerationConfig, out: &Out) ->
     let mut history = blip2_runtime::prompt::Chat::default();
     let mut lines = stdin.lock();
     let mut buf = Vec::new();
+    let mut line_no = 0;
+    let mut failed = false;
     loop {
         if interactive {
             eprint!("> ");
@@ -252,21 +368,34 @@ fn chat(pipe: &mut Pipeline, image: &Path, cfg: &GenerationConfig, out: &Out) ->
         if lines.read_until(b'\n', &mut buf)? == 0 {
             break;
         }
+        line_no += 1;
         let Ok(line) = std::str::from_utf8(&buf) else {
-            eprintln!("warning: skipped a line that is not UTF-8");
+            eprintln!("warning: line {line_no}: skipped, not UTF-8");
             continue;
         };
         let q = line.trim();
         if q.is_empty() {
             continue;
         }
-        let (prompt, dropped) = history.fit(&pipe.prompter, q)?;
+        let (prompt, dropped) = match history.fit(&pipe.prompter, q, cfg.max_new_tokens) {
+            Ok(fit) => fit,
+            Err(e) => {
+                failed = true;
+                eprintln!("error: line {line_no}: {e}");
+                out.emit_error(image, line_no, &e.to_string());
+                continue;
+            }
+        };
         if dropped > 0 {
-            eprintln!("warning: dropped the {dropped} oldest turn(s) to stay within {} tokens", pipe.prompter.max_context);
+            eprintln!(
+                "warning: dropped the {dropped} oldest turn(s) to leave room for --max-new-tokens {} (context limit {} tokens, \
+                 {} positions)",
+                cfg.max_new_tokens, pipe.prompter.max_context, pipe.prompter.max_positions
+            );
         }
         let res = pipe.generate(std::slice::from_ref(&img), std::slice::from_ref(&prompt), cfg)?;
         out.emit(image, &prompt, &res[0]);
         history.push(q, &res[0][0].text);
     }
-    Ok(0)
+    Ok(if failed { 1 } else { 0 })
 }

@@ -150,6 +150,133 @@ fn chat_drops_the_oldest_turns_beyond_the_context() {
     assert!(stderr(&o).contains("dropped the"), "{}", stderr(&o));
 }
 
+/// The number of positions a chat prompt takes in the language model.
+fn prompt_positions(model: &Path, prompt: &str) -> usize {
+    let manifest = blip2_core::Manifest::load(model).unwrap();
+    let p = blip2_runtime::prompt::Prompter::load(model, &manifest).unwrap();
+    p.prompt_len(prompt).unwrap()
+}
+
+/// Item 1: with the fixtures' 128 positions and 20 new tokens a chat used to stop after two
+/// or three answers ("the prompt (118 tokens) plus --max-new-tokens 20 exceeds ..."); the
+/// oldest turns must go instead, leaving room for the new tokens. Several question
+/// lengths on both OPT fixtures, so that prompts land in the range that used to fail.
+#[test]
+fn chat_drops_turns_to_leave_room_for_the_new_tokens() {
+    let questions = ["what is this?", "where is it?", "what is the cat doing?", "what color is the sky in the picture?", "is it day or night?"];
+    for name in ["opt-tiny", "opt-tiny-sharded"] {
+        let m = export(name, &format!("chat-positions-{name}"));
+        let positions = blip2_core::Manifest::load(&m).unwrap().text.max_position_embeddings;
+        for q in questions {
+            let input = format!("{q}\n").repeat(6);
+            let o = run_stdin(&["chat", photo("chelsea.png").to_str().unwrap(), "--max-new-tokens", "20", "--json"], &m, input.as_bytes());
+            assert!(o.status.success(), "{name}, {q:?}: {}", stderr(&o));
+            let got = json_lines(&o);
+            assert_eq!(got.len(), 6, "one answer per question: {}", stderr(&o));
+            for g in &got {
+                let prompt = g["prompt"].as_str().unwrap();
+                assert!(prompt.ends_with(&format!("Question: {q} Answer:")), "{prompt}");
+                let len = prompt_positions(&m, prompt);
+                assert!(len + 20 <= positions, "{len} + 20 > {positions}: {prompt}");
+            }
+        }
+    }
+}
+
+/// Item 1: a question too long on its own fails only its line; the session goes on with
+/// its history, and the exit status says a line failed.
+#[test]
+fn chat_question_too_long_alone_fails_only_its_line() {
+    let m = export("opt-tiny", "chat-long-question");
+    let long = "is the cat on the red car? ".repeat(30);
+    let input = format!("what is this?\n{long}\nwhere is it?\n");
+    let o = run_stdin(&["chat", photo("chelsea.png").to_str().unwrap(), "--max-new-tokens", "5", "--json"], &m, input.as_bytes());
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let got = json_lines(&o);
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert!(got[0]["token_ids"].is_array());
+    assert_eq!(got[1]["line"], 2);
+    let err = got[1]["error"].as_str().unwrap();
+    assert!(err.contains("question alone") && err.contains("128"), "{err}");
+    assert!(stderr(&o).contains("error: line 2:"), "{}", stderr(&o));
+    // The third question still sees the first turn.
+    let third = got[2]["prompt"].as_str().unwrap();
+    assert!(third.starts_with("Question: what is this? Answer:") && third.ends_with("Question: where is it? Answer:"), "{third}");
+    // Too many new tokens for any question: each line says so, nothing else breaks.
+    let o = run_stdin(&["chat", photo("chelsea.png").to_str().unwrap(), "--max-new-tokens", "127"], &m, b"hi\n");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--max-new-tokens"), "{}", stderr(&o));
+}
+
+/// Item 6: an unreadable image in a later batch fails the command before anything is
+/// printed, so no partial list of captions looks like the whole answer.
+#[test]
+fn caption_prints_nothing_when_a_later_image_is_unreadable() {
+    let m = export("opt-tiny", "caption-later-bad");
+    let bad = m.parent().unwrap().join("broken.png");
+    std::fs::write(&bad, b"not a png").unwrap();
+    let good = photo("chelsea.png");
+    let o = run(&["caption", "--batch-size", "1", good.to_str().unwrap(), good.to_str().unwrap(), bad.to_str().unwrap()], &m);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(o.stdout.is_empty(), "stdout: {}", String::from_utf8_lossy(&o.stdout));
+    assert!(stderr(&o).contains("broken.png"), "{}", stderr(&o));
+    let o = run(&["caption", "--batch-size", "1", good.to_str().unwrap(), "/no/such/later.png"], &m);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(o.stdout.is_empty());
+    // Batching is unchanged: the same captions at any batch size.
+    let one = run(&["caption", "--batch-size", "1", good.to_str().unwrap(), photo("camera.png").to_str().unwrap(), "--max-new-tokens", "10"], &m);
+    let two = run(&["caption", "--batch-size", "2", good.to_str().unwrap(), photo("camera.png").to_str().unwrap(), "--max-new-tokens", "10"], &m);
+    assert!(one.status.success(), "{}", stderr(&one));
+    assert_eq!(one.stdout, two.stdout);
+    assert_eq!(String::from_utf8_lossy(&one.stdout).lines().next().unwrap(), reference("opt-tiny", "caption")["texts"][0].as_str().unwrap());
+}
+
+/// Item 7: an export folder whose manifest is gone is named as such, not exported as if
+/// it were a checkpoint.
+#[test]
+fn an_export_folder_without_its_manifest_is_named() {
+    let m = export("opt-tiny", "no-manifest");
+    std::fs::remove_file(m.join("blip2_manifest.json")).unwrap();
+    let o = run(&["caption", photo("chelsea.png").to_str().unwrap()], &m);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(e.contains("export folder without its blip2_manifest.json") && e.contains("--force"), "{e}");
+    assert!(!e.contains("model.safetensors"), "{e}");
+    assert!(!e.contains("exporting"), "{e}");
+}
+
+/// Item 8: a cause the message already shows is not repeated.
+#[test]
+fn error_causes_are_not_repeated() {
+    let m = export("opt-tiny", "ort-error");
+    // The manifest now claims the Q-Former makes fp16 query embeddings: they reach the fp32
+    // language model as fp16 and ONNX Runtime refuses them, with a message that used to be
+    // printed twice.
+    let path = m.join("blip2_manifest.json");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    for t in v["graphs"]["qformer"]["outputs"].as_array_mut().unwrap() {
+        if t["name"] == "image_embeds" {
+            t["dtype"] = "float16".into();
+        }
+    }
+    std::fs::write(&path, v.to_string()).unwrap();
+    let o = run(&["caption", photo("chelsea.png").to_str().unwrap()], &m);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("float16"), "{e}");
+    assert_no_repeats(&e);
+}
+
+/// Fails if some stretch of 30 or more characters of the error line occurs twice.
+fn assert_no_repeats(e: &str) {
+    let line = e.lines().find(|l| l.starts_with("error: ")).unwrap_or_else(|| panic!("no error line: {e}"));
+    let chars: Vec<char> = line.chars().collect();
+    for i in 0..chars.len().saturating_sub(30) {
+        let piece: String = chars[i..i + 30].iter().collect();
+        assert_eq!(line.matches(&piece).count(), 1, "{piece:?} is said twice in: {line}");
+    }
+}
+
 #[test]
 fn batch_runs_good_lines_and_reports_bad_ones() {
     let m = export("opt-tiny-sharded", "batch");
@@ -209,11 +336,65 @@ fn over_long_prompt_is_refused() {
 fn generation_flags_are_validated() {
     let m = export("opt-tiny", "flags");
     let o = run(&["caption", photo("chelsea.png").to_str().unwrap(), "--num-return-sequences", "2"], &m);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2), "flags that contradict each other are a usage error");
     assert!(stderr(&o).contains("--num-return-sequences"), "{}", stderr(&o));
     let o = run(&["caption", photo("chelsea.png").to_str().unwrap(), "--do-sample", "--top-p", "1.5"], &m);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--top-p"), "{}", stderr(&o));
+}
+
+/// Item 12 of the reliability issue: a flag the search would not use is checked all the
+/// same, so `--top-p 1.5` never passes silently.
+#[test]
+fn unused_generation_flags_are_checked_too() {
+    let m = export("opt-tiny", "unused-flags");
+    let img = photo("chelsea.png");
+    for (flag, value) in [("--top-p", "1.5"), ("--top-p", "0"), ("--temperature", "0"), ("--temperature", "-2")] {
+        let o = run(&["caption", img.to_str().unwrap(), flag, value], &m);
+        assert_eq!(o.status.code(), Some(2), "{flag} {value} without --do-sample: {}", stderr(&o));
+        assert!(stderr(&o).contains(flag), "{}", stderr(&o));
+        assert!(o.stdout.is_empty());
+    }
+    // Values in range are accepted without sampling, and change nothing.
+    let plain = run(&["caption", img.to_str().unwrap(), "--max-new-tokens", "10", "--json"], &m);
+    let with = run(&["caption", img.to_str().unwrap(), "--max-new-tokens", "10", "--json", "--top-p", "0.5", "--temperature", "0.7"], &m);
+    assert!(with.status.success(), "{}", stderr(&with));
+    assert_eq!(plain.stdout, with.stdout);
+}
+
+/// Item 9: negative numbers reach the flag's own check (clap's tip `use '-- -1'` led
+/// nowhere), and every usage error exits with status 2.
+#[test]
+fn negative_and_out_of_range_values_name_their_flag_and_exit_2() {
+    let m = export("opt-tiny", "negative");
+    let img = photo("chelsea.png");
+    for (flag, value) in [
+        ("--top-k", "-1"),
+        ("--max-new-tokens", "-5"),
+        ("--max-new-tokens", "0"),
+        ("--num-beams", "-2"),
+        ("--temperature", "-1"),
+        ("--repetition-penalty", "-1.5"),
+        ("--seed", "-3"),
+        ("--batch-size", "0"),
+        ("--threads", "-1"),
+    ] {
+        let o = run(&["caption", img.to_str().unwrap(), flag, value], &m);
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{flag} {value}: {e}");
+        assert!(e.contains(flag), "{flag} {value}: {e}");
+        assert!(!e.contains("'-- "), "no tip to write `-- {value}`: {e}");
+        assert!(o.stdout.is_empty());
+    }
+    // A negative length penalty is valid (it favours shorter beams).
+    let o = run(&["caption", img.to_str().unwrap(), "--num-beams", "2", "--length-penalty", "-0.5", "--max-new-tokens", "3"], &m);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Other usage errors: an unknown flag, no --model.
+    let o = run(&["caption", img.to_str().unwrap(), "--no-such-flag"], &m);
+    assert_eq!(o.status.code(), Some(2));
+    let o = bin().args(["infer", "caption", img.to_str().unwrap()]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--model"), "{}", stderr(&o));
 }
 
 #[test]
@@ -264,6 +445,45 @@ fn a_checkpoint_folder_is_exported_once_into_the_cache() {
     assert!(!stderr(&second).contains("exporting"), "the second run reuses the cached export");
     assert_eq!(first.stdout, second.stdout);
     assert_eq!(json_lines(&first)[0]["token_ids"], reference("opt-tiny", "caption")["sequences"][0]);
+}
+
+/// Item 3: another checkpoint put at the same path gets its own export, not the old
+/// model's answers.
+#[test]
+fn the_cached_export_follows_the_checkpoint_content() {
+    let dir = tmp("cache-content");
+    let dylib = blip2_runtime::ort_env::find_dylib().expect("ONNX Runtime installed (scripts/test does it)");
+    let ck = dir.join("checkpoint");
+    let put = |name: &str| {
+        let _ = std::fs::remove_dir_all(&ck);
+        std::fs::create_dir_all(&ck).unwrap();
+        for e in std::fs::read_dir(root().join("tests/fixtures").join(name).join("checkpoint")).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), ck.join(e.file_name())).unwrap();
+        }
+    };
+    let go = || {
+        bin()
+            .env("BLIP2_ORT_CACHE", dir.join("cache"))
+            .env("ORT_DYLIB_PATH", &dylib)
+            .args(["infer", "--model"])
+            .arg(&ck)
+            .args(["caption", photo("chelsea.png").to_str().unwrap(), "--max-new-tokens", "10", "--json"])
+            .output()
+            .unwrap()
+    };
+    put("opt-tiny");
+    let first = go();
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert_eq!(json_lines(&first)[0]["token_ids"], reference("opt-tiny", "caption")["sequences"][0]);
+    put("opt-tiny-sharded");
+    let second = go();
+    assert!(second.status.success(), "{}", stderr(&second));
+    assert!(stderr(&second).contains("exporting"), "a changed checkpoint is exported again: {}", stderr(&second));
+    assert_eq!(json_lines(&second)[0]["token_ids"], reference("opt-tiny-sharded", "caption")["sequences"][0]);
+    // Only the export of the current content is kept.
+    let local = dir.join("cache/models/local");
+    assert_eq!(std::fs::read_dir(&local).unwrap().count(), 1);
 }
 
 #[test]

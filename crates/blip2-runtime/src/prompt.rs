@@ -15,7 +15,10 @@ pub struct Prompter {
     pub image_token_id: i64,
     pub num_query_tokens: usize,
     pub pad_token_id: i64,
+    /// The manifest's context limit for a prompt, image tokens included.
     pub max_context: usize,
+    /// The language model's positions: a prompt and its new tokens together get no more.
+    pub max_positions: usize,
     pub templates: PromptTemplates,
 }
 
@@ -37,6 +40,7 @@ impl Prompter {
             num_query_tokens: m.num_query_tokens,
             pad_token_id: m.tokens.pad_token_id.unwrap_or(1),
             max_context: m.text.max_context,
+            max_positions: m.text.max_position_embeddings,
             templates: m.prompts.clone(),
         })
     }
@@ -122,23 +126,39 @@ impl Chat {
         parts.join(" ")
     }
 
-    /// The prompt for `question`, dropping the oldest turns until it fits the context;
-    /// returns it with the number of turns dropped.
-    pub fn fit(&mut self, p: &Prompter, question: &str) -> Result<(String, usize), RuntimeError> {
-        let mut dropped = 0;
-        loop {
-            let prompt = self.prompt(&p.templates, question);
-            if p.prompt_len(&prompt)? <= p.max_context {
+    /// The prompt for `question` with as many of the latest turns as fit: the prompt within
+    /// the context limit, and the prompt plus `max_new_tokens` within the language model's
+    /// positions (the checks [`Prompter::check_fits`] and the pipeline make). Drops the
+    /// older turns and returns the prompt with their number. When the question does not
+    /// fit even alone, the error says so and the history is left as it was.
+    pub fn fit(&mut self, p: &Prompter, question: &str, max_new_tokens: usize) -> Result<(String, usize), RuntimeError> {
+        let fits = |len: usize| len <= p.max_context && len + max_new_tokens <= p.max_positions;
+        for dropped in 0..=self.turns.len() {
+            let later = Chat { turns: self.turns[dropped..].to_vec() };
+            let prompt = later.prompt(&p.templates, question);
+            if fits(p.prompt_len(&prompt)?) {
+                self.turns.drain(..dropped);
                 return Ok((prompt, dropped));
             }
-            if self.turns.is_empty() {
-                // The question alone is too long: say so with the numbers.
-                p.check_fits(&prompt)?;
-                return Ok((prompt, dropped));
-            }
-            self.turns.remove(0);
-            dropped += 1;
         }
+        // The question alone is too long: say so with the numbers.
+        let alone = Chat::default().prompt(&p.templates, question);
+        let text = p.text_ids(&alone)?.len();
+        let len = p.num_query_tokens + text;
+        let over = if len > p.max_context {
+            format!("over the model's context limit of {}", p.max_context)
+        } else {
+            format!(
+                "which with --max-new-tokens {max_new_tokens} is over the language model's {} positions",
+                p.max_positions
+            )
+        };
+        Err(RuntimeError::Input(format!(
+            "the question alone makes a prompt of {len} tokens ({} image tokens + {text} text tokens), {over}; \
+             shorten it{}",
+            p.num_query_tokens,
+            if len > p.max_context { "" } else { " or lower --max-new-tokens" }
+        )))
     }
 
     pub fn push(&mut self, question: &str, answer: &str) {
