@@ -9,7 +9,8 @@
 #       [--label NAME] [--out docs/PERFORMANCE.md] [--no-write]
 #
 # CHECKPOINT is a Hugging Face BLIP-2 folder (e.g. one made by
-# ../shared/bench/random_checkpoint.py small DIR). It is exported once to --export
+# `python scripts/random_checkpoint.py small DIR`). transformers is timed by
+# scripts/hf_generate_bench.py ($HF_BENCH overrides it). CHECKPOINT is exported once to --export
 # (default target/bench-export/NAME[-QUANT]; an existing export there is reused), with
 # `--quantize` / `--quantize-encoders` if given (transformers still runs the fp32 checkpoint). Both sides get
 # the same --batch/--new-tokens/--prompt-tokens/--threads/--reps; every generate makes
@@ -24,7 +25,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 ARGS="$*"
-HF_BENCH="${HF_BENCH:-$ROOT/../shared/bench/hf_generate_bench.py}"
+HF_BENCH="${HF_BENCH:-$ROOT/scripts/hf_generate_bench.py}"
 CHECKPOINT=""
 EXPORT=""
 BATCH="1,4"
@@ -61,7 +62,7 @@ while [ $# -gt 0 ]; do
 done
 [ -n "$CHECKPOINT" ] || die "usage: scripts/compare_bench.sh CHECKPOINT [options] (see --help)"
 [ -f "$CHECKPOINT/config.json" ] || die "$CHECKPOINT: not a checkpoint folder (no config.json)"
-[ -f "$HF_BENCH" ] || die "$HF_BENCH: missing (set HF_BENCH to hf_generate_bench.py)"
+[ -f "$HF_BENCH" ] || die "$HF_BENCH: missing (HF_BENCH names the transformers benchmark; scripts/hf_generate_bench.py by default)"
 CHECKPOINT="$(cd "$CHECKPOINT" && pwd)"
 NAME="$(basename "$CHECKPOINT")"
 SUFFIX="${QUANT:+-$QUANT}${QENC:+-enc$QENC}"

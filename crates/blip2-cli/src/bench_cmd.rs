@@ -1,4 +1,4 @@
-//! `blip2-ort bench`: times an exported model the way `../shared/bench/hf_generate_bench.py`
+//! `blip2-ort bench`: times an exported model the way `scripts/hf_generate_bench.py`
 //! times transformers, so the two JSON objects compare key for key: whole caption
 //! generation with exactly N new tokens per batch size (medians over --reps after a
 //! warm-up), the vision encoder alone, decode ms per token at batch 1, peak RSS; plus what
