@@ -13,10 +13,10 @@ has one), then --prompt-tokens ids 10, 11, ...; `min_new_tokens = max_new_tokens
 number is the median of --reps calls after one untimed warm-up call.
 
 Keys: generate_b{B}_ms, images_per_s_b{B}, vision_b1_ms (the vision encoder alone),
-decode_ms_per_token_b1 ((generate of N tokens - generate of 1 token) / (N - 1)),
-peak_rss_MB (the process's peak resident memory), peak_gpu_mem_MB on CUDA (torch's
-allocator peak), and the settings used. Needs the packages of
-scripts/requirements-fixtures.txt.
+ttft_b1_ms (a generate() of one token at batch 1), decode_ms_per_token_b1 ((generate of
+N tokens - generate of 1 token) / (N - 1)), peak_rss_MB (the process's peak resident
+memory), peak_gpu_mem_MB on CUDA (torch's allocator peak), and the settings used. Needs
+the packages of scripts/requirements-fixtures.txt.
 """
 import argparse
 import json
@@ -106,9 +106,11 @@ class Bench:
             ms = self.generate_ms(b, a.new_tokens)
             out[f"generate_b{b}_ms"] = ms
             out[f"images_per_s_b{b}"] = round(b * 1000.0 / ms, 2)
+        # Time to first token: image in, one new token out (what blip2-ort bench calls it).
+        one = self.generate_ms(1, 1)
+        out["ttft_b1_ms"] = one
         if a.new_tokens > 1:
             full = out.get("generate_b1_ms") or self.generate_ms(1, a.new_tokens)
-            one = self.generate_ms(1, 1)
             out["decode_ms_per_token_b1"] = round((full - one) / (a.new_tokens - 1), 3)
         if self.device.type == "cuda":
             out["peak_gpu_mem_MB"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
