@@ -387,11 +387,16 @@ fn chat(pipe: &mut Pipeline, image: &Path, cfg: &GenerationConfig, out: &Out) ->
             }
         };
         if dropped > 0 {
-            eprintln!(
-                "warning: dropped the {dropped} oldest turn(s) to leave room for --max-new-tokens {} (context limit {} tokens, \
-                 {} positions)",
-                cfg.max_new_tokens, pipe.prompter.max_context, pipe.prompter.max_positions
-            );
+            // An encoder-decoder model's answer does not share the prompt's positions.
+            let why = if pipe.model.manifest.family == "t5" {
+                format!("to stay within the context limit of {} tokens", pipe.prompter.max_context)
+            } else {
+                format!(
+                    "to leave room for --max-new-tokens {} (context limit {} tokens, {} positions)",
+                    cfg.max_new_tokens, pipe.prompter.max_context, pipe.prompter.max_positions
+                )
+            };
+            eprintln!("warning: dropped the {dropped} oldest turn(s) {why}");
         }
         let res = pipe.generate(std::slice::from_ref(&img), std::slice::from_ref(&prompt), cfg)?;
         out.emit(image, &prompt, &res[0]);
