@@ -2,7 +2,7 @@
 //! every file is memory-mapped and tensors are handed out as byte views, so exporting a
 //! model never holds more than a conversion chunk of it in memory.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -169,24 +169,6 @@ impl Checkpoint {
             let _ = unsafe { mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, e.end - start) };
         }
     }
-
-    /// Total bytes of every tensor, for progress reporting.
-    pub fn total_bytes(&self) -> u64 {
-        self.tensors.values().map(|e| (e.end - e.start) as u64).sum()
-    }
-
-    pub fn dtype_counts(&self) -> BTreeMap<&'static str, usize> {
-        let mut m = BTreeMap::new();
-        for e in self.tensors.values() {
-            *m.entry(match e.dtype {
-                DType::F32 => "F32",
-                DType::F16 => "F16",
-                DType::BF16 => "BF16",
-            })
-            .or_insert(0) += 1;
-        }
-        m
-    }
 }
 
 fn describe(e: &safetensors::SafeTensorError) -> String {
@@ -202,16 +184,6 @@ fn describe(e: &safetensors::SafeTensorError) -> String {
 /// Elements converted per chunk when streaming a tensor out: small enough to keep
 /// memory flat, large enough to keep writes efficient.
 const CHUNK: usize = 1 << 18;
-
-/// Reads element `i` of a little-endian buffer as f32.
-#[inline]
-fn read_f32(dtype: DType, data: &[u8], i: usize) -> f32 {
-    match dtype {
-        DType::F32 => f32::from_le_bytes(data[4 * i..4 * i + 4].try_into().unwrap()),
-        DType::F16 => f16::from_le_bytes([data[2 * i], data[2 * i + 1]]).to_f32(),
-        DType::BF16 => bf16::from_le_bytes([data[2 * i], data[2 * i + 1]]).to_f32(),
-    }
-}
 
 
 /// Decodes `n` elements starting at element `start` into `out` as f32.
@@ -445,12 +417,6 @@ impl ChannelQuantizer {
         write_transposed_raw::<1>(&q, n_rows, k, &mut |b| w.write_all(b))
     }
 }
-
-/// Reads a whole (small) tensor as f32 values.
-pub fn to_f32_vec(t: &TensorView<'_>) -> Vec<f32> {
-    (0..t.numel()).map(|i| read_f32(t.dtype, t.data, i)).collect()
-}
-
 
 #[cfg(test)]
 mod tests {

@@ -37,7 +37,7 @@ fn parse(line: &[u8], base: &Path, pipe: &Pipeline) -> Result<Option<(PathBuf, S
     Ok(Some((path, prompt)))
 }
 
-pub fn run(pipe: &mut Pipeline, file: &Path, cfg: &GenerationConfig, batch_size: usize, as_json: bool) -> Result<i32> {
+pub fn run(pipe: &mut Pipeline, file: &Path, cfg: &GenerationConfig, batch_size: usize) -> Result<i32> {
     let f = std::fs::File::open(file).with_context(|| format!("{}: cannot open the requests file", file.display()))?;
     let base = file.parent().unwrap_or(Path::new(".")).to_path_buf();
     let mut reader = std::io::BufReader::new(f);
@@ -99,25 +99,17 @@ pub fn run(pipe: &mut Pipeline, file: &Path, cfg: &GenerationConfig, batch_size:
             Ok(gens) => {
                 let req = requests.iter().find(|q| q.line == line).expect("request of this line");
                 for (k, g) in gens.iter().enumerate() {
-                    if as_json {
-                        let mut o = json!({"line": line, "image": req.image.display().to_string(), "prompt": req.prompt,
-                                           "text": g.text, "token_ids": g.token_ids});
-                        if gens.len() > 1 {
-                            o["sequence"] = json!(k);
-                        }
-                        writeln!(stdout, "{o}")?;
-                    } else {
-                        writeln!(stdout, "{}", g.text)?;
+                    let mut o = json!({"line": line, "image": req.image.display().to_string(), "prompt": req.prompt,
+                                       "text": g.text, "token_ids": g.token_ids});
+                    if gens.len() > 1 {
+                        o["sequence"] = json!(k);
                     }
+                    writeln!(stdout, "{o}")?;
                 }
             }
             Err(e) => {
                 failed = true;
-                if as_json {
-                    writeln!(stdout, "{}", json!({"line": line, "error": e}))?;
-                } else {
-                    writeln!(stdout, "error: line {line}: {e}")?;
-                }
+                writeln!(stdout, "{}", json!({"line": line, "error": e}))?;
                 eprintln!("error: {}: line {line}: {e}", file.display());
             }
         }

@@ -343,7 +343,7 @@ pub fn run(a: &InferArgs, quiet: bool) -> Result<i32> {
             Ok(0)
         }
         Task::Chat { image } => chat(&mut pipe, image, &cfg, &out),
-        Task::Batch { requests } => crate::batch::run(&mut pipe, requests, &cfg, a.batch_size, true),
+        Task::Batch { requests } => crate::batch::run(&mut pipe, requests, &cfg, a.batch_size),
     }
 }
 

@@ -41,13 +41,11 @@ struct EmbedCache {
     /// (hash, pixel values `[3, H, W]`, embeddings `[num_query_tokens, hidden]` as f32),
     /// most recently used last.
     entries: VecDeque<(u64, Array3<f32>, ArrayD<f32>)>,
-    hits: u64,
-    misses: u64,
 }
 
 impl EmbedCache {
     fn new(capacity: usize) -> Self {
-        Self { capacity, entries: VecDeque::new(), hits: 0, misses: 0 }
+        Self { capacity, entries: VecDeque::new() }
     }
 
     fn get(&mut self, hash: u64, px: ndarray::ArrayView3<'_, f32>) -> Option<ArrayD<f32>> {
@@ -95,16 +93,6 @@ impl Pipeline {
         Ok(Self { model, prompter, limits: ImageLimits::default(), embed_cache: EmbedCache::new(DEFAULT_EMBED_CACHE) })
     }
 
-    /// How many images' embeddings to keep (0 turns the cache off and drops its entries).
-    pub fn set_embed_cache_capacity(&mut self, capacity: usize) {
-        self.embed_cache = EmbedCache::new(capacity);
-    }
-
-    /// (hits, misses) of the image-embedding cache so far, counted per image.
-    pub fn embed_cache_stats(&self) -> (u64, u64) {
-        (self.embed_cache.hits, self.embed_cache.misses)
-    }
-
     /// Vision encoder + Q-Former for a batch, `[B, num_query_tokens, hidden]` as f32.
     /// Images seen recently come from the cache; the others (each distinct one once) run
     /// as one batch.
@@ -122,14 +110,13 @@ impl Pipeline {
         for r in 0..rows {
             let px = pixels.index_axis(Axis(0), r);
             let hit = self.embed_cache.get(hashes[r], px);
-            if hit.is_some() {
-                self.embed_cache.hits += 1;
-            } else if let Some(k) = todo.iter().position(|&t| hashes[t] == hashes[r] && pixels.index_axis(Axis(0), t) == px) {
-                source[r] = k;
-            } else {
-                self.embed_cache.misses += 1;
-                source[r] = todo.len();
-                todo.push(r);
+            if hit.is_none() {
+                if let Some(k) = todo.iter().position(|&t| hashes[t] == hashes[r] && pixels.index_axis(Axis(0), t) == px) {
+                    source[r] = k;
+                } else {
+                    source[r] = todo.len();
+                    todo.push(r);
+                }
             }
             found.push(hit);
         }

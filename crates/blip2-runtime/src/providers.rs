@@ -162,15 +162,6 @@ impl Profile {
     }
 }
 
-/// A `[models."owner/name"]` entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KnownModel {
-    pub id: String,
-    /// `opt` or `t5`.
-    pub family: String,
-    pub description: String,
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
     #[error("{path}: cannot read the config: {source}", path = .path.display())]
@@ -206,10 +197,6 @@ pub enum ProviderError {
 struct RawFile {
     #[serde(default)]
     profiles: BTreeMap<String, RawProfile>,
-    #[serde(default)]
-    models: BTreeMap<String, RawModel>,
-    #[serde(default)]
-    prompts: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -232,14 +219,6 @@ struct RawProfile {
 #[serde(deny_unknown_fields)]
 struct RawGraph {
     providers: Vec<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawModel {
-    family: String,
-    #[serde(default)]
-    description: String,
 }
 
 /// One file's profile, checked but with unset keys left open so a later file can lay
@@ -363,16 +342,11 @@ fn parse_provider_list(list: &[String], profile: &str, origin: &str) -> Result<V
 
 // ---- the merged configuration ----------------------------------------------------------
 
-/// Profiles, known checkpoints and prompt templates: the built-in file with any user file
-/// laid over it.
+/// Execution-provider profiles: the built-in file with any user file laid over it.
 #[derive(Debug, Clone)]
 pub struct Config {
     partial: BTreeMap<String, PartialProfile>,
     profiles: BTreeMap<String, Profile>,
-    /// Known checkpoints by Hub id.
-    pub models: BTreeMap<String, KnownModel>,
-    /// Prompt templates by task (`vqa`); `{}` stands for the user's text.
-    pub prompts: BTreeMap<String, String>,
 }
 
 impl Config {
@@ -383,12 +357,7 @@ impl Config {
 
     /// A config from one TOML text alone; `origin` names it in errors.
     pub fn from_toml(text: &str, origin: &str) -> Result<Config, ProviderError> {
-        let mut c = Config {
-            partial: BTreeMap::new(),
-            profiles: BTreeMap::new(),
-            models: BTreeMap::new(),
-            prompts: BTreeMap::new(),
-        };
+        let mut c = Config { partial: BTreeMap::new(), profiles: BTreeMap::new() };
         c.overlay_toml(text, origin)?;
         Ok(c)
     }
@@ -411,8 +380,8 @@ impl Config {
         self.overlay_toml(&text, &path.display().to_string())
     }
 
-    /// Lays a TOML text over this config: profiles key by key, models and prompts entry
-    /// by entry. On error the config is left unchanged.
+    /// Lays a TOML text over this config, profiles key by key. On error the config is
+    /// left unchanged.
     pub fn overlay_toml(&mut self, text: &str, origin: &str) -> Result<(), ProviderError> {
         let raw: RawFile =
             toml::from_str(text).map_err(|e| ProviderError::Parse { origin: origin.into(), message: e.to_string() })?;
@@ -429,20 +398,8 @@ impl Config {
             .iter()
             .map(|(name, p)| p.resolve(name).map(|r| (name.clone(), r)))
             .collect::<Result<BTreeMap<_, _>, _>>()?;
-        let mut models = self.models.clone();
-        for (id, m) in raw.models {
-            if !["opt", "t5"].contains(&m.family.as_str()) {
-                return Err(ProviderError::Parse {
-                    origin: origin.into(),
-                    message: format!("model \"{id}\": family must be \"opt\" or \"t5\", not \"{}\"", m.family),
-                });
-            }
-            models.insert(id.clone(), KnownModel { id, family: m.family, description: m.description });
-        }
         self.partial = partial;
         self.profiles = profiles;
-        self.models = models;
-        self.prompts.extend(raw.prompts);
         Ok(())
     }
 
@@ -463,10 +420,6 @@ impl Config {
         self.profiles.keys().map(String::as_str).collect()
     }
 
-    /// A prompt template (`vqa`).
-    pub fn prompt(&self, task: &str) -> Option<&str> {
-        self.prompts.get(task).map(String::as_str)
-    }
 }
 
 // ---- registering providers -------------------------------------------------------------
