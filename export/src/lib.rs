@@ -19,16 +19,18 @@ pub mod onnx;
 mod opt;
 pub mod output;
 mod qformer;
+mod retrieval;
 mod source;
 pub mod t5;
 mod vision;
 
 use std::path::{Path, PathBuf};
 
-use blip2_core::{io, GraphInfo, Graphs, Manifest, Target, TensorInfo, MANIFEST_VERSION};
+use blip2_core::{io, GraphInfo, Graphs, Manifest, RetrievalManifest, Target, TensorInfo, MANIFEST_VERSION};
 
 pub use checkpoint::Checkpoint;
 pub use output::remove_partials;
+pub use retrieval::is_retrieval;
 pub use error::{ExportError, Result};
 pub use source::SourceFiles;
 
@@ -147,19 +149,82 @@ impl Progress for NoProgress {
 /// Exports the checkpoint in `src` into the folder `out`, atomically (see [`output`]).
 pub fn export(src: &Path, out: &Path, opts: &ExportOptions, progress: &mut dyn Progress) -> Result<Manifest> {
     output::check_output(out, opts.force)?;
+    if retrieval::is_retrieval(src)? {
+        return Err(ExportError::Config {
+            path: src.into(),
+            message: "an image-text retrieval checkpoint (Blip2ForImageTextRetrieval) has no language model; \
+                      export it with export_any (as blip2-ort export does)"
+                .into(),
+        });
+    }
     // Everything about the source is checked before anything is written.
     let files = SourceFiles::read(src)?;
     let ck = Checkpoint::open(src)?;
+    in_partial_folder(out, progress, |dir, progress| write_all(&files, &ck, dir, opts, progress))
+}
 
+/// Runs `write` on a partial folder beside `out`, then puts it in place (see [`output`]).
+fn in_partial_folder<M>(out: &Path, progress: &mut dyn Progress, write: impl FnOnce(&Path, &mut dyn Progress) -> Result<M>) -> Result<M> {
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(write_err(parent))?;
     let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "export".into());
     output::remove_stale_partials(parent, &name);
     let partial = output::Partial::create(parent.join(output::partial_name(&name, std::process::id())))?;
-    let manifest = write_all(&files, &ck, &partial.path, opts, progress)?;
+    let manifest = write(&partial.path, progress)?;
     output::put_in_place(partial, out)?;
     progress.finish();
     Ok(manifest)
+}
+
+/// What [`export_any`] wrote: a captioning export or an image-text retrieval one.
+#[allow(clippy::large_enum_variant)] // made once per export
+#[derive(Debug, Clone)]
+pub enum Exported {
+    Captioning(Manifest),
+    Retrieval(RetrievalManifest),
+}
+
+impl Exported {
+    pub fn family(&self) -> &str {
+        match self {
+            Exported::Captioning(m) => &m.family,
+            Exported::Retrieval(m) => &m.family,
+        }
+    }
+    pub fn dtype(&self) -> &str {
+        match self {
+            Exported::Captioning(m) => &m.dtype,
+            Exported::Retrieval(m) => &m.dtype,
+        }
+    }
+    /// Files of the export folder, for listings.
+    pub fn files(&self) -> Vec<PathBuf> {
+        match self {
+            Exported::Captioning(m) => export_files(m),
+            Exported::Retrieval(m) => {
+                let g = &m.graphs;
+                let mut v = Vec::new();
+                for g in [&g.vision_encoder, &g.image_embedding, &g.text_embedding, &g.itm] {
+                    v.push(PathBuf::from(&g.file));
+                    v.extend(g.external_data.as_ref().map(PathBuf::from));
+                }
+                v.push(PathBuf::from(io::MANIFEST_FILE));
+                v.push(PathBuf::from(&m.tokenizer_file));
+                v
+            }
+        }
+    }
+}
+
+/// Exports a captioning checkpoint as [`export`] does, or an image-text retrieval one
+/// (Salesforce/blip2-itm-vit-g) to its own graphs; the config decides which.
+pub fn export_any(src: &Path, out: &Path, opts: &ExportOptions, progress: &mut dyn Progress) -> Result<Exported> {
+    output::check_output(out, opts.force)?;
+    if !retrieval::is_retrieval(src)? {
+        return export(src, out, opts, progress).map(Exported::Captioning);
+    }
+    let ck = Checkpoint::open(src)?;
+    in_partial_folder(out, progress, |dir, progress| retrieval::write_all(src, &ck, dir, opts, progress)).map(Exported::Retrieval)
 }
 
 /// The context limit to record: the one asked for if the language model has that many

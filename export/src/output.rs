@@ -23,7 +23,8 @@ pub const REPLACING_MARKER: &str = ".blip2-ort-replacing";
 /// Every file name an export may write into its folder; `--force` touches no other.
 pub fn export_file_names() -> Vec<String> {
     let mut v = vec![io::MANIFEST_FILE.to_string()];
-    for g in [io::VISION_ENCODER_FILE, io::QFORMER_FILE, io::LANGUAGE_MODEL_FILE, io::TEXT_ENCODER_FILE, io::KV_REORDER_FILE] {
+    let retrieval = [io::IMAGE_EMBEDDING_FILE, io::TEXT_EMBEDDING_FILE, io::ITM_FILE];
+    for g in [io::VISION_ENCODER_FILE, io::QFORMER_FILE, io::LANGUAGE_MODEL_FILE, io::TEXT_ENCODER_FILE, io::KV_REORDER_FILE].into_iter().chain(retrieval) {
         v.push(g.to_string());
         v.push(format!("{g}.data"));
     }

@@ -60,18 +60,8 @@ impl SourceFiles {
 
         let proc_path = dir.join("processor_config.json");
         let pre_path = dir.join("preprocessor_config.json");
-        let proc = if proc_path.exists() { Some(read_json(&proc_path, "processor settings")?) } else { None };
-        let image_proc = match proc.as_ref().and_then(|p| p.get("image_processor")) {
-            Some(v) => v.clone(),
-            None => read_json(&pre_path, "the image processor settings (or processor_config.json with image_processor)")?,
-        };
-        let image = image_config(&image_proc, &pre_path)?;
-        let num_query_tokens = proc
-            .as_ref()
-            .and_then(|p| p.get("num_query_tokens"))
-            .and_then(Value::as_u64)
-            .map(|n| n as usize)
-            .unwrap_or(config.blip.num_query_tokens);
+        let (image, proc_query_tokens) = image_settings(dir)?;
+        let num_query_tokens = proc_query_tokens.unwrap_or(config.blip.num_query_tokens);
         if num_query_tokens != config.blip.num_query_tokens {
             return Err(ExportError::Config {
                 path: proc_path,
@@ -146,15 +136,37 @@ impl SourceFiles {
     /// Copies what `infer` reads (the tokenizer) and, for provenance, the source's own
     /// configuration files.
     pub fn copy_runtime_files(&self, out: &Path) -> Result<()> {
-        for f in RUNTIME_FILES {
-            let src = self.dir.join(f);
-            if src.exists() {
-                let dst = out.join(f);
-                std::fs::copy(&src, &dst).map_err(write_err(&dst))?;
-            }
-        }
-        Ok(())
+        copy_files(&self.dir, out)
     }
+}
+
+/// The image processor settings of the checkpoint in `dir`, from `processor_config.json`'s
+/// nested `image_processor` (transformers 5) or the flat `preprocessor_config.json`
+/// (older Hub layout), and the processor's `num_query_tokens` when it records one.
+pub(crate) fn image_settings(dir: &Path) -> Result<(ImageConfig, Option<usize>)> {
+    let proc_path = dir.join("processor_config.json");
+    let pre_path = dir.join("preprocessor_config.json");
+    let proc = if proc_path.exists() { Some(read_json(&proc_path, "processor settings")?) } else { None };
+    let image_proc = match proc.as_ref().and_then(|p| p.get("image_processor")) {
+        Some(v) => v.clone(),
+        None => read_json(&pre_path, "the image processor settings (or processor_config.json with image_processor)")?,
+    };
+    let image = image_config(&image_proc, &pre_path)?;
+    let num_query_tokens = proc.as_ref().and_then(|p| p.get("num_query_tokens")).and_then(Value::as_u64).map(|n| n as usize);
+    Ok((image, num_query_tokens))
+}
+
+/// Copies what `infer` reads (the tokenizer) and, for provenance, the source's own
+/// configuration files ([`RUNTIME_FILES`]) from the checkpoint folder `dir` into `out`.
+pub(crate) fn copy_files(dir: &Path, out: &Path) -> Result<()> {
+    for f in RUNTIME_FILES {
+        let src = dir.join(f);
+        if src.exists() {
+            let dst = out.join(f);
+            std::fs::copy(&src, &dst).map_err(write_err(&dst))?;
+        }
+    }
+    Ok(())
 }
 
 /// The id a token added to this tokenizer would get: one past the largest id in use.

@@ -86,3 +86,15 @@ pub const DIM_ENCODER_SEQUENCE: &str = "encoder_sequence_length";
 pub const DIM_MAX_SEQUENCE: &str = "max_sequence_length";
 pub const DIM_TOP_K: &str = "top_k";
 pub const DIM_NEW_BATCH: &str = "new_batch_size";
+
+// Image-text retrieval exports (family "retrieval", Salesforce/blip2-itm-vit-g): the
+// vision encoder above, then three graphs over its image features and the text.
+pub const IMAGE_EMBEDDING_FILE: &str = "image_embedding.onnx";
+pub const TEXT_EMBEDDING_FILE: &str = "text_embedding.onnx";
+pub const ITM_FILE: &str = "itm.onnx";
+/// image_embedding.onnx: L2-normalized query embeddings `[batch, num_query_tokens, dim]`.
+pub const IMAGE_EMBEDDINGS: &str = "image_embeddings";
+/// text_embedding.onnx: L2-normalized [CLS] embeddings `[batch, dim]`.
+pub const TEXT_EMBEDDINGS: &str = "text_embeddings";
+/// itm.onnx: the image-text matching head's two logits (no match, match) `[batch, 2]`.
+pub const ITM_LOGITS: &str = "itm_logits";

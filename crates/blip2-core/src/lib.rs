@@ -4,5 +4,7 @@
 
 pub mod io;
 mod manifest;
+mod retrieval;
 
 pub use manifest::*;
+pub use retrieval::*;

@@ -217,6 +217,9 @@ pub enum ManifestError {
     Parse { path: String, source: serde_json::Error },
     #[error("{path}: manifest version {found} is not supported (this build reads version {MANIFEST_VERSION}); re-export the model")]
     Version { path: String, found: u32 },
+    /// The folder holds the other kind of export (captioning vs retrieval).
+    #[error("{path}: {message}")]
+    WrongKind { path: String, message: String },
 }
 
 impl Manifest {
@@ -224,6 +227,17 @@ impl Manifest {
     pub fn load(model_dir: &Path) -> Result<Self, ManifestError> {
         let path = model_dir.join(crate::io::MANIFEST_FILE);
         let p = path.display().to_string();
+        if crate::manifest_family(model_dir)? == crate::RETRIEVAL_FAMILY {
+            return Err(ManifestError::WrongKind {
+                path: p,
+                message: format!(
+                    "an image-text retrieval export: it supports the infer tasks {}; {} need a captioning export \
+                     (e.g. of Salesforce/blip2-opt-2.7b)",
+                    crate::RETRIEVAL_TASKS,
+                    crate::CAPTIONING_TASKS
+                ),
+            });
+        }
         let text = std::fs::read_to_string(&path).map_err(|source| ManifestError::Io { path: p.clone(), source })?;
         let m: Manifest = serde_json::from_str(&text).map_err(|source| ManifestError::Parse { path: p.clone(), source })?;
         if m.manifest_version != MANIFEST_VERSION {
