@@ -17,3 +17,4 @@ pub mod pipeline;
 pub mod preprocess;
 mod jpeg;
 pub mod orientation;
+pub mod retrieval;
