@@ -121,23 +121,26 @@ pub fn run(a: &ExportArgs, quiet: bool) -> Result<()> {
     };
     let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
     bar.set_style(ProgressStyle::with_template("{msg:16} {bar:40} {bytes}/{total_bytes} {eta}").expect("valid template"));
-    let manifest = blip2_export::export(&src, &a.output, &opts, &mut Bars { bar })?;
+    let exported = blip2_export::export_any(&src, &a.output, &opts, &mut Bars { bar })?;
     if !quiet {
-        let mut quant = manifest.quantization.as_deref().map(|q| format!(", {q} weights")).unwrap_or_default();
-        if let Some(q) = &manifest.encoder_quantization {
-            quant.push_str(&format!(", {q} encoders"));
-        }
-        if !manifest.target.is_portable() {
-            quant.push_str(&format!(", {} target", manifest.target.name()));
+        let mut quant = String::new();
+        if let blip2_export::Exported::Captioning(manifest) = &exported {
+            quant = manifest.quantization.as_deref().map(|q| format!(", {q} weights")).unwrap_or_default();
+            if let Some(q) = &manifest.encoder_quantization {
+                quant.push_str(&format!(", {q} encoders"));
+            }
+            if !manifest.target.is_portable() {
+                quant.push_str(&format!(", {} target", manifest.target.name()));
+            }
         }
         eprintln!(
             "exported {} ({}, {}{quant}) in {:.1}s",
             a.model,
-            manifest.family,
-            manifest.dtype,
+            exported.family(),
+            exported.dtype(),
             start.elapsed().as_secs_f64()
         );
-        for f in blip2_export::export_files(&manifest) {
+        for f in exported.files() {
             let p = a.output.join(&f);
             let size = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
             eprintln!("  {:<28} {:>10}", f.display(), human(size));

@@ -52,6 +52,14 @@ pub enum Task {
     Chat { image: PathBuf },
     /// Run a JSONL file of requests: {"image": PATH, "prompt": TEXT} or {"image": PATH, "question": TEXT}.
     Batch { requests: PathBuf },
+    /// Retrieval exports: image-text matching probability (ITM) and ITC score of an image with each text.
+    Itm(crate::retrieval_cmd::ItmArgs),
+    /// Retrieval exports: normalized query embeddings of images (one row per query).
+    EmbedImage(crate::retrieval_cmd::EmbedImageArgs),
+    /// Retrieval exports: normalized text embeddings.
+    EmbedText(crate::retrieval_cmd::EmbedTextArgs),
+    /// Retrieval exports: images ordered by ITC score with a text, optionally reranked by ITM.
+    Rank(crate::retrieval_cmd::RankArgs),
 }
 
 /// Generation flags; unset ones come from the model's generation_config.json, then
@@ -182,7 +190,7 @@ pub fn resolve_model(model: &str, quiet: bool) -> Result<PathBuf> {
         eprintln!("exporting {model} into {} (once)", out.display());
     }
     let opts = blip2_export::ExportOptions { source_label: model.to_string(), ..Default::default() };
-    match blip2_export::export(&src, &out, &opts, &mut blip2_export::NoProgress) {
+    match blip2_export::export_any(&src, &out, &opts, &mut blip2_export::NoProgress) {
         Ok(_) => {}
         // Another process exported the same checkpoint meanwhile.
         Err(blip2_export::ExportError::OutputExists { .. }) if out.join(blip2_core::io::MANIFEST_FILE).exists() => {}
@@ -312,6 +320,16 @@ pub fn run(a: &InferArgs, quiet: bool) -> Result<i32> {
         return Err(UsageError("--model is required: an exported folder, a checkpoint folder or a Hub id".into()).into());
     };
     let dir = resolve_model(model, quiet)?;
+    let retrieval = match &a.task {
+        Task::Itm(t) => Some(crate::retrieval_cmd::Task::Itm(t)),
+        Task::EmbedImage(t) => Some(crate::retrieval_cmd::Task::EmbedImage(t)),
+        Task::EmbedText(t) => Some(crate::retrieval_cmd::Task::EmbedText(t)),
+        Task::Rank(t) => Some(crate::retrieval_cmd::Task::Rank(t)),
+        _ => None,
+    };
+    if let Some(task) = retrieval {
+        return crate::retrieval_cmd::run(task, &dir, &a.session, a.json, a.batch_size);
+    }
     let mut pipe = crate::session::load_pipeline(&dir, &a.session)?;
     let cfg = a.gen.apply(pipe.default_config())?;
     let out = Out { json: a.json };
@@ -344,6 +362,7 @@ pub fn run(a: &InferArgs, quiet: bool) -> Result<i32> {
         }
         Task::Chat { image } => chat(&mut pipe, image, &cfg, &out),
         Task::Batch { requests } => crate::batch::run(&mut pipe, requests, &cfg, a.batch_size),
+        Task::Itm(_) | Task::EmbedImage(_) | Task::EmbedText(_) | Task::Rank(_) => unreachable!("run by retrieval_cmd above"),
     }
 }
 

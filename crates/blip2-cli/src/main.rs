@@ -7,6 +7,7 @@ mod bench_cmd;
 mod export_cmd;
 mod hub;
 mod infer_cmd;
+mod retrieval_cmd;
 mod session;
 mod signals;
 
