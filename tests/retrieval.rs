@@ -178,7 +178,6 @@ fn each_loader_names_the_other_kind_of_export() {
 
     // The captioning exporter refuses a retrieval checkpoint by name.
     let e = blip2_export::export(&fixture("itm-tiny").join("checkpoint"), &temp_dir("retrieval-refused").join("x"), &Default::default(), &mut blip2_export::NoProgress)
-        .err()
-        .expect("export() is for captioning checkpoints");
+        .expect_err("export() is for captioning checkpoints");
     assert!(e.to_string().contains("image-text retrieval checkpoint"), "{e}");
 }
