@@ -181,3 +181,61 @@ fn each_loader_names_the_other_kind_of_export() {
         .expect_err("export() is for captioning checkpoints");
     assert!(e.to_string().contains("image-text retrieval checkpoint"), "{e}");
 }
+
+/// A copy of fixture `name`'s checkpoint with `edit` applied to its config.json.
+fn edited_checkpoint(name: &str, test: &str, edit: impl FnOnce(&mut serde_json::Value)) -> std::path::PathBuf {
+    let dir = temp_dir(&format!("retrieval-{test}")).join("checkpoint");
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(fixture(name).join("checkpoint")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+    }
+    let path = dir.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    dir
+}
+
+#[test]
+fn a_config_without_architectures_is_recognized_by_its_weights() {
+    let ck = edited_checkpoint("itm-tiny-sharded", "no-architectures", |c| {
+        c.as_object_mut().unwrap().remove("architectures");
+    });
+    assert!(blip2_export::is_retrieval(&ck).unwrap());
+    let out = ck.parent().unwrap().join("export");
+    let e = blip2_export::export_any(&ck, &out, &Default::default(), &mut blip2_export::NoProgress).unwrap();
+    assert_eq!(e.family(), "retrieval");
+    // A captioning checkpoint stays one.
+    assert!(!blip2_export::is_retrieval(&fixture("opt-tiny").join("checkpoint")).unwrap());
+}
+
+#[test]
+fn retrieval_export_errors_name_the_problem() {
+    let src = fixture("itm-tiny").join("checkpoint");
+    let out = temp_dir("retrieval-export-errors").join("export");
+    let run = |opts: &blip2_export::ExportOptions| {
+        blip2_export::export_any(&src, &out, opts, &mut blip2_export::NoProgress).expect_err("refused").to_string()
+    };
+    let e = run(&blip2_export::ExportOptions { quantize: Some(blip2_export::Quantize::Int8), ..Default::default() });
+    assert!(e.contains("--quantize") && e.contains("not quantized"), "{e}");
+    let e = run(&blip2_export::ExportOptions { target: blip2_core::Target::Cuda, ..Default::default() });
+    assert!(e.contains("--target") && e.contains("portable"), "{e}");
+    assert!(!out.exists(), "nothing is written when the export is refused");
+
+    // A Q-Former without its text feed-forward (use_qformer_text_input false) cannot
+    // embed text: the missing tensor is named.
+    let ck = temp_dir("retrieval-no-text-ffn").join("checkpoint");
+    std::fs::create_dir_all(&ck).unwrap();
+    for f in ["config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(src.join(f), ck.join(f)).unwrap();
+    }
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let t = safetensors::SafeTensors::deserialize(&bytes).unwrap().tensors();
+    let kept: Vec<_> = t.into_iter().filter(|(n, _)| !n.contains(".intermediate.dense")).collect();
+    safetensors::serialize_to_file(kept, None, &ck.join("model.safetensors")).unwrap();
+    let e = blip2_export::export_any(&ck, &ck.parent().unwrap().join("export"), &Default::default(), &mut blip2_export::NoProgress)
+        .expect_err("text feed-forward missing")
+        .to_string();
+    assert!(e.contains("tensor qformer.encoder.layer.0.intermediate.dense.weight: missing"), "{e}");
+}

@@ -48,7 +48,7 @@ pub struct EmbedOutput {
     #[arg(long, value_enum, default_value = "json")]
     pub format: EmbedFormat,
     /// The .npy file to write with --format npy (written whole or not at all).
-    #[arg(long, short)]
+    #[arg(long, short, required_if_eq("format", "npy"))]
     pub output: Option<PathBuf>,
 }
 
@@ -67,8 +67,8 @@ pub struct RankArgs {
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
     /// Rescore the top K images by ITC with the ITM head and order those by it.
-    #[arg(long)]
-    pub rerank: Option<usize>,
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub rerank: Option<u64>,
 }
 
 /// A retrieval task, as parsed by `infer`.
@@ -96,7 +96,6 @@ pub fn run(task: Task<'_>, dir: &Path, session: &SessionOptions, json: bool, bat
     match &task {
         Task::EmbedImage(a) => check_output(&a.out)?,
         Task::EmbedText(a) => check_output(&a.out)?,
-        Task::Rank(a) if a.rerank == Some(0) => bail!("--rerank must be at least 1"),
         _ => {}
     }
     let mut m = load(dir, session)?;
@@ -110,6 +109,7 @@ pub fn run(task: Task<'_>, dir: &Path, session: &SessionOptions, json: bool, bat
 
 fn check_output(o: &EmbedOutput) -> Result<()> {
     match (o.format, &o.output) {
+        // clap requires --output with --format npy.
         (EmbedFormat::Npy, None) => bail!("--format npy needs --output FILE.npy"),
         (EmbedFormat::Json, Some(_)) => bail!("--output is for --format npy; json goes to stdout"),
         _ => Ok(()),
@@ -222,7 +222,7 @@ fn rank(m: &mut RetrievalModel, a: &RankArgs, json: bool, batch_size: usize) -> 
     let batch = m.tokenize(texts)?;
     warn_truncated(m, texts, &batch.truncated);
     let text = m.embed_text_batch(&batch)?;
-    let rerank = a.rerank.unwrap_or(0).min(a.images.len());
+    let rerank = (a.rerank.unwrap_or(0) as usize).min(a.images.len());
     // (image index, itc, itm); features are kept only for the images ITM may rescore.
     let mut scored: Vec<(usize, f32, Option<f32>)> = Vec::with_capacity(a.images.len());
     let mut kept = Vec::new();
