@@ -100,7 +100,7 @@ pub fn run(task: Task<'_>, dir: &Path, session: &SessionOptions, json: bool, bat
     }
     let mut m = load(dir, session)?;
     match task {
-        Task::Itm(a) => itm(&mut m, a, json),
+        Task::Itm(a) => itm(&mut m, a, json, batch_size),
         Task::EmbedImage(a) => embed_images(&mut m, a, batch_size),
         Task::EmbedText(a) => embed_texts(&mut m, a, batch_size),
         Task::Rank(a) => rank(&mut m, a, json, batch_size),
@@ -124,21 +124,25 @@ fn warn_truncated(m: &RetrievalModel, texts: &[String], truncated: &[bool]) {
     }
 }
 
-fn itm(m: &mut RetrievalModel, a: &ItmArgs, json: bool) -> Result<i32> {
+fn itm(m: &mut RetrievalModel, a: &ItmArgs, json: bool, batch_size: usize) -> Result<i32> {
     let img = m.load_image(&a.image)?;
+    // One vision-encoder pass feeds both heads.
     let feats = m.image_features(m.pixels(&[img])?)?;
-    let batch = m.tokenize(&a.texts)?;
-    warn_truncated(m, &a.texts, &batch.truncated);
-    let probs = m.itm(&feats, 0, &batch)?;
     let image_embeds = m.embed_image_features(&feats)?;
-    let text_embeds = m.embed_text_batch(&batch)?;
     let mut out = std::io::stdout().lock();
-    for (i, t) in a.texts.iter().enumerate() {
-        let s = itc(image_embeds.index_axis(Axis(0), 0), text_embeds.row(i));
-        if json {
-            writeln!(out, "{}", json!({"image": a.image.display().to_string(), "text": t, "itm": probs[i], "itc": s}))?;
-        } else {
-            writeln!(out, "{:.6}\t{:.6}\t{t}", probs[i], s)?;
+    // Texts run --batch-size at a time: ITM repeats the image's features once per text.
+    for chunk in a.texts.chunks(batch_size) {
+        let batch = m.tokenize(chunk)?;
+        warn_truncated(m, chunk, &batch.truncated);
+        let probs = m.itm(&feats, 0, &batch)?;
+        let text_embeds = m.embed_text_batch(&batch)?;
+        for (i, t) in chunk.iter().enumerate() {
+            let s = itc(image_embeds.index_axis(Axis(0), 0), text_embeds.row(i));
+            if json {
+                writeln!(out, "{}", json!({"image": a.image.display().to_string(), "text": t, "itm": probs[i], "itc": s}))?;
+            } else {
+                writeln!(out, "{:.6}\t{:.6}\t{t}", probs[i], s)?;
+            }
         }
     }
     out.flush()?;

@@ -102,7 +102,8 @@ fn itm_prints_transformers_itm_and_itc_per_text() {
         let (itc, _) = &r.arrays["itc"];
         let t = r.texts.len();
         for (i, p) in r.photos.iter().enumerate() {
-            let mut args = vec!["itm".to_string(), photo(p), "--json".into()];
+            // --batch-size 3 splits the four texts into two ITM calls.
+            let mut args = vec!["itm".to_string(), photo(p), "--json".into(), "--batch-size".into(), "3".into()];
             for text in &r.texts {
                 args.extend(["--text".into(), text.clone()]);
             }
