@@ -272,3 +272,26 @@ pub fn match_probability(no: f32, yes: f32) -> f32 {
 pub fn itc(image: ArrayView2<'_, f32>, text: ArrayView1<'_, f32>) -> f32 {
     image.dot(&text).fold(f32::NEG_INFINITY, |m, &x| m.max(x))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{arr1, arr2};
+
+    #[test]
+    fn match_probability_is_the_softmax_second_entry() {
+        // softmax([0, ln 3]) = [1/4, 3/4]
+        assert!((match_probability(0.0, 3f32.ln()) - 0.75).abs() < 1e-7);
+        // Large logits do not overflow: softmax([1000, 1001])[1] = 1 / (1 + e^-1).
+        let p = match_probability(1000.0, 1001.0);
+        assert!((p - 1.0 / (1.0 + (-1f32).exp())).abs() < 1e-6, "{p}");
+        assert_eq!(match_probability(5.0, 5.0), 0.5);
+    }
+
+    #[test]
+    fn itc_is_the_best_query() {
+        let image = arr2(&[[1.0, 0.0], [0.6, 0.8], [0.0, -1.0]]);
+        assert!((itc(image.view(), arr1(&[0.0, 1.0]).view()) - 0.8).abs() < 1e-7);
+        assert!((itc(image.view(), arr1(&[0.0, -1.0]).view()) - 1.0).abs() < 1e-7);
+    }
+}
