@@ -41,8 +41,8 @@ from transformers.utils import logging as hf_logging
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from make_fixtures import FIX, WORDS, load_image, save_npy  # noqa: E402
 
-# PNG and GIF only: their decoders agree with Pillow bit for bit, so end-to-end results can be
-# held to 1e-5 (JPEG decoders differ by up to one 8-bit level; see README, Images).
+# PNG and GIF: decoded bit for bit as Pillow decodes them, so end-to-end results are held to
+# 1e-5 (JPEG decoding has its own photo fixtures).
 PHOTOS = ["chelsea.png", "camera.png", "no_time_for_that_tiny.gif"]
 # Short and long texts, words split into pieces (xylophones), unknown ones (42), upper
 # case and accents (the tokenizer lowercases and strips them), punctuation.
