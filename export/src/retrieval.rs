@@ -100,13 +100,15 @@ pub(crate) fn write_all(src: &Path, ck: &Checkpoint, dir: &Path, opts: &ExportOp
     let text: QFormerText = serde_json::from_value(value.get("qformer_config").cloned().unwrap_or(Value::Null))
         .map_err(|e| bad(&cfg_path, format!("qformer_config: {e}")))?;
     if opts.quantize.is_some() || opts.quantize_encoders {
-        return Err(bad(Path::new("--quantize"), "retrieval exports are not quantized; leave out --quantize and --quantize-encoders".into()));
+        let flag = if opts.quantize.is_some() { "--quantize" } else { "--quantize-encoders" };
+        return Err(ExportError::Flag { flag, message: "retrieval exports are not quantized; leave it out".into() });
     }
     if opts.target != blip2_core::Target::Portable {
-        return Err(bad(
-            Path::new("--target"),
-            "retrieval exports have portable graphs only (they run on the cuda profile as they are); leave out --target".into(),
-        ));
+        return Err(ExportError::Flag {
+            flag: "--target",
+            message: "retrieval exports have portable graphs only (they run on the cuda profile as they are); leave it out"
+                .into(),
+        });
     }
     let (v, q) = (&cfg.vision_config, &cfg.qformer_config);
     if v.patch_size == 0 || v.image_size % v.patch_size != 0 {

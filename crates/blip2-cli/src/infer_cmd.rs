@@ -24,7 +24,7 @@ pub struct InferArgs {
     /// One JSON object per result per line on stdout.
     #[arg(long, global = true)]
     pub json: bool,
-    /// Images per batch for caption and batch.
+    /// Images per batch for caption and batch (images or texts per call for the retrieval tasks).
     #[arg(long, global = true, default_value_t = 8, value_parser = crate::args::positive)]
     pub batch_size: usize,
     #[command(flatten)]

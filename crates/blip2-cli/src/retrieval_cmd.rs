@@ -13,6 +13,7 @@ use ndarray::{Array2, Array3, Axis};
 use serde_json::json;
 
 use crate::session::SessionOptions;
+use crate::UsageError;
 
 /// `itm IMAGE --text T [--text T2 ...]`
 #[derive(Args, Debug)]
@@ -90,7 +91,7 @@ fn load(dir: &Path, o: &SessionOptions) -> Result<RetrievalModel> {
 
 pub fn run(task: Task<'_>, dir: &Path, session: &SessionOptions, json: bool, batch_size: usize) -> Result<i32> {
     if batch_size == 0 {
-        bail!("--batch-size must be at least 1");
+        return Err(UsageError("--batch-size must be at least 1".into()).into());
     }
     // Flags are checked before the model is loaded.
     match &task {
@@ -110,8 +111,8 @@ pub fn run(task: Task<'_>, dir: &Path, session: &SessionOptions, json: bool, bat
 fn check_output(o: &EmbedOutput) -> Result<()> {
     match (o.format, &o.output) {
         // clap requires --output with --format npy.
-        (EmbedFormat::Npy, None) => bail!("--format npy needs --output FILE.npy"),
-        (EmbedFormat::Json, Some(_)) => bail!("--output is for --format npy; json goes to stdout"),
+        (EmbedFormat::Npy, None) => Err(UsageError("--format npy needs --output FILE.npy".into()).into()),
+        (EmbedFormat::Json, Some(_)) => Err(UsageError("--output is for --format npy; json goes to stdout".into()).into()),
         _ => Ok(()),
     }
 }

@@ -254,7 +254,7 @@ fn bad_input_is_named() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("missing.png"));
     assert!(!out.exists());
-    // Usage errors (status 2): npy without a file, --rerank 0; --output without npy (1).
+    // Usage errors (status 2): npy without a file, --rerank 0, --output without npy.
     let o = run(&m, &["embed-text", "--format", "npy", "a cat"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--output"), "{}", stderr(&o));
@@ -262,7 +262,7 @@ fn bad_input_is_named() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--rerank"), "{}", stderr(&o));
     let o = run(&m, &["embed-text", "-o", "x.npy", "a cat"]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--output is for --format npy"), "{}", stderr(&o));
     // A token outside the Q-Former's vocabulary (the processor's <image>) is named.
     let o = run(&m, &["embed-text", "<image> a cat"]);
