@@ -204,7 +204,7 @@ fn fp16_cuda_target_agrees_with_fp32_reference() {
     // transformers' fp32 ones (at least 90% agree, as for the portable fp16 exports).
     for name in CHECKPOINTS {
         let out = temp_dir(&format!("cuda-target-fp16-{name}")).join("export");
-        let opts = blip2_export::ExportOptions { target: Target::Cuda, dtype: blip2_export::ExportDtype::Fp16, ..Default::default() };
+        let opts = blip2_export::ExportOptions { target: Target::Cuda, dtype: blip2_core::Dtype::Fp16, ..Default::default() };
         blip2_export::export(&fixture(name).join("checkpoint"), &out, &opts, &mut blip2_export::NoProgress).unwrap();
         let mut p = Pipeline::load(&out, &mut session_factory()).unwrap();
         let (same, total) = token_agreement(&mut p, &cases(name), |_| true);

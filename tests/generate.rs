@@ -137,7 +137,7 @@ fn sampling_with_a_seed_is_reproducible() {
 /// (up to the first difference in each sequence) over every recorded case.
 fn fp16_agreement(name: &str) -> (usize, usize) {
     let out = temp_dir(&format!("generate-fp16-{name}")).join("export");
-    let opts = blip2_export::ExportOptions { dtype: blip2_export::ExportDtype::Fp16, ..Default::default() };
+    let opts = blip2_export::ExportOptions { dtype: blip2_core::Dtype::Fp16, ..Default::default() };
     blip2_export::export(&fixture(name).join("checkpoint"), &out, &opts, &mut blip2_export::NoProgress).unwrap();
     let mut p = Pipeline::load(&out, &mut session_factory()).unwrap();
     // transformers' own batched T5 run differs from its single runs (see above).

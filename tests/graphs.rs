@@ -76,7 +76,7 @@ fn opt_fp16_agrees_with_fp32_reference() {
     // keeps it): every output within 1% of its scale of transformers' fp32 output, and
     // the same most likely token.
     for name in CHECKPOINTS {
-        let opts = blip2_export::ExportOptions { dtype: blip2_export::ExportDtype::Fp16, ..Default::default() };
+        let opts = blip2_export::ExportOptions { dtype: blip2_core::Dtype::Fp16, ..Default::default() };
         let dir = export_with(name, &format!("graphs-fp16-{name}"), &opts);
         let errs = errors(name, &dir);
         assert_eq!(errs.len(), 5, "{name}: every graph output compared");
@@ -106,7 +106,7 @@ fn external_data_layout_matches_too() {
 
 /// Flan-T5 shaped checkpoint: vision, Q-Former, text encoder, then the decoder from
 /// decoder_start_token_id and two cached steps.
-fn check_t5(dtype: blip2_export::ExportDtype) -> Vec<(f32, f32, bool)> {
+fn check_t5(dtype: blip2_core::Dtype) -> Vec<(f32, f32, bool)> {
     let name = "t5-tiny";
     let out = temp_dir(&format!("graphs-t5-{}", dtype.name())).join("export");
     let opts = blip2_export::ExportOptions { dtype, ..Default::default() };
@@ -125,7 +125,7 @@ fn check_t5(dtype: blip2_export::ExportDtype) -> Vec<(f32, f32, bool)> {
     let mut record = |what: &str, a: &ArrayD<f32>, b: &ArrayD<f32>| {
         let (diff, scale) = blip2_ort_suite::max_abs_diff(a, b);
         let same_argmax = a.shape().last() == b.shape().last() && argmax_last(a) == argmax_last(b);
-        if dtype == blip2_export::ExportDtype::Fp32 {
+        if dtype == blip2_core::Dtype::Fp32 {
             assert_close(&format!("t5-tiny: {what}"), a, b);
         }
         errs.push((diff, scale, same_argmax));
@@ -168,7 +168,7 @@ fn argmax_last(a: &ArrayD<f32>) -> Vec<usize> {
 
 #[test]
 fn t5_graphs_match_transformers() {
-    let errs = check_t5(blip2_export::ExportDtype::Fp32);
+    let errs = check_t5(blip2_core::Dtype::Fp32);
     assert_eq!(errs.len(), 5);
 }
 
@@ -176,7 +176,7 @@ fn t5_graphs_match_transformers() {
 fn t5_fp16_agrees_with_fp32_reference() {
     // fp16 keeps wo and the residual stream in fp32; its logits stay within 1% of the
     // reference's scale and pick the same tokens.
-    let errs = check_t5(blip2_export::ExportDtype::Fp16);
+    let errs = check_t5(blip2_core::Dtype::Fp16);
     for (i, (diff, scale, same)) in errs.iter().enumerate().skip(2) {
         assert!(*diff <= 1e-2 * scale, "output {i}: fp16 error {diff} vs scale {scale}");
         assert!(same, "output {i}: fp16 picks another token");

@@ -5,7 +5,8 @@
 
 use std::path::PathBuf;
 
-use blip2_export::{ExportOptions, Quantize};
+use blip2_core::Quantization;
+use blip2_export::ExportOptions;
 use blip2_ort_suite::{fixture, ids, max_abs_diff, read_npy, run_case, session_factory, temp_dir};
 use blip2_runtime::model::{f32_value, to_f32, Blip2Model};
 use blip2_runtime::state::opt::OptState;
@@ -17,7 +18,7 @@ use serde_json::Value;
 /// MatMulNBits, and with `encoders` the vision encoder and Q-Former with dynamic int8.
 #[derive(Clone, Copy)]
 struct Variant {
-    weights: Option<Quantize>,
+    weights: Option<Quantization>,
     encoders: bool,
 }
 
@@ -66,8 +67,8 @@ fn measure(name: &str, v: Variant) -> Agreement {
     let refd = fixture(name).join("reference");
     let mut model = Blip2Model::load(&dir, &mut session_factory()).unwrap();
     let m = model.manifest.clone();
-    assert_eq!(m.quantization.as_deref(), v.weights.map(|q| q.name()));
-    assert_eq!(m.encoder_quantization.as_deref(), v.encoders.then_some(blip2_export::ENCODER_INT8));
+    assert_eq!(m.quantization, v.weights);
+    assert_eq!(m.encoder_quantization, v.encoders.then_some(blip2_core::EncoderQuantization::Int8Dynamic));
 
     // Each graph is fed transformers' own inputs, so each is judged alone.
     let (features, embeds) = encoder_errors(&mut model, &refd);
@@ -108,7 +109,7 @@ fn measure(name: &str, v: Variant) -> Agreement {
     Agreement { features, embeds, prefill_logits, same, total }
 }
 
-const INT8: Variant = Variant { weights: Some(Quantize::Int8), encoders: false };
+const INT8: Variant = Variant { weights: Some(Quantization::Int8), encoders: false };
 
 #[test]
 fn int8_weights_stay_close_to_fp32() {
@@ -125,7 +126,7 @@ fn int8_weights_stay_close_to_fp32() {
 #[test]
 fn int4_weights_run_and_report_their_agreement() {
     for name in ["opt-tiny-sharded", "opt-tiny"] {
-        let a = measure(name, Variant { weights: Some(Quantize::Int4), encoders: false });
+        let a = measure(name, Variant { weights: Some(Quantization::Int4), encoders: false });
         // 4-bit blocks: clearly coarser than int8 (measured ~1-2%), yet bounded (measured
         // 15-16% on image features, 16-29% on logits: docs/PERFORMANCE.md).
         let int8 = measure(name, INT8);
@@ -146,7 +147,7 @@ fn int8_encoders_stay_close_to_fp32() {
         assert!(a.prefill_logits < 1e-4, "{name}: logits {:.4}% off", a.prefill_logits * 100.0);
         assert!(a.total > 100 && a.same * 2 >= a.total, "{name}: only {}/{} tokens agree", a.same, a.total);
         // With the int8 LM as well: the fastest CPU export.
-        let a = measure(name, Variant { weights: Some(Quantize::Int8), encoders: true });
+        let a = measure(name, Variant { weights: Some(Quantization::Int8), encoders: true });
         assert!(a.features < 0.05 && a.embeds < 0.05 && a.prefill_logits < 0.05, "{name}: errors too large");
         assert!(a.total > 100 && a.same * 2 >= a.total, "{name}: only {}/{} tokens agree", a.same, a.total);
     }
@@ -165,11 +166,11 @@ fn int8_encoders_on_t5_stay_close_to_fp32() {
 #[test]
 fn quantized_fp16_is_refused() {
     let out = temp_dir("quantize-fp16").join("export");
-    let opts = ExportOptions { quantize: Some(Quantize::Int8), dtype: blip2_export::ExportDtype::Fp16, ..Default::default() };
+    let opts = ExportOptions { quantize: Some(Quantization::Int8), dtype: blip2_core::Dtype::Fp16, ..Default::default() };
     let e = blip2_export::export(&fixture("opt-tiny").join("checkpoint"), &out, &opts, &mut blip2_export::NoProgress).unwrap_err();
     assert!(e.to_string().contains("--quantize"), "{e}");
     assert!(!out.exists());
-    let opts = ExportOptions { quantize_encoders: true, dtype: blip2_export::ExportDtype::Fp16, ..Default::default() };
+    let opts = ExportOptions { quantize_encoders: true, dtype: blip2_core::Dtype::Fp16, ..Default::default() };
     let e = blip2_export::export(&fixture("opt-tiny").join("checkpoint"), &out, &opts, &mut blip2_export::NoProgress).unwrap_err();
     assert!(e.to_string().contains("--quantize-encoders"), "{e}");
     assert!(!out.exists());

@@ -12,7 +12,7 @@ use ndarray::{Array2, Array3, ArrayD, Axis, Ix3};
 const RETRIEVAL: &[&str] = &["itm-tiny", "itm-tiny-sharded"];
 
 /// Exports fixture `name` into a folder of its own for `test` (tests run in parallel).
-fn export(name: &str, dtype: blip2_export::ExportDtype, test: &str) -> std::path::PathBuf {
+fn export(name: &str, dtype: blip2_core::Dtype, test: &str) -> std::path::PathBuf {
     let out = temp_dir(&format!("retrieval-{test}-{name}-{}", dtype.name())).join("export");
     let opts = blip2_export::ExportOptions { dtype, source_label: name.into(), ..Default::default() };
     let exported = blip2_export::export_any(&fixture(name).join("checkpoint"), &out, &opts, &mut blip2_export::NoProgress).unwrap();
@@ -97,7 +97,7 @@ fn compute(m: &mut RetrievalModel, r: &Reference, feats: Option<ImageFeatures>) 
 #[test]
 fn every_retrieval_graph_matches_transformers() {
     for &name in RETRIEVAL {
-        let dir = export(name, blip2_export::ExportDtype::Fp32, "graphs");
+        let dir = export(name, blip2_core::Dtype::Fp32, "graphs");
         let r = reference(name);
         let mut m = RetrievalModel::load(&dir, &mut session_factory()).unwrap();
 
@@ -129,7 +129,7 @@ fn every_retrieval_graph_matches_transformers() {
 #[test]
 fn texts_alone_equal_texts_in_a_padded_batch() {
     let name = "itm-tiny";
-    let dir = export(name, blip2_export::ExportDtype::Fp32, "padding");
+    let dir = export(name, blip2_core::Dtype::Fp32, "padding");
     let r = reference(name);
     let mut m = RetrievalModel::load(&dir, &mut session_factory()).unwrap();
     let all = m.embed_texts(&r.texts).unwrap();
@@ -145,7 +145,7 @@ fn texts_alone_equal_texts_in_a_padded_batch() {
 #[test]
 fn fp16_export_agreement_is_measured() {
     for &name in RETRIEVAL {
-        let dir = export(name, blip2_export::ExportDtype::Fp16, "fp16");
+        let dir = export(name, blip2_core::Dtype::Fp16, "fp16");
         let r = reference(name);
         let mut m = RetrievalModel::load(&dir, &mut session_factory()).unwrap();
         let c = compute(&mut m, &r, None);
@@ -165,7 +165,7 @@ fn fp16_export_agreement_is_measured() {
 
 #[test]
 fn each_loader_names_the_other_kind_of_export() {
-    let dir = export("itm-tiny", blip2_export::ExportDtype::Fp32, "kinds");
+    let dir = export("itm-tiny", blip2_core::Dtype::Fp32, "kinds");
     let e = blip2_runtime::model::Blip2Model::load(&dir, &mut session_factory()).err().expect("a retrieval export is no captioning model");
     let msg = e.to_string();
     assert!(msg.contains("image-text retrieval export") && msg.contains("itm, embed-image, embed-text and rank"), "{msg}");
@@ -217,7 +217,7 @@ fn retrieval_export_errors_name_the_problem() {
     let run = |opts: &blip2_export::ExportOptions| {
         blip2_export::export_any(&src, &out, opts, &mut blip2_export::NoProgress).expect_err("refused").to_string()
     };
-    let e = run(&blip2_export::ExportOptions { quantize: Some(blip2_export::Quantize::Int8), ..Default::default() });
+    let e = run(&blip2_export::ExportOptions { quantize: Some(blip2_core::Quantization::Int8), ..Default::default() });
     assert!(e.contains("--quantize") && e.contains("not quantized"), "{e}");
     let e = run(&blip2_export::ExportOptions { target: blip2_core::Target::Cuda, ..Default::default() });
     assert!(e.contains("--target") && e.contains("portable"), "{e}");

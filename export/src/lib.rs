@@ -26,7 +26,10 @@ mod vision;
 
 use std::path::{Path, PathBuf};
 
-use blip2_core::{io, GraphInfo, Graphs, Manifest, RetrievalManifest, Target, TensorInfo, MANIFEST_VERSION};
+use blip2_core::{
+    io, Dtype, EncoderQuantization, Family, GraphInfo, Graphs, Manifest, Quantization, RetrievalManifest, Target, TensorInfo,
+    MANIFEST_VERSION,
+};
 
 pub use checkpoint::Checkpoint;
 pub use output::remove_partials;
@@ -45,30 +48,17 @@ pub const DEFAULT_MAX_CONTEXT: usize = 512;
 /// T5 has relative positions only; prompts and outputs are bounded by the context limit.
 const T5_MAX_POSITIONS: usize = 1 << 20;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExportDtype {
-    Fp32,
-    Fp16,
-}
-
-impl ExportDtype {
-    fn elem(self) -> Elem {
-        match self {
-            ExportDtype::Fp32 => Elem::F32,
-            ExportDtype::Fp16 => Elem::F16,
-        }
-    }
-    pub fn name(self) -> &'static str {
-        match self {
-            ExportDtype::Fp32 => "fp32",
-            ExportDtype::Fp16 => "fp16",
-        }
+/// The graphs' element type for a weight type.
+pub(crate) fn elem(d: Dtype) -> Elem {
+    match d {
+        Dtype::Fp32 => Elem::F32,
+        Dtype::Fp16 => Elem::F16,
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct ExportOptions {
-    pub dtype: ExportDtype,
+    pub dtype: Dtype,
     /// What the user asked for (Hub id or folder), recorded in the manifest.
     pub source_label: String,
     pub revision: Option<String>,
@@ -82,7 +72,7 @@ pub struct ExportOptions {
     /// Put weights in external data files even when under 2 GB (tests use this).
     pub force_external_data: bool,
     /// Weight-only quantization of the vision encoder's and language model's projections.
-    pub quantize: Option<Quantize>,
+    pub quantize: Option<Quantization>,
     /// int8 weights and dynamically quantized int8 activations in the vision encoder's and
     /// Q-Former's projections (`--quantize-encoders int8`).
     pub quantize_encoders: bool,
@@ -90,35 +80,10 @@ pub struct ExportOptions {
     pub target: Target,
 }
 
-/// The manifest's `encoder_quantization` for `--quantize-encoders int8`.
-pub const ENCODER_INT8: &str = "int8-dynamic";
-
-/// `--quantize`: MatMulNBits weights in blocks of 32, symmetric.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Quantize {
-    Int8,
-    Int4,
-}
-
-impl Quantize {
-    pub fn name(self) -> &'static str {
-        match self {
-            Quantize::Int8 => "int8",
-            Quantize::Int4 => "int4",
-        }
-    }
-    fn bits_block(self) -> (u32, usize) {
-        match self {
-            Quantize::Int8 => (8, 32),
-            Quantize::Int4 => (4, 32),
-        }
-    }
-}
-
 impl Default for ExportOptions {
     fn default() -> Self {
         Self {
-            dtype: ExportDtype::Fp32,
+            dtype: Dtype::Fp32,
             source_label: String::new(),
             revision: None,
             force: false,
@@ -187,14 +152,14 @@ pub enum Exported {
 impl Exported {
     pub fn family(&self) -> &str {
         match self {
-            Exported::Captioning(m) => &m.family,
+            Exported::Captioning(m) => m.family.name(),
             Exported::Retrieval(m) => &m.family,
         }
     }
-    pub fn dtype(&self) -> &str {
+    pub fn dtype(&self) -> Dtype {
         match self {
-            Exported::Captioning(m) => &m.dtype,
-            Exported::Retrieval(m) => &m.dtype,
+            Exported::Captioning(m) => m.dtype,
+            Exported::Retrieval(m) => m.dtype,
         }
     }
     /// Files of the export folder, for listings.
@@ -291,18 +256,18 @@ fn write_graph(
 
 fn write_all(files: &SourceFiles, ck: &Checkpoint, dir: &Path, opts: &ExportOptions, progress: &mut dyn Progress) -> Result<Manifest> {
     let cfg: &ModelConfig = &files.config;
-    let lm_float = opts.dtype.elem();
+    let lm_float = elem(opts.dtype);
     let v = &cfg.blip.vision_config;
     let positions = (v.image_size / v.patch_size).pow(2) + 1;
     let text_hidden = cfg.text.hidden_size();
 
-    if opts.quantize.is_some() && opts.dtype == ExportDtype::Fp16 {
+    if opts.quantize.is_some() && opts.dtype == Dtype::Fp16 {
         return Err(ExportError::Flag {
             flag: "--quantize",
             message: "quantized exports keep fp32 activations; use --dtype fp32 with --quantize".into(),
         });
     }
-    if opts.quantize_encoders && opts.dtype == ExportDtype::Fp16 {
+    if opts.quantize_encoders && opts.dtype == Dtype::Fp16 {
         return Err(ExportError::Flag {
             flag: "--quantize-encoders",
             message: "int8 encoders take fp32 activations; use --dtype fp32 with --quantize-encoders".into(),
@@ -356,7 +321,7 @@ fn write_all(files: &SourceFiles, ck: &Checkpoint, dir: &Path, opts: &ExportOpti
                 max_context,
                 max_position_embeddings: text.max_position_embeddings,
             };
-            ("opt", None, lm_info, tc)
+            (Family::Opt, None, lm_info, tc)
         }
         TextModel::T5(text) => {
             let mut b = builder(lm_float, weights);
@@ -375,7 +340,7 @@ fn write_all(files: &SourceFiles, ck: &Checkpoint, dir: &Path, opts: &ExportOpti
                 // Relative positions have no table to run out of.
                 max_position_embeddings: T5_MAX_POSITIONS,
             };
-            ("t5", Some(enc_info), lm_info, tc)
+            (Family::T5, Some(enc_info), lm_info, tc)
         }
     };
 
@@ -384,10 +349,10 @@ fn write_all(files: &SourceFiles, ck: &Checkpoint, dir: &Path, opts: &ExportOpti
         manifest_version: MANIFEST_VERSION,
         source: opts.source_label.clone(),
         revision: opts.revision.clone(),
-        family: family.into(),
-        dtype: opts.dtype.name().into(),
-        quantization: opts.quantize.map(|q| q.name().to_string()),
-        encoder_quantization: opts.quantize_encoders.then(|| ENCODER_INT8.to_string()),
+        family,
+        dtype: opts.dtype,
+        quantization: opts.quantize,
+        encoder_quantization: opts.quantize_encoders.then_some(EncoderQuantization::Int8Dynamic),
         target: opts.target,
         graphs: Graphs { vision_encoder: vision_info, qformer: qformer_info, language_model: lm_info, text_encoder, kv_reorder },
         tokens: files.special_tokens(),

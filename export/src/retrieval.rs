@@ -20,7 +20,7 @@ use crate::builder::Builder;
 use crate::config::{read_json, QFormerConfig, VisionConfig};
 use crate::error::{write_err, ExportError, Result};
 use crate::onnx::Elem;
-use crate::{qformer, vision, Checkpoint, ExportDtype, ExportOptions, Progress};
+use crate::{elem, qformer, vision, Checkpoint, ExportOptions, Progress};
 
 /// Classes whose checkpoints hold the retrieval heads.
 const ARCHITECTURES: [&str; 3] = ["Blip2ForImageTextRetrieval", "Blip2TextModelWithProjection", "Blip2VisionModelWithProjection"];
@@ -152,7 +152,7 @@ pub(crate) fn write_all(src: &Path, ck: &Checkpoint, dir: &Path, opts: &ExportOp
         return Err(ExportError::MissingFile { path: tok_path, why: "the fast tokenizer file that infer uses" });
     }
 
-    let vision_float = opts.dtype.elem();
+    let vision_float = elem(opts.dtype);
     let positions = (v.image_size / v.patch_size).pow(2) + 1;
     let mut b = Builder::new(ck, vision_float);
     vision::build(&mut b, v)?;
@@ -176,10 +176,7 @@ pub(crate) fn write_all(src: &Path, ck: &Checkpoint, dir: &Path, opts: &ExportOp
         source: opts.source_label.clone(),
         revision: opts.revision.clone(),
         family: RETRIEVAL_FAMILY.into(),
-        dtype: match opts.dtype {
-            ExportDtype::Fp32 => "fp32".into(),
-            ExportDtype::Fp16 => "fp16".into(),
-        },
+        dtype: opts.dtype,
         graphs: RetrievalGraphs { vision_encoder, image_embedding, text_embedding, itm },
         num_query_tokens: cfg.num_query_tokens,
         embedding_dim: cfg.image_text_hidden_size,

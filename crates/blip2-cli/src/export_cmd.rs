@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Result;
-use blip2_export::{ExportDtype, ExportOptions, Progress};
+use blip2_export::{ExportOptions, Progress};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(clap::Args, Debug)]
@@ -101,16 +101,16 @@ pub fn run(a: &ExportArgs, quiet: bool) -> Result<()> {
     let src = resolve_checkpoint(&a.model, a.revision.as_deref(), quiet)?;
     let opts = ExportOptions {
         dtype: match a.dtype {
-            Dtype::Fp32 => ExportDtype::Fp32,
-            Dtype::Fp16 => ExportDtype::Fp16,
+            Dtype::Fp32 => blip2_core::Dtype::Fp32,
+            Dtype::Fp16 => blip2_core::Dtype::Fp16,
         },
         source_label: a.model.clone(),
         revision: a.revision.clone(),
         force: a.force,
         max_context: a.max_context,
         quantize: a.quantize.map(|q| match q {
-            Quant::Int8 => blip2_export::Quantize::Int8,
-            Quant::Int4 => blip2_export::Quantize::Int4,
+            Quant::Int8 => blip2_core::Quantization::Int8,
+            Quant::Int4 => blip2_core::Quantization::Int4,
         }),
         quantize_encoders: a.quantize_encoders.is_some(),
         target: match a.target {
@@ -125,7 +125,7 @@ pub fn run(a: &ExportArgs, quiet: bool) -> Result<()> {
     if !quiet {
         let mut quant = String::new();
         if let blip2_export::Exported::Captioning(manifest) = &exported {
-            quant = manifest.quantization.as_deref().map(|q| format!(", {q} weights")).unwrap_or_default();
+            quant = manifest.quantization.map(|q| format!(", {q} weights")).unwrap_or_default();
             if let Some(q) = &manifest.encoder_quantization {
                 quant.push_str(&format!(", {q} encoders"));
             }

@@ -407,7 +407,7 @@ fn chat(pipe: &mut Pipeline, image: &Path, cfg: &GenerationConfig, out: &Out) ->
         };
         if dropped > 0 {
             // An encoder-decoder model's answer does not share the prompt's positions.
-            let why = if pipe.model.manifest.family == "t5" {
+            let why = if pipe.model.manifest.family == blip2_core::Family::T5 {
                 format!("to stay within the context limit of {} tokens", pipe.prompter.max_context)
             } else {
                 format!(

@@ -210,8 +210,8 @@ fn quantized_encoders_export_from_the_command_line() {
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("int8 weights, int8-dynamic encoders"), "{stderr}");
     let m = blip2_core::Manifest::load(&out).unwrap();
-    assert_eq!(m.quantization.as_deref(), Some("int8"));
-    assert_eq!(m.encoder_quantization.as_deref(), Some("int8-dynamic"));
+    assert_eq!(m.quantization, Some(blip2_core::Quantization::Int8));
+    assert_eq!(m.encoder_quantization, Some(blip2_core::EncoderQuantization::Int8Dynamic));
     let vision = std::fs::read(out.join(&m.graphs.vision_encoder.file)).unwrap();
     assert!(vision.windows(21).any(|w| w == b"DynamicQuantizeMatMul"), "vision encoder uses DynamicQuantizeMatMul");
 }
@@ -244,7 +244,7 @@ fn force_keeps_the_files_export_did_not_write() {
     assert_eq!(std::fs::read_to_string(out.join("samples/a.txt")).unwrap(), "also mine");
     assert!(!out.join("language_model.onnx.data").exists(), "the old export's files are replaced");
     let m = blip2_core::Manifest::load(&out).unwrap();
-    assert_eq!(m.dtype, "fp16", "the new export is in place");
+    assert_eq!(m.dtype, blip2_core::Dtype::Fp16, "the new export is in place");
     let leftovers: Vec<_> = std::fs::read_dir(out.parent().unwrap())
         .unwrap()
         .filter_map(|e| e.ok())

@@ -3,8 +3,10 @@
 //! to the graphs and `blip2-ort infer` reads, so the runtime never guesses.
 
 pub mod io;
+mod kinds;
 mod manifest;
 mod retrieval;
 
+pub use kinds::*;
 pub use manifest::*;
 pub use retrieval::*;

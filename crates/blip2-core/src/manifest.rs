@@ -2,6 +2,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::{Dtype, EncoderQuantization, Family, Quantization};
+
 /// Version of the manifest layout; `infer` refuses manifests it does not know.
 pub const MANIFEST_VERSION: u32 = 1;
 
@@ -14,18 +16,18 @@ pub struct Manifest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
     /// Language-model family: "opt" (decoder-only) or "t5" (encoder-decoder).
-    pub family: String,
+    pub family: Family,
     /// Weight dtype of the vision encoder and language model ("fp32" or "fp16").
     /// The Q-Former always runs in fp32.
-    pub dtype: String,
+    pub dtype: Dtype,
     /// Weight-only quantization of the vision encoder and language model ("int8",
     /// "int4"), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub quantization: Option<String>,
+    pub quantization: Option<Quantization>,
     /// Quantization of the vision encoder's and Q-Former's projections: "int8-dynamic"
     /// (int8 weights per output channel, activations quantized to int8 per call), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub encoder_quantization: Option<String>,
+    pub encoder_quantization: Option<EncoderQuantization>,
     /// Which runtime the graphs are built for: the portable standard-operator graphs
     /// (the default, left out of the file) or ONNX Runtime's CUDA provider.
     #[serde(default, skip_serializing_if = "Target::is_portable")]

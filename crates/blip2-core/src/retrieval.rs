@@ -26,7 +26,7 @@ pub struct RetrievalManifest {
     /// Always `"retrieval"`.
     pub family: String,
     /// Weight dtype of the vision encoder ("fp32" or "fp16"); the Q-Former graphs are fp32.
-    pub dtype: String,
+    pub dtype: crate::Dtype,
     pub graphs: RetrievalGraphs,
     pub num_query_tokens: usize,
     /// Width of the image and text embeddings (`image_text_hidden_size`).

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use blip2_core::{io, Manifest};
+use blip2_core::{io, Family, Manifest};
 use ndarray::{Array2, Array4, ArrayD, Axis};
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::Session;
@@ -12,27 +12,7 @@ use ort::value::{DynValue, Tensor};
 
 use crate::error::RuntimeError;
 
-/// Which graph a session is for, so a profile can place each on its own providers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GraphKind {
-    VisionEncoder,
-    QFormer,
-    /// T5's text encoder.
-    TextEncoder,
-    /// The decoder, and the small graphs that must run where its cache lives.
-    LanguageModel,
-}
-
-impl GraphKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            GraphKind::VisionEncoder => "vision_encoder",
-            GraphKind::QFormer => "qformer",
-            GraphKind::TextEncoder => "text_encoder",
-            GraphKind::LanguageModel => "language_model",
-        }
-    }
-}
+pub use blip2_core::GraphKind;
 
 /// Creates a session for one graph file; the caller decides providers and options.
 pub type SessionFactory<'f> = dyn FnMut(GraphKind, &Path) -> Result<Session, RuntimeError> + 'f;
@@ -63,13 +43,6 @@ pub(crate) fn ort_err(what: impl Into<String>) -> impl FnOnce(ort::Error) -> Run
 impl Blip2Model {
     pub fn load(dir: &Path, factory: &mut SessionFactory<'_>) -> Result<Self, RuntimeError> {
         let manifest = Manifest::load(dir)?;
-        if manifest.family != "opt" && manifest.family != "t5" {
-            return Err(RuntimeError::Unsupported(format!(
-                "{}: model family \"{}\" is not supported by this build",
-                dir.display(),
-                manifest.family
-            )));
-        }
         let g = &manifest.graphs;
         let mut open = |kind: GraphKind, file: &str| -> Result<Session, RuntimeError> {
             let path = dir.join(file);
@@ -80,10 +53,10 @@ impl Blip2Model {
         };
         let vision = open(GraphKind::VisionEncoder, &g.vision_encoder.file)?;
         let qformer = open(GraphKind::QFormer, &g.qformer.file)?;
-        let text_encoder = match (&g.text_encoder, manifest.family.as_str()) {
+        let text_encoder = match (&g.text_encoder, manifest.family) {
             (Some(te), _) => Some(open(GraphKind::TextEncoder, &te.file)?),
-            (None, "t5") => return Err(RuntimeError::Unsupported("a t5 manifest without text_encoder".into())),
-            (None, _) => None,
+            (None, Family::T5) => return Err(RuntimeError::Unsupported("a t5 manifest without text_encoder".into())),
+            (None, Family::Opt) => None,
         };
         let lm = open(GraphKind::LanguageModel, &g.language_model.file)?;
         let kv_reorder = g.kv_reorder.as_ref().map(|r| open(GraphKind::LanguageModel, &r.file)).transpose()?;

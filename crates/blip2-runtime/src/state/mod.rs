@@ -46,7 +46,7 @@ pub fn prefill<'m>(
     image_embeds: ArrayD<f32>,
     max_new_tokens: usize,
 ) -> Result<Prefilled<'m>, RuntimeError> {
-    if model.manifest.family == "t5" {
+    if model.manifest.family == blip2_core::Family::T5 {
         // The search sees the decoder's ids, as transformers' processors do for
         // encoder-decoder models.
         let start = model.manifest.tokens.decoder_start_token_id.unwrap_or(0);
