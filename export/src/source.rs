@@ -119,7 +119,22 @@ impl SourceFiles {
             ),
             TextModel::Opt(_) => None,
         };
-        let generation: GenerationDefaults = serde_json::from_value(gen.clone()).unwrap_or_default();
+        // Absent, the file gives no settings; present, it must read as one.
+        let generation: GenerationDefaults = if gen.is_null() {
+            GenerationDefaults::default()
+        } else {
+            serde_json::from_value(gen.clone()).map_err(|e| {
+                // Name the key: the first one that does not read on its own.
+                let key = gen.as_object().and_then(|o| {
+                    o.iter().find(|(k, v)| serde_json::from_value::<GenerationDefaults>(serde_json::json!({ *k: v })).is_err())
+                });
+                let message = match key {
+                    Some((k, v)) => format!("\"{k}\": {v} is not a value transformers would read ({e})"),
+                    None => format!("not a generation config transformers would read: {e}"),
+                };
+                ExportError::Config { path: gen_path.clone(), message }
+            })?
+        };
         Ok(Self { dir: dir.into(), config, image, num_query_tokens, image_token_id, eos, bos, pad, decoder_start, generation })
     }
 

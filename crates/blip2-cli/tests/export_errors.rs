@@ -350,3 +350,14 @@ fn signals_remove_the_partial_folder() {
         assert!(!out.exists());
     }
 }
+
+#[test]
+fn malformed_generation_config_is_named_not_ignored() {
+    // Valid JSON that transformers could not read as settings: it used to be replaced by
+    // defaults without a word.
+    let (ck, out) = copy_fixture("opt-tiny", "bad-generation-config");
+    edit_json(&ck.join("generation_config.json"), |v| v["max_new_tokens"] = "twenty".into());
+    let (code, stderr) = export(&ck, &out);
+    assert_eq!(code, 1, "{stderr}");
+    assert_one_line_error(code, &stderr, &["generation_config.json", "max_new_tokens"], &out);
+}

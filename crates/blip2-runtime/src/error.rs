@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 /// Errors of the runtime pieces that run models: a manifest or file problem, a model this
 /// build does not support, an ONNX Runtime failure with what it was doing, a missing
-/// graph output, the tokenizer, or bad input.
+/// graph output, the tokenizer, an image, generation settings, or other bad input.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     #[error(transparent)]
@@ -17,6 +17,12 @@ pub enum RuntimeError {
     MissingOutput(String),
     #[error("{path}: cannot load the tokenizer: {message}")]
     Tokenizer { path: PathBuf, message: String },
+    /// An image that cannot be read or preprocessed (the file named).
+    #[error(transparent)]
+    Preprocess(#[from] crate::preprocess::PreprocessError),
+    /// Generation settings that cannot be used together (the flag named).
+    #[error(transparent)]
+    Generation(#[from] crate::generation::ConfigError),
     #[error("{0}")]
     Input(String),
 }

@@ -82,6 +82,7 @@ fn pixel_hash(px: ndarray::ArrayView3<'_, f32>) -> u64 {
 fn search_err(e: GenerationError<RuntimeError>) -> RuntimeError {
     match e {
         GenerationError::Model(m) => m,
+        GenerationError::Config(c) => RuntimeError::Generation(c),
         other => RuntimeError::Input(other.to_string()),
     }
 }
@@ -169,7 +170,7 @@ impl Pipeline {
     }
 
     pub fn load_image(&self, path: &Path) -> Result<DynamicImage, RuntimeError> {
-        preprocess::load_image(path, &self.limits).map_err(|e| RuntimeError::Input(e.to_string()))
+        Ok(preprocess::load_image(path, &self.limits)?)
     }
 
     /// Runs one batch: image i with prompt i. Returns, per row, `num_return_sequences`
@@ -186,8 +187,7 @@ impl Pipeline {
         if images.is_empty() {
             return Ok(Vec::new());
         }
-        let pixels = preprocess::preprocess_batch(images, &self.model.manifest.image)
-            .map_err(|e| RuntimeError::Input(e.to_string()))?;
+        let pixels = preprocess::preprocess_batch(images, &self.model.manifest.image)?;
         self.generate_pixels(pixels, prompts, cfg)
     }
 
@@ -219,7 +219,7 @@ impl Pipeline {
         if rows == 0 {
             return Ok(Vec::new());
         }
-        generation::validate(cfg).map_err(|e| RuntimeError::Input(e.to_string()))?;
+        generation::validate(cfg)?;
         let batch = self.prompter.assemble(texts);
         let len = batch.ids[0].len();
         let limit = self.model.manifest.text.max_position_embeddings;

@@ -139,12 +139,12 @@ impl RetrievalModel {
     }
 
     pub fn load_image(&self, path: &Path) -> Result<DynamicImage, RuntimeError> {
-        preprocess::load_image(path, &self.limits).map_err(|e| RuntimeError::Input(e.to_string()))
+        Ok(preprocess::load_image(path, &self.limits)?)
     }
 
     /// Pixel values `[B, 3, H, W]` of images, as transformers' BlipImageProcessor makes them.
     pub fn pixels(&self, images: &[DynamicImage]) -> Result<Array4<f32>, RuntimeError> {
-        preprocess::preprocess_batch(images, &self.manifest.image).map_err(|e| RuntimeError::Input(e.to_string()))
+        Ok(preprocess::preprocess_batch(images, &self.manifest.image)?)
     }
 
     /// The vision encoder on pixel values: one pass per image, for ITC and ITM alike.
