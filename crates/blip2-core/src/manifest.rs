@@ -194,7 +194,7 @@ pub struct GenerationDefaults {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub length_penalty: Option<f32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub early_stopping: Option<bool>,
+    pub early_stopping: Option<EarlyStoppingSetting>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repetition_penalty: Option<f32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -250,5 +250,35 @@ impl Manifest {
 
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("manifest serializes")
+    }
+}
+
+/// generation_config.json's `early_stopping`: `true`, `false` or `"never"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum EarlyStoppingSetting {
+    Flag(bool),
+    Word(Never),
+}
+
+/// The word `"never"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Never {
+    Never,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn early_stopping_reads_as_transformers_writes_it() {
+        let g: GenerationDefaults = serde_json::from_str(r#"{"early_stopping": "never", "num_beams": 4}"#).unwrap();
+        assert_eq!(g.early_stopping, Some(EarlyStoppingSetting::Word(Never::Never)));
+        let g: GenerationDefaults = serde_json::from_str(r#"{"early_stopping": true}"#).unwrap();
+        assert_eq!(g.early_stopping, Some(EarlyStoppingSetting::Flag(true)));
+        assert_eq!(serde_json::to_string(&EarlyStoppingSetting::Word(Never::Never)).unwrap(), "\"never\"");
+        assert!(serde_json::from_str::<GenerationDefaults>(r#"{"early_stopping": "sometimes"}"#).is_err());
     }
 }

@@ -99,6 +99,15 @@ impl From<bool> for EarlyStopping {
     }
 }
 
+impl From<blip2_core::EarlyStoppingSetting> for EarlyStopping {
+    fn from(s: blip2_core::EarlyStoppingSetting) -> Self {
+        match s {
+            blip2_core::EarlyStoppingSetting::Flag(b) => b.into(),
+            blip2_core::EarlyStoppingSetting::Word(blip2_core::Never::Never) => EarlyStopping::Never,
+        }
+    }
+}
+
 impl FromStr for EarlyStopping {
     type Err = ConfigError;
 
