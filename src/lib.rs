@@ -85,34 +85,8 @@ pub fn session_factory() -> impl FnMut(
 /// A search config from a recorded generate() call's keyword arguments, over the
 /// model's defaults.
 pub fn config(p: &blip2_runtime::pipeline::Pipeline, kw: &serde_json::Value) -> blip2_runtime::generation::GenerationConfig {
-    let mut c = p.default_config();
-    let u = |k: &str| kw.get(k).and_then(serde_json::Value::as_u64).map(|v| v as usize);
-    let f = |k: &str| kw.get(k).and_then(serde_json::Value::as_f64);
-    if let Some(v) = u("max_new_tokens") {
-        c.max_new_tokens = v;
-    }
-    if let Some(v) = u("min_new_tokens") {
-        c.min_new_tokens = v;
-    }
-    if let Some(v) = u("num_beams") {
-        c.num_beams = v;
-    }
-    if let Some(v) = u("num_return_sequences") {
-        c.num_return_sequences = v;
-    }
-    if let Some(v) = u("no_repeat_ngram_size") {
-        c.no_repeat_ngram_size = v;
-    }
-    if let Some(v) = f("length_penalty") {
-        c.length_penalty = v;
-    }
-    if let Some(v) = f("repetition_penalty") {
-        c.repetition_penalty = v;
-    }
-    if let Some(v) = kw.get("early_stopping").and_then(serde_json::Value::as_bool) {
-        c.early_stopping = blip2_runtime::generation::EarlyStopping::from(v);
-    }
-    c
+    let recorded: blip2_core::GenerationDefaults = serde_json::from_value(kw.clone()).expect("recorded generate() settings");
+    p.default_config().overridden(&recorded)
 }
 
 /// A JSON array of integers.

@@ -4,6 +4,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use blip2_core::{EarlyStoppingSetting, GenerationDefaults};
 use blip2_runtime::generation::{EarlyStopping, GenerationConfig};
 use blip2_runtime::pipeline::{Generated, Pipeline};
 use blip2_runtime::preprocess::preprocess_batch;
@@ -108,46 +109,37 @@ pub struct GenArgs {
 }
 
 impl GenArgs {
-    pub fn apply(&self, mut c: GenerationConfig) -> Result<GenerationConfig> {
-        if let Some(v) = self.max_new_tokens {
-            c.max_new_tokens = v;
-        }
-        if let Some(v) = self.min_new_tokens {
-            c.min_new_tokens = v;
-        }
-        if let Some(v) = self.num_beams {
-            c.num_beams = v;
-        }
-        if let Some(v) = self.length_penalty {
-            c.length_penalty = v;
-        }
-        if let Some(v) = &self.early_stopping {
-            c.early_stopping = v.parse::<EarlyStopping>()?;
-        }
-        if let Some(v) = self.repetition_penalty {
-            c.repetition_penalty = v;
-        }
-        if let Some(v) = self.no_repeat_ngram_size {
-            c.no_repeat_ngram_size = v;
-        }
-        if self.do_sample {
-            c.do_sample = true;
-        }
-        if let Some(v) = self.temperature {
-            c.temperature = v;
-        }
-        if let Some(v) = self.top_k {
-            c.top_k = v;
-        }
-        if let Some(v) = self.top_p {
-            c.top_p = v;
-        }
-        if self.seed.is_some() {
-            c.seed = self.seed;
-        }
-        if let Some(v) = self.num_return_sequences {
-            c.num_return_sequences = v;
-        }
+    /// The settings these flags set, to lay over the model's.
+    pub fn settings(&self) -> Result<GenerationDefaults> {
+        let early_stopping = match &self.early_stopping {
+            None => None,
+            Some(v) => Some(match v.parse::<EarlyStopping>()? {
+                EarlyStopping::True => EarlyStoppingSetting::Flag(true),
+                EarlyStopping::False => EarlyStoppingSetting::Flag(false),
+                EarlyStopping::Never => EarlyStoppingSetting::Word(blip2_core::Never::Never),
+            }),
+        };
+        Ok(GenerationDefaults {
+            max_new_tokens: self.max_new_tokens,
+            max_length: None,
+            min_new_tokens: self.min_new_tokens,
+            num_beams: self.num_beams,
+            length_penalty: self.length_penalty,
+            early_stopping,
+            repetition_penalty: self.repetition_penalty,
+            no_repeat_ngram_size: self.no_repeat_ngram_size,
+            do_sample: self.do_sample.then_some(true),
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            num_return_sequences: self.num_return_sequences,
+            seed: self.seed,
+        })
+    }
+
+    /// `c` with these flags laid over it, checked.
+    pub fn apply(&self, c: GenerationConfig) -> Result<GenerationConfig> {
+        let c = c.overridden(&self.settings()?);
         blip2_runtime::generation::validate(&c)?;
         Ok(c)
     }

@@ -180,7 +180,10 @@ impl Default for PromptTemplates {
     }
 }
 
-/// Generation settings from generation_config.json; unset fields take transformers' defaults.
+/// Generation settings, every one optional: what generation_config.json sets (kept in the
+/// manifest), what the command line's flags set, what a recorded transformers call
+/// passed. Each layer overrides the one under it; unset fields fall through to
+/// transformers' defaults (the runtime's `GenerationConfig::overridden`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct GenerationDefaults {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -192,23 +195,26 @@ pub struct GenerationDefaults {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_beams: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub length_penalty: Option<f32>,
+    pub length_penalty: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub early_stopping: Option<EarlyStoppingSetting>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub repetition_penalty: Option<f32>,
+    pub repetition_penalty: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub no_repeat_ngram_size: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub do_sample: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub temperature: Option<f32>,
+    pub temperature: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_k: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub top_p: Option<f32>,
+    pub top_p: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_return_sequences: Option<usize>,
+    /// Sampling seed (never in generation_config.json; the command line's `--seed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -148,25 +148,12 @@ impl Pipeline {
     /// transformers' defaults, with the model's eos and pad ids.
     pub fn default_config(&self) -> GenerationConfig {
         let m = &self.model.manifest;
-        let g = &m.generation;
-        let d = GenerationConfig::default();
         GenerationConfig {
-            max_new_tokens: g.max_new_tokens.unwrap_or(d.max_new_tokens),
-            min_new_tokens: g.min_new_tokens.unwrap_or(d.min_new_tokens),
-            num_beams: g.num_beams.unwrap_or(d.num_beams),
-            length_penalty: g.length_penalty.map(f64::from).unwrap_or(d.length_penalty),
-            early_stopping: g.early_stopping.map(Into::into).unwrap_or(d.early_stopping),
-            repetition_penalty: g.repetition_penalty.map(f64::from).unwrap_or(d.repetition_penalty),
-            no_repeat_ngram_size: g.no_repeat_ngram_size.unwrap_or(d.no_repeat_ngram_size),
-            do_sample: g.do_sample.unwrap_or(d.do_sample),
-            temperature: g.temperature.map(f64::from).unwrap_or(d.temperature),
-            top_k: g.top_k.unwrap_or(d.top_k),
-            top_p: g.top_p.map(f64::from).unwrap_or(d.top_p),
-            seed: None,
-            num_return_sequences: g.num_return_sequences.unwrap_or(d.num_return_sequences),
             eos_token_ids: m.tokens.eos_token_id.clone(),
             pad_token_id: m.tokens.pad_token_id,
+            ..GenerationConfig::default()
         }
+        .overridden(&m.generation)
     }
 
     pub fn load_image(&self, path: &Path) -> Result<DynamicImage, RuntimeError> {

@@ -192,6 +192,33 @@ impl Default for GenerationConfig {
     }
 }
 
+impl GenerationConfig {
+    /// These settings with every field `s` sets replaced by its value.
+    pub fn overridden(mut self, s: &blip2_core::GenerationDefaults) -> Self {
+        fn set<T: Copy>(field: &mut T, v: Option<T>) {
+            if let Some(v) = v {
+                *field = v;
+            }
+        }
+        set(&mut self.max_new_tokens, s.max_new_tokens);
+        set(&mut self.min_new_tokens, s.min_new_tokens);
+        set(&mut self.num_beams, s.num_beams);
+        set(&mut self.length_penalty, s.length_penalty);
+        set(&mut self.early_stopping, s.early_stopping.map(Into::into));
+        set(&mut self.repetition_penalty, s.repetition_penalty);
+        set(&mut self.no_repeat_ngram_size, s.no_repeat_ngram_size);
+        set(&mut self.do_sample, s.do_sample);
+        set(&mut self.temperature, s.temperature);
+        set(&mut self.top_k, s.top_k);
+        set(&mut self.top_p, s.top_p);
+        set(&mut self.num_return_sequences, s.num_return_sequences);
+        if s.seed.is_some() {
+            self.seed = s.seed;
+        }
+        self
+    }
+}
+
 /// One prompt row exactly as transformers' `generate` sees it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Prompt {
