@@ -73,11 +73,13 @@ pub fn session_factory() -> impl FnMut(
     blip2_runtime::model::GraphKind,
     &Path,
 ) -> Result<ort::session::Session, blip2_runtime::error::RuntimeError> {
-    let config = blip2_runtime::providers::Config::builtin();
-    let profile = config.profile("cpu").expect("built-in cpu profile").clone();
+    let profile = blip2_runtime::config::Profile::cpu();
+    let cache = blip2_runtime::session_cache::optimized_cache_root();
     move |kind, path| {
-        blip2_runtime::providers::open_session(&profile, kind.name(), path)
-            .map_err(|e| blip2_runtime::error::RuntimeError::Input(e.to_string()))
+        blip2_runtime::providers::open_session(&profile, kind.name(), path, Some(&cache), &mut |w| {
+            eprintln!("warning: {w}")
+        })
+        .map_err(|e| blip2_runtime::error::RuntimeError::Input(e.to_string()))
     }
 }
 

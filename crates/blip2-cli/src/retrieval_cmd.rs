@@ -5,8 +5,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use blip2_runtime::error::RuntimeError;
-use blip2_runtime::providers;
 use blip2_runtime::retrieval::{itc, RetrievalModel};
 use clap::Args;
 use ndarray::{Array2, Array3, Axis};
@@ -83,10 +81,8 @@ pub enum Task<'a> {
 fn load(dir: &Path, o: &SessionOptions) -> Result<RetrievalModel> {
     let profile = crate::session::profile(o)?;
     blip2_runtime::ort_env::init_with_threads(profile.intra_op_threads)?;
-    let mut factory = |kind: blip2_runtime::model::GraphKind, path: &Path| {
-        providers::open_session(&profile, kind.name(), path).map_err(|e| RuntimeError::Input(e.to_string()))
-    };
-    Ok(RetrievalModel::load(dir, &mut factory)?)
+    let model = RetrievalModel::load(dir, &mut *crate::session::session_factory(&profile))?;
+    Ok(model)
 }
 
 pub fn run(task: Task<'_>, dir: &Path, session: &SessionOptions, json: bool, batch_size: usize) -> Result<i32> {

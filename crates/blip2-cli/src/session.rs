@@ -1,12 +1,24 @@
 //! Session options shared by `infer` and `bench`: which execution-provider profile,
-//! which config file, how many threads.
+//! which config file, how many threads; the built-in `models.toml` and the environment
+//! variables that the library leaves to the binary.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
+use blip2_runtime::config::{Config, ConfigError, Profile, Provider};
 use blip2_runtime::error::RuntimeError;
+use blip2_runtime::model::{GraphKind, SessionFactory};
 use blip2_runtime::pipeline::Pipeline;
-use blip2_runtime::providers::{self, Config, Profile};
+use blip2_runtime::{providers, session_cache};
+
+/// The crate's `models.toml`, built in so the binary works from any folder.
+pub const BUILTIN_CONFIG: &str = include_str!("../models.toml");
+/// Origin label of the built-in config in error messages.
+pub const BUILTIN_ORIGIN: &str = "built-in models.toml";
+/// Environment variable naming a user config file (used when no --config is given).
+pub const CONFIG_ENV: &str = "BLIP2_ORT_CONFIG";
+/// Environment variable: `0` turns the optimized-graph cache off.
+pub const OPTIMIZED_CACHE_ENV: &str = "BLIP2_ORT_OPTIMIZED_CACHE";
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct SessionOptions {
@@ -21,8 +33,24 @@ pub struct SessionOptions {
     pub threads: Option<usize>,
 }
 
+/// The built-in `models.toml` alone.
+pub fn builtin_config() -> Config {
+    Config::from_toml(BUILTIN_CONFIG, BUILTIN_ORIGIN).expect("the built-in models.toml is valid (tested)")
+}
+
+/// The built-in config with a user file over it: `path` if given, else
+/// `$BLIP2_ORT_CONFIG` if set, else nothing.
+pub fn load_config(path: Option<&Path>) -> Result<Config, ConfigError> {
+    let mut c = builtin_config();
+    let from_env = std::env::var_os(CONFIG_ENV).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(p) = path.map(Path::to_path_buf).or(from_env) {
+        c.overlay_file(&p)?;
+    }
+    Ok(c)
+}
+
 pub fn profile(o: &SessionOptions) -> Result<Profile> {
-    let config = Config::load(o.config.as_deref())?;
+    let config = load_config(o.config.as_deref())?;
     let mut p = config.profile(&o.ep)?.clone();
     if let Some(n) = o.threads {
         p.intra_op_threads = Some(n);
@@ -33,14 +61,80 @@ pub fn profile(o: &SessionOptions) -> Result<Profile> {
 pub fn load_pipeline(dir: &Path, o: &SessionOptions) -> Result<Pipeline> {
     let profile = profile(o)?;
     blip2_runtime::ort_env::init_with_threads(profile.intra_op_threads)?;
-    let mut factory = |kind: blip2_runtime::model::GraphKind, path: &Path| {
-        providers::open_session(&profile, kind.name(), path).map_err(|e| RuntimeError::Input(e.to_string()))
-    };
-    let mut pipe = Pipeline::load(dir, &mut factory)?;
+    let mut pipe = Pipeline::load(dir, &mut *session_factory(&profile))?;
     // On a GPU the decoder's KV cache stays on the device between steps.
     let lm = profile.providers_for("language_model");
-    if matches!(lm.first(), Some(providers::Provider::Cuda | providers::Provider::TensorRt)) {
+    if matches!(lm.first(), Some(Provider::Cuda | Provider::TensorRt)) {
         pipe.model.keep_cache_on_cuda(profile.device_id)?;
     }
     Ok(pipe)
+}
+
+/// Builds each graph's session on the profile, with the optimized-graph cache unless
+/// `BLIP2_ORT_OPTIMIZED_CACHE=0`; the library's warnings go to stderr.
+pub fn session_factory(profile: &Profile) -> Box<SessionFactory<'_>> {
+    let cache_on = std::env::var(OPTIMIZED_CACHE_ENV).map_or(true, |v| v.trim() != "0");
+    let cache = cache_on.then(session_cache::optimized_cache_root);
+    Box::new(move |kind: GraphKind, path: &Path| {
+        providers::open_session(profile, kind.name(), path, cache.as_deref(), &mut |w| eprintln!("warning: {w}"))
+            .map_err(|e| RuntimeError::Input(e.to_string()))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blip2_runtime::config::GraphOptimization;
+
+    #[test]
+    fn builtin_profiles_parse() {
+        let c = builtin_config();
+        assert_eq!(c.profile_names(), ["cpu", "cuda", "tensorrt"]);
+
+        let cpu = c.profile("cpu").unwrap();
+        assert_eq!(cpu, &Profile::cpu(), "the library's default CPU profile is the built-in one");
+        assert_eq!(cpu.providers, [Provider::Cpu]);
+        assert!(!cpu.uses_gpu());
+        assert_eq!(cpu.graph_optimization, GraphOptimization::All);
+        assert!(!cpu.allow_fallback);
+
+        let cuda = c.profile("cuda").unwrap();
+        assert_eq!(cuda.providers, [Provider::Cuda, Provider::Cpu]);
+        assert_eq!(cuda.device_id, 0);
+        assert_eq!(cuda.gpu_mem_limit, None);
+        assert!(!cuda.allow_fallback, "asking for CUDA must not quietly run on the CPU");
+        assert!(cuda.uses_gpu());
+
+        let trt = c.profile("tensorrt").unwrap();
+        assert_eq!(trt.providers, [Provider::TensorRt, Provider::Cuda, Provider::Cpu]);
+        assert_eq!(trt.providers_for("vision_encoder"), [Provider::TensorRt, Provider::Cuda, Provider::Cpu]);
+        assert_eq!(trt.providers_for("language_model"), [Provider::Cuda, Provider::Cpu]);
+        assert_eq!(trt.providers_for("text_encoder"), [Provider::Cuda, Provider::Cpu]);
+        let engines = trt.engine_cache_dir().unwrap();
+        assert!(
+            engines.starts_with(blip2_runtime::ort_env::cache_root()) && engines.ends_with("tensorrt-engines"),
+            "{}",
+            engines.display()
+        );
+        assert_eq!(
+            c.profile("rocm").unwrap_err().to_string(),
+            "unknown profile \"rocm\"; known profiles: cpu, cuda, tensorrt"
+        );
+    }
+
+    #[test]
+    fn a_config_file_is_laid_over_the_builtin_one() {
+        let dir = std::env::temp_dir().join(format!("blip2-cli-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("blip2-ort.toml");
+        std::fs::write(&path, "[profiles.cuda]\ndevice_id = 1\n\n[profiles.lean]\nproviders = [\"cpu\"]\n").unwrap();
+        let c = load_config(Some(&path)).unwrap();
+        assert_eq!(c.profile_names(), ["cpu", "cuda", "lean", "tensorrt"]);
+        let cuda = c.profile("cuda").unwrap();
+        assert_eq!((cuda.device_id, cuda.providers.as_slice()), (1, [Provider::Cuda, Provider::Cpu].as_slice()));
+
+        let err = load_config(Some(&dir.join("none.toml"))).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }) && err.to_string().contains("none.toml"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -5,6 +5,10 @@
 //! exactly as transformers' PIL path), [`generation`] (search: greedy, beam, sampling and
 //! the logits processors), [`model`] (the sessions), [`state`] (each decoder's state
 //! between steps) and [`kv_cache`].
+//!
+//! Sessions come from [`providers`], which registers a [`config`] profile's execution
+//! providers (and keeps big CPU graphs in the [`session_cache`]), on the ONNX Runtime
+//! library that [`ort_env`] finds and loads.
 pub mod error;
 pub mod kv_cache;
 pub mod model;
@@ -12,7 +16,9 @@ pub mod state;
 pub mod prompt;
 pub mod generation;
 pub mod ort_env;
+pub mod config;
 pub mod providers;
+pub mod session_cache;
 pub mod pipeline;
 pub mod preprocess;
 mod jpeg;

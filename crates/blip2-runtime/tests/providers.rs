@@ -1,13 +1,15 @@
 //! Execution-provider profiles and the ONNX Runtime set-up, end to end.
 //!
 //! The tests that need the ONNX Runtime library (`blip2-ort install-runtime`) print a note
-//! and pass when it is not installed; everything else runs anywhere.
+//! and pass when it is not installed; everything else runs anywhere. The CLI's built-in
+//! `models.toml` is tested in the CLI crate; these tests bring their own profiles.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use blip2_runtime::config::{Config, ConfigError, GraphOptimization, Profile, Provider};
 use blip2_runtime::ort_env::{self, RuntimeSetupError};
-use blip2_runtime::providers::{self, Config, GraphOptimization, Provider, ProviderError};
+use blip2_runtime::providers::{self, ProviderError, Warning};
 use ort::session::Session;
 use ort::value::Tensor;
 
@@ -21,6 +23,32 @@ const ADD_ONNX: [u8; 80] = [
     10, 8, 8, 1, 18, 4, 10, 2, 8, 3, 90, 15, 10, 1, 98, 18, 10, 10, 8, 8, 1, 18, 4, 10, 2, 8, 3, 98, 15, 10, 1, 99, 18,
     10, 10, 8, 8, 1, 18, 4, 10, 2, 8, 3, 66, 4, 10, 0, 16, 13,
 ];
+
+/// Profiles shaped like the CLI's built-in ones, as a base to lay user files over.
+const BASE: &str = r#"
+[profiles.cpu]
+providers = ["cpu"]
+
+[profiles.cuda]
+providers = ["cuda", "cpu"]
+device_id = 0
+
+[profiles.tensorrt]
+providers = ["tensorrt", "cuda", "cpu"]
+engine_cache_path = "tensorrt-engines"
+
+[profiles.tensorrt.graphs.language_model]
+providers = ["cuda", "cpu"]
+"#;
+
+fn base() -> Config {
+    Config::from_toml(BASE, "base.toml").unwrap()
+}
+
+/// A warning sink for calls that must not warn.
+fn no_warnings(w: Warning) {
+    panic!("unexpected warning: {w}");
+}
 
 /// A fresh folder under the system temp dir, removed when dropped.
 struct Scratch(PathBuf);
@@ -71,8 +99,8 @@ fn run_add(session: &mut Session) -> Vec<f32> {
 // ---- profiles --------------------------------------------------------------------------
 
 #[test]
-fn builtin_profiles_parse() {
-    let c = Config::builtin();
+fn profiles_resolve_with_defaults() {
+    let c = base();
     assert_eq!(c.profile_names(), ["cpu", "cuda", "tensorrt"]);
 
     let cpu = c.profile("cpu").unwrap();
@@ -123,7 +151,8 @@ graph_optimization = "basic"
 "#,
     )
     .unwrap();
-    let c = Config::load(Some(&path)).unwrap();
+    let mut c = base();
+    c.overlay_file(&path).unwrap();
     assert_eq!(c.profile_names(), ["cpu", "cuda", "lean", "tensorrt"]);
 
     // Only the keys the user set change.
@@ -139,22 +168,22 @@ graph_optimization = "basic"
     assert_eq!(lean.intra_op_threads, Some(2));
     assert_eq!(lean.graph_optimization, GraphOptimization::Basic);
 
-    // The built-in profiles are untouched by loading without a file.
-    assert_eq!(Config::builtin().profile("cuda").unwrap().device_id, 0);
+    // A fresh base is untouched by another config's overlay.
+    assert_eq!(base().profile("cuda").unwrap().device_id, 0);
 }
 
 #[test]
 fn unknown_profile_lists_known_ones() {
-    let err = Config::builtin().profile("rocm").unwrap_err();
-    assert!(matches!(err, ProviderError::UnknownProfile { .. }));
+    let err = base().profile("rocm").unwrap_err();
+    assert!(matches!(err, ConfigError::UnknownProfile { .. }));
     assert_eq!(err.to_string(), "unknown profile \"rocm\"; known profiles: cpu, cuda, tensorrt");
 }
 
 #[test]
 fn unknown_provider_is_an_error() {
-    let mut c = Config::builtin();
+    let mut c = base();
     let err = c.overlay_toml("[profiles.fast]\nproviders = [\"cuda\", \"directml\"]\n", "my.toml").unwrap_err();
-    assert!(matches!(err, ProviderError::UnknownProvider { ref name, .. } if name == "directml"), "{err:?}");
+    assert!(matches!(err, ConfigError::UnknownProvider { ref name, .. } if name == "directml"), "{err:?}");
     assert_eq!(
         err.to_string(),
         "my.toml: profile \"fast\": unknown provider \"directml\" (known: cpu, cuda, tensorrt)"
@@ -175,7 +204,7 @@ fn bad_user_files_name_the_file() {
         ("[models.\"a/b\"]\nfamily = \"opt\"\n", "unknown field `models`"),
     ];
     for (text, want) in cases {
-        let err = Config::builtin().overlay_toml(text, "user.toml").unwrap_err();
+        let err = base().overlay_toml(text, "user.toml").unwrap_err();
         let msg = err.to_string();
         assert!(msg.starts_with("user.toml"), "{msg}");
         assert!(msg.contains(want), "{want:?} not in {msg:?}");
@@ -183,8 +212,8 @@ fn bad_user_files_name_the_file() {
 
     let dir = scratch("missing");
     let missing = dir.join("none.toml");
-    let err = Config::load(Some(&missing)).unwrap_err();
-    assert!(matches!(err, ProviderError::Read { .. }));
+    let err = base().overlay_file(&missing).unwrap_err();
+    assert!(matches!(err, ConfigError::Read { .. }));
     assert!(err.to_string().contains("none.toml"), "{err}");
 }
 
@@ -199,10 +228,9 @@ fn cpu_profile_runs_a_model() {
     ort_env::init().unwrap(); // idempotent
     assert!(ort_env::loaded_dylib().is_some());
 
-    let c = Config::builtin();
+    let cpu = Profile::cpu();
     let env = ort_env::environment().unwrap();
-    let builder =
-        providers::apply(Session::builder(env).unwrap(), c.profile("cpu").unwrap(), "vision_encoder").unwrap();
+    let builder = providers::apply(Session::builder(env).unwrap(), &cpu, "vision_encoder", &mut no_warnings).unwrap();
     let mut builder = builder;
     let mut session = builder.commit_from_memory(&ADD_ONNX).unwrap();
     assert_eq!(run_add(&mut session), [11.0, 22.0, 33.0]);
@@ -211,12 +239,12 @@ fn cpu_profile_runs_a_model() {
     let dir = scratch("session");
     let path = dir.join("add.onnx");
     std::fs::write(&path, ADD_ONNX).unwrap();
-    let mut session = providers::open_session(c.profile("cpu").unwrap(), "qformer", &path).unwrap();
+    let mut session = providers::open_session(&cpu, "qformer", &path, None, &mut no_warnings).unwrap();
     assert_eq!(run_add(&mut session), [11.0, 22.0, 33.0]);
 
     // A missing model file names itself.
-    let err =
-        providers::open_session(c.profile("cpu").unwrap(), "qformer", &path.with_file_name("gone.onnx")).unwrap_err();
+    let gone = path.with_file_name("gone.onnx");
+    let err = providers::open_session(&cpu, "qformer", &gone, None, &mut no_warnings).unwrap_err();
     assert!(matches!(err, ProviderError::Commit { .. }) && err.to_string().contains("gone.onnx"), "{err}");
 }
 
@@ -226,10 +254,11 @@ fn cuda_profile_without_gpu_is_a_clear_error() {
         return;
     }
     let env = ort_env::environment().unwrap();
-    let c = Config::builtin();
+    let c = base();
     for name in ["cuda", "tensorrt"] {
-        let Err(err) = providers::apply(Session::builder(env).unwrap(), c.profile(name).unwrap(), "vision_encoder")
-        else {
+        let profile = c.profile(name).unwrap();
+        let applied = providers::apply(Session::builder(env).unwrap(), profile, "vision_encoder", &mut no_warnings);
+        let Err(err) = applied else {
             panic!("{name}: the profile applied on a machine without a GPU");
         };
         let msg = err.to_string();
@@ -245,14 +274,24 @@ fn allow_fallback_warns_and_runs_on_cpu() {
     if !runtime_installed() || has_nvidia_gpu() {
         return;
     }
-    let mut c = Config::builtin();
+    let mut c = base();
     c.overlay_toml("[profiles.cuda]\nallow_fallback = true\n", "test").unwrap();
     let env = ort_env::environment().unwrap();
+    let mut warnings = Vec::new();
+    let cuda = c.profile("cuda").unwrap();
     let builder =
-        providers::apply(Session::builder(env).unwrap(), c.profile("cuda").unwrap(), "language_model").unwrap();
+        providers::apply(Session::builder(env).unwrap(), cuda, "language_model", &mut |w| warnings.push(w)).unwrap();
     let mut builder = builder;
     let mut session = builder.commit_from_memory(&ADD_ONNX).unwrap();
     assert_eq!(run_add(&mut session), [11.0, 22.0, 33.0]);
+    // The fallback is told to the caller, naming the profile, the graph and both providers.
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    let said = warnings[0].to_string();
+    assert!(
+        said.starts_with("profile \"cuda\", graph language_model: cannot use CUDAExecutionProvider (")
+            && said.ends_with("); falling back to cpu"),
+        "{said}"
+    );
 }
 
 // ---- start-up failures, each in a child process -----------------------------------------
@@ -316,31 +355,4 @@ fn init_without_runtime_says_how_to_install() {
         "{line}"
     );
     assert!(line.contains(&empty.join("onnxruntime-1.31.1").display().to_string()), "{line}");
-}
-
-/// Installs the CPU runtime into the cache (downloads the wheel with pip); the same as
-/// `blip2-ort install-runtime`. Run with `cargo test -p blip2-runtime --test providers
-/// -- --ignored install_cpu_runtime`.
-#[test]
-#[ignore = "downloads the onnxruntime wheel"]
-fn install_cpu_runtime() {
-    let lib = ort_env::install(false, &mut |m| eprintln!("{m}")).unwrap();
-    assert!(lib.is_file());
-    assert_eq!(lib.parent().unwrap(), ort_env::cache_dir(false));
-}
-
-/// The GPU runtime (about 250 MB), as `blip2-ort install-runtime --gpu`.
-#[test]
-#[ignore = "downloads the onnxruntime-gpu wheel"]
-fn install_gpu_runtime() {
-    let lib = ort_env::install(true, &mut |m| eprintln!("{m}")).unwrap();
-    assert!(lib.is_file());
-    assert_eq!(lib.parent().unwrap(), ort_env::cache_dir(true));
-    for plugin in [
-        "libonnxruntime_providers_shared.so",
-        "libonnxruntime_providers_cuda.so",
-        "libonnxruntime_providers_tensorrt.so",
-    ] {
-        assert!(lib.with_file_name(plugin).is_file(), "{plugin} missing next to {}", lib.display());
-    }
 }

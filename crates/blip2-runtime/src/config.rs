@@ -1,0 +1,453 @@
+//! Execution-provider profiles: which ONNX Runtime providers each graph runs on, with
+//! their options, parsed from TOML text ([`Config::from_toml`]) with further files laid
+//! over it key by key. The text itself (the CLI's built-in `models.toml`, a user file) is
+//! the caller's; this module only reads and checks it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use ort::ep::{self, ExecutionProvider};
+use ort::session::builder::GraphOptimizationLevel;
+use serde::Deserialize;
+
+use crate::ort_env;
+
+/// The graphs of an export, as `[profiles.x.graphs.NAME]` names them.
+pub const GRAPHS: [&str; 4] = ["vision_encoder", "qformer", "text_encoder", "language_model"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Provider {
+    Cpu,
+    Cuda,
+    TensorRt,
+}
+
+impl Provider {
+    pub const ALL: [Provider; 3] = [Provider::Cpu, Provider::Cuda, Provider::TensorRt];
+
+    /// The name used in profiles.
+    pub fn name(self) -> &'static str {
+        match self {
+            Provider::Cpu => "cpu",
+            Provider::Cuda => "cuda",
+            Provider::TensorRt => "tensorrt",
+        }
+    }
+
+    /// ONNX Runtime's name for it.
+    pub fn ep_name(self) -> &'static str {
+        match self {
+            Provider::Cpu => <ep::CPU as ExecutionProvider>::NAME,
+            Provider::Cuda => <ep::CUDA as ExecutionProvider>::NAME,
+            Provider::TensorRt => <ep::TensorRT as ExecutionProvider>::NAME,
+        }
+    }
+
+    pub fn is_gpu(self) -> bool {
+        !matches!(self, Provider::Cpu)
+    }
+
+    fn known_list() -> String {
+        Provider::ALL.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ")
+    }
+}
+
+impl fmt::Display for Provider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Provider {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Provider::ALL
+            .into_iter()
+            .find(|p| p.name().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| format!("unknown provider \"{s}\" (known: {})", Provider::known_list()))
+    }
+}
+
+/// `graph_optimization`: ONNX Runtime's graph optimization levels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GraphOptimization {
+    Disable,
+    Basic,
+    Extended,
+    Layout,
+    #[default]
+    All,
+}
+
+impl GraphOptimization {
+    const NAMES: [(&'static str, GraphOptimization); 5] = [
+        ("disable", GraphOptimization::Disable),
+        ("basic", GraphOptimization::Basic),
+        ("extended", GraphOptimization::Extended),
+        ("layout", GraphOptimization::Layout),
+        ("all", GraphOptimization::All),
+    ];
+}
+
+impl FromStr for GraphOptimization {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::NAMES.iter().find(|(n, _)| n.eq_ignore_ascii_case(s.trim())).map(|(_, l)| *l).ok_or_else(|| {
+            format!(
+                "unknown graph_optimization \"{s}\" (known: {})",
+                Self::NAMES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+            )
+        })
+    }
+}
+
+impl From<GraphOptimization> for GraphOptimizationLevel {
+    fn from(g: GraphOptimization) -> Self {
+        match g {
+            GraphOptimization::Disable => GraphOptimizationLevel::Disable,
+            GraphOptimization::Basic => GraphOptimizationLevel::Level1,
+            GraphOptimization::Extended => GraphOptimizationLevel::Level2,
+            GraphOptimization::Layout => GraphOptimizationLevel::Level3,
+            GraphOptimization::All => GraphOptimizationLevel::All,
+        }
+    }
+}
+
+/// One resolved profile; the CLI's `models.toml` says what each key means.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Profile {
+    pub name: String,
+    /// Providers for every graph without its own list, first preferred.
+    pub providers: Vec<Provider>,
+    /// Per-graph provider lists, keyed by a [`GRAPHS`] name.
+    pub graphs: BTreeMap<String, Vec<Provider>>,
+    pub device_id: i32,
+    pub gpu_mem_limit: Option<u64>,
+    pub fp16: bool,
+    /// Let the CUDA provider run fp32 products on TF32 tensor cores (10-bit mantissa).
+    /// Off by default, as in PyTorch, so an fp32 export gives the CPU's tokens on CUDA.
+    pub tf32: bool,
+    pub engine_cache_path: Option<PathBuf>,
+    pub allow_fallback: bool,
+    pub intra_op_threads: Option<usize>,
+    pub graph_optimization: GraphOptimization,
+}
+
+impl Profile {
+    /// The providers `graph` runs on.
+    pub fn providers_for(&self, graph: &str) -> &[Provider] {
+        self.graphs.get(graph).unwrap_or(&self.providers)
+    }
+
+    /// Whether any graph asks for a GPU provider (and so needs `install-runtime --gpu`).
+    pub fn uses_gpu(&self) -> bool {
+        self.providers.iter().chain(self.graphs.values().flatten()).any(|p| p.is_gpu())
+    }
+
+    /// The TensorRT engine cache folder, relative paths taken under the blip2-ort cache.
+    pub fn engine_cache_dir(&self) -> Option<PathBuf> {
+        self.engine_cache_path.as_ref().map(|p| if p.is_absolute() { p.clone() } else { ort_env::cache_root().join(p) })
+    }
+}
+
+impl Profile {
+    /// The CPU profile with every key at its default (`providers = ["cpu"]`), the same as
+    /// the CLI's built-in `cpu` profile: for tests and callers without a config file.
+    pub fn cpu() -> Profile {
+        Profile {
+            name: "cpu".into(),
+            providers: vec![Provider::Cpu],
+            graphs: BTreeMap::new(),
+            device_id: 0,
+            gpu_mem_limit: None,
+            fp16: false,
+            tf32: false,
+            engine_cache_path: None,
+            allow_fallback: false,
+            intra_op_threads: None,
+            graph_optimization: GraphOptimization::All,
+        }
+    }
+}
+
+/// A config file or profile that cannot be used, naming the file and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read the config: {source}", path = .path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("{origin}: profile \"{profile}\": unknown provider \"{name}\" (known: {known})", known = Provider::known_list())]
+    UnknownProvider { origin: String, profile: String, name: String },
+    #[error("{origin}: profile \"{profile}\": unknown graph \"{name}\" (known: {known})", known = GRAPHS.join(", "))]
+    UnknownGraph { origin: String, profile: String, name: String },
+    #[error("{origin}: profile \"{profile}\": {message}")]
+    InvalidProfile { origin: String, profile: String, message: String },
+    #[error("unknown profile \"{name}\"; known profiles: {known}", known = .known.join(", "))]
+    UnknownProfile { name: String, known: Vec<String> },
+}
+
+// ---- the file format, as written -------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    profiles: BTreeMap<String, RawProfile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProfile {
+    providers: Option<Vec<String>>,
+    #[serde(default)]
+    graphs: BTreeMap<String, RawGraph>,
+    device_id: Option<i32>,
+    gpu_mem_limit: Option<u64>,
+    fp16: Option<bool>,
+    tf32: Option<bool>,
+    engine_cache_path: Option<PathBuf>,
+    allow_fallback: Option<bool>,
+    intra_op_threads: Option<usize>,
+    graph_optimization: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGraph {
+    providers: Vec<String>,
+}
+
+/// One file's profile, checked but with unset keys left open so a later file can lay
+/// single keys over it.
+#[derive(Debug, Clone, Default)]
+struct PartialProfile {
+    providers: Option<Vec<Provider>>,
+    graphs: BTreeMap<String, Vec<Provider>>,
+    device_id: Option<i32>,
+    gpu_mem_limit: Option<u64>,
+    fp16: Option<bool>,
+    tf32: Option<bool>,
+    engine_cache_path: Option<PathBuf>,
+    allow_fallback: Option<bool>,
+    intra_op_threads: Option<usize>,
+    graph_optimization: Option<GraphOptimization>,
+    /// The last file that set anything in it, for error messages.
+    origin: String,
+}
+
+impl PartialProfile {
+    fn from_raw(raw: RawProfile, name: &str, origin: &str) -> Result<Self, ConfigError> {
+        let providers = raw.providers.map(|list| parse_provider_list(&list, name, origin)).transpose()?;
+        let mut graphs = BTreeMap::new();
+        for (graph, g) in raw.graphs {
+            if !GRAPHS.contains(&graph.as_str()) {
+                return Err(ConfigError::UnknownGraph { origin: origin.into(), profile: name.into(), name: graph });
+            }
+            graphs.insert(graph, parse_provider_list(&g.providers, name, origin)?);
+        }
+        let graph_optimization = raw
+            .graph_optimization
+            .map(|s| s.parse::<GraphOptimization>())
+            .transpose()
+            .map_err(|message| invalid(origin, name, message))?;
+        Ok(Self {
+            providers,
+            graphs,
+            device_id: raw.device_id,
+            gpu_mem_limit: raw.gpu_mem_limit,
+            fp16: raw.fp16,
+            tf32: raw.tf32,
+            engine_cache_path: raw.engine_cache_path,
+            allow_fallback: raw.allow_fallback,
+            intra_op_threads: raw.intra_op_threads,
+            graph_optimization,
+            origin: origin.into(),
+        })
+    }
+
+    /// `over`'s keys win; graph lists are replaced per graph.
+    fn overlay(mut self, over: PartialProfile) -> Self {
+        self.graphs.extend(over.graphs);
+        Self {
+            providers: over.providers.or(self.providers),
+            graphs: self.graphs,
+            device_id: over.device_id.or(self.device_id),
+            gpu_mem_limit: over.gpu_mem_limit.or(self.gpu_mem_limit),
+            fp16: over.fp16.or(self.fp16),
+            tf32: over.tf32.or(self.tf32),
+            engine_cache_path: over.engine_cache_path.or(self.engine_cache_path),
+            allow_fallback: over.allow_fallback.or(self.allow_fallback),
+            intra_op_threads: over.intra_op_threads.or(self.intra_op_threads),
+            graph_optimization: over.graph_optimization.or(self.graph_optimization),
+            origin: over.origin,
+        }
+    }
+
+    fn resolve(&self, name: &str) -> Result<Profile, ConfigError> {
+        let providers = self
+            .providers
+            .clone()
+            .ok_or_else(|| invalid(&self.origin, name, "no providers list (e.g. providers = [\"cuda\", \"cpu\"])"))?;
+        Ok(Profile {
+            name: name.into(),
+            providers,
+            graphs: self.graphs.clone(),
+            device_id: self.device_id.unwrap_or(0),
+            gpu_mem_limit: self.gpu_mem_limit,
+            fp16: self.fp16.unwrap_or(false),
+            tf32: self.tf32.unwrap_or(false),
+            engine_cache_path: self.engine_cache_path.clone(),
+            allow_fallback: self.allow_fallback.unwrap_or(false),
+            intra_op_threads: self.intra_op_threads,
+            graph_optimization: self.graph_optimization.unwrap_or_default(),
+        })
+    }
+}
+
+fn invalid(origin: &str, profile: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::InvalidProfile { origin: origin.into(), profile: profile.into(), message: message.into() }
+}
+
+fn parse_provider_list(list: &[String], profile: &str, origin: &str) -> Result<Vec<Provider>, ConfigError> {
+    let mut out: Vec<Provider> = Vec::with_capacity(list.len());
+    for name in list {
+        let p = name.parse::<Provider>().map_err(|_| ConfigError::UnknownProvider {
+            origin: origin.into(),
+            profile: profile.into(),
+            name: name.clone(),
+        })?;
+        if out.contains(&p) {
+            return Err(invalid(origin, profile, format!("provider \"{p}\" is listed twice")));
+        }
+        out.push(p);
+    }
+    if out.is_empty() {
+        return Err(invalid(origin, profile, "the providers list is empty"));
+    }
+    // ONNX Runtime always keeps its CPU provider last, whatever the order asked for;
+    // refuse an order that would not be honoured.
+    if out.iter().position(|p| *p == Provider::Cpu).is_some_and(|i| i + 1 != out.len()) {
+        return Err(invalid(
+            origin,
+            profile,
+            "\"cpu\" must come last in a providers list (ONNX Runtime always tries it last)",
+        ));
+    }
+    Ok(out)
+}
+
+// ---- the merged configuration ----------------------------------------------------------
+
+/// Execution-provider profiles: one TOML text with any others laid over it.
+#[derive(Debug, Clone)]
+pub struct Config {
+    partial: BTreeMap<String, PartialProfile>,
+    profiles: BTreeMap<String, Profile>,
+}
+
+impl Config {
+    /// A config from one TOML text alone; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let mut c = Config { partial: BTreeMap::new(), profiles: BTreeMap::new() };
+        c.overlay_toml(text, origin)?;
+        Ok(c)
+    }
+
+    /// Lays a TOML file over this config.
+    pub fn overlay_file(&mut self, path: &Path) -> Result<(), ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        self.overlay_toml(&text, &path.display().to_string())
+    }
+
+    /// Lays a TOML text over this config, profiles key by key. On error the config is
+    /// left unchanged.
+    pub fn overlay_toml(&mut self, text: &str, origin: &str) -> Result<(), ConfigError> {
+        let raw: RawFile =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { origin: origin.into(), message: e.to_string() })?;
+        let mut partial = self.partial.clone();
+        for (name, rp) in raw.profiles {
+            let over = PartialProfile::from_raw(rp, &name, origin)?;
+            let merged = match partial.remove(&name) {
+                Some(base) => base.overlay(over),
+                None => over,
+            };
+            partial.insert(name, merged);
+        }
+        let profiles = partial
+            .iter()
+            .map(|(name, p)| p.resolve(name).map(|r| (name.clone(), r)))
+            .collect::<Result<BTreeMap<_, _>, _>>()?;
+        self.partial = partial;
+        self.profiles = profiles;
+        Ok(())
+    }
+
+    /// The profile called `name`, or an error listing the known ones.
+    pub fn profile(&self, name: &str) -> Result<&Profile, ConfigError> {
+        self.profiles.get(name).ok_or_else(|| ConfigError::UnknownProfile {
+            name: name.into(),
+            known: self.profiles.keys().cloned().collect(),
+        })
+    }
+
+    /// All profiles by name.
+    pub fn profiles(&self) -> &BTreeMap<String, Profile> {
+        &self.profiles
+    }
+
+    pub fn profile_names(&self) -> Vec<&str> {
+        self.profiles.keys().map(String::as_str).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn provider_names_round_trip() {
+        for p in Provider::ALL {
+            assert_eq!(p.name().parse::<Provider>().unwrap(), p);
+        }
+        assert_eq!("CUDA".parse::<Provider>().unwrap(), Provider::Cuda);
+        assert!("rocm".parse::<Provider>().unwrap_err().contains("cpu, cuda, tensorrt"));
+        assert_eq!(Provider::TensorRt.ep_name(), "TensorrtExecutionProvider");
+    }
+
+    #[test]
+    fn cpu_must_be_last_and_unique() {
+        let e = parse_provider_list(&["cpu".into(), "cuda".into()], "p", "f").unwrap_err();
+        assert!(e.to_string().contains("must come last"), "{e}");
+        let e = parse_provider_list(&["cuda".into(), "cuda".into()], "p", "f").unwrap_err();
+        assert!(e.to_string().contains("twice"), "{e}");
+        let e = parse_provider_list(&[], "p", "f").unwrap_err();
+        assert!(e.to_string().contains("empty"), "{e}");
+    }
+
+    #[test]
+    fn graph_optimization_levels() {
+        assert_eq!("all".parse::<GraphOptimization>().unwrap(), GraphOptimization::All);
+        assert_eq!("basic".parse::<GraphOptimization>().unwrap(), GraphOptimization::Basic);
+        assert!("max".parse::<GraphOptimization>().unwrap_err().contains("disable, basic, extended, layout, all"));
+    }
+
+    #[test]
+    fn cpu_profile_is_the_parsed_defaults() {
+        let c = Config::from_toml("[profiles.cpu]\nproviders = [\"cpu\"]\n", "test").unwrap();
+        assert_eq!(c.profile("cpu").unwrap(), &Profile::cpu());
+    }
+
+    #[test]
+    fn failed_overlay_leaves_config_unchanged() {
+        let base = "[profiles.cpu]\nproviders = [\"cpu\"]\n[profiles.cuda]\nproviders = [\"cuda\", \"cpu\"]\n";
+        let mut c = Config::from_toml(base, "base").unwrap();
+        let before = c.profiles().clone();
+        let err = c.overlay_toml("[profiles.cpu]\nproviders = [\"nope\"]\n", "user.toml").unwrap_err();
+        assert!(matches!(err, ConfigError::UnknownProvider { .. }));
+        assert_eq!(c.profiles(), &before);
+    }
+}
