@@ -7,6 +7,7 @@ mod bench_cmd;
 mod export_cmd;
 mod hub;
 mod infer_cmd;
+mod install;
 mod retrieval_cmd;
 mod session;
 mod signals;
@@ -40,7 +41,7 @@ enum Command {
 }
 
 fn install_runtime(gpu: bool, quiet: bool) -> anyhow::Result<i32> {
-    let path = blip2_runtime::ort_env::install(gpu, &mut |msg: &str| {
+    let path = install::install(gpu, &mut |msg: &str| {
         if !quiet {
             eprintln!("{msg}");
         }
