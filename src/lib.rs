@@ -79,7 +79,7 @@ pub fn session_factory() -> impl FnMut(
         blip2_runtime::providers::open_session(&profile, kind.name(), path, Some(&cache), &mut |w| {
             eprintln!("warning: {w}")
         })
-        .map_err(|e| blip2_runtime::error::RuntimeError::Input(e.to_string()))
+        .map_err(blip2_runtime::error::RuntimeError::Session)
     }
 }
 

@@ -77,7 +77,7 @@ pub fn session_factory(profile: &Profile) -> Box<SessionFactory<'_>> {
     let cache = cache_on.then(session_cache::optimized_cache_root);
     Box::new(move |kind: GraphKind, path: &Path| {
         providers::open_session(profile, kind.name(), path, cache.as_deref(), &mut |w| eprintln!("warning: {w}"))
-            .map_err(|e| RuntimeError::Input(e.to_string()))
+            .map_err(RuntimeError::Session)
     })
 }
 

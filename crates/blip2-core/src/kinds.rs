@@ -102,7 +102,7 @@ impl GraphKind {
     pub const ALL: [GraphKind; 4] = [GraphKind::VisionEncoder, GraphKind::QFormer, GraphKind::TextEncoder, GraphKind::LanguageModel];
 
     /// The graph's name in profiles (`[profiles.x.graphs.NAME]`) and messages.
-    pub fn name(self) -> &'static str {
+    pub const fn name(self) -> &'static str {
         match self {
             GraphKind::VisionEncoder => "vision_encoder",
             GraphKind::QFormer => "qformer",

@@ -12,10 +12,17 @@ use ort::ep::{self, ExecutionProvider};
 use ort::session::builder::GraphOptimizationLevel;
 use serde::Deserialize;
 
+use blip2_core::GraphKind;
+
 use crate::ort_env;
 
 /// The graphs of an export, as `[profiles.x.graphs.NAME]` names them.
-pub const GRAPHS: [&str; 4] = ["vision_encoder", "qformer", "text_encoder", "language_model"];
+pub const GRAPHS: [&str; 4] = [
+    GraphKind::ALL[0].name(),
+    GraphKind::ALL[1].name(),
+    GraphKind::ALL[2].name(),
+    GraphKind::ALL[3].name(),
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Provider {

@@ -17,6 +17,9 @@ pub enum RuntimeError {
     MissingOutput(String),
     #[error("{path}: cannot load the tokenizer: {message}")]
     Tokenizer { path: PathBuf, message: String },
+    /// A graph's session could not be made (its providers, or the file, named).
+    #[error(transparent)]
+    Session(#[from] crate::providers::ProviderError),
     /// An image that cannot be read or preprocessed (the file named).
     #[error(transparent)]
     Preprocess(#[from] crate::preprocess::PreprocessError),
