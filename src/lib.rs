@@ -157,3 +157,27 @@ pub fn token_agreement(
     }
     (same, total)
 }
+
+/// Runs every recorded case of checkpoint `name` that `keep` accepts on `p` and asserts
+/// transformers' token ids and decoded texts, naming `what` in failures; at least 15
+/// cases must run.
+pub fn assert_cases_match(
+    p: &mut blip2_runtime::pipeline::Pipeline,
+    name: &str,
+    what: &str,
+    keep: impl Fn(&serde_json::Value) -> bool,
+) {
+    let all = generate_cases(name);
+    let mut checked = 0;
+    for case in all["cases"].as_array().unwrap().iter().filter(|c| keep(c)) {
+        let cname = case["name"].as_str().unwrap();
+        let (got, want) = run_case(p, case);
+        let got_ids: Vec<Vec<i64>> = got.iter().map(|g| g.token_ids.clone()).collect();
+        assert_eq!(got_ids, want, "{name}/{cname} ({what}): token ids differ from transformers");
+        let want_text: Vec<&str> = case["texts"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+        let got_text: Vec<&str> = got.iter().map(|g| g.text.as_str()).collect();
+        assert_eq!(got_text, want_text, "{name}/{cname} ({what}): decoded text differs");
+        checked += 1;
+    }
+    assert!(checked >= 15, "{name} ({what}): only {checked} cases ran");
+}
