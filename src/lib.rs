@@ -139,6 +139,21 @@ pub fn batch_and_single_runs(
     (batched, singles)
 }
 
+/// Runs checkpoint `name`'s recorded batch case as one batch and each row alone, asserts
+/// each batch row equals its single run, and returns the single runs.
+pub fn assert_batch_rows_equal_single_runs(
+    p: &mut blip2_runtime::pipeline::Pipeline,
+    name: &str,
+) -> Vec<Vec<blip2_runtime::pipeline::Generated>> {
+    let all = generate_cases(name);
+    let case = all["cases"].as_array().unwrap().iter().find(|c| c["name"] == "batch").unwrap();
+    let (batched, singles) = batch_and_single_runs(p, case);
+    for (i, single) in singles.iter().enumerate() {
+        assert_eq!(&batched[i], single, "{name}: batch row {i} differs from its single run");
+    }
+    singles
+}
+
 /// Over every recorded case of `cases` that `keep` accepts: how many generated tokens
 /// agree with transformers' (up to the first difference in each sequence), and how many
 /// there are (the longer of the two sequences each).

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use blip2_core::{io, Target};
 use blip2_ort_suite::{
-    assert_cases_match, assert_close, batch_and_single_runs, fixture, generate_cases, ids, photo, read_npy, session_factory, temp_dir,
+    assert_batch_rows_equal_single_runs, assert_cases_match, assert_close, fixture, generate_cases, ids, photo, read_npy, session_factory, temp_dir,
     token_agreement, CHECKPOINTS,
 };
 use blip2_runtime::generation::{StepModel, StepOutput, Want};
@@ -161,12 +161,7 @@ fn batch_rows_equal_single_runs() {
     for name in CHECKPOINTS {
         let dir = export(name, "batch");
         let mut p = Pipeline::load(&dir, &mut session_factory()).unwrap();
-        let all = cases(name);
-        let case = all["cases"].as_array().unwrap().iter().find(|c| c["name"] == "batch").unwrap();
-        let (batched, singles) = batch_and_single_runs(&mut p, case);
-        for (i, single) in singles.iter().enumerate() {
-            assert_eq!(&batched[i], single, "{name}: batch row {i} differs from its single run");
-        }
+        assert_batch_rows_equal_single_runs(&mut p, name);
     }
 }
 

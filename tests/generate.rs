@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 
 use blip2_ort_suite::{
-    assert_cases_match, batch_and_single_runs, config, fixture, generate_cases, ids, photo, session_factory, temp_dir,
+    assert_batch_rows_equal_single_runs, assert_cases_match, config, fixture, generate_cases, ids, photo, session_factory, temp_dir,
     token_agreement,
     ALL_CHECKPOINTS,
 };
@@ -62,11 +62,8 @@ fn batch_rows_equal_single_runs() {
         let dir = export(name, "batch");
         let mut p = Pipeline::load(&dir, &mut session_factory()).unwrap();
         let all = cases(name);
-        let case = all["cases"].as_array().unwrap().iter().find(|c| c["name"] == "batch").unwrap();
-        let (batched, singles) = batch_and_single_runs(&mut p, case);
-        for (i, single) in singles.iter().enumerate() {
-            assert_eq!(&batched[i], single, "{name}: batch row {i} differs from its single run");
-            // And the single run is transformers' single run (for T5, transformers' own
+        for (i, single) in assert_batch_rows_equal_single_runs(&mut p, name).iter().enumerate() {
+            // The single run is transformers' single run (for T5, transformers' own
             // batched run differs from its single runs; the single run is the reference).
             let row = all["cases"].as_array().unwrap().iter().find(|c| c["name"] == format!("batch_row{i}")).unwrap();
             assert_eq!(single[0].token_ids, ids(&row["sequences"][0]), "{name}: row {i} vs transformers");

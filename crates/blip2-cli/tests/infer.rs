@@ -423,21 +423,25 @@ fn unknown_or_unavailable_providers_fail_clearly() {
     assert!(stderr(&o).to_lowercase().contains("cuda"), "{}", stderr(&o));
 }
 
+/// `infer --model CK caption chelsea.png` with its own blip2-ort cache folder (where a
+/// checkpoint's export is kept), ONNX Runtime found where the tests found it.
+fn caption_with_cache(cache: &Path, ck: &Path) -> Output {
+    let dylib = blip2_runtime::ort_env::find_dylib().expect("ONNX Runtime installed (scripts/test does it)");
+    bin()
+        .env("BLIP2_ORT_CACHE", cache)
+        .env("ORT_DYLIB_PATH", &dylib)
+        .args(["infer", "--model"])
+        .arg(ck)
+        .args(["caption", photo("chelsea.png").to_str().unwrap(), "--max-new-tokens", "10", "--json"])
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn a_checkpoint_folder_is_exported_once_into_the_cache() {
     let dir = tmp("cache");
-    let dylib = blip2_runtime::ort_env::find_dylib().expect("ONNX Runtime installed (scripts/test does it)");
     let ck = root().join("tests/fixtures/opt-tiny/checkpoint");
-    let go = || {
-        bin()
-            .env("BLIP2_ORT_CACHE", dir.join("cache"))
-            .env("ORT_DYLIB_PATH", &dylib)
-            .args(["infer", "--model"])
-            .arg(&ck)
-            .args(["caption", photo("chelsea.png").to_str().unwrap(), "--max-new-tokens", "10", "--json"])
-            .output()
-            .unwrap()
-    };
+    let go = || caption_with_cache(&dir.join("cache"), &ck);
     let first = go();
     assert!(first.status.success(), "{}", stderr(&first));
     assert!(stderr(&first).contains("exporting"), "{}", stderr(&first));
@@ -452,7 +456,6 @@ fn a_checkpoint_folder_is_exported_once_into_the_cache() {
 #[test]
 fn the_cached_export_follows_the_checkpoint_content() {
     let dir = tmp("cache-content");
-    let dylib = blip2_runtime::ort_env::find_dylib().expect("ONNX Runtime installed (scripts/test does it)");
     let ck = dir.join("checkpoint");
     let put = |name: &str| {
         let _ = std::fs::remove_dir_all(&ck);
@@ -462,16 +465,7 @@ fn the_cached_export_follows_the_checkpoint_content() {
             std::fs::copy(e.path(), ck.join(e.file_name())).unwrap();
         }
     };
-    let go = || {
-        bin()
-            .env("BLIP2_ORT_CACHE", dir.join("cache"))
-            .env("ORT_DYLIB_PATH", &dylib)
-            .args(["infer", "--model"])
-            .arg(&ck)
-            .args(["caption", photo("chelsea.png").to_str().unwrap(), "--max-new-tokens", "10", "--json"])
-            .output()
-            .unwrap()
-    };
+    let go = || caption_with_cache(&dir.join("cache"), &ck);
     put("opt-tiny");
     let first = go();
     assert!(first.status.success(), "{}", stderr(&first));

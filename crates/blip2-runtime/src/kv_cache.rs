@@ -67,18 +67,6 @@ impl KvCache {
         Ok(Self { spec, layout: Layout::Static { capacity }, rows, layers })
     }
 
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    pub fn layout(&self) -> Layout {
-        self.layout
-    }
-
-    pub fn spec(&self) -> KvSpec {
-        self.spec
-    }
-
     /// Binds the cache as the step's `past_key_values.*`; a static cache is also bound
     /// as `present.*`, so the decoder writes into the same buffers; a growing cache's
     /// `present.*` are allocated on `memory`.
@@ -169,12 +157,6 @@ impl KvCache {
         }
     }
 
-    /// Layer `l`'s key (`which` 0) or value (1), as f32 on the host (tests).
-    pub fn to_host(&self, l: usize, which: usize) -> Result<ArrayD<f32>, RuntimeError> {
-        let v = &self.layers[l][which];
-        let host = on_host(v)?;
-        crate::model::to_f32(host.as_ref().unwrap_or(v))
-    }
 }
 
 fn names(layer: usize, which: usize) -> (String, String) {

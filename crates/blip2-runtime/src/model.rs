@@ -40,17 +40,20 @@ pub(crate) fn ort_err(what: impl Into<String>) -> impl FnOnce(ort::Error) -> Run
     move |source| RuntimeError::Ort { what, source }
 }
 
+/// The session for graph `file` of the export in `dir`, or an error naming the missing file.
+pub(crate) fn open_graph(dir: &Path, file: &str, kind: GraphKind, factory: &mut SessionFactory<'_>) -> Result<Session, RuntimeError> {
+    let path = dir.join(file);
+    if !path.exists() {
+        return Err(RuntimeError::MissingFile(path));
+    }
+    factory(kind, &path)
+}
+
 impl Blip2Model {
     pub fn load(dir: &Path, factory: &mut SessionFactory<'_>) -> Result<Self, RuntimeError> {
         let manifest = Manifest::load(dir)?;
         let g = &manifest.graphs;
-        let mut open = |kind: GraphKind, file: &str| -> Result<Session, RuntimeError> {
-            let path = dir.join(file);
-            if !path.exists() {
-                return Err(RuntimeError::MissingFile(path));
-            }
-            factory(kind, &path)
-        };
+        let mut open = |kind: GraphKind, file: &str| open_graph(dir, file, kind, factory);
         let vision = open(GraphKind::VisionEncoder, &g.vision_encoder.file)?;
         let qformer = open(GraphKind::QFormer, &g.qformer.file)?;
         let text_encoder = match (&g.text_encoder, manifest.family) {

@@ -98,13 +98,7 @@ impl RetrievalModel {
     pub fn load(dir: &Path, factory: &mut SessionFactory<'_>) -> Result<Self, RuntimeError> {
         let manifest = RetrievalManifest::load(dir)?;
         let g = &manifest.graphs;
-        let mut open = |kind: GraphKind, file: &str| -> Result<Session, RuntimeError> {
-            let path = dir.join(file);
-            if !path.exists() {
-                return Err(RuntimeError::MissingFile(path));
-            }
-            factory(kind, &path)
-        };
+        let mut open = |kind: GraphKind, file: &str| crate::model::open_graph(dir, file, kind, factory);
         let vision = open(GraphKind::VisionEncoder, &g.vision_encoder.file)?;
         let image_embedding = open(GraphKind::QFormer, &g.image_embedding.file)?;
         let text_embedding = open(GraphKind::QFormer, &g.text_embedding.file)?;

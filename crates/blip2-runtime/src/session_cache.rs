@@ -203,6 +203,17 @@ mod tests {
         99, 18, 10, 10, 8, 8, 1, 18, 4, 10, 2, 8, 3, 66, 4, 10, 0, 16, 13,
     ];
 
+    /// A fresh folder holding the Add graph, and the cache folder to use beside it.
+    fn scratch(test: &str) -> (PathBuf, PathBuf, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("blip2-ort-optcache-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let model = dir.join("add.onnx");
+        std::fs::write(&model, ADD_ONNX).unwrap();
+        let cache = dir.join("cache");
+        (dir, model, cache)
+    }
+
     fn run_add(session: &mut Session) -> Vec<f32> {
         let a = ort::value::Tensor::from_array(([3usize], vec![1.0f32, 2.0, 3.0])).unwrap();
         let b = ort::value::Tensor::from_array(([3usize], vec![10.0f32, 20.0, 30.0])).unwrap();
@@ -216,12 +227,7 @@ mod tests {
             eprintln!("note: skipping, the ONNX Runtime library is not installed");
             return;
         }
-        let dir = std::env::temp_dir().join(format!("blip2-ort-optcache-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let model = dir.join("add.onnx");
-        std::fs::write(&model, ADD_ONNX).unwrap();
-        let cache = dir.join("cache");
+        let (dir, model, cache) = scratch("made-once");
         let profile = Profile::cpu();
         // A session and the warnings opening it gave.
         let open_warned = |path: &Path, cache: &Path| {
@@ -297,12 +303,7 @@ mod tests {
             eprintln!("note: skipping, the ONNX Runtime library is not installed");
             return;
         }
-        let dir = std::env::temp_dir().join(format!("blip2-ort-optcache-broken-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let model = dir.join("add.onnx");
-        std::fs::write(&model, ADD_ONNX).unwrap();
-        let cache = dir.join("cache");
+        let (dir, model, cache) = scratch("broken");
         let profile = Profile::cpu();
         let open = || open(&profile, "qformer", &model, &cache, &mut |w| panic!("unexpected warning: {w}")).unwrap();
         drop(open());

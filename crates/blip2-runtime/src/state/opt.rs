@@ -116,10 +116,6 @@ impl<'m> OptState<'m> {
         Ok(self.run(ids, pos, no_images, true)?.index_axis_move(Axis(1), 0))
     }
 
-    /// The KV cache (tests).
-    pub fn cache(&self) -> &KvCache {
-        &self.cache
-    }
 }
 
 impl StepModel for OptState<'_> {
