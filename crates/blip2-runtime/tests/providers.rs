@@ -356,3 +356,14 @@ fn init_without_runtime_says_how_to_install() {
     );
     assert!(line.contains(&empty.join("onnxruntime-1.31.1").display().to_string()), "{line}");
 }
+
+#[test]
+fn tf32_is_off_unless_a_profile_asks() {
+    // ONNX Runtime's CUDA provider would use TF32 products by default; fp32 on CUDA must
+    // give the CPU's tokens, so a profile has to ask for them.
+    let mut c = base();
+    assert!(!c.profile("cuda").unwrap().tf32);
+    c.overlay_toml("[profiles.cuda]\ntf32 = true\n", "user.toml").unwrap();
+    assert!(c.profile("cuda").unwrap().tf32);
+    assert!(!c.profile("tensorrt").unwrap().tf32, "only the profile that asked");
+}
