@@ -222,7 +222,7 @@ pub fn run(a: &BenchArgs, quiet: bool) -> Result<i32> {
     for rep in 0..=a.reps {
         let e = embeds.clone();
         let t = Instant::now();
-        let mut p = blip2_runtime::state::prefill(model, &batch, e, a.new_tokens)?;
+        let mut p = blip2_runtime::state::prefill(&mut *model, &batch, e, a.new_tokens)?;
         let dt = t.elapsed();
         // Greedy decode steps, asking for what greedy search asks for.
         steps(&mut || p.state.step_for(&[10], Want::Argmax).map(|_| ()).map_err(Into::into))?;

@@ -9,6 +9,7 @@ mod hub;
 mod infer_cmd;
 mod install;
 mod retrieval_cmd;
+mod serve_cmd;
 mod session;
 mod signals;
 
@@ -32,6 +33,8 @@ enum Command {
     Infer(infer_cmd::InferArgs),
     /// Time generation and its pieces on random images (JSON comparable with scripts/hf_generate_bench.py).
     Bench(bench_cmd::BenchArgs),
+    /// Serve a model over HTTP with OpenAI's API (chat and completions, streaming, batched).
+    Serve(serve_cmd::ServeArgs),
     /// Install the ONNX Runtime library (from the onnxruntime wheel, with pip) into the cache.
     InstallRuntime {
         /// The CUDA 13 build (onnxruntime-gpu) with the CUDA and TensorRT providers.
@@ -103,11 +106,12 @@ fn parse_cli() -> Cli {
 fn main() {
     let cli = parse_cli();
     // An interrupted export removes its temporary folder before the process ends.
-    signals::install();
+    let signals = signals::install();
     let result = match &cli.command {
         Command::Export(a) => export_cmd::run(a, cli.quiet).map(|_| 0),
         Command::Infer(a) => infer_cmd::run(a, cli.quiet),
         Command::Bench(a) => bench_cmd::run(a, cli.quiet),
+        Command::Serve(a) => serve_cmd::run(a, cli.quiet, signals),
         Command::InstallRuntime { gpu } => install_runtime(*gpu, cli.quiet),
     };
     match result {

@@ -3,6 +3,7 @@
 //! [`crate::state`] drive step by step.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use blip2_core::{io, Family, Manifest};
 use ndarray::{Array2, Array4, ArrayD, Axis};
@@ -33,6 +34,63 @@ pub struct Blip2Model {
     vision_fp16: bool,
     /// Where the KV cache lives between decode steps (host memory unless set).
     pub(crate) kv_memory: MemoryInfo<'static>,
+}
+
+/// The model a decoder state runs on: borrowed for the whole generation (the CLI, the
+/// benchmarks), or shared by generations that take turns step by step (the server), each
+/// step locking it.
+pub enum ModelRef<'m> {
+    Borrowed(&'m mut Blip2Model),
+    Shared(Arc<Mutex<Blip2Model>>),
+}
+
+/// The model while one call runs on it: see [`ModelRef::get`].
+pub enum ModelGuard<'a> {
+    Borrowed(&'a mut Blip2Model),
+    Locked(MutexGuard<'a, Blip2Model>),
+}
+
+impl ModelRef<'_> {
+    /// The model, locked while the guard lives when it is shared. A generation that
+    /// panicked while holding the lock left nothing half-done that a later call reads (each
+    /// call binds its own inputs), so a poisoned lock is taken over.
+    pub fn get(&mut self) -> ModelGuard<'_> {
+        match self {
+            ModelRef::Borrowed(m) => ModelGuard::Borrowed(m),
+            ModelRef::Shared(m) => ModelGuard::Locked(m.lock().unwrap_or_else(|e| e.into_inner())),
+        }
+    }
+}
+
+impl<'m> From<&'m mut Blip2Model> for ModelRef<'m> {
+    fn from(m: &'m mut Blip2Model) -> Self {
+        ModelRef::Borrowed(m)
+    }
+}
+
+impl From<Arc<Mutex<Blip2Model>>> for ModelRef<'static> {
+    fn from(m: Arc<Mutex<Blip2Model>>) -> Self {
+        ModelRef::Shared(m)
+    }
+}
+
+impl std::ops::Deref for ModelGuard<'_> {
+    type Target = Blip2Model;
+    fn deref(&self) -> &Blip2Model {
+        match self {
+            ModelGuard::Borrowed(m) => m,
+            ModelGuard::Locked(m) => m,
+        }
+    }
+}
+
+impl std::ops::DerefMut for ModelGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Blip2Model {
+        match self {
+            ModelGuard::Borrowed(m) => m,
+            ModelGuard::Locked(m) => m,
+        }
+    }
 }
 
 pub(crate) fn ort_err(what: impl Into<String>) -> impl FnOnce(ort::Error) -> RuntimeError {

@@ -36,7 +36,7 @@ pub const DEFAULT_EMBED_CACHE: usize = 8;
 /// Vision encoder + Q-Former output of recently seen images, least recently used first
 /// to go. Keyed by a hash of the pixel values, a hit confirmed by comparing them all, so
 /// a collision can never hand back another image's embeddings.
-struct EmbedCache {
+pub struct EmbedCache {
     capacity: usize,
     /// (hash, pixel values `[3, H, W]`, embeddings `[num_query_tokens, hidden]` as f32),
     /// most recently used last.
@@ -44,7 +44,8 @@ struct EmbedCache {
 }
 
 impl EmbedCache {
-    fn new(capacity: usize) -> Self {
+    /// A cache of `capacity` images (0 keeps none).
+    pub fn new(capacity: usize) -> Self {
         Self { capacity, entries: VecDeque::new() }
     }
 
@@ -54,6 +55,56 @@ impl EmbedCache {
         let embeds = e.2.clone();
         self.entries.push_back(e);
         Some(embeds)
+    }
+
+    /// Vision encoder + Q-Former for a batch, `[B, num_query_tokens, hidden]` as f32.
+    /// Images seen recently come from the cache; the others (each distinct one once) run
+    /// as one batch.
+    pub fn embed(&mut self, model: &mut Blip2Model, pixels: Array4<f32>) -> Result<ArrayD<f32>, RuntimeError> {
+        if self.capacity == 0 || pixels.shape()[0] == 0 {
+            return to_f32(&model.encode_images(pixels)?);
+        }
+        let rows = pixels.shape()[0];
+        let hashes: Vec<u64> = pixels.outer_iter().map(pixel_hash).collect();
+        let mut found: Vec<Option<ArrayD<f32>>> = Vec::with_capacity(rows);
+        // Rows to encode: the first row of each distinct image not in the cache; `source[r]`
+        // is the index in `todo` that row r's embeddings come from.
+        let mut todo: Vec<usize> = Vec::new();
+        let mut source: Vec<usize> = vec![usize::MAX; rows];
+        for r in 0..rows {
+            let px = pixels.index_axis(Axis(0), r);
+            let hit = self.get(hashes[r], px);
+            if hit.is_none() {
+                if let Some(k) = todo.iter().position(|&t| hashes[t] == hashes[r] && pixels.index_axis(Axis(0), t) == px) {
+                    source[r] = k;
+                } else {
+                    source[r] = todo.len();
+                    todo.push(r);
+                }
+            }
+            found.push(hit);
+        }
+        let fresh = match todo.len() {
+            0 => None,
+            n if n == rows => Some(to_f32(&model.encode_images(pixels.clone())?)?),
+            _ => Some(to_f32(&model.encode_images(pixels.select(Axis(0), &todo))?)?),
+        };
+        let mut full: Option<ArrayD<f32>> = None;
+        for r in 0..rows {
+            let e = match (&found[r], &fresh) {
+                (Some(e), _) => e.view(),
+                (None, Some(f)) => f.index_axis(Axis(0), source[r]),
+                (None, None) => unreachable!("a row is either cached or encoded"),
+            };
+            let full = full.get_or_insert_with(|| ArrayD::zeros(IxDyn(&[&[rows][..], e.shape()].concat())));
+            full.index_axis_mut(Axis(0), r).assign(&e);
+        }
+        if let Some(f) = &fresh {
+            for (k, &r) in todo.iter().enumerate() {
+                self.put(hashes[r], pixels.index_axis(Axis(0), r).to_owned(), f.index_axis(Axis(0), k).to_owned());
+            }
+        }
+        Ok(full.expect("at least one row"))
     }
 
     fn put(&mut self, hash: u64, px: Array3<f32>, embeds: ArrayD<f32>) {
@@ -98,50 +149,7 @@ impl Pipeline {
     /// Images seen recently come from the cache; the others (each distinct one once) run
     /// as one batch.
     pub fn image_embeds(&mut self, pixels: Array4<f32>) -> Result<ArrayD<f32>, RuntimeError> {
-        if self.embed_cache.capacity == 0 || pixels.shape()[0] == 0 {
-            return to_f32(&self.model.encode_images(pixels)?);
-        }
-        let rows = pixels.shape()[0];
-        let hashes: Vec<u64> = pixels.outer_iter().map(pixel_hash).collect();
-        let mut found: Vec<Option<ArrayD<f32>>> = Vec::with_capacity(rows);
-        // Rows to encode: the first row of each distinct image not in the cache; `source[r]`
-        // is the index in `todo` that row r's embeddings come from.
-        let mut todo: Vec<usize> = Vec::new();
-        let mut source: Vec<usize> = vec![usize::MAX; rows];
-        for r in 0..rows {
-            let px = pixels.index_axis(Axis(0), r);
-            let hit = self.embed_cache.get(hashes[r], px);
-            if hit.is_none() {
-                if let Some(k) = todo.iter().position(|&t| hashes[t] == hashes[r] && pixels.index_axis(Axis(0), t) == px) {
-                    source[r] = k;
-                } else {
-                    source[r] = todo.len();
-                    todo.push(r);
-                }
-            }
-            found.push(hit);
-        }
-        let fresh = match todo.len() {
-            0 => None,
-            n if n == rows => Some(to_f32(&self.model.encode_images(pixels.clone())?)?),
-            _ => Some(to_f32(&self.model.encode_images(pixels.select(Axis(0), &todo))?)?),
-        };
-        let mut full: Option<ArrayD<f32>> = None;
-        for r in 0..rows {
-            let e = match (&found[r], &fresh) {
-                (Some(e), _) => e.view(),
-                (None, Some(f)) => f.index_axis(Axis(0), source[r]),
-                (None, None) => unreachable!("a row is either cached or encoded"),
-            };
-            let full = full.get_or_insert_with(|| ArrayD::zeros(IxDyn(&[&[rows][..], e.shape()].concat())));
-            full.index_axis_mut(Axis(0), r).assign(&e);
-        }
-        if let Some(f) = &fresh {
-            for (k, &r) in todo.iter().enumerate() {
-                self.embed_cache.put(hashes[r], pixels.index_axis(Axis(0), r).to_owned(), f.index_axis(Axis(0), k).to_owned());
-            }
-        }
-        Ok(full.expect("at least one row"))
+        self.embed_cache.embed(&mut self.model, pixels)
     }
 
     /// The search settings this model defaults to: generation_config.json's values over

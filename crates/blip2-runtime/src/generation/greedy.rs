@@ -9,7 +9,7 @@ use ndarray::Array2;
 
 use super::processors::{argmax, Processors};
 use super::rng::{sample_one, Rng};
-use super::{new_tokens, step, GenerationConfig, GenerationError, Prompt, StepModel, StepOutput, Want};
+use super::{new_tokens, step, GenerationConfig, GenerationError, Observer, Prompt, StepModel, StepOutput, Want};
 
 pub(crate) fn run<M: StepModel + ?Sized>(
     model: &mut M,
@@ -17,6 +17,7 @@ pub(crate) fn run<M: StepModel + ?Sized>(
     first_logits: Array2<f32>,
     cfg: &GenerationConfig,
     seed: u64,
+    observer: &mut Observer<'_>,
 ) -> Result<Vec<Vec<Vec<i64>>>, GenerationError<M::Error>> {
     let vocab = first_logits.ncols();
     let prompt_len = prompts[0].ids.len();
@@ -74,7 +75,9 @@ pub(crate) fn run<M: StepModel + ?Sized>(
             };
             tokens[r].push(pick);
             next.push(pick);
-            if tokens[r].len() >= max_len || eos.contains(&pick) {
+            let is_eos = eos.contains(&pick);
+            let watched = is_eos || observer(source(r), r % expand, pick);
+            if tokens[r].len() >= max_len || is_eos || !watched {
                 unfinished[r] = false;
             }
         }

@@ -388,6 +388,14 @@ pub fn check_top_p(v: f64) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Watches greedy search and sampling as they go: called with (prompt index, sequence
+/// index within that prompt, token) for each new token other than an eos, as soon as it is
+/// picked. Returning `false` ends that sequence there, as an eos would, the token kept
+/// (a server's stop strings and per-request token limits); the other sequences go on
+/// exactly as before. Beam search settles its sequences only at the end and calls it for
+/// none.
+pub type Observer<'a> = dyn FnMut(usize, usize, i64) -> bool + 'a;
+
 /// Generates tokens for every prompt row, as transformers' `generate()` would.
 ///
 /// * `prompts`: one per input row, all the same length (left-padded), exactly as transformers'
@@ -402,6 +410,17 @@ pub fn generate<M: StepModel + ?Sized>(
     prompts: &[Prompt],
     first_logits: Array2<f32>,
     cfg: &GenerationConfig,
+) -> Result<Vec<Vec<Vec<i64>>>, GenerationError<M::Error>> {
+    generate_observed(model, prompts, first_logits, cfg, &mut |_, _, _| true)
+}
+
+/// [`generate`], telling `observer` of each token as greedy search or sampling picks it.
+pub fn generate_observed<M: StepModel + ?Sized>(
+    model: &mut M,
+    prompts: &[Prompt],
+    first_logits: Array2<f32>,
+    cfg: &GenerationConfig,
+    observer: &mut Observer<'_>,
 ) -> Result<Vec<Vec<Vec<i64>>>, GenerationError<M::Error>> {
     validate(cfg)?;
     if prompts.is_empty() {
@@ -436,7 +455,7 @@ pub fn generate<M: StepModel + ?Sized>(
     if cfg.num_beams > 1 {
         beam::run(model, prompts, first_logits, cfg, seed)
     } else {
-        greedy::run(model, prompts, first_logits, cfg, seed)
+        greedy::run(model, prompts, first_logits, cfg, seed, observer)
     }
 }
 

@@ -22,7 +22,7 @@ use ort::value::{DynValue, Tensor};
 use crate::error::RuntimeError;
 use crate::generation::{Prompt, StepModel, StepOutput, Want};
 use crate::kv_cache::KvCache;
-use crate::model::{ort_err, Blip2Model};
+use crate::model::{ort_err, Blip2Model, ModelRef};
 use crate::prompt::Batch;
 
 /// A decoder state the search can drive.
@@ -41,25 +41,29 @@ pub struct Prefilled<'m> {
 /// `image_embeds` `[rows, num_query_tokens, hidden]`) on the decoder the export has, with
 /// room for `max_new_tokens` new tokens per row.
 pub fn prefill<'m>(
-    model: &'m mut Blip2Model,
+    model: impl Into<ModelRef<'m>>,
     batch: &Batch,
     image_embeds: ArrayD<f32>,
     max_new_tokens: usize,
 ) -> Result<Prefilled<'m>, RuntimeError> {
-    if model.manifest.family == blip2_core::Family::T5 {
+    let mut model = model.into();
+    let (family, start, is_static) = {
+        let m = model.get();
+        (m.manifest.family, m.manifest.tokens.decoder_start_token_id.unwrap_or(0), is_static(&m))
+    };
+    if family == blip2_core::Family::T5 {
         // The search sees the decoder's ids, as transformers' processors do for
         // encoder-decoder models.
-        let start = model.manifest.tokens.decoder_start_token_id.unwrap_or(0);
         let prompts = vec![Prompt::new(vec![start]); batch.ids.len()];
         let (state, logits) = t5::T5State::prefill(model, &batch.ids, &batch.mask, image_embeds, start)?;
         return Ok(Prefilled { state: Box::new(state), prompts, logits });
     }
     let prompts = batch.ids.iter().zip(&batch.mask).map(|(ids, m)| Prompt::with_attention_mask(ids.clone(), m)).collect();
-    if is_static(model) {
+    if is_static {
         let (state, logits) = opt_static::OptStaticState::prefill(model, batch, image_embeds, max_new_tokens)?;
         return Ok(Prefilled { state: Box::new(state), prompts, logits });
     }
-    let embeds = crate::model::lm_value(model, image_embeds)?;
+    let embeds = crate::model::lm_value(&model.get(), image_embeds)?;
     let (state, logits) = opt::OptState::prefill_last(model, &batch.ids, &batch.mask, embeds)?;
     Ok(Prefilled { state: Box::new(state), prompts, logits })
 }

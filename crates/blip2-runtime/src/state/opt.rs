@@ -10,10 +10,10 @@ use ort::value::{DynValue, Tensor};
 use crate::error::RuntimeError;
 use crate::generation::StepModel;
 use crate::kv_cache::{KvCache, KvSpec};
-use crate::model::{ort_err, Blip2Model};
+use crate::model::{ort_err, Blip2Model, ModelRef};
 
 pub struct OptState<'m> {
-    model: &'m mut Blip2Model,
+    model: ModelRef<'m>,
     cache: KvCache,
     mask: Vec<Vec<i64>>,
     next_pos: Vec<i64>,
@@ -32,7 +32,7 @@ impl<'m> OptState<'m> {
     /// `ids` and `mask` are rectangular (left-padded) `[rows, len]`; `image_embeds` is
     /// `[rows, num_query_tokens, hidden]`, matching the image tokens in `ids`.
     pub fn prefill(
-        model: &'m mut Blip2Model,
+        model: impl Into<ModelRef<'m>>,
         ids: &[Vec<i64>],
         mask: &[Vec<i64>],
         image_embeds: DynValue,
@@ -44,7 +44,7 @@ impl<'m> OptState<'m> {
     /// `[rows, vocab]`: all that generation needs, without copying the others out of
     /// ONNX Runtime (`[rows, len, vocab]` is 26 MB at batch 4 for OPT's vocabulary).
     pub fn prefill_last(
-        model: &'m mut Blip2Model,
+        model: impl Into<ModelRef<'m>>,
         ids: &[Vec<i64>],
         mask: &[Vec<i64>],
         image_embeds: DynValue,
@@ -54,7 +54,7 @@ impl<'m> OptState<'m> {
     }
 
     fn prefill_logits(
-        model: &'m mut Blip2Model,
+        model: impl Into<ModelRef<'m>>,
         ids: &[Vec<i64>],
         mask: &[Vec<i64>],
         image_embeds: DynValue,
@@ -73,7 +73,8 @@ impl<'m> OptState<'m> {
             }
             next_pos.push(c);
         }
-        let cache = KvCache::empty(kv_spec(model), rows)?;
+        let mut model = model.into();
+        let cache = KvCache::empty(kv_spec(&model.get()), rows)?;
         let mut st = Self { model, cache, mask: mask.to_vec(), next_pos };
         let ids = Array2::from_shape_fn((rows, len), |(r, j)| ids[r][j]);
         let logits = st.run(ids, pos, image_embeds, last_only)?;
@@ -91,13 +92,14 @@ impl<'m> OptState<'m> {
             (io::ATTENTION_MASK, Tensor::from_array(mask).map_err(ort_err("attention_mask"))?.into_dyn()),
             (io::POSITION_IDS, Tensor::from_array(pos).map_err(ort_err("position_ids"))?.into_dyn()),
         ];
-        if last_only && seq > 1 && self.model.lm_takes_logits_to_keep() {
+        let mut m = self.model.get();
+        if last_only && seq > 1 && m.lm_takes_logits_to_keep() {
             // The LM head runs for the last position only.
             let keep = Tensor::from_array(ndarray::arr0(1i64)).map_err(ort_err("logits_to_keep"))?;
             inputs.push((io::LOGITS_TO_KEEP, keep.into_dyn()));
         }
         let refs: Vec<(&str, &DynValue)> = inputs.iter().map(|(n, v)| (*n, v)).collect();
-        let m = &mut *self.model;
+        let m = &mut *m;
         run_decoder(&mut m.lm, &m.kv_memory, &refs, &mut self.cache, "language model", last_only)
     }
 
@@ -112,7 +114,7 @@ impl<'m> OptState<'m> {
             *p += 1;
         }
         let ids = Array2::from_shape_fn((rows, 1), |(r, _)| tokens[r]);
-        let no_images = no_image_embeds(self.model, rows)?;
+        let no_images = no_image_embeds(&self.model.get(), rows)?;
         Ok(self.run(ids, pos, no_images, true)?.index_axis_move(Axis(1), 0))
     }
 

@@ -15,13 +15,13 @@ use ort::value::{DynValue, Tensor};
 use crate::error::RuntimeError;
 use crate::generation::{StepModel, StepOutput, Want};
 use crate::kv_cache::KvCache;
-use crate::model::{lm_value, ort_err, Blip2Model};
+use crate::model::{lm_value, ort_err, ModelRef};
 use crate::prompt::Batch;
 use crate::state::opt::{kv_spec, no_image_embeds};
 use crate::state::run_selecting;
 
 pub struct OptStaticState<'m> {
-    model: &'m mut Blip2Model,
+    model: ModelRef<'m>,
     cache: KvCache,
     /// The previous buffers after a beam reorder, reused by the next one.
     spare: Option<KvCache>,
@@ -36,7 +36,7 @@ impl<'m> OptStaticState<'m> {
     /// row plus `max_new_tokens`, runs the prompt and returns the state with the logits
     /// of each row's last prompt token, `[rows, vocab]`.
     pub fn prefill(
-        model: &'m mut Blip2Model,
+        model: impl Into<ModelRef<'m>>,
         batch: &Batch,
         image_embeds: ArrayD<f32>,
         max_new_tokens: usize,
@@ -49,14 +49,17 @@ impl<'m> OptStaticState<'m> {
         if lens.contains(&0) {
             return Err(RuntimeError::Input("a prompt row has no tokens".into()));
         }
-        let pad = model.manifest.tokens.pad_token_id.unwrap_or(0);
+        let mut model = model.into();
+        let m = model.get();
+        let pad = m.manifest.tokens.pad_token_id.unwrap_or(0);
         let ids = Array2::from_shape_fn((rows, longest), |(r, j)| real[r].get(j).copied().unwrap_or(pad));
         // Padding positions are never attended to; any valid position will do.
         let pos = Array2::from_shape_fn((rows, longest), |(r, j)| if j < lens[r] { j as i64 } else { 0 });
         let capacity = longest + max_new_tokens;
-        let allocator = model.cache_allocator()?;
-        let cache = KvCache::allocate(kv_spec(model), rows, capacity, &allocator)?;
-        let embeds = lm_value(model, image_embeds)?;
+        let allocator = m.cache_allocator()?;
+        let cache = KvCache::allocate(kv_spec(&m), rows, capacity, &allocator)?;
+        let embeds = lm_value(&m, image_embeds)?;
+        drop(m);
         let mut st = Self { model, cache, spare: None, lens: lens.clone(), capacity, allocator };
         let seqlens: Vec<i32> = lens.iter().map(|&n| n as i32 - 1).collect();
         let out = st.run(ids, pos, embeds, &seqlens, longest as i32, Want::Logits)?;
@@ -84,7 +87,8 @@ impl<'m> OptStaticState<'m> {
             (io::TOTAL_SEQUENCE_LENGTH, Tensor::from_array(ndarray::arr0(total)).map_err(ort_err("total_sequence_length"))?.into_dyn()),
         ];
         let refs: Vec<(&str, &DynValue)> = inputs.iter().map(|(n, v)| (*n, v)).collect();
-        let m = &mut *self.model;
+        let mut g = self.model.get();
+        let m = &mut *g;
         run_selecting(&mut m.lm, &m.kv_memory, &refs, &mut self.cache, want, "language model")
     }
 
@@ -116,7 +120,7 @@ impl StepModel for OptStaticState<'_> {
         let pos = Array2::from_shape_fn((rows, 1), |(r, _)| self.lens[r] as i64);
         let seqlens: Vec<i32> = self.lens.iter().map(|&n| n as i32).collect();
         let total = self.lens.iter().copied().max().unwrap_or(0) as i32 + 1;
-        let no_images = no_image_embeds(self.model, rows)?;
+        let no_images = no_image_embeds(&self.model.get(), rows)?;
         let out = self.run(ids, pos, no_images, &seqlens, total, want)?;
         for n in &mut self.lens {
             *n += 1;
@@ -127,7 +131,8 @@ impl StepModel for OptStaticState<'_> {
     /// New row i is old row `rows[i]`: the buffers are gathered on the device by the
     /// export's `kv_reorder` graph.
     fn select_rows(&mut self, rows: &[usize]) -> Result<(), RuntimeError> {
-        let reorder = self.model.kv_reorder.as_mut().ok_or_else(|| {
+        let mut m = self.model.get();
+        let reorder = m.kv_reorder.as_mut().ok_or_else(|| {
             RuntimeError::Unsupported("this CUDA-target export has no kv_reorder graph; export it again".into())
         })?;
         self.cache.reorder_on_device(reorder, rows, &mut self.spare, &self.allocator)?;

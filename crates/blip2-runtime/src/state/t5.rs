@@ -9,14 +9,14 @@ use ort::value::{DynValue, Tensor};
 use crate::error::RuntimeError;
 use crate::generation::{StepModel, StepOutput, Want};
 use crate::kv_cache::{select_rows_of, KvCache};
-use crate::model::{float_value, ort_err, to_f32, Blip2Model};
+use crate::model::{float_value, ort_err, to_f32, ModelRef};
 use crate::state::opt::{kv_spec, run_decoder};
 use crate::state::run_selecting;
 
 /// Encoder-decoder (T5) state: the cross-attention cache the text encoder computed once,
 /// the encoder mask, and the decoder's self-attention cache.
 pub struct T5State<'m> {
-    model: &'m mut Blip2Model,
+    model: ModelRef<'m>,
     /// cross.{i}.key, cross.{i}.value, ... per decoder layer.
     cross: Vec<[DynValue; 2]>,
     enc_mask: Array2<i64>,
@@ -31,16 +31,19 @@ impl<'m> T5State<'m> {
     /// cross-attention caches on the right with a zero mask, then runs the decoder's
     /// first step from `decoder_start`. Returns the state and `[rows, vocab]` logits.
     pub fn prefill(
-        model: &'m mut Blip2Model,
+        model: impl Into<ModelRef<'m>>,
         ids: &[Vec<i64>],
         mask: &[Vec<i64>],
         image_embeds: ArrayD<f32>,
         decoder_start: i64,
     ) -> Result<(Self, Array2<f32>), RuntimeError> {
         let rows = ids.len();
-        let spec = kv_spec(model);
-        let fp16 = model.lm_fp16;
-        let encoder = model.text_encoder.as_mut().ok_or_else(|| RuntimeError::Unsupported("no text encoder".into()))?;
+        let mut model = model.into();
+        let mut m = model.get();
+        let spec = kv_spec(&m);
+        let fp16 = m.lm_fp16;
+        let selects = crate::state::selects_tokens(&m);
+        let encoder = m.text_encoder.as_mut().ok_or_else(|| RuntimeError::Unsupported("no text encoder".into()))?;
         // Per row: its cross caches as f32 arrays, key and value per layer.
         let mut per_row: Vec<Vec<[ArrayD<f32>; 2]>> = Vec::with_capacity(rows);
         let mut lens = Vec::with_capacity(rows);
@@ -82,7 +85,7 @@ impl<'m> T5State<'m> {
             cross.push([padded(0)?, padded(1)?]);
         }
         let cache = KvCache::empty(spec, rows)?;
-        let selects = crate::state::selects_tokens(model);
+        drop(m);
         let mut st = Self { model, cross, enc_mask, cache, selects };
         let logits = st.step(&vec![decoder_start; rows])?;
         Ok((st, logits))
@@ -108,7 +111,8 @@ impl<'m> T5State<'m> {
                 inputs.push((n[which].as_str(), &kv[which]));
             }
         }
-        let m = &mut *self.model;
+        let mut g = self.model.get();
+        let m = &mut *g;
         if self.selects {
             return run_selecting(&mut m.lm, &m.kv_memory, &inputs, &mut self.cache, want, "text decoder");
         }
@@ -131,7 +135,7 @@ impl StepModel for T5State<'_> {
     /// New row i is old row `rows[i]`.
     fn select_rows(&mut self, rows: &[usize]) -> Result<(), RuntimeError> {
         self.enc_mask = self.enc_mask.select(Axis(0), rows);
-        let fp16 = self.model.lm_fp16;
+        let fp16 = self.model.get().lm_fp16;
         for kv in &mut self.cross {
             for v in kv.iter_mut() {
                 *v = select_rows_of(v, rows, fp16)?;

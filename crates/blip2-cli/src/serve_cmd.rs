@@ -1,0 +1,98 @@
+//! `blip2-ort serve`: loads a model and serves it over HTTP (OpenAI's API); see
+//! docs/serving.md.
+
+use std::io::{IsTerminal, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use blip2_serve::engine::EngineOptions;
+use blip2_serve::media::MediaPolicy;
+use blip2_serve::ServeOptions;
+
+use crate::session::SessionOptions;
+use crate::UsageError;
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// An exported model folder, a Hugging Face checkpoint folder, or a Hub id (the last
+    /// two are exported once into the blip2-ort cache and reused, as `infer` does).
+    #[arg(long)]
+    pub model: String,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: IpAddr,
+    /// Port to listen on (0 picks a free one; the address is printed).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    #[command(flatten)]
+    pub session: SessionOptions,
+    /// The model id clients use (in /v1/models and the requests' "model"); default: --model as given.
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Sequences generated together in one batch at most.
+    #[arg(long, default_value_t = 8, value_parser = crate::args::positive)]
+    pub max_batch: usize,
+    /// How long a request waits for others to batch with, in milliseconds.
+    #[arg(long, default_value_t = 5, value_parser = crate::args::count)]
+    pub max_wait_ms: usize,
+    /// Requests in flight at most (waiting or generating); more get 503 with Retry-After.
+    #[arg(long, default_value_t = 64, value_parser = crate::args::positive)]
+    pub max_queue: usize,
+    /// Requests to /v1/* must send "Authorization: Bearer KEY" (also $BLIP2_ORT_API_KEY).
+    #[arg(long, env = "BLIP2_ORT_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Allow file:// image URLs naming files under this folder (off by default).
+    #[arg(long)]
+    pub allowed_local_media_path: Option<PathBuf>,
+    /// Fetch http:// and https:// image URLs (off by default: the server makes no outgoing requests).
+    #[arg(long)]
+    pub allow_remote_media: bool,
+    /// Request bodies (and images) over this many megabytes get 413.
+    #[arg(long, default_value_t = blip2_serve::DEFAULT_MAX_BODY_MB, value_parser = crate::args::positive)]
+    pub max_body_mb: usize,
+}
+
+pub fn run(a: &ServeArgs, quiet: bool, signals: Option<crate::signals::Handle>) -> Result<i32> {
+    let level = if quiet { "warn" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BLIP2_ORT_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).with_target(false).with_ansi(std::io::stderr().is_terminal()).try_init();
+
+    let local_root = match &a.allowed_local_media_path {
+        Some(p) => Some(
+            p.canonicalize()
+                .map_err(|e| UsageError(format!("--allowed-local-media-path: {}: {e}", p.display())))?,
+        ),
+        None => None,
+    };
+    if a.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+        return Err(UsageError("--api-key: empty; leave it out to serve without a key".into()).into());
+    }
+    let dir = crate::infer_cmd::resolve_model(&a.model, quiet)?;
+    let pipe = crate::session::load_pipeline(&dir, &a.session)?;
+    // From here SIGTERM and Ctrl-C shut the server down gracefully instead.
+    if let Some(h) = signals {
+        h.close();
+    }
+    let max_body_bytes = a.max_body_mb.saturating_mul(1 << 20);
+    let opts = ServeOptions {
+        served_model_name: a.served_model_name.clone().unwrap_or_else(|| a.model.clone()),
+        engine: EngineOptions {
+            max_batch: a.max_batch,
+            max_wait: Duration::from_millis(a.max_wait_ms as u64),
+            max_queue: a.max_queue,
+        },
+        api_key: a.api_key.clone(),
+        media: MediaPolicy { local_root, remote: a.allow_remote_media, max_bytes: max_body_bytes },
+        max_body_bytes,
+    };
+    let addr = SocketAddr::new(a.host, a.port);
+    blip2_serve::run(pipe, opts, addr, |bound| {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "listening on http://{bound}");
+        let _ = out.flush();
+    })
+    .context("serving")?;
+    Ok(0)
+}

@@ -1,0 +1,441 @@
+//! `blip2-ort serve`: an OpenAI-compatible HTTP server for an exported BLIP-2 model.
+//!
+//! Routes: `GET /health`, `GET /metrics` (Prometheus), `GET /v1/models`,
+//! `POST /v1/chat/completions` and `POST /v1/completions` (with blip2-ort's `image`
+//! extension), streaming or not. Requests from all clients are batched by the
+//! [`engine`]; each gets exactly the tokens it would get alone, and with greedy settings
+//! the text `blip2-ort infer` gives for the same image and prompt.
+
+pub mod engine;
+pub mod error;
+pub mod media;
+pub mod metrics;
+pub mod openai;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use blip2_runtime::generation::GenerationConfig;
+use blip2_runtime::pipeline::Pipeline;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use crate::engine::{Engine, EngineOptions, Event, Job, SubmitError};
+use crate::error::ApiError;
+use crate::media::MediaPolicy;
+use crate::metrics::{Metrics, RequestLabels};
+
+/// How the server runs.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// The model id clients name (`/v1/models`, the requests' `model`).
+    pub served_model_name: String,
+    pub engine: EngineOptions,
+    /// Requests to `/v1/*` must send `Authorization: Bearer KEY`.
+    pub api_key: Option<String>,
+    pub media: MediaPolicy,
+    /// Request bodies over this many bytes get 413.
+    pub max_body_bytes: usize,
+}
+
+struct App {
+    engine: Arc<Engine>,
+    metrics: Arc<Metrics>,
+    opts: ServeOptions,
+    created: u64,
+    ids: AtomicU64,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The server's routes over a loaded pipeline, and the engine behind them (to be shut
+/// down once the routes stop).
+pub fn router(pipeline: Pipeline, opts: ServeOptions) -> (Router, Arc<Engine>) {
+    let metrics = Arc::new(Metrics::new());
+    let engine = Engine::start(pipeline, opts.engine.clone(), metrics.clone());
+    let app = Arc::new(App { engine: engine.clone(), metrics, created: unix_now(), ids: AtomicU64::new(0), opts });
+    let v1 = Router::new()
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route_layer(middleware::from_fn_with_state(app.clone(), authorize));
+    let router = Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics_text))
+        .merge(v1)
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(app.opts.max_body_bytes))
+        .layer(middleware::from_fn_with_state(app.clone(), count_requests))
+        .with_state(app);
+    (router, engine)
+}
+
+/// Serves on `listener` until `shutdown` completes; then stops accepting, lets every
+/// request in flight finish, and returns.
+pub async fn serve(
+    pipeline: Pipeline,
+    opts: ServeOptions,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let (router, engine) = router(pipeline, opts);
+    let result = axum::serve(listener, router).with_graceful_shutdown(shutdown).await;
+    tokio::task::spawn_blocking(move || engine.shutdown()).await.ok();
+    result
+}
+
+/// Binds `addr`, calls `on_listening` with the address bound, and serves until SIGTERM or
+/// Ctrl-C (then finishes the requests in flight). Blocks; runs its own async runtime.
+pub fn run(pipeline: Pipeline, opts: ServeOptions, addr: SocketAddr, on_listening: impl FnOnce(SocketAddr)) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("blip2-http").build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+        on_listening(listener.local_addr()?);
+        serve(pipeline, opts, listener, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down: no new connections; finishing the requests in flight");
+}
+
+/// Counts every answer by endpoint and status (unknown paths as "other", so the label
+/// set stays bounded).
+async fn count_requests(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    let endpoint = match path {
+        "/health" | "/metrics" | "/v1/models" | "/v1/chat/completions" | "/v1/completions" => path.to_string(),
+        _ => "other".to_string(),
+    };
+    let method = req.method().clone();
+    let started = std::time::Instant::now();
+    let resp = next.run(req).await;
+    let status = resp.status();
+    app.metrics.requests.get_or_create(&RequestLabels { endpoint: endpoint.clone(), status: status.as_u16().to_string() }).inc();
+    tracing::info!("{method} {endpoint} {} {:.1} ms", status.as_u16(), started.elapsed().as_secs_f64() * 1e3);
+    resp
+}
+
+async fn authorize(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    if let Some(key) = &app.opts.api_key {
+        let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        if given.map(str::trim) != Some(key.as_str()) {
+            return ApiError::unauthorized().into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn metrics_text(State(app): State<Arc<App>>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], app.metrics.render()).into_response()
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::not_found(format!("no route for {} {}", req.method(), req.uri().path()))
+}
+
+async fn models(State(app): State<Arc<App>>) -> Json<Value> {
+    let m = &app.engine.manifest;
+    Json(json!({
+        "object": "list",
+        "data": [{
+            "id": app.opts.served_model_name,
+            "object": "model",
+            "created": app.created,
+            "owned_by": "blip2-ort",
+            "max_model_len": m.text.max_context,
+        }]
+    }))
+}
+
+fn parse_body<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let body = body.map_err(|r| {
+        let status = r.status();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(status, "invalid_request_error", "the request body is over the server's limit (--max-body-mb)")
+        } else {
+            ApiError::new(status, "invalid_request_error", r.body_text())
+        }
+    })?;
+    serde_json::from_slice(&body).map_err(|e| ApiError::bad(format!("the request body is not valid JSON for this endpoint: {e}")))
+}
+
+fn check_model(app: &App, model: Option<&str>) -> Result<(), ApiError> {
+    match model {
+        Some(m) if m != app.opts.served_model_name => {
+            Err(ApiError::not_found(format!("the model `{m}` does not exist; this server serves `{}`", app.opts.served_model_name)))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// What a request became once its image was read and its prompt tokenized.
+struct Prepared {
+    job: Job,
+    events: mpsc::UnboundedReceiver<Event>,
+}
+
+/// Fetches and preprocesses the image, tokenizes the prompt and checks that it fits, off
+/// the async threads.
+async fn prepare(app: &Arc<App>, image_url: String, prompt: PromptSource, cfg: GenerationConfig, stop: Vec<String>) -> Result<Prepared, ApiError> {
+    let app2 = app.clone();
+    let work = move || -> Result<Prepared, ApiError> {
+        let e = &app2.engine;
+        let (bytes, name) = media::fetch(&image_url, &app2.opts.media).map_err(|e| ApiError::bad_param(e.to_string(), "image_url"))?;
+        let img = blip2_runtime::preprocess::load_image_bytes(&bytes, &name, &e.limits).map_err(|err| ApiError::bad_param(err.to_string(), "image_url"))?;
+        let pixels = blip2_runtime::preprocess::preprocess(&img, &e.manifest.image).map_err(|err| ApiError::bad_param(err.to_string(), "image_url"))?;
+        let text = match prompt {
+            PromptSource::Verbatim(p) => p,
+            PromptSource::Chat(c) => openai::chat_prompt(&c, &e.prompter, cfg.max_new_tokens)?,
+        };
+        let param = "prompt";
+        let text_ids = e.prompter.check_fits(&text).map_err(|err| ApiError::bad_param(err.to_string(), param))?;
+        let len = e.prompter.num_query_tokens + text_ids.len();
+        let limit = e.manifest.text.max_position_embeddings;
+        if len + cfg.max_new_tokens > limit {
+            return Err(ApiError::bad_param(
+                format!("the prompt ({len} tokens) plus max_tokens {} is over the language model's {limit} positions", cfg.max_new_tokens),
+                "max_tokens",
+            ));
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        Ok(Prepared { job: Job { pixels, text_ids, cfg, stop, events: tx }, events: rx })
+    };
+    tokio::task::spawn_blocking(work).await.map_err(|e| ApiError::internal(format!("preparing the request failed: {e}")))?
+}
+
+enum PromptSource {
+    Verbatim(String),
+    Chat(openai::Conversation),
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+async fn chat_completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let req: openai::ChatRequest = parse_body(body)?;
+    check_model(&app, req.sampling.model.as_deref())?;
+    let conv = openai::conversation(&req.messages)?;
+    let cfg = openai::search_settings(&req.sampling, &app.engine.defaults)?;
+    let stop = openai::stop_strings(&req.sampling)?;
+    let url = conv.image_url.clone();
+    let prepared = prepare(&app, url, PromptSource::Chat(conv), cfg, stop).await?;
+    respond(app, prepared, &req.sampling, Kind::Chat).await
+}
+
+async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let req: openai::CompletionRequest = parse_body(body)?;
+    check_model(&app, req.sampling.model.as_deref())?;
+    let prompt = req.prompt.single()?;
+    let Some(image) = req.image else {
+        return Err(ApiError::bad_param(
+            "a BLIP-2 completion needs an image: add \"image\": {\"url\": \"data:image/...;base64,...\"} (blip2-ort's extension)",
+            "image",
+        ));
+    };
+    let cfg = openai::search_settings(&req.sampling, &app.engine.defaults)?;
+    let stop = openai::stop_strings(&req.sampling)?;
+    let prepared = prepare(&app, image.url, PromptSource::Verbatim(prompt), cfg, stop).await?;
+    respond(app, prepared, &req.sampling, Kind::Completion).await
+}
+
+/// Submits the job and answers: one JSON object, or server-sent events.
+async fn respond(app: Arc<App>, p: Prepared, s: &openai::Sampling, kind: Kind) -> Result<Response, ApiError> {
+    let n = p.job.cfg.num_return_sequences;
+    app.engine.submit(p.job).map_err(|e| match e {
+        SubmitError::Full(_) | SubmitError::Closed => ApiError::unavailable(e.to_string()),
+    })?;
+    let id = format!(
+        "{}-{:x}{:04x}",
+        if kind == Kind::Chat { "chatcmpl" } else { "cmpl" },
+        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64),
+        app.ids.fetch_add(1, Ordering::Relaxed) & 0xffff
+    );
+    let head = Head { id, created: unix_now(), model: app.opts.served_model_name.clone(), kind };
+    if s.stream {
+        let usage = s.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        return Ok(stream(head, p.events, n, usage));
+    }
+    let mut events = p.events;
+    let mut ends: Vec<Option<(String, &'static str, usize)>> = vec![None; n];
+    loop {
+        match events.recv().await {
+            Some(Event::Delta { .. }) => {}
+            Some(Event::End { index, text, finish, completion_tokens, .. }) => {
+                if let Some(slot) = ends.get_mut(index) {
+                    *slot = Some((text, finish.as_str(), completion_tokens));
+                }
+            }
+            Some(Event::Done { prompt_tokens }) => {
+                let completion: usize = ends.iter().flatten().map(|e| e.2).sum();
+                let choices: Vec<Value> = ends
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, e)| {
+                        let (text, finish, _) = e.unwrap_or_default();
+                        match kind {
+                            Kind::Chat => json!({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish}),
+                            Kind::Completion => json!({"index": i, "text": text, "logprobs": null, "finish_reason": finish}),
+                        }
+                    })
+                    .collect();
+                return Ok(Json(json!({
+                    "id": head.id,
+                    "object": if kind == Kind::Chat { "chat.completion" } else { "text_completion" },
+                    "created": head.created,
+                    "model": head.model,
+                    "choices": choices,
+                    "usage": usage_json(prompt_tokens, completion),
+                }))
+                .into_response());
+            }
+            Some(Event::Failed(e)) => return Err(ApiError::internal(format!("generation failed: {e}"))),
+            None => return Err(ApiError::internal("generation ended without a result")),
+        }
+    }
+}
+
+fn usage_json(prompt: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+struct Head {
+    id: String,
+    created: u64,
+    model: String,
+    kind: Kind,
+}
+
+impl Head {
+    fn chunk(&self, choices: Value, usage: Option<Value>) -> SseEvent {
+        let mut c = json!({
+            "id": self.id,
+            "object": if self.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        });
+        if let Some(u) = usage {
+            c["usage"] = u;
+        }
+        SseEvent::default().data(c.to_string())
+    }
+
+    fn delta(&self, index: usize, text: &str, role: bool, finish: Option<&str>) -> SseEvent {
+        let choice = match self.kind {
+            Kind::Chat => {
+                let mut delta = json!({});
+                if role {
+                    delta["role"] = json!("assistant");
+                    delta["content"] = json!("");
+                } else if finish.is_none() {
+                    delta["content"] = json!(text);
+                }
+                json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": finish})
+            }
+            Kind::Completion => json!({"index": index, "text": text, "logprobs": null, "finish_reason": finish}),
+        };
+        self.chunk(json!([choice]), None)
+    }
+}
+
+/// Server-sent events in OpenAI's chunk format: a role chunk per sequence (chat), the
+/// content deltas, a final chunk per sequence with its `finish_reason`, the usage chunk
+/// when asked for, then `data: [DONE]`. A failure after the stream started is sent as an
+/// error object before `[DONE]`.
+fn stream(head: Head, mut events: mpsc::UnboundedReceiver<Event>, n: usize, usage: bool) -> Response {
+    let (tx, rx) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
+    tokio::spawn(async move {
+        let send = |e: SseEvent| {
+            let tx = tx.clone();
+            async move { tx.send(Ok(e)).await.is_ok() }
+        };
+        if head.kind == Kind::Chat {
+            for i in 0..n {
+                if !send(head.delta(i, "", true, None)).await {
+                    return;
+                }
+            }
+        }
+        let mut completion = 0;
+        loop {
+            let ok = match events.recv().await {
+                Some(Event::Delta { index, text }) => send(head.delta(index, &text, false, None)).await,
+                Some(Event::End { index, finish, completion_tokens, .. }) => {
+                    completion += completion_tokens;
+                    send(head.delta(index, "", false, Some(finish.as_str()))).await
+                }
+                Some(Event::Done { prompt_tokens }) => {
+                    if usage {
+                        send(head.chunk(json!([]), Some(usage_json(prompt_tokens, completion)))).await;
+                    }
+                    break;
+                }
+                Some(Event::Failed(e)) => {
+                    send(SseEvent::default().data(ApiError::internal(format!("generation failed: {e}")).body().to_string())).await;
+                    break;
+                }
+                None => {
+                    send(SseEvent::default().data(ApiError::internal("generation ended without a result").body().to_string())).await;
+                    break;
+                }
+            };
+            // The client went away: dropping `events` tells the engine to stop its rows.
+            if !ok {
+                return;
+            }
+        }
+        send(SseEvent::default().data("[DONE]")).await;
+    });
+    Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx)).into_response()
+}
+
+/// Default `--max-body-mb`.
+pub const DEFAULT_MAX_BODY_MB: usize = 20;
+
+/// Default `--max-wait-ms`.
+pub const DEFAULT_MAX_WAIT: Duration = Duration::from_millis(5);

@@ -1,0 +1,69 @@
+//! `GET /metrics`: Prometheus text format. Requests by endpoint and status, request
+//! latency and time to first token, cohort batch sizes, tokens generated, requests
+//! waiting and in flight.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub endpoint: String,
+    pub status: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    /// Seconds from admission to the last token of a generation request.
+    pub request_latency: Histogram,
+    /// Seconds from admission to the first generated token.
+    pub ttft: Histogram,
+    /// Rows in each batch the engine started.
+    pub batch_rows: Histogram,
+    pub tokens: Counter,
+    /// Admitted requests not yet in a running batch.
+    pub queue_depth: Gauge,
+    /// Admitted requests, waiting or generating.
+    pub in_flight: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("blip2");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register("http_requests", "HTTP requests answered, by endpoint and status code", requests.clone());
+        let request_latency = Histogram::new(exponential_buckets(0.01, 2.0, 14));
+        registry.register(
+            "request_latency_seconds",
+            "Seconds from a generation request's admission to its last token",
+            request_latency.clone(),
+        );
+        let ttft = Histogram::new(exponential_buckets(0.005, 2.0, 14));
+        registry.register("time_to_first_token_seconds", "Seconds from a generation request's admission to its first token", ttft.clone());
+        let batch_rows = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]);
+        registry.register("batch_rows", "Rows (sequences) in each batch the engine started", batch_rows.clone());
+        let tokens = Counter::default();
+        registry.register("generated_tokens", "Tokens generated", tokens.clone());
+        let queue_depth = Gauge::default();
+        registry.register("queue_depth", "Admitted requests waiting for a batch", queue_depth.clone());
+        let in_flight = Gauge::default();
+        registry.register("requests_in_flight", "Admitted requests, waiting or generating", in_flight.clone());
+        Self { registry, requests, request_latency, ttft, batch_rows, tokens, queue_depth, in_flight }
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
