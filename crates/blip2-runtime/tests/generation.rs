@@ -825,3 +825,39 @@ fn model_shape_and_errors_surface() {
         other => panic!("expected the model's error, got {other:?}"),
     }
 }
+
+/// The observer the server streams from: it hears every token of greedy and sampled
+/// sequences as they are picked (the eos left out), and ending one sequence early leaves
+/// every other sequence exactly as transformers made it.
+#[test]
+fn an_observer_hears_every_token_and_ends_only_its_own_sequence() {
+    let mut checked = 0;
+    for case in fixtures().doc["cases"].as_array().unwrap() {
+        let cfg = config(&case["config"]);
+        if cfg.num_beams > 1 {
+            continue;
+        }
+        let want = expected(&case["expected"]);
+        // Heard tokens per (prompt, sequence), and sequence (0, 0) ended after 2 tokens.
+        let mut heard: std::collections::BTreeMap<(usize, usize), Vec<i64>> = Default::default();
+        let (mut toy, prompts) = Toy::new(case["model"].as_str().unwrap(), case["prompts"].as_str().unwrap());
+        let first = toy.last_logits();
+        let got = blip2_runtime::generation::generate_observed(&mut toy, &prompts, first, &cfg, &mut |p, s, t| {
+            let h = heard.entry((p, s)).or_default();
+            h.push(t);
+            !(p == 0 && s == 0 && h.len() == 2)
+        })
+        .expect("generate");
+        let name = case["name"].as_str().unwrap();
+        for (p, seqs) in want.iter().enumerate() {
+            for (s, w) in seqs.iter().enumerate() {
+                let ended_early = p == 0 && s == 0 && w.len() > 2;
+                let w: &[i64] = if ended_early { &w[..2] } else { w };
+                assert_eq!(got[p][s], w, "{name}: prompt {p} sequence {s}");
+                assert_eq!(heard.get(&(p, s)).map_or(&[][..], |h| &h[..]), w, "{name}: tokens heard for prompt {p} sequence {s}");
+            }
+        }
+        checked += 1;
+    }
+    assert!(checked > 3, "only {checked} greedy or sampled cases");
+}

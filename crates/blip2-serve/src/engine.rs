@@ -550,9 +550,9 @@ mod tests {
         let first = t.enter();
         let mut hs = Vec::new();
         for i in 0..4 {
-            let (t, order) = (t.clone(), order.clone());
+            let (t2, order) = (t.clone(), order.clone());
             hs.push(std::thread::spawn(move || {
-                let _turn = t.enter();
+                let _turn = t2.enter();
                 order.lock().unwrap().push(i);
             }));
             // Each thread has taken its ticket before the next starts.

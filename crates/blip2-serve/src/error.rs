@@ -3,7 +3,7 @@
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde_json::{json, Value};
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -53,7 +53,12 @@ impl ApiError {
     }
 
     pub fn body(&self) -> serde_json::Value {
-        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status.as_u16()}})
+        let code = match self.status {
+            StatusCode::UNAUTHORIZED => json!("invalid_api_key"),
+            StatusCode::NOT_FOUND if self.param.as_deref() == Some("model") => json!("model_not_found"),
+            _ => Value::Null,
+        };
+        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": code}})
     }
 }
 

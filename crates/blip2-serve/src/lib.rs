@@ -204,7 +204,9 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection
 fn check_model(app: &App, model: Option<&str>) -> Result<(), ApiError> {
     match model {
         Some(m) if m != app.opts.served_model_name => {
-            Err(ApiError::not_found(format!("the model `{m}` does not exist; this server serves `{}`", app.opts.served_model_name)))
+            let mut e = ApiError::not_found(format!("the model `{m}` does not exist; this server serves `{}`", app.opts.served_model_name));
+            e.param = Some("model".into());
+            Err(e)
         }
         _ => Ok(()),
     }

@@ -39,6 +39,8 @@ pub struct Sampling {
     pub length_penalty: Option<f64>,
     pub min_tokens: Option<i64>,
     pub num_beams: Option<i64>,
+    /// transformers' `no_repeat_ngram_size` (a blip2-ort extension).
+    pub no_repeat_ngram_size: Option<i64>,
     // Accepted at their neutral values only.
     pub frequency_penalty: Option<f64>,
     pub presence_penalty: Option<f64>,
@@ -202,7 +204,8 @@ pub fn chat_prompt(c: &Conversation, prompter: &Prompter, max_new_tokens: usize)
         return Ok(String::new());
     }
     let mut chat = Chat { turns: c.turns.clone() };
-    let (prompt, dropped) = chat.fit(prompter, &c.question, max_new_tokens).map_err(|e| ApiError::bad_param(e.to_string(), "messages"))?;
+    let (prompt, dropped) =
+        chat.fit(prompter, &c.question, max_new_tokens).map_err(|e| ApiError::bad_param(in_request_terms(&e.to_string()), "messages"))?;
     if dropped > 0 {
         tracing::info!("dropped the {dropped} oldest turn(s) of a conversation to fit the context");
     }
@@ -262,6 +265,9 @@ pub fn search_settings(s: &Sampling, defaults: &GenerationConfig) -> Result<Gene
     if let Some(v) = s.length_penalty {
         cfg.length_penalty = v;
     }
+    if let Some(v) = s.no_repeat_ngram_size {
+        cfg.no_repeat_ngram_size = whole(v, "no_repeat_ngram_size", 0)?;
+    }
     if let Some(v) = s.min_tokens {
         cfg.min_new_tokens = whole(v, "min_tokens", 0)?;
     }
@@ -282,8 +288,34 @@ pub fn search_settings(s: &Sampling, defaults: &GenerationConfig) -> Result<Gene
     if s.best_of.is_some_and(|b| b > 1) {
         return Err(ApiError::bad_param("best_of is not supported; use num_beams", "best_of"));
     }
-    generation::validate(&cfg).map_err(|e| ApiError::bad_param(e.message.clone(), param_of_flag(e.flag)))?;
+    generation::validate(&cfg).map_err(|e| ApiError::bad_param(in_request_terms(&e.message), param_of_flag(e.flag)))?;
     Ok(cfg)
+}
+
+/// A message of the search's checks, which speak of command-line flags, in the words of
+/// the request's parameters.
+pub fn in_request_terms(message: &str) -> String {
+    let mut m = message.replace(
+        "greedy search (no --do-sample, --num-beams 1)",
+        "greedy search (temperature 0 or unset, num_beams 1)",
+    );
+    m = m.replace("use --num-beams or --do-sample for more", "use num_beams, or a temperature above 0, for more");
+    m = m.replace("for greedy search leave out --do-sample", "temperature 0 means greedy search");
+    for (flag, param) in [
+        ("--max-new-tokens", "max_tokens"),
+        ("--min-new-tokens", "min_tokens"),
+        ("--num-return-sequences", "n"),
+        ("--num-beams", "num_beams"),
+        ("--repetition-penalty", "repetition_penalty"),
+        ("--length-penalty", "length_penalty"),
+        ("--temperature", "temperature"),
+        ("--top-p", "top_p"),
+        ("--top-k", "top_k"),
+        ("--do-sample", "a temperature above 0"),
+    ] {
+        m = m.replace(flag, param);
+    }
+    m
 }
 
 /// The request parameter behind a command-line flag named in a settings error.

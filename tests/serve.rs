@@ -1,0 +1,494 @@
+//! `blip2-ort serve` over real HTTP on 127.0.0.1: the server runs in-process on a fixture
+//! export and is driven with an HTTP client. Results are checked against transformers'
+//! recorded `generate()` sequences (decoded) and against the pipeline's own single runs
+//! (what `blip2-ort infer` prints); every error status the server promises is provoked.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine as _;
+use blip2_ort_suite::{fixture, generate_cases, ids, photo, session_factory, temp_dir};
+use blip2_runtime::pipeline::Pipeline;
+use blip2_serve::engine::EngineOptions;
+use blip2_serve::media::MediaPolicy;
+use blip2_serve::ServeOptions;
+use serde_json::{json, Value};
+
+const NAME: &str = "blip2-test";
+
+fn export(name: &str, test: &str) -> PathBuf {
+    let out = temp_dir(&format!("serve-{test}-{name}")).join("export");
+    blip2_export::export(&fixture(name).join("checkpoint"), &out, &Default::default(), &mut blip2_export::NoProgress).unwrap();
+    out
+}
+
+fn options() -> ServeOptions {
+    ServeOptions {
+        served_model_name: NAME.into(),
+        engine: EngineOptions { max_batch: 8, max_wait: Duration::from_millis(5), max_queue: 64 },
+        api_key: None,
+        media: MediaPolicy { local_root: None, remote: false, max_bytes: 8 << 20 },
+        max_body_bytes: 8 << 20,
+    }
+}
+
+/// A server running in its own thread until dropped (then shut down gracefully).
+struct Server {
+    base: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    fn start(dir: &Path, opts: ServeOptions) -> Self {
+        let pipe = Pipeline::load(dir, &mut session_factory()).unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                addr_tx.send(listener.local_addr().unwrap()).unwrap();
+                blip2_serve::serve(pipe, opts, listener, async move {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+            });
+        });
+        let addr = addr_rx.recv_timeout(Duration::from_secs(30)).expect("the server listens");
+        Server { base: format!("http://{addr}"), stop: Some(stop), thread: Some(thread) }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Asks for a graceful shutdown and waits until the server has returned.
+    fn shutdown(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            t.join().expect("the server thread ends cleanly");
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::AgentBuilder::new().timeout(Duration::from_secs(120)).build()
+}
+
+/// POSTs a body; returns the status and the body text, for any status.
+fn post_raw(url: &str, body: &str, key: Option<&str>) -> (u16, String) {
+    let mut req = agent().post(url).set("Content-Type", "application/json");
+    if let Some(k) = key {
+        req = req.set("Authorization", &format!("Bearer {k}"));
+    }
+    match req.send_string(body) {
+        Ok(r) => (r.status(), r.into_string().unwrap()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap()),
+        Err(e) => panic!("{url}: {e}"),
+    }
+}
+
+fn post(url: &str, body: &Value) -> (u16, Value) {
+    let (code, text) = post_raw(url, &body.to_string(), None);
+    (code, serde_json::from_str(&text).unwrap_or_else(|e| panic!("{url}: not JSON ({e}): {text}")))
+}
+
+fn get(url: &str, key: Option<&str>) -> (u16, String) {
+    let mut req = agent().get(url);
+    if let Some(k) = key {
+        req = req.set("Authorization", &format!("Bearer {k}"));
+    }
+    match req.call() {
+        Ok(r) => (r.status(), r.into_string().unwrap()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap()),
+        Err(e) => panic!("{url}: {e}"),
+    }
+}
+
+/// The `data:` lines of a streamed answer, JSON-parsed, and whether `[DONE]` came last.
+fn post_stream(url: &str, body: &Value) -> (Vec<Value>, bool) {
+    let r = agent().post(url).set("Content-Type", "application/json").send_string(&body.to_string()).unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.header("Content-Type").unwrap_or("").starts_with("text/event-stream"));
+    let mut chunks = Vec::new();
+    let mut done = false;
+    for line in BufReader::new(r.into_reader()).lines() {
+        let line = line.unwrap();
+        let Some(data) = line.strip_prefix("data: ") else { continue };
+        assert!(!done, "nothing may follow [DONE]");
+        if data == "[DONE]" {
+            done = true;
+        } else {
+            chunks.push(serde_json::from_str(data).unwrap());
+        }
+    }
+    (chunks, done)
+}
+
+fn data_url(path: &Path) -> String {
+    let mime = match path.extension().and_then(|e| e.to_str()) {
+        Some("png") => "image/png",
+        Some("jpg") | Some("jpeg") => "image/jpeg",
+        Some("gif") => "image/gif",
+        _ => "application/octet-stream",
+    };
+    format!("data:{mime};base64,{}", base64::engine::general_purpose::STANDARD.encode(std::fs::read(path).unwrap()))
+}
+
+fn image_part(path: &Path) -> Value {
+    json!({"type": "image_url", "image_url": {"url": data_url(path)}})
+}
+
+fn error_of(v: &Value) -> (&str, Option<&str>) {
+    let e = &v["error"];
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "an error message: {v}");
+    (e["type"].as_str().unwrap(), e["param"].as_str())
+}
+
+/// A recorded case's generate() settings as request parameters.
+fn params(kw: &Value) -> Value {
+    let mut p = json!({"temperature": 0});
+    let map = [
+        ("max_new_tokens", "max_tokens"),
+        ("num_beams", "num_beams"),
+        ("length_penalty", "length_penalty"),
+        ("num_return_sequences", "n"),
+        ("repetition_penalty", "repetition_penalty"),
+        ("no_repeat_ngram_size", "no_repeat_ngram_size"),
+        ("min_new_tokens", "min_tokens"),
+    ];
+    for (k, v) in kw.as_object().unwrap() {
+        let (_, name) = map.iter().find(|(from, _)| from == k).unwrap_or_else(|| panic!("no request parameter for {k}"));
+        p[*name] = v.clone();
+    }
+    p
+}
+
+/// Every recorded single-image case, sent to /v1/completions with its prompt verbatim:
+/// each choice is transformers' sequence, decoded. The rows of the batch case are sent
+/// at once from several clients, and each must give transformers' single-run result.
+#[test]
+fn completions_give_transformers_results_for_every_recorded_case() {
+    for name in ["opt-tiny", "t5-tiny"] {
+        let dir = export(name, "cases");
+        let p = Pipeline::load(&dir, &mut session_factory()).unwrap();
+        let opts = ServeOptions { engine: EngineOptions { max_wait: Duration::from_millis(200), ..options().engine }, ..options() };
+        let server = Server::start(&dir, opts);
+        let cases = generate_cases(name);
+        let cases = cases["cases"].as_array().unwrap();
+        let mut requests = Vec::new();
+        for case in cases {
+            let images = case["images"].as_array().unwrap();
+            if images.len() != 1 {
+                continue;
+            }
+            let mut body = params(&case["generate"]);
+            body["prompt"] = case["prompts"][0].clone();
+            body["image"] = json!({"url": data_url(&photo(images[0].as_str().unwrap()))});
+            let want: Vec<String> = case["sequences"].as_array().unwrap().iter().map(|s| p.prompter.decode(&ids(s)).unwrap()).collect();
+            requests.push((format!("{name}/{}", case["name"]), body, want));
+        }
+        // One after the other, then all at once (batched across clients).
+        let check = |label: &str, body: &Value, want: &[String]| {
+            let (code, v) = post(&server.url("/v1/completions"), body);
+            assert_eq!(code, 200, "{label}: {v}");
+            let got: Vec<&str> = v["choices"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap()).collect();
+            assert_eq!(got, want, "{label}");
+            assert_eq!(v["object"], "text_completion");
+            let u = &v["usage"];
+            assert_eq!(u["total_tokens"].as_u64(), Some(u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap()));
+        };
+        for (label, body, want) in &requests {
+            check(label, body, want);
+        }
+        std::thread::scope(|s| {
+            for (label, body, want) in &requests {
+                s.spawn(move || check(&format!("{label} (concurrent)"), body, want));
+            }
+        });
+        let (_, metrics) = get(&server.url("/metrics"), None);
+        let value = |m: &str| -> f64 {
+            metrics.lines().find(|l| l.starts_with(m)).and_then(|l| l.rsplit(' ').next()).unwrap().parse().unwrap()
+        };
+        assert!(
+            value("blip2_batch_rows_sum") > value("blip2_batch_rows_count"),
+            "{name}: concurrent requests shared batches:\n{metrics}"
+        );
+    }
+}
+
+/// Chat: the conversation is rendered as `infer chat` renders it (earlier turns, then
+/// the question) and gives transformers' recorded second turn; streaming gives the same
+/// text in OpenAI's chunk format; an empty question is a caption.
+#[test]
+fn chat_renders_turns_streams_and_captions() {
+    for name in ["opt-tiny", "t5-tiny"] {
+        let dir = export(name, "chat");
+        let mut p = Pipeline::load(&dir, &mut session_factory()).unwrap();
+        let server = Server::start(&dir, options());
+        let cases = generate_cases(name);
+        let case = |n: &str| cases["cases"].as_array().unwrap().iter().find(|c| c["name"] == n).unwrap().clone();
+        let decode = |c: &Value| p.prompter.decode(&ids(&c["sequences"][0])).unwrap();
+        let (turn1, turn2) = (decode(&case("chat_turn1")), decode(&case("chat_turn2")));
+        let chelsea = photo("chelsea.png");
+        let url = server.url("/v1/chat/completions");
+        let first = json!({"model": NAME, "max_tokens": 10, "temperature": 0, "messages": [
+            {"role": "system", "content": "ignored"},
+            {"role": "user", "content": [image_part(&chelsea), {"type": "text", "text": "what is this?"}]}]});
+        let (code, v) = post(&url, &first);
+        assert_eq!(code, 200, "{v}");
+        assert_eq!(v["choices"][0]["message"]["content"], turn1, "{name}: first turn");
+        assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+        assert_eq!(v["object"], "chat.completion");
+        let second = json!({"max_tokens": 10, "messages": [
+            {"role": "user", "content": [image_part(&chelsea), {"type": "text", "text": "what is this?"}]},
+            {"role": "assistant", "content": turn1},
+            {"role": "user", "content": "where is it?"}]});
+        let (code, v) = post(&url, &second);
+        assert_eq!(code, 200, "{v}");
+        assert_eq!(v["choices"][0]["message"]["content"], turn2, "{name}: second turn");
+
+        // Streaming: role first, deltas adding up to the text, one finish, usage, [DONE].
+        for body in [first.clone(), second.clone()] {
+            let mut s = body.clone();
+            s["stream"] = json!(true);
+            s["stream_options"] = json!({"include_usage": true});
+            let (chunks, done) = post_stream(&url, &s);
+            assert!(done, "[DONE] ends the stream");
+            let (_, whole) = post(&url, &body);
+            assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+            let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+            assert_eq!(text, whole["choices"][0]["message"]["content"].as_str().unwrap());
+            let finishes: Vec<&Value> = chunks.iter().filter(|c| c["choices"][0]["finish_reason"].is_string()).collect();
+            assert_eq!(finishes.len(), 1);
+            assert_eq!(finishes[0]["choices"][0]["finish_reason"], whole["choices"][0]["finish_reason"]);
+            let last = chunks.last().unwrap();
+            assert_eq!(last["choices"], json!([]));
+            assert_eq!(last["usage"], whole["usage"]);
+            assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
+        }
+
+        // An empty last user text is a plain caption: what `infer caption` gives.
+        let img = p.load_image(&photo("rocket.jpg")).unwrap();
+        let want = p.generate(&[img], &[String::new()], &blip2_runtime::generation::GenerationConfig { max_new_tokens: 7, ..p.default_config() }).unwrap();
+        let caption = json!({"max_completion_tokens": 7, "messages": [{"role": "user", "content": [image_part(&photo("rocket.jpg"))]}]});
+        let (code, v) = post(&url, &caption);
+        assert_eq!(code, 200, "{v}");
+        assert_eq!(v["choices"][0]["message"]["content"], want[0][0].text.as_str());
+        let finish = if want[0][0].token_ids.len() == 7 { "length" } else { "stop" };
+        assert_eq!(v["choices"][0]["finish_reason"], finish);
+    }
+}
+
+/// Greedy rows that want fewer tokens, stop strings and several samples share batches
+/// with others and still get what they get alone.
+#[test]
+fn per_request_limits_stops_and_samples_are_their_single_runs() {
+    let dir = export("opt-tiny", "limits");
+    let opts = ServeOptions { engine: EngineOptions { max_wait: Duration::from_millis(300), ..options().engine }, ..options() };
+    let server = Server::start(&dir, opts);
+    let url = server.url("/v1/completions");
+    let rocket = data_url(&photo("rocket.jpg"));
+    let body = |max: u64, extra: Value| {
+        let mut b = json!({"prompt": "a photo of", "image": {"url": rocket}, "max_tokens": max, "temperature": 0});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    let alone = |b: &Value| post(&url, b).1;
+    let long = alone(&body(12, json!({})));
+    let long_text = long["choices"][0]["text"].as_str().unwrap().to_string();
+    assert_eq!(long["choices"][0]["finish_reason"], "length");
+    let short = alone(&body(4, json!({})));
+    assert_eq!(short["choices"][0]["finish_reason"], "length");
+    assert_eq!(short["usage"]["completion_tokens"], 4);
+    // A stop string cuts the text where it first appears (the tiny model repeats itself).
+    let stop: String = long_text.chars().skip(2).take(1).collect();
+    let stopped = alone(&body(12, json!({"stop": [stop.clone()]})));
+    let cut = &long_text[..long_text.find(&stop).unwrap()];
+    assert_eq!(stopped["choices"][0]["text"], cut);
+    assert_eq!(stopped["choices"][0]["finish_reason"], "stop");
+    // Two seeded samples, twice: the same texts.
+    let sampled = body(6, json!({"temperature": 0.8, "top_k": 20, "n": 2, "seed": 7}));
+    let samples = alone(&sampled);
+    assert_eq!(samples["choices"].as_array().unwrap().len(), 2);
+    // Now all of them at once, batched together.
+    let requests = [body(12, json!({})), body(4, json!({})), body(12, json!({"stop": [stop]})), sampled.clone()];
+    let want = [long, short, stopped, samples];
+    let url = &url;
+    std::thread::scope(|s| {
+        let hs: Vec<_> = requests.iter().map(|b| s.spawn(move || post(url, b).1)).collect();
+        for (h, w) in hs.into_iter().zip(&want) {
+            let got = h.join().unwrap();
+            assert_eq!(got["choices"], w["choices"]);
+            assert_eq!(got["usage"], w["usage"]);
+        }
+    });
+}
+
+#[test]
+fn health_models_and_metrics() {
+    let dir = export("opt-tiny", "meta");
+    let server = Server::start(&dir, options());
+    let (code, body) = get(&server.url("/health"), None);
+    assert_eq!((code, body.contains("ok")), (200, true));
+    let (code, body) = get(&server.url("/v1/models"), None);
+    assert_eq!(code, 200);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["object"], "list");
+    assert_eq!(v["data"][0]["id"], NAME);
+    let (code, _) = post(&server.url("/v1/completions"), &json!({"prompt": "", "image": {"url": "data:image/png;base64,AAAA"}}));
+    assert_eq!(code, 400);
+    let (code, metrics) = get(&server.url("/metrics"), None);
+    assert_eq!(code, 200);
+    for m in [
+        "blip2_http_requests_total{endpoint=\"/v1/models\",status=\"200\"} 1",
+        "blip2_http_requests_total{endpoint=\"/v1/completions\",status=\"400\"} 1",
+        "blip2_request_latency_seconds_bucket",
+        "blip2_time_to_first_token_seconds_bucket",
+        "blip2_batch_rows_bucket",
+        "blip2_generated_tokens_total",
+        "blip2_queue_depth 0",
+        "blip2_requests_in_flight 0",
+    ] {
+        assert!(metrics.contains(m), "/metrics lacks {m}:\n{metrics}");
+    }
+}
+
+/// Every error status, in OpenAI's error JSON; none of them hurts the next request.
+#[test]
+fn bad_requests_get_openai_errors_and_the_server_goes_on() {
+    let dir = export("opt-tiny", "errors");
+    let server = Server::start(&dir, ServeOptions { max_body_bytes: 1 << 20, ..options() });
+    let chat = server.url("/v1/chat/completions");
+    let good = json!({"max_tokens": 3, "messages": [{"role": "user", "content": [image_part(&photo("camera.png")), {"type": "text", "text": "what?"}]}]});
+    let (code, want) = post(&chat, &good);
+    assert_eq!(code, 200);
+    let text_part = |t: &str| json!({"type": "text", "text": t});
+    let png = photo("camera.png");
+    let bad: Vec<(&str, String, u16, Option<&str>)> = vec![
+        ("not JSON", "{\"messages\": [".into(), 400, None),
+        ("no messages", json!({"max_tokens": 3}).to_string(), 400, None),
+        ("bad base64", json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}]}).to_string(), 400, Some("image_url")),
+        ("not an image", json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8gd29ybGQ="}}]}]}).to_string(), 400, Some("image_url")),
+        ("two images", json!({"messages": [{"role": "user", "content": [image_part(&png), image_part(&png)]}]}).to_string(), 400, Some("messages")),
+        ("no image", json!({"messages": [{"role": "user", "content": "hello"}]}).to_string(), 400, Some("messages")),
+        ("prompt over the context", json!({"messages": [{"role": "user", "content": [image_part(&png), text_part(&"word ".repeat(300))]}]}).to_string(), 400, Some("messages")),
+        ("max_tokens over the positions", json!({"max_tokens": 500, "messages": [{"role": "user", "content": [image_part(&png)]}]}).to_string(), 400, Some("max_tokens")),
+        ("http image", json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://127.0.0.1:1/a.png"}}]}]}).to_string(), 400, Some("image_url")),
+        ("file image", json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": format!("file://{}", png.display())}}]}]}).to_string(), 400, Some("image_url")),
+        ("greedy with n", json!({"n": 2, "temperature": 0, "messages": [{"role": "user", "content": [image_part(&png)]}]}).to_string(), 400, Some("n")),
+        ("bad top_p", json!({"top_p": 2, "messages": [{"role": "user", "content": [image_part(&png)]}]}).to_string(), 400, Some("top_p")),
+        ("unknown model", json!({"model": "gpt-4o", "messages": [{"role": "user", "content": [image_part(&png)]}]}).to_string(), 404, None),
+        ("body too large", json!({"messages": [{"role": "user", "content": "x".repeat(2 << 20)}]}).to_string(), 413, None),
+    ];
+    for (what, body, status, param) in bad {
+        let (code, text) = post_raw(&chat, &body, None);
+        assert_eq!(code, status, "{what}: {text}");
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{what}: not JSON: {text}"));
+        let (_, got_param) = error_of(&v);
+        if param.is_some() {
+            assert_eq!(got_param, param, "{what}: {text}");
+        }
+        let message = v["error"]["message"].as_str().unwrap();
+        for flag in ["--max-new-tokens", "--num-return-sequences", "--num-beams", "--do-sample", "--top-p", "--temperature"] {
+            assert!(!message.contains(flag), "{what}: the message names request parameters, not infer's flags: {text}");
+        }
+    }
+    let (code, text) = post_raw(&server.url("/v1/completions"), &json!({"prompt": "hi"}).to_string(), None);
+    assert_eq!(code, 400, "a completion without an image: {text}");
+    let (code, text) = get(&server.url("/v1/nothing"), None);
+    assert_eq!(code, 404, "{text}");
+    // The server still answers as before.
+    let (code, again) = post(&chat, &good);
+    assert_eq!(code, 200);
+    assert_eq!(again["choices"], want["choices"]);
+}
+
+#[test]
+fn api_key_guards_the_api() {
+    let dir = export("opt-tiny", "key");
+    let server = Server::start(&dir, ServeOptions { api_key: Some("sekrit".into()), ..options() });
+    let models = server.url("/v1/models");
+    assert_eq!(get(&models, None).0, 401);
+    assert_eq!(get(&models, Some("wrong")).0, 401);
+    assert_eq!(get(&models, Some("sekrit")).0, 200);
+    let (code, text) = post_raw(&server.url("/v1/completions"), "{}", None);
+    assert_eq!(code, 401);
+    assert_eq!(error_of(&serde_json::from_str(&text).unwrap()).0, "authentication_error");
+    assert_eq!(get(&server.url("/health"), None).0, 200, "health needs no key");
+}
+
+/// A full queue answers 503 with Retry-After at once instead of queueing without bound.
+#[test]
+fn a_full_queue_is_refused_with_503() {
+    let dir = export("opt-tiny", "queue");
+    // The first request waits 3 s for company in the queue, holding the only place.
+    let opts = ServeOptions { engine: EngineOptions { max_batch: 8, max_wait: Duration::from_secs(3), max_queue: 1 }, ..options() };
+    let server = Server::start(&dir, opts);
+    let url = server.url("/v1/completions");
+    let body = json!({"prompt": "", "image": {"url": data_url(&photo("chelsea.png"))}, "max_tokens": 3});
+    std::thread::scope(|s| {
+        let first = s.spawn(|| post(&url, &body));
+        std::thread::sleep(Duration::from_millis(800));
+        let r = agent().post(&url).set("Content-Type", "application/json").send_string(&body.to_string());
+        match r {
+            Err(ureq::Error::Status(503, resp)) => {
+                assert_eq!(resp.header("Retry-After"), Some("1"));
+                let v: Value = serde_json::from_str(&resp.into_string().unwrap()).unwrap();
+                error_of(&v);
+            }
+            other => panic!("expected 503, got {:?}", other.map(|r| r.status())),
+        }
+        assert_eq!(first.join().unwrap().0, 200, "the admitted request is answered");
+    });
+    assert_eq!(post(&url, &body).0, 200, "a place is free again");
+}
+
+/// file:// URLs only under --allowed-local-media-path.
+#[test]
+fn local_images_only_under_the_allowed_folder() {
+    let dir = export("opt-tiny", "files");
+    let photos = photo("chelsea.png").parent().unwrap().canonicalize().unwrap();
+    let server = Server::start(&dir, ServeOptions { media: MediaPolicy { local_root: Some(photos.clone()), ..options().media }, ..options() });
+    let url = server.url("/v1/completions");
+    let by_file = json!({"prompt": "", "max_tokens": 4, "image": {"url": format!("file://{}", photos.join("chelsea.png").display())}});
+    let by_data = json!({"prompt": "", "max_tokens": 4, "image": {"url": data_url(&photo("chelsea.png"))}});
+    let (code, a) = post(&url, &by_file);
+    assert_eq!(code, 200, "{a}");
+    assert_eq!(a["choices"], post(&url, &by_data).1["choices"]);
+    let outside = json!({"prompt": "", "image": {"url": format!("file://{}/../../../Cargo.toml", photos.display())}});
+    let (code, v) = post(&url, &outside);
+    assert_eq!(code, 400);
+    assert!(v["error"]["message"].as_str().unwrap().contains("outside"), "{v}");
+}
+
+/// Shutdown lets a request in flight finish, then the server stops listening.
+#[test]
+fn shutdown_finishes_requests_in_flight() {
+    let dir = export("opt-tiny", "shutdown");
+    let opts = ServeOptions { engine: EngineOptions { max_wait: Duration::from_millis(1500), ..options().engine }, ..options() };
+    let mut server = Server::start(&dir, opts);
+    let url = server.url("/v1/chat/completions");
+    let body = json!({"stream": true, "max_tokens": 8, "messages": [{"role": "user", "content": [image_part(&photo("rocket.jpg"))]}]});
+    let base = server.base.clone();
+    let inflight = std::thread::spawn(move || post_stream(&url, &body));
+    std::thread::sleep(Duration::from_millis(500));
+    server.shutdown();
+    let (chunks, done) = inflight.join().unwrap();
+    assert!(done, "the stream in flight ends with [DONE]");
+    assert!(chunks.iter().any(|c| c["choices"][0]["finish_reason"].is_string()));
+    assert!(agent().get(&format!("{base}/health")).call().is_err(), "no longer listening");
+}
