@@ -19,6 +19,9 @@ Failures are never dropped: each is counted in its row and listed; the exit stat
 when any request (warm-up included) failed or went missing.
 """
 import argparse
+import random
+import struct
+import zlib
 import base64
 import hashlib
 import http.client
@@ -47,6 +50,24 @@ def image_files(args):
         else:
             sys.exit(f"serve_load: {a}: no such file or folder")
     return files
+
+
+def noise_png(seed, size=256):
+    """A PNG of random RGB noise: each seed a different image, so the server's
+    image-embedding cache never answers for it (every request runs the vision encoder)."""
+    rnd = random.Random(seed)
+    raw = b"".join(b"\x00" + rnd.randbytes(size * 3) for _ in range(size))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw, 1)) + chunk(b"IEND", b"")
+
+
+def unique_images(n):
+    """(name, data URL) of n distinct noise images."""
+    return [(f"noise-{i}.png", "data:image/png;base64," + base64.b64encode(noise_png(i)).decode("ascii")) for i in range(n)]
 
 
 def distinct_images(files):
@@ -211,6 +232,53 @@ def percentile(values, p):
     return v[lo] + (v[hi] - v[lo]) * (k - lo)
 
 
+def server_ttft(server):
+    """The server's own time-to-first-token histogram (GET /metrics): (sum, count,
+    [(upper bound, cumulative count)]). The server stamps the first token when it is
+    picked, also when its text is still empty (random weights often generate
+    whitespace), which the client cannot see."""
+    conn = server.connect()
+    try:
+        conn.request("GET", server.prefix + "/metrics", headers=server.headers)
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    total, count, buckets = 0.0, 0, []
+    for line in text.splitlines():
+        if line.startswith("blip2_time_to_first_token_seconds_sum"):
+            total = float(line.split()[-1])
+        elif line.startswith("blip2_time_to_first_token_seconds_count"):
+            count = int(float(line.split()[-1]))
+        elif line.startswith("blip2_time_to_first_token_seconds_bucket"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((float("inf") if le == "+Inf" else float(le), int(float(line.split()[-1]))))
+    return total, count, buckets
+
+
+def histogram_delta(before, after):
+    """Mean and the p50 / p99 (interpolated within the buckets) of what a histogram saw
+    between two readings, in milliseconds."""
+    n = after[1] - before[1]
+    if n <= 0:
+        return None, None, None
+    mean = (after[0] - before[0]) / n * 1000
+    counts = [(le, a - b) for (le, a), (_, b) in zip(after[2], before[2])]
+
+    def q(p):
+        rank = p * n
+        lo_bound, lo_count = 0.0, 0
+        for le, c in counts:
+            if c >= rank:
+                if le == float("inf"):
+                    return lo_bound * 1000
+                frac = (rank - lo_count) / max(c - lo_count, 1)
+                return (lo_bound + (le - lo_bound) * frac) * 1000
+            lo_bound, lo_count = le, c
+        return None
+
+    return mean, q(0.5), q(0.99)
+
+
 def run_level(server, workload, clients, per_client):
     """C threads, K requests each, back to back; returns (records, wall seconds)."""
     slots = [[None] * per_client for _ in range(clients)]
@@ -248,7 +316,10 @@ def fmt(x, digits=0):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base-url", required=True, help="the server, e.g. http://127.0.0.1:8000")
-    ap.add_argument("--images", nargs="+", required=True, help="image files or folders of them")
+    ap.add_argument("--images", nargs="+", default=[], help="image files or folders of them")
+    ap.add_argument("--unique-images", type=int, default=0, metavar="N",
+                    help="also N generated noise images; with at least as many as requests, no image repeats "
+                         "and the server's image-embedding cache never hits")
     ap.add_argument("--clients", default="1,4,8,16", help="client counts to run, comma-separated")
     ap.add_argument("--requests-per-client", type=int, default=8, metavar="K")
     ap.add_argument("--max-tokens", type=int, default=20)
@@ -267,7 +338,7 @@ def main():
         sys.exit(f"serve_load: --clients must be comma-separated integers, not {args.clients!r}")
     if not levels or min(levels) < 1 or args.requests_per_client < 1 or args.max_tokens < 1 or args.warmup < 0:
         sys.exit("serve_load: --clients, --requests-per-client and --max-tokens must be positive")
-    images = distinct_images(image_files(args.images))
+    images = distinct_images(image_files(args.images)) + unique_images(args.unique_images)
     if not images:
         sys.exit("serve_load: no image files among --images")
     if len(images) < 2:
@@ -302,7 +373,9 @@ def main():
     all_records = {}
     for c in levels:
         expected = c * args.requests_per_client
+        before = server_ttft(server)
         records, wall = run_level(server, workload, c, args.requests_per_client)
+        s_mean, s_p50, s_p99 = histogram_delta(before, server_ttft(server))
         good = [r for r in records if r["error"] is None]
         bad = [r for r in records if r["error"] is not None]
         lost = expected - len(records)
@@ -318,7 +391,8 @@ def main():
                "tokens_per_s": tokens / wall if wall > 0 else None, "completion_tokens": tokens,
                "latency_ms_p50": statistics.median(lat) if lat else None,
                "latency_ms_p99": percentile(lat, 99),
-               "ttft_ms_p50": statistics.median(ttft) if ttft else None, "ttft_ms_p99": percentile(ttft, 99)}
+               "ttft_ms_p50": statistics.median(ttft) if ttft else None, "ttft_ms_p99": percentile(ttft, 99),
+               "server_ttft_ms_mean": s_mean, "server_ttft_ms_p50": s_p50, "server_ttft_ms_p99": s_p99}
         rows.append(row)
         all_records[str(c)] = records
         print(f"C={c}: {len(good)}/{expected} ok in {wall:.2f} s", file=sys.stderr, flush=True)
@@ -326,13 +400,14 @@ def main():
     base = next((r["throughput_rps"] for r in rows if r["clients"] == 1), None)
     print()
     print("| clients | requests | errors | throughput (req/s) | tokens/s | latency p50 / p99 (ms) "
-          "| TTFT p50 / p99 (ms) | throughput vs C=1 |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| first content p50 / p99 (ms) | TTFT mean / p50 / p99 (ms, server) | throughput vs C=1 |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         r["vs_c1"] = r["throughput_rps"] / base if base and r["throughput_rps"] is not None else None
         print(f"| {r['clients']} | {r['requests']} | {r['errors']} | {fmt(r['throughput_rps'], 2)} "
               f"| {fmt(r['tokens_per_s'], 1)} | {fmt(r['latency_ms_p50'])} / {fmt(r['latency_ms_p99'])} "
               f"| {fmt(r['ttft_ms_p50'])} / {fmt(r['ttft_ms_p99'])} "
+              f"| {fmt(r['server_ttft_ms_mean'])} / {fmt(r['server_ttft_ms_p50'])} / {fmt(r['server_ttft_ms_p99'])} "
               f"| {fmt(r['vs_c1'], 2) + 'x' if r['vs_c1'] is not None else '-'} |")
 
     if args.json:

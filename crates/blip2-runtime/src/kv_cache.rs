@@ -114,6 +114,49 @@ impl KvCache {
         Ok(())
     }
 
+    /// Growing caches: appends `other`'s rows after these, both left-padded with zeros to
+    /// the longer length, in host memory (the rows' masks must mark the padding).
+    pub fn join(&mut self, other: KvCache) -> Result<(), RuntimeError> {
+        if self.layout != Layout::Growing || other.layout != Layout::Growing || self.spec != other.spec {
+            return Err(RuntimeError::Unsupported("only growing KV caches of one model can be joined".into()));
+        }
+        for (kv, okv) in self.layers.iter_mut().zip(other.layers) {
+            for (v, o) in kv.iter_mut().zip(okv) {
+                *v = if self.spec.fp16 { join_left_padded::<half::f16>(v, &o)? } else { join_left_padded::<f32>(v, &o)? };
+            }
+        }
+        self.rows += other.rows;
+        Ok(())
+    }
+
+    /// Growing caches: drops the first `n` positions of every row (positions that every
+    /// row's mask has as padding).
+    pub fn drop_front(&mut self, n: usize) -> Result<(), RuntimeError> {
+        if n == 0 {
+            return Ok(());
+        }
+        if self.layout != Layout::Growing {
+            return Err(RuntimeError::Unsupported("a static KV cache keeps its positions".into()));
+        }
+        for kv in &mut self.layers {
+            for v in kv.iter_mut() {
+                *v = if self.spec.fp16 { slice_front::<half::f16>(v, n)? } else { slice_front::<f32>(v, n)? };
+            }
+        }
+        Ok(())
+    }
+
+    /// Positions per row (growing caches: the longest row's, padding included).
+    pub fn len(&self) -> Result<usize, RuntimeError> {
+        match self.layout {
+            Layout::Static { capacity } => Ok(capacity),
+            Layout::Growing => {
+                let t = self.layers[0][0].view().downcast::<DynTensorValueType>().map_err(ort_err("KV cache"))?;
+                Ok(t.shape().get(2).copied().unwrap_or(0) as usize)
+            }
+        }
+    }
+
     /// Static caches: new row `i` is old row `rows[i]`, gathered on the device by the
     /// export's `kv_reorder` graph into a second set of buffers, which then become the
     /// cache (the old set is kept in `spare` for the next reorder of the same shape).
@@ -184,6 +227,48 @@ fn on_host(v: &DynValue) -> Result<Option<DynValue>, RuntimeError> {
     }
     let host = tensor.to(AllocationDevice::CPU, 0).map_err(ort_err("copying the KV cache to the host"))?;
     Ok(Some(host.into_dyn()))
+}
+
+/// `a` and `b` (`[rows, heads, len, head_dim]`) one after the other along the rows, the
+/// shorter left-padded with zeros along `len`, as a host tensor.
+fn join_left_padded<T>(a: &DynValue, b: &DynValue) -> Result<DynValue, RuntimeError>
+where
+    T: ort::value::PrimitiveTensorElementType + Clone + std::fmt::Debug + Default + 'static,
+{
+    let (ha, hb) = (on_host(a)?, on_host(b)?);
+    let a = ha.as_ref().unwrap_or(a).try_extract_array::<T>().map_err(ort_err("KV cache"))?;
+    let b = hb.as_ref().unwrap_or(b).try_extract_array::<T>().map_err(ort_err("KV cache"))?;
+    let (la, lb) = (a.shape()[2], b.shape()[2]);
+    let len = la.max(lb);
+    let mut shape = a.shape().to_vec();
+    shape[0] += b.shape()[0];
+    shape[2] = len;
+    let mut out = ArrayD::<T>::from_elem(IxDyn(&shape), T::default());
+    let ra = a.shape()[0];
+    out.slice_each_axis_mut(|ax| match ax.axis.index() {
+        0 => ndarray::Slice::from(..ra),
+        2 => ndarray::Slice::from(len - la..),
+        _ => ndarray::Slice::from(..),
+    })
+    .assign(&a);
+    out.slice_each_axis_mut(|ax| match ax.axis.index() {
+        0 => ndarray::Slice::from(ra..),
+        2 => ndarray::Slice::from(len - lb..),
+        _ => ndarray::Slice::from(..),
+    })
+    .assign(&b);
+    Ok(Tensor::from_array(out).map_err(ort_err("KV cache"))?.into_dyn())
+}
+
+/// `v` without its first `n` positions (axis 2), as a host tensor.
+fn slice_front<T>(v: &DynValue, n: usize) -> Result<DynValue, RuntimeError>
+where
+    T: ort::value::PrimitiveTensorElementType + Clone + std::fmt::Debug + 'static,
+{
+    let host = on_host(v)?;
+    let a = host.as_ref().unwrap_or(v).try_extract_array::<T>().map_err(ort_err("KV cache"))?;
+    let kept = a.slice_axis(Axis(2), ndarray::Slice::from(n..)).to_owned();
+    Ok(Tensor::from_array(kept).map_err(ort_err("KV cache"))?.into_dyn())
 }
 
 /// Rows `rows` of a `[rows, ...]` tensor (fp16 or f32), as a host tensor.

@@ -35,6 +35,8 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::metrics::Metrics;
 
+mod continuous;
+
 /// Why a sequence ended, in OpenAI's words.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Finish {
@@ -133,6 +135,9 @@ struct Shared {
     metrics: Arc<Metrics>,
     /// Language-model positions: a padded prompt plus its new tokens get no more.
     max_positions: usize,
+    /// OPT on the portable graph: greedy and sampled requests join one running batch
+    /// ([`continuous`]).
+    continuous: bool,
 }
 
 pub struct Engine {
@@ -153,7 +158,9 @@ impl Engine {
         let blip2_runtime::pipeline::Pipeline { model, prompter, limits, .. } = pipeline;
         let manifest = model.manifest.clone();
         let prompter = Arc::new(prompter);
+        let continuous = manifest.family == blip2_core::Family::Opt && !state::is_static(&model);
         let shared = Arc::new(Shared {
+            continuous,
             max_positions: manifest.text.max_position_embeddings,
             model: Arc::new(Mutex::new(model)),
             prompter: prompter.clone(),
@@ -222,25 +229,50 @@ impl Engine {
 fn dispatch(rx: Receiver<Queued>, shared: Arc<Shared>, opts: EngineOptions) {
     let mut running: Vec<std::thread::JoinHandle<()>> = Vec::new();
     let mut waiting: VecDeque<Queued> = VecDeque::new();
-    loop {
+    // Greedy and sampled requests go to the continuous batch when the model has one.
+    let batcher = shared.continuous.then(|| {
+        let (tx, brx) = mpsc::channel::<Queued>();
+        let (shared, opts) = (shared.clone(), opts.clone());
+        let h = std::thread::Builder::new()
+            .name("blip2-batch".into())
+            .spawn(move || continuous::run(brx, &shared, &opts))
+            .expect("spawning the batching thread");
+        (tx, h)
+    });
+    let route = |q: Queued, waiting: &mut VecDeque<Queued>| match &batcher {
+        Some((tx, _)) if q.job.cfg.num_beams == 1 => {
+            if let Err(mpsc::SendError(q)) = tx.send(q) {
+                let _ = q.job.events.send(Event::Failed("the batching thread has stopped".into()));
+            }
+        }
+        _ => waiting.push_back(q),
+    };
+    let mut open = true;
+    while open || !waiting.is_empty() {
         if waiting.is_empty() {
             match rx.recv() {
-                Ok(q) => waiting.push_back(q),
+                Ok(q) => route(q, &mut waiting),
                 Err(_) => break,
+            }
+            if waiting.is_empty() {
+                continue;
             }
         }
         // Gather what else arrives within max_wait of the oldest waiting request.
         let deadline = waiting[0].enqueued + opts.max_wait;
         while rows(waiting.iter()) < opts.max_batch {
             match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(q) => waiting.push_back(q),
+                Ok(q) => route(q, &mut waiting),
                 Err(RecvTimeoutError::Timeout) => break,
-                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Disconnected) => {
+                    open = false;
+                    break;
+                }
             }
         }
         // Also take whatever is already queued (it waited long enough).
         while let Ok(q) = rx.try_recv() {
-            waiting.push_back(q);
+            route(q, &mut waiting);
         }
         for cohort in form_cohorts(&mut waiting, &shared, opts.max_batch) {
             let shared = shared.clone();
@@ -251,6 +283,10 @@ fn dispatch(rx: Receiver<Queued>, shared: Arc<Shared>, opts: EngineOptions) {
                 .expect("spawning a cohort thread");
             running.push(h);
         }
+    }
+    if let Some((tx, h)) = batcher {
+        drop(tx);
+        let _ = h.join();
     }
     for h in running {
         let _ = h.join();
@@ -381,11 +417,70 @@ struct Stream {
     stopped_text: Option<String>,
 }
 
+impl Stream {
+    fn new() -> Self {
+        Stream { ids: Vec::new(), sent: String::new(), ended: None, stopped_text: None }
+    }
+
+    /// Takes the sequence's next token: sends the text that has become final, and says
+    /// whether the sequence goes on (not past its `max_tokens`, no stop string, the client
+    /// still there).
+    fn push(&mut self, token: i64, seq: usize, job: &Job, prompter: &Prompter, metrics: &Metrics) -> bool {
+        metrics.tokens.inc();
+        self.ids.push(token);
+        // A client that went away gets nothing more.
+        if job.events.is_closed() {
+            self.ended = Some(Finish::Stop);
+            return false;
+        }
+        let Ok(text) = prompter.decode(&self.ids) else { return true };
+        if let Some(at) = find_stop(&text, &job.stop) {
+            self.ended = Some(Finish::Stop);
+            self.stopped_text = Some(text[..at].to_string());
+            return false;
+        }
+        let hold = job.stop.iter().map(|x| x.chars().count()).max().unwrap_or(0).saturating_sub(1);
+        let settled = (self.ids.len() > 3).then(|| prompter.decode(&self.ids[..self.ids.len() - 3]).ok()).flatten();
+        let ready = stable_prefix(&text, settled.as_deref(), hold);
+        if ready.len() > self.sent.len() && ready.starts_with(self.sent.as_str()) {
+            let delta = ready[self.sent.len()..].to_string();
+            self.sent.push_str(&delta);
+            let _ = job.events.send(Event::Delta { index: seq, text: delta });
+        }
+        if self.ids.len() >= job.cfg.max_new_tokens {
+            self.ended = Some(Finish::Length);
+            return false;
+        }
+        true
+    }
+
+    /// Ends the sequence with the search's token ids: sends the rest of its text and its
+    /// `End`.
+    fn end(&mut self, ids: Vec<i64>, seq: usize, job: &Job, prompter: &Prompter) {
+        let (text, finish, ids, eos) = finish_sequence(prompter, job, self, ids);
+        if text.len() > self.sent.len() && text.starts_with(self.sent.as_str()) {
+            let _ = job.events.send(Event::Delta { index: seq, text: text[self.sent.len()..].to_string() });
+        } else if !text.starts_with(self.sent.as_str()) {
+            tracing::warn!("streamed text of a sequence is not a prefix of its final text");
+        }
+        // The eos counts as generated, as the other servers count it.
+        let completion_tokens = ids.len() + usize::from(eos);
+        let _ = job.events.send(Event::End { index: seq, text, token_ids: ids, finish, completion_tokens });
+    }
+}
+
 /// The part of `text` that can be sent now: not a trailing replacement character (half
 /// of a character whose other bytes come with the next token), and not the last
-/// `hold` characters, which could be the start of a stop string.
-fn stable_prefix(text: &str, hold: usize) -> &str {
-    let t = text.trim_end_matches('\u{FFFD}');
+/// `hold` characters, which could be the start of a stop string. `settled` is the text
+/// of all but the last 3 tokens: a character's bytes span at most 4 tokens, so a
+/// replacement character in it is final (random weights make such text) and is sent.
+fn stable_prefix<'a>(text: &'a str, settled: Option<&str>, hold: usize) -> &'a str {
+    let mut t = text.trim_end_matches('\u{FFFD}');
+    if let Some(s) = settled {
+        if s.len() > t.len() && text.starts_with(s) {
+            t = &text[..s.len()];
+        }
+    }
     if hold == 0 {
         return t;
     }
@@ -409,7 +504,7 @@ fn run_cohort(shared: &Shared, cohort: Vec<Queued>) {
     let streams_per_job: Vec<usize> = cohort.iter().map(|q| q.job.cfg.num_return_sequences).collect();
     let mut streams: Vec<Vec<Stream>> = streams_per_job
         .iter()
-        .map(|&k| (0..k).map(|_| Stream { ids: Vec::new(), sent: String::new(), ended: None, stopped_text: None }).collect())
+        .map(|&k| (0..k).map(|_| Stream::new()).collect())
         .collect();
     let mut first_token: Vec<bool> = vec![false; n];
     let result = (|| -> Result<Vec<Vec<Vec<i64>>>, RuntimeError> {
@@ -433,32 +528,7 @@ fn run_cohort(shared: &Shared, cohort: Vec<Queued>) {
                 first_token[job] = true;
                 shared.metrics.ttft.observe(q.enqueued.elapsed().as_secs_f64());
             }
-            shared.metrics.tokens.inc();
-            let s = &mut streams[job][seq];
-            s.ids.push(token);
-            // A client that went away gets nothing more.
-            if q.job.events.is_closed() {
-                s.ended = Some(Finish::Stop);
-                return false;
-            }
-            let Ok(text) = prompter.decode(&s.ids) else { return true };
-            if let Some(at) = find_stop(&text, &q.job.stop) {
-                s.ended = Some(Finish::Stop);
-                s.stopped_text = Some(text[..at].to_string());
-                return false;
-            }
-            let hold = q.job.stop.iter().map(|x| x.chars().count()).max().unwrap_or(0).saturating_sub(1);
-            let ready = stable_prefix(&text, hold);
-            if ready.len() > s.sent.len() && ready.starts_with(s.sent.as_str()) {
-                let delta = ready[s.sent.len()..].to_string();
-                s.sent.push_str(&delta);
-                let _ = q.job.events.send(Event::Delta { index: seq, text: delta });
-            }
-            if s.ids.len() >= q.job.cfg.max_new_tokens {
-                s.ended = Some(Finish::Length);
-                return false;
-            }
-            true
+            streams[job][seq].push(token, seq, &q.job, prompter, &shared.metrics)
         };
         generation::generate_observed(&mut decoder, &p.prompts, p.logits, &cfg, &mut observer).map_err(|e| match e {
             GenerationError::Model(m) => m,
@@ -470,16 +540,7 @@ fn run_cohort(shared: &Shared, cohort: Vec<Queued>) {
             for (j, (q, seqs)) in cohort.iter().zip(out).enumerate() {
                 let prompt_tokens = shared.prompter.num_query_tokens + q.job.text_ids.len();
                 for (i, ids) in seqs.into_iter().enumerate() {
-                    let s = &mut streams[j][i];
-                    let (text, finish, ids, eos) = finish_sequence(shared, &q.job, s, ids);
-                    if text.len() > s.sent.len() && text.starts_with(s.sent.as_str()) {
-                        let _ = q.job.events.send(Event::Delta { index: i, text: text[s.sent.len()..].to_string() });
-                    } else if !text.starts_with(s.sent.as_str()) {
-                        tracing::warn!("streamed text of a sequence is not a prefix of its final text");
-                    }
-                    // The eos counts as generated, as the other servers count it.
-                    let completion_tokens = ids.len() + usize::from(eos);
-                    let _ = q.job.events.send(Event::End { index: i, text, token_ids: ids, finish, completion_tokens });
+                    streams[j][i].end(ids, i, &q.job, &shared.prompter);
                 }
                 if !first_token[j] {
                     shared.metrics.ttft.observe(q.enqueued.elapsed().as_secs_f64());
@@ -502,7 +563,7 @@ fn run_cohort(shared: &Shared, cohort: Vec<Queued>) {
 /// from what the search returned: cut at the request's own `max_tokens` (the observer
 /// ends greedy and sampled rows there; beam cohorts share one limit) and at the first stop
 /// string.
-fn finish_sequence(shared: &Shared, job: &Job, s: &Stream, mut ids: Vec<i64>) -> (String, Finish, Vec<i64>, bool) {
+fn finish_sequence(prompter: &Prompter, job: &Job, s: &Stream, mut ids: Vec<i64>) -> (String, Finish, Vec<i64>, bool) {
     let max = job.cfg.max_new_tokens;
     let mut finish = if ids.len() >= max { Finish::Length } else { Finish::Stop };
     ids.truncate(max);
@@ -513,7 +574,7 @@ fn finish_sequence(shared: &Shared, job: &Job, s: &Stream, mut ids: Vec<i64>) ->
     }
     let mut text = match &s.stopped_text {
         Some(t) => t.clone(),
-        None => shared.prompter.decode(&ids).unwrap_or_default(),
+        None => prompter.decode(&ids).unwrap_or_default(),
     };
     if s.stopped_text.is_none() {
         if let Some(at) = find_stop(&text, &job.stop) {
@@ -531,9 +592,12 @@ mod tests {
 
     #[test]
     fn stable_prefix_holds_back_half_characters_and_possible_stop_starts() {
-        assert_eq!(stable_prefix("a cat\u{FFFD}", 0), "a cat");
-        assert_eq!(stable_prefix("a cat", 2), "a c");
-        assert_eq!(stable_prefix("ab", 5), "");
+        assert_eq!(stable_prefix("a cat\u{FFFD}", None, 0), "a cat");
+        assert_eq!(stable_prefix("a cat", None, 2), "a c");
+        assert_eq!(stable_prefix("ab", None, 5), "");
+        // A replacement character older than 3 tokens is final.
+        assert_eq!(stable_prefix("a \u{FFFD}\u{FFFD}", Some("a \u{FFFD}"), 0), "a \u{FFFD}");
+        assert_eq!(stable_prefix("a \u{FFFD}", Some("b"), 0), "a ");
     }
 
     #[test]

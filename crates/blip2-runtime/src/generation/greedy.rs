@@ -110,3 +110,69 @@ pub(crate) fn run<M: StepModel + ?Sized>(
         })
         .collect())
 }
+
+/// One sequence of greedy search or sampling, stepped from outside: what a server's
+/// continuous batch keeps per row, so rows can join and leave a running batch. Fed the
+/// logits of its next position, it picks exactly what [`super::generate`] picks for the
+/// same row when the prompt runs alone (the prompt without padding, its own
+/// `max_new_tokens`, the sampling stream `seed`/`stream` that `generate` gives row
+/// `stream`).
+#[derive(Debug)]
+pub struct RowSearch {
+    cfg: GenerationConfig,
+    tokens: Vec<i64>,
+    prompt_len: usize,
+    rng: Rng,
+    finished: bool,
+    scores: Vec<f32>,
+}
+
+impl RowSearch {
+    /// `prompt`: the row's ids as alone (image-token placeholders included, no padding).
+    pub fn new(prompt: Vec<i64>, cfg: &GenerationConfig, seed: u64, stream: u64) -> Result<Self, super::ConfigError> {
+        super::validate(cfg)?;
+        if cfg.num_beams > 1 {
+            return Err(super::ConfigError::new("--num-beams", "a row search is greedy search or sampling"));
+        }
+        Ok(RowSearch { cfg: cfg.clone(), prompt_len: prompt.len(), tokens: prompt, rng: Rng::new(seed, stream), finished: false, scores: Vec::new() })
+    }
+
+    /// Picks the next token from the logits of the row's next position and appends it.
+    /// The row is finished after an eos or its `max_new_tokens`-th token.
+    pub fn pick(&mut self, logits: ndarray::ArrayView1<'_, f32>) -> i64 {
+        debug_assert!(!self.finished, "a finished row picks nothing");
+        self.scores.clear();
+        self.scores.extend(logits.iter().copied());
+        Processors::new(&self.cfg, self.prompt_len, 1).apply(&self.tokens, 0, &mut self.scores);
+        let pick = (if self.cfg.do_sample { sample_one(&self.scores, &mut self.rng) } else { argmax(&self.scores) }) as i64;
+        self.tokens.push(pick);
+        if self.cfg.eos_token_ids.contains(&pick) || self.tokens.len() - self.prompt_len >= self.cfg.max_new_tokens {
+            self.finished = true;
+        }
+        pick
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// Ends the row now (a stop string, a client gone).
+    pub fn finish(&mut self) {
+        self.finished = true;
+    }
+
+    /// The last token picked.
+    pub fn last(&self) -> Option<i64> {
+        (self.tokens.len() > self.prompt_len).then(|| self.tokens[self.tokens.len() - 1])
+    }
+
+    /// The new tokens so far, without a final eos.
+    pub fn new_tokens(&self) -> Vec<i64> {
+        new_tokens(&self.tokens, self.prompt_len, &self.cfg.eos_token_ids)
+    }
+
+    /// Whether the row ended on an eos.
+    pub fn ended_on_eos(&self) -> bool {
+        self.last().is_some_and(|t| self.cfg.eos_token_ids.contains(&t))
+    }
+}

@@ -18,6 +18,8 @@
 
 mod beam;
 mod greedy;
+
+pub use greedy::RowSearch;
 mod processors;
 mod rng;
 

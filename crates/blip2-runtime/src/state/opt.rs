@@ -120,6 +120,40 @@ impl<'m> OptState<'m> {
 
 }
 
+impl OptState<'_> {
+    /// Rows in the state.
+    pub fn rows(&self) -> usize {
+        self.mask.len()
+    }
+
+    /// Appends `other`'s rows after these (a server's continuous batch taking in newly
+    /// prefilled rows): caches and masks are left-padded to the longer of the two, so
+    /// each row keeps its own positions and attends to exactly what it did before.
+    pub fn join(&mut self, other: OptState<'_>) -> Result<(), RuntimeError> {
+        let (mine, theirs) = (self.mask.first().map_or(0, Vec::len), other.mask.first().map_or(0, Vec::len));
+        let len = mine.max(theirs);
+        let pad = |m: Vec<i64>, have: usize| -> Vec<i64> { std::iter::repeat_n(0, len - have).chain(m).collect() };
+        let OptState { cache, mask, next_pos, .. } = other;
+        self.mask = std::mem::take(&mut self.mask).into_iter().map(|m| pad(m, mine)).chain(mask.into_iter().map(|m| pad(m, theirs))).collect();
+        self.next_pos.extend(next_pos);
+        self.cache.join(cache)
+    }
+
+    /// Drops the leading positions that are padding in every row (left behind when the
+    /// rows that needed them have left), so later steps attend over fewer positions.
+    pub fn compact(&mut self) -> Result<(), RuntimeError> {
+        let len = self.mask.first().map_or(0, Vec::len);
+        let unused = (0..len).take_while(|&j| self.mask.iter().all(|m| m[j] == 0)).count();
+        if unused == 0 || self.mask.is_empty() {
+            return Ok(());
+        }
+        for m in &mut self.mask {
+            m.drain(..unused);
+        }
+        self.cache.drop_front(unused)
+    }
+}
+
 impl StepModel for OptState<'_> {
     type Error = RuntimeError;
 
