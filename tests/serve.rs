@@ -492,3 +492,36 @@ fn shutdown_finishes_requests_in_flight() {
     assert!(chunks.iter().any(|c| c["choices"][0]["finish_reason"].is_string()));
     assert!(agent().get(&format!("{base}/health")).call().is_err(), "no longer listening");
 }
+
+/// http(s) image URLs are refused unless --allow-remote-media; then they are fetched.
+#[test]
+fn remote_images_only_when_allowed() {
+    let dir = export("opt-tiny", "remote");
+    // A one-file HTTP server for the photo.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let png = std::fs::read(photo("chelsea.png")).unwrap();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", png.len());
+            let _ = s.write_all(&png);
+        }
+    });
+    let remote = json!({"prompt": "", "max_tokens": 4, "image": {"url": format!("http://{addr}/chelsea.png")}});
+    let local = json!({"prompt": "", "max_tokens": 4, "image": {"url": data_url(&photo("chelsea.png"))}});
+    {
+        let server = Server::start(&dir, options());
+        let (code, v) = post(&server.url("/v1/completions"), &remote);
+        assert_eq!(code, 400, "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains("--allow-remote-media"), "{v}");
+    }
+    let server = Server::start(&dir, ServeOptions { media: MediaPolicy { remote: true, ..options().media }, ..options() });
+    let url = server.url("/v1/completions");
+    let (code, v) = post(&url, &remote);
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["choices"], post(&url, &local).1["choices"]);
+}

@@ -146,17 +146,6 @@ impl KvCache {
         Ok(())
     }
 
-    /// Positions per row (growing caches: the longest row's, padding included).
-    pub fn len(&self) -> Result<usize, RuntimeError> {
-        match self.layout {
-            Layout::Static { capacity } => Ok(capacity),
-            Layout::Growing => {
-                let t = self.layers[0][0].view().downcast::<DynTensorValueType>().map_err(ort_err("KV cache"))?;
-                Ok(t.shape().get(2).copied().unwrap_or(0) as usize)
-            }
-        }
-    }
-
     /// Static caches: new row `i` is old row `rows[i]`, gathered on the device by the
     /// export's `kv_reorder` graph into a second set of buffers, which then become the
     /// cache (the old set is kept in `spare` for the next reorder of the same shape).

@@ -325,30 +325,38 @@ fn batch_key(cfg: &GenerationConfig) -> Option<GenerationConfig> {
 /// cohort with its settings that has room (`max_batch` rows, and the padded prompt plus
 /// the new tokens within the language model's positions).
 fn form_cohorts(waiting: &mut VecDeque<Queued>, shared: &Shared, max_batch: usize) -> Vec<Vec<Queued>> {
-    let mut cohorts: Vec<(Option<GenerationConfig>, Vec<Queued>, usize, usize, usize)> = Vec::new();
+    /// A cohort being formed: its settings, requests, rows, longest prompt, most new tokens.
+    struct Forming {
+        key: Option<GenerationConfig>,
+        jobs: Vec<Queued>,
+        rows: usize,
+        longest: usize,
+        most_new: usize,
+    }
+    let mut cohorts: Vec<Forming> = Vec::new();
     let q = shared.prompter.num_query_tokens;
     while let Some(job) = waiting.pop_front() {
         let key = batch_key(&job.job.cfg);
         let len = q + job.job.text_ids.len();
         let new = job.job.cfg.max_new_tokens;
         let r = row_count(&job.job.cfg);
-        let fits = |c: &(Option<GenerationConfig>, Vec<Queued>, usize, usize, usize)| {
+        let fits = |c: &Forming| {
             key.is_some()
-                && c.0 == key
-                && c.2 + r <= max_batch
-                && c.3.max(len) + c.4.max(new) <= shared.max_positions
+                && c.key == key
+                && c.rows + r <= max_batch
+                && c.longest.max(len) + c.most_new.max(new) <= shared.max_positions
         };
         match cohorts.iter_mut().find(|c| fits(c)) {
             Some(c) => {
-                c.2 += r;
-                c.3 = c.3.max(len);
-                c.4 = c.4.max(new);
-                c.1.push(job);
+                c.rows += r;
+                c.longest = c.longest.max(len);
+                c.most_new = c.most_new.max(new);
+                c.jobs.push(job);
             }
-            None => cohorts.push((key, vec![job], r, len, new)),
+            None => cohorts.push(Forming { key, jobs: vec![job], rows: r, longest: len, most_new: new }),
         }
     }
-    cohorts.into_iter().map(|c| c.1).collect()
+    cohorts.into_iter().map(|c| c.jobs).collect()
 }
 
 /// A FIFO lock over the model: turns are served in the order they were asked for, so a

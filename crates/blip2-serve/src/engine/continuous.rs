@@ -17,7 +17,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Instant;
 
 use blip2_runtime::error::RuntimeError;
-use blip2_runtime::generation::RowSearch;
+use blip2_runtime::generation::{RowSearch, StepModel};
 use blip2_runtime::model::ModelRef;
 use blip2_runtime::state::opt::OptState;
 use ndarray::{Array2, Array4, Axis};
@@ -106,12 +106,20 @@ pub(super) fn run(rx: Receiver<Queued>, shared: &Shared, opts: &EngineOptions) {
     }
 }
 
+/// The newcomers' state after their prefill, the logits of each one's next token, and
+/// each one's prompt as it is alone (no padding).
+struct Prefilled {
+    state: OptState<'static>,
+    logits: Array2<f32>,
+    prompts: Vec<Vec<i64>>,
+}
+
 /// Prefills the newcomers, picks their first tokens and joins them to the batch.
 fn admit(b: &mut Batch, shared: &Shared, newcomers: Vec<Queued>) {
     shared.metrics.queue_depth.dec_by(newcomers.len() as i64);
     let rows: usize = newcomers.iter().map(|q| row_count(&q.job.cfg)).sum();
     shared.metrics.batch_rows.observe((b.rows.len() + rows) as f64);
-    let prefilled = (|| -> Result<(OptState<'static>, Array2<f32>, Vec<Vec<i64>>), RuntimeError> {
+    let prefilled = (|| -> Result<Prefilled, RuntimeError> {
         let views: Vec<_> = newcomers.iter().map(|q| q.job.pixels.view().insert_axis(Axis(0))).collect();
         let pixels: Array4<f32> = ndarray::concatenate(Axis(0), &views).map_err(|e| RuntimeError::Input(format!("joining pixel values: {e}")))?;
         let texts: Vec<Vec<i64>> = newcomers.iter().map(|q| q.job.text_ids.clone()).collect();
@@ -124,9 +132,9 @@ fn admit(b: &mut Batch, shared: &Shared, newcomers: Vec<Queued>) {
         let (state, logits) = OptState::prefill_last(ModelRef::Shared(shared.model.clone()), &batch.ids, &batch.mask, embeds)?;
         // Each row's prompt as it is alone: without the padding.
         let prompts = batch.ids.iter().zip(&batch.mask).map(|(ids, m)| ids.iter().zip(m).filter(|(_, &m)| m != 0).map(|(&i, _)| i).collect()).collect();
-        Ok((state, logits, prompts))
+        Ok(Prefilled { state, logits, prompts })
     })();
-    let (mut state, logits, prompts) = match prefilled {
+    let Prefilled { mut state, logits, prompts } = match prefilled {
         Ok(p) => p,
         Err(e) => {
             tracing::error!("the prefill of {} request(s) failed: {e}", newcomers.len());
@@ -153,7 +161,7 @@ fn admit(b: &mut Batch, shared: &Shared, newcomers: Vec<Queued>) {
         b.live.insert(id, Live { q, streams: (0..k).map(|_| Stream::new()).collect(), pending: n, first_token: false });
     }
     if source.len() != logits.nrows() {
-        if let Err(e) = ndarray_select_state(&mut state, &source) {
+        if let Err(e) = StepModel::select_rows(&mut state, &source) {
             fail_rows(b, &new_rows, &e);
             return;
         }
@@ -171,11 +179,6 @@ fn admit(b: &mut Batch, shared: &Shared, newcomers: Vec<Queued>) {
         _ => b.state = Some(state),
     }
     b.rows.extend(new_rows);
-}
-
-fn ndarray_select_state(state: &mut OptState<'static>, rows: &[usize]) -> Result<(), RuntimeError> {
-    use blip2_runtime::generation::StepModel;
-    state.select_rows(rows)
 }
 
 /// A seed for a request that gave none (the standard library's per-process random
@@ -242,9 +245,16 @@ fn retire(b: &mut Batch, shared: &Shared) {
     if b.rows.iter().all(|r| !r.search.is_finished()) {
         return;
     }
-    let (done, keep): (Vec<(usize, Row)>, Vec<(usize, Row)>) =
-        std::mem::take(&mut b.rows).into_iter().enumerate().partition(|(_, r)| r.search.is_finished());
-    for (_, row) in done {
+    let mut keep: Vec<(usize, Row)> = Vec::new();
+    let mut done: Vec<Row> = Vec::new();
+    for (i, row) in std::mem::take(&mut b.rows).into_iter().enumerate() {
+        if row.search.is_finished() {
+            done.push(row);
+        } else {
+            keep.push((i, row));
+        }
+    }
+    for row in done {
         let Some(live) = b.live.get_mut(&row.job) else { continue };
         live.streams[row.seq].end(row.search.new_tokens(), row.seq, &live.q.job, &shared.prompter);
         live.pending -= 1;
@@ -263,10 +273,7 @@ fn retire(b: &mut Batch, shared: &Shared) {
         return;
     }
     let state = b.state.as_mut().expect("rows have a state");
-    let result = {
-        use blip2_runtime::generation::StepModel;
-        state.select_rows(&kept).and_then(|_| state.compact())
-    };
+    let result = state.select_rows(&kept).and_then(|_| state.compact());
     if let Err(e) = result {
         let rows = std::mem::take(&mut b.rows);
         b.state = None;
