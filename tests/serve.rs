@@ -390,6 +390,8 @@ fn bad_requests_get_openai_errors_and_the_server_goes_on() {
         ("http image", json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://127.0.0.1:1/a.png"}}]}]}).to_string(), 400, Some("image_url")),
         ("file image", json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": format!("file://{}", png.display())}}]}]}).to_string(), 400, Some("image_url")),
         ("greedy with n", json!({"n": 2, "temperature": 0, "messages": [{"role": "user", "content": [image_part(&png)]}]}).to_string(), 400, Some("n")),
+        ("n over the batch", json!({"n": 9, "temperature": 1, "messages": [{"role": "user", "content": [image_part(&png)]}]}).to_string(), 400, Some("n")),
+        ("num_beams over the batch", json!({"num_beams": 9, "messages": [{"role": "user", "content": [image_part(&png)]}]}).to_string(), 400, Some("num_beams")),
         ("bad top_p", json!({"top_p": 2, "messages": [{"role": "user", "content": [image_part(&png)]}]}).to_string(), 400, Some("top_p")),
         ("unknown model", json!({"model": "gpt-4o", "messages": [{"role": "user", "content": [image_part(&png)]}]}).to_string(), 404, None),
         ("body too large", json!({"messages": [{"role": "user", "content": "x".repeat(2 << 20)}]}).to_string(), 413, None),

@@ -201,6 +201,19 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection
     serde_json::from_slice(&body).map_err(|e| ApiError::bad(format!("the request body is not valid JSON for this endpoint: {e}")))
 }
 
+/// The request's search settings, within what one batch may hold: `n` samples and
+/// `num_beams` beams are rows of a batch, so neither may pass `--max-batch`.
+fn settings(app: &App, s: &openai::Sampling) -> Result<GenerationConfig, ApiError> {
+    let cfg = openai::search_settings(s, &app.engine.defaults)?;
+    let max = app.opts.engine.max_batch;
+    for (v, name) in [(cfg.num_return_sequences, "n"), (cfg.num_beams, "num_beams")] {
+        if v > max {
+            return Err(ApiError::bad_param(format!("{name} is {v}, more than this server's batch of {max} sequences (--max-batch)"), name));
+        }
+    }
+    Ok(cfg)
+}
+
 fn check_model(app: &App, model: Option<&str>) -> Result<(), ApiError> {
     match model {
         Some(m) if m != app.opts.served_model_name => {
@@ -262,7 +275,7 @@ async fn chat_completions(State(app): State<Arc<App>>, body: Result<Bytes, Bytes
     let req: openai::ChatRequest = parse_body(body)?;
     check_model(&app, req.sampling.model.as_deref())?;
     let conv = openai::conversation(&req.messages)?;
-    let cfg = openai::search_settings(&req.sampling, &app.engine.defaults)?;
+    let cfg = settings(&app, &req.sampling)?;
     let stop = openai::stop_strings(&req.sampling)?;
     let url = conv.image_url.clone();
     let prepared = prepare(&app, url, PromptSource::Chat(conv), cfg, stop).await?;
@@ -279,7 +292,7 @@ async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejec
             "image",
         ));
     };
-    let cfg = openai::search_settings(&req.sampling, &app.engine.defaults)?;
+    let cfg = settings(&app, &req.sampling)?;
     let stop = openai::stop_strings(&req.sampling)?;
     let prepared = prepare(&app, image.url, PromptSource::Verbatim(prompt), cfg, stop).await?;
     respond(app, prepared, &req.sampling, Kind::Completion).await
