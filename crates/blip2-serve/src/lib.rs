@@ -79,7 +79,10 @@ pub fn router(pipeline: Pipeline, opts: ServeOptions) -> (Router, Arc<Engine>) {
         .route("/metrics", get(metrics_text))
         .merge(v1)
         .fallback(not_found)
-        .layer(DefaultBodyLimit::max(app.opts.max_body_bytes))
+        // Bodies up to twice the limit are read before the 413, so the client gets the
+        // answer on a connection that stays open; beyond that the answer comes at once and
+        // the connection closes, which a client still sending may see as a reset.
+        .layer(DefaultBodyLimit::max(app.opts.max_body_bytes.saturating_mul(2)))
         .layer(middleware::from_fn_with_state(app.clone(), count_requests))
         .with_state(app);
     (router, engine)
@@ -189,15 +192,25 @@ async fn models(State(app): State<Arc<App>>) -> Json<Value> {
     }))
 }
 
-fn parse_body<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+fn parse_body<T: serde::de::DeserializeOwned>(app: &App, body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!("the request body is over the server's limit of {} bytes (--max-body-mb)", app.opts.max_body_bytes),
+        )
+    };
     let body = body.map_err(|r| {
         let status = r.status();
         if status == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(status, "invalid_request_error", "the request body is over the server's limit (--max-body-mb)")
+            too_large()
         } else {
             ApiError::new(status, "invalid_request_error", r.body_text())
         }
     })?;
+    if body.len() > app.opts.max_body_bytes {
+        return Err(too_large());
+    }
     serde_json::from_slice(&body).map_err(|e| ApiError::bad(format!("the request body is not valid JSON for this endpoint: {e}")))
 }
 
@@ -272,7 +285,7 @@ enum Kind {
 }
 
 async fn chat_completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let req: openai::ChatRequest = parse_body(body)?;
+    let req: openai::ChatRequest = parse_body(&app, body)?;
     check_model(&app, req.sampling.model.as_deref())?;
     let conv = openai::conversation(&req.messages)?;
     let cfg = settings(&app, &req.sampling)?;
@@ -283,7 +296,7 @@ async fn chat_completions(State(app): State<Arc<App>>, body: Result<Bytes, Bytes
 }
 
 async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let req: openai::CompletionRequest = parse_body(body)?;
+    let req: openai::CompletionRequest = parse_body(&app, body)?;
     check_model(&app, req.sampling.model.as_deref())?;
     let prompt = req.prompt.single()?;
     let Some(image) = req.image else {
