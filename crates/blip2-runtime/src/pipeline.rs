@@ -216,14 +216,7 @@ impl Pipeline {
         }
         generation::validate(cfg)?;
         let batch = self.prompter.assemble(texts);
-        let len = batch.ids[0].len();
-        let limit = self.model.manifest.text.max_position_embeddings;
-        if len + cfg.max_new_tokens > limit {
-            return Err(RuntimeError::Input(format!(
-                "the prompt ({len} tokens) plus --max-new-tokens {} exceeds the language model's {limit} positions",
-                cfg.max_new_tokens
-            )));
-        }
+        self.prompter.check_room(batch.ids[0].len(), cfg.max_new_tokens)?;
         let embeds = self.image_embeds(pixels)?;
         let mut p = crate::state::prefill(&mut self.model, &batch, embeds, cfg.max_new_tokens)?;
         let out = generation::generate(&mut *p.state, &p.prompts, p.logits, cfg).map_err(search_err)?;

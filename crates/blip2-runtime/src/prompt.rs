@@ -105,6 +105,18 @@ impl Prompter {
         Ok(s.trim().to_string())
     }
 
+    /// Checks that a prompt of `len` tokens (image tokens and padding included) leaves
+    /// room for `max_new_tokens` within the language model's positions.
+    pub fn check_room(&self, len: usize, max_new_tokens: usize) -> Result<(), RuntimeError> {
+        if len + max_new_tokens > self.max_positions {
+            return Err(RuntimeError::Input(format!(
+                "the prompt ({len} tokens) plus --max-new-tokens {max_new_tokens} exceeds the language model's {} positions",
+                self.max_positions
+            )));
+        }
+        Ok(())
+    }
+
     pub fn vqa_prompt(&self, question: &str) -> String {
         self.templates.vqa.replace("{}", question.trim())
     }

@@ -17,6 +17,9 @@
 //! - Greedy and sampled rows report each token as it is picked (streaming), and a row
 //!   that reaches its own `max_tokens` or a stop string leaves the search at once; a
 //!   cohort's rows may ask for different `max_tokens`.
+//! - On OPT's portable exports, greedy and sampled requests skip the cohorts: the
+//!   dispatcher hands them to one running batch that they join at the next step
+//!   ([`continuous`]).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -30,7 +33,8 @@ use blip2_runtime::model::{Blip2Model, ModelRef};
 use blip2_runtime::pipeline::EmbedCache;
 use blip2_runtime::prompt::Prompter;
 use blip2_runtime::state::{self, Decoder};
-use ndarray::{Array2, Array3, Array4, Axis};
+use blip2_runtime::prompt::Batch;
+use ndarray::{Array2, Array3, Array4, ArrayD, Axis};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::metrics::Metrics;
@@ -61,8 +65,8 @@ impl Finish {
 pub enum Event {
     /// More text of sequence `index`. The deltas of a sequence add up to its final text.
     Delta { index: usize, text: String },
-    /// Sequence `index` is complete: its whole text and new token ids (no final eos).
-    End { index: usize, text: String, token_ids: Vec<i64>, finish: Finish, completion_tokens: usize },
+    /// Sequence `index` is complete: its whole text, why it ended, tokens generated.
+    End { index: usize, text: String, finish: Finish, completion_tokens: usize },
     /// Every sequence has ended.
     Done { prompt_tokens: usize },
     /// The request could not be completed (an ONNX Runtime failure); nothing more follows.
@@ -133,8 +137,6 @@ struct Shared {
     embeds: Mutex<EmbedCache>,
     turn: Turnstile,
     metrics: Arc<Metrics>,
-    /// Language-model positions: a padded prompt plus its new tokens get no more.
-    max_positions: usize,
     /// OPT on the portable graph: greedy and sampled requests join one running batch
     /// ([`continuous`]).
     continuous: bool,
@@ -161,7 +163,6 @@ impl Engine {
         let continuous = manifest.family == blip2_core::Family::Opt && !state::is_static(&model);
         let shared = Arc::new(Shared {
             continuous,
-            max_positions: manifest.text.max_position_embeddings,
             model: Arc::new(Mutex::new(model)),
             prompter: prompter.clone(),
             embeds: Mutex::new(EmbedCache::new(blip2_runtime::pipeline::DEFAULT_EMBED_CACHE)),
@@ -344,7 +345,7 @@ fn form_cohorts(waiting: &mut VecDeque<Queued>, shared: &Shared, max_batch: usiz
             key.is_some()
                 && c.key == key
                 && c.rows + r <= max_batch
-                && c.longest.max(len) + c.most_new.max(new) <= shared.max_positions
+                && c.longest.max(len) + c.most_new.max(new) <= shared.prompter.max_positions
         };
         match cohorts.iter_mut().find(|c| fits(c)) {
             Some(c) => {
@@ -448,7 +449,10 @@ impl Stream {
             return false;
         }
         let hold = job.stop.iter().map(|x| x.chars().count()).max().unwrap_or(0).saturating_sub(1);
-        let settled = (self.ids.len() > 3).then(|| prompter.decode(&self.ids[..self.ids.len() - 3]).ok()).flatten();
+        // Decoding all but the last 3 tokens again only matters behind a replacement character.
+        let settled = (text.ends_with('\u{FFFD}') && self.ids.len() > 3)
+            .then(|| prompter.decode(&self.ids[..self.ids.len() - 3]).ok())
+            .flatten();
         let ready = stable_prefix(&text, settled.as_deref(), hold);
         if ready.len() > self.sent.len() && ready.starts_with(self.sent.as_str()) {
             let delta = ready[self.sent.len()..].to_string();
@@ -473,7 +477,7 @@ impl Stream {
         }
         // The eos counts as generated, as the other servers count it.
         let completion_tokens = ids.len() + usize::from(eos);
-        let _ = job.events.send(Event::End { index: seq, text, token_ids: ids, finish, completion_tokens });
+        let _ = job.events.send(Event::End { index: seq, text, finish, completion_tokens });
     }
 }
 
@@ -501,6 +505,22 @@ fn find_stop(text: &str, stop: &[String]) -> Option<usize> {
     stop.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min()
 }
 
+/// The requests' prompts left-padded into one batch (as `infer batch` pads), and their
+/// pixel values `[B, 3, H, W]`.
+fn assemble(shared: &Shared, jobs: &[Queued]) -> Result<(Batch, Array4<f32>), RuntimeError> {
+    let views: Vec<_> = jobs.iter().map(|q| q.job.pixels.view().insert_axis(Axis(0))).collect();
+    let pixels = ndarray::concatenate(Axis(0), &views).map_err(|e| RuntimeError::Input(format!("joining pixel values: {e}")))?;
+    let texts: Vec<Vec<i64>> = jobs.iter().map(|q| q.job.text_ids.clone()).collect();
+    Ok((shared.prompter.assemble(&texts), pixels))
+}
+
+/// Vision encoder and Q-Former for a batch of pixel values, through the image-embedding
+/// cache: `[B, num_query_tokens, hidden]` as f32. Call it holding a turn.
+fn encode(shared: &Shared, pixels: Array4<f32>) -> Result<ArrayD<f32>, RuntimeError> {
+    let mut m = shared.model.lock().unwrap_or_else(|e| e.into_inner());
+    shared.embeds.lock().unwrap_or_else(|e| e.into_inner()).embed(&mut m, pixels)
+}
+
 fn run_cohort(shared: &Shared, cohort: Vec<Queued>) {
     let n = cohort.len();
     shared.metrics.queue_depth.dec_by(n as i64);
@@ -516,16 +536,10 @@ fn run_cohort(shared: &Shared, cohort: Vec<Queued>) {
         .collect();
     let mut first_token: Vec<bool> = vec![false; n];
     let result = (|| -> Result<Vec<Vec<Vec<i64>>>, RuntimeError> {
-        let views: Vec<_> = cohort.iter().map(|q| q.job.pixels.view().insert_axis(Axis(0))).collect();
-        let pixels: Array4<f32> = ndarray::concatenate(Axis(0), &views).map_err(|e| RuntimeError::Input(format!("joining pixel values: {e}")))?;
-        let texts: Vec<Vec<i64>> = cohort.iter().map(|q| q.job.text_ids.clone()).collect();
-        let batch = shared.prompter.assemble(&texts);
+        let (batch, pixels) = assemble(shared, &cohort)?;
         let p = {
             let _t = shared.turn.enter();
-            let embeds = {
-                let mut m = shared.model.lock().unwrap_or_else(|e| e.into_inner());
-                shared.embeds.lock().unwrap_or_else(|e| e.into_inner()).embed(&mut m, pixels)?
-            };
+            let embeds = encode(shared, pixels)?;
             state::prefill(ModelRef::Shared(shared.model.clone()), &batch, embeds, cfg.max_new_tokens)?
         };
         let mut decoder = Turned { inner: p.state, turn: &shared.turn };

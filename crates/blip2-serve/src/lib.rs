@@ -257,16 +257,10 @@ async fn prepare(app: &Arc<App>, image_url: String, prompt: PromptSource, cfg: G
             PromptSource::Verbatim(p) => p,
             PromptSource::Chat(c) => openai::chat_prompt(&c, &e.prompter, cfg.max_new_tokens)?,
         };
-        let param = "prompt";
-        let text_ids = e.prompter.check_fits(&text).map_err(|err| ApiError::bad_param(err.to_string(), param))?;
-        let len = e.prompter.num_query_tokens + text_ids.len();
-        let limit = e.manifest.text.max_position_embeddings;
-        if len + cfg.max_new_tokens > limit {
-            return Err(ApiError::bad_param(
-                format!("the prompt ({len} tokens) plus max_tokens {} is over the language model's {limit} positions", cfg.max_new_tokens),
-                "max_tokens",
-            ));
-        }
+        let text_ids = e.prompter.check_fits(&text).map_err(|err| ApiError::bad_param(err.to_string(), "prompt"))?;
+        e.prompter
+            .check_room(e.prompter.num_query_tokens + text_ids.len(), cfg.max_new_tokens)
+            .map_err(|err| ApiError::bad_param(openai::in_request_terms(&err.to_string()), "max_tokens"))?;
         let (tx, rx) = mpsc::unbounded_channel();
         Ok(Prepared { job: Job { pixels, text_ids, cfg, stop, events: tx }, events: rx })
     };

@@ -453,12 +453,18 @@ pub fn generate_observed<M: StepModel + ?Sized>(
         ));
     }
     // Sampling streams derive from one seed; without one, draw it.
-    let seed = cfg.seed.unwrap_or_else(rand::random);
+    let seed = cfg.seed.unwrap_or_else(fresh_seed);
     if cfg.num_beams > 1 {
         beam::run(model, prompts, first_logits, cfg, seed)
     } else {
         greedy::run(model, prompts, first_logits, cfg, seed, observer)
     }
+}
+
+/// A seed for sampling without one given: the sampling streams of a search all derive
+/// from it.
+pub fn fresh_seed() -> u64 {
+    rand::random()
 }
 
 /// The new tokens of a finished row: after the prompt, without a trailing eos.

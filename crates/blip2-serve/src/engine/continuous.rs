@@ -20,9 +20,9 @@ use blip2_runtime::error::RuntimeError;
 use blip2_runtime::generation::{RowSearch, StepModel};
 use blip2_runtime::model::ModelRef;
 use blip2_runtime::state::opt::OptState;
-use ndarray::{Array2, Array4, Axis};
+use ndarray::Array2;
 
-use super::{row_count, EngineOptions, Event, Queued, Shared, Stream};
+use super::{assemble, encode, row_count, EngineOptions, Event, Queued, Shared, Stream};
 
 /// A request in the running batch.
 struct Live {
@@ -120,15 +120,10 @@ fn admit(b: &mut Batch, shared: &Shared, newcomers: Vec<Queued>) {
     let rows: usize = newcomers.iter().map(|q| row_count(&q.job.cfg)).sum();
     shared.metrics.batch_rows.observe((b.rows.len() + rows) as f64);
     let prefilled = (|| -> Result<Prefilled, RuntimeError> {
-        let views: Vec<_> = newcomers.iter().map(|q| q.job.pixels.view().insert_axis(Axis(0))).collect();
-        let pixels: Array4<f32> = ndarray::concatenate(Axis(0), &views).map_err(|e| RuntimeError::Input(format!("joining pixel values: {e}")))?;
-        let texts: Vec<Vec<i64>> = newcomers.iter().map(|q| q.job.text_ids.clone()).collect();
-        let batch = shared.prompter.assemble(&texts);
+        let (batch, pixels) = assemble(shared, &newcomers)?;
         let _t = shared.turn.enter();
-        let mut m = shared.model.lock().unwrap_or_else(|e| e.into_inner());
-        let embeds = shared.embeds.lock().unwrap_or_else(|e| e.into_inner()).embed(&mut m, pixels)?;
-        let embeds = blip2_runtime::model::lm_value(&m, embeds)?;
-        drop(m);
+        let embeds = encode(shared, pixels)?;
+        let embeds = blip2_runtime::model::lm_value(&shared.model.lock().unwrap_or_else(|e| e.into_inner()), embeds)?;
         let (state, logits) = OptState::prefill_last(ModelRef::Shared(shared.model.clone()), &batch.ids, &batch.mask, embeds)?;
         // Each row's prompt as it is alone: without the padding.
         let prompts = batch.ids.iter().zip(&batch.mask).map(|(ids, m)| ids.iter().zip(m).filter(|(_, &m)| m != 0).map(|(&i, _)| i).collect()).collect();
@@ -151,7 +146,7 @@ fn admit(b: &mut Batch, shared: &Shared, newcomers: Vec<Queued>) {
         let id = b.next_id;
         b.next_id += 1;
         let n = row_count(&q.job.cfg);
-        let seed = q.job.cfg.seed.unwrap_or_else(rand_seed);
+        let seed = q.job.cfg.seed.unwrap_or_else(blip2_runtime::generation::fresh_seed);
         for seq in 0..n {
             let search = RowSearch::new(prompts[j].clone(), &q.job.cfg, seed, seq as u64).expect("settings checked when the request came in");
             new_rows.push(Row { job: id, seq, search });
@@ -179,13 +174,6 @@ fn admit(b: &mut Batch, shared: &Shared, newcomers: Vec<Queued>) {
         _ => b.state = Some(state),
     }
     b.rows.extend(new_rows);
-}
-
-/// A seed for a request that gave none (the standard library's per-process random
-/// hash keys, which change with every call).
-fn rand_seed() -> u64 {
-    use std::hash::BuildHasher;
-    std::collections::hash_map::RandomState::new().hash_one(std::time::SystemTime::now())
 }
 
 /// Picks a row's next token from its logits and tells its request.
