@@ -529,3 +529,31 @@ fn remote_images_only_when_allowed() {
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["choices"], post(&url, &local).1["choices"]);
 }
+
+/// Flan-T5 requests batched on arrival share one search: a row that wants fewer tokens
+/// than its batch stops streaming at its own limit, and its stream adds up to its
+/// single-run text.
+#[test]
+fn batched_streams_stop_at_their_own_limit() {
+    let dir = export("t5-tiny", "limits");
+    let opts = ServeOptions { engine: EngineOptions { max_wait: Duration::from_millis(300), ..options().engine }, ..options() };
+    let server = Server::start(&dir, opts);
+    let url = server.url("/v1/completions");
+    let body = |max: u64, stream: bool| {
+        json!({"prompt": "a photo of", "image": {"url": data_url(&photo("camera.png"))}, "max_tokens": max, "temperature": 0,
+               "stream": stream, "stream_options": {"include_usage": true}})
+    };
+    let alone: Vec<Value> = [3, 12].iter().map(|&m| post(&url, &body(m, false)).1).collect();
+    assert_ne!(alone[0]["choices"][0]["text"], alone[1]["choices"][0]["text"], "the limit changes the text");
+    let url = &url;
+    std::thread::scope(|s| {
+        let hs: Vec<_> = [3, 12].iter().map(|&m| s.spawn(move || post_stream(url, &body(m, true)))).collect();
+        for (h, want) in hs.into_iter().zip(&alone) {
+            let (chunks, done) = h.join().unwrap();
+            assert!(done);
+            let text: String = chunks.iter().filter_map(|c| c["choices"].get(0).and_then(|c| c["text"].as_str())).collect();
+            assert_eq!(text, want["choices"][0]["text"].as_str().unwrap());
+            assert_eq!(chunks.last().unwrap()["usage"], want["usage"]);
+        }
+    });
+}
