@@ -251,14 +251,137 @@ fn flan_t5_picks_tokens_on_the_device_and_matches_transformers() {
         let img = read_npy(&refd.join("image_embeds.npy")).index_axis(Axis(0), 0).insert_axis(Axis(0)).to_owned();
         let start = graphs["decoder_steps"][0]["decoder_input_ids"][0].as_i64().unwrap();
         let mut model = Blip2Model::load(&dir, &mut session_factory()).unwrap();
-        let (mut st, _) = T5State::prefill(&mut model, &[tok.clone()], &[mask.clone()], img.clone(), start).unwrap();
+        let (mut st, _) = T5State::prefill(&mut model, &[tok.clone()], &[mask.clone()], img.clone(), start, 8).unwrap();
         let StepOutput::Logits(l) = st.step_for(&[3], Want::Logits).unwrap() else { panic!("logits") };
         let pick = l.row(0).iter().enumerate().fold((0, f32::MIN), |m, (i, &x)| if x > m.1 { (i, x) } else { m }).0 as i64;
         drop(st);
-        let (mut st, _) = T5State::prefill(&mut model, &[tok], &[mask], img, start).unwrap();
+        let (mut st, _) = T5State::prefill(&mut model, &[tok], &[mask], img, start, 8).unwrap();
         assert_eq!(st.step_for(&[3], Want::Argmax).unwrap(), StepOutput::Argmax(vec![pick]), "{name}: device argmax");
     }
     let mut p = Pipeline::load(&dir, &mut session_factory()).unwrap();
     // transformers' batched T5 run differs from its single runs (tests/generate.rs).
     assert_cases_match(&mut p, name, "cuda target", |c| c["name"] != "batch");
+    assert_batch_rows_equal_single_runs(&mut p, name);
+}
+
+#[test]
+fn flan_t5_decoder_writes_fixed_buffers_in_place() {
+    // The decoder is DecoderMaskedMultiHeadAttention over fixed-length buffers: no
+    // cache grown by Concat, a past_sequence_length input, buffers as long as the
+    // request, and a kv_reorder graph for beams and for moving the cross caches.
+    let name = "t5-tiny";
+    let dir = export(name, "t5-static");
+    let m = blip2_core::Manifest::load(&dir).unwrap();
+    let lm = dir.join(io::LANGUAGE_MODEL_FILE);
+    assert!(uses(&lm, "DecoderMaskedMultiHeadAttention"), "no DecoderMaskedMultiHeadAttention");
+    assert!(!uses(&lm, "present_key/Concat"), "the self-attention cache still grows by Concat");
+    assert!(!uses(&lm, "attn/Softmax") && !uses(&lm, "cross/Softmax"), "attention left unfused");
+    let names: Vec<&str> = m.graphs.language_model.inputs.iter().map(|t| t.name.as_str()).collect();
+    assert!(names.contains(&io::PAST_SEQUENCE_LENGTH), "{names:?}");
+    assert!(m.graphs.kv_reorder.is_some(), "no kv_reorder graph");
+
+    // Two rows (two images), reordered [1, 1, 0] after the first step: each new row's
+    // next logits are those of its source row alone, so self- and cross-attention caches
+    // both moved with the rows.
+    let refd = fixture(name).join("reference");
+    let graphs: Value = serde_json::from_str(&std::fs::read_to_string(refd.join("graphs.json")).unwrap()).unwrap();
+    let (tok, mask) = (ids(&graphs["input_ids"]), ids(&graphs["attention_mask"]));
+    let embeds = read_npy(&refd.join("image_embeds.npy"));
+    assert!(embeds.shape()[0] >= 2, "two images recorded");
+    let start = graphs["decoder_steps"][0]["decoder_input_ids"][0].as_i64().unwrap();
+    let mut model = Blip2Model::load(&dir, &mut session_factory()).unwrap();
+    let pair = embeds.slice(ndarray::s![..2, .., ..]).to_owned().into_dyn();
+    let (mut st, _) = T5State::prefill(&mut model, &[tok.clone(), tok.clone()], &[mask.clone(), mask.clone()], pair, start, 3).unwrap();
+    st.step_for(&[4, 9], Want::Logits).unwrap();
+    st.select_rows(&[1, 1, 0]).unwrap();
+    let StepOutput::Logits(moved) = st.step_for(&[7, 7, 7], Want::Logits).unwrap() else { panic!("logits") };
+    // The buffers hold the start token and three new tokens; a fourth does not fit.
+    st.step_for(&[7, 7, 7], Want::Argmax).unwrap();
+    let e = st.step_for(&[7, 7, 7], Want::Argmax).unwrap_err().to_string();
+    assert!(e.contains("full"), "{e}");
+    drop(st);
+    for (new_row, source, first) in [(0usize, 1usize, 9i64), (1, 1, 9), (2, 0, 4)] {
+        let img = embeds.index_axis(Axis(0), source).insert_axis(Axis(0)).to_owned();
+        let (mut alone, _) = T5State::prefill(&mut model, &[tok.clone()], &[mask.clone()], img, start, 3).unwrap();
+        alone.step_for(&[first], Want::Logits).unwrap();
+        let StepOutput::Logits(want) = alone.step_for(&[7], Want::Logits).unwrap() else { panic!("logits") };
+        let got = moved.row(new_row).to_owned().into_dyn();
+        assert_close(&format!("row {new_row} from row {source}"), &got, &want.row(0).to_owned().into_dyn());
+    }
+}
+
+/// A decoder that forwards every step to `inner`, asking it for the full logits when
+/// `full` is set, and counts the sampling candidates it was asked for.
+struct Forward<'a, 'm> {
+    inner: &'a mut blip2_runtime::state::Decoder<'m>,
+    full: bool,
+    candidate_steps: usize,
+}
+
+impl StepModel for Forward<'_, '_> {
+    type Error = blip2_runtime::error::RuntimeError;
+
+    fn step(&mut self, tokens: &[i64]) -> Result<ndarray::Array2<f32>, Self::Error> {
+        self.inner.step(tokens)
+    }
+
+    fn step_for(&mut self, tokens: &[i64], want: Want) -> Result<StepOutput, Self::Error> {
+        let out = self.inner.step_for(tokens, if self.full { Want::Logits } else { want })?;
+        self.candidate_steps += usize::from(matches!(out, StepOutput::TopLogits { .. }));
+        Ok(out)
+    }
+
+    fn select_rows(&mut self, rows: &[usize]) -> Result<(), Self::Error> {
+        self.inner.select_rows(rows)
+    }
+
+    fn last_logits(&mut self) -> Option<Result<ndarray::Array2<f32>, Self::Error>> {
+        self.inner.last_logits()
+    }
+}
+
+#[test]
+fn sampling_draws_from_the_devices_top_k_what_it_draws_from_the_logits() {
+    // Sampling on a CUDA-target export asks each step for its top-k logits only; with the
+    // same seed it must draw exactly what it draws from the full logits of the same graph.
+    for name in ["opt-tiny", "t5-tiny"] {
+        let dir = export(name, "sampling");
+        let mut model = Blip2Model::load(&dir, &mut session_factory()).unwrap();
+        let refd = fixture(name).join("reference");
+        let graphs: Value = serde_json::from_str(&std::fs::read_to_string(refd.join("graphs.json")).unwrap()).unwrap();
+        let row = if name.starts_with("t5") { &graphs } else { &graphs["lm_steps"][0] };
+        let (tok, mask) = (ids(&row["input_ids"]), ids(&row["attention_mask"]));
+        let embeds = read_npy(&refd.join("image_embeds.npy")).slice(ndarray::s![..2, .., ..]).to_owned().into_dyn();
+        let batch = Batch { ids: vec![tok.clone(), tok], mask: vec![mask.clone(), mask] };
+        let eos = model.manifest.tokens.eos_token_id.clone();
+        let mut candidate_steps = 0;
+        for (seed, (top_k, top_p, temperature, min_new_tokens)) in
+            [(5, 1.0, 1.0, 0), (8, 0.9, 0.7, 3), (3, 0.8, 1.5, 0), (20, 1.0, 1.0, 6)].into_iter().enumerate()
+        {
+            let cfg = blip2_runtime::generation::GenerationConfig {
+                do_sample: true,
+                top_k,
+                top_p,
+                temperature,
+                min_new_tokens,
+                max_new_tokens: 10,
+                num_return_sequences: 2,
+                seed: Some(seed as u64),
+                eos_token_ids: eos.clone(),
+                ..Default::default()
+            };
+            let mut run = |full: bool| {
+                let mut p = blip2_runtime::state::prefill(&mut model, &batch, embeds.clone(), cfg.max_new_tokens).unwrap();
+                let mut fwd = Forward { inner: &mut p.state, full, candidate_steps: 0 };
+                let out = blip2_runtime::generation::generate(&mut fwd, &p.prompts, p.logits, &cfg).unwrap();
+                (out, fwd.candidate_steps)
+            };
+            let (from_logits, none) = run(true);
+            let (from_top_k, steps) = run(false);
+            assert_eq!(none, 0);
+            assert_eq!(from_top_k, from_logits, "{name}: seed {seed}, top_k {top_k}, top_p {top_p}");
+            candidate_steps += steps;
+        }
+        assert!(candidate_steps > 0, "{name}: the device's top-k was never used");
+    }
 }

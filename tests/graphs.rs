@@ -144,7 +144,7 @@ fn check_t5(dtype: blip2_core::Dtype) -> Vec<(f32, f32, bool)> {
     record("encoder hidden states", &hidden, &read_npy(&refd.join("encoder_hidden_states.npy")));
     let steps = graphs["decoder_steps"].as_array().unwrap();
     let start = ints(&steps[0]["decoder_input_ids"])[0];
-    let (mut state, logits) = blip2_runtime::state::t5::T5State::prefill(&mut model, &[ids], &[mask], img, start).unwrap();
+    let (mut state, logits) = blip2_runtime::state::t5::T5State::prefill(&mut model, &[ids], &[mask], img, start, 20).unwrap();
     let mut logits = logits;
     for (k, s) in steps.iter().enumerate() {
         if k > 0 {

@@ -281,6 +281,7 @@ pub fn lm_head(b: &mut Builder, h: &str, head: &str, hidden: usize, vocab: usize
 /// ```text
 ///   logits [B,1,V] ──ArgMax(axis 2)──Reshape ─▶ next_token [B]
 ///   logits ──LogSoftmax──TopK(top_k)──Squeeze(1) ─▶ top_logprobs, top_ids [B, top_k]
+///   logits ──GatherElements(top_ids)──Squeeze(1) ─▶ top_logits [B, top_k]
 /// ```
 pub fn select_tokens(b: &mut Builder, logits: &str, p: &str) {
     let arg = b.op(&format!("{p}/ArgMax"), "ArgMax", &[logits], vec![("axis", Attr::Int(2)), ("keepdims", Attr::Int(0))]);
@@ -297,5 +298,10 @@ pub fn select_tokens(b: &mut Builder, logits: &str, p: &str) {
     let indices = b.op(&format!("{p}/Squeeze_1"), "Squeeze", &[&top[1], &axis1], vec![]);
     let dims = vec![Dim::Named(io::DIM_BATCH.into()), Dim::Named(io::DIM_TOP_K.into())];
     b.output(&values, io::TOP_LOGPROBS, Elem::F32, dims.clone());
-    b.output(&indices, io::TOP_IDS, Elem::I64, dims);
+    b.output(&indices, io::TOP_IDS, Elem::I64, dims.clone());
+    // The raw logits of the same candidates, exactly the `logits` values (sampling
+    // divides them by its temperature and draws among them).
+    let raw = b.op(&format!("{p}/GatherElements"), "GatherElements", &[logits, &top[1]], vec![("axis", Attr::Int(2))]);
+    let raw = b.op(&format!("{p}/Squeeze_2"), "Squeeze", &[&raw, &axis1], vec![]);
+    b.output(&raw, io::TOP_LOGITS, Elem::F32, dims);
 }

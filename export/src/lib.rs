@@ -309,7 +309,7 @@ fn write_all(files: &SourceFiles, ck: &Checkpoint, dir: &Path, opts: &ExportOpti
             let lm_info = write_graph(b, "language_model", io::LANGUAGE_MODEL_FILE, dir, opts, progress)?;
             if fused {
                 let mut b = builder(lm_float, Projection::Float);
-                opt::build_kv_reorder(&mut b, text);
+                opt::build_kv_reorder(&mut b, text.num_hidden_layers, text.num_attention_heads, text.hidden_size / text.num_attention_heads);
                 kv_reorder = Some(write_graph(b, "kv_reorder", io::KV_REORDER_FILE, dir, opts, progress)?);
             }
             let tc = blip2_core::TextConfig {
@@ -328,8 +328,19 @@ fn write_all(files: &SourceFiles, ck: &Checkpoint, dir: &Path, opts: &ExportOpti
             t5::build_encoder(&mut b, text, files.image_token_id)?;
             let enc_info = write_graph(b, "text_encoder", io::TEXT_ENCODER_FILE, dir, opts, progress)?;
             let mut b = builder(lm_float, weights);
-            t5::build_decoder(&mut b, text, text.scale_output())?;
+            if fused {
+                t5::build_decoder_cuda(&mut b, text, text.scale_output())?;
+            } else {
+                t5::build_decoder(&mut b, text, text.scale_output())?;
+            }
             let lm_info = write_graph(b, "language_model", io::LANGUAGE_MODEL_FILE, dir, opts, progress)?;
+            if fused {
+                // Reorders the self-attention buffers for beams, and the cross-attention
+                // caches too (its inputs take any length).
+                let mut b = builder(lm_float, Projection::Float);
+                opt::build_kv_reorder(&mut b, text.decoder_layers(), text.num_heads, text.d_kv);
+                kv_reorder = Some(write_graph(b, "kv_reorder", io::KV_REORDER_FILE, dir, opts, progress)?);
+            }
             let tc = blip2_core::TextConfig {
                 vocab_size: text.vocab_size,
                 hidden_size: text.d_model,

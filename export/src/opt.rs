@@ -153,13 +153,11 @@ fn last_real_position(b: &mut Builder, h: &str, seqlens: &str, d: usize) -> Stri
 /// ```text
 ///   past_key_values.i.key ──Gather(rows, axis 0) ─▶ present.i.key   (every layer, key and value)
 /// ```
-pub fn build_kv_reorder(b: &mut Builder, c: &OptConfig) {
-    let heads = c.num_attention_heads;
-    let dh = c.hidden_size / heads;
+pub fn build_kv_reorder(b: &mut Builder, layers: usize, heads: usize, dh: usize) {
     let float = b.float();
     let dims = |batch: &str| vec![named(batch), Dim::Fixed(heads as i64), named(io::DIM_MAX_SEQUENCE), Dim::Fixed(dh as i64)];
     let rows = b.input(io::ROWS, Elem::I64, vec![named(io::DIM_NEW_BATCH)]);
-    for i in 0..c.num_hidden_layers {
+    for i in 0..layers {
         for (past, present) in [(io::past_key(i), io::present_key(i)), (io::past_value(i), io::present_value(i))] {
             let x = b.input(&past, float, dims(io::DIM_BATCH));
             let y = b.op(&format!("/kv_reorder/{present}/Gather"), "Gather", &[&x, &rows], vec![("axis", Attr::Int(0))]);

@@ -230,6 +230,108 @@ pub fn build_encoder(b: &mut Builder, c: &T5Config, image_token_id: i64) -> Resu
     Ok(())
 }
 
+/// The CUDA-target decoder (`--target cuda`): every attention is ONNX Runtime's
+/// DecoderMaskedMultiHeadAttention (com.microsoft), which runs one new position a step,
+/// as T5's decoder does from its start token on. Self-attention reads and writes a KV
+/// buffer of a fixed length per layer, bound as both past and present and written in
+/// place at `past_sequence_length`, with T5's relative position bias as the operator's
+/// `attention_bias` and no score scaling (`scale` 1); cross-attention reads the encoder's
+/// keys and values as they are, masked by `encoder_attention_mask`. The decoder picks
+/// tokens on the device as the OPT graph does.
+///
+/// ```text
+///   past_sequence_length (P) ──position bias for query P over keys 0..=P ─▶ bias [1,H,1,P+1]
+///   input_ids [B,1] ──Gather(shared)──Cast(fp32) ─▶ h
+///   h ──▶ block.i: RMSNorm──q, k, v──DMMHA(bias, past.i, P) ─▶ present.i (same buffers)
+///                  ──o──Add; RMSNorm──q──DMMHA(cross.i, encoder mask)──o──Add; RMSNorm──FF──Add
+///     ──final_layer_norm──[× d_model^-0.5]──lm_head ─▶ logits [B,1,V], next_token, top-k
+/// ```
+pub fn build_decoder_cuda(b: &mut Builder, c: &T5Config, scale_output: bool) -> Result<()> {
+    let float = b.float();
+    let d = c.d_model;
+    let inner = c.inner_dim();
+    let batch = || named(io::DIM_BATCH);
+    let ids = b.input(io::INPUT_IDS, Elem::I64, vec![batch(), Dim::Fixed(1)]);
+    let enc_mask = b.input(io::ENCODER_ATTENTION_MASK, Elem::I64, vec![batch(), named(io::DIM_ENCODER_SEQUENCE)]);
+    let kv = |len: &str| vec![named(io::DIM_BATCH), Dim::Fixed(c.num_heads as i64), named(len), Dim::Fixed(c.d_kv as i64)];
+    let layers = c.decoder_layers();
+    let mut cross = Vec::new();
+    for i in 0..layers {
+        let k = b.input(&io::cross_key(i), float, kv(io::DIM_ENCODER_SEQUENCE));
+        let v = b.input(&io::cross_value(i), float, kv(io::DIM_ENCODER_SEQUENCE));
+        cross.push((k, v));
+    }
+    let mut past = Vec::new();
+    for i in 0..layers {
+        let k = b.input(&io::past_key(i), float, kv(io::DIM_MAX_SEQUENCE));
+        let v = b.input(&io::past_value(i), float, kv(io::DIM_MAX_SEQUENCE));
+        past.push((k, v));
+    }
+    let past_len = b.input(io::PAST_SEQUENCE_LENGTH, Elem::I32, vec![]);
+    let table = embedding_name(b);
+    let table = b.weight(&table, &[c.vocab_size, d])?;
+    let emb = b.op("/lm/decoder/embed_tokens/Gather", "Gather", &[&table, &ids], vec![("axis", Attr::Int(0))]);
+    let mut h = b.cast("/lm/decoder/Cast", &emb, float, Elem::F32);
+
+    // The query sits at position P, the keys at 0..=P.
+    let p = "/lm/decoder/positions";
+    let pl = b.op(&format!("{p}/Cast"), "Cast", &[&past_len], vec![("to", Attr::Int(Elem::I64 as i64))]);
+    let one = b.int(1);
+    let zero = b.int(0);
+    let total = b.op(&format!("{p}/Add"), "Add", &[&pl, &one], vec![]);
+    let qpos = b.op(&format!("{p}/Range"), "Range", &[&pl, &total, &one], vec![]);
+    let kpos = b.op(&format!("{p}/Range_1"), "Range", &[&zero, &total, &one], vec![]);
+    let bias = position_bias(b, c, "/lm/decoder/position_bias", &format!("{P}.decoder.block.0.layer.0.SelfAttention"), &qpos, &kpos, false)?;
+    let mask = b.op("/lm/decoder/encoder_mask/Cast", "Cast", &[&enc_mask], vec![("to", Attr::Int(Elem::I32 as i64))]);
+    let heads = || ("num_heads", Attr::Int(c.num_heads as i64));
+    let unscaled = || ("scale", Attr::Float(1.0));
+
+    for (i, ((pk, pv), (ck, cv))) in past.iter().zip(&cross).enumerate() {
+        let pre = format!("{P}.decoder.block.{i}.layer");
+        let path = format!("/lm/decoder/block.{i}");
+        let x = rms_norm(b, &format!("{path}/attn/layer_norm"), &h, &format!("{pre}.0.layer_norm"), d, c.layer_norm_epsilon)?;
+        let att = format!("{pre}.0.SelfAttention");
+        // Three products: ONNX Runtime's CPU kernel of the operator takes no packed q/k/v,
+        // and the CPU is where the graph is tested.
+        let mut qkv = Vec::new();
+        for n in ["q", "k", "v"] {
+            qkv.push(proj(b, &format!("{path}/attn/{n}"), &x, &format!("{att}.{n}.weight"), d, inner)?);
+        }
+        let ins = [qkv[0].as_str(), qkv[1].as_str(), qkv[2].as_str(), "", bias.as_str(), pk.as_str(), pv.as_str(), past_len.as_str()];
+        let attrs = vec![heads(), ("past_present_share_buffer", Attr::Int(1)), unscaled()];
+        let mut outs = b.op_n(&format!("{path}/attn/DecoderMaskedMultiHeadAttention"), "DecoderMaskedMultiHeadAttention", &ins, attrs, 3);
+        b.mark_ms_domain();
+        let v = outs.pop().expect("three outputs");
+        let k = outs.pop().expect("three outputs");
+        let a = outs.pop().expect("three outputs");
+        b.output(&k, &io::present_key(i), float, kv(io::DIM_MAX_SEQUENCE));
+        b.output(&v, &io::present_value(i), float, kv(io::DIM_MAX_SEQUENCE));
+        let a = proj(b, &format!("{path}/attn/o"), &a, &format!("{att}.o.weight"), inner, d)?;
+        h = residual(b, &format!("{path}/attn/residual"), &h, &a);
+
+        let x = rms_norm(b, &format!("{path}/cross/layer_norm"), &h, &format!("{pre}.1.layer_norm"), d, c.layer_norm_epsilon)?;
+        let att = format!("{pre}.1.EncDecAttention");
+        let q = proj(b, &format!("{path}/cross/q"), &x, &format!("{att}.q.weight"), d, inner)?;
+        let a = b.ms_op(&format!("{path}/cross/DecoderMaskedMultiHeadAttention"), "DecoderMaskedMultiHeadAttention", &[&q, ck, cv, &mask], vec![heads(), unscaled()]);
+        let a = proj(b, &format!("{path}/cross/o"), &a, &format!("{att}.o.weight"), inner, d)?;
+        h = residual(b, &format!("{path}/cross/residual"), &h, &a);
+
+        let x = rms_norm(b, &format!("{path}/ff/layer_norm"), &h, &format!("{pre}.2.layer_norm"), d, c.layer_norm_epsilon)?;
+        let f = feed_forward(b, c, &format!("{path}/ff"), &x, &format!("{pre}.2.DenseReluDense"))?;
+        h = b.op(&format!("{path}/ff/Add"), "Add", &[&h, &f], vec![]);
+    }
+    let mut out = rms_norm(b, "/lm/decoder/final_layer_norm", &h, &format!("{P}.decoder.final_layer_norm"), d, c.layer_norm_epsilon)?;
+    if scale_output {
+        let s = b.scalar((d as f32).powf(-0.5));
+        out = b.op("/lm/decoder/scale/Mul", "Mul", &[&out, &s], vec![]);
+    }
+    let head = if b.has(&format!("{P}.lm_head.weight")) { format!("{P}.lm_head.weight") } else { embedding_name(b) };
+    let logits = lm_head(b, &out, &head, d, c.vocab_size)?;
+    b.output(&logits, io::LOGITS, Elem::F32, vec![batch(), Dim::Fixed(1), Dim::Fixed(c.vocab_size as i64)]);
+    select_tokens(b, &logits, "/lm/decoder/select");
+    Ok(())
+}
+
 /// The decoder graph with its self-attention cache.
 ///
 /// ```text
@@ -304,9 +406,5 @@ pub fn build_decoder(b: &mut Builder, c: &T5Config, scale_output: bool) -> Resul
     let head = if b.has(&format!("{P}.lm_head.weight")) { format!("{P}.lm_head.weight") } else { embedding_name(b) };
     let logits = lm_head(b, &out, &head, d, c.vocab_size)?;
     b.output(&logits, io::LOGITS, Elem::F32, vec![named(io::DIM_BATCH), named(io::DIM_SEQUENCE), Dim::Fixed(c.vocab_size as i64)]);
-    if b.fused() {
-        // CUDA target: the decoder also picks tokens (it runs one position a step).
-        select_tokens(b, &logits, "/lm/decoder/select");
-    }
     Ok(())
 }

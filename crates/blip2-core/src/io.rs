@@ -36,6 +36,9 @@ pub const SEQLENS_K: &str = "seqlens_k";
 /// int32 scalar: the longest row's length including this step's tokens (the padded
 /// prompt length in the prefill).
 pub const TOTAL_SEQUENCE_LENGTH: &str = "total_sequence_length";
+/// int32 scalar (Flan-T5 CUDA-target decoder): how many positions the self-attention
+/// buffers hold before this step; the step writes its key and value there.
+pub const PAST_SEQUENCE_LENGTH: &str = "past_sequence_length";
 /// int64 `[batch]`: the most likely next token of each row (first index on ties).
 pub const NEXT_TOKEN: &str = "next_token";
 /// Optional int64 scalar input (default 1): how many candidates `top_logprobs` keeps.
@@ -44,6 +47,8 @@ pub const TOP_K: &str = "top_k";
 pub const TOP_LOGPROBS: &str = "top_logprobs";
 /// int64 `[batch, top_k]`: their token ids.
 pub const TOP_IDS: &str = "top_ids";
+/// float32 `[batch, top_k]`: the raw logits of those ids (what sampling draws from).
+pub const TOP_LOGITS: &str = "top_logits";
 // kv_reorder.onnx: past_key_values.* in, present.* out, row r of the output being row
 // `rows[r]` of the input.
 pub const ROWS: &str = "rows";

@@ -67,6 +67,17 @@ impl KvCache {
         Ok(Self { spec, layout: Layout::Static { capacity }, rows, layers })
     }
 
+    /// A static cache made of tensors already filled (`capacity` positions per row), key
+    /// then value per layer; wherever they lie.
+    pub fn from_tensors(spec: KvSpec, rows: usize, capacity: usize, layers: Vec<[DynValue; 2]>) -> Self {
+        Self { spec, layout: Layout::Static { capacity }, rows, layers }
+    }
+
+    /// Layer `l`'s key and value tensors.
+    pub fn layer(&self, l: usize) -> &[DynValue; 2] {
+        &self.layers[l]
+    }
+
     /// Binds the cache as the step's `past_key_values.*`; a static cache is also bound
     /// as `present.*`, so the decoder writes into the same buffers; a growing cache's
     /// `present.*` are allocated on `memory`.

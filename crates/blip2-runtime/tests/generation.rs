@@ -116,6 +116,11 @@ struct Toy<'a> {
     device: bool,
     argmax_answers: usize,
     top_k_answers: usize,
+    /// Steps answered with sampling's candidates, and full logits asked for afterwards.
+    top_logits_answers: usize,
+    full_logits_fetches: usize,
+    /// Logits rounded to multiples of this (0: exact), which makes ties common.
+    grain: f32,
 }
 
 impl<'a> Toy<'a> {
@@ -137,12 +142,15 @@ impl<'a> Toy<'a> {
                 device: false,
                 argmax_answers: 0,
                 top_k_answers: 0,
+                top_logits_answers: 0,
+                full_logits_fetches: 0,
+                grain: 0.0,
             },
             prompts,
         )
     }
 
-    fn last_logits(&self) -> Array2<f32> {
+    fn logits_now(&self) -> Array2<f32> {
         let positions = self.t.c.len();
         let mut out = Array2::<f32>::zeros((self.rows.len(), self.vocab));
         for (r, (ids, mask)) in self.rows.iter().enumerate() {
@@ -155,7 +163,27 @@ impl<'a> Toy<'a> {
                 out[[r, v]] = (a[v] + prev.map_or(0.0, |b| b[v])) + c[v];
             }
         }
+        if self.grain > 0.0 {
+            out.mapv_inplace(|x| (x / self.grain).round() * self.grain);
+        }
         out
+    }
+
+    /// Each row's `k` largest logits and their ids, best first, ties to the lower id
+    /// (ONNX TopK).
+    fn top(logits: &Array2<f32>, k: usize) -> (Array2<f32>, Array2<i64>) {
+        let rows = logits.nrows();
+        let mut values = Array2::<f32>::zeros((rows, k));
+        let mut ids = Array2::<i64>::zeros((rows, k));
+        for (r, row) in logits.rows().into_iter().enumerate() {
+            let mut order: Vec<usize> = (0..row.len()).collect();
+            order.sort_by(|&a, &b| row[b].partial_cmp(&row[a]).unwrap().then(a.cmp(&b)));
+            for (t, &i) in order[..k].iter().enumerate() {
+                values[[r, t]] = row[i];
+                ids[[r, t]] = i as i64;
+            }
+        }
+        (values, ids)
     }
 }
 
@@ -169,7 +197,7 @@ impl StepModel for Toy<'_> {
             mask.push(1);
         }
         self.steps += 1;
-        Ok(self.last_logits())
+        Ok(self.logits_now())
     }
 
     fn select_rows(&mut self, rows: &[usize]) -> Result<(), Infallible> {
@@ -212,7 +240,17 @@ impl StepModel for Toy<'_> {
                 }
                 StepOutput::TopLogProbs { logprobs, ids }
             }
+            Want::TopLogits(k) => {
+                self.top_logits_answers += 1;
+                let (logits, ids) = Self::top(&logits, k);
+                StepOutput::TopLogits { logits, ids }
+            }
         })
+    }
+
+    fn last_logits(&mut self) -> Option<Result<Array2<f32>, Infallible>> {
+        self.full_logits_fetches += 1;
+        Some(Ok(self.logits_now()))
     }
 }
 
@@ -262,7 +300,7 @@ fn run(model: &str, prompts: &str, cfg: &GenerationConfig) -> (Vec<Vec<Vec<i64>>
 fn run_on<'a>(model: &str, prompts: &str, cfg: &GenerationConfig, device: bool) -> (Vec<Vec<Vec<i64>>>, Toy<'a>) {
     let (mut toy, prompts) = Toy::new(model, prompts);
     toy.device = device;
-    let first = toy.last_logits();
+    let first = toy.logits_now();
     let out = generate(&mut toy, &prompts, first, cfg).expect("generate");
     (out, toy)
 }
@@ -285,6 +323,48 @@ fn selection_on_the_model_side_matches_transformers() {
     }
     assert!(failures.is_empty(), "cases that differ with model-side selection: {failures:?}");
     assert!(argmax > 0 && top_k > 0, "model-side selection unused: {argmax} argmax, {top_k} top-k answers");
+}
+
+#[test]
+fn sampling_from_the_models_candidates_draws_what_the_full_logits_draw() {
+    // A model that answers sampling steps with only its top-k logits (as CUDA-target
+    // exports do) must give exactly the tokens sampling from the full logits gives, for
+    // every seed: temperature, top-k with its ties, top-p and the minimum length's eos
+    // ban are applied to the candidates as to the full scores. With coarse logits ties at
+    // the candidates' edge are common; then the search asks for the full logits.
+    let configs = [
+        GenerationConfig { top_k: 5, ..sampling_cfg(0) },
+        GenerationConfig { top_k: 3, temperature: 0.7, top_p: 0.8, ..sampling_cfg(0) },
+        GenerationConfig { top_k: 8, temperature: 1.3, top_p: 0.9, min_new_tokens: 4, ..sampling_cfg(0) },
+        GenerationConfig { top_k: 1, num_return_sequences: 1, ..sampling_cfg(0) },
+        GenerationConfig { top_k: 30, top_p: 0.95, eos_token_ids: vec![2, 5], min_new_tokens: 2, ..sampling_cfg(0) },
+    ];
+    let (mut answers, mut fetches) = ([0usize; 2], [0usize; 2]);
+    for (g, grain) in [0.0f32, 0.5].into_iter().enumerate() {
+        for cfg in &configs {
+            for model in ["plain", "eosy", "flat", "stoppy"] {
+                for seed in 0..12 {
+                    let cfg = GenerationConfig { seed: Some(seed), ..cfg.clone() };
+                    let run_with = |device: bool| {
+                        let (mut toy, prompts) = Toy::new(model, "batch3");
+                        toy.device = device;
+                        toy.grain = grain;
+                        let first = toy.logits_now();
+                        let out = generate(&mut toy, &prompts, first, &cfg).expect("generate");
+                        (out, toy.top_logits_answers, toy.full_logits_fetches)
+                    };
+                    let (full, ..) = run_with(false);
+                    let (picked, n, f) = run_with(true);
+                    assert_eq!(picked, full, "{model}, grain {grain}, {cfg:?}");
+                    answers[g] += n;
+                    fetches[g] += f;
+                }
+            }
+        }
+    }
+    assert!(answers[0] > 0 && answers[1] > 0, "candidates never asked for: {answers:?}");
+    assert!(fetches[1] > 0, "ties never sent the search to the full logits");
+    assert!(fetches[0] < answers[0] / 10, "exact logits fell back too often: {fetches:?} of {answers:?}");
 }
 
 fn expected(v: &Value) -> Vec<Vec<Vec<i64>>> {
@@ -355,7 +435,7 @@ fn toy_model_prefill_is_exact() {
             case["model"].as_str().unwrap(),
             case["prompts"].as_str().unwrap(),
         );
-        let logits = toy.last_logits();
+        let logits = toy.logits_now();
         for (r, want) in expected(&case["expected"]).iter().enumerate() {
             let row = logits.row(r);
             let arg = (0..row.len()).fold(0, |b, i| if row[i] > row[b] { i } else { b }) as i64;
@@ -507,7 +587,7 @@ fn beam_sampling_is_reproducible_per_seed() {
 #[test]
 fn sampling_frequencies_follow_the_softmax() {
     let (toy, _) = Toy::new("flat", "one");
-    let logits = toy.last_logits();
+    let logits = toy.logits_now();
     let row: Vec<f64> = logits.row(0).iter().map(|&x| f64::from(x)).collect();
     let max = row.iter().cloned().fold(f64::MIN, f64::max);
     let z: f64 = row.iter().map(|x| (x - max).exp()).sum();
@@ -687,7 +767,7 @@ fn validation_names_the_flag() {
         assert!(err.to_string().starts_with(flag));
         // generate refuses before touching the model
         let (mut toy, prompts) = Toy::new("plain", "one");
-        let first = toy.last_logits();
+        let first = toy.logits_now();
         match generate(&mut toy, &prompts, first, &cfg) {
             Err(GenerationError::Config(e)) => assert_eq!(e.flag, flag),
             other => panic!("expected a config error for {flag}, got {other:?}"),
@@ -758,7 +838,7 @@ fn bad_inputs_are_errors() {
     let cfg = GenerationConfig::default();
     let (mut toy, prompts) = Toy::new("plain", "batch2");
     // logits for one row, two prompts
-    let first = toy.last_logits().slice(ndarray::s![..1, ..]).to_owned();
+    let first = toy.logits_now().slice(ndarray::s![..1, ..]).to_owned();
     assert!(matches!(
         generate(&mut toy, &prompts, first, &cfg),
         Err(GenerationError::Input(_))
@@ -841,7 +921,7 @@ fn an_observer_hears_every_token_and_ends_only_its_own_sequence() {
         // Heard tokens per (prompt, sequence), and sequence (0, 0) ended after 2 tokens.
         let mut heard: std::collections::BTreeMap<(usize, usize), Vec<i64>> = Default::default();
         let (mut toy, prompts) = Toy::new(case["model"].as_str().unwrap(), case["prompts"].as_str().unwrap());
-        let first = toy.last_logits();
+        let first = toy.logits_now();
         let got = blip2_runtime::generation::generate_observed(&mut toy, &prompts, first, &cfg, &mut |p, s, t| {
             let h = heard.entry((p, s)).or_default();
             h.push(t);

@@ -160,7 +160,9 @@ pub(crate) fn run<M: StepModel + ?Sized>(
                     let scores: Vec<f32> = entries.iter().map(|e| e.1).collect();
                     top_k_indices(&scores, keep).into_iter().map(|i| entries[i]).collect()
                 }
-                StepOutput::Argmax(_) => unreachable!("beam search never asks for the argmax"),
+                StepOutput::Argmax(_) | StepOutput::TopLogits { .. } => {
+                    unreachable!("beam search asks for log-probabilities or logits")
+                }
             };
             candidates.push(
                 picked

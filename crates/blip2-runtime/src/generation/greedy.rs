@@ -45,21 +45,48 @@ pub(crate) fn run<M: StepModel + ?Sized>(
     let mut first = true;
     let mut scores = vec![0f32; vocab];
     loop {
+        // Sampling's processed candidates per row, when the step returned only those.
+        let mut candidates: Option<Vec<Vec<(i64, f32)>>> = None;
+        if let StepOutput::TopLogits { logits, ids } = &out {
+            // Sampling's candidates, processed here; a row whose candidates cannot tell
+            // (a tie at their edge) needs the full logits, and then every row takes them.
+            let len = tokens.iter().zip(&unfinished).find(|(_, &u)| u).map_or(0, |(t, _)| t.len());
+            let mut settled = Vec::with_capacity(rows);
+            for r in 0..rows {
+                let row: Vec<(i64, f32)> = ids.row(r).iter().copied().zip(logits.row(r).iter().copied()).collect();
+                settled.push(if unfinished[r] { processors.apply_to_candidates(len, &row) } else { Some(Vec::new()) });
+            }
+            if settled.iter().all(Option::is_some) {
+                candidates = Some(settled.into_iter().map(|c| c.expect("checked")).collect());
+            } else {
+                let full = model.last_logits().ok_or_else(|| {
+                    GenerationError::Input("the model returned sampling candidates but cannot give the full logits".into())
+                })?;
+                out = StepOutput::Logits(full.map_err(GenerationError::Model)?);
+            }
+        }
         let mut next = Vec::with_capacity(rows);
         for r in 0..rows {
             if !unfinished[r] {
                 next.push(pad);
                 continue;
             }
-            let pick = match &out {
+            let pick = match (&out, &candidates) {
+                // Sampling's processed candidates, in id order: the draw picks what it
+                // picks over the full scores.
+                (_, Some(kept)) => {
+                    let scores: Vec<f32> = kept[r].iter().map(|c| c.1).collect();
+                    kept[r][sample_one(&scores, &mut rngs[r])].0
+                }
                 // The model picked it (asked for only when no processor reads the scores).
-                StepOutput::Argmax(picks) => picks[r],
+                (StepOutput::Argmax(picks), _) => picks[r],
                 // Its best candidates, while the minimum length bans the eos tokens: the
                 // best one that is not an eos (eos.len() + 1 candidates hold one).
-                StepOutput::TopLogProbs { ids, .. } => {
+                (StepOutput::TopLogProbs { ids, .. }, _) => {
                     *ids.row(r).iter().find(|t| !eos.contains(t)).expect("a candidate that is not an eos")
                 }
-                StepOutput::Logits(logits) => {
+                (StepOutput::TopLogits { .. }, None) => unreachable!("settled above"),
+                (StepOutput::Logits(logits), _) => {
                     // The prefill logits have one row per prompt; later steps one per expanded row.
                     let row = logits.row(if first { source(r) } else { r });
                     for (s, &l) in scores.iter_mut().zip(row.iter()) {
@@ -92,7 +119,10 @@ pub(crate) fn run<M: StepModel + ?Sized>(
         // Every unfinished row has the same length: the prompt plus the picks so far.
         let len = tokens.iter().zip(&unfinished).find(|(_, &u)| u).map_or(0, |(t, _)| t.len());
         let want = match processors.model_side(len) {
-            _ if cfg.do_sample => Want::Logits,
+            _ if cfg.do_sample => match processors.sampling_side(len) {
+                Some((k, ban)) if k + usize::from(ban) * eos.len() < vocab => Want::TopLogits(k + usize::from(ban) * eos.len() + 1),
+                _ => Want::Logits,
+            },
             Some(false) => Want::Argmax,
             Some(true) if eos.len() < vocab => Want::TopLogProbs(eos.len() + 1),
             _ => Want::Logits,

@@ -51,6 +51,14 @@ pub trait StepModel {
         let _ = want;
         self.step(tokens).map(StepOutput::Logits)
     }
+
+    /// The full logits `[rows, vocab]` of the last step, when [`StepModel::step_for`]
+    /// returned only part of them: the search asks when the part cannot settle a pick
+    /// (sampling's candidates tie with tokens left out). `None` when the model cannot give
+    /// them; a model that ever answers [`Want::TopLogits`] with its candidates must.
+    fn last_logits(&mut self) -> Option<Result<Array2<f32>, Self::Error>> {
+        None
+    }
 }
 
 /// What the search needs from a step's logits.
@@ -64,6 +72,9 @@ pub enum Want {
     /// lower id (beam search keeps the best `k` continuations over all beams, and those
     /// are always among each beam's own best `k`).
     TopLogProbs(usize),
+    /// Each row's `k` largest raw logits with their ids, best first, ties to the lower id
+    /// (sampling draws among its top-k candidates, which are always among them).
+    TopLogits(usize),
 }
 
 /// What a step returned: the logits, or only what [`Want`] asked for.
@@ -75,6 +86,8 @@ pub enum StepOutput {
     Argmax(Vec<i64>),
     /// `[rows, k]` log-probabilities and their token ids.
     TopLogProbs { logprobs: Array2<f32>, ids: Array2<i64> },
+    /// `[rows, k]` raw logits and their token ids.
+    TopLogits { logits: Array2<f32>, ids: Array2<i64> },
 }
 
 /// transformers' `early_stopping`: when beam search may stop before `max_new_tokens`.
@@ -493,6 +506,11 @@ fn step<M: StepModel + ?Sized>(
             Want::TopLogProbs(k) if logprobs.dim() == (rows, k) && ids.dim() == (rows, k) => {}
             Want::TopLogProbs(k) => return shape_err(logprobs.dim(), (rows, k)),
             _ => return shape_err(logprobs.dim(), (rows, vocab)),
+        },
+        StepOutput::TopLogits { logits, ids } => match want {
+            Want::TopLogits(k) if logits.dim() == (rows, k) && ids.dim() == (rows, k) => {}
+            Want::TopLogits(k) => return shape_err(logits.dim(), (rows, k)),
+            _ => return shape_err(logits.dim(), (rows, vocab)),
         },
         _ => {}
     }

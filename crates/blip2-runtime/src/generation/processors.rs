@@ -118,6 +118,49 @@ impl<'a> Processors<'a> {
         plain.then(|| self.min_new_tokens > 0 && !self.eos.is_empty() && len - self.prompt_len < self.min_new_tokens)
     }
 
+    /// Sampling that reads only the best scores: `Some((k, ban))` when the processors are
+    /// temperature, top-k (`k` candidates, with ties) and top-p, and the minimum length,
+    /// which bans the eos tokens while `ban`; then the draw needs only the `k` best logits
+    /// of the tokens not banned, and a model may return those instead of the vocabulary's.
+    /// `None` when a processor reads every score, or top-k is off.
+    pub(crate) fn sampling_side(&self, len: usize) -> Option<(usize, bool)> {
+        let only_warpers = self.repetition_penalty.is_none() && self.no_repeat_ngram_size == 0 && self.top_k > 0;
+        only_warpers.then(|| {
+            let ban = self.min_new_tokens > 0 && !self.eos.is_empty() && len - self.prompt_len < self.min_new_tokens;
+            (self.top_k.max(self.min_tokens_to_keep), ban)
+        })
+    }
+
+    /// [`Processors::apply`] for a row of rows with `len` ids, given only its best
+    /// logits (`candidates`: (id, logit), best first, ties to the lower id; see
+    /// [`Processors::sampling_side`]). Returns the tokens the full processing leaves
+    /// with a finite score, in id order, with those scores, so a draw over them picks
+    /// what the same draw over the full scores picks; `None` when the candidates cannot
+    /// tell: the last of them ties with the k-th kept score, so tokens left out may tie
+    /// too.
+    pub(crate) fn apply_to_candidates(&self, len: usize, candidates: &[(i64, f32)]) -> Option<Vec<(i64, f32)>> {
+        let (k, ban) = self.sampling_side(len)?;
+        let temper = |l: f32| self.temperature.map_or(l, |t| l / t);
+        let scored: Vec<(i64, f32)> =
+            candidates.iter().filter(|(id, _)| !(ban && self.eos.contains(id))).map(|&(id, l)| (id, temper(l))).collect();
+        let kth = scored.get(k - 1)?.1;
+        let last = temper(candidates.last()?.1);
+        // Every token left out scores at most `last`; top-k keeps ties with the k-th.
+        if !(last < kth) {
+            return None;
+        }
+        let mut kept: Vec<(i64, f32)> = scored.into_iter().filter(|&(_, s)| s >= kth).collect();
+        kept.sort_by_key(|&(id, _)| id);
+        if let Some(p) = self.top_p {
+            let mut scores: Vec<f32> = kept.iter().map(|e| e.1).collect();
+            top_p_filter(&mut scores, p, self.min_tokens_to_keep);
+            for (e, s) in kept.iter_mut().zip(scores) {
+                e.1 = s;
+            }
+        }
+        Some(kept)
+    }
+
     /// Applies every enabled processor, in transformers' order, to the scores of the next token
     /// of a row whose ids so far (prompt included) are `tokens`. `padding` leading prompt
     /// positions are padding, which the repetition penalty skips (as transformers does with the

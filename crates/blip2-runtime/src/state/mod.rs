@@ -55,7 +55,7 @@ pub fn prefill<'m>(
         // The search sees the decoder's ids, as transformers' processors do for
         // encoder-decoder models.
         let prompts = vec![Prompt::new(vec![start]); batch.ids.len()];
-        let (state, logits) = t5::T5State::prefill(model, &batch.ids, &batch.mask, image_embeds, start)?;
+        let (state, logits) = t5::T5State::prefill(model, &batch.ids, &batch.mask, image_embeds, start, max_new_tokens)?;
         return Ok(Prefilled { state: Box::new(state), prompts, logits });
     }
     let prompts = batch.ids.iter().zip(&batch.mask).map(|(ids, m)| Prompt::with_attention_mask(ids.clone(), m)).collect();
@@ -79,10 +79,21 @@ pub fn selects_tokens(model: &Blip2Model) -> bool {
     model.manifest.graphs.language_model.outputs.iter().any(|t| t.name == io::NEXT_TOKEN)
 }
 
+/// What a decoder graph that picks tokens itself can answer: everything but sampling's
+/// raw candidates when it predates the `top_logits` output.
+pub(crate) fn answerable(session: &Session, want: Want) -> Want {
+    match want {
+        Want::TopLogits(_) if !session.outputs().iter().any(|o| o.name() == io::TOP_LOGITS) => Want::Logits,
+        w => w,
+    }
+}
+
 /// Runs one step of a decoder graph that picks tokens itself, with its KV cache bound
 /// where it lies: only what `want` asks for comes back to host memory (the logits of
-/// the one new position `[rows, vocab]`, the argmax, or the top-k log-probabilities);
-/// the other outputs stay where the decoder runs.
+/// the one new position `[rows, vocab]`, the argmax, or the top-k log-probabilities or
+/// logits); the other outputs stay where the decoder runs. Also returns the step's
+/// logits as they lie there when they were not asked for, for
+/// [`crate::generation::StepModel::last_logits`].
 pub(crate) fn run_selecting(
     session: &mut Session,
     kv_memory: &MemoryInfo,
@@ -90,9 +101,10 @@ pub(crate) fn run_selecting(
     cache: &mut KvCache,
     want: Want,
     what: &str,
-) -> Result<StepOutput, RuntimeError> {
+) -> Result<(StepOutput, Option<DynValue>), RuntimeError> {
+    let want = answerable(session, want);
     let k = match want {
-        Want::TopLogProbs(k) => k,
+        Want::TopLogProbs(k) | Want::TopLogits(k) => k,
         _ => 1,
     };
     let top_k = Tensor::from_array(ndarray::arr0(k as i64)).map_err(ort_err("top_k"))?.into_dyn();
@@ -100,7 +112,9 @@ pub(crate) fn run_selecting(
         Want::Logits => &[io::LOGITS],
         Want::Argmax => &[io::NEXT_TOKEN],
         Want::TopLogProbs(_) => &[io::TOP_LOGPROBS, io::TOP_IDS],
+        Want::TopLogits(_) => &[io::TOP_LOGITS, io::TOP_IDS],
     };
+    let has_top_logits = session.outputs().iter().any(|o| o.name() == io::TOP_LOGITS);
     let mut binding = session.create_binding().map_err(ort_err(format!("{what}: creating an IO binding")))?;
     (|| -> Result<(), ort::Error> {
         for (name, v) in inputs {
@@ -109,7 +123,10 @@ pub(crate) fn run_selecting(
         binding.bind_input(io::TOP_K, &top_k)?;
         cache.bind(&mut binding, kv_memory)?;
         let host = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)?;
-        for name in [io::LOGITS, io::NEXT_TOKEN, io::TOP_LOGPROBS, io::TOP_IDS] {
+        for name in [io::LOGITS, io::NEXT_TOKEN, io::TOP_LOGPROBS, io::TOP_IDS, io::TOP_LOGITS] {
+            if name == io::TOP_LOGITS && !has_top_logits {
+                continue;
+            }
             binding.bind_output_to_device(name, if wanted.contains(&name) { &host } else { kv_memory })?;
         }
         Ok(())
@@ -119,12 +136,8 @@ pub(crate) fn run_selecting(
     cache.take_present(&mut out)?;
     let get = |name: &str| out.get(name).ok_or_else(|| RuntimeError::MissingOutput(name.into()));
     let shape_err = |what: &str| RuntimeError::MissingOutput(format!("{what} of the expected rank"));
-    Ok(match want {
-        Want::Logits => {
-            let a = get(io::LOGITS)?.try_extract_array::<f32>().map_err(ort_err("logits"))?;
-            let a = a.into_dimensionality::<ndarray::Ix3>().map_err(|_| shape_err("3-D logits"))?;
-            StepOutput::Logits(a.index_axis(Axis(1), a.shape()[1] - 1).to_owned())
-        }
+    let answer = match want {
+        Want::Logits => StepOutput::Logits(last_position(get(io::LOGITS)?)?),
         Want::Argmax => {
             let a = get(io::NEXT_TOKEN)?.try_extract_array::<i64>().map_err(ort_err("next_token"))?;
             StepOutput::Argmax(a.iter().copied().collect())
@@ -137,5 +150,29 @@ pub(crate) fn run_selecting(
                 ids: ids.into_dimensionality::<ndarray::Ix2>().map_err(|_| shape_err("top_ids"))?.to_owned(),
             }
         }
-    })
+        Want::TopLogits(_) => {
+            let l = get(io::TOP_LOGITS)?.try_extract_array::<f32>().map_err(ort_err("top_logits"))?;
+            let ids = get(io::TOP_IDS)?.try_extract_array::<i64>().map_err(ort_err("top_ids"))?;
+            StepOutput::TopLogits {
+                logits: l.into_dimensionality::<ndarray::Ix2>().map_err(|_| shape_err("top_logits"))?.to_owned(),
+                ids: ids.into_dimensionality::<ndarray::Ix2>().map_err(|_| shape_err("top_ids"))?.to_owned(),
+            }
+        }
+    };
+    let logits = if want == Want::Logits { None } else { out.remove(io::LOGITS) };
+    Ok((answer, logits))
+}
+
+/// The logits of the last position of a `[rows, positions, vocab]` decoder output, in
+/// host memory (copied over from a device).
+pub(crate) fn last_position(logits: &DynValue) -> Result<Array2<f32>, RuntimeError> {
+    let tensor = logits.view().downcast::<ort::value::DynTensorValueType>().map_err(ort_err("logits"))?;
+    let host = if tensor.memory_info().is_cpu_accessible() {
+        None
+    } else {
+        Some(tensor.to(AllocationDevice::CPU, 0).map_err(ort_err("copying the logits to the host"))?.into_dyn())
+    };
+    let a = host.as_ref().unwrap_or(logits).try_extract_array::<f32>().map_err(ort_err("logits"))?;
+    let a = a.into_dimensionality::<ndarray::Ix3>().map_err(|_| RuntimeError::MissingOutput("logits of rank 3".into()))?;
+    Ok(a.index_axis(Axis(1), a.shape()[1] - 1).to_owned())
 }

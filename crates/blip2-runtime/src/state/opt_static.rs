@@ -29,6 +29,8 @@ pub struct OptStaticState<'m> {
     lens: Vec<usize>,
     capacity: usize,
     allocator: Allocator,
+    /// The last step's logits where the decoder left them, when only part came back.
+    last_logits: Option<DynValue>,
 }
 
 impl<'m> OptStaticState<'m> {
@@ -60,7 +62,7 @@ impl<'m> OptStaticState<'m> {
         let cache = KvCache::allocate(kv_spec(&m), rows, capacity, &allocator)?;
         let embeds = lm_value(&m, image_embeds)?;
         drop(m);
-        let mut st = Self { model, cache, spare: None, lens: lens.clone(), capacity, allocator };
+        let mut st = Self { model, cache, spare: None, lens: lens.clone(), capacity, allocator, last_logits: None };
         let seqlens: Vec<i32> = lens.iter().map(|&n| n as i32 - 1).collect();
         let out = st.run(ids, pos, embeds, &seqlens, longest as i32, Want::Logits)?;
         match out {
@@ -89,7 +91,9 @@ impl<'m> OptStaticState<'m> {
         let refs: Vec<(&str, &DynValue)> = inputs.iter().map(|(n, v)| (*n, v)).collect();
         let mut g = self.model.get();
         let m = &mut *g;
-        run_selecting(&mut m.lm, &m.kv_memory, &refs, &mut self.cache, want, "language model")
+        let (answer, logits) = run_selecting(&mut m.lm, &m.kv_memory, &refs, &mut self.cache, want, "language model")?;
+        self.last_logits = logits;
+        Ok(answer)
     }
 
     /// Each row's length in the cache (tests).
@@ -126,6 +130,10 @@ impl StepModel for OptStaticState<'_> {
             *n += 1;
         }
         Ok(out)
+    }
+
+    fn last_logits(&mut self) -> Option<Result<Array2<f32>, RuntimeError>> {
+        self.last_logits.as_ref().map(crate::state::last_position)
     }
 
     /// New row i is old row `rows[i]`: the buffers are gathered on the device by the

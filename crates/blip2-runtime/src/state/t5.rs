@@ -1,9 +1,13 @@
 //! Flan-T5's decoder: the text encoder runs once per prompt and also returns every decoder
-//! layer's cross-attention keys and values; the decoder's self-attention cache grows by
-//! one position a step.
+//! layer's cross-attention keys and values. On a portable export the decoder's
+//! self-attention cache grows by one position a step; on a CUDA-target export it is a
+//! buffer per layer of a fixed length (the start token plus the new tokens), written in
+//! place, and the cross-attention caches are moved once to where the decoder runs, where
+//! beams reorder both with the `kv_reorder` graph.
 
 use blip2_core::io;
 use ndarray::{Array2, ArrayD, Axis, IxDyn};
+use ort::memory::Allocator;
 use ort::value::{DynValue, Tensor};
 
 use crate::error::RuntimeError;
@@ -17,12 +21,31 @@ use crate::state::run_selecting;
 /// the encoder mask, and the decoder's self-attention cache.
 pub struct T5State<'m> {
     model: ModelRef<'m>,
-    /// cross.{i}.key, cross.{i}.value, ... per decoder layer.
-    cross: Vec<[DynValue; 2]>,
+    /// cross.{i}.key, cross.{i}.value per decoder layer, as a cache of rows.
+    cross: KvCache,
     enc_mask: Array2<i64>,
     cache: KvCache,
     /// The decoder picks tokens itself (`--target cuda`).
     selects: bool,
+    /// Fixed-length self-attention buffers (`--target cuda`): the positions each row
+    /// holds, the buffers' length, their allocator, and the previous buffer sets after a
+    /// beam reorder (self-attention, cross-attention), reused by the next one.
+    fixed: Option<Fixed>,
+    /// The last step's logits where the decoder left them, when only part came back.
+    last_logits: Option<DynValue>,
+}
+
+struct Fixed {
+    len: usize,
+    capacity: usize,
+    allocator: Allocator,
+    spare: Option<KvCache>,
+    cross_spare: Option<KvCache>,
+}
+
+/// Whether the export's decoder keeps fixed-length self-attention buffers.
+fn is_static(m: &crate::model::Blip2Model) -> bool {
+    m.manifest.graphs.language_model.inputs.iter().any(|t| t.name == io::PAST_SEQUENCE_LENGTH)
 }
 
 impl<'m> T5State<'m> {
@@ -30,12 +53,14 @@ impl<'m> T5State<'m> {
     /// sees alone: T5's relative positions would shift with padding), pads the rows'
     /// cross-attention caches on the right with a zero mask, then runs the decoder's
     /// first step from `decoder_start`. Returns the state and `[rows, vocab]` logits.
+    /// `max_new_tokens` sizes the self-attention buffers of a CUDA-target export.
     pub fn prefill(
         model: impl Into<ModelRef<'m>>,
         ids: &[Vec<i64>],
         mask: &[Vec<i64>],
         image_embeds: ArrayD<f32>,
         decoder_start: i64,
+        max_new_tokens: usize,
     ) -> Result<(Self, Array2<f32>), RuntimeError> {
         let rows = ids.len();
         let mut model = model.into();
@@ -43,6 +68,7 @@ impl<'m> T5State<'m> {
         let spec = kv_spec(&m);
         let fp16 = m.lm_fp16;
         let selects = crate::state::selects_tokens(&m);
+        let fixed = is_static(&m);
         let encoder = m.text_encoder.as_mut().ok_or_else(|| RuntimeError::Unsupported("no text encoder".into()))?;
         // Per row: its cross caches as f32 arrays, key and value per layer.
         let mut per_row: Vec<Vec<[ArrayD<f32>; 2]>> = Vec::with_capacity(rows);
@@ -72,7 +98,7 @@ impl<'m> T5State<'m> {
         }
         let longest = lens.iter().copied().max().unwrap_or(0);
         let enc_mask = Array2::from_shape_fn((rows, longest), |(r, j)| i64::from(j < lens[r]));
-        let mut cross = Vec::with_capacity(spec.layers);
+        let mut layers = Vec::with_capacity(spec.layers);
         for l in 0..spec.layers {
             let padded = |which: usize| -> Result<DynValue, RuntimeError> {
                 let mut a = ArrayD::<f32>::zeros(IxDyn(&[rows, spec.heads, longest, spec.head_dim]));
@@ -82,11 +108,25 @@ impl<'m> T5State<'m> {
                 }
                 float_value(fp16, a)
             };
-            cross.push([padded(0)?, padded(1)?]);
+            layers.push([padded(0)?, padded(1)?]);
         }
-        let cache = KvCache::empty(spec, rows)?;
+        let mut cross = KvCache::from_tensors(spec, rows, longest, layers);
+        let (cache, fixed) = if fixed {
+            // The start token and every new token.
+            let capacity = 1 + max_new_tokens;
+            let allocator = m.cache_allocator()?;
+            let cache = KvCache::allocate(spec, rows, capacity, &allocator)?;
+            // One pass of kv_reorder (every row in order) moves the cross-attention caches
+            // to where the decoder runs, once.
+            let reorder = m.kv_reorder.as_mut().ok_or_else(no_reorder)?;
+            let all: Vec<usize> = (0..rows).collect();
+            cross.reorder_on_device(reorder, &all, &mut None, &allocator)?;
+            (cache, Some(Fixed { len: 0, capacity, allocator, spare: None, cross_spare: None }))
+        } else {
+            (KvCache::empty(spec, rows)?, None)
+        };
         drop(m);
-        let mut st = Self { model, cross, enc_mask, cache, selects };
+        let mut st = Self { model, cross, enc_mask, cache, selects, fixed, last_logits: None };
         let logits = st.step(&vec![decoder_start; rows])?;
         Ok((st, logits))
     }
@@ -104,17 +144,33 @@ impl<'m> T5State<'m> {
         let ids = Array2::from_shape_fn((rows, 1), |(r, _)| tokens[r]);
         let ids = Tensor::from_array(ids).map_err(ort_err("input_ids"))?.into_dyn();
         let mask = Tensor::from_array(self.enc_mask.clone()).map_err(ort_err("encoder_attention_mask"))?.into_dyn();
+        let past = match &self.fixed {
+            Some(f) if f.len >= f.capacity => {
+                return Err(RuntimeError::Input(format!("the KV buffers hold {} positions and they are full", f.capacity)));
+            }
+            Some(f) => Some(Tensor::from_array(ndarray::arr0(f.len as i32)).map_err(ort_err("past_sequence_length"))?.into_dyn()),
+            None => None,
+        };
         let mut inputs: Vec<(&str, &DynValue)> = vec![(io::INPUT_IDS, &ids), (io::ENCODER_ATTENTION_MASK, &mask)];
-        let names: Vec<[String; 2]> = (0..self.cross.len()).map(|l| [io::cross_key(l), io::cross_value(l)]).collect();
-        for (kv, n) in self.cross.iter().zip(&names) {
+        if let Some(p) = &past {
+            inputs.push((io::PAST_SEQUENCE_LENGTH, p));
+        }
+        let layers = kv_spec(&self.model.get()).layers;
+        let names: Vec<[String; 2]> = (0..layers).map(|l| [io::cross_key(l), io::cross_value(l)]).collect();
+        for (l, n) in names.iter().enumerate() {
             for which in 0..2 {
-                inputs.push((n[which].as_str(), &kv[which]));
+                inputs.push((n[which].as_str(), &self.cross.layer(l)[which]));
             }
         }
         let mut g = self.model.get();
         let m = &mut *g;
         if self.selects {
-            return run_selecting(&mut m.lm, &m.kv_memory, &inputs, &mut self.cache, want, "text decoder");
+            let (answer, logits) = run_selecting(&mut m.lm, &m.kv_memory, &inputs, &mut self.cache, want, "text decoder")?;
+            self.last_logits = logits;
+            if let Some(f) = &mut self.fixed {
+                f.len += 1;
+            }
+            return Ok(answer);
         }
         let logits = run_decoder(&mut m.lm, &m.kv_memory, &inputs, &mut self.cache, "text decoder", true)?;
         Ok(StepOutput::Logits(logits.index_axis_move(Axis(1), 0)))
@@ -132,15 +188,36 @@ impl StepModel for T5State<'_> {
         self.step_want(tokens, if self.selects { want } else { Want::Logits })
     }
 
-    /// New row i is old row `rows[i]`.
+    fn last_logits(&mut self) -> Option<Result<Array2<f32>, RuntimeError>> {
+        self.last_logits.as_ref().map(crate::state::last_position)
+    }
+
+    /// New row i is old row `rows[i]`: on the host for a portable export, with the
+    /// `kv_reorder` graph where the decoder runs for a CUDA-target one.
     fn select_rows(&mut self, rows: &[usize]) -> Result<(), RuntimeError> {
         self.enc_mask = self.enc_mask.select(Axis(0), rows);
-        let fp16 = self.model.get().lm_fp16;
-        for kv in &mut self.cross {
-            for v in kv.iter_mut() {
-                *v = select_rows_of(v, rows, fp16)?;
+        let mut m = self.model.get();
+        match &mut self.fixed {
+            Some(f) => {
+                let reorder = m.kv_reorder.as_mut().ok_or_else(no_reorder)?;
+                self.cross.reorder_on_device(reorder, rows, &mut f.cross_spare, &f.allocator)?;
+                self.cache.reorder_on_device(reorder, rows, &mut f.spare, &f.allocator)
+            }
+            None => {
+                let fp16 = m.lm_fp16;
+                let spec = kv_spec(&m);
+                let mut layers = Vec::with_capacity(spec.layers);
+                for l in 0..spec.layers {
+                    let kv = self.cross.layer(l);
+                    layers.push([select_rows_of(&kv[0], rows, fp16)?, select_rows_of(&kv[1], rows, fp16)?]);
+                }
+                self.cross = KvCache::from_tensors(spec, rows.len(), self.enc_mask.ncols(), layers);
+                self.cache.select_rows(rows)
             }
         }
-        self.cache.select_rows(rows)
     }
+}
+
+fn no_reorder() -> RuntimeError {
+    RuntimeError::Unsupported("this CUDA-target export has no kv_reorder graph; export it again".into())
 }
