@@ -2,8 +2,8 @@
 //! layer's cross-attention keys and values. On a portable export the decoder's
 //! self-attention cache grows by one position a step; on a CUDA-target export it is a
 //! buffer per layer of a fixed length (the start token plus the new tokens), written in
-//! place, and the cross-attention caches are moved once to where the decoder runs, where
-//! beams reorder both with the `kv_reorder` graph.
+//! place; the encoder runs once for the batch and leaves the cross-attention caches
+//! where the decoder runs, where beams reorder both with the `kv_reorder` graph.
 
 use blip2_core::io;
 use ndarray::{Array2, ArrayD, Axis, IxDyn};
@@ -13,7 +13,7 @@ use ort::value::{DynValue, Tensor};
 use crate::error::RuntimeError;
 use crate::generation::{StepModel, StepOutput, Want};
 use crate::kv_cache::{select_rows_of, KvCache};
-use crate::model::{float_value, ort_err, to_f32, ModelRef};
+use crate::model::{float_value, ort_err, to_f32, Blip2Model, ModelRef};
 use crate::state::opt::{kv_spec, run_decoder};
 use crate::state::run_selecting;
 
@@ -49,10 +49,9 @@ fn is_static(m: &crate::model::Blip2Model) -> bool {
 }
 
 impl<'m> T5State<'m> {
-    /// Runs the encoder on each row alone (so a batch row sees exactly the positions it
-    /// sees alone: T5's relative positions would shift with padding), pads the rows'
-    /// cross-attention caches on the right with a zero mask, then runs the decoder's
-    /// first step from `decoder_start`. Returns the state and `[rows, vocab]` logits.
+    /// Runs the text encoder ([`encode_rows`] on a portable export, [`encode_batch`] on
+    /// a CUDA-target one), then the decoder's first step from `decoder_start`. Returns
+    /// the state and `[rows, vocab]` logits.
     /// `max_new_tokens` sizes the self-attention buffers of a CUDA-target export.
     pub fn prefill(
         model: impl Into<ModelRef<'m>>,
@@ -66,61 +65,23 @@ impl<'m> T5State<'m> {
         let mut model = model.into();
         let mut m = model.get();
         let spec = kv_spec(&m);
-        let fp16 = m.lm_fp16;
         let selects = crate::state::selects_tokens(&m);
         let fixed = is_static(&m);
-        let encoder = m.text_encoder.as_mut().ok_or_else(|| RuntimeError::Unsupported("no text encoder".into()))?;
-        // Per row: its cross caches as f32 arrays, key and value per layer.
-        let mut per_row: Vec<Vec<[ArrayD<f32>; 2]>> = Vec::with_capacity(rows);
-        let mut lens = Vec::with_capacity(rows);
-        for r in 0..rows {
-            let keep: Vec<i64> = ids[r].iter().zip(&mask[r]).filter(|(_, &m)| m != 0).map(|(&i, _)| i).collect();
-            let n = keep.len();
-            let row_ids = Array2::from_shape_vec((1, n), keep).expect("row shape");
-            let row_mask = Array2::<i64>::ones((1, n));
-            let img = image_embeds.index_axis(Axis(0), r).insert_axis(Axis(0)).to_owned();
-            let out = encoder
-                .run(ort::inputs![
-                    io::INPUT_IDS => Tensor::from_array(row_ids).map_err(ort_err("input_ids"))?,
-                    io::IMAGE_EMBEDS => float_value(fp16, img)?,
-                    io::ATTENTION_MASK => Tensor::from_array(row_mask).map_err(ort_err("attention_mask"))?,
-                ])
-                .map_err(ort_err("text encoder"))?;
-            let mut caches = Vec::with_capacity(spec.layers);
-            for l in 0..spec.layers {
-                let get = |name: String| -> Result<ArrayD<f32>, RuntimeError> {
-                    to_f32(out.get(name.as_str()).ok_or(RuntimeError::MissingOutput(name.clone()))?)
-                };
-                caches.push([get(io::cross_key(l))?, get(io::cross_value(l))?]);
-            }
-            per_row.push(caches);
-            lens.push(n);
-        }
+        let real: Vec<Vec<i64>> =
+            ids.iter().zip(mask).map(|(ids, m)| ids.iter().zip(m).filter(|(_, &m)| m != 0).map(|(&i, _)| i).collect()).collect();
+        let lens: Vec<usize> = real.iter().map(Vec::len).collect();
         let longest = lens.iter().copied().max().unwrap_or(0);
         let enc_mask = Array2::from_shape_fn((rows, longest), |(r, j)| i64::from(j < lens[r]));
-        let mut layers = Vec::with_capacity(spec.layers);
-        for l in 0..spec.layers {
-            let padded = |which: usize| -> Result<DynValue, RuntimeError> {
-                let mut a = ArrayD::<f32>::zeros(IxDyn(&[rows, spec.heads, longest, spec.head_dim]));
-                for r in 0..rows {
-                    let src = &per_row[r][l][which];
-                    a.slice_mut(ndarray::s![r, .., ..lens[r], ..]).assign(&src.index_axis(Axis(0), 0));
-                }
-                float_value(fp16, a)
-            };
-            layers.push([padded(0)?, padded(1)?]);
-        }
-        let mut cross = KvCache::from_tensors(spec, rows, longest, layers);
+        let cross = if fixed {
+            encode_batch(&mut m, &real, &enc_mask, image_embeds)?
+        } else {
+            encode_rows(&mut m, &real, image_embeds)?
+        };
         let (cache, fixed) = if fixed {
             // The start token and every new token.
             let capacity = 1 + max_new_tokens;
             let allocator = m.cache_allocator()?;
             let cache = KvCache::allocate(spec, rows, capacity, &allocator)?;
-            // One pass of kv_reorder (every row in order) moves the cross-attention caches
-            // to where the decoder runs, once.
-            let reorder = m.kv_reorder.as_mut().ok_or_else(no_reorder)?;
-            let all: Vec<usize> = (0..rows).collect();
-            cross.reorder_on_device(reorder, &all, &mut None, &allocator)?;
             (cache, Some(Fixed { len: 0, capacity, allocator, spare: None, cross_spare: None }))
         } else {
             (KvCache::empty(spec, rows)?, None)
@@ -216,6 +177,94 @@ impl StepModel for T5State<'_> {
             }
         }
     }
+}
+
+/// The cross-attention caches of each row run alone through the text encoder (so a row
+/// sees exactly the positions it sees alone), padded on the right to the longest row in
+/// host memory.
+fn encode_rows(m: &mut Blip2Model, real: &[Vec<i64>], image_embeds: ArrayD<f32>) -> Result<KvCache, RuntimeError> {
+    let spec = kv_spec(m);
+    let fp16 = m.lm_fp16;
+    let rows = real.len();
+    let longest = real.iter().map(Vec::len).max().unwrap_or(0);
+    let encoder = m.text_encoder.as_mut().ok_or_else(no_encoder)?;
+    // Per row: its cross caches as f32 arrays, key and value per layer.
+    let mut per_row: Vec<Vec<[ArrayD<f32>; 2]>> = Vec::with_capacity(rows);
+    for (r, keep) in real.iter().enumerate() {
+        let n = keep.len();
+        let row_ids = Array2::from_shape_vec((1, n), keep.clone()).expect("row shape");
+        let row_mask = Array2::<i64>::ones((1, n));
+        let img = image_embeds.index_axis(Axis(0), r).insert_axis(Axis(0)).to_owned();
+        let out = encoder
+            .run(ort::inputs![
+                io::INPUT_IDS => Tensor::from_array(row_ids).map_err(ort_err("input_ids"))?,
+                io::IMAGE_EMBEDS => float_value(fp16, img)?,
+                io::ATTENTION_MASK => Tensor::from_array(row_mask).map_err(ort_err("attention_mask"))?,
+            ])
+            .map_err(ort_err("text encoder"))?;
+        let mut caches = Vec::with_capacity(spec.layers);
+        for l in 0..spec.layers {
+            let get = |name: String| -> Result<ArrayD<f32>, RuntimeError> {
+                to_f32(out.get(name.as_str()).ok_or(RuntimeError::MissingOutput(name.clone()))?)
+            };
+            caches.push([get(io::cross_key(l))?, get(io::cross_value(l))?]);
+        }
+        per_row.push(caches);
+    }
+    let mut layers = Vec::with_capacity(spec.layers);
+    for l in 0..spec.layers {
+        let padded = |which: usize| -> Result<DynValue, RuntimeError> {
+            let mut a = ArrayD::<f32>::zeros(IxDyn(&[rows, spec.heads, longest, spec.head_dim]));
+            for r in 0..rows {
+                let src = &per_row[r][l][which];
+                a.slice_mut(ndarray::s![r, .., ..real[r].len(), ..]).assign(&src.index_axis(Axis(0), 0));
+            }
+            float_value(fp16, a)
+        };
+        layers.push([padded(0)?, padded(1)?]);
+    }
+    Ok(KvCache::from_tensors(spec, rows, longest, layers))
+}
+
+/// The cross-attention caches of every row from one run of the text encoder, rows
+/// right-padded and masked, left where the decoder runs. Each row's tokens sit at the
+/// positions they have alone and T5's position bias depends only on the distance
+/// between positions, so a row gets the caches it gets alone.
+fn encode_batch(m: &mut Blip2Model, real: &[Vec<i64>], enc_mask: &Array2<i64>, image_embeds: ArrayD<f32>) -> Result<KvCache, RuntimeError> {
+    let spec = kv_spec(m);
+    let (rows, longest) = enc_mask.dim();
+    let pad = m.manifest.tokens.pad_token_id.unwrap_or(0);
+    let ids = Array2::from_shape_fn((rows, longest), |(r, j)| real[r].get(j).copied().unwrap_or(pad));
+    let inputs = [
+        (io::INPUT_IDS, Tensor::from_array(ids).map_err(ort_err("input_ids"))?.into_dyn()),
+        (io::IMAGE_EMBEDS, float_value(m.lm_fp16, image_embeds)?),
+        (io::ATTENTION_MASK, Tensor::from_array(enc_mask.clone()).map_err(ort_err("attention_mask"))?.into_dyn()),
+    ];
+    let memory = m.kv_memory.clone();
+    let encoder = m.text_encoder.as_mut().ok_or_else(no_encoder)?;
+    let outputs: Vec<String> = encoder.outputs().iter().map(|o| o.name().to_string()).collect();
+    let mut binding = encoder.create_binding().map_err(ort_err("text encoder: creating an IO binding"))?;
+    (|| -> Result<(), ort::Error> {
+        for (name, v) in &inputs {
+            binding.bind_input(*name, v)?;
+        }
+        for name in &outputs {
+            binding.bind_output_to_device(name, &memory)?;
+        }
+        Ok(())
+    })()
+    .map_err(ort_err("text encoder: binding inputs and outputs"))?;
+    let mut out = encoder.run_binding(&binding).map_err(ort_err("text encoder"))?;
+    let mut layers = Vec::with_capacity(spec.layers);
+    for l in 0..spec.layers {
+        let mut take = |name: String| out.remove(name.as_str()).ok_or(RuntimeError::MissingOutput(name));
+        layers.push([take(io::cross_key(l))?, take(io::cross_value(l))?]);
+    }
+    Ok(KvCache::from_tensors(spec, rows, longest, layers))
+}
+
+fn no_encoder() -> RuntimeError {
+    RuntimeError::Unsupported("no text encoder".into())
 }
 
 fn no_reorder() -> RuntimeError {
