@@ -56,6 +56,10 @@ fn the_export_is_built_from_onnx_runtimes_fused_operators() {
             assert!(names.contains(&want), "{name}: LM input {want} missing from {names:?}");
         }
         assert!(!names.contains(&io::ATTENTION_MASK), "{name}: a static-cache LM takes lengths, not a mask");
+        // No value of the step is read from a tensor's shape: on the GPU such values are
+        // computed on the host and copied over (Memcpy nodes), which CUDA graph capture
+        // refuses.
+        assert!(!uses(&lm, "Shape"), "{name}: the language model reads a shape");
         let outs: Vec<&str> = m.graphs.language_model.outputs.iter().map(|t| t.name.as_str()).collect();
         for want in [io::NEXT_TOKEN, io::TOP_LOGPROBS, io::TOP_IDS] {
             assert!(outs.contains(&want), "{name}: LM output {want} missing");

@@ -224,12 +224,13 @@ pub fn causal_positions(b: &mut Builder, path: &str, past: &str, total: &str) ->
 
 /// Replaces the embeddings of image tokens with the image embeddings, in order: the k-th
 /// image token of a row takes row k of its image embeddings (what transformers'
-/// masked_scatter does). Other tokens index a zero row appended to the image embeddings,
-/// so steps with no image tokens (`num_image_tokens` = 0) need no special case.
+/// masked_scatter does). The image embeddings get a zero row in front, which every other
+/// token indexes, so steps with no image tokens (`num_image_tokens` = 0) need no special
+/// case, and no index depends on a tensor's shape (nothing crosses from host to device).
 ///
 /// ```text
-///   input_ids == image token ─▶ is_img ──Cast──CumSum──Sub(1)──Where(is_img, ·, count) ─▶ index
-///   image_embeds ──Pad(one zero row)──GatherND(index, batch_dims 1)──Where(is_img, ·, tok) ─▶
+///   input_ids == image token ─▶ is_img ──Cast──CumSum──Mul(is_img) ─▶ index (k+1, or 0)
+///   image_embeds ──Pad(a zero row in front)──GatherND(index, batch_dims 1)──Where(is_img, ·, tok) ─▶
 /// ```
 pub fn scatter_image_embeds(b: &mut Builder, ids: &str, img: &str, tok: &str, image_token_id: i64) -> String {
     let image_id = b.int(image_token_id);
@@ -237,13 +238,10 @@ pub fn scatter_image_embeds(b: &mut Builder, ids: &str, img: &str, tok: &str, im
     let as_int = b.op("/lm/image/Cast", "Cast", &[&is_img], vec![("to", Attr::Int(Elem::I64 as i64))]);
     let axis1 = b.int(1);
     let cum = b.op("/lm/image/CumSum", "CumSum", &[&as_int, &axis1], vec![]);
-    let one = b.int(1);
-    let k = b.op("/lm/image/Sub", "Sub", &[&cum, &one], vec![]);
-    let n_img = dim_of(b, "/lm/image/count", img, 1);
-    let idx = b.op("/lm/image/Where", "Where", &[&is_img, &k, &n_img], vec![]);
+    let idx = b.op("/lm/image/Mul", "Mul", &[&cum, &as_int], vec![]);
     let axes2 = b.ints(&[2]);
     let idx = b.op("/lm/image/Unsqueeze", "Unsqueeze", &[&idx, &axes2], vec![]);
-    let pads = b.ints(&[0, 0, 0, 0, 1, 0]);
+    let pads = b.ints(&[0, 1, 0, 0, 0, 0]);
     let padded = b.op("/lm/image/Pad", "Pad", &[img, &pads], vec![]);
     let gathered = b.op("/lm/image/GatherND", "GatherND", &[&padded, &idx], vec![("batch_dims", Attr::Int(1))]);
     let sel = b.op("/lm/image/Unsqueeze_1", "Unsqueeze", &[&is_img, &axes2], vec![]);
@@ -251,8 +249,10 @@ pub fn scatter_image_embeds(b: &mut Builder, ids: &str, img: &str, tok: &str, im
 }
 
 /// Logits `[B, S, V]` in float32 from hidden states `[B, S, D]` and a `[V, D]` table, read
-/// as stored (Gemm's transB), so a table tied to the embeddings is not copied.
-pub fn lm_head(b: &mut Builder, h: &str, head: &str, hidden: usize, vocab: usize) -> Result<String> {
+/// as stored (Gemm's transB), so a table tied to the embeddings is not copied. `positions`
+/// is S when the graph fixes it (one position a row: the output shape is then a constant,
+/// not read from a tensor).
+pub fn lm_head(b: &mut Builder, h: &str, head: &str, hidden: usize, vocab: usize, positions: Option<usize>) -> Result<String> {
     let float = b.float();
     if matches!(b.projection(), Projection::NBits { .. }) {
         // The table is [V, D], MatMulNBits' own layout: no reshape around it.
@@ -264,10 +264,15 @@ pub fn lm_head(b: &mut Builder, h: &str, head: &str, hidden: usize, vocab: usize
     let flat_shape = b.ints(&[-1, hidden as i64]);
     let flat = b.op("/lm/lm_head/Reshape", "Reshape", &[h, &flat_shape], vec![]);
     let logits = b.op("/lm/lm_head/Gemm", "Gemm", &[&flat, w], vec![("transB", Attr::Int(1))]);
-    let batch = dim_of(b, "/lm/lm_head/batch", h, 0);
-    let seq = dim_of(b, "/lm/lm_head/seq", h, 1);
-    let v = b.ints(&[vocab as i64]);
-    let out_shape = b.op("/lm/lm_head/Concat", "Concat", &[&batch, &seq, &v], vec![("axis", Attr::Int(0))]);
+    let out_shape = match positions {
+        Some(s) => b.ints(&[-1, s as i64, vocab as i64]),
+        None => {
+            let batch = dim_of(b, "/lm/lm_head/batch", h, 0);
+            let seq = dim_of(b, "/lm/lm_head/seq", h, 1);
+            let v = b.ints(&[vocab as i64]);
+            b.op("/lm/lm_head/Concat", "Concat", &[&batch, &seq, &v], vec![("axis", Attr::Int(0))])
+        }
+    };
     let logits = b.op("/lm/lm_head/Reshape_1", "Reshape", &[&logits, &out_shape], vec![]);
     Ok(b.cast("/lm/lm_head/Cast", &logits, float, Elem::F32))
 }

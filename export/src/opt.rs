@@ -65,7 +65,7 @@ pub fn build(b: &mut Builder, c: &OptConfig, image_token_id: i64) -> Result<()> 
     // Tied embeddings are read once: Gemm's transB uses embed_tokens as stored.
     let head = if c.tie_word_embeddings { format!("{P}.embed_tokens.weight") } else { "language_model.lm_head.weight".into() };
     let h = keep_last_positions(b, &h);
-    let logits = lm_head(b, &h, &head, d, c.vocab_size)?;
+    let logits = lm_head(b, &h, &head, d, c.vocab_size, None)?;
     b.output(&logits, io::LOGITS, Elem::F32, vec![named(io::DIM_BATCH), named(io::DIM_LOGITS_SEQUENCE), Dim::Fixed(c.vocab_size as i64)]);
     Ok(())
 }
@@ -80,7 +80,7 @@ pub fn build(b: &mut Builder, c: &OptConfig, image_token_id: i64) -> Result<()> 
 ///   input_ids, image_embeds, position_ids ──embeddings ─▶ h
 ///   h ──▶ layers.0 … layers.L-1 (each: GroupQueryAttention(past_key_values.i, seqlens_k,
 ///         total_sequence_length) ─▶ present.i, the same buffers)
-///     ──GatherElements(min(seqlens_k, S-1))──final_layer_norm──lm_head ─▶ logits [B,1,V]
+///     ──GatherElements(ArgMax(position_ids))──final_layer_norm──lm_head ─▶ logits [B,1,V]
 ///   logits ──ArgMax ─▶ next_token [B]
 ///   logits ──LogSoftmax──TopK(top_k) ─▶ top_logprobs, top_ids [B, top_k]
 /// ```
@@ -110,38 +110,35 @@ pub fn build_cuda(b: &mut Builder, c: &OptConfig, image_token_id: i64) -> Result
         b.output(&k, &io::present_key(i), float, kv_dims());
         b.output(&v, &io::present_value(i), float, kv_dims());
     }
-    let h = last_real_position(b, &h, &seqlens, d);
+    let h = last_real_position(b, &h, &pos, d);
     let h = if c.do_layer_norm_before && !c.remove_final_layer_norm {
         norm(b, c, "/lm/final_layer_norm", &h, &format!("{P}.final_layer_norm"))?
     } else {
         h
     };
     let head = if c.tie_word_embeddings { format!("{P}.embed_tokens.weight") } else { "language_model.lm_head.weight".into() };
-    let logits = lm_head(b, &h, &head, d, c.vocab_size)?;
+    let logits = lm_head(b, &h, &head, d, c.vocab_size, Some(1))?;
     b.output(&logits, io::LOGITS, Elem::F32, vec![batch(), Dim::Fixed(1), Dim::Fixed(c.vocab_size as i64)]);
     select_tokens(b, &logits, "/lm/select");
     Ok(())
 }
 
-/// Each row's hidden state at its last real position: `seqlens_k` in the prefill (rows
-/// are right-padded), 0 in a decode step (one position). `[B,S,D]` to `[B,1,D]`.
+/// Each row's hidden state at its last real position, `[B,S,D]` to `[B,1,D]`: where its
+/// position is largest (rows are right-padded and padding has position 0; a decode step
+/// has one position). Read from the positions, not from a shape, so nothing crosses from
+/// host to device.
 ///
 /// ```text
-///   seqlens_k ──Cast──Min(S - 1)──Unsqueeze──Expand([B,1,D]) ─▶ index
+///   position_ids ──Cast(float)──ArgMax(axis 1)──Unsqueeze──Expand([1,1,D]) ─▶ index
 ///   h ──GatherElements(index, axis 1) ─▶
 /// ```
-fn last_real_position(b: &mut Builder, h: &str, seqlens: &str, d: usize) -> String {
+fn last_real_position(b: &mut Builder, h: &str, pos: &str, d: usize) -> String {
     let p = "/lm/last_position";
-    let s = dim_of(b, &format!("{p}/seq"), h, 1);
-    let one = b.ints(&[1]);
-    let last = b.op(&format!("{p}/Sub"), "Sub", &[&s, &one], vec![]);
-    let k = b.op(&format!("{p}/Cast"), "Cast", &[seqlens], vec![("to", Attr::Int(Elem::I64 as i64))]);
-    let idx = b.op(&format!("{p}/Min"), "Min", &[&k, &last], vec![]);
-    let axes = b.ints(&[1, 2]);
+    let f = b.op(&format!("{p}/Cast"), "Cast", &[pos], vec![("to", Attr::Int(Elem::F32 as i64))]);
+    let idx = b.op(&format!("{p}/ArgMax"), "ArgMax", &[&f], vec![("axis", Attr::Int(1)), ("keepdims", Attr::Int(1))]);
+    let axes = b.ints(&[2]);
     let idx = b.op(&format!("{p}/Unsqueeze"), "Unsqueeze", &[&idx, &axes], vec![]);
-    let rows = dim_of(b, &format!("{p}/batch"), h, 0);
-    let tail = b.ints(&[1, d as i64]);
-    let shape = b.op(&format!("{p}/Concat"), "Concat", &[&rows, &tail], vec![("axis", Attr::Int(0))]);
+    let shape = b.ints(&[1, 1, d as i64]);
     let idx = b.op(&format!("{p}/Expand"), "Expand", &[&idx, &shape], vec![]);
     b.op(&format!("{p}/GatherElements"), "GatherElements", &[h, &idx], vec![("axis", Attr::Int(1))])
 }

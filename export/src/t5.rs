@@ -326,7 +326,7 @@ pub fn build_decoder_cuda(b: &mut Builder, c: &T5Config, scale_output: bool) -> 
         out = b.op("/lm/decoder/scale/Mul", "Mul", &[&out, &s], vec![]);
     }
     let head = if b.has(&format!("{P}.lm_head.weight")) { format!("{P}.lm_head.weight") } else { embedding_name(b) };
-    let logits = lm_head(b, &out, &head, d, c.vocab_size)?;
+    let logits = lm_head(b, &out, &head, d, c.vocab_size, Some(1))?;
     b.output(&logits, io::LOGITS, Elem::F32, vec![batch(), Dim::Fixed(1), Dim::Fixed(c.vocab_size as i64)]);
     select_tokens(b, &logits, "/lm/decoder/select");
     Ok(())
@@ -404,7 +404,7 @@ pub fn build_decoder(b: &mut Builder, c: &T5Config, scale_output: bool) -> Resul
         out = b.op("/lm/decoder/scale/Mul", "Mul", &[&out, &s], vec![]);
     }
     let head = if b.has(&format!("{P}.lm_head.weight")) { format!("{P}.lm_head.weight") } else { embedding_name(b) };
-    let logits = lm_head(b, &out, &head, d, c.vocab_size)?;
+    let logits = lm_head(b, &out, &head, d, c.vocab_size, None)?;
     b.output(&logits, io::LOGITS, Elem::F32, vec![named(io::DIM_BATCH), named(io::DIM_SEQUENCE), Dim::Fixed(c.vocab_size as i64)]);
     Ok(())
 }
