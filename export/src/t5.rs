@@ -230,6 +230,46 @@ pub fn build_encoder(b: &mut Builder, c: &T5Config, image_token_id: i64) -> Resu
     Ok(())
 }
 
+/// `[batch, heads, len, d_kv]`: a decoder cache tensor's dimensions.
+fn kv_dims(c: &T5Config, len: &str) -> Vec<Dim> {
+    vec![named(io::DIM_BATCH), Dim::Fixed(c.num_heads as i64), named(len), Dim::Fixed(c.d_kv as i64)]
+}
+
+/// The decoder's cache inputs, per layer (key, value): `cross.*` (the encoder's length),
+/// then `past_key_values.*` (length `past`).
+#[allow(clippy::type_complexity)]
+fn decoder_caches(b: &mut Builder, c: &T5Config, past: &str) -> (Vec<(String, String)>, Vec<(String, String)>) {
+    let float = b.float();
+    let mut inputs = |key: fn(usize) -> String, value: fn(usize) -> String, len: &str| -> Vec<(String, String)> {
+        (0..c.decoder_layers()).map(|i| (b.input(&key(i), float, kv_dims(c, len)), b.input(&value(i), float, kv_dims(c, len)))).collect()
+    };
+    let cross = inputs(io::cross_key, io::cross_value, io::DIM_ENCODER_SEQUENCE);
+    let past = inputs(io::past_key, io::past_value, past);
+    (cross, past)
+}
+
+/// The decoder's token embeddings on the fp32 residual stream.
+fn decoder_embeddings(b: &mut Builder, c: &T5Config, ids: &str) -> Result<String> {
+    let float = b.float();
+    let table = embedding_name(b);
+    let table = b.weight(&table, &[c.vocab_size, c.d_model])?;
+    let emb = b.op("/lm/decoder/embed_tokens/Gather", "Gather", &[&table, ids], vec![("axis", Attr::Int(0))]);
+    Ok(b.cast("/lm/decoder/Cast", &emb, float, Elem::F32))
+}
+
+/// final_layer_norm, transformers' output scaling when `scale_output`, and the LM head
+/// (`positions`: as [`lm_head`] takes it).
+fn decoder_head(b: &mut Builder, c: &T5Config, h: &str, scale_output: bool, positions: Option<usize>) -> Result<String> {
+    let d = c.d_model;
+    let mut out = rms_norm(b, "/lm/decoder/final_layer_norm", h, &format!("{P}.decoder.final_layer_norm"), d, c.layer_norm_epsilon)?;
+    if scale_output {
+        let s = b.scalar((d as f32).powf(-0.5));
+        out = b.op("/lm/decoder/scale/Mul", "Mul", &[&out, &s], vec![]);
+    }
+    let head = if b.has(&format!("{P}.lm_head.weight")) { format!("{P}.lm_head.weight") } else { embedding_name(b) };
+    lm_head(b, &out, &head, d, c.vocab_size, positions)
+}
+
 /// The CUDA-target decoder (`--target cuda`): every attention is ONNX Runtime's
 /// DecoderMaskedMultiHeadAttention (com.microsoft), which runs one new position a step,
 /// as T5's decoder does from its start token on. Self-attention reads and writes a KV
@@ -253,25 +293,10 @@ pub fn build_decoder_cuda(b: &mut Builder, c: &T5Config, scale_output: bool) -> 
     let batch = || named(io::DIM_BATCH);
     let ids = b.input(io::INPUT_IDS, Elem::I64, vec![batch(), Dim::Fixed(1)]);
     let enc_mask = b.input(io::ENCODER_ATTENTION_MASK, Elem::I64, vec![batch(), named(io::DIM_ENCODER_SEQUENCE)]);
-    let kv = |len: &str| vec![named(io::DIM_BATCH), Dim::Fixed(c.num_heads as i64), named(len), Dim::Fixed(c.d_kv as i64)];
-    let layers = c.decoder_layers();
-    let mut cross = Vec::new();
-    for i in 0..layers {
-        let k = b.input(&io::cross_key(i), float, kv(io::DIM_ENCODER_SEQUENCE));
-        let v = b.input(&io::cross_value(i), float, kv(io::DIM_ENCODER_SEQUENCE));
-        cross.push((k, v));
-    }
-    let mut past = Vec::new();
-    for i in 0..layers {
-        let k = b.input(&io::past_key(i), float, kv(io::DIM_MAX_SEQUENCE));
-        let v = b.input(&io::past_value(i), float, kv(io::DIM_MAX_SEQUENCE));
-        past.push((k, v));
-    }
+    let kv = |len: &str| kv_dims(c, len);
+    let (cross, past) = decoder_caches(b, c, io::DIM_MAX_SEQUENCE);
     let past_len = b.input(io::PAST_SEQUENCE_LENGTH, Elem::I32, vec![]);
-    let table = embedding_name(b);
-    let table = b.weight(&table, &[c.vocab_size, d])?;
-    let emb = b.op("/lm/decoder/embed_tokens/Gather", "Gather", &[&table, &ids], vec![("axis", Attr::Int(0))]);
-    let mut h = b.cast("/lm/decoder/Cast", &emb, float, Elem::F32);
+    let mut h = decoder_embeddings(b, c, &ids)?;
 
     // The query sits at position P, the keys at 0..=P.
     let p = "/lm/decoder/positions";
@@ -320,13 +345,7 @@ pub fn build_decoder_cuda(b: &mut Builder, c: &T5Config, scale_output: bool) -> 
         let f = feed_forward(b, c, &format!("{path}/ff"), &x, &format!("{pre}.2.DenseReluDense"))?;
         h = b.op(&format!("{path}/ff/Add"), "Add", &[&h, &f], vec![]);
     }
-    let mut out = rms_norm(b, "/lm/decoder/final_layer_norm", &h, &format!("{P}.decoder.final_layer_norm"), d, c.layer_norm_epsilon)?;
-    if scale_output {
-        let s = b.scalar((d as f32).powf(-0.5));
-        out = b.op("/lm/decoder/scale/Mul", "Mul", &[&out, &s], vec![]);
-    }
-    let head = if b.has(&format!("{P}.lm_head.weight")) { format!("{P}.lm_head.weight") } else { embedding_name(b) };
-    let logits = lm_head(b, &out, &head, d, c.vocab_size, Some(1))?;
+    let logits = decoder_head(b, c, &h, scale_output, Some(1))?;
     b.output(&logits, io::LOGITS, Elem::F32, vec![batch(), Dim::Fixed(1), Dim::Fixed(c.vocab_size as i64)]);
     select_tokens(b, &logits, "/lm/decoder/select");
     Ok(())
@@ -346,24 +365,9 @@ pub fn build_decoder(b: &mut Builder, c: &T5Config, scale_output: bool) -> Resul
     let d = c.d_model;
     let ids = b.input(io::INPUT_IDS, Elem::I64, vec![named(io::DIM_BATCH), named(io::DIM_SEQUENCE)]);
     let enc_mask = b.input(io::ENCODER_ATTENTION_MASK, Elem::I64, vec![named(io::DIM_BATCH), named(io::DIM_ENCODER_SEQUENCE)]);
-    let kv = |len: &str| vec![named(io::DIM_BATCH), Dim::Fixed(c.num_heads as i64), named(len), Dim::Fixed(c.d_kv as i64)];
-    let layers = c.decoder_layers();
-    let mut cross = Vec::new();
-    for i in 0..layers {
-        let k = b.input(&io::cross_key(i), float, kv(io::DIM_ENCODER_SEQUENCE));
-        let v = b.input(&io::cross_value(i), float, kv(io::DIM_ENCODER_SEQUENCE));
-        cross.push((k, v));
-    }
-    let mut past = Vec::new();
-    for i in 0..layers {
-        let k = b.input(&io::past_key(i), float, kv(io::DIM_PAST_SEQUENCE));
-        let v = b.input(&io::past_value(i), float, kv(io::DIM_PAST_SEQUENCE));
-        past.push((k, v));
-    }
-    let table = embedding_name(b);
-    let table = b.weight(&table, &[c.vocab_size, d])?;
-    let emb = b.op("/lm/decoder/embed_tokens/Gather", "Gather", &[&table, &ids], vec![("axis", Attr::Int(0))]);
-    let mut h = b.cast("/lm/decoder/Cast", &emb, float, Elem::F32);
+    let kv = |len: &str| kv_dims(c, len);
+    let (cross, past) = decoder_caches(b, c, io::DIM_PAST_SEQUENCE);
+    let mut h = decoder_embeddings(b, c, &ids)?;
 
     // Positions: the new tokens follow the cached ones.
     let p = "/lm/decoder/positions";
@@ -398,13 +402,7 @@ pub fn build_decoder(b: &mut Builder, c: &T5Config, scale_output: bool) -> Resul
         let f = feed_forward(b, c, &format!("{path}/ff"), &x, &format!("{pre}.2.DenseReluDense"))?;
         h = b.op(&format!("{path}/ff/Add"), "Add", &[&h, &f], vec![]);
     }
-    let mut out = rms_norm(b, "/lm/decoder/final_layer_norm", &h, &format!("{P}.decoder.final_layer_norm"), d, c.layer_norm_epsilon)?;
-    if scale_output {
-        let s = b.scalar((d as f32).powf(-0.5));
-        out = b.op("/lm/decoder/scale/Mul", "Mul", &[&out, &s], vec![]);
-    }
-    let head = if b.has(&format!("{P}.lm_head.weight")) { format!("{P}.lm_head.weight") } else { embedding_name(b) };
-    let logits = lm_head(b, &out, &head, d, c.vocab_size, None)?;
+    let logits = decoder_head(b, c, &h, scale_output, None)?;
     b.output(&logits, io::LOGITS, Elem::F32, vec![named(io::DIM_BATCH), named(io::DIM_SEQUENCE), Dim::Fixed(c.vocab_size as i64)]);
     Ok(())
 }

@@ -79,15 +79,6 @@ pub fn selects_tokens(model: &Blip2Model) -> bool {
     model.manifest.graphs.language_model.outputs.iter().any(|t| t.name == io::NEXT_TOKEN)
 }
 
-/// What a decoder graph that picks tokens itself can answer: everything but sampling's
-/// raw candidates when it predates the `top_logits` output.
-pub(crate) fn answerable(session: &Session, want: Want) -> Want {
-    match want {
-        Want::TopLogits(_) if !session.outputs().iter().any(|o| o.name() == io::TOP_LOGITS) => Want::Logits,
-        w => w,
-    }
-}
-
 /// Runs one step of a decoder graph that picks tokens itself, with its KV cache bound
 /// where it lies: only what `want` asks for comes back to host memory (the logits of
 /// the one new position `[rows, vocab]`, the argmax, or the top-k log-probabilities or
@@ -102,7 +93,12 @@ pub(crate) fn run_selecting(
     want: Want,
     what: &str,
 ) -> Result<(StepOutput, Option<DynValue>), RuntimeError> {
-    let want = answerable(session, want);
+    // Exports made before `top_logits` answer sampling's candidates with the logits.
+    let has_top_logits = session.outputs().iter().any(|o| o.name() == io::TOP_LOGITS);
+    let want = match want {
+        Want::TopLogits(_) if !has_top_logits => Want::Logits,
+        w => w,
+    };
     let k = match want {
         Want::TopLogProbs(k) | Want::TopLogits(k) => k,
         _ => 1,
@@ -114,7 +110,6 @@ pub(crate) fn run_selecting(
         Want::TopLogProbs(_) => &[io::TOP_LOGPROBS, io::TOP_IDS],
         Want::TopLogits(_) => &[io::TOP_LOGITS, io::TOP_IDS],
     };
-    let has_top_logits = session.outputs().iter().any(|o| o.name() == io::TOP_LOGITS);
     let mut binding = session.create_binding().map_err(ort_err(format!("{what}: creating an IO binding")))?;
     (|| -> Result<(), ort::Error> {
         for (name, v) in inputs {
@@ -135,7 +130,6 @@ pub(crate) fn run_selecting(
     let mut out = session.run_binding(&binding).map_err(ort_err(what))?;
     cache.take_present(&mut out)?;
     let get = |name: &str| out.get(name).ok_or_else(|| RuntimeError::MissingOutput(name.into()));
-    let shape_err = |what: &str| RuntimeError::MissingOutput(format!("{what} of the expected rank"));
     let answer = match want {
         Want::Logits => StepOutput::Logits(last_position(get(io::LOGITS)?)?),
         Want::Argmax => {
@@ -143,24 +137,27 @@ pub(crate) fn run_selecting(
             StepOutput::Argmax(a.iter().copied().collect())
         }
         Want::TopLogProbs(_) => {
-            let lp = get(io::TOP_LOGPROBS)?.try_extract_array::<f32>().map_err(ort_err("top_logprobs"))?;
-            let ids = get(io::TOP_IDS)?.try_extract_array::<i64>().map_err(ort_err("top_ids"))?;
-            StepOutput::TopLogProbs {
-                logprobs: lp.into_dimensionality::<ndarray::Ix2>().map_err(|_| shape_err("top_logprobs"))?.to_owned(),
-                ids: ids.into_dimensionality::<ndarray::Ix2>().map_err(|_| shape_err("top_ids"))?.to_owned(),
-            }
+            let (logprobs, ids) = candidates(get(io::TOP_LOGPROBS)?, get(io::TOP_IDS)?)?;
+            StepOutput::TopLogProbs { logprobs, ids }
         }
         Want::TopLogits(_) => {
-            let l = get(io::TOP_LOGITS)?.try_extract_array::<f32>().map_err(ort_err("top_logits"))?;
-            let ids = get(io::TOP_IDS)?.try_extract_array::<i64>().map_err(ort_err("top_ids"))?;
-            StepOutput::TopLogits {
-                logits: l.into_dimensionality::<ndarray::Ix2>().map_err(|_| shape_err("top_logits"))?.to_owned(),
-                ids: ids.into_dimensionality::<ndarray::Ix2>().map_err(|_| shape_err("top_ids"))?.to_owned(),
-            }
+            let (logits, ids) = candidates(get(io::TOP_LOGITS)?, get(io::TOP_IDS)?)?;
+            StepOutput::TopLogits { logits, ids }
         }
     };
     let logits = if want == Want::Logits { None } else { out.remove(io::LOGITS) };
     Ok((answer, logits))
+}
+
+/// A step's `[rows, k]` candidate values (log-probabilities or logits) and their ids.
+fn candidates(values: &DynValue, ids: &DynValue) -> Result<(Array2<f32>, Array2<i64>), RuntimeError> {
+    let shape_err = |what: &str| RuntimeError::MissingOutput(format!("{what} of the expected rank"));
+    let v = values.try_extract_array::<f32>().map_err(ort_err("top candidates"))?;
+    let i = ids.try_extract_array::<i64>().map_err(ort_err("top_ids"))?;
+    Ok((
+        v.into_dimensionality::<ndarray::Ix2>().map_err(|_| shape_err("top candidates"))?.to_owned(),
+        i.into_dimensionality::<ndarray::Ix2>().map_err(|_| shape_err("top_ids"))?.to_owned(),
+    ))
 }
 
 /// The logits of the last position of a `[rows, positions, vocab]` decoder output, in
