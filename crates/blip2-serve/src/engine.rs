@@ -414,6 +414,11 @@ impl StepModel for Turned<'_> {
         let _t = self.turn.enter();
         self.inner.step_for(tokens, want)
     }
+
+    fn last_logits(&mut self) -> Option<Result<Array2<f32>, RuntimeError>> {
+        let _t = self.turn.enter();
+        self.inner.last_logits()
+    }
 }
 
 /// A sequence's text as it grows, and what of it has been sent.
@@ -651,6 +656,43 @@ mod tests {
             h.join().unwrap();
         }
         assert_eq!(*order.lock().unwrap(), vec![0, 1, 2, 3]);
+    }
+
+    /// A decoder that records which of its calls were made.
+    struct Recording(Arc<Mutex<Vec<&'static str>>>);
+
+    impl StepModel for Recording {
+        type Error = RuntimeError;
+        fn step(&mut self, tokens: &[i64]) -> Result<Array2<f32>, RuntimeError> {
+            self.0.lock().unwrap().push("step");
+            Ok(Array2::zeros((tokens.len(), 2)))
+        }
+        fn select_rows(&mut self, _rows: &[usize]) -> Result<(), RuntimeError> {
+            self.0.lock().unwrap().push("select_rows");
+            Ok(())
+        }
+        fn step_for(&mut self, tokens: &[i64], _want: Want) -> Result<StepOutput, RuntimeError> {
+            self.0.lock().unwrap().push("step_for");
+            Ok(StepOutput::Argmax(vec![0; tokens.len()]))
+        }
+        fn last_logits(&mut self) -> Option<Result<Array2<f32>, RuntimeError>> {
+            self.0.lock().unwrap().push("last_logits");
+            Some(Ok(Array2::ones((1, 2))))
+        }
+    }
+
+    #[test]
+    fn a_turned_decoder_forwards_every_call() {
+        // Sampling on a CUDA-target export asks for the full logits when its candidates
+        // tie at their edge; the server's wrapper must pass that on, not answer None.
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let turn = Turnstile::default();
+        let mut d = Turned { inner: Box::new(Recording(calls.clone())), turn: &turn };
+        d.step(&[1]).unwrap();
+        d.step_for(&[1], Want::Argmax).unwrap();
+        d.select_rows(&[0]).unwrap();
+        assert_eq!(d.last_logits().expect("forwarded").unwrap(), Array2::<f32>::ones((1, 2)));
+        assert_eq!(*calls.lock().unwrap(), ["step", "step_for", "select_rows", "last_logits"]);
     }
 
     #[test]
