@@ -136,6 +136,7 @@ fn prefill_and_decode_steps_match_transformers_and_select_on_the_device() {
                 }
             }
         }
+        drop(state);
         // One more step asking for the argmax: the device's pick is the logits' argmax.
         let mut again = {
             let img = embeds.index_axis(Axis(0), 0).insert_axis(Axis(0)).to_owned();
@@ -388,4 +389,148 @@ fn sampling_draws_from_the_devices_top_k_what_it_draws_from_the_logits() {
         }
         assert!(candidate_steps > 0, "{name}: the device's top-k was never used");
     }
+}
+
+#[test]
+fn fixed_step_buffers_give_transformers_tokens_again_and_again() {
+    // The CUDA-graph path (`cuda_graph = true`): every decode step binds the same
+    // buffers, `total_sequence_length` stays at the buffers' length, beams swap between
+    // two KV sets and finished requests leave their sets in the pool. Every recorded case
+    // (greedy, beams, batches) matches transformers; running them all a second time
+    // takes the pooled sets (their earlier contents must not leak into the new request).
+    for name in CHECKPOINTS {
+        let dir = export(name, "fixed");
+        let mut p = Pipeline::load(&dir, &mut session_factory()).unwrap();
+        p.model.use_fixed_step_buffers().unwrap();
+        assert_cases_match(&mut p, name, "cuda target, fixed step buffers", |_| true);
+        let idle = p.model.step_pool().unwrap().idle();
+        assert!(idle > 0, "{name}: finished requests left no buffers in the pool");
+        assert_cases_match(&mut p, name, "cuda target, fixed step buffers reused", |_| true);
+        assert_batch_rows_equal_single_runs(&mut p, name);
+    }
+}
+
+#[test]
+fn fixed_step_buffers_sample_what_a_request_of_its_own_samples() {
+    // Sampling expands each prompt into its samples after the first step (a new row
+    // count: a set of that shape from the pool) and, on top-k, asks the device for
+    // candidates: the same seed draws the same tokens as with buffers of its own.
+    let name = "opt-tiny";
+    let dir = export(name, "fixed-sampling");
+    let mut own = Pipeline::load(&dir, &mut session_factory()).unwrap();
+    let mut fixed = Pipeline::load(&dir, &mut session_factory()).unwrap();
+    fixed.model.use_fixed_step_buffers().unwrap();
+    let img = own.load_image(&photo("chelsea.png")).unwrap();
+    for (seed, (top_k, num_beams)) in [(50, 1), (5, 1), (0, 1), (5, 2)].into_iter().enumerate() {
+        let mut cfg = own.default_config();
+        cfg.do_sample = true;
+        cfg.top_k = top_k;
+        cfg.num_beams = num_beams;
+        cfg.num_return_sequences = 2;
+        cfg.max_new_tokens = 12;
+        cfg.seed = Some(seed as u64);
+        let prompts = ["".to_string(), "a photo of".to_string()];
+        let images = [img.clone(), img.clone()];
+        let want = own.generate(&images, &prompts, &cfg).unwrap();
+        let got = fixed.generate(&images, &prompts, &cfg).unwrap();
+        assert_eq!(got, want, "seed {seed}, top_k {top_k}, {num_beams} beams");
+    }
+}
+
+#[test]
+fn fixed_step_buffers_keep_their_addresses_and_graph_ids() {
+    // What a captured CUDA graph needs: each decode step of a request binds tensors at
+    // the same addresses and runs under a graph id that names exactly those tensors
+    // and that top-k size; a later request of the same shape reuses both.
+    let name = "opt-tiny";
+    let dir = export(name, "fixed-addresses");
+    let mut model = Blip2Model::load(&dir, &mut session_factory()).unwrap();
+    model.use_fixed_step_buffers().unwrap();
+    let refd = fixture(name).join("reference");
+    let graphs: Value = serde_json::from_str(&std::fs::read_to_string(refd.join("graphs.json")).unwrap()).unwrap();
+    let row = &graphs["lm_steps"][0];
+    let (tok, mask) = (ids(&row["input_ids"]), ids(&row["attention_mask"]));
+    let embeds = read_npy(&refd.join("image_embeds.npy")).slice(ndarray::s![..2, .., ..]).to_owned().into_dyn();
+    let batch = Batch { ids: vec![tok.clone(), tok.clone()], mask: vec![mask.clone(), mask.clone()] };
+
+    // The same calls on a request with buffers of its own: the logits must agree after
+    // every reorder.
+    let mut plain = Blip2Model::load(&dir, &mut session_factory()).unwrap();
+    let (set, graph0, addrs) = {
+        let (mut st, _) = OptStaticState::prefill(&mut model, &batch, embeds.clone(), 8).unwrap();
+        let (mut own, _) = OptStaticState::prefill(&mut plain, &batch, embeds.clone(), 8).unwrap();
+        assert!(own.fixed_buffers().is_none());
+        let (set, before, addrs) = st.fixed_buffers().expect("fixed buffers");
+        assert_eq!(before, None, "the prefill runs uncaptured");
+        let mut both = |tokens: &[i64], want: Want, st: &mut OptStaticState, own: &mut OptStaticState| {
+            let got = st.step_for(tokens, want).unwrap();
+            let StepOutput::Logits(l) = own.step_for(tokens, Want::Logits).unwrap() else { panic!("logits") };
+            if let StepOutput::Logits(g) = got {
+                assert_close("fixed against own buffers", &g.into_dyn(), &l.into_dyn());
+            }
+            st.fixed_buffers().unwrap()
+        };
+        let (_, g1, a1) = both(&[5, 6], Want::Argmax, &mut st, &mut own);
+        let (_, g2, a2) = both(&[7, 8], Want::Argmax, &mut st, &mut own);
+        assert_eq!((g2, &a2), (g1, &addrs), "two argmax steps: same graph, same addresses");
+        assert_eq!(a1, addrs);
+        let (_, g3, a3) = both(&[7, 8], Want::TopLogProbs(3), &mut st, &mut own);
+        assert_ne!(g3, g1, "another top-k size is another graph");
+        assert_eq!(a3, addrs);
+        // A beam reorder gathers into the second KV set: other buffers, another graph;
+        // reordering back returns to the first set and its graph. The rows differ (their
+        // tokens did), so a reorder that went astray shows in the logits.
+        st.select_rows(&[1, 0]).unwrap();
+        own.select_rows(&[1, 0]).unwrap();
+        both(&[9, 9], Want::Logits, &mut st, &mut own);
+        let (_, g4, a4) = both(&[9, 9], Want::Argmax, &mut st, &mut own);
+        assert!(g4 != g1 && g4 != g3, "the second KV set has graphs of its own");
+        assert_eq!(a4[..5], addrs[..5], "inputs and outputs stay where they are");
+        assert_ne!(a4[5..], addrs[5..], "the second KV set");
+        st.select_rows(&[1, 1]).unwrap();
+        own.select_rows(&[1, 1]).unwrap();
+        let (_, g5, a5) = both(&[3, 3], Want::Argmax, &mut st, &mut own);
+        assert_eq!((g5, a5), (g1, addrs.clone()), "back on the first set");
+        both(&[4, 4], Want::Logits, &mut st, &mut own);
+        (set, g1, addrs)
+    };
+    assert_eq!(model.step_pool().unwrap().idle(), 1, "the finished request's set is idle");
+
+    // The next request of the same shape takes that set, graphs included, and its
+    // steps give the logits of a fresh run on buffers of its own.
+    let (mut st, _) = OptStaticState::prefill(&mut model, &batch, embeds.clone(), 8).unwrap();
+    assert_eq!(st.fixed_buffers().unwrap().0, set);
+    let StepOutput::Logits(reused) = st.step_for(&[5, 6], Want::Logits).unwrap() else { panic!("logits") };
+    st.step_for(&[7, 8], Want::Argmax).unwrap();
+    let (_, g, a) = st.fixed_buffers().unwrap();
+    assert_eq!((g, a), (graph0, addrs.clone()));
+    drop(st);
+    let (mut own, _) = OptStaticState::prefill(&mut plain, &batch, embeds.clone(), 8).unwrap();
+    assert!(own.fixed_buffers().is_none());
+    let StepOutput::Logits(fresh) = own.step_for(&[5, 6], Want::Logits).unwrap() else { panic!("logits") };
+    assert_close("logits on a reused set", &reused.into_dyn(), &fresh.into_dyn());
+
+    // Another row count or length is another set.
+    let one = Batch { ids: vec![tok.clone()], mask: vec![mask.clone()] };
+    let img = embeds.slice(ndarray::s![..1, .., ..]).to_owned().into_dyn();
+    let (st, _) = OptStaticState::prefill(&mut model, &one, img, 8).unwrap();
+    assert_ne!(st.fixed_buffers().unwrap().0, set);
+    drop(st);
+    let (st, _) = OptStaticState::prefill(&mut model, &batch, embeds.clone(), 200).unwrap();
+    assert_ne!(st.fixed_buffers().unwrap().0, set);
+}
+
+#[test]
+fn fixed_step_buffers_are_refused_where_they_cannot_work() {
+    // Flan-T5's decoder reads its position from a host value, and a portable export has
+    // no fixed-length buffers: both say so instead of running uncaptured.
+    let t5 = export("t5-tiny", "fixed-refused");
+    let mut model = Blip2Model::load(&t5, &mut session_factory()).unwrap();
+    let e = model.use_fixed_step_buffers().unwrap_err().to_string();
+    assert!(e.contains("OPT export made with --target cuda") && e.contains("t5"), "{e}");
+    let out = temp_dir("cuda-target-fixed-portable").join("export");
+    blip2_export::export(&fixture("opt-tiny").join("checkpoint"), &out, &Default::default(), &mut blip2_export::NoProgress).unwrap();
+    let mut model = Blip2Model::load(&out, &mut session_factory()).unwrap();
+    let e = model.use_fixed_step_buffers().unwrap_err().to_string();
+    assert!(e.contains("portable"), "{e}");
 }

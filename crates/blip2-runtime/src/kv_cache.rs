@@ -12,7 +12,7 @@
 use blip2_core::io;
 use ndarray::{ArrayD, Axis, IxDyn};
 use ort::memory::{AllocationDevice, Allocator, MemoryInfo};
-use ort::session::{IoBinding, Session, SessionOutputs};
+use ort::session::{IoBinding, RunOptions, Session, SessionOutputs};
 use ort::value::{DynTensor, DynTensorValueType, DynValue, Tensor, TensorElementType};
 
 use crate::error::RuntimeError;
@@ -167,11 +167,26 @@ impl KvCache {
         spare: &mut Option<KvCache>,
         allocator: &Allocator,
     ) -> Result<(), RuntimeError> {
-        let capacity = self.capacity();
         let mut target = match spare.take() {
             Some(s) if s.rows == rows.len() => s,
-            _ => Self::allocate(self.spec, rows.len(), capacity, allocator)?,
+            _ => Self::allocate(self.spec, rows.len(), self.capacity(), allocator)?,
         };
+        self.gather_into(session, rows, &mut target)?;
+        let old = std::mem::replace(self, target);
+        *spare = Some(old);
+        Ok(())
+    }
+
+    /// Static caches: writes row `rows[i]` of this cache into row `i` of `target` (a
+    /// static cache of the same model and capacity with `rows.len()` rows), on the
+    /// device, with the export's `kv_reorder` graph.
+    pub fn gather_into(&self, session: &mut Session, rows: &[usize], target: &mut KvCache) -> Result<(), RuntimeError> {
+        if target.rows != rows.len() || target.spec != self.spec || target.capacity() != self.capacity() || self.capacity() == 0 {
+            return Err(RuntimeError::Unsupported("kv_reorder: the target buffers do not match the cache".into()));
+        }
+        if let Some(&bad) = rows.iter().find(|&&r| r >= self.rows) {
+            return Err(RuntimeError::Input(format!("kv_reorder: row {bad} of a cache with {} rows", self.rows)));
+        }
         let index = Tensor::from_array(ndarray::Array1::from_iter(rows.iter().map(|&r| r as i64))).map_err(ort_err("rows"))?;
         let mut binding = session.create_binding().map_err(ort_err("kv_reorder: creating an IO binding"))?;
         (|| -> Result<(), ort::Error> {
@@ -186,14 +201,28 @@ impl KvCache {
             Ok(())
         })()
         .map_err(ort_err("kv_reorder: binding inputs and outputs"))?;
-        session.run_binding(&binding).map_err(ort_err("kv_reorder"))?;
-        drop(binding);
-        let old = std::mem::replace(self, target);
-        *spare = Some(old);
+        // Never captured as a CUDA graph: its buffers change from call to call.
+        session.run_binding_with_options(&binding, no_capture()?).map_err(ort_err("kv_reorder"))?;
         Ok(())
     }
 
-    fn capacity(&self) -> usize {
+    /// The number of rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Where each buffer's data lies, key then value per layer (tests: a static cache
+    /// keeps its addresses).
+    pub fn addresses(&self) -> Vec<usize> {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|v| v.view().downcast::<DynTensorValueType>().map_or(0, |t| t.data_ptr() as usize))
+            .collect()
+    }
+
+    /// Positions per row of a static cache (0 for a growing one).
+    pub fn capacity(&self) -> usize {
         match self.layout {
             Layout::Static { capacity } => capacity,
             Layout::Growing => 0,
@@ -201,6 +230,24 @@ impl KvCache {
     }
 
 }
+
+/// Run options that keep ONNX Runtime from capturing or replaying a CUDA graph for the
+/// run (`gpu_graph_id` -1): for runs whose inputs or buffers change from call to call, on
+/// sessions that may have CUDA graphs on. Other providers ignore the entry.
+pub(crate) fn no_capture() -> Result<&'static RunOptions, RuntimeError> {
+    static OPTIONS: std::sync::OnceLock<Result<RunOptions, String>> = std::sync::OnceLock::new();
+    OPTIONS
+        .get_or_init(|| {
+            let mut o = RunOptions::new().map_err(|e| e.to_string())?;
+            o.set(GPU_GRAPH_ID, "-1").map_err(|e| e.to_string())?;
+            Ok(o)
+        })
+        .as_ref()
+        .map_err(|e| RuntimeError::Unsupported(format!("creating run options: {e}")))
+}
+
+/// ONNX Runtime's run option naming the CUDA graph a run captures or replays.
+pub(crate) const GPU_GRAPH_ID: &str = "gpu_graph_id";
 
 fn names(layer: usize, which: usize) -> (String, String) {
     if which == 0 {

@@ -34,6 +34,9 @@ pub struct Blip2Model {
     vision_fp16: bool,
     /// Where the KV cache lives between decode steps (host memory unless set).
     pub(crate) kv_memory: MemoryInfo<'static>,
+    /// Set by [`Blip2Model::use_fixed_step_buffers`]: decode steps bind the same buffers
+    /// every time (CUDA graphs), and finished requests leave theirs here.
+    pub(crate) step_pool: Option<crate::state::fixed::StepPool>,
 }
 
 /// The model a decoder state runs on: borrowed for the whole generation (the CLI, the
@@ -138,6 +141,7 @@ impl Blip2Model {
             lm_fp16,
             vision_fp16,
             kv_memory,
+            step_pool: None,
         })
     }
 
@@ -190,6 +194,39 @@ impl Blip2Model {
         self.kv_memory = MemoryInfo::new(AllocationDevice::CUDA, device_id, AllocatorType::Device, MemoryType::Default)
             .map_err(ort_err("CUDA memory info"))?;
         Ok(())
+    }
+
+    /// Runs every decode step of a CUDA-target OPT export on the same buffers (inputs,
+    /// outputs and KV cache at fixed addresses, `total_sequence_length` fixed at the
+    /// buffers' length, one `gpu_graph_id` per buffer set and candidate count), as a
+    /// language-model session that captures CUDA graphs needs; see
+    /// [`crate::state::fixed`]. Finished requests leave their buffers for the next of the
+    /// same shape. It works on every provider (the tests run it on the CPU); only a
+    /// session created with the CUDA provider's `enable_cuda_graph` captures.
+    pub fn use_fixed_step_buffers(&mut self) -> Result<(), RuntimeError> {
+        if self.manifest.family != Family::Opt || !crate::state::is_static(self) || !crate::state::selects_tokens(self) {
+            return Err(RuntimeError::Unsupported(format!(
+                "{}: fixed decode-step buffers (cuda_graph = true) need an OPT export made with --target cuda; \
+                 this one is a {} {} export",
+                self.dir.display(),
+                self.manifest.family,
+                if crate::state::is_static(self) { "--target cuda" } else { "portable" }
+            )));
+        }
+        if self.kv_reorder.is_none() {
+            return Err(RuntimeError::Unsupported(format!(
+                "{}: this CUDA-target export has no kv_reorder graph; export it again",
+                self.dir.display()
+            )));
+        }
+        self.step_pool.get_or_insert_with(Default::default);
+        Ok(())
+    }
+
+    /// The pool of idle decode-step buffers, when [`Blip2Model::use_fixed_step_buffers`]
+    /// is on.
+    pub fn step_pool(&self) -> Option<&crate::state::fixed::StepPool> {
+        self.step_pool.as_ref()
     }
 
     /// Allocates buffers where the decoder's cache lives (static KV caches).

@@ -6,9 +6,11 @@
 //! - [`opt::OptState`]: OPT on the portable graph, a growing cache and left padding,
 //!   exactly transformers' layout;
 //! - [`opt_static::OptStaticState`]: OPT on a CUDA-target graph, fixed-length KV buffers
-//!   written in place, rows right-padded, token selection on the device;
+//!   written in place, rows right-padded, token selection on the device; with
+//!   [`fixed`] buffers for every step when its session captures CUDA graphs;
 //! - [`t5::T5State`]: Flan-T5's decoder, the cross-attention cache computed once.
 
+pub mod fixed;
 pub mod opt;
 pub mod opt_static;
 pub mod t5;
@@ -127,7 +129,8 @@ pub(crate) fn run_selecting(
         Ok(())
     })()
     .map_err(ort_err(format!("{what}: binding inputs and outputs")))?;
-    let mut out = session.run_binding(&binding).map_err(ort_err(what))?;
+    // Inputs and buffers that change from run to run: never captured as a CUDA graph.
+    let mut out = session.run_binding_with_options(&binding, crate::kv_cache::no_capture()?).map_err(ort_err(what))?;
     cache.take_present(&mut out)?;
     let get = |name: &str| out.get(name).ok_or_else(|| RuntimeError::MissingOutput(name.into()));
     let answer = match want {

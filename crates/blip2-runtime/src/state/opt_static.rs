@@ -6,6 +6,10 @@
 //! positions and keys it has under transformers' left padding. The graph also picks
 //! tokens on the device: a step returns the logits, the argmax or the top-k
 //! log-probabilities, whichever the search asks for.
+//!
+//! When the model uses fixed step buffers ([`crate::model::Blip2Model::use_fixed_step_buffers`],
+//! for CUDA graphs), the buffers come from the model's pool and every decode step binds
+//! the same tensors; see [`crate::state::fixed`].
 
 use blip2_core::io;
 use ndarray::{Array1, Array2, ArrayD};
@@ -17,20 +21,35 @@ use crate::generation::{StepModel, StepOutput, Want};
 use crate::kv_cache::KvCache;
 use crate::model::{lm_value, ort_err, ModelRef};
 use crate::prompt::Batch;
+use crate::state::fixed::{pooled_capacity, StepBuffers, StepShape};
 use crate::state::opt::{kv_spec, no_image_embeds};
 use crate::state::run_selecting;
 
+/// Where a request's buffers come from.
+enum Buffers {
+    /// Allocated for the request; each step binds what it has.
+    Own {
+        cache: KvCache,
+        /// The previous buffers after a beam reorder, reused by the next one.
+        spare: Option<KvCache>,
+    },
+    /// Taken from the model's pool: every decode step binds the same tensors.
+    Fixed(StepBuffers),
+    /// Given back to the pool (only while dropping).
+    Released,
+}
+
 pub struct OptStaticState<'m> {
     model: ModelRef<'m>,
-    cache: KvCache,
-    /// The previous buffers after a beam reorder, reused by the next one.
-    spare: Option<KvCache>,
+    buffers: Buffers,
     /// Tokens each row holds in the cache.
     lens: Vec<usize>,
     capacity: usize,
     allocator: Allocator,
     /// The last step's logits where the decoder left them, when only part came back.
     last_logits: Option<DynValue>,
+    /// Fixed buffers: the graph id of the last decode step, once one ran.
+    last_graph_id: Option<i32>,
 }
 
 impl<'m> OptStaticState<'m> {
@@ -52,17 +71,26 @@ impl<'m> OptStaticState<'m> {
             return Err(RuntimeError::Input("a prompt row has no tokens".into()));
         }
         let mut model = model.into();
-        let m = model.get();
+        let mut m = model.get();
         let pad = m.manifest.tokens.pad_token_id.unwrap_or(0);
         let ids = Array2::from_shape_fn((rows, longest), |(r, j)| real[r].get(j).copied().unwrap_or(pad));
         // Padding positions are never attended to; any valid position will do.
         let pos = Array2::from_shape_fn((rows, longest), |(r, j)| if j < lens[r] { j as i64 } else { 0 });
-        let capacity = longest + max_new_tokens;
         let allocator = m.cache_allocator()?;
-        let cache = KvCache::allocate(kv_spec(&m), rows, capacity, &allocator)?;
+        let shape = step_shape(&m);
+        let (buffers, capacity) = match m.step_pool.as_mut() {
+            Some(pool) => {
+                let capacity = pooled_capacity(longest + max_new_tokens);
+                (Buffers::Fixed(pool.take(shape, rows, capacity, &allocator)?), capacity)
+            }
+            None => {
+                let capacity = longest + max_new_tokens;
+                (Buffers::Own { cache: KvCache::allocate(shape.kv, rows, capacity, &allocator)?, spare: None }, capacity)
+            }
+        };
         let embeds = lm_value(&m, image_embeds)?;
         drop(m);
-        let mut st = Self { model, cache, spare: None, lens: lens.clone(), capacity, allocator, last_logits: None };
+        let mut st = Self { model, buffers, lens: lens.clone(), capacity, allocator, last_logits: None, last_graph_id: None };
         let seqlens: Vec<i32> = lens.iter().map(|&n| n as i32 - 1).collect();
         let out = st.run(ids, pos, embeds, &seqlens, longest as i32, Want::Logits)?;
         match out {
@@ -91,14 +119,68 @@ impl<'m> OptStaticState<'m> {
         let refs: Vec<(&str, &DynValue)> = inputs.iter().map(|(n, v)| (*n, v)).collect();
         let mut g = self.model.get();
         let m = &mut *g;
-        let (answer, logits) = run_selecting(&mut m.lm, &m.kv_memory, &refs, &mut self.cache, want, "language model")?;
+        let cache = match &mut self.buffers {
+            Buffers::Own { cache, .. } => cache,
+            Buffers::Fixed(b) => b.kv_mut(),
+            Buffers::Released => unreachable!("released only when dropped"),
+        };
+        let (answer, logits) = run_selecting(&mut m.lm, &m.kv_memory, &refs, cache, want, "language model")?;
         self.last_logits = logits;
         Ok(answer)
+    }
+
+    /// A decode step on the fixed buffers: inputs written into them, the step run under
+    /// its graph id, `want` read from the output buffers.
+    fn run_fixed(&mut self, tokens: &[i64], want: Want) -> Result<StepOutput, RuntimeError> {
+        let Buffers::Fixed(b) = &mut self.buffers else { unreachable!("fixed buffers") };
+        let want = match want {
+            Want::TopLogits(_) if !b.has_top_logits() => Want::Logits,
+            w => w,
+        };
+        let k = match want {
+            Want::TopLogProbs(k) | Want::TopLogits(k) => k,
+            Want::Logits | Want::Argmax => 1,
+        };
+        b.write_step(tokens, &self.lens)?;
+        let mut m = self.model.get();
+        self.last_graph_id = Some(b.run(&mut m.lm, k, &self.allocator)?);
+        b.answer(want)
     }
 
     /// Each row's length in the cache (tests).
     pub fn lens(&self) -> &[usize] {
         &self.lens
+    }
+
+    /// Fixed buffers only: the set's number, the graph id of the last decode step (none
+    /// before the first) and where its bound tensors lie (tests: a set keeps its
+    /// addresses, and requests of one shape share sets and graphs).
+    pub fn fixed_buffers(&self) -> Option<(u64, Option<i32>, Vec<usize>)> {
+        match &self.buffers {
+            Buffers::Fixed(b) => Some((b.id(), self.last_graph_id, b.addresses())),
+            _ => None,
+        }
+    }
+}
+
+/// The decode step's shapes for the fixed buffers.
+fn step_shape(m: &crate::model::Blip2Model) -> StepShape {
+    StepShape {
+        kv: kv_spec(m),
+        hidden: m.manifest.text.hidden_size,
+        vocab: m.manifest.text.vocab_size,
+        top_logits: m.manifest.graphs.language_model.outputs.iter().any(|t| t.name == io::TOP_LOGITS),
+    }
+}
+
+impl Drop for OptStaticState<'_> {
+    /// Fixed buffers go back to the model's pool for the next request of their shape.
+    fn drop(&mut self) {
+        if let Buffers::Fixed(b) = std::mem::replace(&mut self.buffers, Buffers::Released) {
+            if let Some(pool) = self.model.get().step_pool.as_mut() {
+                pool.put(b);
+            }
+        }
     }
 }
 
@@ -120,12 +202,16 @@ impl StepModel for OptStaticState<'_> {
         if self.lens.iter().any(|&n| n >= self.capacity) {
             return Err(RuntimeError::Input(format!("the KV buffers hold {} positions and a row is full", self.capacity)));
         }
-        let ids = Array2::from_shape_fn((rows, 1), |(r, _)| tokens[r]);
-        let pos = Array2::from_shape_fn((rows, 1), |(r, _)| self.lens[r] as i64);
-        let seqlens: Vec<i32> = self.lens.iter().map(|&n| n as i32).collect();
-        let total = self.lens.iter().copied().max().unwrap_or(0) as i32 + 1;
-        let no_images = no_image_embeds(&self.model.get(), rows)?;
-        let out = self.run(ids, pos, no_images, &seqlens, total, want)?;
+        let out = if matches!(self.buffers, Buffers::Fixed(_)) {
+            self.run_fixed(tokens, want)?
+        } else {
+            let ids = Array2::from_shape_fn((rows, 1), |(r, _)| tokens[r]);
+            let pos = Array2::from_shape_fn((rows, 1), |(r, _)| self.lens[r] as i64);
+            let seqlens: Vec<i32> = self.lens.iter().map(|&n| n as i32).collect();
+            let total = self.lens.iter().copied().max().unwrap_or(0) as i32 + 1;
+            let no_images = no_image_embeds(&self.model.get(), rows)?;
+            self.run(ids, pos, no_images, &seqlens, total, want)?
+        };
         for n in &mut self.lens {
             *n += 1;
         }
@@ -133,17 +219,33 @@ impl StepModel for OptStaticState<'_> {
     }
 
     fn last_logits(&mut self) -> Option<Result<Array2<f32>, RuntimeError>> {
-        self.last_logits.as_ref().map(crate::state::last_position)
+        match &self.buffers {
+            Buffers::Fixed(b) => self.last_graph_id.map(|_| b.logits()),
+            _ => self.last_logits.as_ref().map(crate::state::last_position),
+        }
     }
 
     /// New row i is old row `rows[i]`: the buffers are gathered on the device by the
     /// export's `kv_reorder` graph.
     fn select_rows(&mut self, rows: &[usize]) -> Result<(), RuntimeError> {
-        let mut m = self.model.get();
+        let mut g = self.model.get();
+        let m = &mut *g;
         let reorder = m.kv_reorder.as_mut().ok_or_else(|| {
             RuntimeError::Unsupported("this CUDA-target export has no kv_reorder graph; export it again".into())
         })?;
-        self.cache.reorder_on_device(reorder, rows, &mut self.spare, &self.allocator)?;
+        match &mut self.buffers {
+            Buffers::Own { cache, spare } => cache.reorder_on_device(reorder, rows, spare, &self.allocator)?,
+            Buffers::Fixed(b) if b.rows() == rows.len() => b.reorder(reorder, rows, &self.allocator)?,
+            Buffers::Fixed(b) => {
+                // A new row count (samples expanded from their prompts): a set of that
+                // shape from the pool, this one back to it.
+                let pool = m.step_pool.as_mut().expect("fixed buffers come from the pool");
+                let mut next = pool.take(b.shape(), rows.len(), b.capacity(), &self.allocator)?;
+                b.kv().gather_into(reorder, rows, next.kv_mut())?;
+                pool.put(std::mem::replace(b, next));
+            }
+            Buffers::Released => unreachable!("released only when dropped"),
+        }
         self.lens = rows.iter().map(|&r| self.lens[r]).collect();
         Ok(())
     }

@@ -1,0 +1,344 @@
+//! Decode steps at fixed addresses: how a CUDA-target OPT export runs its steps when the
+//! language model's session captures CUDA graphs (a profile's `cuda_graph = true`).
+//!
+//! ONNX Runtime's CUDA provider can record a run as a CUDA graph and replay it later: one
+//! launch for the whole step instead of several hundred kernels sent from the host. A
+//! replay reads and writes the device addresses the capture saw, and the host values it
+//! read then (`total_sequence_length`, top-k's K). So every decode step here binds the
+//! same tensors:
+//! - input buffers on the device (ids, positions, `seqlens_k`), written before each step;
+//! - `total_sequence_length` fixed at the buffers' length (GroupQueryAttention reads each
+//!   row's length from `seqlens_k`), and one `top_k` per candidate count;
+//! - every output into a buffer of its own, the KV buffers bound as past and present.
+//!
+//! A captured graph is named by its `gpu_graph_id`. Each set of buffers has ids of its
+//! own, one per candidate count and per KV set (beam reorders gather into a second set
+//! and swap), so no graph ever replays against memory it was not captured with. A
+//! finished request gives its buffers back to the model's [`StepPool`], and the next
+//! request of the same shape takes them, captured graphs included; ids are never reused.
+//! The prefill and beam reorders run uncaptured (`gpu_graph_id` -1): their shapes and
+//! buffers change from call to call.
+//!
+//! Everything but the capture itself runs the same way on any provider: on the CPU the
+//! "device" buffers are host memory, which is how the tests check this path.
+
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+
+use blip2_core::io;
+use ndarray::{Array1, Array2, ArrayD};
+use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::{IoBinding, RunOptions, Session};
+use ort::value::{DynTensor, DynValue, PrimitiveTensorElementType, Tensor, TensorElementType};
+
+use crate::error::RuntimeError;
+use crate::generation::{StepOutput, Want};
+use crate::kv_cache::{KvCache, KvSpec, GPU_GRAPH_ID};
+use crate::model::ort_err;
+
+/// Buffer lengths are rounded up to a multiple of this, so that requests of nearby
+/// lengths share buffers and captured graphs.
+pub const CAPACITY_STEP: usize = 64;
+/// Idle buffer sets the pool keeps; the least recently used beyond this are freed.
+pub const IDLE_SETS: usize = 4;
+
+/// Graph ids: unique in the process, so a graph captured on freed buffers is never
+/// replayed. 0 is ONNX Runtime's id for runs that name none; these start at 1.
+static NEXT_GRAPH_ID: AtomicI32 = AtomicI32::new(1);
+static NEXT_SET: AtomicU64 = AtomicU64::new(1);
+
+/// The shapes and dtypes of an export's decode step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepShape {
+    pub kv: KvSpec,
+    pub hidden: usize,
+    pub vocab: usize,
+    /// Whether the graph has the `top_logits` output.
+    pub top_logits: bool,
+}
+
+/// Buffer sets of finished requests, for the next request of the same shape.
+#[derive(Default)]
+pub struct StepPool {
+    idle: Vec<StepBuffers>,
+}
+
+impl StepPool {
+    /// Idle buffers for `rows` rows of `capacity` positions, or new ones.
+    pub fn take(
+        &mut self,
+        shape: StepShape,
+        rows: usize,
+        capacity: usize,
+        allocator: &Allocator,
+    ) -> Result<StepBuffers, RuntimeError> {
+        match self.idle.iter().position(|b| b.shape == shape && b.rows == rows && b.capacity == capacity) {
+            Some(i) => Ok(self.idle.remove(i)),
+            None => StepBuffers::allocate(shape, rows, capacity, allocator),
+        }
+    }
+
+    /// Keeps `b` for a later request; frees the oldest idle set beyond [`IDLE_SETS`].
+    pub fn put(&mut self, b: StepBuffers) {
+        self.idle.push(b);
+        if self.idle.len() > IDLE_SETS {
+            self.idle.remove(0);
+        }
+    }
+
+    /// How many idle sets it holds (tests).
+    pub fn idle(&self) -> usize {
+        self.idle.len()
+    }
+}
+
+/// A KV buffer length for `needed` positions under the pool: rounded up to
+/// [`CAPACITY_STEP`].
+pub fn pooled_capacity(needed: usize) -> usize {
+    needed.div_ceil(CAPACITY_STEP).max(1) * CAPACITY_STEP
+}
+
+/// A step bound once and run again and again: its binding, and the run options naming
+/// its graph.
+struct Bound {
+    binding: IoBinding,
+    options: RunOptions,
+    graph_id: i32,
+}
+
+/// The outputs that depend on top-k's K, and the bindings that use them (one per KV set).
+struct TopK {
+    k: usize,
+    top_k: DynValue,
+    logprobs: DynTensor,
+    ids: DynTensor,
+    logits: Option<DynTensor>,
+    bound: [Option<Bound>; 2],
+}
+
+/// One request's decode-step tensors, all at fixed addresses.
+pub struct StepBuffers {
+    shape: StepShape,
+    id: u64,
+    rows: usize,
+    capacity: usize,
+    /// The KV sets: the second is allocated at the first beam reorder.
+    kv: [Option<KvCache>; 2],
+    current: usize,
+    input_ids: DynTensor,
+    position_ids: DynTensor,
+    seqlens_k: DynTensor,
+    image_embeds: DynTensor,
+    total: DynValue,
+    logits: DynTensor,
+    next_token: DynTensor,
+    tops: Vec<TopK>,
+}
+
+fn alloc(allocator: &Allocator, elem: TensorElementType, shape: &[usize]) -> Result<DynTensor, RuntimeError> {
+    DynTensor::new(allocator, elem, shape.to_vec()).map_err(ort_err("allocating the decode step's buffers"))
+}
+
+impl StepBuffers {
+    fn allocate(shape: StepShape, rows: usize, capacity: usize, allocator: &Allocator) -> Result<Self, RuntimeError> {
+        use TensorElementType::{Float16, Float32, Int32, Int64};
+        let embeds = if shape.kv.fp16 { Float16 } else { Float32 };
+        Ok(Self {
+            shape,
+            id: NEXT_SET.fetch_add(1, Ordering::Relaxed),
+            rows,
+            capacity,
+            kv: [Some(KvCache::allocate(shape.kv, rows, capacity, allocator)?), None],
+            current: 0,
+            input_ids: alloc(allocator, Int64, &[rows, 1])?,
+            position_ids: alloc(allocator, Int64, &[rows, 1])?,
+            seqlens_k: alloc(allocator, Int32, &[rows])?,
+            image_embeds: alloc(allocator, embeds, &[rows, 0, shape.hidden])?,
+            total: Tensor::from_array(ndarray::arr0(capacity as i32)).map_err(ort_err("total_sequence_length"))?.into_dyn(),
+            logits: alloc(allocator, Float32, &[rows, 1, shape.vocab])?,
+            next_token: alloc(allocator, Int64, &[rows])?,
+            tops: Vec::new(),
+        })
+    }
+
+    /// The set's number (tests: a request that reuses a set has the same one).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn shape(&self) -> StepShape {
+        self.shape
+    }
+
+    /// Whether the graph has the `top_logits` output.
+    pub fn has_top_logits(&self) -> bool {
+        self.shape.top_logits
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The KV set in use.
+    pub fn kv(&self) -> &KvCache {
+        self.kv[self.current].as_ref().expect("the current KV set is allocated")
+    }
+
+    pub fn kv_mut(&mut self) -> &mut KvCache {
+        self.kv[self.current].as_mut().expect("the current KV set is allocated")
+    }
+
+    /// Writes a step's inputs into the input buffers: each row's token, its position
+    /// (`lens[r]`, the tokens it holds) and its length after the step minus one.
+    pub fn write_step(&mut self, tokens: &[i64], lens: &[usize]) -> Result<(), RuntimeError> {
+        let rows = self.rows;
+        write(&mut self.input_ids, Array2::from_shape_fn((rows, 1), |(r, _)| tokens[r]), io::INPUT_IDS)?;
+        write(&mut self.position_ids, Array2::from_shape_fn((rows, 1), |(r, _)| lens[r] as i64), io::POSITION_IDS)?;
+        write(&mut self.seqlens_k, Array1::from_iter(lens.iter().map(|&n| n as i32)), io::SEQLENS_K)
+    }
+
+    /// Runs the step on `session` with `k` candidates (1 when only the logits or the
+    /// argmax are wanted), binding the buffers the first time this (K, KV set) runs;
+    /// returns the graph id it ran under. `allocator` is the model's, for the buffers of
+    /// a K not seen before.
+    pub fn run(&mut self, session: &mut Session, k: usize, allocator: &Allocator) -> Result<i32, RuntimeError> {
+        let t = match self.tops.iter().position(|t| t.k == k) {
+            Some(t) => t,
+            None => {
+                let top = self.top_buffers(k, allocator)?;
+                self.tops.push(top);
+                self.tops.len() - 1
+            }
+        };
+        let set = self.current;
+        if self.tops[t].bound[set].is_none() {
+            let bound = self.bind(session, t)?;
+            self.tops[t].bound[set] = Some(bound);
+        }
+        let bound = self.tops[t].bound[set].as_ref().expect("bound above");
+        session.run_binding_with_options(&bound.binding, &bound.options).map_err(ort_err("language model (decode step)"))?;
+        Ok(bound.graph_id)
+    }
+
+    fn top_buffers(&self, k: usize, allocator: &Allocator) -> Result<TopK, RuntimeError> {
+        let shape = [self.rows, k];
+        Ok(TopK {
+            k,
+            top_k: Tensor::from_array(ndarray::arr0(k as i64)).map_err(ort_err("top_k"))?.into_dyn(),
+            logprobs: alloc(allocator, TensorElementType::Float32, &shape)?,
+            ids: alloc(allocator, TensorElementType::Int64, &shape)?,
+            logits: if self.shape.top_logits { Some(alloc(allocator, TensorElementType::Float32, &shape)?) } else { None },
+            bound: [None, None],
+        })
+    }
+
+    fn bind(&mut self, session: &mut Session, t: usize) -> Result<Bound, RuntimeError> {
+        let mut binding = session.create_binding().map_err(ort_err("decode step: creating an IO binding"))?;
+        // A static cache binds its own tensors as outputs; the memory is not used.
+        let memory = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)
+            .map_err(ort_err("host memory info"))?;
+        let cache = self.kv[self.current].as_mut().expect("the current KV set is allocated");
+        let top = &mut self.tops[t];
+        (|| -> Result<(), ort::Error> {
+            binding.bind_input(io::INPUT_IDS, &self.input_ids)?;
+            binding.bind_input(io::POSITION_IDS, &self.position_ids)?;
+            binding.bind_input(io::SEQLENS_K, &self.seqlens_k)?;
+            binding.bind_input(io::IMAGE_EMBEDS, &self.image_embeds)?;
+            binding.bind_input(io::TOTAL_SEQUENCE_LENGTH, &self.total)?;
+            binding.bind_input(io::TOP_K, &top.top_k)?;
+            cache.bind(&mut binding, &memory)?;
+            binding.bind_output(io::LOGITS, &mut self.logits)?;
+            binding.bind_output(io::NEXT_TOKEN, &mut self.next_token)?;
+            binding.bind_output(io::TOP_LOGPROBS, &mut top.logprobs)?;
+            binding.bind_output(io::TOP_IDS, &mut top.ids)?;
+            if let Some(l) = top.logits.as_mut() {
+                binding.bind_output(io::TOP_LOGITS, l)?;
+            }
+            Ok(())
+        })()
+        .map_err(ort_err("decode step: binding the fixed buffers"))?;
+        let graph_id = NEXT_GRAPH_ID.fetch_add(1, Ordering::Relaxed);
+        let mut options = RunOptions::new().map_err(ort_err("creating run options"))?;
+        options.set(GPU_GRAPH_ID, graph_id.to_string()).map_err(ort_err("setting gpu_graph_id"))?;
+        Ok(Bound { binding, options, graph_id })
+    }
+
+    /// What `want` asks of the last step, from the output buffers (copied to the host
+    /// when they lie on a device).
+    pub fn answer(&self, want: Want) -> Result<StepOutput, RuntimeError> {
+        let top = |k: usize| self.tops.iter().find(|t| t.k == k).ok_or_else(|| RuntimeError::MissingOutput(format!("top-{k} buffers")));
+        Ok(match want {
+            Want::Logits => StepOutput::Logits(self.logits()?),
+            Want::Argmax => StepOutput::Argmax(host::<i64>(&self.next_token)?.iter().copied().collect()),
+            Want::TopLogProbs(k) => {
+                let t = top(k)?;
+                StepOutput::TopLogProbs { logprobs: rank2(host::<f32>(&t.logprobs)?)?, ids: rank2(host::<i64>(&t.ids)?)? }
+            }
+            Want::TopLogits(k) => {
+                let t = top(k)?;
+                let l = t.logits.as_ref().ok_or_else(|| RuntimeError::MissingOutput(io::TOP_LOGITS.into()))?;
+                StepOutput::TopLogits { logits: rank2(host::<f32>(l)?)?, ids: rank2(host::<i64>(&t.ids)?)? }
+            }
+        })
+    }
+
+    /// The last step's logits, `[rows, vocab]`.
+    pub fn logits(&self) -> Result<Array2<f32>, RuntimeError> {
+        let a = host::<f32>(&self.logits)?;
+        a.into_shape_with_order((self.rows, self.shape.vocab)).map_err(|_| RuntimeError::MissingOutput("logits of shape [rows, 1, vocab]".into()))
+    }
+
+    /// Beams: new row i is row `rows[i]` (as many rows as before), gathered by
+    /// `kv_reorder` into the other KV set, which becomes the current one.
+    pub fn reorder(&mut self, kv_reorder: &mut Session, rows: &[usize], allocator: &Allocator) -> Result<(), RuntimeError> {
+        if rows.len() != self.rows {
+            return Err(RuntimeError::Unsupported("fixed buffers keep their row count".into()));
+        }
+        let other = 1 - self.current;
+        if self.kv[other].is_none() {
+            self.kv[other] = Some(KvCache::allocate(self.shape.kv, self.rows, self.capacity, allocator)?);
+        }
+        let [a, b] = &mut self.kv;
+        let (src, dst) = if self.current == 0 { (a, b) } else { (b, a) };
+        src.as_ref().expect("current set").gather_into(kv_reorder, rows, dst.as_mut().expect("allocated above"))?;
+        self.current = other;
+        Ok(())
+    }
+
+    /// Where every bound tensor's data lies (tests: they never move).
+    pub fn addresses(&self) -> Vec<usize> {
+        let ptr = |t: &DynTensor| t.data_ptr() as usize;
+        let mut a = vec![ptr(&self.input_ids), ptr(&self.position_ids), ptr(&self.seqlens_k), ptr(&self.logits), ptr(&self.next_token)];
+        a.extend(self.kv().addresses());
+        a
+    }
+}
+
+/// Copies a host array into the fixed tensor `to` (wherever it lies).
+fn write<T, D>(to: &mut DynTensor, a: ndarray::Array<T, D>, what: &str) -> Result<(), RuntimeError>
+where
+    T: PrimitiveTensorElementType + std::fmt::Debug + Clone + 'static,
+    D: ndarray::Dimension + 'static,
+{
+    let src = Tensor::from_array(a).map_err(ort_err(what.to_string()))?.upcast();
+    src.copy_into(to).map_err(ort_err(format!("writing {what} into its buffer")))
+}
+
+/// A fixed tensor's contents in host memory.
+fn host<T>(t: &DynTensor) -> Result<ArrayD<T>, RuntimeError>
+where
+    T: PrimitiveTensorElementType + Clone + 'static,
+{
+    if t.memory_info().is_cpu_accessible() {
+        return Ok(t.try_extract_array::<T>().map_err(ort_err("reading a step output"))?.to_owned());
+    }
+    let h = t.to(AllocationDevice::CPU, 0).map_err(ort_err("copying a step output to the host"))?;
+    Ok(h.try_extract_array::<T>().map_err(ort_err("reading a step output"))?.to_owned())
+}
+
+fn rank2<T>(a: ArrayD<T>) -> Result<Array2<T>, RuntimeError> {
+    a.into_dimensionality().map_err(|_| RuntimeError::MissingOutput("top candidates of rank 2".into()))
+}
