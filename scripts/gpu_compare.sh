@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # blip2-ort against transformers on a GPU, on a random checkpoint with real shapes, in one
 # command: make the checkpoint on the GPU, export it twice with --dtype fp16 (portable
-# graphs, and --target cuda), time both with `blip2-ort bench --ep cuda`, then time
-# transformers' generate() on the same checkpoint, and print one table.
+# graphs, and --target cuda), time both with `blip2-ort bench --ep cuda` (and the CUDA
+# export once more with --ep cuda-graph, its decode step captured as a CUDA graph; OPT
+# presets only), then time transformers' generate() on the same checkpoint, and print
+# one table.
 #
 #   scripts/gpu_compare.sh [PRESET] [OUT]     # PRESET: opt-2.7b (default), opt-6.7b, flan-t5-xl, small
 #
@@ -10,7 +12,8 @@
 # build (`blip2-ort install-runtime --gpu`, or ORT_DYLIB_PATH), and python3 with the
 # packages of scripts/requirements-fixtures.txt and a CUDA build of torch. Knobs
 # (environment): BATCHES (1,8,32), BEAMS (5; empty skips beam search), NEW_TOKENS (20),
-# TARGETS ("portable cuda"), HF=0 skips transformers, CK=an existing checkpoint folder,
+# TARGETS ("portable cuda cuda-graph"; cuda-graph is the cuda export on the cuda-graph
+# profile), HF=0 skips transformers, CK=an existing checkpoint folder,
 # EP / DEVICE / DTYPE (cuda / cuda / fp16: the same script checks itself on a CPU with
 # EP=cpu DEVICE=cpu DTYPE=fp32). Everything lands in OUT (default
 # /tmp/gpu-compare): log.txt, ours_<target>_greedy.json, ours_<target>_beam.json,
@@ -24,8 +27,9 @@ PYTHON=${PYTHON:-python3}
 BATCHES=${BATCHES:-1,8,32}
 BEAMS=${BEAMS-5}
 NEW_TOKENS=${NEW_TOKENS:-20}
-TARGETS=${TARGETS:-portable cuda}
 EP=${EP:-cuda}
+# The cuda-graph profile needs CUDA and an OPT export.
+case "$PRESET:$EP" in flan-t5*|*:cpu) TARGETS=${TARGETS:-portable cuda} ;; *) TARGETS=${TARGETS:-portable cuda cuda-graph} ;; esac
 DEVICE=${DEVICE:-cuda}
 DTYPE=${DTYPE:-fp16}
 case "$DTYPE" in fp16) TORCH_DTYPE=float16 ;; *) TORCH_DTYPE=float32 ;; esac
@@ -42,16 +46,20 @@ if [ ! -f "$CK/config.json" ]; then
     || { echo "error: making the checkpoint failed (see $OUT/log.txt)" >&2; exit 1; }
 fi
 for target in $TARGETS; do
-  ex="$OUT/export-$target"
-  log "export --dtype $DTYPE --target $target"
-  rm -rf "$ex"
-  "$BIN" export "$CK" -o "$ex" --dtype "$DTYPE" --target "$target" --quiet >>"$OUT/log.txt" 2>&1 || { log "export failed"; continue; }
-  log "blip2-ort bench ($target), greedy, batches $BATCHES"
-  "$BIN" bench --model "$ex" --ep "$EP" --batch "$BATCHES" --new-tokens "$NEW_TOKENS" --json \
+  # cuda-graph: the --target cuda export on the cuda-graph profile.
+  case "$target" in cuda-graph) etarget=cuda; ep=cuda-graph ;; *) etarget=$target; ep=$EP ;; esac
+  ex="$OUT/export-$etarget"
+  if [ ! -f "$ex/blip2_manifest.json" ] || [ "$target" = "$etarget" ]; then
+    log "export --dtype $DTYPE --target $etarget"
+    rm -rf "$ex"
+    "$BIN" export "$CK" -o "$ex" --dtype "$DTYPE" --target "$etarget" --quiet >>"$OUT/log.txt" 2>&1 || { log "export failed"; continue; }
+  fi
+  log "blip2-ort bench ($target, --ep $ep), greedy, batches $BATCHES"
+  "$BIN" bench --model "$ex" --ep "$ep" --batch "$BATCHES" --new-tokens "$NEW_TOKENS" --json \
     >"$OUT/ours_${target}_greedy.json" 2>>"$OUT/log.txt" || log "bench failed"
   if [ -n "$BEAMS" ]; then
-    log "blip2-ort bench ($target), $BEAMS beams"
-    "$BIN" bench --model "$ex" --ep "$EP" --batch 1 --num-beams "$BEAMS" --new-tokens "$NEW_TOKENS" --json \
+    log "blip2-ort bench ($target, --ep $ep), $BEAMS beams"
+    "$BIN" bench --model "$ex" --ep "$ep" --batch 1 --num-beams "$BEAMS" --new-tokens "$NEW_TOKENS" --json \
       >"$OUT/ours_${target}_beam.json" 2>>"$OUT/log.txt" || log "bench failed"
   fi
 done

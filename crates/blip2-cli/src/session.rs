@@ -61,22 +61,69 @@ pub fn profile(o: &SessionOptions) -> Result<Profile> {
 pub fn load_pipeline(dir: &Path, o: &SessionOptions) -> Result<Pipeline> {
     let profile = profile(o)?;
     blip2_runtime::ort_env::init_with_threads(profile.intra_op_threads)?;
-    let mut pipe = Pipeline::load(dir, &mut *session_factory(&profile))?;
+    // Only the language model's own graph captures CUDA graphs; its helper graphs
+    // (kv_reorder) run on buffers that change from call to call.
+    let capture = if profile.cuda_graph { Some(check_cuda_graph(dir, &profile)?) } else { None };
+    let mut factory = session_factory_capturing(&profile, capture.as_deref());
+    let mut pipe = Pipeline::load(dir, &mut *factory).map_err(|e| {
+        // The captured session itself failed to build: say what capture needs.
+        let capturing = matches!(&e, RuntimeError::Session(providers::ProviderError::Commit { path, .. }) if Some(path.as_path()) == capture.as_deref());
+        let e = anyhow::Error::from(e);
+        if capturing {
+            e.context(format!(
+                "profile \"{}\" sets cuda_graph = true: ONNX Runtime refuses to capture a graph with a node off the CUDA provider \
+                 or a host copy; set cuda_graph = false to run it uncaptured",
+                profile.name
+            ))
+        } else {
+            e
+        }
+    })?;
+    drop(factory);
     // On a GPU the decoder's KV cache stays on the device between steps.
     let lm = profile.providers_for("language_model");
     if matches!(lm.first(), Some(Provider::Cuda | Provider::TensorRt)) {
         pipe.model.keep_cache_on_cuda(profile.device_id)?;
     }
+    if capture.is_some() {
+        pipe.model.use_fixed_step_buffers()?;
+    }
     Ok(pipe)
+}
+
+/// For a profile with `cuda_graph = true`: the export's language-model file, after
+/// checking that the export can be captured (an OPT export made with `--target cuda`),
+/// before any session is built.
+fn check_cuda_graph(dir: &Path, profile: &Profile) -> Result<PathBuf> {
+    let m = blip2_core::Manifest::load(dir)?;
+    if m.family != blip2_core::Family::Opt || m.target != blip2_core::Target::Cuda {
+        anyhow::bail!(
+            "profile \"{}\" sets cuda_graph = true, which captures the decode step of an OPT export made with \
+             --target cuda; {} is a {} {} export. Use a profile without cuda_graph for it",
+            profile.name,
+            dir.display(),
+            m.family,
+            if m.target == blip2_core::Target::Cuda { "--target cuda" } else { "portable" }
+        );
+    }
+    Ok(dir.join(&m.graphs.language_model.file))
 }
 
 /// Builds each graph's session on the profile, with the optimized-graph cache unless
 /// `BLIP2_ORT_OPTIMIZED_CACHE=0`; the library's warnings go to stderr.
 pub fn session_factory(profile: &Profile) -> Box<SessionFactory<'_>> {
+    session_factory_capturing(profile, None)
+}
+
+/// [`session_factory`], with CUDA graph capture (the profile's `cuda_graph`) on the
+/// session of the graph file `capture` alone.
+fn session_factory_capturing<'p>(profile: &'p Profile, capture: Option<&'p Path>) -> Box<SessionFactory<'p>> {
     let cache_on = std::env::var(OPTIMIZED_CACHE_ENV).map_or(true, |v| v.trim() != "0");
     let cache = cache_on.then(session_cache::optimized_cache_root);
+    let uncaptured = Profile { cuda_graph: false, ..profile.clone() };
     Box::new(move |kind: GraphKind, path: &Path| {
-        providers::open_session(profile, kind.name(), path, cache.as_deref(), &mut |w| eprintln!("warning: {w}"))
+        let p = if capture == Some(path) { profile } else { &uncaptured };
+        providers::open_session(p, kind.name(), path, cache.as_deref(), &mut |w| eprintln!("warning: {w}"))
             .map_err(RuntimeError::Session)
     })
 }
@@ -89,7 +136,7 @@ mod tests {
     #[test]
     fn builtin_profiles_parse() {
         let c = builtin_config();
-        assert_eq!(c.profile_names(), ["cpu", "cuda", "tensorrt"]);
+        assert_eq!(c.profile_names(), ["cpu", "cuda", "cuda-graph", "tensorrt"]);
 
         let cpu = c.profile("cpu").unwrap();
         assert_eq!(cpu, &Profile::cpu(), "the library's default CPU profile is the built-in one");
@@ -104,6 +151,10 @@ mod tests {
         assert_eq!(cuda.gpu_mem_limit, None);
         assert!(!cuda.allow_fallback, "asking for CUDA must not quietly run on the CPU");
         assert!(cuda.uses_gpu());
+        assert!(!cuda.cuda_graph, "capture is asked for, never assumed");
+        let graph = c.profile("cuda-graph").unwrap();
+        assert_eq!((graph.providers.as_slice(), graph.cuda_graph), ([Provider::Cuda, Provider::Cpu].as_slice(), true));
+        assert!(providers::captures(graph, "language_model") && !providers::captures(graph, "vision_encoder"));
 
         let trt = c.profile("tensorrt").unwrap();
         assert_eq!(trt.providers, [Provider::TensorRt, Provider::Cuda, Provider::Cpu]);
@@ -118,7 +169,7 @@ mod tests {
         );
         assert_eq!(
             c.profile("rocm").unwrap_err().to_string(),
-            "unknown profile \"rocm\"; known profiles: cpu, cuda, tensorrt"
+            "unknown profile \"rocm\"; known profiles: cpu, cuda, cuda-graph, tensorrt"
         );
     }
 
@@ -129,7 +180,7 @@ mod tests {
         let path = dir.join("blip2-ort.toml");
         std::fs::write(&path, "[profiles.cuda]\ndevice_id = 1\n\n[profiles.lean]\nproviders = [\"cpu\"]\n").unwrap();
         let c = load_config(Some(&path)).unwrap();
-        assert_eq!(c.profile_names(), ["cpu", "cuda", "lean", "tensorrt"]);
+        assert_eq!(c.profile_names(), ["cpu", "cuda", "cuda-graph", "lean", "tensorrt"]);
         let cuda = c.profile("cuda").unwrap();
         assert_eq!((cuda.device_id, cuda.providers.as_slice()), (1, [Provider::Cuda, Provider::Cpu].as_slice()));
 

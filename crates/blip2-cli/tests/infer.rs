@@ -423,6 +423,28 @@ fn unknown_or_unavailable_providers_fail_clearly() {
     assert!(stderr(&o).to_lowercase().contains("cuda"), "{}", stderr(&o));
 }
 
+#[test]
+fn cuda_graph_profile_names_the_exports_it_cannot_capture() {
+    // The cuda-graph profile captures the decode step of an OPT --target cuda export; any
+    // other export is refused before a session is built, naming the profile and why.
+    let chelsea = photo("chelsea.png");
+    for (name, flags, kind) in [("opt-tiny", &[][..], "opt portable"), ("t5-tiny", &["--target", "cuda"][..], "t5 --target cuda")] {
+        let m = export_with(name, &format!("cuda-graph-{name}"), flags);
+        let o = run(&["--ep", "cuda-graph", "caption", chelsea.to_str().unwrap()], &m);
+        assert_eq!(o.status.code(), Some(1));
+        let e = stderr(&o);
+        assert!(e.contains("profile \"cuda-graph\" sets cuda_graph = true") && e.contains(kind), "{e}");
+    }
+    if Path::new("/dev/nvidia0").exists() {
+        return; // a GPU machine can run it
+    }
+    // A capturable export on a machine without CUDA: the provider's own clear failure.
+    let m = export_with("opt-tiny", "cuda-graph-capturable", &["--target", "cuda"]);
+    let o = run(&["--ep", "cuda-graph", "caption", chelsea.to_str().unwrap()], &m);
+    assert_eq!(o.status.code(), Some(1), "no silent CPU fallback");
+    assert!(stderr(&o).contains("CUDA"), "{}", stderr(&o));
+}
+
 /// `infer --model CK caption chelsea.png` with its own blip2-ort cache folder (where a
 /// checkpoint's export is kept), ONNX Runtime found where the tests found it.
 fn caption_with_cache(cache: &Path, ck: &Path) -> Output {

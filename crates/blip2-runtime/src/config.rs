@@ -136,6 +136,9 @@ pub struct Profile {
     /// Let the CUDA provider run fp32 products on TF32 tensor cores (10-bit mantissa).
     /// Off by default, as in PyTorch, so an fp32 export gives the CPU's tokens on CUDA.
     pub tf32: bool,
+    /// Capture the language model's decode step as a CUDA graph and replay it (CUDA
+    /// provider, OPT exports made with `--target cuda`). Off by default.
+    pub cuda_graph: bool,
     pub engine_cache_path: Option<PathBuf>,
     pub allow_fallback: bool,
     pub intra_op_threads: Option<usize>,
@@ -171,6 +174,7 @@ impl Profile {
             gpu_mem_limit: None,
             fp16: false,
             tf32: false,
+            cuda_graph: false,
             engine_cache_path: None,
             allow_fallback: false,
             intra_op_threads: None,
@@ -215,6 +219,7 @@ struct RawProfile {
     gpu_mem_limit: Option<u64>,
     fp16: Option<bool>,
     tf32: Option<bool>,
+    cuda_graph: Option<bool>,
     engine_cache_path: Option<PathBuf>,
     allow_fallback: Option<bool>,
     intra_op_threads: Option<usize>,
@@ -237,6 +242,7 @@ struct PartialProfile {
     gpu_mem_limit: Option<u64>,
     fp16: Option<bool>,
     tf32: Option<bool>,
+    cuda_graph: Option<bool>,
     engine_cache_path: Option<PathBuf>,
     allow_fallback: Option<bool>,
     intra_op_threads: Option<usize>,
@@ -267,6 +273,7 @@ impl PartialProfile {
             gpu_mem_limit: raw.gpu_mem_limit,
             fp16: raw.fp16,
             tf32: raw.tf32,
+            cuda_graph: raw.cuda_graph,
             engine_cache_path: raw.engine_cache_path,
             allow_fallback: raw.allow_fallback,
             intra_op_threads: raw.intra_op_threads,
@@ -285,6 +292,7 @@ impl PartialProfile {
             gpu_mem_limit: over.gpu_mem_limit.or(self.gpu_mem_limit),
             fp16: over.fp16.or(self.fp16),
             tf32: over.tf32.or(self.tf32),
+            cuda_graph: over.cuda_graph.or(self.cuda_graph),
             engine_cache_path: over.engine_cache_path.or(self.engine_cache_path),
             allow_fallback: over.allow_fallback.or(self.allow_fallback),
             intra_op_threads: over.intra_op_threads.or(self.intra_op_threads),
@@ -298,6 +306,15 @@ impl PartialProfile {
             .providers
             .clone()
             .ok_or_else(|| invalid(&self.origin, name, "no providers list (e.g. providers = [\"cuda\", \"cpu\"])"))?;
+        let cuda_graph = self.cuda_graph.unwrap_or(false);
+        let lm = self.graphs.get(GraphKind::LanguageModel.name()).unwrap_or(&providers);
+        if cuda_graph && lm.first() != Some(&Provider::Cuda) {
+            return Err(invalid(
+                &self.origin,
+                name,
+                "cuda_graph = true captures the language model on the CUDA provider, so its providers list must start with \"cuda\"",
+            ));
+        }
         Ok(Profile {
             name: name.into(),
             providers,
@@ -306,6 +323,7 @@ impl PartialProfile {
             gpu_mem_limit: self.gpu_mem_limit,
             fp16: self.fp16.unwrap_or(false),
             tf32: self.tf32.unwrap_or(false),
+            cuda_graph,
             engine_cache_path: self.engine_cache_path.clone(),
             allow_fallback: self.allow_fallback.unwrap_or(false),
             intra_op_threads: self.intra_op_threads,

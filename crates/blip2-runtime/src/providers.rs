@@ -15,6 +15,7 @@ use ort::session::builder::SessionBuilder;
 use ort::session::Session;
 
 use crate::config::{Profile, Provider};
+use blip2_core::GraphKind;
 use crate::ort_env::{self, RuntimeSetupError};
 use crate::session_cache;
 
@@ -53,9 +54,9 @@ where
     move |e| ProviderError::Ort { what: what.into(), source: e.into() }
 }
 
-/// The ort dispatch for one provider with the profile's options; errors on failure so
-/// we see (and report) them rather than ort's silent fallback.
-fn dispatch(p: Provider, profile: &Profile) -> ExecutionProviderDispatch {
+/// The ort dispatch for one provider with the profile's options for `graph`; errors on
+/// failure so we see (and report) them rather than ort's silent fallback.
+fn dispatch(p: Provider, profile: &Profile, graph: &str) -> ExecutionProviderDispatch {
     match p {
         // No arena (ort's CPU default; ONNX Runtime's own is on). Measured on the small
         // benchmark model: the same speed within noise, and 120 MB less peak memory at
@@ -65,6 +66,9 @@ fn dispatch(p: Provider, profile: &Profile) -> ExecutionProviderDispatch {
             // ONNX Runtime's CUDA provider defaults to TF32 products; PyTorch (the
             // reference) does not, and TF32 changes fp32 tokens, so it is off unless asked.
             let mut cuda = ep::CUDA::default().with_device_id(profile.device_id).with_tf32(profile.tf32);
+            if captures(profile, graph) {
+                cuda = cuda.with_cuda_graph(true);
+            }
             if let Some(limit) = profile.gpu_mem_limit {
                 cuda = cuda.with_memory_limit(usize::try_from(limit).unwrap_or(usize::MAX));
             }
@@ -86,6 +90,13 @@ fn dispatch(p: Provider, profile: &Profile) -> ExecutionProviderDispatch {
         }
     }
     .error_on_failure()
+}
+
+/// Whether `graph`'s session on the profile captures CUDA graphs: the language model
+/// alone, when the profile sets `cuda_graph` (the caller opens the language model's
+/// helper graphs, such as `kv_reorder`, on a profile without it).
+pub fn captures(profile: &Profile, graph: &str) -> bool {
+    profile.cuda_graph && graph == GraphKind::LanguageModel.name()
 }
 
 /// Why `p` cannot even be tried with the loaded library, if so.
@@ -147,7 +158,7 @@ pub fn apply(
     for (i, &p) in providers.iter().enumerate() {
         let failure = match not_built_in(p)? {
             Some(reason) => Some(reason),
-            None => match builder.with_execution_providers([dispatch(p, profile)]) {
+            None => match builder.with_execution_providers([dispatch(p, profile, graph)]) {
                 Ok(b) => {
                     builder = b;
                     None

@@ -367,3 +367,28 @@ fn tf32_is_off_unless_a_profile_asks() {
     assert!(c.profile("cuda").unwrap().tf32);
     assert!(!c.profile("tensorrt").unwrap().tf32, "only the profile that asked");
 }
+
+#[test]
+fn cuda_graph_is_asked_for_and_needs_the_language_model_on_cuda() {
+    let mut c = base();
+    assert!(!c.profile("cuda").unwrap().cuda_graph);
+    c.overlay_toml("[profiles.cuda]\ncuda_graph = true\n", "user.toml").unwrap();
+    let cuda = c.profile("cuda").unwrap();
+    assert!(cuda.cuda_graph);
+    // Only the language model's session captures.
+    assert!(providers::captures(cuda, "language_model"));
+    for g in ["vision_encoder", "qformer", "text_encoder"] {
+        assert!(!providers::captures(cuda, g), "{g}");
+    }
+    assert!(!c.profile("tensorrt").unwrap().cuda_graph, "only the profile that asked");
+    // A language model on the CPU (or first on TensorRT) cannot be captured by CUDA.
+    for (toml, who) in [
+        ("[profiles.cpu]\ncuda_graph = true\n", "cpu"),
+        ("[profiles.split]\nproviders = [\"cuda\", \"cpu\"]\ncuda_graph = true\n[profiles.split.graphs.language_model]\nproviders = [\"cpu\"]\n", "split"),
+    ] {
+        let before = c.profiles().clone();
+        let e = c.overlay_toml(toml, "user.toml").unwrap_err().to_string();
+        assert!(e.starts_with(&format!("user.toml: profile \"{who}\": cuda_graph = true")) && e.contains("must start with \"cuda\""), "{e}");
+        assert_eq!(c.profiles(), &before);
+    }
+}
