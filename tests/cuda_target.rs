@@ -194,12 +194,14 @@ fn fp16_cuda_target_agrees_with_fp32_reference() {
     // The GPU configuration itself (fp16 + --target cuda), on ONNX Runtime's CPU fp16
     // kernels: every recorded case runs, and near-ties aside its tokens follow
     // transformers' fp32 ones (at least 90% agree, as for the portable fp16 exports).
-    for name in CHECKPOINTS {
+    // transformers' own batched Flan-T5 run differs from its single runs, so that case
+    // is left out for t5-tiny, as everywhere.
+    for name in blip2_ort_suite::ALL_CHECKPOINTS {
         let out = temp_dir(&format!("cuda-target-fp16-{name}")).join("export");
         let opts = blip2_export::ExportOptions { target: Target::Cuda, dtype: blip2_core::Dtype::Fp16, ..Default::default() };
         blip2_export::export(&fixture(name).join("checkpoint"), &out, &opts, &mut blip2_export::NoProgress).unwrap();
         let mut p = Pipeline::load(&out, &mut session_factory()).unwrap();
-        let (same, total) = token_agreement(&mut p, &cases(name), |_| true);
+        let (same, total) = token_agreement(&mut p, &cases(name), |c| !(name.starts_with("t5") && c["name"] == "batch"));
         eprintln!("{name} fp16, cuda target: {same}/{total} tokens agree with transformers fp32");
         assert!(total > 100, "{name}: {total} tokens compared");
         assert!(same * 10 >= total * 9, "{name}: {same}/{total}");
@@ -281,6 +283,11 @@ fn flan_t5_decoder_writes_fixed_buffers_in_place() {
     assert!(uses(&lm, "DecoderMaskedMultiHeadAttention"), "no DecoderMaskedMultiHeadAttention");
     assert!(!uses(&lm, "present_key/Concat"), "the self-attention cache still grows by Concat");
     assert!(!uses(&lm, "attn/Softmax") && !uses(&lm, "cross/Softmax"), "attention left unfused");
+    // T5's RMS norms are one SimplifiedLayerNormalization each, in both T5 graphs.
+    for g in [io::LANGUAGE_MODEL_FILE, io::TEXT_ENCODER_FILE] {
+        assert!(uses(&dir.join(g), "SimplifiedLayerNormalization"), "{g}: no SimplifiedLayerNormalization");
+        assert!(!uses(&dir.join(g), "ReduceMean"), "{g}: an RMS norm left unfused");
+    }
     let names: Vec<&str> = m.graphs.language_model.inputs.iter().map(|t| t.name.as_str()).collect();
     assert!(names.contains(&io::PAST_SEQUENCE_LENGTH), "{names:?}");
     assert!(m.graphs.kv_reorder.is_some(), "no kv_reorder graph");

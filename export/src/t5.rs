@@ -95,15 +95,30 @@ fn position_bias(b: &mut Builder, c: &T5Config, path: &str, prefix: &str, qpos: 
 /// ```text
 ///   x ──Mul(x)──ReduceMean──Add(eps)──Sqrt──Div(x, ·)──Cast──Mul(weight) ─▶
 /// ```
+///
+/// Fused graphs (`--target cuda`) use ONNX Runtime's one-kernel
+/// SimplifiedLayerNormalization on the fp32 stream, with the weight in fp32, and cast
+/// after it; in fp16 graphs that rounds the product once where T5LayerNorm rounds the
+/// normalized value and then the product.
+///
+/// ```text
+///   x ──SimplifiedLayerNormalization(weight as fp32)──Cast ─▶
+/// ```
 fn rms_norm(b: &mut Builder, path: &str, x: &str, prefix: &str, dim: usize, eps: f64) -> Result<String> {
     let p = |s: &str| format!("{path}/{s}");
+    let float = b.float();
+    if b.fused() {
+        let w = b.weight_of(&format!("{prefix}.weight"), &[dim], false, Elem::F32)?;
+        let attrs = vec![("axis", Attr::Int(-1)), ("epsilon", Attr::Float(eps as f32))];
+        let n = b.op(&p("SimplifiedLayerNormalization"), "SimplifiedLayerNormalization", &[x, &w], attrs);
+        return Ok(b.cast(&p("Cast"), &n, Elem::F32, float));
+    }
     let sq = b.op(&p("Mul"), "Mul", &[x, x], vec![]);
     let var = b.op(&p("ReduceMean"), "ReduceMean", &[&sq], vec![("axes", Attr::Ints(vec![-1])), ("keepdims", Attr::Int(1))]);
     let e = b.scalar_of(eps as f32, Elem::F32);
     let v = b.op(&p("Add"), "Add", &[&var, &e], vec![]);
     let s = b.op(&p("Sqrt"), "Sqrt", &[&v], vec![]);
     let n = b.op(&p("Div"), "Div", &[x, &s], vec![]);
-    let float = b.float();
     let n = b.cast(&p("Cast"), &n, Elem::F32, float);
     let w = b.weight(&format!("{prefix}.weight"), &[dim])?;
     Ok(b.op(&p("Mul_1"), "Mul", &[&w, &n], vec![]))
