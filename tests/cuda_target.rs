@@ -469,7 +469,7 @@ fn fixed_step_buffers_keep_their_addresses_and_graph_ids() {
         assert!(own.fixed_buffers().is_none());
         let (set, before, addrs) = st.fixed_buffers().expect("fixed buffers");
         assert_eq!(before, None, "the prefill runs uncaptured");
-        let mut both = |tokens: &[i64], want: Want, st: &mut OptStaticState, own: &mut OptStaticState| {
+        let both = |tokens: &[i64], want: Want, st: &mut OptStaticState, own: &mut OptStaticState| {
             let got = st.step_for(tokens, want).unwrap();
             let StepOutput::Logits(l) = own.step_for(tokens, Want::Logits).unwrap() else { panic!("logits") };
             if let StepOutput::Logits(g) = got {
