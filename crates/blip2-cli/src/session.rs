@@ -22,7 +22,7 @@ pub const OPTIMIZED_CACHE_ENV: &str = "BLIP2_ORT_OPTIMIZED_CACHE";
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct SessionOptions {
-    /// Execution-provider profile from models.toml or --config: cpu, cuda, tensorrt, or your own.
+    /// Execution-provider profile from models.toml or --config: cpu, cuda, cuda-graph, tensorrt, or your own.
     #[arg(long, global = true, default_value = "cpu")]
     pub ep: String,
     /// A TOML file whose [profiles.*] are laid over the built-in ones (also $BLIP2_ORT_CONFIG).
