@@ -92,8 +92,8 @@ pub fn load_pipeline(dir: &Path, o: &SessionOptions) -> Result<Pipeline> {
 }
 
 /// For a profile with `cuda_graph = true`: the export's language-model file, after
-/// checking that the export can be captured (an OPT export made with `--target cuda`),
-/// before any session is built.
+/// checking that the export can be captured (an fp16 OPT export made with `--target
+/// cuda`), before any session is built.
 fn check_cuda_graph(dir: &Path, profile: &Profile) -> Result<PathBuf> {
     let m = blip2_core::Manifest::load(dir)?;
     if m.family != blip2_core::Family::Opt || m.target != blip2_core::Target::Cuda {
@@ -104,6 +104,15 @@ fn check_cuda_graph(dir: &Path, profile: &Profile) -> Result<PathBuf> {
             dir.display(),
             m.family,
             if m.target == blip2_core::Target::Cuda { "--target cuda" } else { "portable" }
+        );
+    }
+    if m.dtype != blip2_core::Dtype::Fp16 {
+        anyhow::bail!(
+            "profile \"{}\" sets cuda_graph = true, which captures the decode step on CUDA, where GroupQueryAttention takes \
+             fp16 only; {} is an {} export. Export it with --dtype fp16 --target cuda",
+            profile.name,
+            dir.display(),
+            m.dtype
         );
     }
     Ok(dir.join(&m.graphs.language_model.file))

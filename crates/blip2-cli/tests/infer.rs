@@ -435,11 +435,16 @@ fn cuda_graph_profile_names_the_exports_it_cannot_capture() {
         let e = stderr(&o);
         assert!(e.contains("profile \"cuda-graph\" sets cuda_graph = true") && e.contains(kind), "{e}");
     }
+    // GroupQueryAttention runs on CUDA in fp16 only: an fp32 CUDA-target export is refused.
+    let m = export_with("opt-tiny", "cuda-graph-fp32", &["--target", "cuda"]);
+    let o = run(&["--ep", "cuda-graph", "caption", chelsea.to_str().unwrap()], &m);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("fp32 export") && stderr(&o).contains("--dtype fp16"), "{}", stderr(&o));
     if Path::new("/dev/nvidia0").exists() {
         return; // a GPU machine can run it
     }
     // A capturable export on a machine without CUDA: the provider's own clear failure.
-    let m = export_with("opt-tiny", "cuda-graph-capturable", &["--target", "cuda"]);
+    let m = export_with("opt-tiny", "cuda-graph-capturable", &["--target", "cuda", "--dtype", "fp16"]);
     let o = run(&["--ep", "cuda-graph", "caption", chelsea.to_str().unwrap()], &m);
     assert_eq!(o.status.code(), Some(1), "no silent CPU fallback");
     assert!(stderr(&o).contains("CUDA"), "{}", stderr(&o));
