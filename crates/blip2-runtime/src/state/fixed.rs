@@ -388,7 +388,7 @@ mod tests {
         let alloc = Allocator::default();
         // One set of 1 row and 64 positions: 2 layers x 2 (key, value) x 2 heads x 64 x 4 x 4 bytes.
         let one = 2 * 2 * 2 * 64 * 4 * 4;
-        let mut pool = StepPool::with_limits(3, 4 * one);
+        let mut pool = StepPool::with_limits(3, 12 * one);
         let a = pool.take(shape(), 1, 64, &alloc).unwrap();
         assert_eq!(a.kv_bytes(), one);
         let id = a.id();
@@ -399,16 +399,16 @@ mod tests {
         assert_ne!(other.id(), id, "another length is another set");
         pool.put(again);
         pool.put(other);
-        // Three more: the count limit (3) frees the oldest.
+        // Three more (2, 3 and 4 units): the count limit (3) frees the oldest.
         let sets: Vec<StepBuffers> = (0..3).map(|r| pool.take(shape(), r + 2, 64, &alloc).unwrap()).collect();
         let ids: Vec<u64> = sets.iter().map(StepBuffers::id).collect();
         for s in sets {
             pool.put(s);
         }
         assert_eq!(pool.idle_ids(), ids, "only the newest three are kept");
-        // Bytes: a set of 5 rows (5 units) alone exceeds the budget (4 units) but is kept,
-        // as the last one given back; all older ones go.
-        let big = pool.take(shape(), 5, 64, &alloc).unwrap();
+        // Bytes: a set of 13 rows (13 units) alone exceeds the budget (12 units) but is
+        // kept, as the last one given back; all older ones go.
+        let big = pool.take(shape(), 13, 64, &alloc).unwrap();
         let big_id = big.id();
         pool.put(big);
         assert_eq!(pool.idle_ids(), [big_id]);
