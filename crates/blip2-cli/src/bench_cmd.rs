@@ -168,6 +168,7 @@ pub fn run(a: &BenchArgs, quiet: bool) -> Result<i32> {
     res.insert("model".into(), json!(dir.display().to_string()));
     res.insert("ep".into(), json!(a.session.ep));
     res.insert("threads".into(), json!(profile.intra_op_threads));
+    res.insert("cuda_graph".into(), json!(profile.cuda_graph));
     res.insert("new_tokens".into(), json!(a.new_tokens));
     res.insert("prompt_tokens".into(), json!(a.prompt_tokens));
     res.insert("beams".into(), json!(a.num_beams));

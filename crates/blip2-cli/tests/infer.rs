@@ -533,6 +533,7 @@ fn bench_reports_the_keys_hf_generate_bench_uses() {
         // it negative for a model this small.
         assert!(v["decode_ms_per_token_b1"].as_f64().is_some(), "{test}: {v}");
         assert_eq!(v["target"], target, "{test}");
+        assert_eq!(v["cuda_graph"], false, "{test}: the cpu profile captures nothing");
     }
 }
 
