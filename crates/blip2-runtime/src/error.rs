@@ -29,3 +29,9 @@ pub enum RuntimeError {
     #[error("{0}")]
     Input(String),
 }
+
+/// Turns an ONNX Runtime error into a [`RuntimeError::Ort`] saying what was being done.
+pub(crate) fn ort_err(what: impl Into<String>) -> impl FnOnce(ort::Error) -> RuntimeError {
+    let what = what.into();
+    move |source| RuntimeError::Ort { what, source }
+}

@@ -15,8 +15,7 @@ use ort::memory::{AllocationDevice, Allocator, MemoryInfo};
 use ort::session::{IoBinding, RunOptions, Session, SessionOutputs};
 use ort::value::{DynTensor, DynTensorValueType, DynValue, Tensor, TensorElementType};
 
-use crate::error::RuntimeError;
-use crate::model::ort_err;
+use crate::error::{ort_err, RuntimeError};
 
 /// The shape of a decoder's cache: `[rows, heads, length, head_dim]` per layer and kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

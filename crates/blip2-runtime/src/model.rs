@@ -11,7 +11,7 @@ use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, Memory
 use ort::session::Session;
 use ort::value::{DynValue, Tensor};
 
-use crate::error::RuntimeError;
+use crate::error::{ort_err, RuntimeError};
 
 pub use blip2_core::GraphKind;
 
@@ -94,11 +94,6 @@ impl std::ops::DerefMut for ModelGuard<'_> {
             ModelGuard::Locked(m) => m,
         }
     }
-}
-
-pub(crate) fn ort_err(what: impl Into<String>) -> impl FnOnce(ort::Error) -> RuntimeError {
-    let what = what.into();
-    move |source| RuntimeError::Ort { what, source }
 }
 
 /// The session for graph `file` of the export in `dir`, or an error naming the missing file.
@@ -204,13 +199,13 @@ impl Blip2Model {
     /// same shape. It works on every provider (the tests run it on the CPU); only a
     /// session created with the CUDA provider's `enable_cuda_graph` captures.
     pub fn use_fixed_step_buffers(&mut self) -> Result<(), RuntimeError> {
-        if self.manifest.family != Family::Opt || !crate::state::is_static(self) || !crate::state::selects_tokens(self) {
+        if self.manifest.family != Family::Opt || !self.has_static_cache() || !self.selects_tokens() {
             return Err(RuntimeError::Unsupported(format!(
                 "{}: fixed decode-step buffers (cuda_graph = true) need an OPT export made with --target cuda; \
                  this one is a {} {} export",
                 self.dir.display(),
                 self.manifest.family,
-                if crate::state::is_static(self) { "--target cuda" } else { "portable" }
+                if self.has_static_cache() { "--target cuda" } else { "portable" }
             )));
         }
         if self.kv_reorder.is_none() {
@@ -221,6 +216,17 @@ impl Blip2Model {
         }
         self.step_pool.get_or_insert_with(Default::default);
         Ok(())
+    }
+
+    /// Whether the language model keeps a static KV buffer (`--target cuda`).
+    pub fn has_static_cache(&self) -> bool {
+        self.manifest.graphs.language_model.inputs.iter().any(|t| t.name == io::SEQLENS_K)
+    }
+
+    /// Whether the decoder picks tokens itself (`next_token`, `top_logprobs`; the
+    /// `--target cuda` graphs).
+    pub fn selects_tokens(&self) -> bool {
+        self.manifest.graphs.language_model.outputs.iter().any(|t| t.name == io::NEXT_TOKEN)
     }
 
     /// The pool of idle decode-step buffers, when [`Blip2Model::use_fixed_step_buffers`]

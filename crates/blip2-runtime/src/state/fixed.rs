@@ -30,10 +30,9 @@ use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, Memory
 use ort::session::{IoBinding, RunOptions, Session};
 use ort::value::{DynTensor, DynValue, PrimitiveTensorElementType, Tensor, TensorElementType};
 
-use crate::error::RuntimeError;
+use crate::error::{ort_err, RuntimeError};
 use crate::generation::{StepOutput, Want};
 use crate::kv_cache::{KvCache, KvSpec, GPU_GRAPH_ID};
-use crate::model::ort_err;
 
 /// Buffer lengths are rounded up to a multiple of this, so that requests of nearby
 /// lengths share buffers and captured graphs.

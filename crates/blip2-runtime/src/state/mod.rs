@@ -21,10 +21,10 @@ use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::Session;
 use ort::value::{DynValue, Tensor};
 
-use crate::error::RuntimeError;
+use crate::error::{ort_err, RuntimeError};
 use crate::generation::{Prompt, StepModel, StepOutput, Want};
 use crate::kv_cache::KvCache;
-use crate::model::{ort_err, Blip2Model, ModelRef};
+use crate::model::{Blip2Model, ModelRef};
 use crate::prompt::Batch;
 
 /// A decoder state the search can drive.
@@ -72,13 +72,13 @@ pub fn prefill<'m>(
 
 /// Whether the export's language model keeps a static KV buffer (`--target cuda`).
 pub fn is_static(model: &Blip2Model) -> bool {
-    model.manifest.graphs.language_model.inputs.iter().any(|t| t.name == io::SEQLENS_K)
+    model.has_static_cache()
 }
 
 /// Whether the export's decoder picks tokens itself (`next_token`, `top_logprobs`; the
 /// `--target cuda` graphs).
 pub fn selects_tokens(model: &Blip2Model) -> bool {
-    model.manifest.graphs.language_model.outputs.iter().any(|t| t.name == io::NEXT_TOKEN)
+    model.selects_tokens()
 }
 
 /// Runs one step of a decoder graph that picks tokens itself, with its KV cache bound

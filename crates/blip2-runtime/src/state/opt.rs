@@ -7,10 +7,10 @@ use ndarray::{Array2, Array3, Axis};
 use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::value::{DynValue, Tensor};
 
-use crate::error::RuntimeError;
+use crate::error::{ort_err, RuntimeError};
 use crate::generation::StepModel;
 use crate::kv_cache::{KvCache, KvSpec};
-use crate::model::{ort_err, Blip2Model, ModelRef};
+use crate::model::{Blip2Model, ModelRef};
 
 pub struct OptState<'m> {
     model: ModelRef<'m>,

@@ -16,10 +16,10 @@ use ndarray::{Array1, Array2, ArrayD};
 use ort::memory::Allocator;
 use ort::value::{DynValue, Tensor};
 
-use crate::error::RuntimeError;
+use crate::error::{ort_err, RuntimeError};
 use crate::generation::{StepModel, StepOutput, Want};
 use crate::kv_cache::KvCache;
-use crate::model::{lm_value, ort_err, ModelRef};
+use crate::model::{lm_value, ModelRef};
 use crate::prompt::Batch;
 use crate::state::fixed::{pooled_capacity, StepBuffers, StepShape};
 use crate::state::opt::{kv_spec, no_image_embeds};

@@ -10,10 +10,10 @@ use ndarray::{Array2, ArrayD, Axis, IxDyn};
 use ort::memory::Allocator;
 use ort::value::{DynValue, Tensor};
 
-use crate::error::RuntimeError;
+use crate::error::{ort_err, RuntimeError};
 use crate::generation::{StepModel, StepOutput, Want};
 use crate::kv_cache::{select_rows_of, KvCache};
-use crate::model::{float_value, ort_err, to_f32, Blip2Model, ModelRef};
+use crate::model::{float_value, to_f32, Blip2Model, ModelRef};
 use crate::state::opt::{kv_spec, run_decoder};
 use crate::state::run_selecting;
 
