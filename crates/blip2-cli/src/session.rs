@@ -79,7 +79,6 @@ pub fn load_pipeline(dir: &Path, o: &SessionOptions) -> Result<Pipeline> {
             e
         }
     })?;
-    drop(factory);
     // On a GPU the decoder's KV cache stays on the device between steps.
     let lm = profile.providers_for("language_model");
     if matches!(lm.first(), Some(Provider::Cuda | Provider::TensorRt)) {
@@ -96,16 +95,9 @@ pub fn load_pipeline(dir: &Path, o: &SessionOptions) -> Result<Pipeline> {
 /// cuda`), before any session is built.
 fn check_cuda_graph(dir: &Path, profile: &Profile) -> Result<PathBuf> {
     let m = blip2_core::Manifest::load(dir)?;
-    if m.family != blip2_core::Family::Opt || m.target != blip2_core::Target::Cuda {
-        anyhow::bail!(
-            "profile \"{}\" sets cuda_graph = true, which captures the decode step of an OPT export made with \
-             --target cuda; {} is a {} {} export. Use a profile without cuda_graph for it",
-            profile.name,
-            dir.display(),
-            m.family,
-            if m.target == blip2_core::Target::Cuda { "--target cuda" } else { "portable" }
-        );
-    }
+    blip2_runtime::state::fixed::check_export(&m, dir).map_err(|e| {
+        anyhow::Error::from(e).context(format!("profile \"{}\" sets cuda_graph = true (use a profile without it for this export)", profile.name))
+    })?;
     if m.dtype != blip2_core::Dtype::Fp16 {
         anyhow::bail!(
             "profile \"{}\" sets cuda_graph = true, which captures the decode step on CUDA, where GroupQueryAttention takes \

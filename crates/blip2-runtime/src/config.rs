@@ -306,16 +306,7 @@ impl PartialProfile {
             .providers
             .clone()
             .ok_or_else(|| invalid(&self.origin, name, "no providers list (e.g. providers = [\"cuda\", \"cpu\"])"))?;
-        let cuda_graph = self.cuda_graph.unwrap_or(false);
-        let lm = self.graphs.get(GraphKind::LanguageModel.name()).unwrap_or(&providers);
-        if cuda_graph && lm.first() != Some(&Provider::Cuda) {
-            return Err(invalid(
-                &self.origin,
-                name,
-                "cuda_graph = true captures the language model on the CUDA provider, so its providers list must start with \"cuda\"",
-            ));
-        }
-        Ok(Profile {
+        let profile = Profile {
             name: name.into(),
             providers,
             graphs: self.graphs.clone(),
@@ -323,12 +314,20 @@ impl PartialProfile {
             gpu_mem_limit: self.gpu_mem_limit,
             fp16: self.fp16.unwrap_or(false),
             tf32: self.tf32.unwrap_or(false),
-            cuda_graph,
+            cuda_graph: self.cuda_graph.unwrap_or(false),
             engine_cache_path: self.engine_cache_path.clone(),
             allow_fallback: self.allow_fallback.unwrap_or(false),
             intra_op_threads: self.intra_op_threads,
             graph_optimization: self.graph_optimization.unwrap_or_default(),
-        })
+        };
+        if profile.cuda_graph && profile.providers_for(GraphKind::LanguageModel.name()).first() != Some(&Provider::Cuda) {
+            return Err(invalid(
+                &self.origin,
+                name,
+                "cuda_graph = true captures the language model on the CUDA provider, so its providers list must start with \"cuda\"",
+            ));
+        }
+        Ok(profile)
     }
 }
 

@@ -13,7 +13,7 @@ use blip2_core::io;
 use ndarray::{ArrayD, Axis, IxDyn};
 use ort::memory::{AllocationDevice, Allocator, MemoryInfo};
 use ort::session::{IoBinding, RunOptions, Session, SessionOutputs};
-use ort::value::{DynTensor, DynTensorValueType, DynValue, Tensor, TensorElementType};
+use ort::value::{DynTensor, DynTensorValueType, DynValue, Tensor, TensorElementType, Value};
 
 use crate::error::{ort_err, RuntimeError};
 
@@ -205,11 +205,6 @@ impl KvCache {
         Ok(())
     }
 
-    /// The number of rows.
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
     /// Where each buffer's data lies, key then value per layer (tests: a static cache
     /// keeps its addresses).
     pub fn addresses(&self) -> Vec<usize> {
@@ -265,14 +260,19 @@ fn host_zeros(spec: KvSpec, rows: usize, len: usize) -> Result<DynValue, Runtime
     })
 }
 
+/// A host copy of tensor `t` when it lies on a device, else None (read it in place);
+/// `what` names it in errors.
+pub(crate) fn host_copy(t: &Value<DynTensorValueType>, what: &str) -> Result<Option<DynTensor>, RuntimeError> {
+    if t.memory_info().is_cpu_accessible() {
+        return Ok(None);
+    }
+    t.to(AllocationDevice::CPU, 0).map(Some).map_err(ort_err(format!("copying the {what} to the host")))
+}
+
 /// A host copy of `v` when it lies on a device, else None.
 fn on_host(v: &DynValue) -> Result<Option<DynValue>, RuntimeError> {
     let tensor = v.view().downcast::<DynTensorValueType>().map_err(ort_err("KV cache"))?;
-    if tensor.memory_info().is_cpu_accessible() {
-        return Ok(None);
-    }
-    let host = tensor.to(AllocationDevice::CPU, 0).map_err(ort_err("copying the KV cache to the host"))?;
-    Ok(Some(host.into_dyn()))
+    Ok(host_copy(&tensor, "KV cache")?.map(DynTensor::into_dyn))
 }
 
 /// `a` and `b` (`[rows, heads, len, head_dim]`) one after the other along the rows, the

@@ -199,34 +199,9 @@ impl Blip2Model {
     /// same shape. It works on every provider (the tests run it on the CPU); only a
     /// session created with the CUDA provider's `enable_cuda_graph` captures.
     pub fn use_fixed_step_buffers(&mut self) -> Result<(), RuntimeError> {
-        if self.manifest.family != Family::Opt || !self.has_static_cache() || !self.selects_tokens() {
-            return Err(RuntimeError::Unsupported(format!(
-                "{}: fixed decode-step buffers (cuda_graph = true) need an OPT export made with --target cuda; \
-                 this one is a {} {} export",
-                self.dir.display(),
-                self.manifest.family,
-                if self.has_static_cache() { "--target cuda" } else { "portable" }
-            )));
-        }
-        if self.kv_reorder.is_none() {
-            return Err(RuntimeError::Unsupported(format!(
-                "{}: this CUDA-target export has no kv_reorder graph; export it again",
-                self.dir.display()
-            )));
-        }
+        crate::state::fixed::check_export(&self.manifest, &self.dir)?;
         self.step_pool.get_or_insert_with(Default::default);
         Ok(())
-    }
-
-    /// Whether the language model keeps a static KV buffer (`--target cuda`).
-    pub fn has_static_cache(&self) -> bool {
-        self.manifest.graphs.language_model.inputs.iter().any(|t| t.name == io::SEQLENS_K)
-    }
-
-    /// Whether the decoder picks tokens itself (`next_token`, `top_logprobs`; the
-    /// `--target cuda` graphs).
-    pub fn selects_tokens(&self) -> bool {
-        self.manifest.graphs.language_model.outputs.iter().any(|t| t.name == io::NEXT_TOKEN)
     }
 
     /// The pool of idle decode-step buffers, when [`Blip2Model::use_fixed_step_buffers`]

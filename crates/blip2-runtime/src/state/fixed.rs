@@ -24,7 +24,9 @@
 
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
-use blip2_core::io;
+use std::path::Path;
+
+use blip2_core::{io, Family, Manifest, Target};
 use ndarray::{Array1, Array2, ArrayD};
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::{IoBinding, RunOptions, Session};
@@ -32,7 +34,7 @@ use ort::value::{DynTensor, DynValue, PrimitiveTensorElementType, Tensor, Tensor
 
 use crate::error::{ort_err, RuntimeError};
 use crate::generation::{StepOutput, Want};
-use crate::kv_cache::{KvCache, KvSpec, GPU_GRAPH_ID};
+use crate::kv_cache::{host_copy, KvCache, KvSpec, GPU_GRAPH_ID};
 
 /// Buffer lengths are rounded up to a multiple of this, so that requests of nearby
 /// lengths share buffers and captured graphs.
@@ -112,6 +114,29 @@ impl StepPool {
     pub fn idle_ids(&self) -> Vec<u64> {
         self.idle.iter().map(StepBuffers::id).collect()
     }
+}
+
+/// Whether the export described by `m` (in `dir`) can run its decode steps on fixed
+/// buffers: an OPT export made with `--target cuda` (GroupQueryAttention over static
+/// buffers, token selection in the graph) that has its `kv_reorder` graph. Flan-T5's
+/// decoder reads its position on the host, so a captured step could not move on.
+pub fn check_export(m: &Manifest, dir: &Path) -> Result<(), RuntimeError> {
+    if m.family != Family::Opt || m.target != Target::Cuda {
+        return Err(RuntimeError::Unsupported(format!(
+            "{}: fixed decode-step buffers (cuda_graph = true) need an OPT export made with --target cuda; \
+             this one is a {} {} export",
+            dir.display(),
+            m.family,
+            if m.target == Target::Cuda { "--target cuda" } else { "portable" }
+        )));
+    }
+    if m.graphs.kv_reorder.is_none() {
+        return Err(RuntimeError::Unsupported(format!(
+            "{}: this CUDA-target export has no kv_reorder graph; export it again",
+            dir.display()
+        )));
+    }
+    Ok(())
 }
 
 /// A KV buffer length for `needed` positions under the pool: rounded up to
@@ -196,10 +221,6 @@ impl StepBuffers {
         self.shape
     }
 
-    /// Whether the graph has the `top_logits` output.
-    pub fn has_top_logits(&self) -> bool {
-        self.shape.top_logits
-    }
 
     pub fn capacity(&self) -> usize {
         self.capacity
@@ -362,11 +383,8 @@ fn host<T>(t: &DynTensor) -> Result<ArrayD<T>, RuntimeError>
 where
     T: PrimitiveTensorElementType + Clone + 'static,
 {
-    if t.memory_info().is_cpu_accessible() {
-        return Ok(t.try_extract_array::<T>().map_err(ort_err("reading a step output"))?.to_owned());
-    }
-    let h = t.to(AllocationDevice::CPU, 0).map_err(ort_err("copying a step output to the host"))?;
-    Ok(h.try_extract_array::<T>().map_err(ort_err("reading a step output"))?.to_owned())
+    let h = host_copy(t, "step output")?;
+    Ok(h.as_ref().unwrap_or(t).try_extract_array::<T>().map_err(ort_err("reading a step output"))?.to_owned())
 }
 
 fn rank2<T>(a: ArrayD<T>) -> Result<Array2<T>, RuntimeError> {

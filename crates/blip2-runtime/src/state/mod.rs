@@ -72,13 +72,13 @@ pub fn prefill<'m>(
 
 /// Whether the export's language model keeps a static KV buffer (`--target cuda`).
 pub fn is_static(model: &Blip2Model) -> bool {
-    model.has_static_cache()
+    model.manifest.graphs.language_model.inputs.iter().any(|t| t.name == io::SEQLENS_K)
 }
 
 /// Whether the export's decoder picks tokens itself (`next_token`, `top_logprobs`; the
 /// `--target cuda` graphs).
 pub fn selects_tokens(model: &Blip2Model) -> bool {
-    model.selects_tokens()
+    model.manifest.graphs.language_model.outputs.iter().any(|t| t.name == io::NEXT_TOKEN)
 }
 
 /// Runs one step of a decoder graph that picks tokens itself, with its KV cache bound
@@ -95,16 +95,8 @@ pub(crate) fn run_selecting(
     want: Want,
     what: &str,
 ) -> Result<(StepOutput, Option<DynValue>), RuntimeError> {
-    // Exports made before `top_logits` answer sampling's candidates with the logits.
     let has_top_logits = session.outputs().iter().any(|o| o.name() == io::TOP_LOGITS);
-    let want = match want {
-        Want::TopLogits(_) if !has_top_logits => Want::Logits,
-        w => w,
-    };
-    let k = match want {
-        Want::TopLogProbs(k) | Want::TopLogits(k) => k,
-        _ => 1,
-    };
+    let (want, k) = answerable(want, has_top_logits);
     let top_k = Tensor::from_array(ndarray::arr0(k as i64)).map_err(ort_err("top_k"))?.into_dyn();
     let wanted: &[&str] = match want {
         Want::Logits => &[io::LOGITS],
@@ -152,6 +144,17 @@ pub(crate) fn run_selecting(
     Ok((answer, logits))
 }
 
+/// What a decoder graph that picks tokens can answer for `want`, and the `top_k` to run
+/// it with (1 when no candidates are wanted): exports made before `top_logits` answer
+/// sampling's candidates with the logits.
+pub(crate) fn answerable(want: Want, has_top_logits: bool) -> (Want, usize) {
+    match want {
+        Want::TopLogits(_) if !has_top_logits => (Want::Logits, 1),
+        Want::TopLogProbs(k) | Want::TopLogits(k) => (want, k),
+        Want::Logits | Want::Argmax => (want, 1),
+    }
+}
+
 /// A step's `[rows, k]` candidate values (log-probabilities or logits) and their ids.
 fn candidates(values: &DynValue, ids: &DynValue) -> Result<(Array2<f32>, Array2<i64>), RuntimeError> {
     let shape_err = |what: &str| RuntimeError::MissingOutput(format!("{what} of the expected rank"));
@@ -167,12 +170,12 @@ fn candidates(values: &DynValue, ids: &DynValue) -> Result<(Array2<f32>, Array2<
 /// host memory (copied over from a device).
 pub(crate) fn last_position(logits: &DynValue) -> Result<Array2<f32>, RuntimeError> {
     let tensor = logits.view().downcast::<ort::value::DynTensorValueType>().map_err(ort_err("logits"))?;
-    let host = if tensor.memory_info().is_cpu_accessible() {
-        None
-    } else {
-        Some(tensor.to(AllocationDevice::CPU, 0).map_err(ort_err("copying the logits to the host"))?.into_dyn())
-    };
-    let a = host.as_ref().unwrap_or(logits).try_extract_array::<f32>().map_err(ort_err("logits"))?;
+    let host = crate::kv_cache::host_copy(&tensor, "logits")?;
+    let a = match &host {
+        Some(h) => h.try_extract_array::<f32>(),
+        None => tensor.try_extract_array::<f32>(),
+    }
+    .map_err(ort_err("logits"))?;
     let a = a.into_dimensionality::<ndarray::Ix3>().map_err(|_| RuntimeError::MissingOutput("logits of rank 3".into()))?;
     Ok(a.index_axis(Axis(1), a.shape()[1] - 1).to_owned())
 }

@@ -133,14 +133,7 @@ impl<'m> OptStaticState<'m> {
     /// its graph id, `want` read from the output buffers.
     fn run_fixed(&mut self, tokens: &[i64], want: Want) -> Result<StepOutput, RuntimeError> {
         let Buffers::Fixed(b) = &mut self.buffers else { unreachable!("fixed buffers") };
-        let want = match want {
-            Want::TopLogits(_) if !b.has_top_logits() => Want::Logits,
-            w => w,
-        };
-        let k = match want {
-            Want::TopLogProbs(k) | Want::TopLogits(k) => k,
-            Want::Logits | Want::Argmax => 1,
-        };
+        let (want, k) = crate::state::answerable(want, b.shape().top_logits);
         b.write_step(tokens, &self.lens)?;
         let mut m = self.model.get();
         self.last_graph_id = Some(b.run(&mut m.lm, k, &self.allocator)?);
