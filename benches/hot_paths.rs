@@ -15,16 +15,21 @@ use std::time::{Duration, Instant};
 use blip2_core::ImageConfig;
 use blip2_ort_suite::{fixture, root, session_factory, temp_dir};
 use blip2_runtime::model::{lm_value, Blip2Model};
-use blip2_runtime::state::opt::OptState;
 use blip2_runtime::preprocess::{self, ImageLimits};
 use blip2_runtime::prompt::{Chat, Prompter};
+use blip2_runtime::state::opt::OptState;
 use criterion::{criterion_group, criterion_main, Criterion};
 
 /// The tiny OPT checkpoint exported once per bench run.
 fn tiny_export() -> PathBuf {
     let out = temp_dir("bench-opt-tiny").join("export");
-    blip2_export::export(&fixture("opt-tiny").join("checkpoint"), &out, &Default::default(), &mut blip2_export::NoProgress)
-        .expect("export the tiny checkpoint");
+    blip2_export::export(
+        &fixture("opt-tiny").join("checkpoint"),
+        &out,
+        &Default::default(),
+        &mut blip2_export::NoProgress,
+    )
+    .expect("export the tiny checkpoint");
     out
 }
 
@@ -57,7 +62,8 @@ fn bench_preprocess(c: &mut Criterion) {
     });
     g.bench_function("decode jpeg + resize + normalize", |b| {
         b.iter(|| {
-            let img = preprocess::load_image_bytes(black_box(&bytes), "rocket.jpg", &limits).unwrap();
+            let img =
+                preprocess::load_image_bytes(black_box(&bytes), "rocket.jpg", &limits).unwrap();
             preprocess::preprocess(&img, &cfg).unwrap()
         })
     });
@@ -71,7 +77,10 @@ fn bench_prompts(c: &mut Criterion) {
     let vqa = p.vqa_prompt("what is the man on the left holding in his hand?");
     let mut chat = Chat::default();
     for i in 0..4 {
-        chat.push(&format!("what is in the picture number {i}?"), "a cat sitting on a red car in the street");
+        chat.push(
+            &format!("what is in the picture number {i}?"),
+            "a cat sitting on a red car in the street",
+        );
     }
     let texts: Vec<Vec<i64>> = ["a photo of", "", vqa.as_str(), "a picture of two dogs"]
         .iter()
@@ -85,7 +94,9 @@ fn bench_prompts(c: &mut Criterion) {
             h.fit(&p, black_box("and what colour is the car?"), 20).unwrap()
         })
     });
-    g.bench_function("assemble batch of 4 (left padding)", |b| b.iter(|| p.assemble(black_box(&texts))));
+    g.bench_function("assemble batch of 4 (left padding)", |b| {
+        b.iter(|| p.assemble(black_box(&texts)))
+    });
     g.bench_function("decode 20 tokens to text", |b| {
         let ids: Vec<i64> = (10..30).collect();
         b.iter(|| p.decode(black_box(&ids)).unwrap())
@@ -104,8 +115,11 @@ fn bench_decode_step(c: &mut Criterion) {
     let manifest = model.manifest.clone();
     let prompter = Prompter::load(&dir, &manifest).expect("tokenizer");
     let size = manifest.image.height as usize;
-    let pixels = ndarray::Array4::<f32>::from_shape_fn((1, 3, size, size), |(_, c, y, x)| ((c + y + x) % 7) as f32 / 7.0);
-    let embeds = blip2_runtime::model::to_f32(&model.encode_images(pixels).expect("encode")).expect("f32");
+    let pixels = ndarray::Array4::<f32>::from_shape_fn((1, 3, size, size), |(_, c, y, x)| {
+        ((c + y + x) % 7) as f32 / 7.0
+    });
+    let embeds =
+        blip2_runtime::model::to_f32(&model.encode_images(pixels).expect("encode")).expect("f32");
     let batch = prompter.assemble(&[prompter.text_ids("a photo of").unwrap()]);
     let mut g = c.benchmark_group("decode");
     // One step after the prefill (fresh state each time, so the context stays the same).
@@ -114,7 +128,8 @@ fn bench_decode_step(c: &mut Criterion) {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
                 let e = lm_value(&model, embeds.clone()).unwrap();
-                let (mut st, _) = OptState::prefill_last(&mut model, &batch.ids, &batch.mask, e).unwrap();
+                let (mut st, _) =
+                    OptState::prefill_last(&mut model, &batch.ids, &batch.mask, e).unwrap();
                 let t = Instant::now();
                 black_box(st.step(&[5]).unwrap());
                 total += t.elapsed();
@@ -139,7 +154,10 @@ fn bench_decode_step(c: &mut Criterion) {
 
 fn config() -> Criterion {
     // Short runs: these are for spotting regressions by eye, not for publication.
-    Criterion::default().sample_size(20).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(2))
+    Criterion::default()
+        .sample_size(20)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(2))
 }
 
 criterion_group! {

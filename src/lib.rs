@@ -32,7 +32,8 @@ pub fn read_npy(path: &Path) -> ArrayD<f32> {
     };
     let header = std::str::from_utf8(&bytes[start..start + hlen]).expect("ascii header");
     assert!(header.contains("'fortran_order': False"), "{}: Fortran order", path.display());
-    let shape_txt = header.split("'shape': (").nth(1).and_then(|s| s.split(')').next()).expect("shape");
+    let shape_txt =
+        header.split("'shape': (").nth(1).and_then(|s| s.split(')').next()).expect("shape");
     let shape: Vec<usize> = shape_txt.split(',').filter_map(|s| s.trim().parse().ok()).collect();
     let data = &bytes[start + hlen..];
     let values: Vec<f32> = if header.contains("'<f4'") {
@@ -56,7 +57,10 @@ pub fn max_abs_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> (f32, f32) {
 /// Asserts `a` matches the reference `b` within 1e-4 of the reference's scale.
 pub fn assert_close(what: &str, a: &ArrayD<f32>, b: &ArrayD<f32>) {
     let (d, s) = max_abs_diff(a, b);
-    assert!(d.is_finite() && d <= 1e-4 * s.max(1e-6), "{what}: max abs diff {d:e} exceeds 1e-4 of scale {s}");
+    assert!(
+        d.is_finite() && d <= 1e-4 * s.max(1e-6),
+        "{what}: max abs diff {d:e} exceeds 1e-4 of scale {s}"
+    );
 }
 
 /// A fresh, empty temporary folder under target/ (removed first if present).
@@ -72,22 +76,32 @@ pub fn temp_dir(name: &str) -> PathBuf {
 pub fn session_factory() -> impl FnMut(
     blip2_runtime::model::GraphKind,
     &Path,
-) -> Result<ort::session::Session, blip2_runtime::error::RuntimeError> {
+) -> Result<
+    ort::session::Session,
+    blip2_runtime::error::RuntimeError,
+> {
     let profile = blip2_runtime::config::Profile::cpu();
     let cache = blip2_runtime::session_cache::optimized_cache_root();
     move |kind, path| {
-        blip2_runtime::providers::open_session(&profile, kind.name(), path, Some(&cache), &mut |w| {
-            eprintln!("warning: {w}")
-        })
+        blip2_runtime::providers::open_session(
+            &profile,
+            kind.name(),
+            path,
+            Some(&cache),
+            &mut |w| eprintln!("warning: {w}"),
+        )
         .map_err(blip2_runtime::error::RuntimeError::Session)
     }
 }
 
-
 /// A search config from a recorded generate() call's keyword arguments, over the
 /// model's defaults.
-pub fn config(p: &blip2_runtime::pipeline::Pipeline, kw: &serde_json::Value) -> blip2_runtime::generation::GenerationConfig {
-    let recorded: blip2_core::GenerationDefaults = serde_json::from_value(kw.clone()).expect("recorded generate() settings");
+pub fn config(
+    p: &blip2_runtime::pipeline::Pipeline,
+    kw: &serde_json::Value,
+) -> blip2_runtime::generation::GenerationConfig {
+    let recorded: blip2_core::GenerationDefaults =
+        serde_json::from_value(kw.clone()).expect("recorded generate() settings");
     p.default_config().overridden(&recorded)
 }
 
@@ -100,7 +114,6 @@ pub fn ids(v: &serde_json::Value) -> Vec<i64> {
 pub fn photo(name: &str) -> PathBuf {
     root().join("tests/data/photos").join(name)
 }
-
 
 /// Runs one recorded generate() case on `p`: blip2-ort's sequences (rows x
 /// num_return_sequences, row-major, as transformers returns them) and transformers' ones.
@@ -130,12 +143,23 @@ pub fn batch_and_single_runs(
     p: &mut blip2_runtime::pipeline::Pipeline,
     case: &serde_json::Value,
 ) -> (Vec<Vec<blip2_runtime::pipeline::Generated>>, Vec<Vec<blip2_runtime::pipeline::Generated>>) {
-    let images: Vec<_> =
-        case["images"].as_array().unwrap().iter().map(|s| p.load_image(&photo(s.as_str().unwrap())).unwrap()).collect();
-    let prompts: Vec<String> = case["prompts"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect();
+    let images: Vec<_> = case["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| p.load_image(&photo(s.as_str().unwrap())).unwrap())
+        .collect();
+    let prompts: Vec<String> = case["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect();
     let cfg = config(p, &case["generate"]);
     let batched = p.generate(&images, &prompts, &cfg).unwrap();
-    let singles = (0..images.len()).map(|i| p.generate(&images[i..i + 1], &prompts[i..i + 1], &cfg).unwrap().remove(0)).collect();
+    let singles = (0..images.len())
+        .map(|i| p.generate(&images[i..i + 1], &prompts[i..i + 1], &cfg).unwrap().remove(0))
+        .collect();
     (batched, singles)
 }
 
@@ -189,7 +213,8 @@ pub fn assert_cases_match(
         let (got, want) = run_case(p, case);
         let got_ids: Vec<Vec<i64>> = got.iter().map(|g| g.token_ids.clone()).collect();
         assert_eq!(got_ids, want, "{name}/{cname} ({what}): token ids differ from transformers");
-        let want_text: Vec<&str> = case["texts"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+        let want_text: Vec<&str> =
+            case["texts"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
         let got_text: Vec<&str> = got.iter().map(|g| g.text.as_str()).collect();
         assert_eq!(got_text, want_text, "{name}/{cname} ({what}): decoded text differs");
         checked += 1;

@@ -10,8 +10,8 @@ use blip2_export::onnx::{self, Elem, Model};
 use blip2_export::{blocks, Checkpoint};
 use blip2_ort_suite::{fixture, session_factory, temp_dir};
 use blip2_runtime::model::GraphKind;
-use ort::value::{DynValue, Tensor};
 use ndarray::{ArrayD, IxDyn};
+use ort::value::{DynValue, Tensor};
 
 /// A folder with a `model.safetensors` holding the given f32 tensors (and ONNX Runtime
 /// loaded, as the tests' inputs are made before their session).
@@ -35,7 +35,12 @@ fn checkpoint(test: &str, tensors: &[(&str, Vec<usize>, Vec<f32>)]) -> PathBuf {
 
 /// Builds a graph with `build`, writes it, runs it on the CPU with `inputs` and returns
 /// its outputs in order, as f32 (bool and int64 outputs converted).
-fn run(dir: &Path, fused: bool, build: impl FnOnce(&mut Builder), inputs: Vec<(&str, DynValue)>) -> Vec<ArrayD<f32>> {
+fn run(
+    dir: &Path,
+    fused: bool,
+    build: impl FnOnce(&mut Builder),
+    inputs: Vec<(&str, DynValue)>,
+) -> Vec<ArrayD<f32>> {
     let ck = Checkpoint::open(dir).unwrap();
     let mut b = Builder::new(&ck, Elem::F32).with_fused_operators(fused);
     build(&mut b);
@@ -89,17 +94,25 @@ fn layer_norm_ref(x: &[f32], w: &[f32], b: &[f32], eps: f64) -> Vec<f32> {
     let n = x.len() as f64;
     let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
     let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
-    x.iter().zip(w).zip(b).map(|((&v, &g), &be)| (((v as f64 - mean) / (var + eps).sqrt()) * g as f64 + be as f64) as f32).collect()
+    x.iter()
+        .zip(w)
+        .zip(b)
+        .map(|((&v, &g), &be)| {
+            (((v as f64 - mean) / (var + eps).sqrt()) * g as f64 + be as f64) as f32
+        })
+        .collect()
 }
 
 #[test]
 fn layer_norm_and_its_fused_residual_form() {
     let (w, bias) = (vec![1.0, 2.0, 0.5, -1.0], vec![0.0, 1.0, -1.0, 0.5]);
-    let dir = checkpoint("ln", &[("ln.weight", vec![4], w.clone()), ("ln.bias", vec![4], bias.clone())]);
+    let dir =
+        checkpoint("ln", &[("ln.weight", vec![4], w.clone()), ("ln.bias", vec![4], bias.clone())]);
     let a = vec![1.0, 2.0, 3.0, 4.0, -2.0, 0.0, 0.5, 8.0];
     let r = vec![0.5, -1.0, 0.0, 2.0, 1.0, 1.0, -3.0, 0.0];
     let sum: Vec<f32> = a.iter().zip(&r).map(|(x, y)| x + y).collect();
-    let want: Vec<f32> = sum.chunks(4).flat_map(|row| layer_norm_ref(row, &w, &bias, 1e-5)).collect();
+    let want: Vec<f32> =
+        sum.chunks(4).flat_map(|row| layer_norm_ref(row, &w, &bias, 1e-5)).collect();
     for fused in [false, true] {
         let outs = run(
             &dir,
@@ -126,13 +139,26 @@ fn layer_norm_and_its_fused_residual_form() {
 }
 
 /// softmax(q k^T * scale + bias, masked) v for one head, rows of q.
-fn attention_ref(q: &[[f32; 2]], k: &[[f32; 2]], v: &[[f32; 2]], scale: f32, bias: &[Vec<f32>], allowed: &[Vec<bool>]) -> Vec<f32> {
+fn attention_ref(
+    q: &[[f32; 2]],
+    k: &[[f32; 2]],
+    v: &[[f32; 2]],
+    scale: f32,
+    bias: &[Vec<f32>],
+    allowed: &[Vec<bool>],
+) -> Vec<f32> {
     let mut out = Vec::new();
     for (i, qi) in q.iter().enumerate() {
         let s: Vec<f64> = k
             .iter()
             .enumerate()
-            .map(|(j, kj)| if allowed[i][j] { ((qi[0] * kj[0] + qi[1] * kj[1]) * scale + bias[i][j]) as f64 } else { f64::NEG_INFINITY })
+            .map(|(j, kj)| {
+                if allowed[i][j] {
+                    ((qi[0] * kj[0] + qi[1] * kj[1]) * scale + bias[i][j]) as f64
+                } else {
+                    f64::NEG_INFINITY
+                }
+            })
             .collect();
         let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
@@ -175,14 +201,23 @@ fn attention_with_scale_bias_and_mask() {
             ("bias", f32_input(&[1, 1, 2, 3], bias.concat())),
             (
                 "allowed",
-                Tensor::from_array(ArrayD::from_shape_vec(IxDyn(&[1, 1, 2, 3]), allowed.concat()).unwrap()).unwrap().into_dyn(),
+                Tensor::from_array(
+                    ArrayD::from_shape_vec(IxDyn(&[1, 1, 2, 3]), allowed.concat()).unwrap(),
+                )
+                .unwrap()
+                .into_dyn(),
             ),
         ],
     );
     let zero = vec![vec![0.0; 3]; 2];
     let all = vec![vec![true; 3]; 2];
     assert_near("scaled attention", &outs[0], &attention_ref(&q, &k, &v, scale, &zero, &all), 1e-5);
-    assert_near("biased, masked attention", &outs[1], &attention_ref(&q, &k, &v, 1.0, &bias, &allowed), 1e-5);
+    assert_near(
+        "biased, masked attention",
+        &outs[1],
+        &attention_ref(&q, &k, &v, 1.0, &bias, &allowed),
+        1e-5,
+    );
 }
 
 #[test]
@@ -202,13 +237,26 @@ fn fused_attention_is_scaled_dot_product_attention() {
             let a = blocks::fused_attention(b, "/mha", &qi, &ki, &vi, 2);
             b.output(&a, "out", Elem::F32, fixed(&[1, 2, 4]));
         },
-        vec![("q", f32_input(&[1, 2, 4], q.clone())), ("k", f32_input(&[1, 3, 4], k.clone())), ("v", f32_input(&[1, 3, 4], v.clone()))],
+        vec![
+            ("q", f32_input(&[1, 2, 4], q.clone())),
+            ("k", f32_input(&[1, 3, 4], k.clone())),
+            ("v", f32_input(&[1, 3, 4], v.clone())),
+        ],
     );
     // Per head h: rows take columns 2h..2h+2.
-    let head = |x: &[f32], rows: usize, h: usize| -> Vec<[f32; 2]> { (0..rows).map(|r| [x[r * 4 + 2 * h], x[r * 4 + 2 * h + 1]]).collect() };
+    let head = |x: &[f32], rows: usize, h: usize| -> Vec<[f32; 2]> {
+        (0..rows).map(|r| [x[r * 4 + 2 * h], x[r * 4 + 2 * h + 1]]).collect()
+    };
     let mut want = vec![0f32; 8];
     for h in 0..2 {
-        let o = attention_ref(&head(&q, 2, h), &head(&k, 3, h), &head(&v, 3, h), 0.5f32.sqrt(), &[vec![0.0; 3], vec![0.0; 3]], &[vec![true; 3], vec![true; 3]]);
+        let o = attention_ref(
+            &head(&q, 2, h),
+            &head(&k, 3, h),
+            &head(&v, 3, h),
+            0.5f32.sqrt(),
+            &[vec![0.0; 3], vec![0.0; 3]],
+            &[vec![true; 3], vec![true; 3]],
+        );
         for r in 0..2 {
             want[r * 4 + 2 * h] = o[r * 2];
             want[r * 4 + 2 * h + 1] = o[r * 2 + 1];
@@ -229,7 +277,12 @@ fn causal_positions_allow_earlier_keys_only() {
             let (q, k, causal) = blocks::causal_positions(b, "/causal", &past, &total);
             b.output(&q, "qpos", Elem::I64, vec![Dim::Named("s".into())]);
             b.output(&k, "kpos", Elem::I64, vec![Dim::Named("t".into())]);
-            b.output(&causal, "causal", Elem::Bool, vec![Dim::Named("s".into()), Dim::Named("t".into())]);
+            b.output(
+                &causal,
+                "causal",
+                Elem::Bool,
+                vec![Dim::Named("s".into()), Dim::Named("t".into())],
+            );
         },
         vec![("past", i64_input(&[], vec![2])), ("total", i64_input(&[], vec![4]))],
     );
@@ -250,25 +303,38 @@ fn image_embeddings_replace_the_image_tokens_in_order() {
         false,
         |b| {
             let ids = b.input("ids", Elem::I64, fixed(&[1, 5]));
-            let img = b.input("img", Elem::F32, vec![Dim::Fixed(1), Dim::Named("n".into()), Dim::Fixed(3)]);
+            let img = b.input(
+                "img",
+                Elem::F32,
+                vec![Dim::Fixed(1), Dim::Named("n".into()), Dim::Fixed(3)],
+            );
             let tok = b.input("tok", Elem::F32, fixed(&[1, 5, 3]));
             let e = blocks::scatter_image_embeds(b, &ids, &img, &tok, 9);
             b.output(&e, "embeds", Elem::F32, fixed(&[1, 5, 3]));
         },
-        vec![("ids", i64_input(&[1, 5], ids)), ("img", f32_input(&[1, 2, 3], img)), ("tok", f32_input(&[1, 5, 3], tok))],
+        vec![
+            ("ids", i64_input(&[1, 5], ids)),
+            ("img", f32_input(&[1, 2, 3], img)),
+            ("tok", f32_input(&[1, 5, 3], tok)),
+        ],
     );
-    let want = [0.0, 1.0, 2.0, 100.0, 101.0, 102.0, 200.0, 201.0, 202.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0];
+    let want = [
+        0.0, 1.0, 2.0, 100.0, 101.0, 102.0, 200.0, 201.0, 202.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0,
+    ];
     assert_near("scattered embeddings", &outs[0], &want, 0.0);
 }
 
 #[test]
 fn t5_relative_position_buckets_are_transformers() {
-    let doc: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("blocks").join("t5_buckets.json")).unwrap()).unwrap();
+    let doc: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("blocks").join("t5_buckets.json")).unwrap(),
+    )
+    .unwrap();
     let c = blip2_export::config::T5Config::default();
     assert_eq!((c.relative_attention_num_buckets, c.relative_attention_max_distance), (32, 128));
     for (name, bidirectional) in [("bidirectional", true), ("causal", false)] {
-        let want: Vec<i64> = doc[name].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+        let want: Vec<i64> =
+            doc[name].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
         assert_eq!(blip2_export::t5::bucket_table(&c, bidirectional), want, "{name} buckets");
     }
 }

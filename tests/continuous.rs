@@ -21,7 +21,13 @@ struct Request {
 #[test]
 fn rows_joining_and_leaving_a_running_batch_get_their_single_run_tokens() {
     let dir = temp_dir("continuous-join").join("export");
-    blip2_export::export(&fixture("opt-tiny").join("checkpoint"), &dir, &Default::default(), &mut blip2_export::NoProgress).unwrap();
+    blip2_export::export(
+        &fixture("opt-tiny").join("checkpoint"),
+        &dir,
+        &Default::default(),
+        &mut blip2_export::NoProgress,
+    )
+    .unwrap();
     let mut p = Pipeline::load(&dir, &mut session_factory()).unwrap();
     let base = p.default_config();
     let with = |f: &dyn Fn(&mut GenerationConfig)| {
@@ -31,11 +37,43 @@ fn rows_joining_and_leaving_a_running_batch_get_their_single_run_tokens() {
     };
     // Different prompt lengths, limits and processors; one sampled row.
     let requests = [
-        Request { image: "rocket.jpg", prompt: "a photo of", cfg: with(&|c| c.max_new_tokens = 12) },
-        Request { image: "camera.png", prompt: "Question: what is in the picture? Answer:", cfg: with(&|c| c.max_new_tokens = 5) },
-        Request { image: "chelsea.png", prompt: "", cfg: with(&|c| { c.max_new_tokens = 9; c.repetition_penalty = 1.5; c.no_repeat_ngram_size = 2 }) },
-        Request { image: "no_time_for_that_tiny.gif", prompt: "a photo of the", cfg: with(&|c| { c.max_new_tokens = 10; c.min_new_tokens = 8 }) },
-        Request { image: "rocket.jpg", prompt: "", cfg: with(&|c| { c.max_new_tokens = 7; c.do_sample = true; c.top_k = 5; c.seed = Some(11) }) },
+        Request {
+            image: "rocket.jpg",
+            prompt: "a photo of",
+            cfg: with(&|c| c.max_new_tokens = 12),
+        },
+        Request {
+            image: "camera.png",
+            prompt: "Question: what is in the picture? Answer:",
+            cfg: with(&|c| c.max_new_tokens = 5),
+        },
+        Request {
+            image: "chelsea.png",
+            prompt: "",
+            cfg: with(&|c| {
+                c.max_new_tokens = 9;
+                c.repetition_penalty = 1.5;
+                c.no_repeat_ngram_size = 2
+            }),
+        },
+        Request {
+            image: "no_time_for_that_tiny.gif",
+            prompt: "a photo of the",
+            cfg: with(&|c| {
+                c.max_new_tokens = 10;
+                c.min_new_tokens = 8
+            }),
+        },
+        Request {
+            image: "rocket.jpg",
+            prompt: "",
+            cfg: with(&|c| {
+                c.max_new_tokens = 7;
+                c.do_sample = true;
+                c.top_k = 5;
+                c.seed = Some(11)
+            }),
+        },
     ];
     // Each alone.
     let alone: Vec<Vec<i64>> = requests
@@ -62,17 +100,33 @@ fn rows_joining_and_leaving_a_running_batch_get_their_single_run_tokens() {
     for step in 0.. {
         let newcomers: Vec<usize> = (0..requests.len()).filter(|&r| join_at[r] == step).collect();
         if !newcomers.is_empty() {
-            let px = blip2_runtime::preprocess::preprocess_batch(&newcomers.iter().map(|&r| images[r].clone()).collect::<Vec<_>>(), &manifest_image).unwrap();
-            let texts: Vec<Vec<i64>> = newcomers.iter().map(|&r| prompter.text_ids(requests[r].prompt).unwrap()).collect();
+            let px = blip2_runtime::preprocess::preprocess_batch(
+                &newcomers.iter().map(|&r| images[r].clone()).collect::<Vec<_>>(),
+                &manifest_image,
+            )
+            .unwrap();
+            let texts: Vec<Vec<i64>> =
+                newcomers.iter().map(|&r| prompter.text_ids(requests[r].prompt).unwrap()).collect();
             let batch = prompter.assemble(&texts);
             let embeds = {
                 let mut m = model.lock().unwrap();
                 let e = cache.embed(&mut m, px).unwrap();
                 lm_value(&m, e).unwrap()
             };
-            let (new_state, logits) = OptState::prefill_last(ModelRef::Shared(model.clone()), &batch.ids, &batch.mask, embeds).unwrap();
+            let (new_state, logits) = OptState::prefill_last(
+                ModelRef::Shared(model.clone()),
+                &batch.ids,
+                &batch.mask,
+                embeds,
+            )
+            .unwrap();
             for (i, &r) in newcomers.iter().enumerate() {
-                let prompt: Vec<i64> = batch.ids[i].iter().zip(&batch.mask[i]).filter(|(_, &m)| m != 0).map(|(&t, _)| t).collect();
+                let prompt: Vec<i64> = batch.ids[i]
+                    .iter()
+                    .zip(&batch.mask[i])
+                    .filter(|(_, &m)| m != 0)
+                    .map(|(&t, _)| t)
+                    .collect();
                 let seed = requests[r].cfg.seed.unwrap_or(0);
                 let mut s = RowSearch::new(prompt, &requests[r].cfg, seed, 0).unwrap();
                 s.pick(logits.row(i));
@@ -124,7 +178,11 @@ fn rows_joining_and_leaving_a_running_batch_get_their_single_run_tokens() {
     assert!(joined_mid_run >= 2, "rows joined a running batch {joined_mid_run} times");
     for (r, want) in alone.iter().enumerate() {
         let got = got[r].as_ref().unwrap_or_else(|| panic!("request {r} never finished"));
-        assert_eq!(got, want, "request {r} ({} {:?}): continuous batch vs alone", requests[r].image, requests[r].prompt);
+        assert_eq!(
+            got, want,
+            "request {r} ({} {:?}): continuous batch vs alone",
+            requests[r].image, requests[r].prompt
+        );
         assert!(!got.iter().any(|t| eos.contains(t)));
     }
 }

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 
 use blip2_core::{io, Target};
 use blip2_ort_suite::{
-    assert_batch_rows_equal_single_runs, assert_cases_match, assert_close, fixture, generate_cases, ids, photo, read_npy, session_factory, temp_dir,
-    token_agreement, CHECKPOINTS,
+    assert_batch_rows_equal_single_runs, assert_cases_match, assert_close, fixture, generate_cases,
+    ids, photo, read_npy, session_factory, temp_dir, token_agreement, CHECKPOINTS,
 };
 use blip2_runtime::generation::{StepModel, StepOutput, Want};
 use blip2_runtime::model::Blip2Model;
@@ -23,7 +23,13 @@ use serde_json::Value;
 fn export(name: &str, test: &str) -> PathBuf {
     let out = temp_dir(&format!("cuda-target-{test}-{name}")).join("export");
     let opts = blip2_export::ExportOptions { target: Target::Cuda, ..Default::default() };
-    blip2_export::export(&fixture(name).join("checkpoint"), &out, &opts, &mut blip2_export::NoProgress).unwrap();
+    blip2_export::export(
+        &fixture(name).join("checkpoint"),
+        &out,
+        &opts,
+        &mut blip2_export::NoProgress,
+    )
+    .unwrap();
     out
 }
 
@@ -48,19 +54,27 @@ fn the_export_is_built_from_onnx_runtimes_fused_operators() {
         assert!(uses(&lm, "SkipLayerNormalization"), "{name}: no SkipLayerNormalization in the LM");
         for g in [io::VISION_ENCODER_FILE, io::QFORMER_FILE] {
             assert!(uses(&dir.join(g), "MultiHeadAttention"), "{name}/{g}: no MultiHeadAttention");
-            assert!(uses(&dir.join(g), "SkipLayerNormalization"), "{name}/{g}: no SkipLayerNormalization");
+            assert!(
+                uses(&dir.join(g), "SkipLayerNormalization"),
+                "{name}/{g}: no SkipLayerNormalization"
+            );
             assert!(!uses(&dir.join(g), "Softmax"), "{name}/{g}: attention left unfused");
         }
-        let names: Vec<&str> = m.graphs.language_model.inputs.iter().map(|t| t.name.as_str()).collect();
+        let names: Vec<&str> =
+            m.graphs.language_model.inputs.iter().map(|t| t.name.as_str()).collect();
         for want in [io::SEQLENS_K, io::TOTAL_SEQUENCE_LENGTH, io::POSITION_IDS] {
             assert!(names.contains(&want), "{name}: LM input {want} missing from {names:?}");
         }
-        assert!(!names.contains(&io::ATTENTION_MASK), "{name}: a static-cache LM takes lengths, not a mask");
+        assert!(
+            !names.contains(&io::ATTENTION_MASK),
+            "{name}: a static-cache LM takes lengths, not a mask"
+        );
         // No value of the step is read from a tensor's shape: on the GPU such values are
         // computed on the host and copied over (Memcpy nodes), which CUDA graph capture
         // refuses.
         assert!(!uses(&lm, "Shape"), "{name}: the language model reads a shape");
-        let outs: Vec<&str> = m.graphs.language_model.outputs.iter().map(|t| t.name.as_str()).collect();
+        let outs: Vec<&str> =
+            m.graphs.language_model.outputs.iter().map(|t| t.name.as_str()).collect();
         for want in [io::NEXT_TOKEN, io::TOP_LOGPROBS, io::TOP_IDS] {
             assert!(outs.contains(&want), "{name}: LM output {want} missing");
         }
@@ -75,12 +89,17 @@ fn encoders_match_transformers() {
         let dir = export(name, "encoders");
         let refd = fixture(name).join("reference");
         let mut model = Blip2Model::load(&dir, &mut session_factory()).unwrap();
-        let px: Array4<f32> = read_npy(&refd.join("pixel_values.npy")).into_dimensionality().unwrap();
+        let px: Array4<f32> =
+            read_npy(&refd.join("pixel_values.npy")).into_dimensionality().unwrap();
         let feats = model.vision_features(px).unwrap();
         let ref_feats = read_npy(&refd.join("image_features.npy"));
         assert_close(&format!("{name}: image features"), &feats, &ref_feats);
         let embeds = model.qformer_embeds(ref_feats).unwrap();
-        assert_close(&format!("{name}: image embeds"), &embeds, &read_npy(&refd.join("image_embeds.npy")));
+        assert_close(
+            &format!("{name}: image embeds"),
+            &embeds,
+            &read_npy(&refd.join("image_embeds.npy")),
+        );
     }
 }
 
@@ -97,12 +116,17 @@ fn prefill_and_decode_steps_match_transformers_and_select_on_the_device() {
         let dir = export(name, "steps");
         let refd = fixture(name).join("reference");
         let mut model = Blip2Model::load(&dir, &mut session_factory()).unwrap();
-        let graphs: Value = serde_json::from_str(&std::fs::read_to_string(refd.join("graphs.json")).unwrap()).unwrap();
+        let graphs: Value =
+            serde_json::from_str(&std::fs::read_to_string(refd.join("graphs.json")).unwrap())
+                .unwrap();
         let steps = graphs["lm_steps"].as_array().unwrap();
         let first = &steps[0];
         let embeds = read_npy(&refd.join("image_embeds.npy"));
         let img = embeds.index_axis(Axis(0), 0).insert_axis(Axis(0)).to_owned();
-        let batch = Batch { ids: vec![ids(&first["input_ids"])], mask: vec![ids(&first["attention_mask"])] };
+        let batch = Batch {
+            ids: vec![ids(&first["input_ids"])],
+            mask: vec![ids(&first["attention_mask"])],
+        };
         let (mut state, logits) = OptStaticState::prefill(&mut model, &batch, img, 8).unwrap();
         assert_eq!(state.lens(), &[batch.ids[0].len()]);
         // transformers' prefill logits cover every position; the graph computes the last.
@@ -119,10 +143,14 @@ fn prefill_and_decode_steps_match_transformers_and_select_on_the_device() {
             // first decode step returns the logits, the second the device's picks, checked
             // against transformers' logits.
             if k == 1 {
-                let StepOutput::Logits(l) = state.step_for(&token, Want::Logits).unwrap() else { panic!("logits") };
+                let StepOutput::Logits(l) = state.step_for(&token, Want::Logits).unwrap() else {
+                    panic!("logits")
+                };
                 assert_close(&format!("{name}: decode step {k} logits"), &l.into_dyn(), &r);
             } else {
-                let StepOutput::TopLogProbs { logprobs, ids: top } = state.step_for(&token, Want::TopLogProbs(3)).unwrap() else {
+                let StepOutput::TopLogProbs { logprobs, ids: top } =
+                    state.step_for(&token, Want::TopLogProbs(3)).unwrap()
+                else {
                     panic!("top-k")
                 };
                 let lp = log_softmax(r.as_slice().unwrap());
@@ -132,7 +160,12 @@ fn prefill_and_decode_steps_match_transformers_and_select_on_the_device() {
                 assert_eq!(top.row(0).to_vec(), want_ids, "{name}: step {k} top-3 ids");
                 for (t, &i) in order[..3].iter().enumerate() {
                     let d = (logprobs[[0, t]] - lp[i]).abs();
-                    assert!(d <= 1e-4 * lp[i].abs().max(1.0), "{name}: step {k} top-3 log-prob {t}: {} vs {}", logprobs[[0, t]], lp[i]);
+                    assert!(
+                        d <= 1e-4 * lp[i].abs().max(1.0),
+                        "{name}: step {k} top-3 log-prob {t}: {} vs {}",
+                        logprobs[[0, t]],
+                        lp[i]
+                    );
                 }
             }
         }
@@ -142,12 +175,23 @@ fn prefill_and_decode_steps_match_transformers_and_select_on_the_device() {
             let img = embeds.index_axis(Axis(0), 0).insert_axis(Axis(0)).to_owned();
             OptStaticState::prefill(&mut model, &batch, img, 8).unwrap().0
         };
-        let StepOutput::Logits(l) = again.step_for(&[5], Want::Logits).unwrap() else { panic!("logits") };
-        let pick = l.row(0).iter().enumerate().fold((0, f32::MIN), |m, (i, &x)| if x > m.1 { (i, x) } else { m }).0 as i64;
+        let StepOutput::Logits(l) = again.step_for(&[5], Want::Logits).unwrap() else {
+            panic!("logits")
+        };
+        let pick = l
+            .row(0)
+            .iter()
+            .enumerate()
+            .fold((0, f32::MIN), |m, (i, &x)| if x > m.1 { (i, x) } else { m })
+            .0 as i64;
         drop(again);
         let img = embeds.index_axis(Axis(0), 0).insert_axis(Axis(0)).to_owned();
         let (mut third, _) = OptStaticState::prefill(&mut model, &batch, img, 8).unwrap();
-        assert_eq!(third.step_for(&[5], Want::Argmax).unwrap(), StepOutput::Argmax(vec![pick]), "{name}: device argmax");
+        assert_eq!(
+            third.step_for(&[5], Want::Argmax).unwrap(),
+            StepOutput::Argmax(vec![pick]),
+            "{name}: device argmax"
+        );
         assert_eq!(third.lens(), &[batch.ids[0].len() + 1]);
     }
 }
@@ -177,13 +221,31 @@ fn beams_reorder_the_buffers_with_the_kv_reorder_graph() {
     let name = "opt-tiny";
     let dir = export(name, "reorder");
     let all = cases(name);
-    let case = all["cases"].as_array().unwrap().iter().find(|c| c["generate"]["num_beams"].as_u64().unwrap_or(1) > 1).unwrap().clone();
-    let mut m: Value = serde_json::from_str(&std::fs::read_to_string(dir.join(io::MANIFEST_FILE)).unwrap()).unwrap();
+    let case = all["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["generate"]["num_beams"].as_u64().unwrap_or(1) > 1)
+        .unwrap()
+        .clone();
+    let mut m: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join(io::MANIFEST_FILE)).unwrap())
+            .unwrap();
     m["graphs"].as_object_mut().unwrap().remove("kv_reorder");
     std::fs::write(dir.join(io::MANIFEST_FILE), serde_json::to_string(&m).unwrap()).unwrap();
     let mut p = Pipeline::load(&dir, &mut session_factory()).unwrap();
-    let images: Vec<_> = case["images"].as_array().unwrap().iter().map(|s| p.load_image(&photo(s.as_str().unwrap())).unwrap()).collect();
-    let prompts: Vec<String> = case["prompts"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect();
+    let images: Vec<_> = case["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| p.load_image(&photo(s.as_str().unwrap())).unwrap())
+        .collect();
+    let prompts: Vec<String> = case["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect();
     let cfg = blip2_ort_suite::config(&p, &case["generate"]);
     let e = p.generate(&images, &prompts, &cfg).unwrap_err().to_string();
     assert!(e.contains("kv_reorder"), "{e}");
@@ -198,10 +260,22 @@ fn fp16_cuda_target_agrees_with_fp32_reference() {
     // is left out for t5-tiny, as everywhere.
     for name in blip2_ort_suite::ALL_CHECKPOINTS {
         let out = temp_dir(&format!("cuda-target-fp16-{name}")).join("export");
-        let opts = blip2_export::ExportOptions { target: Target::Cuda, dtype: blip2_core::Dtype::Fp16, ..Default::default() };
-        blip2_export::export(&fixture(name).join("checkpoint"), &out, &opts, &mut blip2_export::NoProgress).unwrap();
+        let opts = blip2_export::ExportOptions {
+            target: Target::Cuda,
+            dtype: blip2_core::Dtype::Fp16,
+            ..Default::default()
+        };
+        blip2_export::export(
+            &fixture(name).join("checkpoint"),
+            &out,
+            &opts,
+            &mut blip2_export::NoProgress,
+        )
+        .unwrap();
         let mut p = Pipeline::load(&out, &mut session_factory()).unwrap();
-        let (same, total) = token_agreement(&mut p, &cases(name), |c| !(name.starts_with("t5") && c["name"] == "batch"));
+        let (same, total) = token_agreement(&mut p, &cases(name), |c| {
+            !(name.starts_with("t5") && c["name"] == "batch")
+        });
         eprintln!("{name} fp16, cuda target: {same}/{total} tokens agree with transformers fp32");
         assert!(total > 100, "{name}: {total} tokens compared");
         assert!(same * 10 >= total * 9, "{name}: {same}/{total}");
@@ -216,7 +290,8 @@ fn reordered_rows_carry_their_own_cache() {
     let dir = export(name, "rows");
     let refd = fixture(name).join("reference");
     let mut model = Blip2Model::load(&dir, &mut session_factory()).unwrap();
-    let graphs: Value = serde_json::from_str(&std::fs::read_to_string(refd.join("graphs.json")).unwrap()).unwrap();
+    let graphs: Value =
+        serde_json::from_str(&std::fs::read_to_string(refd.join("graphs.json")).unwrap()).unwrap();
     let first = &graphs["lm_steps"][0];
     let embeds = read_npy(&refd.join("image_embeds.npy"));
     assert!(embeds.shape()[0] >= 2, "two images recorded");
@@ -226,15 +301,23 @@ fn reordered_rows_carry_their_own_cache() {
     let pair = embeds.slice(ndarray::s![..2, .., ..]).to_owned().into_dyn();
     let (mut st, _) = OptStaticState::prefill(&mut model, &both, pair, 4).unwrap();
     st.select_rows(&[1, 1, 0]).unwrap();
-    let StepOutput::Logits(moved) = st.step_for(&[7, 7, 7], Want::Logits).unwrap() else { panic!("logits") };
+    let StepOutput::Logits(moved) = st.step_for(&[7, 7, 7], Want::Logits).unwrap() else {
+        panic!("logits")
+    };
     drop(st);
     for (new_row, source) in [(0usize, 1usize), (1, 1), (2, 0)] {
         let one = Batch { ids: vec![i.clone()], mask: vec![m.clone()] };
         let img = embeds.index_axis(Axis(0), source).insert_axis(Axis(0)).to_owned();
         let (mut alone, _) = OptStaticState::prefill(&mut model, &one, img, 4).unwrap();
-        let StepOutput::Logits(want) = alone.step_for(&[7], Want::Logits).unwrap() else { panic!("logits") };
+        let StepOutput::Logits(want) = alone.step_for(&[7], Want::Logits).unwrap() else {
+            panic!("logits")
+        };
         let got = moved.row(new_row).to_owned().into_dyn();
-        assert_close(&format!("row {new_row} from row {source}"), &got, &want.row(0).to_owned().into_dyn());
+        assert_close(
+            &format!("row {new_row} from row {source}"),
+            &got,
+            &want.row(0).to_owned().into_dyn(),
+        );
     }
 }
 
@@ -253,17 +336,41 @@ fn flan_t5_picks_tokens_on_the_device_and_matches_transformers() {
     {
         // The decoder answers a step with only the argmax, and it is the logits' argmax.
         let refd = fixture(name).join("reference");
-        let graphs: Value = serde_json::from_str(&std::fs::read_to_string(refd.join("graphs.json")).unwrap()).unwrap();
+        let graphs: Value =
+            serde_json::from_str(&std::fs::read_to_string(refd.join("graphs.json")).unwrap())
+                .unwrap();
         let (tok, mask) = (ids(&graphs["input_ids"]), ids(&graphs["attention_mask"]));
-        let img = read_npy(&refd.join("image_embeds.npy")).index_axis(Axis(0), 0).insert_axis(Axis(0)).to_owned();
+        let img = read_npy(&refd.join("image_embeds.npy"))
+            .index_axis(Axis(0), 0)
+            .insert_axis(Axis(0))
+            .to_owned();
         let start = graphs["decoder_steps"][0]["decoder_input_ids"][0].as_i64().unwrap();
         let mut model = Blip2Model::load(&dir, &mut session_factory()).unwrap();
-        let (mut st, _) = T5State::prefill(&mut model, &[tok.clone()], &[mask.clone()], img.clone(), start, 8).unwrap();
-        let StepOutput::Logits(l) = st.step_for(&[3], Want::Logits).unwrap() else { panic!("logits") };
-        let pick = l.row(0).iter().enumerate().fold((0, f32::MIN), |m, (i, &x)| if x > m.1 { (i, x) } else { m }).0 as i64;
+        let (mut st, _) = T5State::prefill(
+            &mut model,
+            std::slice::from_ref(&tok),
+            std::slice::from_ref(&mask),
+            img.clone(),
+            start,
+            8,
+        )
+        .unwrap();
+        let StepOutput::Logits(l) = st.step_for(&[3], Want::Logits).unwrap() else {
+            panic!("logits")
+        };
+        let pick = l
+            .row(0)
+            .iter()
+            .enumerate()
+            .fold((0, f32::MIN), |m, (i, &x)| if x > m.1 { (i, x) } else { m })
+            .0 as i64;
         drop(st);
         let (mut st, _) = T5State::prefill(&mut model, &[tok], &[mask], img, start, 8).unwrap();
-        assert_eq!(st.step_for(&[3], Want::Argmax).unwrap(), StepOutput::Argmax(vec![pick]), "{name}: device argmax");
+        assert_eq!(
+            st.step_for(&[3], Want::Argmax).unwrap(),
+            StepOutput::Argmax(vec![pick]),
+            "{name}: device argmax"
+        );
     }
     let mut p = Pipeline::load(&dir, &mut session_factory()).unwrap();
     // transformers' batched T5 run differs from its single runs (tests/generate.rs).
@@ -285,7 +392,10 @@ fn flan_t5_decoder_writes_fixed_buffers_in_place() {
     assert!(!uses(&lm, "attn/Softmax") && !uses(&lm, "cross/Softmax"), "attention left unfused");
     // T5's RMS norms are one SimplifiedLayerNormalization each, in both T5 graphs.
     for g in [io::LANGUAGE_MODEL_FILE, io::TEXT_ENCODER_FILE] {
-        assert!(uses(&dir.join(g), "SimplifiedLayerNormalization"), "{g}: no SimplifiedLayerNormalization");
+        assert!(
+            uses(&dir.join(g), "SimplifiedLayerNormalization"),
+            "{g}: no SimplifiedLayerNormalization"
+        );
         assert!(!uses(&dir.join(g), "ReduceMean"), "{g}: an RMS norm left unfused");
     }
     let names: Vec<&str> = m.graphs.language_model.inputs.iter().map(|t| t.name.as_str()).collect();
@@ -296,17 +406,28 @@ fn flan_t5_decoder_writes_fixed_buffers_in_place() {
     // next logits are those of its source row alone, so self- and cross-attention caches
     // both moved with the rows.
     let refd = fixture(name).join("reference");
-    let graphs: Value = serde_json::from_str(&std::fs::read_to_string(refd.join("graphs.json")).unwrap()).unwrap();
+    let graphs: Value =
+        serde_json::from_str(&std::fs::read_to_string(refd.join("graphs.json")).unwrap()).unwrap();
     let (tok, mask) = (ids(&graphs["input_ids"]), ids(&graphs["attention_mask"]));
     let embeds = read_npy(&refd.join("image_embeds.npy"));
     assert!(embeds.shape()[0] >= 2, "two images recorded");
     let start = graphs["decoder_steps"][0]["decoder_input_ids"][0].as_i64().unwrap();
     let mut model = Blip2Model::load(&dir, &mut session_factory()).unwrap();
     let pair = embeds.slice(ndarray::s![..2, .., ..]).to_owned().into_dyn();
-    let (mut st, _) = T5State::prefill(&mut model, &[tok.clone(), tok.clone()], &[mask.clone(), mask.clone()], pair, start, 3).unwrap();
+    let (mut st, _) = T5State::prefill(
+        &mut model,
+        &[tok.clone(), tok.clone()],
+        &[mask.clone(), mask.clone()],
+        pair,
+        start,
+        3,
+    )
+    .unwrap();
     st.step_for(&[4, 9], Want::Logits).unwrap();
     st.select_rows(&[1, 1, 0]).unwrap();
-    let StepOutput::Logits(moved) = st.step_for(&[7, 7, 7], Want::Logits).unwrap() else { panic!("logits") };
+    let StepOutput::Logits(moved) = st.step_for(&[7, 7, 7], Want::Logits).unwrap() else {
+        panic!("logits")
+    };
     // The buffers hold the start token and three new tokens; a fourth does not fit.
     st.step_for(&[7, 7, 7], Want::Argmax).unwrap();
     let e = st.step_for(&[7, 7, 7], Want::Argmax).unwrap_err().to_string();
@@ -314,11 +435,25 @@ fn flan_t5_decoder_writes_fixed_buffers_in_place() {
     drop(st);
     for (new_row, source, first) in [(0usize, 1usize, 9i64), (1, 1, 9), (2, 0, 4)] {
         let img = embeds.index_axis(Axis(0), source).insert_axis(Axis(0)).to_owned();
-        let (mut alone, _) = T5State::prefill(&mut model, &[tok.clone()], &[mask.clone()], img, start, 3).unwrap();
+        let (mut alone, _) = T5State::prefill(
+            &mut model,
+            std::slice::from_ref(&tok),
+            std::slice::from_ref(&mask),
+            img,
+            start,
+            3,
+        )
+        .unwrap();
         alone.step_for(&[first], Want::Logits).unwrap();
-        let StepOutput::Logits(want) = alone.step_for(&[7], Want::Logits).unwrap() else { panic!("logits") };
+        let StepOutput::Logits(want) = alone.step_for(&[7], Want::Logits).unwrap() else {
+            panic!("logits")
+        };
         let got = moved.row(new_row).to_owned().into_dyn();
-        assert_close(&format!("row {new_row} from row {source}"), &got, &want.row(0).to_owned().into_dyn());
+        assert_close(
+            &format!("row {new_row} from row {source}"),
+            &got,
+            &want.row(0).to_owned().into_dyn(),
+        );
     }
 }
 
@@ -360,15 +495,22 @@ fn sampling_draws_from_the_devices_top_k_what_it_draws_from_the_logits() {
         let dir = export(name, "sampling");
         let mut model = Blip2Model::load(&dir, &mut session_factory()).unwrap();
         let refd = fixture(name).join("reference");
-        let graphs: Value = serde_json::from_str(&std::fs::read_to_string(refd.join("graphs.json")).unwrap()).unwrap();
+        let graphs: Value =
+            serde_json::from_str(&std::fs::read_to_string(refd.join("graphs.json")).unwrap())
+                .unwrap();
         let row = if name.starts_with("t5") { &graphs } else { &graphs["lm_steps"][0] };
         let (tok, mask) = (ids(&row["input_ids"]), ids(&row["attention_mask"]));
-        let embeds = read_npy(&refd.join("image_embeds.npy")).slice(ndarray::s![..2, .., ..]).to_owned().into_dyn();
+        let embeds = read_npy(&refd.join("image_embeds.npy"))
+            .slice(ndarray::s![..2, .., ..])
+            .to_owned()
+            .into_dyn();
         let batch = Batch { ids: vec![tok.clone(), tok], mask: vec![mask.clone(), mask] };
         let eos = model.manifest.tokens.eos_token_id.clone();
         let mut candidate_steps = 0;
         for (seed, (top_k, top_p, temperature, min_new_tokens)) in
-            [(5, 1.0, 1.0, 0), (8, 0.9, 0.7, 3), (3, 0.8, 1.5, 0), (20, 1.0, 1.0, 6)].into_iter().enumerate()
+            [(5, 1.0, 1.0, 0), (8, 0.9, 0.7, 3), (3, 0.8, 1.5, 0), (20, 1.0, 1.0, 6)]
+                .into_iter()
+                .enumerate()
         {
             let cfg = blip2_runtime::generation::GenerationConfig {
                 do_sample: true,
@@ -383,15 +525,25 @@ fn sampling_draws_from_the_devices_top_k_what_it_draws_from_the_logits() {
                 ..Default::default()
             };
             let mut run = |full: bool| {
-                let mut p = blip2_runtime::state::prefill(&mut model, &batch, embeds.clone(), cfg.max_new_tokens).unwrap();
+                let mut p = blip2_runtime::state::prefill(
+                    &mut model,
+                    &batch,
+                    embeds.clone(),
+                    cfg.max_new_tokens,
+                )
+                .unwrap();
                 let mut fwd = Forward { inner: &mut p.state, full, candidate_steps: 0 };
-                let out = blip2_runtime::generation::generate(&mut fwd, &p.prompts, p.logits, &cfg).unwrap();
+                let out = blip2_runtime::generation::generate(&mut fwd, &p.prompts, p.logits, &cfg)
+                    .unwrap();
                 (out, fwd.candidate_steps)
             };
             let (from_logits, none) = run(true);
             let (from_top_k, steps) = run(false);
             assert_eq!(none, 0);
-            assert_eq!(from_top_k, from_logits, "{name}: seed {seed}, top_k {top_k}, top_p {top_p}");
+            assert_eq!(
+                from_top_k, from_logits,
+                "{name}: seed {seed}, top_k {top_k}, top_p {top_p}"
+            );
             candidate_steps += steps;
         }
         assert!(candidate_steps > 0, "{name}: the device's top-k was never used");
@@ -454,11 +606,16 @@ fn fixed_step_buffers_keep_their_addresses_and_graph_ids() {
     let mut model = Blip2Model::load(&dir, &mut session_factory()).unwrap();
     model.use_fixed_step_buffers().unwrap();
     let refd = fixture(name).join("reference");
-    let graphs: Value = serde_json::from_str(&std::fs::read_to_string(refd.join("graphs.json")).unwrap()).unwrap();
+    let graphs: Value =
+        serde_json::from_str(&std::fs::read_to_string(refd.join("graphs.json")).unwrap()).unwrap();
     let row = &graphs["lm_steps"][0];
     let (tok, mask) = (ids(&row["input_ids"]), ids(&row["attention_mask"]));
-    let embeds = read_npy(&refd.join("image_embeds.npy")).slice(ndarray::s![..2, .., ..]).to_owned().into_dyn();
-    let batch = Batch { ids: vec![tok.clone(), tok.clone()], mask: vec![mask.clone(), mask.clone()] };
+    let embeds = read_npy(&refd.join("image_embeds.npy"))
+        .slice(ndarray::s![..2, .., ..])
+        .to_owned()
+        .into_dyn();
+    let batch =
+        Batch { ids: vec![tok.clone(), tok.clone()], mask: vec![mask.clone(), mask.clone()] };
 
     // The same calls on a request with buffers of its own: the logits must agree after
     // every reorder.
@@ -469,14 +626,17 @@ fn fixed_step_buffers_keep_their_addresses_and_graph_ids() {
         assert!(own.fixed_buffers().is_none());
         let (set, before, addrs) = st.fixed_buffers().expect("fixed buffers");
         assert_eq!(before, None, "the prefill runs uncaptured");
-        let both = |tokens: &[i64], want: Want, st: &mut OptStaticState, own: &mut OptStaticState| {
-            let got = st.step_for(tokens, want).unwrap();
-            let StepOutput::Logits(l) = own.step_for(tokens, Want::Logits).unwrap() else { panic!("logits") };
-            if let StepOutput::Logits(g) = got {
-                assert_close("fixed against own buffers", &g.into_dyn(), &l.into_dyn());
-            }
-            st.fixed_buffers().unwrap()
-        };
+        let both =
+            |tokens: &[i64], want: Want, st: &mut OptStaticState, own: &mut OptStaticState| {
+                let got = st.step_for(tokens, want).unwrap();
+                let StepOutput::Logits(l) = own.step_for(tokens, Want::Logits).unwrap() else {
+                    panic!("logits")
+                };
+                if let StepOutput::Logits(g) = got {
+                    assert_close("fixed against own buffers", &g.into_dyn(), &l.into_dyn());
+                }
+                st.fixed_buffers().unwrap()
+            };
         let (_, g1, a1) = both(&[5, 6], Want::Argmax, &mut st, &mut own);
         let (_, g2, a2) = both(&[7, 8], Want::Argmax, &mut st, &mut own);
         assert_eq!((g2, &a2), (g1, &addrs), "two argmax steps: same graph, same addresses");
@@ -507,14 +667,18 @@ fn fixed_step_buffers_keep_their_addresses_and_graph_ids() {
     // steps give the logits of a fresh run on buffers of its own.
     let (mut st, _) = OptStaticState::prefill(&mut model, &batch, embeds.clone(), 8).unwrap();
     assert_eq!(st.fixed_buffers().unwrap().0, set);
-    let StepOutput::Logits(reused) = st.step_for(&[5, 6], Want::Logits).unwrap() else { panic!("logits") };
+    let StepOutput::Logits(reused) = st.step_for(&[5, 6], Want::Logits).unwrap() else {
+        panic!("logits")
+    };
     st.step_for(&[7, 8], Want::Argmax).unwrap();
     let (_, g, a) = st.fixed_buffers().unwrap();
     assert_eq!((g, a), (graph0, addrs.clone()));
     drop(st);
     let (mut own, _) = OptStaticState::prefill(&mut plain, &batch, embeds.clone(), 8).unwrap();
     assert!(own.fixed_buffers().is_none());
-    let StepOutput::Logits(fresh) = own.step_for(&[5, 6], Want::Logits).unwrap() else { panic!("logits") };
+    let StepOutput::Logits(fresh) = own.step_for(&[5, 6], Want::Logits).unwrap() else {
+        panic!("logits")
+    };
     assert_close("logits on a reused set", &reused.into_dyn(), &fresh.into_dyn());
 
     // Another row count or length is another set.
@@ -536,7 +700,13 @@ fn fixed_step_buffers_are_refused_where_they_cannot_work() {
     let e = model.use_fixed_step_buffers().unwrap_err().to_string();
     assert!(e.contains("OPT export made with --target cuda") && e.contains("t5"), "{e}");
     let out = temp_dir("cuda-target-fixed-portable").join("export");
-    blip2_export::export(&fixture("opt-tiny").join("checkpoint"), &out, &Default::default(), &mut blip2_export::NoProgress).unwrap();
+    blip2_export::export(
+        &fixture("opt-tiny").join("checkpoint"),
+        &out,
+        &Default::default(),
+        &mut blip2_export::NoProgress,
+    )
+    .unwrap();
     let mut model = Blip2Model::load(&out, &mut session_factory()).unwrap();
     let e = model.use_fixed_step_buffers().unwrap_err().to_string();
     assert!(e.contains("portable"), "{e}");

@@ -8,9 +8,8 @@
 use std::path::PathBuf;
 
 use blip2_ort_suite::{
-    assert_batch_rows_equal_single_runs, assert_cases_match, config, fixture, generate_cases, ids, photo, session_factory, temp_dir,
-    token_agreement,
-    ALL_CHECKPOINTS,
+    assert_batch_rows_equal_single_runs, assert_cases_match, config, fixture, generate_cases, ids,
+    photo, session_factory, temp_dir, token_agreement, ALL_CHECKPOINTS,
 };
 use blip2_runtime::generation::GenerationConfig;
 use blip2_runtime::pipeline::Pipeline;
@@ -18,8 +17,13 @@ use serde_json::Value;
 
 fn export(name: &str, test: &str) -> PathBuf {
     let out = temp_dir(&format!("generate-{test}-{name}")).join("export");
-    blip2_export::export(&fixture(name).join("checkpoint"), &out, &Default::default(), &mut blip2_export::NoProgress)
-        .unwrap();
+    blip2_export::export(
+        &fixture(name).join("checkpoint"),
+        &out,
+        &Default::default(),
+        &mut blip2_export::NoProgress,
+    )
+    .unwrap();
     out
 }
 
@@ -33,11 +37,17 @@ fn prompts_are_assembled_like_blip2processor() {
         let dir = export(name, "prompts");
         let p = Pipeline::load(&dir, &mut session_factory()).unwrap();
         for case in cases(name)["cases"].as_array().unwrap() {
-            let texts: Vec<Vec<i64>> =
-                case["prompts"].as_array().unwrap().iter().map(|s| p.prompter.text_ids(s.as_str().unwrap()).unwrap()).collect();
+            let texts: Vec<Vec<i64>> = case["prompts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| p.prompter.text_ids(s.as_str().unwrap()).unwrap())
+                .collect();
             let batch = p.prompter.assemble(&texts);
-            let want_ids: Vec<Vec<i64>> = case["input_ids"].as_array().unwrap().iter().map(ids).collect();
-            let want_mask: Vec<Vec<i64>> = case["attention_mask"].as_array().unwrap().iter().map(ids).collect();
+            let want_ids: Vec<Vec<i64>> =
+                case["input_ids"].as_array().unwrap().iter().map(ids).collect();
+            let want_mask: Vec<Vec<i64>> =
+                case["attention_mask"].as_array().unwrap().iter().map(ids).collect();
             assert_eq!(batch.ids, want_ids, "{name}/{}: input_ids", case["name"]);
             assert_eq!(batch.mask, want_mask, "{name}/{}: attention_mask", case["name"]);
         }
@@ -52,7 +62,9 @@ fn every_task_matches_transformers_token_for_token() {
         // transformers' batched T5 run differs from its single runs (padding shifts the
         // encoder's relative positions); batch_rows_equal_single_runs checks blip2-ort's
         // batch against transformers' single runs instead.
-        assert_cases_match(&mut p, name, "portable", |c| !(name.starts_with("t5") && c["name"] == "batch"));
+        assert_cases_match(&mut p, name, "portable", |c| {
+            !(name.starts_with("t5") && c["name"] == "batch")
+        });
     }
 }
 
@@ -65,8 +77,17 @@ fn batch_rows_equal_single_runs() {
         for (i, single) in assert_batch_rows_equal_single_runs(&mut p, name).iter().enumerate() {
             // The single run is transformers' single run (for T5, transformers' own
             // batched run differs from its single runs; the single run is the reference).
-            let row = all["cases"].as_array().unwrap().iter().find(|c| c["name"] == format!("batch_row{i}")).unwrap();
-            assert_eq!(single[0].token_ids, ids(&row["sequences"][0]), "{name}: row {i} vs transformers");
+            let row = all["cases"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["name"] == format!("batch_row{i}"))
+                .unwrap();
+            assert_eq!(
+                single[0].token_ids,
+                ids(&row["sequences"][0]),
+                "{name}: row {i} vs transformers"
+            );
         }
     }
 }
@@ -77,7 +98,8 @@ fn chat_turns_follow_the_seed_format() {
     let dir = export(name, "chat");
     let mut p = Pipeline::load(&dir, &mut session_factory()).unwrap();
     let all = cases(name);
-    let find = |n: &str| all["cases"].as_array().unwrap().iter().find(|c| c["name"] == n).unwrap().clone();
+    let find =
+        |n: &str| all["cases"].as_array().unwrap().iter().find(|c| c["name"] == n).unwrap().clone();
     let (t1, t2) = (find("chat_turn1"), find("chat_turn2"));
     let img = p.load_image(&photo("chelsea.png")).unwrap();
     let cfg = config(&p, &t1["generate"]);
@@ -106,7 +128,9 @@ fn sampling_with_a_seed_is_reproducible() {
     cfg.top_k = 0;
     cfg.temperature = 1.5;
     cfg.seed = Some(7);
-    let run = |p: &mut Pipeline, c: &GenerationConfig| p.generate(std::slice::from_ref(&img), &[String::new()], c).unwrap();
+    let run = |p: &mut Pipeline, c: &GenerationConfig| {
+        p.generate(std::slice::from_ref(&img), &[String::new()], c).unwrap()
+    };
     let a = run(&mut p, &cfg);
     let b = run(&mut p, &cfg);
     assert_eq!(a, b, "same seed, same tokens");
@@ -121,10 +145,18 @@ fn sampling_with_a_seed_is_reproducible() {
 fn fp16_agreement(name: &str) -> (usize, usize) {
     let out = temp_dir(&format!("generate-fp16-{name}")).join("export");
     let opts = blip2_export::ExportOptions { dtype: blip2_core::Dtype::Fp16, ..Default::default() };
-    blip2_export::export(&fixture(name).join("checkpoint"), &out, &opts, &mut blip2_export::NoProgress).unwrap();
+    blip2_export::export(
+        &fixture(name).join("checkpoint"),
+        &out,
+        &opts,
+        &mut blip2_export::NoProgress,
+    )
+    .unwrap();
     let mut p = Pipeline::load(&out, &mut session_factory()).unwrap();
     // transformers' own batched T5 run differs from its single runs (see above).
-    let (same, total) = token_agreement(&mut p, &cases(name), |c| !(name.starts_with("t5") && c["name"] == "batch"));
+    let (same, total) = token_agreement(&mut p, &cases(name), |c| {
+        !(name.starts_with("t5") && c["name"] == "batch")
+    });
     eprintln!("{name} fp16: {same}/{total} tokens agree with transformers fp32");
     (same, total)
 }

@@ -9,13 +9,20 @@ use blip2_runtime::state::opt::OptState;
 use ndarray::{Array4, ArrayD, IxDyn};
 
 fn export(name: &str, force_external: bool) -> std::path::PathBuf {
-    let opts = blip2_export::ExportOptions { force_external_data: force_external, ..Default::default() };
+    let opts =
+        blip2_export::ExportOptions { force_external_data: force_external, ..Default::default() };
     export_with(name, &format!("graphs-{name}-{force_external}"), &opts)
 }
 
 fn export_with(name: &str, test: &str, opts: &blip2_export::ExportOptions) -> std::path::PathBuf {
     let out = temp_dir(test).join("export");
-    blip2_export::export(&fixture(name).join("checkpoint"), &out, opts, &mut blip2_export::NoProgress).unwrap();
+    blip2_export::export(
+        &fixture(name).join("checkpoint"),
+        &out,
+        opts,
+        &mut blip2_export::NoProgress,
+    )
+    .unwrap();
     out
 }
 
@@ -44,14 +51,22 @@ fn errors(name: &str, dir: &std::path::Path) -> Vec<(String, f32, f32, bool)> {
     let graphs: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(refd.join("graphs.json")).unwrap()).unwrap();
     let steps = graphs["lm_steps"].as_array().unwrap();
-    let ids = |s: &serde_json::Value, k: &str| -> Vec<i64> { s[k].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect() };
+    let ids = |s: &serde_json::Value, k: &str| -> Vec<i64> {
+        s[k].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect()
+    };
     let first = &steps[0];
     let q = ref_embeds.shape()[1];
     let d = ref_embeds.shape()[2];
     let img: Vec<f32> = ref_embeds.iter().take(q * d).copied().collect();
     let img = ArrayD::from_shape_vec(IxDyn(&[1, q, d]), img).unwrap();
     let img = blip2_runtime::model::lm_value(&model, img).unwrap();
-    let (mut state, logits) = OptState::prefill(&mut model, &[ids(first, "input_ids")], &[ids(first, "attention_mask")], img).unwrap();
+    let (mut state, logits) = OptState::prefill(
+        &mut model,
+        &[ids(first, "input_ids")],
+        &[ids(first, "attention_mask")],
+        img,
+    )
+    .unwrap();
     let ref_logits = read_npy(&refd.join(first["logits"].as_str().unwrap()));
     record("prefill logits", &logits.into_dyn(), &ref_logits);
     for (k, s) in steps.iter().enumerate().skip(1) {
@@ -66,7 +81,10 @@ fn errors(name: &str, dir: &std::path::Path) -> Vec<(String, f32, f32, bool)> {
 fn check(name: &str, force_external: bool) {
     let dir = export(name, force_external);
     for (what, d, s, _) in errors(name, &dir) {
-        assert!(d.is_finite() && d <= 1e-4 * s.max(1e-6), "{what}: max abs diff {d:e} exceeds 1e-4 of scale {s}");
+        assert!(
+            d.is_finite() && d <= 1e-4 * s.max(1e-6),
+            "{what}: max abs diff {d:e} exceeds 1e-4 of scale {s}"
+        );
     }
 }
 
@@ -76,7 +94,8 @@ fn opt_fp16_agrees_with_fp32_reference() {
     // keeps it): every output within 1% of its scale of transformers' fp32 output, and
     // the same most likely token.
     for name in CHECKPOINTS {
-        let opts = blip2_export::ExportOptions { dtype: blip2_core::Dtype::Fp16, ..Default::default() };
+        let opts =
+            blip2_export::ExportOptions { dtype: blip2_core::Dtype::Fp16, ..Default::default() };
         let dir = export_with(name, &format!("graphs-fp16-{name}"), &opts);
         let errs = errors(name, &dir);
         assert_eq!(errs.len(), 5, "{name}: every graph output compared");
@@ -110,17 +129,27 @@ fn check_t5(dtype: blip2_core::Dtype) -> Vec<(f32, f32, bool)> {
     let name = "t5-tiny";
     let out = temp_dir(&format!("graphs-t5-{}", dtype.name())).join("export");
     let opts = blip2_export::ExportOptions { dtype, ..Default::default() };
-    blip2_export::export(&fixture(name).join("checkpoint"), &out, &opts, &mut blip2_export::NoProgress).unwrap();
+    blip2_export::export(
+        &fixture(name).join("checkpoint"),
+        &out,
+        &opts,
+        &mut blip2_export::NoProgress,
+    )
+    .unwrap();
     let refd = fixture(name).join("reference");
     let mut model = Blip2Model::load(&out, &mut session_factory()).unwrap();
     let graphs: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(refd.join("graphs.json")).unwrap()).unwrap();
-    let ints = |v: &serde_json::Value| -> Vec<i64> { v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect() };
+    let ints = |v: &serde_json::Value| -> Vec<i64> {
+        v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect()
+    };
     let ids = ints(&graphs["input_ids"]);
     let mask = ints(&graphs["attention_mask"]);
     let ref_embeds = read_npy(&refd.join("image_embeds.npy"));
     let (q, d) = (ref_embeds.shape()[1], ref_embeds.shape()[2]);
-    let img = ArrayD::from_shape_vec(IxDyn(&[1, q, d]), ref_embeds.iter().take(q * d).copied().collect()).unwrap();
+    let img =
+        ArrayD::from_shape_vec(IxDyn(&[1, q, d]), ref_embeds.iter().take(q * d).copied().collect())
+            .unwrap();
     let mut errs = Vec::new();
     let mut record = |what: &str, a: &ArrayD<f32>, b: &ArrayD<f32>| {
         let (diff, scale) = blip2_ort_suite::max_abs_diff(a, b);
@@ -144,7 +173,9 @@ fn check_t5(dtype: blip2_core::Dtype) -> Vec<(f32, f32, bool)> {
     record("encoder hidden states", &hidden, &read_npy(&refd.join("encoder_hidden_states.npy")));
     let steps = graphs["decoder_steps"].as_array().unwrap();
     let start = ints(&steps[0]["decoder_input_ids"])[0];
-    let (mut state, logits) = blip2_runtime::state::t5::T5State::prefill(&mut model, &[ids], &[mask], img, start, 20).unwrap();
+    let (mut state, logits) =
+        blip2_runtime::state::t5::T5State::prefill(&mut model, &[ids], &[mask], img, start, 20)
+            .unwrap();
     let mut logits = logits;
     for (k, s) in steps.iter().enumerate() {
         if k > 0 {
@@ -162,7 +193,12 @@ fn argmax_last(a: &ArrayD<f32>) -> Vec<usize> {
     a.as_slice()
         .unwrap()
         .chunks(v)
-        .map(|row| row.iter().enumerate().fold((0, f32::MIN), |m, (i, &x)| if x > m.1 { (i, x) } else { m }).0)
+        .map(|row| {
+            row.iter()
+                .enumerate()
+                .fold((0, f32::MIN), |m, (i, &x)| if x > m.1 { (i, x) } else { m })
+                .0
+        })
         .collect()
 }
 
@@ -191,9 +227,21 @@ fn logits_to_keep_computes_the_last_positions_only() {
     use ort::value::{DynValue, Tensor};
     let name = "opt-tiny";
     let dir = temp_dir("graphs-logits-to-keep").join("export");
-    blip2_export::export(&fixture(name).join("checkpoint"), &dir, &Default::default(), &mut blip2_export::NoProgress).unwrap();
+    blip2_export::export(
+        &fixture(name).join("checkpoint"),
+        &dir,
+        &Default::default(),
+        &mut blip2_export::NoProgress,
+    )
+    .unwrap();
     let m = blip2_core::Manifest::load(&dir).unwrap();
-    let keep_info = m.graphs.language_model.inputs.iter().find(|t| t.name == "logits_to_keep").expect("listed in the manifest");
+    let keep_info = m
+        .graphs
+        .language_model
+        .inputs
+        .iter()
+        .find(|t| t.name == "logits_to_keep")
+        .expect("listed in the manifest");
     assert!(keep_info.optional && keep_info.shape.is_empty());
     // Graph outputs (the KV cache above all) are named on the nodes that make them, not
     // copied by an Identity node at every step.
@@ -204,31 +252,60 @@ fn logits_to_keep_computes_the_last_positions_only() {
     let graphs: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(refd.join("graphs.json")).unwrap()).unwrap();
     let first = &graphs["lm_steps"][0];
-    let vec_of = |k: &str| -> Vec<i64> { first[k].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect() };
+    let vec_of = |k: &str| -> Vec<i64> {
+        first[k].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect()
+    };
     let (ids, mask) = (vec_of("input_ids"), vec_of("attention_mask"));
     let n = ids.len();
     assert!(mask.iter().all(|&m| m == 1), "the recorded prefill has no padding");
     let embeds = read_npy(&refd.join("image_embeds.npy"));
     let (q, d) = (embeds.shape()[1], embeds.shape()[2]);
-    let img = ArrayD::from_shape_vec(IxDyn(&[1, q, d]), embeds.iter().take(q * d).copied().collect()).unwrap();
+    let img =
+        ArrayD::from_shape_vec(IxDyn(&[1, q, d]), embeds.iter().take(q * d).copied().collect())
+            .unwrap();
     let ref_logits = read_npy(&refd.join("prefill_logits.npy"));
 
-    let mut session = session_factory()(blip2_runtime::model::GraphKind::LanguageModel, &dir.join("language_model.onnx")).unwrap();
+    let mut session = session_factory()(
+        blip2_runtime::model::GraphKind::LanguageModel,
+        &dir.join("language_model.onnx"),
+    )
+    .unwrap();
     for keep in [Some(1i64), Some(3), None] {
         let mut feeds: Vec<(String, DynValue)> = vec![
-            ("input_ids".into(), Tensor::from_array(ndarray::Array2::from_shape_vec((1, n), ids.clone()).unwrap()).unwrap().into_dyn()),
+            (
+                "input_ids".into(),
+                Tensor::from_array(ndarray::Array2::from_shape_vec((1, n), ids.clone()).unwrap())
+                    .unwrap()
+                    .into_dyn(),
+            ),
             ("image_embeds".into(), Tensor::from_array(img.clone()).unwrap().into_dyn()),
-            ("attention_mask".into(), Tensor::from_array(ndarray::Array2::from_shape_vec((1, n), mask.clone()).unwrap()).unwrap().into_dyn()),
-            ("position_ids".into(), Tensor::from_array(ndarray::Array2::from_shape_fn((1, n), |(_, j)| j as i64)).unwrap().into_dyn()),
+            (
+                "attention_mask".into(),
+                Tensor::from_array(ndarray::Array2::from_shape_vec((1, n), mask.clone()).unwrap())
+                    .unwrap()
+                    .into_dyn(),
+            ),
+            (
+                "position_ids".into(),
+                Tensor::from_array(ndarray::Array2::from_shape_fn((1, n), |(_, j)| j as i64))
+                    .unwrap()
+                    .into_dyn(),
+            ),
         ];
         for l in 0..m.text.num_layers {
             for kind in ["key", "value"] {
                 let empty = ArrayD::<f32>::zeros(IxDyn(&[1, m.text.num_heads, 0, m.text.head_dim]));
-                feeds.push((format!("past_key_values.{l}.{kind}"), Tensor::from_array(empty).unwrap().into_dyn()));
+                feeds.push((
+                    format!("past_key_values.{l}.{kind}"),
+                    Tensor::from_array(empty).unwrap().into_dyn(),
+                ));
             }
         }
         if let Some(k) = keep {
-            feeds.push(("logits_to_keep".into(), Tensor::from_array(ndarray::arr0(k)).unwrap().into_dyn()));
+            feeds.push((
+                "logits_to_keep".into(),
+                Tensor::from_array(ndarray::arr0(k)).unwrap().into_dyn(),
+            ));
         }
         let out = session.run(feeds).unwrap();
         let logits = out["logits"].try_extract_array::<f32>().unwrap().to_owned();
@@ -249,14 +326,23 @@ fn allocator_statistics_report_the_peak() {
     use ort::value::Tensor;
     let env = blip2_runtime::ort_env::environment().unwrap();
     let dir = temp_dir("graphs-allocator-stats").join("export");
-    blip2_export::export(&fixture("opt-tiny").join("checkpoint"), &dir, &Default::default(), &mut blip2_export::NoProgress).unwrap();
-    let mut session = Session::builder(env).unwrap().commit_from_file(dir.join("vision_encoder.onnx")).unwrap();
-    let cpu = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Arena, MemoryType::Default).unwrap();
+    blip2_export::export(
+        &fixture("opt-tiny").join("checkpoint"),
+        &dir,
+        &Default::default(),
+        &mut blip2_export::NoProgress,
+    )
+    .unwrap();
+    let mut session =
+        Session::builder(env).unwrap().commit_from_file(dir.join("vision_encoder.onnx")).unwrap();
+    let cpu = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Arena, MemoryType::Default)
+        .unwrap();
     let px = read_npy(&fixture("opt-tiny").join("reference/pixel_values.npy"));
     let out = session.run(ort::inputs!["pixel_values" => Tensor::from_array(px).unwrap()]).unwrap();
     let feats = out["image_features"].try_extract_array::<f32>().unwrap().len() * 4;
     drop(out);
-    let peak = blip2_runtime::model::allocator_peak(&session, &cpu).expect("the CPU arena keeps statistics");
+    let peak = blip2_runtime::model::allocator_peak(&session, &cpu)
+        .expect("the CPU arena keeps statistics");
     assert!(peak as usize >= feats, "peak {peak} bytes, below the {feats}-byte output");
 }
 
@@ -267,15 +353,25 @@ fn allocator_statistics_report_the_peak() {
 fn prefill_last_matches_with_and_without_logits_to_keep() {
     let name = "opt-tiny";
     let dir = temp_dir("graphs-prefill-last").join("export");
-    blip2_export::export(&fixture(name).join("checkpoint"), &dir, &Default::default(), &mut blip2_export::NoProgress).unwrap();
+    blip2_export::export(
+        &fixture(name).join("checkpoint"),
+        &dir,
+        &Default::default(),
+        &mut blip2_export::NoProgress,
+    )
+    .unwrap();
     let refd = fixture(name).join("reference");
     let graphs: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(refd.join("graphs.json")).unwrap()).unwrap();
     let first = &graphs["lm_steps"][0];
-    let vec_of = |k: &str| -> Vec<i64> { first[k].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect() };
+    let vec_of = |k: &str| -> Vec<i64> {
+        first[k].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect()
+    };
     let embeds = read_npy(&refd.join("image_embeds.npy"));
     let (q, d) = (embeds.shape()[1], embeds.shape()[2]);
-    let img = ArrayD::from_shape_vec(IxDyn(&[1, q, d]), embeds.iter().take(q * d).copied().collect()).unwrap();
+    let img =
+        ArrayD::from_shape_vec(IxDyn(&[1, q, d]), embeds.iter().take(q * d).copied().collect())
+            .unwrap();
     let ref_logits = read_npy(&refd.join("prefill_logits.npy"));
     let n = ref_logits.shape()[1];
     let want = ref_logits.slice(ndarray::s![.., n - 1, ..]).to_owned().into_dyn();
@@ -284,15 +380,27 @@ fn prefill_last_matches_with_and_without_logits_to_keep() {
     for older in [false, true] {
         if older {
             // An export from before logits_to_keep: its manifest does not list the input.
-            let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
-            m["graphs"]["language_model"]["inputs"].as_array_mut().unwrap().retain(|t| t["name"] != "logits_to_keep");
+            let mut m: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+            m["graphs"]["language_model"]["inputs"]
+                .as_array_mut()
+                .unwrap()
+                .retain(|t| t["name"] != "logits_to_keep");
             std::fs::write(&manifest, m.to_string()).unwrap();
         }
         let mut model = Blip2Model::load(&dir, &mut session_factory()).unwrap();
         assert_eq!(model.lm_takes_logits_to_keep(), !older);
-        let (_, logits) =
-            OptState::prefill_last(&mut model, &[vec_of("input_ids")], &[vec_of("attention_mask")], f32_value(img.clone()).unwrap())
-                .unwrap();
-        assert_close(&format!("{name}: last-position prefill logits (older export: {older})"), &logits.into_dyn(), &want);
+        let (_, logits) = OptState::prefill_last(
+            &mut model,
+            &[vec_of("input_ids")],
+            &[vec_of("attention_mask")],
+            f32_value(img.clone()).unwrap(),
+        )
+        .unwrap();
+        assert_close(
+            &format!("{name}: last-position prefill logits (older export: {older})"),
+            &logits.into_dyn(),
+            &want,
+        );
     }
 }

@@ -12,8 +12,13 @@ use serde_json::Value;
 fn photo_variants_caption_as_transformers_does() {
     for name in ALL_CHECKPOINTS {
         let out = temp_dir(&format!("photos-{name}")).join("export");
-        blip2_export::export(&fixture(name).join("checkpoint"), &out, &Default::default(), &mut blip2_export::NoProgress)
-            .unwrap();
+        blip2_export::export(
+            &fixture(name).join("checkpoint"),
+            &out,
+            &Default::default(),
+            &mut blip2_export::NoProgress,
+        )
+        .unwrap();
         let mut p = Pipeline::load(&out, &mut session_factory()).unwrap();
         let path = fixture(name).join("reference/photos.json");
         let all: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();

@@ -9,8 +9,8 @@ use blip2_core::Quantization;
 use blip2_export::ExportOptions;
 use blip2_ort_suite::{fixture, ids, max_abs_diff, read_npy, run_case, session_factory, temp_dir};
 use blip2_runtime::model::{f32_value, to_f32, Blip2Model};
-use blip2_runtime::state::opt::OptState;
 use blip2_runtime::pipeline::Pipeline;
+use blip2_runtime::state::opt::OptState;
 use ndarray::{Array4, ArrayD, IxDyn};
 use serde_json::Value;
 
@@ -24,7 +24,8 @@ struct Variant {
 
 impl Variant {
     fn label(self) -> String {
-        let mut parts: Vec<String> = self.weights.iter().map(|q| format!("--quantize {}", q.name())).collect();
+        let mut parts: Vec<String> =
+            self.weights.iter().map(|q| format!("--quantize {}", q.name())).collect();
         if self.encoders {
             parts.push("--quantize-encoders int8".into());
         }
@@ -36,8 +37,15 @@ impl Variant {
 fn export(test: &str, name: &str, v: Variant) -> PathBuf {
     let tag = format!("{}-{}", v.weights.map_or("none", |q| q.name()), v.encoders);
     let out = temp_dir(&format!("quantize-{test}-{name}-{tag}")).join("export");
-    let opts = ExportOptions { quantize: v.weights, quantize_encoders: v.encoders, ..Default::default() };
-    blip2_export::export(&fixture(name).join("checkpoint"), &out, &opts, &mut blip2_export::NoProgress).unwrap();
+    let opts =
+        ExportOptions { quantize: v.weights, quantize_encoders: v.encoders, ..Default::default() };
+    blip2_export::export(
+        &fixture(name).join("checkpoint"),
+        &out,
+        &opts,
+        &mut blip2_export::NoProgress,
+    )
+    .unwrap();
     out
 }
 
@@ -58,7 +66,10 @@ fn encoder_errors(model: &mut Blip2Model, refd: &std::path::Path) -> (f32, f32) 
     let ref_feats = read_npy(&refd.join("image_features.npy"));
     let (diff, scale) = max_abs_diff(&model.vision_features(px).unwrap(), &ref_feats);
     let features = diff / scale;
-    let (diff, scale) = max_abs_diff(&model.qformer_embeds(ref_feats).unwrap(), &read_npy(&refd.join("image_embeds.npy")));
+    let (diff, scale) = max_abs_diff(
+        &model.qformer_embeds(ref_feats).unwrap(),
+        &read_npy(&refd.join("image_embeds.npy")),
+    );
     (features, diff / scale)
 }
 
@@ -68,20 +79,30 @@ fn measure(name: &str, v: Variant) -> Agreement {
     let mut model = Blip2Model::load(&dir, &mut session_factory()).unwrap();
     let m = model.manifest.clone();
     assert_eq!(m.quantization, v.weights);
-    assert_eq!(m.encoder_quantization, v.encoders.then_some(blip2_core::EncoderQuantization::Int8Dynamic));
+    assert_eq!(
+        m.encoder_quantization,
+        v.encoders.then_some(blip2_core::EncoderQuantization::Int8Dynamic)
+    );
 
     // Each graph is fed transformers' own inputs, so each is judged alone.
     let (features, embeds) = encoder_errors(&mut model, &refd);
 
-    let graphs: Value = serde_json::from_str(&std::fs::read_to_string(refd.join("graphs.json")).unwrap()).unwrap();
+    let graphs: Value =
+        serde_json::from_str(&std::fs::read_to_string(refd.join("graphs.json")).unwrap()).unwrap();
     let first = &graphs["lm_steps"][0];
     let e = read_npy(&refd.join("image_embeds.npy"));
     let (qn, d) = (e.shape()[1], e.shape()[2]);
-    let img = ArrayD::from_shape_vec(IxDyn(&[1, qn, d]), e.iter().take(qn * d).copied().collect()).unwrap();
-    let (_, logits) =
-        OptState::prefill(&mut model, &[ids(&first["input_ids"])], &[ids(&first["attention_mask"])], f32_value(img).unwrap())
-            .unwrap();
-    let (diff, scale) = max_abs_diff(&logits.into_dyn(), &read_npy(&refd.join("prefill_logits.npy")));
+    let img = ArrayD::from_shape_vec(IxDyn(&[1, qn, d]), e.iter().take(qn * d).copied().collect())
+        .unwrap();
+    let (_, logits) = OptState::prefill(
+        &mut model,
+        &[ids(&first["input_ids"])],
+        &[ids(&first["attention_mask"])],
+        f32_value(img).unwrap(),
+    )
+    .unwrap();
+    let (diff, scale) =
+        max_abs_diff(&logits.into_dyn(), &read_npy(&refd.join("prefill_logits.npy")));
     let prefill_logits = diff / scale;
     drop(model);
 
@@ -89,7 +110,8 @@ fn measure(name: &str, v: Variant) -> Agreement {
     // difference, over the longer of the two sequences.
     let mut p = Pipeline::load(&dir, &mut session_factory()).unwrap();
     let cases: Value =
-        serde_json::from_str(&std::fs::read_to_string(refd.join("generate.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(refd.join("generate.json")).unwrap())
+            .unwrap();
     let (mut same, mut total) = (0, 0);
     for case in cases["cases"].as_array().unwrap() {
         let (got, want) = run_case(&mut p, case);
@@ -118,8 +140,17 @@ fn int8_weights_stay_close_to_fp32() {
         assert!(a.features < 0.05, "{name}: int8 image features {:.2}% off", a.features * 100.0);
         // The Q-Former is not quantized by --quantize.
         assert!(a.embeds < 1e-4, "{name}: image embeds {:.2}% off", a.embeds * 100.0);
-        assert!(a.prefill_logits < 0.05, "{name}: int8 logits {:.2}% off", a.prefill_logits * 100.0);
-        assert!(a.total > 100 && a.same * 2 >= a.total, "{name}: only {}/{} tokens agree", a.same, a.total);
+        assert!(
+            a.prefill_logits < 0.05,
+            "{name}: int8 logits {:.2}% off",
+            a.prefill_logits * 100.0
+        );
+        assert!(
+            a.total > 100 && a.same * 2 >= a.total,
+            "{name}: only {}/{} tokens agree",
+            a.same,
+            a.total
+        );
     }
 }
 
@@ -130,7 +161,12 @@ fn int4_weights_run_and_report_their_agreement() {
         // 4-bit blocks: clearly coarser than int8 (measured ~1-2%), yet bounded (measured
         // 15-16% on image features, 16-29% on logits: docs/PERFORMANCE.md).
         let int8 = measure(name, INT8);
-        assert!(a.features > 2.0 * int8.features, "{name}: int4 features {:.2}% vs int8 {:.2}%", a.features * 100.0, int8.features * 100.0);
+        assert!(
+            a.features > 2.0 * int8.features,
+            "{name}: int4 features {:.2}% vs int8 {:.2}%",
+            a.features * 100.0,
+            int8.features * 100.0
+        );
         assert!(a.features < 0.25, "{name}: int4 image features {:.2}% off", a.features * 100.0);
         assert!(a.prefill_logits < 0.4, "{name}: int4 logits {:.2}% off", a.prefill_logits * 100.0);
         assert!(a.total > 100);
@@ -145,11 +181,24 @@ fn int8_encoders_stay_close_to_fp32() {
         assert!(a.features < 0.05, "{name}: image features {:.2}% off", a.features * 100.0);
         assert!(a.embeds < 0.05, "{name}: image embeds {:.2}% off", a.embeds * 100.0);
         assert!(a.prefill_logits < 1e-4, "{name}: logits {:.4}% off", a.prefill_logits * 100.0);
-        assert!(a.total > 100 && a.same * 2 >= a.total, "{name}: only {}/{} tokens agree", a.same, a.total);
+        assert!(
+            a.total > 100 && a.same * 2 >= a.total,
+            "{name}: only {}/{} tokens agree",
+            a.same,
+            a.total
+        );
         // With the int8 LM as well: the fastest CPU export.
         let a = measure(name, Variant { weights: Some(Quantization::Int8), encoders: true });
-        assert!(a.features < 0.05 && a.embeds < 0.05 && a.prefill_logits < 0.05, "{name}: errors too large");
-        assert!(a.total > 100 && a.same * 2 >= a.total, "{name}: only {}/{} tokens agree", a.same, a.total);
+        assert!(
+            a.features < 0.05 && a.embeds < 0.05 && a.prefill_logits < 0.05,
+            "{name}: errors too large"
+        );
+        assert!(
+            a.total > 100 && a.same * 2 >= a.total,
+            "{name}: only {}/{} tokens agree",
+            a.same,
+            a.total
+        );
     }
 }
 
@@ -166,12 +215,32 @@ fn int8_encoders_on_t5_stay_close_to_fp32() {
 #[test]
 fn quantized_fp16_is_refused() {
     let out = temp_dir("quantize-fp16").join("export");
-    let opts = ExportOptions { quantize: Some(Quantization::Int8), dtype: blip2_core::Dtype::Fp16, ..Default::default() };
-    let e = blip2_export::export(&fixture("opt-tiny").join("checkpoint"), &out, &opts, &mut blip2_export::NoProgress).unwrap_err();
+    let opts = ExportOptions {
+        quantize: Some(Quantization::Int8),
+        dtype: blip2_core::Dtype::Fp16,
+        ..Default::default()
+    };
+    let e = blip2_export::export(
+        &fixture("opt-tiny").join("checkpoint"),
+        &out,
+        &opts,
+        &mut blip2_export::NoProgress,
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("--quantize"), "{e}");
     assert!(!out.exists());
-    let opts = ExportOptions { quantize_encoders: true, dtype: blip2_core::Dtype::Fp16, ..Default::default() };
-    let e = blip2_export::export(&fixture("opt-tiny").join("checkpoint"), &out, &opts, &mut blip2_export::NoProgress).unwrap_err();
+    let opts = ExportOptions {
+        quantize_encoders: true,
+        dtype: blip2_core::Dtype::Fp16,
+        ..Default::default()
+    };
+    let e = blip2_export::export(
+        &fixture("opt-tiny").join("checkpoint"),
+        &out,
+        &opts,
+        &mut blip2_export::NoProgress,
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("--quantize-encoders"), "{e}");
     assert!(!out.exists());
 }
@@ -189,9 +258,16 @@ fn int8_encoders_give_each_image_of_a_batch_its_own_result() {
     let other = px.mapv(|v| v * 3.0 + 0.5);
     let batch = ndarray::concatenate(ndarray::Axis(0), &[px.view(), other.view()]).unwrap();
     let both = to_f32(&model.encode_images(batch).unwrap()).unwrap();
-    let alone = [to_f32(&model.encode_images(px).unwrap()).unwrap(), to_f32(&model.encode_images(other).unwrap()).unwrap()];
+    let alone = [
+        to_f32(&model.encode_images(px).unwrap()).unwrap(),
+        to_f32(&model.encode_images(other).unwrap()).unwrap(),
+    ];
     for (r, a) in alone.iter().enumerate() {
-        assert_eq!(both.index_axis(ndarray::Axis(0), r), a.index_axis(ndarray::Axis(0), 0), "row {r}");
+        assert_eq!(
+            both.index_axis(ndarray::Axis(0), r),
+            a.index_axis(ndarray::Axis(0), 0),
+            "row {r}"
+        );
     }
     assert_ne!(alone[0], alone[1]);
 }

@@ -14,8 +14,15 @@ const RETRIEVAL: &[&str] = &["itm-tiny", "itm-tiny-sharded"];
 /// Exports fixture `name` into a folder of its own for `test` (tests run in parallel).
 fn export(name: &str, dtype: blip2_core::Dtype, test: &str) -> std::path::PathBuf {
     let out = temp_dir(&format!("retrieval-{test}-{name}-{}", dtype.name())).join("export");
-    let opts = blip2_export::ExportOptions { dtype, source_label: name.into(), ..Default::default() };
-    let exported = blip2_export::export_any(&fixture(name).join("checkpoint"), &out, &opts, &mut blip2_export::NoProgress).unwrap();
+    let opts =
+        blip2_export::ExportOptions { dtype, source_label: name.into(), ..Default::default() };
+    let exported = blip2_export::export_any(
+        &fixture(name).join("checkpoint"),
+        &out,
+        &opts,
+        &mut blip2_export::NoProgress,
+    )
+    .unwrap();
     assert_eq!(exported.family(), "retrieval");
     out
 }
@@ -34,8 +41,11 @@ struct Reference {
 
 fn reference(name: &str) -> Reference {
     let d = fixture(name).join("reference");
-    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("reference.json")).unwrap()).unwrap();
-    let strs = |k: &str| -> Vec<String> { j[k].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect() };
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("reference.json")).unwrap()).unwrap();
+    let strs = |k: &str| -> Vec<String> {
+        j[k].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect()
+    };
     Reference {
         photos: strs("photos"),
         texts: strs("texts"),
@@ -57,7 +67,10 @@ fn rel_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
 
 fn assert_within(what: &str, a: &ArrayD<f32>, b: &ArrayD<f32>, tol: f32) {
     let r = rel_diff(a, b);
-    assert!(r.is_finite() && r <= tol, "{what}: max abs diff is {r:e} of the reference's scale, over {tol:e}");
+    assert!(
+        r.is_finite() && r <= tol,
+        "{what}: max abs diff is {r:e} of the reference's scale, over {tol:e}"
+    );
 }
 
 /// Everything the runtime computes for the reference photos and texts: image features,
@@ -104,23 +117,56 @@ fn every_retrieval_graph_matches_transformers() {
         // Tokens: [CLS] text [SEP] as the processor gives them, image tokens stripped.
         let batch = m.tokenize(&r.texts).unwrap();
         for (i, want) in r.token_ids.iter().enumerate() {
-            let got: Vec<i64> = batch.ids.row(i).iter().zip(batch.mask.row(i)).filter(|(_, &k)| k == 1).map(|(&x, _)| x).collect();
+            let got: Vec<i64> = batch
+                .ids
+                .row(i)
+                .iter()
+                .zip(batch.mask.row(i))
+                .filter(|(_, &k)| k == 1)
+                .map(|(&x, _)| x)
+                .collect();
             assert_eq!(&got, want, "{name}: token ids of {:?}", r.texts[i]);
         }
 
         // The Q-Former graphs fed transformers' own image features, each judged alone.
-        let feats = ImageFeatures::F32(r.image_features.clone().into_dimensionality::<Ix3>().unwrap());
+        let feats =
+            ImageFeatures::F32(r.image_features.clone().into_dimensionality::<Ix3>().unwrap());
         let c = compute(&mut m, &r, Some(feats));
-        assert_within(&format!("{name}: image embeddings"), &c.image_embeds.into_dyn(), &r.image_embeds, 1e-5);
-        assert_within(&format!("{name}: text embeddings"), &c.text_embeds.into_dyn(), &r.text_embeds, 1e-5);
-        assert_within(&format!("{name}: ITM logits"), &c.itm_logits.into_dyn(), &r.itm_logits, 1e-5);
+        assert_within(
+            &format!("{name}: image embeddings"),
+            &c.image_embeds.into_dyn(),
+            &r.image_embeds,
+            1e-5,
+        );
+        assert_within(
+            &format!("{name}: text embeddings"),
+            &c.text_embeds.into_dyn(),
+            &r.text_embeds,
+            1e-5,
+        );
+        assert_within(
+            &format!("{name}: ITM logits"),
+            &c.itm_logits.into_dyn(),
+            &r.itm_logits,
+            1e-5,
+        );
         assert_within(&format!("{name}: ITM probabilities"), &c.itm.into_dyn(), &r.itm, 1e-5);
         assert_within(&format!("{name}: ITC scores"), &c.itc.into_dyn(), &r.itc, 1e-5);
 
         // End to end from the photos: preprocessing, the vision encoder, then the rest.
         let c = compute(&mut m, &r, None);
-        assert_within(&format!("{name}: image features"), &c.features.into_dyn(), &r.image_features, 1e-5);
-        assert_within(&format!("{name}: image embeddings from photos"), &c.image_embeds.into_dyn(), &r.image_embeds, 1e-5);
+        assert_within(
+            &format!("{name}: image features"),
+            &c.features.into_dyn(),
+            &r.image_features,
+            1e-5,
+        );
+        assert_within(
+            &format!("{name}: image embeddings from photos"),
+            &c.image_embeds.into_dyn(),
+            &r.image_embeds,
+            1e-5,
+        );
         assert_within(&format!("{name}: ITM from photos"), &c.itm.into_dyn(), &r.itm, 1e-5);
         assert_within(&format!("{name}: ITC from photos"), &c.itc.into_dyn(), &r.itc, 1e-5);
     }
@@ -135,7 +181,12 @@ fn texts_alone_equal_texts_in_a_padded_batch() {
     let all = m.embed_texts(&r.texts).unwrap();
     for (i, t) in r.texts.iter().enumerate() {
         let one = m.embed_texts(std::slice::from_ref(t)).unwrap();
-        assert_within(&format!("{t:?} alone"), &one.row(0).to_owned().into_dyn(), &all.row(i).to_owned().into_dyn(), 1e-5);
+        assert_within(
+            &format!("{t:?} alone"),
+            &one.row(0).to_owned().into_dyn(),
+            &all.row(i).to_owned().into_dyn(),
+            1e-5,
+        );
     }
 }
 
@@ -158,7 +209,10 @@ fn fp16_export_agreement_is_measured() {
         ];
         for (what, d) in rows {
             println!("fp16 {name}: {what}: {d:.2e}");
-            assert!(d.is_finite() && d <= 5e-3, "fp16 {name}: {what} off by {d:e}, over the documented 5e-3");
+            assert!(
+                d.is_finite() && d <= 5e-3,
+                "fp16 {name}: {what} off by {d:e}, over the documented 5e-3"
+            );
         }
     }
 }
@@ -166,24 +220,51 @@ fn fp16_export_agreement_is_measured() {
 #[test]
 fn each_loader_names_the_other_kind_of_export() {
     let dir = export("itm-tiny", blip2_core::Dtype::Fp32, "kinds");
-    let e = blip2_runtime::model::Blip2Model::load(&dir, &mut session_factory()).err().expect("a retrieval export is no captioning model");
+    let e = blip2_runtime::model::Blip2Model::load(&dir, &mut session_factory())
+        .err()
+        .expect("a retrieval export is no captioning model");
     let msg = e.to_string();
-    assert!(msg.contains("image-text retrieval export") && msg.contains("itm, embed-image, embed-text and rank"), "{msg}");
+    assert!(
+        msg.contains("image-text retrieval export")
+            && msg.contains("itm, embed-image, embed-text and rank"),
+        "{msg}"
+    );
 
     let cap = temp_dir("retrieval-captioning").join("export");
-    blip2_export::export(&fixture("opt-tiny").join("checkpoint"), &cap, &Default::default(), &mut blip2_export::NoProgress).unwrap();
-    let e = RetrievalModel::load(&cap, &mut session_factory()).err().expect("a captioning export is no retrieval model");
+    blip2_export::export(
+        &fixture("opt-tiny").join("checkpoint"),
+        &cap,
+        &Default::default(),
+        &mut blip2_export::NoProgress,
+    )
+    .unwrap();
+    let e = RetrievalModel::load(&cap, &mut session_factory())
+        .err()
+        .expect("a captioning export is no retrieval model");
     let msg = e.to_string();
-    assert!(msg.contains("captioning export (family \"opt\")") && msg.contains("caption, vqa, chat and batch"), "{msg}");
+    assert!(
+        msg.contains("captioning export (family \"opt\")")
+            && msg.contains("caption, vqa, chat and batch"),
+        "{msg}"
+    );
 
     // The captioning exporter refuses a retrieval checkpoint by name.
-    let e = blip2_export::export(&fixture("itm-tiny").join("checkpoint"), &temp_dir("retrieval-refused").join("x"), &Default::default(), &mut blip2_export::NoProgress)
-        .expect_err("export() is for captioning checkpoints");
+    let e = blip2_export::export(
+        &fixture("itm-tiny").join("checkpoint"),
+        &temp_dir("retrieval-refused").join("x"),
+        &Default::default(),
+        &mut blip2_export::NoProgress,
+    )
+    .expect_err("export() is for captioning checkpoints");
     assert!(e.to_string().contains("image-text retrieval checkpoint"), "{e}");
 }
 
 /// A copy of fixture `name`'s checkpoint with `edit` applied to its config.json.
-fn edited_checkpoint(name: &str, test: &str, edit: impl FnOnce(&mut serde_json::Value)) -> std::path::PathBuf {
+fn edited_checkpoint(
+    name: &str,
+    test: &str,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> std::path::PathBuf {
     let dir = temp_dir(&format!("retrieval-{test}")).join("checkpoint");
     std::fs::create_dir_all(&dir).unwrap();
     for e in std::fs::read_dir(fixture(name).join("checkpoint")).unwrap() {
@@ -191,7 +272,8 @@ fn edited_checkpoint(name: &str, test: &str, edit: impl FnOnce(&mut serde_json::
         std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
     }
     let path = dir.join("config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     edit(&mut cfg);
     std::fs::write(&path, cfg.to_string()).unwrap();
     dir
@@ -204,7 +286,8 @@ fn a_config_without_architectures_is_recognized_by_its_weights() {
     });
     assert!(blip2_export::is_retrieval(&ck).unwrap());
     let out = ck.parent().unwrap().join("export");
-    let e = blip2_export::export_any(&ck, &out, &Default::default(), &mut blip2_export::NoProgress).unwrap();
+    let e = blip2_export::export_any(&ck, &out, &Default::default(), &mut blip2_export::NoProgress)
+        .unwrap();
     assert_eq!(e.family(), "retrieval");
     // A captioning checkpoint stays one.
     assert!(!blip2_export::is_retrieval(&fixture("opt-tiny").join("checkpoint")).unwrap());
@@ -215,11 +298,19 @@ fn retrieval_export_errors_name_the_problem() {
     let src = fixture("itm-tiny").join("checkpoint");
     let out = temp_dir("retrieval-export-errors").join("export");
     let run = |opts: &blip2_export::ExportOptions| {
-        blip2_export::export_any(&src, &out, opts, &mut blip2_export::NoProgress).expect_err("refused").to_string()
+        blip2_export::export_any(&src, &out, opts, &mut blip2_export::NoProgress)
+            .expect_err("refused")
+            .to_string()
     };
-    let e = run(&blip2_export::ExportOptions { quantize: Some(blip2_core::Quantization::Int8), ..Default::default() });
+    let e = run(&blip2_export::ExportOptions {
+        quantize: Some(blip2_core::Quantization::Int8),
+        ..Default::default()
+    });
     assert!(e.contains("--quantize") && e.contains("not quantized"), "{e}");
-    let e = run(&blip2_export::ExportOptions { target: blip2_core::Target::Cuda, ..Default::default() });
+    let e = run(&blip2_export::ExportOptions {
+        target: blip2_core::Target::Cuda,
+        ..Default::default()
+    });
     assert!(e.contains("--target") && e.contains("portable"), "{e}");
     assert!(!out.exists(), "nothing is written when the export is refused");
 
@@ -234,8 +325,13 @@ fn retrieval_export_errors_name_the_problem() {
     let t = safetensors::SafeTensors::deserialize(&bytes).unwrap().tensors();
     let kept: Vec<_> = t.into_iter().filter(|(n, _)| !n.contains(".intermediate.dense")).collect();
     safetensors::serialize_to_file(kept, None, &ck.join("model.safetensors")).unwrap();
-    let e = blip2_export::export_any(&ck, &ck.parent().unwrap().join("export"), &Default::default(), &mut blip2_export::NoProgress)
-        .expect_err("text feed-forward missing")
-        .to_string();
+    let e = blip2_export::export_any(
+        &ck,
+        &ck.parent().unwrap().join("export"),
+        &Default::default(),
+        &mut blip2_export::NoProgress,
+    )
+    .expect_err("text feed-forward missing")
+    .to_string();
     assert!(e.contains("tensor qformer.encoder.layer.0.intermediate.dense.weight: missing"), "{e}");
 }

@@ -19,7 +19,13 @@ const NAME: &str = "blip2-test";
 
 fn export(name: &str, test: &str) -> PathBuf {
     let out = temp_dir(&format!("serve-{test}-{name}")).join("export");
-    blip2_export::export(&fixture(name).join("checkpoint"), &out, &Default::default(), &mut blip2_export::NoProgress).unwrap();
+    blip2_export::export(
+        &fixture(name).join("checkpoint"),
+        &out,
+        &Default::default(),
+        &mut blip2_export::NoProgress,
+    )
+    .unwrap();
     out
 }
 
@@ -46,7 +52,11 @@ impl Server {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 addr_tx.send(listener.local_addr().unwrap()).unwrap();
@@ -118,7 +128,11 @@ fn get(url: &str, key: Option<&str>) -> (u16, String) {
 
 /// The `data:` lines of a streamed answer, JSON-parsed, and whether `[DONE]` came last.
 fn post_stream(url: &str, body: &Value) -> (Vec<Value>, bool) {
-    let r = agent().post(url).set("Content-Type", "application/json").send_string(&body.to_string()).unwrap();
+    let r = agent()
+        .post(url)
+        .set("Content-Type", "application/json")
+        .send_string(&body.to_string())
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert!(r.header("Content-Type").unwrap_or("").starts_with("text/event-stream"));
     let mut chunks = Vec::new();
@@ -143,7 +157,10 @@ fn data_url(path: &Path) -> String {
         Some("gif") => "image/gif",
         _ => "application/octet-stream",
     };
-    format!("data:{mime};base64,{}", base64::engine::general_purpose::STANDARD.encode(std::fs::read(path).unwrap()))
+    format!(
+        "data:{mime};base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(std::fs::read(path).unwrap())
+    )
 }
 
 fn image_part(path: &Path) -> Value {
@@ -169,7 +186,10 @@ fn params(kw: &Value) -> Value {
         ("min_new_tokens", "min_tokens"),
     ];
     for (k, v) in kw.as_object().unwrap() {
-        let (_, name) = map.iter().find(|(from, _)| from == k).unwrap_or_else(|| panic!("no request parameter for {k}"));
+        let (_, name) = map
+            .iter()
+            .find(|(from, _)| from == k)
+            .unwrap_or_else(|| panic!("no request parameter for {k}"));
         p[*name] = v.clone();
     }
     p
@@ -183,7 +203,10 @@ fn completions_give_transformers_results_for_every_recorded_case() {
     for name in ["opt-tiny", "t5-tiny"] {
         let dir = export(name, "cases");
         let p = Pipeline::load(&dir, &mut session_factory()).unwrap();
-        let opts = ServeOptions { engine: EngineOptions { max_wait: Duration::from_millis(200), ..options().engine }, ..options() };
+        let opts = ServeOptions {
+            engine: EngineOptions { max_wait: Duration::from_millis(200), ..options().engine },
+            ..options()
+        };
         let server = Server::start(&dir, opts);
         let cases = generate_cases(name);
         let cases = cases["cases"].as_array().unwrap();
@@ -196,18 +219,33 @@ fn completions_give_transformers_results_for_every_recorded_case() {
             let mut body = params(&case["generate"]);
             body["prompt"] = case["prompts"][0].clone();
             body["image"] = json!({"url": data_url(&photo(images[0].as_str().unwrap()))});
-            let want: Vec<String> = case["sequences"].as_array().unwrap().iter().map(|s| p.prompter.decode(&ids(s)).unwrap()).collect();
+            let want: Vec<String> = case["sequences"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| p.prompter.decode(&ids(s)).unwrap())
+                .collect();
             requests.push((format!("{name}/{}", case["name"]), body, want));
         }
         // One after the other, then all at once (batched across clients).
         let check = |label: &str, body: &Value, want: &[String]| {
             let (code, v) = post(&server.url("/v1/completions"), body);
             assert_eq!(code, 200, "{label}: {v}");
-            let got: Vec<&str> = v["choices"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap()).collect();
+            let got: Vec<&str> = v["choices"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["text"].as_str().unwrap())
+                .collect();
             assert_eq!(got, want, "{label}");
             assert_eq!(v["object"], "text_completion");
             let u = &v["usage"];
-            assert_eq!(u["total_tokens"].as_u64(), Some(u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap()));
+            assert_eq!(
+                u["total_tokens"].as_u64(),
+                Some(
+                    u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap()
+                )
+            );
         };
         for (label, body, want) in &requests {
             check(label, body, want);
@@ -219,7 +257,13 @@ fn completions_give_transformers_results_for_every_recorded_case() {
         });
         let (_, metrics) = get(&server.url("/metrics"), None);
         let value = |m: &str| -> f64 {
-            metrics.lines().find(|l| l.starts_with(m)).and_then(|l| l.rsplit(' ').next()).unwrap().parse().unwrap()
+            metrics
+                .lines()
+                .find(|l| l.starts_with(m))
+                .and_then(|l| l.rsplit(' ').next())
+                .unwrap()
+                .parse()
+                .unwrap()
         };
         assert!(
             value("blip2_batch_rows_sum") > value("blip2_batch_rows_count"),
@@ -238,7 +282,9 @@ fn chat_renders_turns_streams_and_captions() {
         let mut p = Pipeline::load(&dir, &mut session_factory()).unwrap();
         let server = Server::start(&dir, options());
         let cases = generate_cases(name);
-        let case = |n: &str| cases["cases"].as_array().unwrap().iter().find(|c| c["name"] == n).unwrap().clone();
+        let case = |n: &str| {
+            cases["cases"].as_array().unwrap().iter().find(|c| c["name"] == n).unwrap().clone()
+        };
         let decode = |c: &Value| p.prompter.decode(&ids(&c["sequences"][0])).unwrap();
         let (turn1, turn2) = (decode(&case("chat_turn1")), decode(&case("chat_turn2")));
         let chelsea = photo("chelsea.png");
@@ -268,20 +314,38 @@ fn chat_renders_turns_streams_and_captions() {
             assert!(done, "[DONE] ends the stream");
             let (_, whole) = post(&url, &body);
             assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
-            let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+            let text: String = chunks
+                .iter()
+                .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+                .collect();
             assert_eq!(text, whole["choices"][0]["message"]["content"].as_str().unwrap());
-            let finishes: Vec<&Value> = chunks.iter().filter(|c| c["choices"][0]["finish_reason"].is_string()).collect();
+            let finishes: Vec<&Value> =
+                chunks.iter().filter(|c| c["choices"][0]["finish_reason"].is_string()).collect();
             assert_eq!(finishes.len(), 1);
-            assert_eq!(finishes[0]["choices"][0]["finish_reason"], whole["choices"][0]["finish_reason"]);
+            assert_eq!(
+                finishes[0]["choices"][0]["finish_reason"],
+                whole["choices"][0]["finish_reason"]
+            );
             let last = chunks.last().unwrap();
             assert_eq!(last["choices"], json!([]));
             assert_eq!(last["usage"], whole["usage"]);
-            assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
+            assert!(chunks
+                .iter()
+                .all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
         }
 
         // An empty last user text is a plain caption: what `infer caption` gives.
         let img = p.load_image(&photo("rocket.jpg")).unwrap();
-        let want = p.generate(&[img], &[String::new()], &blip2_runtime::generation::GenerationConfig { max_new_tokens: 7, ..p.default_config() }).unwrap();
+        let want = p
+            .generate(
+                &[img],
+                &[String::new()],
+                &blip2_runtime::generation::GenerationConfig {
+                    max_new_tokens: 7,
+                    ..p.default_config()
+                },
+            )
+            .unwrap();
         let caption = json!({"max_completion_tokens": 7, "messages": [{"role": "user", "content": [image_part(&photo("rocket.jpg"))]}]});
         let (code, v) = post(&url, &caption);
         assert_eq!(code, 200, "{v}");
@@ -296,7 +360,10 @@ fn chat_renders_turns_streams_and_captions() {
 #[test]
 fn per_request_limits_stops_and_samples_are_their_single_runs() {
     let dir = export("opt-tiny", "limits");
-    let opts = ServeOptions { engine: EngineOptions { max_wait: Duration::from_millis(300), ..options().engine }, ..options() };
+    let opts = ServeOptions {
+        engine: EngineOptions { max_wait: Duration::from_millis(300), ..options().engine },
+        ..options()
+    };
     let server = Server::start(&dir, opts);
     let url = server.url("/v1/completions");
     let rocket = data_url(&photo("rocket.jpg"));
@@ -325,7 +392,12 @@ fn per_request_limits_stops_and_samples_are_their_single_runs() {
     let samples = alone(&sampled);
     assert_eq!(samples["choices"].as_array().unwrap().len(), 2);
     // Now all of them at once, batched together.
-    let requests = [body(12, json!({})), body(4, json!({})), body(12, json!({"stop": [stop]})), sampled.clone()];
+    let requests = [
+        body(12, json!({})),
+        body(4, json!({})),
+        body(12, json!({"stop": [stop]})),
+        sampled.clone(),
+    ];
     let want = [long, short, stopped, samples];
     let url = &url;
     std::thread::scope(|s| {
@@ -349,7 +421,10 @@ fn health_models_and_metrics() {
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["object"], "list");
     assert_eq!(v["data"][0]["id"], NAME);
-    let (code, _) = post(&server.url("/v1/completions"), &json!({"prompt": "", "image": {"url": "data:image/png;base64,AAAA"}}));
+    let (code, _) = post(
+        &server.url("/v1/completions"),
+        &json!({"prompt": "", "image": {"url": "data:image/png;base64,AAAA"}}),
+    );
     assert_eq!(code, 400);
     let (code, metrics) = get(&server.url("/metrics"), None);
     assert_eq!(code, 200);
@@ -401,17 +476,29 @@ fn bad_requests_get_openai_errors_and_the_server_goes_on() {
     for (what, body, status, param) in bad {
         let (code, text) = post_raw(&chat, &body, None);
         assert_eq!(code, status, "{what}: {text}");
-        let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{what}: not JSON: {text}"));
+        let v: Value =
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("{what}: not JSON: {text}"));
         let (_, got_param) = error_of(&v);
         if param.is_some() {
             assert_eq!(got_param, param, "{what}: {text}");
         }
         let message = v["error"]["message"].as_str().unwrap();
-        for flag in ["--max-new-tokens", "--num-return-sequences", "--num-beams", "--do-sample", "--top-p", "--temperature"] {
-            assert!(!message.contains(flag), "{what}: the message names request parameters, not infer's flags: {text}");
+        for flag in [
+            "--max-new-tokens",
+            "--num-return-sequences",
+            "--num-beams",
+            "--do-sample",
+            "--top-p",
+            "--temperature",
+        ] {
+            assert!(
+                !message.contains(flag),
+                "{what}: the message names request parameters, not infer's flags: {text}"
+            );
         }
     }
-    let (code, text) = post_raw(&server.url("/v1/completions"), &json!({"prompt": "hi"}).to_string(), None);
+    let (code, text) =
+        post_raw(&server.url("/v1/completions"), &json!({"prompt": "hi"}).to_string(), None);
     assert_eq!(code, 400, "a completion without an image: {text}");
     let (code, text) = get(&server.url("/v1/nothing"), None);
     assert_eq!(code, 404, "{text}");
@@ -440,14 +527,21 @@ fn api_key_guards_the_api() {
 fn a_full_queue_is_refused_with_503() {
     let dir = export("opt-tiny", "queue");
     // The first request waits 5 s for company in the queue, holding the only place.
-    let opts = ServeOptions { engine: EngineOptions { max_batch: 8, max_wait: Duration::from_secs(5), max_queue: 1 }, ..options() };
+    let opts = ServeOptions {
+        engine: EngineOptions { max_batch: 8, max_wait: Duration::from_secs(5), max_queue: 1 },
+        ..options()
+    };
     let server = Server::start(&dir, opts);
     let url = server.url("/v1/completions");
-    let body = json!({"prompt": "", "image": {"url": data_url(&photo("chelsea.png"))}, "max_tokens": 3});
+    let body =
+        json!({"prompt": "", "image": {"url": data_url(&photo("chelsea.png"))}, "max_tokens": 3});
     std::thread::scope(|s| {
         let first = s.spawn(|| post(&url, &body));
         std::thread::sleep(Duration::from_millis(2000));
-        let r = agent().post(&url).set("Content-Type", "application/json").send_string(&body.to_string());
+        let r = agent()
+            .post(&url)
+            .set("Content-Type", "application/json")
+            .send_string(&body.to_string());
         match r {
             Err(ureq::Error::Status(503, resp)) => {
                 assert_eq!(resp.header("Retry-After"), Some("1"));
@@ -466,10 +560,17 @@ fn a_full_queue_is_refused_with_503() {
 fn local_images_only_under_the_allowed_folder() {
     let dir = export("opt-tiny", "files");
     let photos = photo("chelsea.png").parent().unwrap().canonicalize().unwrap();
-    let server = Server::start(&dir, ServeOptions { media: MediaPolicy { local_root: Some(photos.clone()), ..options().media }, ..options() });
+    let server = Server::start(
+        &dir,
+        ServeOptions {
+            media: MediaPolicy { local_root: Some(photos.clone()), ..options().media },
+            ..options()
+        },
+    );
     let url = server.url("/v1/completions");
     let by_file = json!({"prompt": "", "max_tokens": 4, "image": {"url": format!("file://{}", photos.join("chelsea.png").display())}});
-    let by_data = json!({"prompt": "", "max_tokens": 4, "image": {"url": data_url(&photo("chelsea.png"))}});
+    let by_data =
+        json!({"prompt": "", "max_tokens": 4, "image": {"url": data_url(&photo("chelsea.png"))}});
     let (code, a) = post(&url, &by_file);
     assert_eq!(code, 200, "{a}");
     assert_eq!(a["choices"], post(&url, &by_data).1["choices"]);
@@ -483,7 +584,10 @@ fn local_images_only_under_the_allowed_folder() {
 #[test]
 fn shutdown_finishes_requests_in_flight() {
     let dir = export("opt-tiny", "shutdown");
-    let opts = ServeOptions { engine: EngineOptions { max_wait: Duration::from_millis(3000), ..options().engine }, ..options() };
+    let opts = ServeOptions {
+        engine: EngineOptions { max_wait: Duration::from_millis(3000), ..options().engine },
+        ..options()
+    };
     let mut server = Server::start(&dir, opts);
     let url = server.url("/v1/chat/completions");
     let body = json!({"stream": true, "max_tokens": 8, "messages": [{"role": "user", "content": [image_part(&photo("rocket.jpg"))]}]});
@@ -516,14 +620,18 @@ fn remote_images_only_when_allowed() {
         }
     });
     let remote = json!({"prompt": "", "max_tokens": 4, "image": {"url": format!("http://{addr}/chelsea.png")}});
-    let local = json!({"prompt": "", "max_tokens": 4, "image": {"url": data_url(&photo("chelsea.png"))}});
+    let local =
+        json!({"prompt": "", "max_tokens": 4, "image": {"url": data_url(&photo("chelsea.png"))}});
     {
         let server = Server::start(&dir, options());
         let (code, v) = post(&server.url("/v1/completions"), &remote);
         assert_eq!(code, 400, "{v}");
         assert!(v["error"]["message"].as_str().unwrap().contains("--allow-remote-media"), "{v}");
     }
-    let server = Server::start(&dir, ServeOptions { media: MediaPolicy { remote: true, ..options().media }, ..options() });
+    let server = Server::start(
+        &dir,
+        ServeOptions { media: MediaPolicy { remote: true, ..options().media }, ..options() },
+    );
     let url = server.url("/v1/completions");
     let (code, v) = post(&url, &remote);
     assert_eq!(code, 200, "{v}");
@@ -536,7 +644,10 @@ fn remote_images_only_when_allowed() {
 #[test]
 fn batched_streams_stop_at_their_own_limit() {
     let dir = export("t5-tiny", "limits");
-    let opts = ServeOptions { engine: EngineOptions { max_wait: Duration::from_millis(300), ..options().engine }, ..options() };
+    let opts = ServeOptions {
+        engine: EngineOptions { max_wait: Duration::from_millis(300), ..options().engine },
+        ..options()
+    };
     let server = Server::start(&dir, opts);
     let url = server.url("/v1/completions");
     let body = |max: u64, stream: bool| {
@@ -544,14 +655,21 @@ fn batched_streams_stop_at_their_own_limit() {
                "stream": stream, "stream_options": {"include_usage": true}})
     };
     let alone: Vec<Value> = [3, 12].iter().map(|&m| post(&url, &body(m, false)).1).collect();
-    assert_ne!(alone[0]["choices"][0]["text"], alone[1]["choices"][0]["text"], "the limit changes the text");
+    assert_ne!(
+        alone[0]["choices"][0]["text"], alone[1]["choices"][0]["text"],
+        "the limit changes the text"
+    );
     let url = &url;
     std::thread::scope(|s| {
-        let hs: Vec<_> = [3, 12].iter().map(|&m| s.spawn(move || post_stream(url, &body(m, true)))).collect();
+        let hs: Vec<_> =
+            [3, 12].iter().map(|&m| s.spawn(move || post_stream(url, &body(m, true)))).collect();
         for (h, want) in hs.into_iter().zip(&alone) {
             let (chunks, done) = h.join().unwrap();
             assert!(done);
-            let text: String = chunks.iter().filter_map(|c| c["choices"].get(0).and_then(|c| c["text"].as_str())).collect();
+            let text: String = chunks
+                .iter()
+                .filter_map(|c| c["choices"].get(0).and_then(|c| c["text"].as_str()))
+                .collect();
             assert_eq!(text, want["choices"][0]["text"].as_str().unwrap());
             assert_eq!(chunks.last().unwrap()["usage"], want["usage"]);
         }

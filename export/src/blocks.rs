@@ -9,17 +9,31 @@ use crate::builder::{Builder, Projection};
 use crate::error::{ExportError, Result};
 use crate::onnx::{Attr, Elem, Tensor};
 
-
 /// `x @ W^T + b` for a checkpoint Linear `{prefix}.weight` of shape `[out, in]`.
 ///
 /// ```text
 ///   x ──MatMul(W^T)──Add(b)──▶
 /// ```
-pub fn linear(b: &mut Builder, path: &str, x: &str, prefix: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<String> {
+pub fn linear(
+    b: &mut Builder,
+    path: &str,
+    x: &str,
+    prefix: &str,
+    in_dim: usize,
+    out_dim: usize,
+    bias: bool,
+) -> Result<String> {
     if b.projection() == Projection::DynamicInt8 {
         let bv = if bias { Some(b.weight(&format!("{prefix}.bias"), &[out_dim])?) } else { None };
         let name = format!("{prefix}.weight");
-        return b.matmul_dynamic_int8(&format!("{path}/DynamicQuantizeMatMul"), x, &name, out_dim, in_dim, bv.as_deref());
+        return b.matmul_dynamic_int8(
+            &format!("{path}/DynamicQuantizeMatMul"),
+            x,
+            &name,
+            out_dim,
+            in_dim,
+            bv.as_deref(),
+        );
     }
     let y = project(b, path, x, &format!("{prefix}.weight"), in_dim, out_dim)?;
     if !bias {
@@ -31,10 +45,26 @@ pub fn linear(b: &mut Builder, path: &str, x: &str, prefix: &str, in_dim: usize,
 
 /// `x @ W^T` for a checkpoint `[out, in]` weight: MatMul on the transposed weight, or
 /// MatMulNBits on the quantized one when the graph is quantized.
-pub fn project(b: &mut Builder, path: &str, x: &str, name: &str, in_dim: usize, out_dim: usize) -> Result<String> {
+pub fn project(
+    b: &mut Builder,
+    path: &str,
+    x: &str,
+    name: &str,
+    in_dim: usize,
+    out_dim: usize,
+) -> Result<String> {
     match b.projection() {
-        Projection::DynamicInt8 => b.matmul_dynamic_int8(&format!("{path}/DynamicQuantizeMatMul"), x, name, out_dim, in_dim, None),
-        Projection::NBits { .. } => b.matmul_nbits(&format!("{path}/MatMulNBits"), x, name, out_dim, in_dim),
+        Projection::DynamicInt8 => b.matmul_dynamic_int8(
+            &format!("{path}/DynamicQuantizeMatMul"),
+            x,
+            name,
+            out_dim,
+            in_dim,
+            None,
+        ),
+        Projection::NBits { .. } => {
+            b.matmul_nbits(&format!("{path}/MatMulNBits"), x, name, out_dim, in_dim)
+        }
         Projection::Float => {
             let w = b.weight_t(name, &[out_dim, in_dim])?;
             Ok(b.op(&format!("{path}/MatMul"), "MatMul", &[x, &w], vec![]))
@@ -43,7 +73,14 @@ pub fn project(b: &mut Builder, path: &str, x: &str, name: &str, in_dim: usize, 
 }
 
 /// LayerNormalization over the last axis with `{prefix}.weight` and `{prefix}.bias`.
-pub fn layer_norm(b: &mut Builder, path: &str, x: &str, prefix: &str, dim: usize, eps: f64) -> Result<String> {
+pub fn layer_norm(
+    b: &mut Builder,
+    path: &str,
+    x: &str,
+    prefix: &str,
+    dim: usize,
+    eps: f64,
+) -> Result<String> {
     let g = b.weight(&format!("{prefix}.weight"), &[dim])?;
     let beta = b.weight(&format!("{prefix}.bias"), &[dim])?;
     Ok(b.op(
@@ -57,12 +94,25 @@ pub fn layer_norm(b: &mut Builder, path: &str, x: &str, prefix: &str, dim: usize
 /// LayerNormalization without learned scale and bias (OPT's `layer_norm_elementwise_affine = false`).
 pub fn layer_norm_plain(b: &mut Builder, path: &str, x: &str, dim: usize, eps: f64) -> String {
     let (one, zero) = match b.float() {
-        Elem::F16 => (half::f16::from_f32(1.0).to_le_bytes().to_vec(), half::f16::from_f32(0.0).to_le_bytes().to_vec()),
+        Elem::F16 => (
+            half::f16::from_f32(1.0).to_le_bytes().to_vec(),
+            half::f16::from_f32(0.0).to_le_bytes().to_vec(),
+        ),
         _ => (1f32.to_le_bytes().to_vec(), 0f32.to_le_bytes().to_vec()),
     };
     let elem = b.float();
-    let ones = b.constant(format!("/constants/ones/{dim}/{elem:?}"), elem, vec![dim as i64], one.repeat(dim));
-    let zeros = b.constant(format!("/constants/zeros/{dim}/{elem:?}"), elem, vec![dim as i64], zero.repeat(dim));
+    let ones = b.constant(
+        format!("/constants/ones/{dim}/{elem:?}"),
+        elem,
+        vec![dim as i64],
+        one.repeat(dim),
+    );
+    let zeros = b.constant(
+        format!("/constants/zeros/{dim}/{elem:?}"),
+        elem,
+        vec![dim as i64],
+        zero.repeat(dim),
+    );
     b.op(
         &format!("{path}/LayerNormalization"),
         "LayerNormalization",
@@ -121,7 +171,9 @@ pub fn activation(b: &mut Builder, path: &str, x: &str, act: &str) -> Result<Str
         other => {
             return Err(ExportError::Config {
                 path: "config.json".into(),
-                message: format!("activation \"{other}\" is not supported (gelu, gelu_new, quick_gelu, relu, silu)"),
+                message: format!(
+                "activation \"{other}\" is not supported (gelu, gelu_new, quick_gelu, relu, silu)"
+            ),
             })
         }
     })
@@ -131,7 +183,12 @@ pub fn activation(b: &mut Builder, path: &str, x: &str, act: &str) -> Result<Str
 pub fn split_heads(b: &mut Builder, path: &str, x: &str, heads: usize, head_dim: usize) -> String {
     let shape = b.ints(&[0, 0, heads as i64, head_dim as i64]);
     let r = b.op(&format!("{path}/Reshape"), "Reshape", &[x, &shape], vec![]);
-    b.op(&format!("{path}/Transpose"), "Transpose", &[&r], vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))])
+    b.op(
+        &format!("{path}/Transpose"),
+        "Transpose",
+        &[&r],
+        vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))],
+    )
 }
 
 /// Scaled dot-product attention over heads already split, with an optional additive
@@ -171,7 +228,8 @@ pub fn attention(
     }
     let probs = b.op(&p("Softmax"), "Softmax", &[&s], vec![("axis", Attr::Int(-1))]);
     let o = b.op(&p("MatMul_1"), "MatMul", &[&probs, v], vec![]);
-    let t = b.op(&p("Transpose_1"), "Transpose", &[&o], vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))]);
+    let t =
+        b.op(&p("Transpose_1"), "Transpose", &[&o], vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))]);
     let shape = b.ints(&[0, 0, -1]);
     b.op(&p("Reshape"), "Reshape", &[&t, &shape], vec![])
 }
@@ -183,8 +241,20 @@ pub fn attention(
 /// ```text
 ///   q, k, v ──MultiHeadAttention(num_heads) ─▶ [B, S, H*D]
 /// ```
-pub fn fused_attention(b: &mut Builder, path: &str, q: &str, k: &str, v: &str, heads: usize) -> String {
-    b.ms_op(&format!("{path}/MultiHeadAttention"), "MultiHeadAttention", &[q, k, v], vec![("num_heads", Attr::Int(heads as i64))])
+pub fn fused_attention(
+    b: &mut Builder,
+    path: &str,
+    q: &str,
+    k: &str,
+    v: &str,
+    heads: usize,
+) -> String {
+    b.ms_op(
+        &format!("{path}/MultiHeadAttention"),
+        "MultiHeadAttention",
+        &[q, k, v],
+        vec![("num_heads", Attr::Int(heads as i64))],
+    )
 }
 
 /// Element `i` of a tensor's shape, as a 1-D int64 tensor of length one.
@@ -208,7 +278,12 @@ pub fn value_tensor(elem: Elem, raw: Vec<u8>) -> Attr {
 ///   Range(past, total) ─▶ qpos ──Unsqueeze(1)─┐
 ///   Range(0, total) ─▶ kpos ────Unsqueeze(0)──LessOrEqual ─▶ causal [S,T]
 /// ```
-pub fn causal_positions(b: &mut Builder, path: &str, past: &str, total: &str) -> (String, String, String) {
+pub fn causal_positions(
+    b: &mut Builder,
+    path: &str,
+    past: &str,
+    total: &str,
+) -> (String, String, String) {
     let p = |s: &str| format!("{path}/{s}");
     let zero = b.int(0);
     let one = b.int(1);
@@ -232,10 +307,17 @@ pub fn causal_positions(b: &mut Builder, path: &str, past: &str, total: &str) ->
 ///   input_ids == image token ─▶ is_img ──Cast──CumSum──Mul(is_img) ─▶ index (k+1, or 0)
 ///   image_embeds ──Pad(a zero row in front)──GatherND(index, batch_dims 1)──Where(is_img, ·, tok) ─▶
 /// ```
-pub fn scatter_image_embeds(b: &mut Builder, ids: &str, img: &str, tok: &str, image_token_id: i64) -> String {
+pub fn scatter_image_embeds(
+    b: &mut Builder,
+    ids: &str,
+    img: &str,
+    tok: &str,
+    image_token_id: i64,
+) -> String {
     let image_id = b.int(image_token_id);
     let is_img = b.op("/lm/image/Equal", "Equal", &[ids, &image_id], vec![]);
-    let as_int = b.op("/lm/image/Cast", "Cast", &[&is_img], vec![("to", Attr::Int(Elem::I64 as i64))]);
+    let as_int =
+        b.op("/lm/image/Cast", "Cast", &[&is_img], vec![("to", Attr::Int(Elem::I64 as i64))]);
     let axis1 = b.int(1);
     let cum = b.op("/lm/image/CumSum", "CumSum", &[&as_int, &axis1], vec![]);
     let idx = b.op("/lm/image/Mul", "Mul", &[&cum, &as_int], vec![]);
@@ -243,7 +325,12 @@ pub fn scatter_image_embeds(b: &mut Builder, ids: &str, img: &str, tok: &str, im
     let idx = b.op("/lm/image/Unsqueeze", "Unsqueeze", &[&idx, &axes2], vec![]);
     let pads = b.ints(&[0, 1, 0, 0, 0, 0]);
     let padded = b.op("/lm/image/Pad", "Pad", &[img, &pads], vec![]);
-    let gathered = b.op("/lm/image/GatherND", "GatherND", &[&padded, &idx], vec![("batch_dims", Attr::Int(1))]);
+    let gathered = b.op(
+        "/lm/image/GatherND",
+        "GatherND",
+        &[&padded, &idx],
+        vec![("batch_dims", Attr::Int(1))],
+    );
     let sel = b.op("/lm/image/Unsqueeze_1", "Unsqueeze", &[&is_img, &axes2], vec![]);
     b.op("/lm/image/Where_1", "Where", &[&sel, &gathered, tok], vec![])
 }
@@ -252,7 +339,14 @@ pub fn scatter_image_embeds(b: &mut Builder, ids: &str, img: &str, tok: &str, im
 /// as stored (Gemm's transB), so a table tied to the embeddings is not copied. `positions`
 /// is S when the graph fixes it (one position a row: the output shape is then a constant,
 /// not read from a tensor).
-pub fn lm_head(b: &mut Builder, h: &str, head: &str, hidden: usize, vocab: usize, positions: Option<usize>) -> Result<String> {
+pub fn lm_head(
+    b: &mut Builder,
+    h: &str,
+    head: &str,
+    hidden: usize,
+    vocab: usize,
+    positions: Option<usize>,
+) -> Result<String> {
     let float = b.float();
     if matches!(b.projection(), Projection::NBits { .. }) {
         // The table is [V, D], MatMulNBits' own layout: no reshape around it.
@@ -289,14 +383,20 @@ pub fn lm_head(b: &mut Builder, h: &str, head: &str, hidden: usize, vocab: usize
 ///   logits ──GatherElements(top_ids)──Squeeze(1) ─▶ top_logits [B, top_k]
 /// ```
 pub fn select_tokens(b: &mut Builder, logits: &str, p: &str) {
-    let arg = b.op(&format!("{p}/ArgMax"), "ArgMax", &[logits], vec![("axis", Attr::Int(2)), ("keepdims", Attr::Int(0))]);
+    let arg = b.op(
+        &format!("{p}/ArgMax"),
+        "ArgMax",
+        &[logits],
+        vec![("axis", Attr::Int(2)), ("keepdims", Attr::Int(0))],
+    );
     let flat = b.ints(&[-1]);
     let next = b.op(&format!("{p}/Reshape"), "Reshape", &[&arg, &flat], vec![]);
     b.output(&next, io::NEXT_TOKEN, Elem::I64, vec![Dim::Named(io::DIM_BATCH.into())]);
     let k = b.input_with_default(io::TOP_K, Elem::I64, vec![], 1i64.to_le_bytes().to_vec());
     let axis0 = b.ints(&[0]);
     let k = b.op(&format!("{p}/Unsqueeze"), "Unsqueeze", &[&k, &axis0], vec![]);
-    let lp = b.op(&format!("{p}/LogSoftmax"), "LogSoftmax", &[logits], vec![("axis", Attr::Int(-1))]);
+    let lp =
+        b.op(&format!("{p}/LogSoftmax"), "LogSoftmax", &[logits], vec![("axis", Attr::Int(-1))]);
     let top = b.op_n(&format!("{p}/TopK"), "TopK", &[&lp, &k], vec![("axis", Attr::Int(-1))], 2);
     let axis1 = b.ints(&[1]);
     let values = b.op(&format!("{p}/Squeeze"), "Squeeze", &[&top[0], &axis1], vec![]);
@@ -306,7 +406,12 @@ pub fn select_tokens(b: &mut Builder, logits: &str, p: &str) {
     b.output(&indices, io::TOP_IDS, Elem::I64, dims.clone());
     // The raw logits of the same candidates, exactly the `logits` values (sampling
     // divides them by its temperature and draws among them).
-    let raw = b.op(&format!("{p}/GatherElements"), "GatherElements", &[logits, &top[1]], vec![("axis", Attr::Int(2))]);
+    let raw = b.op(
+        &format!("{p}/GatherElements"),
+        "GatherElements",
+        &[logits, &top[1]],
+        vec![("axis", Attr::Int(2))],
+    );
     let raw = b.op(&format!("{p}/Squeeze_2"), "Squeeze", &[&raw, &axis1], vec![]);
     b.output(&raw, io::TOP_LOGITS, Elem::F32, dims);
 }

@@ -7,7 +7,9 @@ use std::collections::HashMap;
 
 use blip2_core::Dim;
 
-use crate::checkpoint::{write_converted, ChannelQuantizer, Checkpoint, DType, Quantizer, TensorView};
+use crate::checkpoint::{
+    write_converted, ChannelQuantizer, Checkpoint, DType, Quantizer, TensorView,
+};
 use crate::error::Result;
 use crate::onnx::{Attr, Elem, Graph, InitData, Initializer, Node, ValueInfo};
 
@@ -103,8 +105,16 @@ impl<'a> Builder<'a> {
     /// Builds part of the graph in another float type and projection mode (the
     /// Q-Former's fp32 layers end in a projection in the language model's type, never
     /// quantized), the graph's own restored after.
-    pub fn scoped<T>(&mut self, float: Elem, projection: Projection, build: impl FnOnce(&mut Self) -> T) -> T {
-        let saved = (std::mem::replace(&mut self.float, float), std::mem::replace(&mut self.projection, projection));
+    pub fn scoped<T>(
+        &mut self,
+        float: Elem,
+        projection: Projection,
+        build: impl FnOnce(&mut Self) -> T,
+    ) -> T {
+        let saved = (
+            std::mem::replace(&mut self.float, float),
+            std::mem::replace(&mut self.projection, projection),
+        );
         let out = build(self);
         (self.float, self.projection) = saved;
         out
@@ -125,10 +135,22 @@ impl<'a> Builder<'a> {
 
     /// An input with a default value: an initializer of the same name, which a caller's
     /// feed replaces (ONNX IR >= 4).
-    pub fn input_with_default(&mut self, name: &str, elem: Elem, dims: Vec<i64>, raw: Vec<u8>) -> String {
+    pub fn input_with_default(
+        &mut self,
+        name: &str,
+        elem: Elem,
+        dims: Vec<i64>,
+        raw: Vec<u8>,
+    ) -> String {
         let shape = dims.iter().map(|&d| Dim::Fixed(d)).collect();
         self.inputs.push(ValueInfo { name: name.into(), elem, dims: shape });
-        self.inits.push(Initializer { name: name.into(), elem, dims, doc: None, data: InitData::Inline(raw) });
+        self.inits.push(Initializer {
+            name: name.into(),
+            elem,
+            dims,
+            doc: None,
+            data: InitData::Inline(raw),
+        });
         name.into()
     }
 
@@ -156,11 +178,24 @@ impl<'a> Builder<'a> {
     }
 
     /// Adds node `path` and returns its single output, `{path}/output_0`.
-    pub fn op(&mut self, path: &str, op: &str, inputs: &[&str], attrs: Vec<(&str, Attr)>) -> String {
+    pub fn op(
+        &mut self,
+        path: &str,
+        op: &str,
+        inputs: &[&str],
+        attrs: Vec<(&str, Attr)>,
+    ) -> String {
         self.op_n(path, op, inputs, attrs, 1).pop().expect("one output")
     }
 
-    pub fn op_n(&mut self, path: &str, op: &str, inputs: &[&str], attrs: Vec<(&str, Attr)>, n: usize) -> Vec<String> {
+    pub fn op_n(
+        &mut self,
+        path: &str,
+        op: &str,
+        inputs: &[&str],
+        attrs: Vec<(&str, Attr)>,
+        n: usize,
+    ) -> Vec<String> {
         // Node names are graph paths and must be unique; a clash is a builder bug.
         assert!(self.node_names.insert(path.to_string()), "duplicate node name {path}");
         let outputs: Vec<String> = (0..n).map(|i| format!("{path}/output_{i}")).collect();
@@ -175,11 +210,23 @@ impl<'a> Builder<'a> {
         outputs
     }
 
-    pub(crate) fn constant(&mut self, key: String, elem: Elem, dims: Vec<i64>, raw: Vec<u8>) -> String {
+    pub(crate) fn constant(
+        &mut self,
+        key: String,
+        elem: Elem,
+        dims: Vec<i64>,
+        raw: Vec<u8>,
+    ) -> String {
         if let Some(name) = self.consts.get(&key) {
             return name.clone();
         }
-        self.inits.push(Initializer { name: key.clone(), elem, dims, doc: None, data: InitData::Inline(raw) });
+        self.inits.push(Initializer {
+            name: key.clone(),
+            elem,
+            dims,
+            doc: None,
+            data: InitData::Inline(raw),
+        });
         self.consts.insert(key.clone(), key.clone());
         key
     }
@@ -235,7 +282,13 @@ impl<'a> Builder<'a> {
         self.weight_of(name, shape, true, elem)
     }
 
-    pub fn weight_of(&mut self, name: &str, shape: &[usize], transpose: bool, elem: Elem) -> Result<String> {
+    pub fn weight_of(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        transpose: bool,
+        elem: Elem,
+    ) -> Result<String> {
         let key = format!("{name}{}", if transpose { "#T" } else { "" });
         if let Some(n) = self.weights.get(&key) {
             return Ok(n.clone());
@@ -252,8 +305,12 @@ impl<'a> Builder<'a> {
         }
         let len = (t.numel() * to.size()) as u64;
         // The initializer keeps the checkpoint's name; a transposed copy says so.
-        let doc = transpose.then(|| "transposed from the checkpoint's [out, in] to [in, out] for MatMul".to_string());
-        self.derived(name, name, elem, dims, doc, len, move |t, w| write_converted(t, to, transpose, w))?;
+        let doc = transpose.then(|| {
+            "transposed from the checkpoint's [out, in] to [in, out] for MatMul".to_string()
+        });
+        self.derived(name, name, elem, dims, doc, len, move |t, w| {
+            write_converted(t, to, transpose, w)
+        })?;
         self.weights.insert(key, name.into());
         Ok(name.into())
     }
@@ -280,7 +337,13 @@ impl<'a> Builder<'a> {
             Ok(())
         });
         self.weight_bytes += len;
-        self.inits.push(Initializer { name: init.into(), elem, dims, doc, data: InitData::Stream { len, write } });
+        self.inits.push(Initializer {
+            name: init.into(),
+            elem,
+            dims,
+            doc,
+            data: InitData::Stream { len, write },
+        });
         Ok(())
     }
 
@@ -290,7 +353,13 @@ impl<'a> Builder<'a> {
     }
 
     /// Adds a com.microsoft (ONNX Runtime contrib) node; the model then imports that domain.
-    pub fn ms_op(&mut self, path: &str, op: &str, inputs: &[&str], attrs: Vec<(&str, Attr)>) -> String {
+    pub fn ms_op(
+        &mut self,
+        path: &str,
+        op: &str,
+        inputs: &[&str],
+        attrs: Vec<(&str, Attr)>,
+    ) -> String {
         let out = self.op(path, op, inputs, attrs);
         self.nodes.last_mut().expect("just added").domain = MS_DOMAIN.into();
         out
@@ -303,8 +372,17 @@ impl<'a> Builder<'a> {
     /// ```text
     ///   x ──MatMulNBits(W_q [N, blocks, blob], scales [N*blocks]) ─▶ [.., N]
     /// ```
-    pub fn matmul_nbits(&mut self, path: &str, x: &str, name: &str, n: usize, k: usize) -> Result<String> {
-        let Projection::NBits { bits, block } = self.projection else { unreachable!("MatMulNBits in a graph without it") };
+    pub fn matmul_nbits(
+        &mut self,
+        path: &str,
+        x: &str,
+        name: &str,
+        n: usize,
+        k: usize,
+    ) -> Result<String> {
+        let Projection::NBits { bits, block } = self.projection else {
+            unreachable!("MatMulNBits in a graph without it")
+        };
         self.ck.get_shaped(name, &[n, k])?;
         let q = Quantizer { bits, block };
         let blocks = q.blocks(k);
@@ -313,11 +391,19 @@ impl<'a> Builder<'a> {
         let doc = Some(format!("{bits}-bit blocks of {block} of {name}, for MatMulNBits"));
         let dims = vec![n as i64, blocks as i64, q.blob() as i64];
         let len = (n * blocks * q.blob()) as u64;
-        self.derived(&values, name, Elem::U8, dims, doc, len, move |t, w| Quantizer { bits, block }.write_values(t, w))?;
-        let len = (n * blocks * 4) as u64;
-        self.derived(&scales, name, Elem::F32, vec![(n * blocks) as i64], None, len, move |t, w| {
-            Quantizer { bits, block }.write_scales(t, w)
+        self.derived(&values, name, Elem::U8, dims, doc, len, move |t, w| {
+            Quantizer { bits, block }.write_values(t, w)
         })?;
+        let len = (n * blocks * 4) as u64;
+        self.derived(
+            &scales,
+            name,
+            Elem::F32,
+            vec![(n * blocks) as i64],
+            None,
+            len,
+            move |t, w| Quantizer { bits, block }.write_scales(t, w),
+        )?;
         let attrs = vec![
             ("K", Attr::Int(k as i64)),
             ("N", Attr::Int(n as i64)),
@@ -337,14 +423,32 @@ impl<'a> Builder<'a> {
     /// ```text
     ///   x ──DynamicQuantizeMatMul(W_q [K, N] int8, scales [N], bias [N]) ─▶ [.., N]
     /// ```
-    pub fn matmul_dynamic_int8(&mut self, path: &str, x: &str, name: &str, n: usize, k: usize, bias: Option<&str>) -> Result<String> {
+    pub fn matmul_dynamic_int8(
+        &mut self,
+        path: &str,
+        x: &str,
+        name: &str,
+        n: usize,
+        k: usize,
+        bias: Option<&str>,
+    ) -> Result<String> {
         self.ck.get_shaped(name, &[n, k])?;
         let values = format!("{name}.int8");
         let scales = format!("{name}.channel_scales");
-        let doc = Some(format!("{name} transposed to [in, out], int8 with one scale per output channel"));
-        self.derived(&values, name, Elem::I8, vec![k as i64, n as i64], doc, (n * k) as u64, ChannelQuantizer::write_values)?;
+        let doc =
+            Some(format!("{name} transposed to [in, out], int8 with one scale per output channel"));
+        self.derived(
+            &values,
+            name,
+            Elem::I8,
+            vec![k as i64, n as i64],
+            doc,
+            (n * k) as u64,
+            ChannelQuantizer::write_values,
+        )?;
         self.derived(&scales, name, Elem::F32, vec![n as i64], None, (n * 4) as u64, |t, w| {
-            let bytes: Vec<u8> = ChannelQuantizer::scales(t).iter().flat_map(|v| v.to_le_bytes()).collect();
+            let bytes: Vec<u8> =
+                ChannelQuantizer::scales(t).iter().flat_map(|v| v.to_le_bytes()).collect();
             w.write_all(&bytes)
         })?;
         // Inputs: A, B, b_scale, b_zero_point (absent: symmetric), bias.
@@ -374,7 +478,13 @@ impl<'a> Builder<'a> {
                 }
             }
         }
-        Graph { name: name.into(), nodes: self.nodes, inputs: self.inputs, outputs: self.outputs, initializers: self.inits }
+        Graph {
+            name: name.into(),
+            nodes: self.nodes,
+            inputs: self.inputs,
+            outputs: self.outputs,
+            initializers: self.inits,
+        }
     }
 
     /// Fuses each residual Add whose sum a LayerNormalization reads into one
@@ -397,7 +507,11 @@ impl<'a> Builder<'a> {
             if ln.op_type != "LayerNormalization" || !self.residuals.contains(&ln.inputs[0]) {
                 continue;
             }
-            let add_at = self.nodes.iter().position(|n| n.outputs[0] == ln.inputs[0]).expect("the residual's node");
+            let add_at = self
+                .nodes
+                .iter()
+                .position(|n| n.outputs[0] == ln.inputs[0])
+                .expect("the residual's node");
             if fused.iter().any(|&(a, _)| a == add_at) {
                 continue;
             }
@@ -406,7 +520,8 @@ impl<'a> Builder<'a> {
         for &(add_at, ln_at) in &fused {
             let (add, ln) = (&self.nodes[add_at], &self.nodes[ln_at]);
             let sum = add.outputs[0].clone();
-            let sum_read = readers.get(&sum).copied().unwrap_or(0) > 1 || self.renames.contains_key(&sum);
+            let sum_read =
+                readers.get(&sum).copied().unwrap_or(0) > 1 || self.renames.contains_key(&sum);
             let epsilon = ln
                 .attrs
                 .iter()
@@ -419,7 +534,12 @@ impl<'a> Builder<'a> {
                 name: ln.name.replace("LayerNormalization", "SkipLayerNormalization"),
                 op_type: "SkipLayerNormalization".into(),
                 domain: MS_DOMAIN.into(),
-                inputs: vec![add.inputs[0].clone(), add.inputs[1].clone(), ln.inputs[1].clone(), ln.inputs[2].clone()],
+                inputs: vec![
+                    add.inputs[0].clone(),
+                    add.inputs[1].clone(),
+                    ln.inputs[1].clone(),
+                    ln.inputs[2].clone(),
+                ],
                 outputs: if sum_read {
                     vec![ln.outputs[0].clone(), String::new(), String::new(), sum]
                 } else {

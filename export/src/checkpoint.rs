@@ -66,13 +66,16 @@ impl Checkpoint {
         let index = dir.join("model.safetensors.index.json");
         let names: Vec<PathBuf> = if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(io_err(&index))?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|source| ExportError::Json { path: index.clone(), source })?;
-            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ExportError::Config {
-                path: index.clone(),
-                message: "no \"weight_map\" object".into(),
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|source| ExportError::Json { path: index.clone(), source })?;
+            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
+                ExportError::Config {
+                    path: index.clone(),
+                    message: "no \"weight_map\" object".into(),
+                }
             })?;
-            let mut shards: Vec<String> = map.values().filter_map(|s| s.as_str().map(String::from)).collect();
+            let mut shards: Vec<String> =
+                map.values().filter_map(|s| s.as_str().map(String::from)).collect();
             shards.sort();
             shards.dedup();
             shards.into_iter().map(|s| dir.join(s)).collect()
@@ -81,22 +84,27 @@ impl Checkpoint {
         } else {
             return Err(ExportError::MissingFile {
                 path: single,
-                why: "the weights: model.safetensors or model.safetensors.index.json with its shards",
+                why:
+                    "the weights: model.safetensors or model.safetensors.index.json with its shards",
             });
         };
         let mut files = Vec::new();
         let mut tensors = HashMap::new();
         for (i, path) in names.into_iter().enumerate() {
             if !path.exists() {
-                return Err(ExportError::MissingFile { path, why: "a weight shard named in model.safetensors.index.json" });
+                return Err(ExportError::MissingFile {
+                    path,
+                    why: "a weight shard named in model.safetensors.index.json",
+                });
             }
             let file = File::open(&path).map_err(io_err(&path))?;
             // SAFETY: the file is opened read-only and is not expected to change while exporting.
             let mmap = unsafe { Mmap::map(&file) }.map_err(io_err(&path))?;
             // Tensors are read front to back once.
             let _ = mmap.advise(memmap2::Advice::Sequential);
-            let (header_len, meta) = SafeTensors::read_metadata(&mmap)
-                .map_err(|e| ExportError::CorruptSafetensors { path: path.clone(), message: describe(&e) })?;
+            let (header_len, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
+                ExportError::CorruptSafetensors { path: path.clone(), message: describe(&e) }
+            })?;
             let base = 8 + header_len;
             for (name, info) in meta.tensors() {
                 let dtype = match info.dtype {
@@ -105,14 +113,29 @@ impl Checkpoint {
                     StDtype::BF16 => DType::BF16,
                     other => {
                         // Integer buffers (none in BLIP-2 today) are skipped; float tensors must be known types.
-                        if matches!(other, StDtype::I64 | StDtype::I32 | StDtype::BOOL | StDtype::U8) {
+                        if matches!(
+                            other,
+                            StDtype::I64 | StDtype::I32 | StDtype::BOOL | StDtype::U8
+                        ) {
                             continue;
                         }
-                        return Err(ExportError::UnsupportedDtype { name, dtype: format!("{other:?}") });
+                        return Err(ExportError::UnsupportedDtype {
+                            name,
+                            dtype: format!("{other:?}"),
+                        });
                     }
                 };
                 let (s, e) = info.data_offsets;
-                tensors.insert(name, Entry { file: i, dtype, shape: info.shape.clone(), start: base + s, end: base + e });
+                tensors.insert(
+                    name,
+                    Entry {
+                        file: i,
+                        dtype,
+                        shape: info.shape.clone(),
+                        start: base + s,
+                        end: base + e,
+                    },
+                );
             }
             files.push((path, mmap));
         }
@@ -132,7 +155,11 @@ impl Checkpoint {
             name: name.to_string(),
             files: self.file_list(),
         })?;
-        Ok(TensorView { dtype: e.dtype, shape: &e.shape, data: &self.files[e.file].1[e.start..e.end] })
+        Ok(TensorView {
+            dtype: e.dtype,
+            shape: &e.shape,
+            data: &self.files[e.file].1[e.start..e.end],
+        })
     }
 
     /// Like [`Checkpoint::get`], also checking the shape that config.json implies.
@@ -152,7 +179,9 @@ impl Checkpoint {
         let names: Vec<String> = self
             .files
             .iter()
-            .map(|(p, _)| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())
+            .map(|(p, _)| {
+                p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+            })
             .collect();
         names.join(", ")
     }
@@ -166,7 +195,13 @@ impl Checkpoint {
             let mmap = &self.files[e.file].1;
             let start = e.start & !4095;
             // SAFETY: read-only file mapping; DONTNEED only makes later reads refetch the file.
-            let _ = unsafe { mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, e.end - start) };
+            let _ = unsafe {
+                mmap.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    start,
+                    e.end - start,
+                )
+            };
         }
     }
 }
@@ -174,9 +209,13 @@ impl Checkpoint {
 fn describe(e: &safetensors::SafeTensorError) -> String {
     use safetensors::SafeTensorError as E;
     match e {
-        E::MetadataIncompleteBuffer => "the file is shorter or longer than its header says (truncated download?)".into(),
+        E::MetadataIncompleteBuffer => {
+            "the file is shorter or longer than its header says (truncated download?)".into()
+        }
         E::HeaderTooSmall => "the file is too small to hold a header".into(),
-        E::InvalidHeaderLength => "the header length points past the end of the file (truncated?)".into(),
+        E::InvalidHeaderLength => {
+            "the header length points past the end of the file (truncated?)".into()
+        }
         other => other.to_string(),
     }
 }
@@ -184,7 +223,6 @@ fn describe(e: &safetensors::SafeTensorError) -> String {
 /// Elements converted per chunk when streaming a tensor out: small enough to keep
 /// memory flat, large enough to keep writes efficient.
 const CHUNK: usize = 1 << 18;
-
 
 /// Decodes `n` elements starting at element `start` into `out` as f32.
 fn decode_into(dtype: DType, data: &[u8], start: usize, out: &mut [f32]) {
@@ -195,7 +233,8 @@ fn decode_into(dtype: DType, data: &[u8], start: usize, out: &mut [f32]) {
             if cfg!(target_endian = "little") {
                 // SAFETY: `out` is n f32s, 4n bytes; any bit pattern is a valid f32, and on a
                 // little-endian machine the file's byte order is the native one.
-                let dst = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut u8, 4 * n) };
+                let dst =
+                    unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut u8, 4 * n) };
                 dst.copy_from_slice(src);
             } else {
                 for (o, c) in out.iter_mut().zip(src.chunks_exact(4)) {
@@ -207,7 +246,9 @@ fn decode_into(dtype: DType, data: &[u8], start: usize, out: &mut [f32]) {
             let src = &data[2 * start..2 * (start + n)];
             // SAFETY: any u16 bit pattern is a valid f16; align_to only yields the aligned middle.
             match unsafe { src.align_to::<f16>() } {
-                ([], halves, []) if cfg!(target_endian = "little") => halves.convert_to_f32_slice(out),
+                ([], halves, []) if cfg!(target_endian = "little") => {
+                    halves.convert_to_f32_slice(out)
+                }
                 _ => {
                     for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
                         *o = f16::from_le_bytes([c[0], c[1]]).to_f32();
@@ -228,22 +269,35 @@ fn encode(values: &[f32], to: DType, out: &mut Vec<u8>) {
     match to {
         DType::F32 if cfg!(target_endian = "little") => {
             // SAFETY: reading the f32s' bytes; little-endian is the file's byte order.
-            out.extend_from_slice(unsafe { std::slice::from_raw_parts(values.as_ptr() as *const u8, 4 * values.len()) })
+            out.extend_from_slice(unsafe {
+                std::slice::from_raw_parts(values.as_ptr() as *const u8, 4 * values.len())
+            })
         }
         DType::F32 => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
         DType::F16 if cfg!(target_endian = "little") => {
             let mut halves = vec![f16::ZERO; values.len()];
             halves.convert_from_f32_slice(values);
             // SAFETY: reading the f16s' bytes; little-endian is the file's byte order.
-            out.extend_from_slice(unsafe { std::slice::from_raw_parts(halves.as_ptr() as *const u8, 2 * halves.len()) })
+            out.extend_from_slice(unsafe {
+                std::slice::from_raw_parts(halves.as_ptr() as *const u8, 2 * halves.len())
+            })
         }
-        DType::F16 => values.iter().for_each(|&v| out.extend_from_slice(&f16::from_f32(v).to_le_bytes())),
-        DType::BF16 => values.iter().for_each(|&v| out.extend_from_slice(&bf16::from_f32(v).to_le_bytes())),
+        DType::F16 => {
+            values.iter().for_each(|&v| out.extend_from_slice(&f16::from_f32(v).to_le_bytes()))
+        }
+        DType::BF16 => {
+            values.iter().for_each(|&v| out.extend_from_slice(&bf16::from_f32(v).to_le_bytes()))
+        }
     }
 }
 
 /// Writes `t` converted to `to`, optionally transposing a 2-D tensor, in bounded chunks.
-pub fn write_converted(t: &TensorView<'_>, to: DType, transpose: bool, w: &mut dyn Write) -> std::io::Result<()> {
+pub fn write_converted(
+    t: &TensorView<'_>,
+    to: DType,
+    transpose: bool,
+    w: &mut dyn Write,
+) -> std::io::Result<()> {
     if !transpose && t.dtype == to {
         for chunk in t.data.chunks(CHUNK * 4) {
             w.write_all(chunk)?;
@@ -291,7 +345,7 @@ fn write_transposed_raw<const N: usize>(
     const B: usize = 64;
     let elems: &[[u8; N]] = data[..rows * cols * N].as_chunks::<N>().0;
     let mut out = vec![[0u8; N]; B.min(cols) * rows];
-    let mut tile = vec![[0u8; N]; B * B];
+    let mut tile = [[0u8; N]; B * B];
     let mut c0 = 0;
     while c0 < cols {
         let width = B.min(cols - c0);
@@ -334,7 +388,13 @@ impl Quantizer {
         self.block * self.bits as usize / 8
     }
 
-    fn row_blocks(&self, t: &TensorView<'_>, n: usize, row: &mut [f32], mut f: impl FnMut(&[f32], f32)) {
+    fn row_blocks(
+        &self,
+        t: &TensorView<'_>,
+        n: usize,
+        row: &mut [f32],
+        mut f: impl FnMut(&[f32], f32),
+    ) {
         let k = t.shape[1];
         decode_into(t.dtype, t.data, n * k, &mut row[..k]);
         row[k..].fill(0.0);
@@ -400,7 +460,11 @@ impl ChannelQuantizer {
             .map(|n| {
                 decode_into(t.dtype, t.data, n * k, &mut row);
                 let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-                if amax > 0.0 { amax / 127.0 } else { 1.0 }
+                if amax > 0.0 {
+                    amax / 127.0
+                } else {
+                    1.0
+                }
             })
             .collect()
     }
@@ -433,8 +497,10 @@ mod tests {
     #[test]
     fn f16_and_bf16_sources_widen_exactly() {
         let vals = [0.5f32, -1.25, 3.0, 65504.0, -0.0, 1e-3];
-        let f16: Vec<u8> = vals.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect();
-        let bf16: Vec<u8> = vals.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect();
+        let f16: Vec<u8> =
+            vals.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect();
+        let bf16: Vec<u8> =
+            vals.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect();
         let mut out = Vec::new();
         write_converted(&view(DType::F16, &[6], &f16), DType::F32, false, &mut out).unwrap();
         let want: Vec<f32> = vals.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
@@ -451,10 +517,14 @@ mod tests {
         let data: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
         let mut out = Vec::new();
         write_converted(&view(DType::F32, &[3], &data), DType::F16, false, &mut out).unwrap();
-        let got: Vec<half::f16> = out.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]])).collect();
+        let got: Vec<half::f16> =
+            out.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]])).collect();
         let want: Vec<half::f16> = vals.iter().map(|&v| half::f16::from_f32(v)).collect();
         assert_eq!(got, want);
-        assert!(got[2].is_infinite(), "out-of-range values saturate to infinity as torch's .half() does");
+        assert!(
+            got[2].is_infinite(),
+            "out-of-range values saturate to infinity as torch's .half() does"
+        );
     }
 
     #[test]
@@ -505,7 +575,8 @@ mod tests {
         let vals: Vec<f32> = (0..rows * cols).map(|i| i as f32 * 0.37 - 11.0).collect();
         let data: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
         let mut out = Vec::new();
-        write_converted(&view(DType::F32, &[rows, cols], &data), DType::F16, true, &mut out).unwrap();
+        write_converted(&view(DType::F32, &[rows, cols], &data), DType::F16, true, &mut out)
+            .unwrap();
         let got: Vec<f16> = out.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]])).collect();
         for r in 0..rows {
             for c in 0..cols {
@@ -519,10 +590,12 @@ mod tests {
         // 70 x 3 half-precision values (more rows than one strip has columns), NaN bits
         // included: the bytes must move unchanged.
         let (rows, cols) = (70usize, 3usize);
-        let bits: Vec<u16> = (0..rows * cols).map(|i| if i == 5 { 0x7e01 } else { i as u16 * 7 }).collect();
+        let bits: Vec<u16> =
+            (0..rows * cols).map(|i| if i == 5 { 0x7e01 } else { i as u16 * 7 }).collect();
         let data: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
         let mut out = Vec::new();
-        write_converted(&view(DType::F16, &[rows, cols], &data), DType::F16, true, &mut out).unwrap();
+        write_converted(&view(DType::F16, &[rows, cols], &data), DType::F16, true, &mut out)
+            .unwrap();
         let got: Vec<u16> = out.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
         for r in 0..rows {
             for c in 0..cols {
@@ -538,7 +611,8 @@ mod tests {
         let vals: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
         let data: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
         let mut out = Vec::new();
-        write_converted(&view(DType::F32, &[rows, cols], &data), DType::F32, true, &mut out).unwrap();
+        write_converted(&view(DType::F32, &[rows, cols], &data), DType::F32, true, &mut out)
+            .unwrap();
         let got = f32s(&out);
         for r in 0..rows {
             for c in 0..cols {

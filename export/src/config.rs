@@ -212,7 +212,11 @@ impl T5Config {
     pub fn feed_forward(&self) -> (bool, String) {
         let parts: Vec<&str> = self.feed_forward_proj.split('-').collect();
         let gated = parts.len() == 2 && parts[0] == "gated";
-        let act = if self.feed_forward_proj == "gated-gelu" { "gelu_new" } else { parts[parts.len() - 1] };
+        let act = if self.feed_forward_proj == "gated-gelu" {
+            "gelu_new"
+        } else {
+            parts[parts.len() - 1]
+        };
         (gated, act.to_string())
     }
     /// Whether the decoder output is scaled by d_model^-0.5 before the LM head, as
@@ -244,16 +248,27 @@ impl ModelConfig {
         }
         let blip: Blip2Config = serde_json::from_value(value)
             .map_err(|e| ExportError::Config { path: path.clone(), message: e.to_string() })?;
-        let text_type = blip.text_config.get("model_type").and_then(|v| v.as_str()).unwrap_or("").to_string();
+        let text_type =
+            blip.text_config.get("model_type").and_then(|v| v.as_str()).unwrap_or("").to_string();
         let text = match text_type.as_str() {
             "opt" => {
-                let opt: OptConfig = serde_json::from_value(blip.text_config.clone())
-                    .map_err(|e| ExportError::Config { path: path.clone(), message: format!("text_config: {e}") })?;
+                let opt: OptConfig =
+                    serde_json::from_value(blip.text_config.clone()).map_err(|e| {
+                        ExportError::Config {
+                            path: path.clone(),
+                            message: format!("text_config: {e}"),
+                        }
+                    })?;
                 TextModel::Opt(opt)
             }
             "t5" => {
-                let t5: T5Config = serde_json::from_value(blip.text_config.clone())
-                    .map_err(|e| ExportError::Config { path: path.clone(), message: format!("text_config: {e}") })?;
+                let t5: T5Config =
+                    serde_json::from_value(blip.text_config.clone()).map_err(|e| {
+                        ExportError::Config {
+                            path: path.clone(),
+                            message: format!("text_config: {e}"),
+                        }
+                    })?;
                 TextModel::T5(t5)
             }
             _ => return Err(ExportError::UnsupportedLanguageModel { path, found: text_type }),
@@ -271,22 +286,26 @@ impl ModelConfig {
         let v = &self.blip.vision_config;
         let q = &self.blip.qformer_config;
         let check_heads = |what: &str, hidden: usize, heads: usize| {
-            if heads == 0 || hidden % heads != 0 {
-                Err(self.bad(format!("{what}: hidden size {hidden} is not divisible by {heads} attention heads")))
+            if heads == 0 || !hidden.is_multiple_of(heads) {
+                Err(self.bad(format!(
+                    "{what}: hidden size {hidden} is not divisible by {heads} attention heads"
+                )))
             } else {
                 Ok(())
             }
         };
         check_heads("vision_config", v.hidden_size, v.num_attention_heads)?;
         check_heads("qformer_config", q.hidden_size, q.num_attention_heads)?;
-        if v.patch_size == 0 || v.image_size % v.patch_size != 0 {
+        if v.patch_size == 0 || !v.image_size.is_multiple_of(v.patch_size) {
             return Err(self.bad(format!(
                 "vision_config: image_size {} is not a multiple of patch_size {}",
                 v.image_size, v.patch_size
             )));
         }
         if q.cross_attention_frequency == 0 {
-            return Err(self.bad("qformer_config: cross_attention_frequency must be at least 1".into()));
+            return Err(
+                self.bad("qformer_config: cross_attention_frequency must be at least 1".into())
+            );
         }
         if q.encoder_hidden_size != v.hidden_size {
             return Err(self.bad(format!(

@@ -27,14 +27,14 @@ mod vision;
 use std::path::{Path, PathBuf};
 
 use blip2_core::{
-    io, Dtype, EncoderQuantization, Family, GraphInfo, Graphs, Manifest, Quantization, RetrievalManifest, Target, TensorInfo,
-    MANIFEST_VERSION,
+    io, Dtype, EncoderQuantization, Family, GraphInfo, Graphs, Manifest, Quantization,
+    RetrievalManifest, Target, TensorInfo, MANIFEST_VERSION,
 };
 
 pub use checkpoint::Checkpoint;
+pub use error::{ExportError, Result};
 pub use output::remove_partials;
 pub use retrieval::is_retrieval;
-pub use error::{ExportError, Result};
 pub use source::SourceFiles;
 
 use crate::builder::{Builder, Projection};
@@ -112,7 +112,12 @@ impl Progress for NoProgress {
 }
 
 /// Exports the checkpoint in `src` into the folder `out`, atomically (see [`output`]).
-pub fn export(src: &Path, out: &Path, opts: &ExportOptions, progress: &mut dyn Progress) -> Result<Manifest> {
+pub fn export(
+    src: &Path,
+    out: &Path,
+    opts: &ExportOptions,
+    progress: &mut dyn Progress,
+) -> Result<Manifest> {
     output::check_output(out, opts.force)?;
     if retrieval::is_retrieval(src)? {
         return Err(ExportError::Config {
@@ -129,12 +134,20 @@ pub fn export(src: &Path, out: &Path, opts: &ExportOptions, progress: &mut dyn P
 }
 
 /// Runs `write` on a partial folder beside `out`, then puts it in place (see [`output`]).
-fn in_partial_folder<M>(out: &Path, progress: &mut dyn Progress, write: impl FnOnce(&Path, &mut dyn Progress) -> Result<M>) -> Result<M> {
+fn in_partial_folder<M>(
+    out: &Path,
+    progress: &mut dyn Progress,
+    write: impl FnOnce(&Path, &mut dyn Progress) -> Result<M>,
+) -> Result<M> {
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(write_err(parent))?;
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "export".into());
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "export".into());
     output::remove_stale_partials(parent, &name);
-    let partial = output::Partial::create(parent.join(output::partial_name(&name, std::process::id())))?;
+    let partial =
+        output::Partial::create(parent.join(output::partial_name(&name, std::process::id())))?;
     let manifest = write(&partial.path, progress)?;
     output::put_in_place(partial, out)?;
     progress.finish();
@@ -183,13 +196,21 @@ impl Exported {
 
 /// Exports a captioning checkpoint as [`export`] does, or an image-text retrieval one
 /// (Salesforce/blip2-itm-vit-g) to its own graphs; the config decides which.
-pub fn export_any(src: &Path, out: &Path, opts: &ExportOptions, progress: &mut dyn Progress) -> Result<Exported> {
+pub fn export_any(
+    src: &Path,
+    out: &Path,
+    opts: &ExportOptions,
+    progress: &mut dyn Progress,
+) -> Result<Exported> {
     output::check_output(out, opts.force)?;
     if !retrieval::is_retrieval(src)? {
         return export(src, out, opts, progress).map(Exported::Captioning);
     }
     let ck = Checkpoint::open(src)?;
-    in_partial_folder(out, progress, |dir, progress| retrieval::write_all(src, &ck, dir, opts, progress)).map(Exported::Retrieval)
+    in_partial_folder(out, progress, |dir, progress| {
+        retrieval::write_all(src, &ck, dir, opts, progress)
+    })
+    .map(Exported::Retrieval)
 }
 
 /// The context limit to record: the one asked for if the language model has that many
@@ -217,7 +238,14 @@ fn max_context(asked: Option<usize>, text: &TextModel, num_query_tokens: usize) 
 }
 
 fn tensor_infos(v: &[ValueInfo]) -> Vec<TensorInfo> {
-    v.iter().map(|x| TensorInfo { name: x.name.clone(), dtype: x.elem.name().into(), shape: x.dims.clone(), optional: false }).collect()
+    v.iter()
+        .map(|x| TensorInfo {
+            name: x.name.clone(),
+            dtype: x.elem.name().into(),
+            shape: x.dims.clone(),
+            optional: false,
+        })
+        .collect()
 }
 
 fn write_graph(
@@ -248,13 +276,26 @@ fn write_graph(
     };
     let external_name = format!("{file}.data");
     let path = dir.join(file);
-    onnx::write_model(&model, &path, &external_name, opts.force_external_data, &mut |n| progress.advance(n))
-        .map_err(write_err(&path))?;
+    onnx::write_model(&model, &path, &external_name, opts.force_external_data, &mut |n| {
+        progress.advance(n)
+    })
+    .map_err(write_err(&path))?;
     let has_external = dir.join(&external_name).exists();
-    Ok(GraphInfo { file: file.into(), external_data: has_external.then_some(external_name), inputs, outputs })
+    Ok(GraphInfo {
+        file: file.into(),
+        external_data: has_external.then_some(external_name),
+        inputs,
+        outputs,
+    })
 }
 
-fn write_all(files: &SourceFiles, ck: &Checkpoint, dir: &Path, opts: &ExportOptions, progress: &mut dyn Progress) -> Result<Manifest> {
+fn write_all(
+    files: &SourceFiles,
+    ck: &Checkpoint,
+    dir: &Path,
+    opts: &ExportOptions,
+    progress: &mut dyn Progress,
+) -> Result<Manifest> {
     let cfg: &ModelConfig = &files.config;
     let lm_float = elem(opts.dtype);
     let v = &cfg.blip.vision_config;
@@ -264,13 +305,16 @@ fn write_all(files: &SourceFiles, ck: &Checkpoint, dir: &Path, opts: &ExportOpti
     if opts.quantize.is_some() && opts.dtype == Dtype::Fp16 {
         return Err(ExportError::Flag {
             flag: "--quantize",
-            message: "quantized exports keep fp32 activations; use --dtype fp32 with --quantize".into(),
+            message: "quantized exports keep fp32 activations; use --dtype fp32 with --quantize"
+                .into(),
         });
     }
     if opts.quantize_encoders && opts.dtype == Dtype::Fp16 {
         return Err(ExportError::Flag {
             flag: "--quantize-encoders",
-            message: "int8 encoders take fp32 activations; use --dtype fp32 with --quantize-encoders".into(),
+            message:
+                "int8 encoders take fp32 activations; use --dtype fp32 with --quantize-encoders"
+                    .into(),
         });
     }
     if opts.quantize_encoders && opts.target == Target::Cuda {
@@ -288,13 +332,24 @@ fn write_all(files: &SourceFiles, ck: &Checkpoint, dir: &Path, opts: &ExportOpti
     });
     let encoders = if opts.quantize_encoders { Projection::DynamicInt8 } else { Projection::Float };
     let fused = opts.target == Target::Cuda;
-    let builder = |float: Elem, projection: Projection| Builder::new(ck, float).with_projection(projection).with_fused_operators(fused);
+    let builder = |float: Elem, projection: Projection| {
+        Builder::new(ck, float).with_projection(projection).with_fused_operators(fused)
+    };
     let mut b = builder(lm_float, if opts.quantize_encoders { encoders } else { weights });
     vision::build(&mut b, v)?;
-    let vision_info = write_graph(b, "vision_encoder", io::VISION_ENCODER_FILE, dir, opts, progress)?;
+    let vision_info =
+        write_graph(b, "vision_encoder", io::VISION_ENCODER_FILE, dir, opts, progress)?;
 
     let mut b = builder(Elem::F32, encoders);
-    qformer::build(&mut b, &cfg.blip.qformer_config, cfg.blip.num_query_tokens, text_hidden, positions, lm_float, lm_float)?;
+    qformer::build(
+        &mut b,
+        &cfg.blip.qformer_config,
+        cfg.blip.num_query_tokens,
+        text_hidden,
+        positions,
+        lm_float,
+        lm_float,
+    )?;
     let qformer_info = write_graph(b, "qformer", io::QFORMER_FILE, dir, opts, progress)?;
 
     let mut kv_reorder = None;
@@ -306,11 +361,18 @@ fn write_all(files: &SourceFiles, ck: &Checkpoint, dir: &Path, opts: &ExportOpti
             } else {
                 opt::build(&mut b, text, files.image_token_id)?;
             }
-            let lm_info = write_graph(b, "language_model", io::LANGUAGE_MODEL_FILE, dir, opts, progress)?;
+            let lm_info =
+                write_graph(b, "language_model", io::LANGUAGE_MODEL_FILE, dir, opts, progress)?;
             if fused {
                 let mut b = builder(lm_float, Projection::Float);
-                opt::build_kv_reorder(&mut b, text.num_hidden_layers, text.num_attention_heads, text.hidden_size / text.num_attention_heads);
-                kv_reorder = Some(write_graph(b, "kv_reorder", io::KV_REORDER_FILE, dir, opts, progress)?);
+                opt::build_kv_reorder(
+                    &mut b,
+                    text.num_hidden_layers,
+                    text.num_attention_heads,
+                    text.hidden_size / text.num_attention_heads,
+                );
+                kv_reorder =
+                    Some(write_graph(b, "kv_reorder", io::KV_REORDER_FILE, dir, opts, progress)?);
             }
             let tc = blip2_core::TextConfig {
                 vocab_size: text.vocab_size,
@@ -326,20 +388,23 @@ fn write_all(files: &SourceFiles, ck: &Checkpoint, dir: &Path, opts: &ExportOpti
         TextModel::T5(text) => {
             let mut b = builder(lm_float, weights);
             t5::build_encoder(&mut b, text, files.image_token_id)?;
-            let enc_info = write_graph(b, "text_encoder", io::TEXT_ENCODER_FILE, dir, opts, progress)?;
+            let enc_info =
+                write_graph(b, "text_encoder", io::TEXT_ENCODER_FILE, dir, opts, progress)?;
             let mut b = builder(lm_float, weights);
             if fused {
                 t5::build_decoder_cuda(&mut b, text, text.scale_output())?;
             } else {
                 t5::build_decoder(&mut b, text, text.scale_output())?;
             }
-            let lm_info = write_graph(b, "language_model", io::LANGUAGE_MODEL_FILE, dir, opts, progress)?;
+            let lm_info =
+                write_graph(b, "language_model", io::LANGUAGE_MODEL_FILE, dir, opts, progress)?;
             if fused {
                 // Reorders the self-attention buffers for beams, and the cross-attention
                 // caches too (its inputs take any length).
                 let mut b = builder(lm_float, Projection::Float);
                 opt::build_kv_reorder(&mut b, text.decoder_layers(), text.num_heads, text.d_kv);
-                kv_reorder = Some(write_graph(b, "kv_reorder", io::KV_REORDER_FILE, dir, opts, progress)?);
+                kv_reorder =
+                    Some(write_graph(b, "kv_reorder", io::KV_REORDER_FILE, dir, opts, progress)?);
             }
             let tc = blip2_core::TextConfig {
                 vocab_size: text.vocab_size,
@@ -365,7 +430,13 @@ fn write_all(files: &SourceFiles, ck: &Checkpoint, dir: &Path, opts: &ExportOpti
         quantization: opts.quantize,
         encoder_quantization: opts.quantize_encoders.then_some(EncoderQuantization::Int8Dynamic),
         target: opts.target,
-        graphs: Graphs { vision_encoder: vision_info, qformer: qformer_info, language_model: lm_info, text_encoder, kv_reorder },
+        graphs: Graphs {
+            vision_encoder: vision_info,
+            qformer: qformer_info,
+            language_model: lm_info,
+            text_encoder,
+            kv_reorder,
+        },
         tokens: files.special_tokens(),
         num_query_tokens: files.num_query_tokens,
         image: files.image.clone(),
@@ -383,9 +454,15 @@ fn write_all(files: &SourceFiles, ck: &Checkpoint, dir: &Path, opts: &ExportOpti
 pub fn export_files(m: &Manifest) -> Vec<PathBuf> {
     let mut v = Vec::new();
     let g = &m.graphs;
-    for g in [Some(&g.vision_encoder), Some(&g.qformer), g.text_encoder.as_ref(), Some(&g.language_model), g.kv_reorder.as_ref()]
-        .into_iter()
-        .flatten()
+    for g in [
+        Some(&g.vision_encoder),
+        Some(&g.qformer),
+        g.text_encoder.as_ref(),
+        Some(&g.language_model),
+        g.kv_reorder.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
     {
         v.push(PathBuf::from(&g.file));
         if let Some(e) = &g.external_data {

@@ -8,9 +8,9 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::path::Path;
 use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
 use std::thread::JoinHandle;
-use std::path::Path;
 
 use blip2_core::Dim;
 
@@ -91,10 +91,17 @@ pub struct Initializer<'a> {
 pub enum InitData<'a> {
     Inline(Vec<u8>),
     /// `len` bytes produced by the closure, checked when written.
-    Stream { len: u64, write: StreamFn<'a> },
+    Stream {
+        len: u64,
+        write: StreamFn<'a>,
+    },
 }
 
 impl InitData<'_> {
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub fn len(&self) -> u64 {
         match self {
             InitData::Inline(v) => v.len() as u64,
@@ -353,7 +360,8 @@ pub fn write_model(
     let mut w = PipedFile::create(path)?;
     w.write_all(&model_head)?;
     w.write_all(&head)?;
-    let mut ext = if external { Some(PipedFile::create(&path.with_file_name(external_name))?) } else { None };
+    let mut ext =
+        if external { Some(PipedFile::create(&path.with_file_name(external_name))?) } else { None };
     let mut written = 0u64;
     for (init, (meta, p)) in g.initializers.iter().zip(&metas) {
         let n = init.data.len();
@@ -476,7 +484,9 @@ impl PipedFile {
     fn join(&mut self) -> std::io::Result<File> {
         self.full = None;
         match self.writer.take() {
-            Some(t) => t.join().map_err(|_| std::io::Error::other("export writer thread panicked"))?,
+            Some(t) => {
+                t.join().map_err(|_| std::io::Error::other("export writer thread panicked"))?
+            }
             None => Err(std::io::Error::other("export writer already finished")),
         }
     }

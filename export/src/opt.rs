@@ -6,8 +6,8 @@
 use blip2_core::{io, Dim};
 
 use crate::blocks::{
-    attention, causal_positions, dim_of, layer_norm, layer_norm_plain, lm_head, linear, scatter_image_embeds, select_tokens,
-    split_heads,
+    attention, causal_positions, dim_of, layer_norm, layer_norm_plain, linear, lm_head,
+    scatter_image_embeds, select_tokens, split_heads,
 };
 use crate::builder::{Builder, Projection};
 use crate::config::OptConfig;
@@ -37,11 +37,23 @@ pub fn build(b: &mut Builder, c: &OptConfig, image_token_id: i64) -> Result<()> 
     let heads = c.num_attention_heads;
     let dh = d / heads;
     let float = b.float();
-    let ids = b.input(io::INPUT_IDS, Elem::I64, vec![named(io::DIM_BATCH), named(io::DIM_SEQUENCE)]);
-    let img = b.input(io::IMAGE_EMBEDS, float, vec![named(io::DIM_BATCH), named(io::DIM_NUM_IMAGE_TOKENS), Dim::Fixed(d as i64)]);
-    let mask = b.input(io::ATTENTION_MASK, Elem::I64, vec![named(io::DIM_BATCH), named(io::DIM_TOTAL_SEQUENCE)]);
-    let pos = b.input(io::POSITION_IDS, Elem::I64, vec![named(io::DIM_BATCH), named(io::DIM_SEQUENCE)]);
-    let kv_dims = |len: &str| vec![named(io::DIM_BATCH), Dim::Fixed(heads as i64), named(len), Dim::Fixed(dh as i64)];
+    let ids =
+        b.input(io::INPUT_IDS, Elem::I64, vec![named(io::DIM_BATCH), named(io::DIM_SEQUENCE)]);
+    let img = b.input(
+        io::IMAGE_EMBEDS,
+        float,
+        vec![named(io::DIM_BATCH), named(io::DIM_NUM_IMAGE_TOKENS), Dim::Fixed(d as i64)],
+    );
+    let mask = b.input(
+        io::ATTENTION_MASK,
+        Elem::I64,
+        vec![named(io::DIM_BATCH), named(io::DIM_TOTAL_SEQUENCE)],
+    );
+    let pos =
+        b.input(io::POSITION_IDS, Elem::I64, vec![named(io::DIM_BATCH), named(io::DIM_SEQUENCE)]);
+    let kv_dims = |len: &str| {
+        vec![named(io::DIM_BATCH), Dim::Fixed(heads as i64), named(len), Dim::Fixed(dh as i64)]
+    };
     let mut past = Vec::new();
     for i in 0..c.num_hidden_layers {
         let k = b.input(&io::past_key(i), float, kv_dims(io::DIM_PAST_SEQUENCE));
@@ -53,7 +65,8 @@ pub fn build(b: &mut Builder, c: &OptConfig, image_token_id: i64) -> Result<()> 
     let allowed = causal_padding_mask(b, &ids, &mask);
     let mut h = h;
     for (i, (pk, pv)) in past.iter().enumerate() {
-        let (out, k, v) = layer(b, c, i, &h, Kv::Growing { past_key: pk, past_value: pv, allowed: &allowed })?;
+        let (out, k, v) =
+            layer(b, c, i, &h, Kv::Growing { past_key: pk, past_value: pv, allowed: &allowed })?;
         h = out;
         b.output(&k, &io::present_key(i), float, kv_dims(io::DIM_TOTAL_SEQUENCE));
         b.output(&v, &io::present_value(i), float, kv_dims(io::DIM_TOTAL_SEQUENCE));
@@ -63,10 +76,19 @@ pub fn build(b: &mut Builder, c: &OptConfig, image_token_id: i64) -> Result<()> 
     }
 
     // Tied embeddings are read once: Gemm's transB uses embed_tokens as stored.
-    let head = if c.tie_word_embeddings { format!("{P}.embed_tokens.weight") } else { "language_model.lm_head.weight".into() };
+    let head = if c.tie_word_embeddings {
+        format!("{P}.embed_tokens.weight")
+    } else {
+        "language_model.lm_head.weight".into()
+    };
     let h = keep_last_positions(b, &h);
     let logits = lm_head(b, &h, &head, d, c.vocab_size, None)?;
-    b.output(&logits, io::LOGITS, Elem::F32, vec![named(io::DIM_BATCH), named(io::DIM_LOGITS_SEQUENCE), Dim::Fixed(c.vocab_size as i64)]);
+    b.output(
+        &logits,
+        io::LOGITS,
+        Elem::F32,
+        vec![named(io::DIM_BATCH), named(io::DIM_LOGITS_SEQUENCE), Dim::Fixed(c.vocab_size as i64)],
+    );
     Ok(())
 }
 
@@ -91,11 +113,17 @@ pub fn build_cuda(b: &mut Builder, c: &OptConfig, image_token_id: i64) -> Result
     let float = b.float();
     let batch = || named(io::DIM_BATCH);
     let ids = b.input(io::INPUT_IDS, Elem::I64, vec![batch(), named(io::DIM_SEQUENCE)]);
-    let img = b.input(io::IMAGE_EMBEDS, float, vec![batch(), named(io::DIM_NUM_IMAGE_TOKENS), Dim::Fixed(d as i64)]);
+    let img = b.input(
+        io::IMAGE_EMBEDS,
+        float,
+        vec![batch(), named(io::DIM_NUM_IMAGE_TOKENS), Dim::Fixed(d as i64)],
+    );
     let pos = b.input(io::POSITION_IDS, Elem::I64, vec![batch(), named(io::DIM_SEQUENCE)]);
     let seqlens = b.input(io::SEQLENS_K, Elem::I32, vec![batch()]);
     let total = b.input(io::TOTAL_SEQUENCE_LENGTH, Elem::I32, vec![]);
-    let kv_dims = || vec![batch(), Dim::Fixed(heads as i64), named(io::DIM_MAX_SEQUENCE), Dim::Fixed(dh as i64)];
+    let kv_dims = || {
+        vec![batch(), Dim::Fixed(heads as i64), named(io::DIM_MAX_SEQUENCE), Dim::Fixed(dh as i64)]
+    };
     let mut past = Vec::new();
     for i in 0..c.num_hidden_layers {
         let k = b.input(&io::past_key(i), float, kv_dims());
@@ -116,9 +144,18 @@ pub fn build_cuda(b: &mut Builder, c: &OptConfig, image_token_id: i64) -> Result
     } else {
         h
     };
-    let head = if c.tie_word_embeddings { format!("{P}.embed_tokens.weight") } else { "language_model.lm_head.weight".into() };
+    let head = if c.tie_word_embeddings {
+        format!("{P}.embed_tokens.weight")
+    } else {
+        "language_model.lm_head.weight".into()
+    };
     let logits = lm_head(b, &h, &head, d, c.vocab_size, Some(1))?;
-    b.output(&logits, io::LOGITS, Elem::F32, vec![batch(), Dim::Fixed(1), Dim::Fixed(c.vocab_size as i64)]);
+    b.output(
+        &logits,
+        io::LOGITS,
+        Elem::F32,
+        vec![batch(), Dim::Fixed(1), Dim::Fixed(c.vocab_size as i64)],
+    );
     select_tokens(b, &logits, "/lm/select");
     Ok(())
 }
@@ -135,7 +172,12 @@ pub fn build_cuda(b: &mut Builder, c: &OptConfig, image_token_id: i64) -> Result
 fn last_real_position(b: &mut Builder, h: &str, pos: &str, d: usize) -> String {
     let p = "/lm/last_position";
     let f = b.op(&format!("{p}/Cast"), "Cast", &[pos], vec![("to", Attr::Int(Elem::F32 as i64))]);
-    let idx = b.op(&format!("{p}/ArgMax"), "ArgMax", &[&f], vec![("axis", Attr::Int(1)), ("keepdims", Attr::Int(1))]);
+    let idx = b.op(
+        &format!("{p}/ArgMax"),
+        "ArgMax",
+        &[&f],
+        vec![("axis", Attr::Int(1)), ("keepdims", Attr::Int(1))],
+    );
     let axes = b.ints(&[2]);
     let idx = b.op(&format!("{p}/Unsqueeze"), "Unsqueeze", &[&idx, &axes], vec![]);
     let shape = b.ints(&[1, 1, d as i64]);
@@ -152,12 +194,26 @@ fn last_real_position(b: &mut Builder, h: &str, pos: &str, d: usize) -> String {
 /// ```
 pub fn build_kv_reorder(b: &mut Builder, layers: usize, heads: usize, dh: usize) {
     let float = b.float();
-    let dims = |batch: &str| vec![named(batch), Dim::Fixed(heads as i64), named(io::DIM_MAX_SEQUENCE), Dim::Fixed(dh as i64)];
+    let dims = |batch: &str| {
+        vec![
+            named(batch),
+            Dim::Fixed(heads as i64),
+            named(io::DIM_MAX_SEQUENCE),
+            Dim::Fixed(dh as i64),
+        ]
+    };
     let rows = b.input(io::ROWS, Elem::I64, vec![named(io::DIM_NEW_BATCH)]);
     for i in 0..layers {
-        for (past, present) in [(io::past_key(i), io::present_key(i)), (io::past_value(i), io::present_value(i))] {
+        for (past, present) in
+            [(io::past_key(i), io::present_key(i)), (io::past_value(i), io::present_value(i))]
+        {
             let x = b.input(&past, float, dims(io::DIM_BATCH));
-            let y = b.op(&format!("/kv_reorder/{present}/Gather"), "Gather", &[&x, &rows], vec![("axis", Attr::Int(0))]);
+            let y = b.op(
+                &format!("/kv_reorder/{present}/Gather"),
+                "Gather",
+                &[&x, &rows],
+                vec![("axis", Attr::Int(0))],
+            );
             b.output(&y, &present, float, dims(io::DIM_NEW_BATCH));
         }
     }
@@ -167,16 +223,32 @@ pub fn build_kv_reorder(b: &mut Builder, layers: usize, heads: usize, dh: usize)
 /// learned positions. The k-th image token of a row takes row k of its image embeddings
 /// (what transformers' masked_scatter does); other tokens index a zero row appended to
 /// the image embeddings, so decode steps with no image tokens need no special case.
-fn embeddings(b: &mut Builder, c: &OptConfig, ids: &str, img: &str, pos: &str, image_token_id: i64) -> Result<String> {
+fn embeddings(
+    b: &mut Builder,
+    c: &OptConfig,
+    ids: &str,
+    img: &str,
+    pos: &str,
+    image_token_id: i64,
+) -> Result<String> {
     let d = c.hidden_size;
     let table = b.weight(&format!("{P}.embed_tokens.weight"), &[c.vocab_size, d])?;
-    let tok = b.op("/lm/embed_tokens/Gather", "Gather", &[&table, ids], vec![("axis", Attr::Int(0))]);
+    let tok =
+        b.op("/lm/embed_tokens/Gather", "Gather", &[&table, ids], vec![("axis", Attr::Int(0))]);
     let emb = scatter_image_embeds(b, ids, img, &tok, image_token_id);
 
-    let positions = b.weight(&format!("{P}.embed_positions.weight"), &[c.max_position_embeddings + POSITION_OFFSET as usize, d])?;
+    let positions = b.weight(
+        &format!("{P}.embed_positions.weight"),
+        &[c.max_position_embeddings + POSITION_OFFSET as usize, d],
+    )?;
     let offset = b.int(POSITION_OFFSET);
     let shifted = b.op("/lm/embed_positions/Add", "Add", &[pos, &offset], vec![]);
-    let pe = b.op("/lm/embed_positions/Gather", "Gather", &[&positions, &shifted], vec![("axis", Attr::Int(0))]);
+    let pe = b.op(
+        "/lm/embed_positions/Gather",
+        "Gather",
+        &[&positions, &shifted],
+        vec![("axis", Attr::Int(0))],
+    );
     Ok(b.op("/lm/embeddings/Add", "Add", &[&emb, &pe], vec![]))
 }
 
@@ -188,7 +260,8 @@ fn embeddings(b: &mut Builder, c: &OptConfig, ids: &str, img: &str, pos: &str, i
 ///   h [B,S,D] ──Slice(axis 1, start .. end) ─▶ [B, min(S, keep) or S, D]
 /// ```
 fn keep_last_positions(b: &mut Builder, h: &str) -> String {
-    let keep = b.input_with_default(io::LOGITS_TO_KEEP, Elem::I64, vec![], 0i64.to_le_bytes().to_vec());
+    let keep =
+        b.input_with_default(io::LOGITS_TO_KEEP, Elem::I64, vec![], 0i64.to_le_bytes().to_vec());
     let axis0 = b.ints(&[0]);
     let keep = b.op("/lm/logits_to_keep/Unsqueeze", "Unsqueeze", &[&keep, &axis0], vec![]);
     let start = b.op("/lm/logits_to_keep/Neg", "Neg", &[&keep], vec![]);
@@ -213,7 +286,8 @@ fn causal_padding_mask(b: &mut Builder, ids: &str, mask: &str) -> String {
     let past = b.op(&format!("{p}/Squeeze"), "Squeeze", &[&past, &axes0], vec![]);
     let total = b.op(&format!("{p}/Squeeze_1"), "Squeeze", &[&t, &axes0], vec![]);
     let (_, _, causal) = causal_positions(b, p, &past, &total);
-    let pad = b.op(&format!("{p}/Cast"), "Cast", &[mask], vec![("to", Attr::Int(Elem::Bool as i64))]);
+    let pad =
+        b.op(&format!("{p}/Cast"), "Cast", &[mask], vec![("to", Attr::Int(Elem::Bool as i64))]);
     let axes12 = b.ints(&[1, 2]);
     let pad = b.op(&format!("{p}/Unsqueeze_2"), "Unsqueeze", &[&pad, &axes12], vec![]);
     b.op(&format!("{p}/And"), "And", &[&causal, &pad], vec![])
@@ -237,26 +311,50 @@ fn norm(b: &mut Builder, c: &OptConfig, path: &str, x: &str, prefix: &str) -> Re
 ///     ──out_proj──Add(h)──[LayerNorm] ─▶ r
 ///   r ──[LayerNorm]──fc1──act──fc2──Add(r)──[LayerNorm] ─▶
 /// ```
-fn layer(b: &mut Builder, c: &OptConfig, i: usize, h: &str, kv: Kv<'_>) -> Result<(String, String, String)> {
+fn layer(
+    b: &mut Builder,
+    c: &OptConfig,
+    i: usize,
+    h: &str,
+    kv: Kv<'_>,
+) -> Result<(String, String, String)> {
     let d = c.hidden_size;
     let pre = format!("{P}.layers.{i}");
     let path = format!("/lm/layers.{i}");
     let bias = c.enable_bias;
     let ln1 = format!("{pre}.self_attn_layer_norm");
-    let x = if c.do_layer_norm_before { norm(b, c, &format!("{path}/self_attn_layer_norm"), h, &ln1)? } else { h.to_string() };
+    let x = if c.do_layer_norm_before {
+        norm(b, c, &format!("{path}/self_attn_layer_norm"), h, &ln1)?
+    } else {
+        h.to_string()
+    };
     let (a, k, v) = match kv {
-        Kv::Growing { past_key, past_value, allowed } => self_attention(b, c, i, &x, past_key, past_value, allowed)?,
+        Kv::Growing { past_key, past_value, allowed } => {
+            self_attention(b, c, i, &x, past_key, past_value, allowed)?
+        }
         Kv::Static { past_key, past_value, seqlens_k, total } => {
             self_attention_gqa(b, c, i, &x, past_key, past_value, seqlens_k, total)?
         }
     };
-    let o = linear(b, &format!("{path}/attn/out_proj"), &a, &format!("{pre}.self_attn.out_proj"), d, d, bias)?;
+    let o = linear(
+        b,
+        &format!("{path}/attn/out_proj"),
+        &a,
+        &format!("{pre}.self_attn.out_proj"),
+        d,
+        d,
+        bias,
+    )?;
     let mut r = b.residual(&format!("{path}/Add"), h, &o);
     if !c.do_layer_norm_before {
         r = norm(b, c, &format!("{path}/self_attn_layer_norm"), &r, &ln1)?;
     }
     let ln2 = format!("{pre}.final_layer_norm");
-    let x = if c.do_layer_norm_before { norm(b, c, &format!("{path}/final_layer_norm"), &r, &ln2)? } else { r.clone() };
+    let x = if c.do_layer_norm_before {
+        norm(b, c, &format!("{path}/final_layer_norm"), &r, &ln2)?
+    } else {
+        r.clone()
+    };
     let f = linear(b, &format!("{path}/fc1"), &x, &format!("{pre}.fc1"), d, c.ffn_dim, bias)?;
     let f = crate::blocks::activation(b, &format!("{path}/act"), &f, &c.activation_function)?;
     let f = linear(b, &format!("{path}/fc2"), &f, &format!("{pre}.fc2"), c.ffn_dim, d, bias)?;
@@ -301,21 +399,40 @@ fn self_attention_gqa(
             inputs.push(linear(b, &format!("{path}/{n}_proj"), x, &proj(n), d, d, bias)?);
         }
     } else {
-        let w: Vec<String> = ["q", "k", "v"].iter().map(|n| b.weight_t(&format!("{}.weight", proj(n)), &[d, d])).collect::<Result<_>>()?;
+        let w: Vec<String> = ["q", "k", "v"]
+            .iter()
+            .map(|n| b.weight_t(&format!("{}.weight", proj(n)), &[d, d]))
+            .collect::<Result<_>>()?;
         let w: Vec<&str> = w.iter().map(String::as_str).collect();
-        let w = b.op(&format!("{path}/qkv_proj/weight/Concat"), "Concat", &w, vec![("axis", Attr::Int(1))]);
+        let w = b.op(
+            &format!("{path}/qkv_proj/weight/Concat"),
+            "Concat",
+            &w,
+            vec![("axis", Attr::Int(1))],
+        );
         let mut qkv = b.op(&format!("{path}/qkv_proj/MatMul"), "MatMul", &[x, &w], vec![]);
         if bias {
-            let bs: Vec<String> = ["q", "k", "v"].iter().map(|n| b.weight(&format!("{}.bias", proj(n)), &[d])).collect::<Result<_>>()?;
+            let bs: Vec<String> = ["q", "k", "v"]
+                .iter()
+                .map(|n| b.weight(&format!("{}.bias", proj(n)), &[d]))
+                .collect::<Result<_>>()?;
             let bs: Vec<&str> = bs.iter().map(String::as_str).collect();
-            let bv = b.op(&format!("{path}/qkv_proj/bias/Concat"), "Concat", &bs, vec![("axis", Attr::Int(0))]);
+            let bv = b.op(
+                &format!("{path}/qkv_proj/bias/Concat"),
+                "Concat",
+                &bs,
+                vec![("axis", Attr::Int(0))],
+            );
             qkv = b.op(&format!("{path}/qkv_proj/Add"), "Add", &[&qkv, &bv], vec![]);
         }
         inputs = vec![qkv, String::new(), String::new()];
     }
-    let ins: Vec<&str> = inputs.iter().map(String::as_str).chain([pk, pv, seqlens, total]).collect();
-    let attrs = vec![("num_heads", Attr::Int(heads as i64)), ("kv_num_heads", Attr::Int(heads as i64))];
-    let mut outs = b.op_n(&format!("{path}/GroupQueryAttention"), "GroupQueryAttention", &ins, attrs, 3);
+    let ins: Vec<&str> =
+        inputs.iter().map(String::as_str).chain([pk, pv, seqlens, total]).collect();
+    let attrs =
+        vec![("num_heads", Attr::Int(heads as i64)), ("kv_num_heads", Attr::Int(heads as i64))];
+    let mut outs =
+        b.op_n(&format!("{path}/GroupQueryAttention"), "GroupQueryAttention", &ins, attrs, 3);
     b.mark_ms_domain();
     let v = outs.pop().expect("three outputs");
     let k = outs.pop().expect("three outputs");
@@ -337,7 +454,15 @@ enum Kv<'s> {
 ///   x ──k_proj──heads──Concat(past.key) ─▶ present.key ─┐
 ///   x ──v_proj──heads──Concat(past.value) ─▶ present.value ─ attention(allowed) ─▶
 /// ```
-fn self_attention(b: &mut Builder, c: &OptConfig, i: usize, x: &str, pk: &str, pv: &str, allowed: &str) -> Result<(String, String, String)> {
+fn self_attention(
+    b: &mut Builder,
+    c: &OptConfig,
+    i: usize,
+    x: &str,
+    pk: &str,
+    pv: &str,
+    allowed: &str,
+) -> Result<(String, String, String)> {
     let d = c.hidden_size;
     let heads = c.num_attention_heads;
     let dh = d / heads;
@@ -345,16 +470,50 @@ fn self_attention(b: &mut Builder, c: &OptConfig, i: usize, x: &str, pk: &str, p
     let path = format!("/lm/layers.{i}");
     let bias = c.enable_bias;
     let x = &x;
-    let q = linear(b, &format!("{path}/attn/q_proj"), &x, &format!("{pre}.self_attn.q_proj"), d, d, bias)?;
+    let q = linear(
+        b,
+        &format!("{path}/attn/q_proj"),
+        x,
+        &format!("{pre}.self_attn.q_proj"),
+        d,
+        d,
+        bias,
+    )?;
     let scale = b.scalar((dh as f32).powf(-0.5));
     let q = b.op(&format!("{path}/attn/q_proj/Mul"), "Mul", &[&q, &scale], vec![]);
-    let k = linear(b, &format!("{path}/attn/k_proj"), &x, &format!("{pre}.self_attn.k_proj"), d, d, bias)?;
-    let v = linear(b, &format!("{path}/attn/v_proj"), &x, &format!("{pre}.self_attn.v_proj"), d, d, bias)?;
+    let k = linear(
+        b,
+        &format!("{path}/attn/k_proj"),
+        x,
+        &format!("{pre}.self_attn.k_proj"),
+        d,
+        d,
+        bias,
+    )?;
+    let v = linear(
+        b,
+        &format!("{path}/attn/v_proj"),
+        x,
+        &format!("{pre}.self_attn.v_proj"),
+        d,
+        d,
+        bias,
+    )?;
     let q = split_heads(b, &format!("{path}/attn/q_proj/heads"), &q, heads, dh);
     let k = split_heads(b, &format!("{path}/attn/k_proj/heads"), &k, heads, dh);
     let v = split_heads(b, &format!("{path}/attn/v_proj/heads"), &v, heads, dh);
-    let k = b.op(&format!("{path}/attn/present_key/Concat"), "Concat", &[pk, &k], vec![("axis", Attr::Int(2))]);
-    let v = b.op(&format!("{path}/attn/present_value/Concat"), "Concat", &[pv, &v], vec![("axis", Attr::Int(2))]);
+    let k = b.op(
+        &format!("{path}/attn/present_key/Concat"),
+        "Concat",
+        &[pk, &k],
+        vec![("axis", Attr::Int(2))],
+    );
+    let v = b.op(
+        &format!("{path}/attn/present_value/Concat"),
+        "Concat",
+        &[pv, &v],
+        vec![("axis", Attr::Int(2))],
+    );
     let a = attention(b, &format!("{path}/attn"), &q, &k, &v, None, None, Some(allowed));
     Ok((a, k, v))
 }

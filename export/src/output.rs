@@ -24,7 +24,16 @@ pub const REPLACING_MARKER: &str = ".blip2-ort-replacing";
 pub fn export_file_names() -> Vec<String> {
     let mut v = vec![io::MANIFEST_FILE.to_string()];
     let retrieval = [io::IMAGE_EMBEDDING_FILE, io::TEXT_EMBEDDING_FILE, io::ITM_FILE];
-    for g in [io::VISION_ENCODER_FILE, io::QFORMER_FILE, io::LANGUAGE_MODEL_FILE, io::TEXT_ENCODER_FILE, io::KV_REORDER_FILE].into_iter().chain(retrieval) {
+    for g in [
+        io::VISION_ENCODER_FILE,
+        io::QFORMER_FILE,
+        io::LANGUAGE_MODEL_FILE,
+        io::TEXT_ENCODER_FILE,
+        io::KV_REORDER_FILE,
+    ]
+    .into_iter()
+    .chain(retrieval)
+    {
         v.push(g.to_string());
         v.push(format!("{g}.data"));
     }
@@ -112,7 +121,9 @@ pub fn remove_stale_partials(parent: &Path, name: &str) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(parent) else { return removed };
     for e in entries.flatten() {
         let file_name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = file_name.strip_prefix(&prefix).and_then(|p| p.parse::<u32>().ok()) else { continue };
+        let Some(pid) = file_name.strip_prefix(&prefix).and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
         if pid == std::process::id() || process_alive(pid) {
             continue;
         }
@@ -133,7 +144,8 @@ pub(crate) fn put_in_place(partial: Partial, out: &Path) -> Result<()> {
         return Ok(());
     }
     let marker = out.join(REPLACING_MARKER);
-    std::fs::write(&marker, b"blip2-ort is replacing the export in this folder\n").map_err(write_err(&marker))?;
+    std::fs::write(&marker, b"blip2-ort is replacing the export in this folder\n")
+        .map_err(write_err(&marker))?;
     let manifest = out.join(io::MANIFEST_FILE);
     if manifest.exists() {
         std::fs::remove_file(&manifest).map_err(write_err(&manifest))?;
@@ -157,7 +169,8 @@ pub(crate) fn put_in_place(partial: Partial, out: &Path) -> Result<()> {
             }
         }
     }
-    std::fs::rename(partial.path.join(io::MANIFEST_FILE), &manifest).map_err(write_err(&manifest))?;
+    std::fs::rename(partial.path.join(io::MANIFEST_FILE), &manifest)
+        .map_err(write_err(&manifest))?;
     std::fs::remove_file(&marker).map_err(write_err(&marker))?;
     drop(partial);
     Ok(())
@@ -173,14 +186,20 @@ pub(crate) fn check_output(out: &Path, force: bool) -> Result<()> {
         return Err(ExportError::OutputExists { path: out.into() });
     }
     if !out.is_dir() {
-        return Err(ExportError::Config { path: out.into(), message: "exists and is not a folder".into() });
+        return Err(ExportError::Config {
+            path: out.into(),
+            message: "exists and is not a folder".into(),
+        });
     }
     // --force replaces an earlier export, never an unrelated folder.
     let is_empty = std::fs::read_dir(out).map(|mut d| d.next().is_none()).unwrap_or(false);
     if !is_export(out) && !is_empty {
         return Err(ExportError::Config {
             path: out.into(),
-            message: format!("exists and holds no {}; refusing to write into a folder blip2-ort did not write", io::MANIFEST_FILE),
+            message: format!(
+                "exists and holds no {}; refusing to write into a folder blip2-ort did not write",
+                io::MANIFEST_FILE
+            ),
         });
     }
     Ok(())

@@ -12,7 +12,9 @@
 
 use std::path::Path;
 
-use blip2_core::{io, RetrievalGraphs, RetrievalManifest, RetrievalText, MANIFEST_VERSION, RETRIEVAL_FAMILY};
+use blip2_core::{
+    io, RetrievalGraphs, RetrievalManifest, RetrievalText, MANIFEST_VERSION, RETRIEVAL_FAMILY,
+};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -23,7 +25,11 @@ use crate::onnx::Elem;
 use crate::{elem, qformer, vision, Checkpoint, ExportOptions, Progress};
 
 /// Classes whose checkpoints hold the retrieval heads.
-const ARCHITECTURES: [&str; 3] = ["Blip2ForImageTextRetrieval", "Blip2TextModelWithProjection", "Blip2VisionModelWithProjection"];
+const ARCHITECTURES: [&str; 3] = [
+    "Blip2ForImageTextRetrieval",
+    "Blip2TextModelWithProjection",
+    "Blip2VisionModelWithProjection",
+];
 
 /// config.json of a retrieval checkpoint.
 #[derive(Debug, Clone, Deserialize)]
@@ -52,7 +58,12 @@ struct QFormerText {
 
 impl Default for QFormerText {
     fn default() -> Self {
-        Self { vocab_size: 30522, max_position_embeddings: 512, pad_token_id: Some(0), position_embedding_type: "absolute".into() }
+        Self {
+            vocab_size: 30522,
+            max_position_embeddings: 512,
+            pad_token_id: Some(0),
+            position_embedding_type: "absolute".into(),
+        }
     }
 }
 
@@ -89,19 +100,30 @@ fn bad(path: &Path, message: String) -> ExportError {
 }
 
 /// Writes the retrieval graphs and manifest of the checkpoint `src` into `dir`.
-pub(crate) fn write_all(src: &Path, ck: &Checkpoint, dir: &Path, opts: &ExportOptions, progress: &mut dyn Progress) -> Result<RetrievalManifest> {
+pub(crate) fn write_all(
+    src: &Path,
+    ck: &Checkpoint,
+    dir: &Path,
+    opts: &ExportOptions,
+    progress: &mut dyn Progress,
+) -> Result<RetrievalManifest> {
     let cfg_path = src.join("config.json");
     let value = read_json(&cfg_path, "the model configuration")?;
     let model_type = value.get("model_type").and_then(Value::as_str).unwrap_or("").to_string();
     if model_type != "blip-2" {
         return Err(ExportError::WrongModelType { path: cfg_path, found: model_type });
     }
-    let cfg: RetrievalConfig = serde_json::from_value(value.clone()).map_err(|e| bad(&cfg_path, e.to_string()))?;
-    let text: QFormerText = serde_json::from_value(value.get("qformer_config").cloned().unwrap_or(Value::Null))
-        .map_err(|e| bad(&cfg_path, format!("qformer_config: {e}")))?;
+    let cfg: RetrievalConfig =
+        serde_json::from_value(value.clone()).map_err(|e| bad(&cfg_path, e.to_string()))?;
+    let text: QFormerText =
+        serde_json::from_value(value.get("qformer_config").cloned().unwrap_or(Value::Null))
+            .map_err(|e| bad(&cfg_path, format!("qformer_config: {e}")))?;
     if opts.quantize.is_some() || opts.quantize_encoders {
         let flag = if opts.quantize.is_some() { "--quantize" } else { "--quantize-encoders" };
-        return Err(ExportError::Flag { flag, message: "retrieval exports are not quantized; leave it out".into() });
+        return Err(ExportError::Flag {
+            flag,
+            message: "retrieval exports are not quantized; leave it out".into(),
+        });
     }
     if opts.target != blip2_core::Target::Portable {
         return Err(ExportError::Flag {
@@ -112,26 +134,47 @@ pub(crate) fn write_all(src: &Path, ck: &Checkpoint, dir: &Path, opts: &ExportOp
     }
     let (v, q) = (&cfg.vision_config, &cfg.qformer_config);
     if v.patch_size == 0 || v.image_size % v.patch_size != 0 {
-        return Err(bad(&cfg_path, format!("vision_config: image_size {} is not a multiple of patch_size {}", v.image_size, v.patch_size)));
+        return Err(bad(
+            &cfg_path,
+            format!(
+                "vision_config: image_size {} is not a multiple of patch_size {}",
+                v.image_size, v.patch_size
+            ),
+        ));
     }
-    for (what, hidden, heads) in [("vision_config", v.hidden_size, v.num_attention_heads), ("qformer_config", q.hidden_size, q.num_attention_heads)] {
+    for (what, hidden, heads) in [
+        ("vision_config", v.hidden_size, v.num_attention_heads),
+        ("qformer_config", q.hidden_size, q.num_attention_heads),
+    ] {
         if heads == 0 || hidden % heads != 0 {
-            return Err(bad(&cfg_path, format!("{what}: hidden size {hidden} is not divisible by {heads} attention heads")));
+            return Err(bad(
+                &cfg_path,
+                format!("{what}: hidden size {hidden} is not divisible by {heads} attention heads"),
+            ));
         }
     }
     if q.cross_attention_frequency == 0 {
-        return Err(bad(&cfg_path, "qformer_config: cross_attention_frequency must be at least 1".into()));
+        return Err(bad(
+            &cfg_path,
+            "qformer_config: cross_attention_frequency must be at least 1".into(),
+        ));
     }
     if q.encoder_hidden_size != v.hidden_size {
         return Err(bad(
             &cfg_path,
-            format!("qformer_config.encoder_hidden_size {} differs from vision_config.hidden_size {}", q.encoder_hidden_size, v.hidden_size),
+            format!(
+                "qformer_config.encoder_hidden_size {} differs from vision_config.hidden_size {}",
+                q.encoder_hidden_size, v.hidden_size
+            ),
         ));
     }
     if text.position_embedding_type != "absolute" {
         return Err(bad(
             &cfg_path,
-            format!("qformer_config.position_embedding_type \"{}\" is not supported (absolute)", text.position_embedding_type),
+            format!(
+                "qformer_config.position_embedding_type \"{}\" is not supported (absolute)",
+                text.position_embedding_type
+            ),
         ));
     }
     let (image, proc_nq) = crate::source::image_settings(src)?;
@@ -144,30 +187,60 @@ pub(crate) fn write_all(src: &Path, ck: &Checkpoint, dir: &Path, opts: &ExportOp
     if image.height as usize != v.image_size || image.width as usize != v.image_size {
         return Err(bad(
             &src.join("preprocessor_config.json"),
-            format!("image size {}x{} differs from vision_config.image_size {}", image.width, image.height, v.image_size),
+            format!(
+                "image size {}x{} differs from vision_config.image_size {}",
+                image.width, image.height, v.image_size
+            ),
         ));
     }
     let tok_path = src.join("tokenizer.json");
     if !tok_path.exists() {
-        return Err(ExportError::MissingFile { path: tok_path, why: "the fast tokenizer file that infer uses" });
+        return Err(ExportError::MissingFile {
+            path: tok_path,
+            why: "the fast tokenizer file that infer uses",
+        });
     }
 
     let vision_float = elem(opts.dtype);
     let positions = (v.image_size / v.patch_size).pow(2) + 1;
     let mut b = Builder::new(ck, vision_float);
     vision::build(&mut b, v)?;
-    let vision_encoder = crate::write_graph(b, "vision_encoder", io::VISION_ENCODER_FILE, dir, opts, progress)?;
+    let vision_encoder =
+        crate::write_graph(b, "vision_encoder", io::VISION_ENCODER_FILE, dir, opts, progress)?;
 
     let mut b = Builder::new(ck, Elem::F32);
-    qformer::build_image_embedding(&mut b, q, cfg.num_query_tokens, cfg.image_text_hidden_size, positions, vision_float)?;
-    let image_embedding = crate::write_graph(b, "image_embedding", io::IMAGE_EMBEDDING_FILE, dir, opts, progress)?;
+    qformer::build_image_embedding(
+        &mut b,
+        q,
+        cfg.num_query_tokens,
+        cfg.image_text_hidden_size,
+        positions,
+        vision_float,
+    )?;
+    let image_embedding =
+        crate::write_graph(b, "image_embedding", io::IMAGE_EMBEDDING_FILE, dir, opts, progress)?;
 
     let mut b = Builder::new(ck, Elem::F32);
-    qformer::build_text_embedding(&mut b, q, text.vocab_size, text.max_position_embeddings, cfg.image_text_hidden_size)?;
-    let text_embedding = crate::write_graph(b, "text_embedding", io::TEXT_EMBEDDING_FILE, dir, opts, progress)?;
+    qformer::build_text_embedding(
+        &mut b,
+        q,
+        text.vocab_size,
+        text.max_position_embeddings,
+        cfg.image_text_hidden_size,
+    )?;
+    let text_embedding =
+        crate::write_graph(b, "text_embedding", io::TEXT_EMBEDDING_FILE, dir, opts, progress)?;
 
     let mut b = Builder::new(ck, Elem::F32);
-    qformer::build_itm(&mut b, q, cfg.num_query_tokens, text.vocab_size, text.max_position_embeddings, positions, vision_float)?;
+    qformer::build_itm(
+        &mut b,
+        q,
+        cfg.num_query_tokens,
+        text.vocab_size,
+        text.max_position_embeddings,
+        positions,
+        vision_float,
+    )?;
     let itm = crate::write_graph(b, "itm", io::ITM_FILE, dir, opts, progress)?;
 
     crate::source::copy_files(src, dir)?;

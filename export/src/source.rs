@@ -37,6 +37,8 @@ pub struct SourceFiles {
 
 /// BLIP's defaults (OPENAI_CLIP_MEAN / OPENAI_CLIP_STD, bicubic, 1/255).
 const MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+// Written as transformers writes them, though f32 keeps fewer digits.
+#[allow(clippy::excessive_precision)]
 const STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 
 fn ids(v: Option<&Value>) -> Vec<i64> {
@@ -50,11 +52,16 @@ fn ids(v: Option<&Value>) -> Vec<i64> {
 impl SourceFiles {
     pub fn read(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(ExportError::MissingFile { path: dir.into(), why: "the checkpoint folder" });
+            return Err(ExportError::MissingFile {
+                path: dir.into(),
+                why: "the checkpoint folder",
+            });
         }
         let config = ModelConfig::load(dir)?;
         let (vocab_size, text_eos, text_bos, text_pad) = match &config.text {
-            TextModel::Opt(t) => (t.vocab_size, t.eos_token_id.clone(), t.bos_token_id, t.pad_token_id),
+            TextModel::Opt(t) => {
+                (t.vocab_size, t.eos_token_id.clone(), t.bos_token_id, t.pad_token_id)
+            }
             TextModel::T5(t) => (t.vocab_size, t.eos_token_id.clone(), None, t.pad_token_id),
         };
 
@@ -89,7 +96,9 @@ impl SourceFiles {
             None => match tokenizer
                 .get("added_tokens")
                 .and_then(Value::as_array)
-                .and_then(|a| a.iter().find(|t| t.get("content").and_then(Value::as_str) == Some("<image>")))
+                .and_then(|a| {
+                    a.iter().find(|t| t.get("content").and_then(Value::as_str) == Some("<image>"))
+                })
                 .and_then(|t| t.get("id").and_then(Value::as_i64))
             {
                 Some(id) => id,
@@ -101,12 +110,18 @@ impl SourceFiles {
         if image_token_id < 0 || image_token_id as usize >= vocab_size {
             return Err(ExportError::Config {
                 path: config.path.clone(),
-                message: format!("image_token_index {image_token_id} is outside the vocabulary of {vocab_size}"),
+                message: format!(
+                    "image_token_index {image_token_id} is outside the vocabulary of {vocab_size}"
+                ),
             });
         }
 
         let gen_path = dir.join("generation_config.json");
-        let gen = if gen_path.exists() { read_json(&gen_path, "generation settings")? } else { Value::Null };
+        let gen = if gen_path.exists() {
+            read_json(&gen_path, "generation settings")?
+        } else {
+            Value::Null
+        };
         let mut eos = ids(gen.get("eos_token_id"));
         if eos.is_empty() {
             eos = ids(text_eos.as_ref());
@@ -115,7 +130,11 @@ impl SourceFiles {
         let pad = gen.get("pad_token_id").and_then(Value::as_i64).or(text_pad);
         let decoder_start = match &config.text {
             TextModel::T5(t) => Some(
-                gen.get("decoder_start_token_id").and_then(Value::as_i64).or(t.decoder_start_token_id).or(pad).unwrap_or(0),
+                gen.get("decoder_start_token_id")
+                    .and_then(Value::as_i64)
+                    .or(t.decoder_start_token_id)
+                    .or(pad)
+                    .unwrap_or(0),
             ),
             TextModel::Opt(_) => None,
         };
@@ -126,16 +145,32 @@ impl SourceFiles {
             serde_json::from_value(gen.clone()).map_err(|e| {
                 // Name the key: the first one that does not read on its own.
                 let key = gen.as_object().and_then(|o| {
-                    o.iter().find(|(k, v)| serde_json::from_value::<GenerationDefaults>(serde_json::json!({ *k: v })).is_err())
+                    o.iter().find(|(k, v)| {
+                        serde_json::from_value::<GenerationDefaults>(serde_json::json!({ *k: v }))
+                            .is_err()
+                    })
                 });
                 let message = match key {
-                    Some((k, v)) => format!("\"{k}\": {v} is not a value transformers would read ({e})"),
+                    Some((k, v)) => {
+                        format!("\"{k}\": {v} is not a value transformers would read ({e})")
+                    }
                     None => format!("not a generation config transformers would read: {e}"),
                 };
                 ExportError::Config { path: gen_path.clone(), message }
             })?
         };
-        Ok(Self { dir: dir.into(), config, image, num_query_tokens, image_token_id, eos, bos, pad, decoder_start, generation })
+        Ok(Self {
+            dir: dir.into(),
+            config,
+            image,
+            num_query_tokens,
+            image_token_id,
+            eos,
+            bos,
+            pad,
+            decoder_start,
+            generation,
+        })
     }
 
     pub fn special_tokens(&self) -> SpecialTokens {
@@ -161,13 +196,21 @@ impl SourceFiles {
 pub(crate) fn image_settings(dir: &Path) -> Result<(ImageConfig, Option<usize>)> {
     let proc_path = dir.join("processor_config.json");
     let pre_path = dir.join("preprocessor_config.json");
-    let proc = if proc_path.exists() { Some(read_json(&proc_path, "processor settings")?) } else { None };
+    let proc =
+        if proc_path.exists() { Some(read_json(&proc_path, "processor settings")?) } else { None };
     let image_proc = match proc.as_ref().and_then(|p| p.get("image_processor")) {
         Some(v) => v.clone(),
-        None => read_json(&pre_path, "the image processor settings (or processor_config.json with image_processor)")?,
+        None => read_json(
+            &pre_path,
+            "the image processor settings (or processor_config.json with image_processor)",
+        )?,
     };
     let image = image_config(&image_proc, &pre_path)?;
-    let num_query_tokens = proc.as_ref().and_then(|p| p.get("num_query_tokens")).and_then(Value::as_u64).map(|n| n as usize);
+    let num_query_tokens = proc
+        .as_ref()
+        .and_then(|p| p.get("num_query_tokens"))
+        .and_then(Value::as_u64)
+        .map(|n| n as usize);
     Ok((image, num_query_tokens))
 }
 
@@ -204,13 +247,21 @@ fn image_config(v: &Value, path: &Path) -> Result<ImageConfig> {
     let bad = |m: String| ExportError::Config { path: path.into(), message: m };
     let flag = |k: &str| v.get(k).and_then(Value::as_bool).unwrap_or(true);
     let (height, width) = match v.get("size") {
-        Some(Value::Object(s)) => match (s.get("height").and_then(Value::as_u64), s.get("width").and_then(Value::as_u64)) {
-            (Some(h), Some(w)) => (h as u32, w as u32),
-            _ => match s.get("shortest_edge").and_then(Value::as_u64) {
-                Some(e) => (e as u32, e as u32),
-                None => return Err(bad(format!("size {} has neither height/width nor shortest_edge", Value::Object(s.clone())))),
-            },
-        },
+        Some(Value::Object(s)) => {
+            match (s.get("height").and_then(Value::as_u64), s.get("width").and_then(Value::as_u64))
+            {
+                (Some(h), Some(w)) => (h as u32, w as u32),
+                _ => match s.get("shortest_edge").and_then(Value::as_u64) {
+                    Some(e) => (e as u32, e as u32),
+                    None => {
+                        return Err(bad(format!(
+                            "size {} has neither height/width nor shortest_edge",
+                            Value::Object(s.clone())
+                        )))
+                    }
+                },
+            }
+        }
         Some(Value::Number(n)) => {
             let e = n.as_u64().ok_or_else(|| bad("size is not a positive integer".into()))? as u32;
             (e, e)

@@ -9,7 +9,10 @@
 
 use blip2_core::{io, Dim};
 
-use crate::blocks::{activation, attention, causal_positions, dim_of, lm_head, scatter_image_embeds, select_tokens, split_heads};
+use crate::blocks::{
+    activation, attention, causal_positions, dim_of, lm_head, scatter_image_embeds, select_tokens,
+    split_heads,
+};
 use crate::builder::Builder;
 use crate::config::T5Config;
 use crate::error::Result;
@@ -55,7 +58,8 @@ pub fn bucket_table(c: &T5Config, bidirectional: bool) -> Vec<i64> {
             if n < max_exact {
                 bucket + n
             } else {
-                let large = max_exact + ((n as f32 / max_exact as f32).ln() / scale * (nb - max_exact) as f32) as i64;
+                let large = max_exact
+                    + ((n as f32 / max_exact as f32).ln() / scale * (nb - max_exact) as f32) as i64;
                 bucket + large.min(nb - 1)
             }
         })
@@ -68,11 +72,22 @@ pub fn bucket_table(c: &T5Config, bidirectional: bool) -> Vec<i64> {
 ///   kpos[None,:] - qpos[:,None] ──Clip(±max_distance)──Add(max_distance)──Gather(bucket table)
 ///     ──Gather(relative_attention_bias)──Transpose──Unsqueeze ─▶ [1, H, S, T]
 /// ```
-fn position_bias(b: &mut Builder, c: &T5Config, path: &str, prefix: &str, qpos: &str, kpos: &str, bidirectional: bool) -> Result<String> {
+fn position_bias(
+    b: &mut Builder,
+    c: &T5Config,
+    path: &str,
+    prefix: &str,
+    qpos: &str,
+    kpos: &str,
+    bidirectional: bool,
+) -> Result<String> {
     let p = |s: &str| format!("{path}/{s}");
     let md = c.relative_attention_max_distance as i64;
     let table = bucket_table(c, bidirectional);
-    let table = b.int_table(&format!("/constants/t5_buckets/{}/{md}/{bidirectional}", c.relative_attention_num_buckets), &table);
+    let table = b.int_table(
+        &format!("/constants/t5_buckets/{}/{md}/{bidirectional}", c.relative_attention_num_buckets),
+        &table,
+    );
     let axes0 = b.ints(&[0]);
     let axes1 = b.ints(&[1]);
     let q2 = b.op(&p("Unsqueeze"), "Unsqueeze", &[qpos, &axes1], vec![]);
@@ -83,9 +98,13 @@ fn position_bias(b: &mut Builder, c: &T5Config, path: &str, prefix: &str, qpos: 
     let rel = b.op(&p("Clip"), "Clip", &[&rel, &lo, &hi], vec![]);
     let rel = b.op(&p("Add"), "Add", &[&rel, &hi], vec![]);
     let bucket = b.op(&p("Gather"), "Gather", &[&table, &rel], vec![("axis", Attr::Int(0))]);
-    let w = b.weight(&format!("{prefix}.relative_attention_bias.weight"), &[c.relative_attention_num_buckets, c.num_heads])?;
+    let w = b.weight(
+        &format!("{prefix}.relative_attention_bias.weight"),
+        &[c.relative_attention_num_buckets, c.num_heads],
+    )?;
     let bias = b.op(&p("Gather_1"), "Gather", &[&w, &bucket], vec![("axis", Attr::Int(0))]);
-    let bias = b.op(&p("Transpose"), "Transpose", &[&bias], vec![("perm", Attr::Ints(vec![2, 0, 1]))]);
+    let bias =
+        b.op(&p("Transpose"), "Transpose", &[&bias], vec![("perm", Attr::Ints(vec![2, 0, 1]))]);
     Ok(b.op(&p("Unsqueeze_2"), "Unsqueeze", &[&bias, &axes0], vec![]))
 }
 
@@ -104,17 +123,34 @@ fn position_bias(b: &mut Builder, c: &T5Config, path: &str, prefix: &str, qpos: 
 /// ```text
 ///   x ──SimplifiedLayerNormalization(weight as fp32)──Cast ─▶
 /// ```
-fn rms_norm(b: &mut Builder, path: &str, x: &str, prefix: &str, dim: usize, eps: f64) -> Result<String> {
+fn rms_norm(
+    b: &mut Builder,
+    path: &str,
+    x: &str,
+    prefix: &str,
+    dim: usize,
+    eps: f64,
+) -> Result<String> {
     let p = |s: &str| format!("{path}/{s}");
     let float = b.float();
     if b.fused() {
         let w = b.weight_of(&format!("{prefix}.weight"), &[dim], false, Elem::F32)?;
         let attrs = vec![("axis", Attr::Int(-1)), ("epsilon", Attr::Float(eps as f32))];
-        let n = b.op(&p("SimplifiedLayerNormalization"), "SimplifiedLayerNormalization", &[x, &w], attrs);
+        let n = b.op(
+            &p("SimplifiedLayerNormalization"),
+            "SimplifiedLayerNormalization",
+            &[x, &w],
+            attrs,
+        );
         return Ok(b.cast(&p("Cast"), &n, Elem::F32, float));
     }
     let sq = b.op(&p("Mul"), "Mul", &[x, x], vec![]);
-    let var = b.op(&p("ReduceMean"), "ReduceMean", &[&sq], vec![("axes", Attr::Ints(vec![-1])), ("keepdims", Attr::Int(1))]);
+    let var = b.op(
+        &p("ReduceMean"),
+        "ReduceMean",
+        &[&sq],
+        vec![("axes", Attr::Ints(vec![-1])), ("keepdims", Attr::Int(1))],
+    );
     let e = b.scalar_of(eps as f32, Elem::F32);
     let v = b.op(&p("Add"), "Add", &[&var, &e], vec![]);
     let s = b.op(&p("Sqrt"), "Sqrt", &[&v], vec![]);
@@ -125,7 +161,14 @@ fn rms_norm(b: &mut Builder, path: &str, x: &str, prefix: &str, dim: usize, eps:
 }
 
 /// A bias-free projection `x @ W^T` in the graph's float type.
-fn proj(b: &mut Builder, path: &str, x: &str, name: &str, in_dim: usize, out_dim: usize) -> Result<String> {
+fn proj(
+    b: &mut Builder,
+    path: &str,
+    x: &str,
+    name: &str,
+    in_dim: usize,
+    out_dim: usize,
+) -> Result<String> {
     crate::blocks::project(b, path, x, name, in_dim, out_dim)
 }
 
@@ -137,10 +180,17 @@ fn residual(b: &mut Builder, path: &str, h: &str, y: &str) -> String {
 }
 
 /// Token embeddings with the image embeddings in place of the image tokens (as for OPT).
-fn embeddings(b: &mut Builder, c: &T5Config, ids: &str, img: &str, image_token_id: i64) -> Result<String> {
+fn embeddings(
+    b: &mut Builder,
+    c: &T5Config,
+    ids: &str,
+    img: &str,
+    image_token_id: i64,
+) -> Result<String> {
     let table = embedding_name(b);
     let table = b.weight(&table, &[c.vocab_size, c.d_model])?;
-    let tok = b.op("/lm/embed_tokens/Gather", "Gather", &[&table, ids], vec![("axis", Attr::Int(0))]);
+    let tok =
+        b.op("/lm/embed_tokens/Gather", "Gather", &[&table, ids], vec![("axis", Attr::Int(0))]);
     Ok(scatter_image_embeds(b, ids, img, &tok, image_token_id))
 }
 
@@ -165,15 +215,36 @@ fn t5_attention(
 }
 
 /// T5LayerFF: gated (`act(wi_0 x) * wi_1 x`) or plain (`act(wi x)`), then `wo` in fp32.
-fn feed_forward(b: &mut Builder, c: &T5Config, path: &str, x: &str, prefix: &str) -> Result<String> {
+fn feed_forward(
+    b: &mut Builder,
+    c: &T5Config,
+    path: &str,
+    x: &str,
+    prefix: &str,
+) -> Result<String> {
     let (gated, act) = c.feed_forward();
     let h = if gated {
-        let g = proj(b, &format!("{path}/wi_0"), x, &format!("{prefix}.wi_0.weight"), c.d_model, c.d_ff)?;
+        let g = proj(
+            b,
+            &format!("{path}/wi_0"),
+            x,
+            &format!("{prefix}.wi_0.weight"),
+            c.d_model,
+            c.d_ff,
+        )?;
         let g = activation(b, &format!("{path}/act"), &g, &act)?;
-        let l = proj(b, &format!("{path}/wi_1"), x, &format!("{prefix}.wi_1.weight"), c.d_model, c.d_ff)?;
+        let l = proj(
+            b,
+            &format!("{path}/wi_1"),
+            x,
+            &format!("{prefix}.wi_1.weight"),
+            c.d_model,
+            c.d_ff,
+        )?;
         b.op(&format!("{path}/Mul"), "Mul", &[&g, &l], vec![])
     } else {
-        let h = proj(b, &format!("{path}/wi"), x, &format!("{prefix}.wi.weight"), c.d_model, c.d_ff)?;
+        let h =
+            proj(b, &format!("{path}/wi"), x, &format!("{prefix}.wi.weight"), c.d_model, c.d_ff)?;
         activation(b, &format!("{path}/act"), &h, &act)?
     };
     let float = b.float();
@@ -184,7 +255,8 @@ fn feed_forward(b: &mut Builder, c: &T5Config, path: &str, x: &str, prefix: &str
 
 /// Boolean `[B,1,1,T]` from an int64 `[B,T]` mask.
 fn key_mask(b: &mut Builder, path: &str, mask: &str) -> String {
-    let m = b.op(&format!("{path}/Cast"), "Cast", &[mask], vec![("to", Attr::Int(Elem::Bool as i64))]);
+    let m =
+        b.op(&format!("{path}/Cast"), "Cast", &[mask], vec![("to", Attr::Int(Elem::Bool as i64))]);
     let axes = b.ints(&[1, 2]);
     b.op(&format!("{path}/Unsqueeze"), "Unsqueeze", &[&m, &axes], vec![])
 }
@@ -200,9 +272,15 @@ fn key_mask(b: &mut Builder, path: &str, mask: &str) -> String {
 pub fn build_encoder(b: &mut Builder, c: &T5Config, image_token_id: i64) -> Result<()> {
     let float = b.float();
     let d = c.d_model;
-    let ids = b.input(io::INPUT_IDS, Elem::I64, vec![named(io::DIM_BATCH), named(io::DIM_SEQUENCE)]);
-    let img = b.input(io::IMAGE_EMBEDS, float, vec![named(io::DIM_BATCH), named(io::DIM_NUM_IMAGE_TOKENS), Dim::Fixed(d as i64)]);
-    let mask = b.input(io::ATTENTION_MASK, Elem::I64, vec![named(io::DIM_BATCH), named(io::DIM_SEQUENCE)]);
+    let ids =
+        b.input(io::INPUT_IDS, Elem::I64, vec![named(io::DIM_BATCH), named(io::DIM_SEQUENCE)]);
+    let img = b.input(
+        io::IMAGE_EMBEDS,
+        float,
+        vec![named(io::DIM_BATCH), named(io::DIM_NUM_IMAGE_TOKENS), Dim::Fixed(d as i64)],
+    );
+    let mask =
+        b.input(io::ATTENTION_MASK, Elem::I64, vec![named(io::DIM_BATCH), named(io::DIM_SEQUENCE)]);
     let emb = embeddings(b, c, &ids, &img, image_token_id)?;
     let mut h = b.cast("/lm/encoder/Cast", &emb, float, Elem::F32);
     let allowed = key_mask(b, "/lm/encoder/mask", &mask);
@@ -212,26 +290,84 @@ pub fn build_encoder(b: &mut Builder, c: &T5Config, image_token_id: i64) -> Resu
     let zero = b.int(0);
     let one = b.int(1);
     let pos = b.op("/lm/encoder/Range", "Range", &[&zero, &s, &one], vec![]);
-    let bias = position_bias(b, c, "/lm/encoder/position_bias", &format!("{P}.encoder.block.0.layer.0.SelfAttention"), &pos, &pos, true)?;
+    let bias = position_bias(
+        b,
+        c,
+        "/lm/encoder/position_bias",
+        &format!("{P}.encoder.block.0.layer.0.SelfAttention"),
+        &pos,
+        &pos,
+        true,
+    )?;
     let heads = (c.num_heads, c.d_kv);
     for i in 0..c.num_layers {
         let pre = format!("{P}.encoder.block.{i}.layer");
         let path = format!("/lm/encoder/block.{i}");
-        let x = rms_norm(b, &format!("{path}/attn/layer_norm"), &h, &format!("{pre}.0.layer_norm"), d, c.layer_norm_epsilon)?;
-        let k = proj(b, &format!("{path}/attn/k"), &x, &format!("{pre}.0.SelfAttention.k.weight"), d, c.inner_dim())?;
+        let x = rms_norm(
+            b,
+            &format!("{path}/attn/layer_norm"),
+            &h,
+            &format!("{pre}.0.layer_norm"),
+            d,
+            c.layer_norm_epsilon,
+        )?;
+        let k = proj(
+            b,
+            &format!("{path}/attn/k"),
+            &x,
+            &format!("{pre}.0.SelfAttention.k.weight"),
+            d,
+            c.inner_dim(),
+        )?;
         let k = split_heads(b, &format!("{path}/attn/k/heads"), &k, heads.0, heads.1);
-        let v = proj(b, &format!("{path}/attn/v"), &x, &format!("{pre}.0.SelfAttention.v.weight"), d, c.inner_dim())?;
+        let v = proj(
+            b,
+            &format!("{path}/attn/v"),
+            &x,
+            &format!("{pre}.0.SelfAttention.v.weight"),
+            d,
+            c.inner_dim(),
+        )?;
         let v = split_heads(b, &format!("{path}/attn/v/heads"), &v, heads.0, heads.1);
-        let a = t5_attention(b, c, &format!("{path}/attn"), &x, &k, &v, &format!("{pre}.0.SelfAttention"), Some(&bias), &allowed)?;
+        let a = t5_attention(
+            b,
+            c,
+            &format!("{path}/attn"),
+            &x,
+            &k,
+            &v,
+            &format!("{pre}.0.SelfAttention"),
+            Some(&bias),
+            &allowed,
+        )?;
         h = residual(b, &format!("{path}/attn/residual"), &h, &a);
-        let x = rms_norm(b, &format!("{path}/ff/layer_norm"), &h, &format!("{pre}.1.layer_norm"), d, c.layer_norm_epsilon)?;
+        let x = rms_norm(
+            b,
+            &format!("{path}/ff/layer_norm"),
+            &h,
+            &format!("{pre}.1.layer_norm"),
+            d,
+            c.layer_norm_epsilon,
+        )?;
         let f = feed_forward(b, c, &format!("{path}/ff"), &x, &format!("{pre}.1.DenseReluDense"))?;
         h = b.op(&format!("{path}/ff/Add"), "Add", &[&h, &f], vec![]);
     }
-    let out = rms_norm(b, "/lm/encoder/final_layer_norm", &h, &format!("{P}.encoder.final_layer_norm"), d, c.layer_norm_epsilon)?;
+    let out = rms_norm(
+        b,
+        "/lm/encoder/final_layer_norm",
+        &h,
+        &format!("{P}.encoder.final_layer_norm"),
+        d,
+        c.layer_norm_epsilon,
+    )?;
     let enc_dims = vec![named(io::DIM_BATCH), named(io::DIM_SEQUENCE), Dim::Fixed(d as i64)];
     b.output(&out, io::ENCODER_HIDDEN_STATES, float, enc_dims);
-    let kv_dims = vec![named(io::DIM_BATCH), Dim::Fixed(c.num_heads as i64), named(io::DIM_SEQUENCE), Dim::Fixed(c.d_kv as i64)];
+    let kv_dims = vec![
+        named(io::DIM_BATCH),
+        Dim::Fixed(c.num_heads as i64),
+        named(io::DIM_SEQUENCE),
+        Dim::Fixed(c.d_kv as i64),
+    ];
     for i in 0..c.decoder_layers() {
         let pre = format!("{P}.decoder.block.{i}.layer.1.EncDecAttention");
         let path = format!("/lm/cross.{i}");
@@ -247,16 +383,35 @@ pub fn build_encoder(b: &mut Builder, c: &T5Config, image_token_id: i64) -> Resu
 
 /// `[batch, heads, len, d_kv]`: a decoder cache tensor's dimensions.
 fn kv_dims(c: &T5Config, len: &str) -> Vec<Dim> {
-    vec![named(io::DIM_BATCH), Dim::Fixed(c.num_heads as i64), named(len), Dim::Fixed(c.d_kv as i64)]
+    vec![
+        named(io::DIM_BATCH),
+        Dim::Fixed(c.num_heads as i64),
+        named(len),
+        Dim::Fixed(c.d_kv as i64),
+    ]
 }
 
 /// The decoder's cache inputs, per layer (key, value): `cross.*` (the encoder's length),
 /// then `past_key_values.*` (length `past`).
 #[allow(clippy::type_complexity)]
-fn decoder_caches(b: &mut Builder, c: &T5Config, past: &str) -> (Vec<(String, String)>, Vec<(String, String)>) {
+fn decoder_caches(
+    b: &mut Builder,
+    c: &T5Config,
+    past: &str,
+) -> (Vec<(String, String)>, Vec<(String, String)>) {
     let float = b.float();
-    let mut inputs = |key: fn(usize) -> String, value: fn(usize) -> String, len: &str| -> Vec<(String, String)> {
-        (0..c.decoder_layers()).map(|i| (b.input(&key(i), float, kv_dims(c, len)), b.input(&value(i), float, kv_dims(c, len)))).collect()
+    let mut inputs = |key: fn(usize) -> String,
+                      value: fn(usize) -> String,
+                      len: &str|
+     -> Vec<(String, String)> {
+        (0..c.decoder_layers())
+            .map(|i| {
+                (
+                    b.input(&key(i), float, kv_dims(c, len)),
+                    b.input(&value(i), float, kv_dims(c, len)),
+                )
+            })
+            .collect()
     };
     let cross = inputs(io::cross_key, io::cross_value, io::DIM_ENCODER_SEQUENCE);
     let past = inputs(io::past_key, io::past_value, past);
@@ -268,20 +423,42 @@ fn decoder_embeddings(b: &mut Builder, c: &T5Config, ids: &str) -> Result<String
     let float = b.float();
     let table = embedding_name(b);
     let table = b.weight(&table, &[c.vocab_size, c.d_model])?;
-    let emb = b.op("/lm/decoder/embed_tokens/Gather", "Gather", &[&table, ids], vec![("axis", Attr::Int(0))]);
+    let emb = b.op(
+        "/lm/decoder/embed_tokens/Gather",
+        "Gather",
+        &[&table, ids],
+        vec![("axis", Attr::Int(0))],
+    );
     Ok(b.cast("/lm/decoder/Cast", &emb, float, Elem::F32))
 }
 
 /// final_layer_norm, transformers' output scaling when `scale_output`, and the LM head
 /// (`positions`: as [`lm_head`] takes it).
-fn decoder_head(b: &mut Builder, c: &T5Config, h: &str, scale_output: bool, positions: Option<usize>) -> Result<String> {
+fn decoder_head(
+    b: &mut Builder,
+    c: &T5Config,
+    h: &str,
+    scale_output: bool,
+    positions: Option<usize>,
+) -> Result<String> {
     let d = c.d_model;
-    let mut out = rms_norm(b, "/lm/decoder/final_layer_norm", h, &format!("{P}.decoder.final_layer_norm"), d, c.layer_norm_epsilon)?;
+    let mut out = rms_norm(
+        b,
+        "/lm/decoder/final_layer_norm",
+        h,
+        &format!("{P}.decoder.final_layer_norm"),
+        d,
+        c.layer_norm_epsilon,
+    )?;
     if scale_output {
         let s = b.scalar((d as f32).powf(-0.5));
         out = b.op("/lm/decoder/scale/Mul", "Mul", &[&out, &s], vec![]);
     }
-    let head = if b.has(&format!("{P}.lm_head.weight")) { format!("{P}.lm_head.weight") } else { embedding_name(b) };
+    let head = if b.has(&format!("{P}.lm_head.weight")) {
+        format!("{P}.lm_head.weight")
+    } else {
+        embedding_name(b)
+    };
     lm_head(b, &out, &head, d, c.vocab_size, positions)
 }
 
@@ -307,7 +484,11 @@ pub fn build_decoder_cuda(b: &mut Builder, c: &T5Config, scale_output: bool) -> 
     let inner = c.inner_dim();
     let batch = || named(io::DIM_BATCH);
     let ids = b.input(io::INPUT_IDS, Elem::I64, vec![batch(), Dim::Fixed(1)]);
-    let enc_mask = b.input(io::ENCODER_ATTENTION_MASK, Elem::I64, vec![batch(), named(io::DIM_ENCODER_SEQUENCE)]);
+    let enc_mask = b.input(
+        io::ENCODER_ATTENTION_MASK,
+        Elem::I64,
+        vec![batch(), named(io::DIM_ENCODER_SEQUENCE)],
+    );
     let kv = |len: &str| kv_dims(c, len);
     let (cross, past) = decoder_caches(b, c, io::DIM_MAX_SEQUENCE);
     let past_len = b.input(io::PAST_SEQUENCE_LENGTH, Elem::I32, vec![]);
@@ -315,31 +496,74 @@ pub fn build_decoder_cuda(b: &mut Builder, c: &T5Config, scale_output: bool) -> 
 
     // The query sits at position P, the keys at 0..=P.
     let p = "/lm/decoder/positions";
-    let pl = b.op(&format!("{p}/Cast"), "Cast", &[&past_len], vec![("to", Attr::Int(Elem::I64 as i64))]);
+    let pl =
+        b.op(&format!("{p}/Cast"), "Cast", &[&past_len], vec![("to", Attr::Int(Elem::I64 as i64))]);
     let one = b.int(1);
     let zero = b.int(0);
     let total = b.op(&format!("{p}/Add"), "Add", &[&pl, &one], vec![]);
     let qpos = b.op(&format!("{p}/Range"), "Range", &[&pl, &total, &one], vec![]);
     let kpos = b.op(&format!("{p}/Range_1"), "Range", &[&zero, &total, &one], vec![]);
-    let bias = position_bias(b, c, "/lm/decoder/position_bias", &format!("{P}.decoder.block.0.layer.0.SelfAttention"), &qpos, &kpos, false)?;
-    let mask = b.op("/lm/decoder/encoder_mask/Cast", "Cast", &[&enc_mask], vec![("to", Attr::Int(Elem::I32 as i64))]);
+    let bias = position_bias(
+        b,
+        c,
+        "/lm/decoder/position_bias",
+        &format!("{P}.decoder.block.0.layer.0.SelfAttention"),
+        &qpos,
+        &kpos,
+        false,
+    )?;
+    let mask = b.op(
+        "/lm/decoder/encoder_mask/Cast",
+        "Cast",
+        &[&enc_mask],
+        vec![("to", Attr::Int(Elem::I32 as i64))],
+    );
     let heads = || ("num_heads", Attr::Int(c.num_heads as i64));
     let unscaled = || ("scale", Attr::Float(1.0));
 
     for (i, ((pk, pv), (ck, cv))) in past.iter().zip(&cross).enumerate() {
         let pre = format!("{P}.decoder.block.{i}.layer");
         let path = format!("/lm/decoder/block.{i}");
-        let x = rms_norm(b, &format!("{path}/attn/layer_norm"), &h, &format!("{pre}.0.layer_norm"), d, c.layer_norm_epsilon)?;
+        let x = rms_norm(
+            b,
+            &format!("{path}/attn/layer_norm"),
+            &h,
+            &format!("{pre}.0.layer_norm"),
+            d,
+            c.layer_norm_epsilon,
+        )?;
         let att = format!("{pre}.0.SelfAttention");
         // Three products: ONNX Runtime's CPU kernel of the operator takes no packed q/k/v,
         // and the CPU is where the graph is tested.
         let mut qkv = Vec::new();
         for n in ["q", "k", "v"] {
-            qkv.push(proj(b, &format!("{path}/attn/{n}"), &x, &format!("{att}.{n}.weight"), d, inner)?);
+            qkv.push(proj(
+                b,
+                &format!("{path}/attn/{n}"),
+                &x,
+                &format!("{att}.{n}.weight"),
+                d,
+                inner,
+            )?);
         }
-        let ins = [qkv[0].as_str(), qkv[1].as_str(), qkv[2].as_str(), "", bias.as_str(), pk.as_str(), pv.as_str(), past_len.as_str()];
+        let ins = [
+            qkv[0].as_str(),
+            qkv[1].as_str(),
+            qkv[2].as_str(),
+            "",
+            bias.as_str(),
+            pk.as_str(),
+            pv.as_str(),
+            past_len.as_str(),
+        ];
         let attrs = vec![heads(), ("past_present_share_buffer", Attr::Int(1)), unscaled()];
-        let mut outs = b.op_n(&format!("{path}/attn/DecoderMaskedMultiHeadAttention"), "DecoderMaskedMultiHeadAttention", &ins, attrs, 3);
+        let mut outs = b.op_n(
+            &format!("{path}/attn/DecoderMaskedMultiHeadAttention"),
+            "DecoderMaskedMultiHeadAttention",
+            &ins,
+            attrs,
+            3,
+        );
         b.mark_ms_domain();
         let v = outs.pop().expect("three outputs");
         let k = outs.pop().expect("three outputs");
@@ -349,19 +573,43 @@ pub fn build_decoder_cuda(b: &mut Builder, c: &T5Config, scale_output: bool) -> 
         let a = proj(b, &format!("{path}/attn/o"), &a, &format!("{att}.o.weight"), inner, d)?;
         h = residual(b, &format!("{path}/attn/residual"), &h, &a);
 
-        let x = rms_norm(b, &format!("{path}/cross/layer_norm"), &h, &format!("{pre}.1.layer_norm"), d, c.layer_norm_epsilon)?;
+        let x = rms_norm(
+            b,
+            &format!("{path}/cross/layer_norm"),
+            &h,
+            &format!("{pre}.1.layer_norm"),
+            d,
+            c.layer_norm_epsilon,
+        )?;
         let att = format!("{pre}.1.EncDecAttention");
         let q = proj(b, &format!("{path}/cross/q"), &x, &format!("{att}.q.weight"), d, inner)?;
-        let a = b.ms_op(&format!("{path}/cross/DecoderMaskedMultiHeadAttention"), "DecoderMaskedMultiHeadAttention", &[&q, ck, cv, &mask], vec![heads(), unscaled()]);
+        let a = b.ms_op(
+            &format!("{path}/cross/DecoderMaskedMultiHeadAttention"),
+            "DecoderMaskedMultiHeadAttention",
+            &[&q, ck, cv, &mask],
+            vec![heads(), unscaled()],
+        );
         let a = proj(b, &format!("{path}/cross/o"), &a, &format!("{att}.o.weight"), inner, d)?;
         h = residual(b, &format!("{path}/cross/residual"), &h, &a);
 
-        let x = rms_norm(b, &format!("{path}/ff/layer_norm"), &h, &format!("{pre}.2.layer_norm"), d, c.layer_norm_epsilon)?;
+        let x = rms_norm(
+            b,
+            &format!("{path}/ff/layer_norm"),
+            &h,
+            &format!("{pre}.2.layer_norm"),
+            d,
+            c.layer_norm_epsilon,
+        )?;
         let f = feed_forward(b, c, &format!("{path}/ff"), &x, &format!("{pre}.2.DenseReluDense"))?;
         h = b.op(&format!("{path}/ff/Add"), "Add", &[&h, &f], vec![]);
     }
     let logits = decoder_head(b, c, &h, scale_output, Some(1))?;
-    b.output(&logits, io::LOGITS, Elem::F32, vec![batch(), Dim::Fixed(1), Dim::Fixed(c.vocab_size as i64)]);
+    b.output(
+        &logits,
+        io::LOGITS,
+        Elem::F32,
+        vec![batch(), Dim::Fixed(1), Dim::Fixed(c.vocab_size as i64)],
+    );
     select_tokens(b, &logits, "/lm/decoder/select");
     Ok(())
 }
@@ -378,8 +626,13 @@ pub fn build_decoder_cuda(b: &mut Builder, c: &T5Config, scale_output: bool) -> 
 pub fn build_decoder(b: &mut Builder, c: &T5Config, scale_output: bool) -> Result<()> {
     let float = b.float();
     let d = c.d_model;
-    let ids = b.input(io::INPUT_IDS, Elem::I64, vec![named(io::DIM_BATCH), named(io::DIM_SEQUENCE)]);
-    let enc_mask = b.input(io::ENCODER_ATTENTION_MASK, Elem::I64, vec![named(io::DIM_BATCH), named(io::DIM_ENCODER_SEQUENCE)]);
+    let ids =
+        b.input(io::INPUT_IDS, Elem::I64, vec![named(io::DIM_BATCH), named(io::DIM_SEQUENCE)]);
+    let enc_mask = b.input(
+        io::ENCODER_ATTENTION_MASK,
+        Elem::I64,
+        vec![named(io::DIM_BATCH), named(io::DIM_ENCODER_SEQUENCE)],
+    );
     let kv = |len: &str| kv_dims(c, len);
     let (cross, past) = decoder_caches(b, c, io::DIM_PAST_SEQUENCE);
     let mut h = decoder_embeddings(b, c, &ids)?;
@@ -393,31 +646,109 @@ pub fn build_decoder(b: &mut Builder, c: &T5Config, scale_output: bool) -> Resul
     let pl = b.op(&format!("{p}/Squeeze"), "Squeeze", &[&pl, &axes0], vec![]);
     let t = b.op(&format!("{p}/Squeeze_1"), "Squeeze", &[&t, &axes0], vec![]);
     let (qpos, kpos, causal) = causal_positions(b, p, &pl, &t);
-    let bias = position_bias(b, c, "/lm/decoder/position_bias", &format!("{P}.decoder.block.0.layer.0.SelfAttention"), &qpos, &kpos, false)?;
+    let bias = position_bias(
+        b,
+        c,
+        "/lm/decoder/position_bias",
+        &format!("{P}.decoder.block.0.layer.0.SelfAttention"),
+        &qpos,
+        &kpos,
+        false,
+    )?;
     let cross_allowed = key_mask(b, "/lm/decoder/encoder_mask", &enc_mask);
 
     for (i, ((pk, pv), (ck, cv))) in past.iter().zip(&cross).enumerate() {
         let pre = format!("{P}.decoder.block.{i}.layer");
         let path = format!("/lm/decoder/block.{i}");
-        let x = rms_norm(b, &format!("{path}/attn/layer_norm"), &h, &format!("{pre}.0.layer_norm"), d, c.layer_norm_epsilon)?;
-        let k = proj(b, &format!("{path}/attn/k"), &x, &format!("{pre}.0.SelfAttention.k.weight"), d, c.inner_dim())?;
+        let x = rms_norm(
+            b,
+            &format!("{path}/attn/layer_norm"),
+            &h,
+            &format!("{pre}.0.layer_norm"),
+            d,
+            c.layer_norm_epsilon,
+        )?;
+        let k = proj(
+            b,
+            &format!("{path}/attn/k"),
+            &x,
+            &format!("{pre}.0.SelfAttention.k.weight"),
+            d,
+            c.inner_dim(),
+        )?;
         let k = split_heads(b, &format!("{path}/attn/k/heads"), &k, c.num_heads, c.d_kv);
-        let v = proj(b, &format!("{path}/attn/v"), &x, &format!("{pre}.0.SelfAttention.v.weight"), d, c.inner_dim())?;
+        let v = proj(
+            b,
+            &format!("{path}/attn/v"),
+            &x,
+            &format!("{pre}.0.SelfAttention.v.weight"),
+            d,
+            c.inner_dim(),
+        )?;
         let v = split_heads(b, &format!("{path}/attn/v/heads"), &v, c.num_heads, c.d_kv);
-        let k = b.op(&format!("{path}/attn/present_key/Concat"), "Concat", &[pk, &k], vec![("axis", Attr::Int(2))]);
-        let v = b.op(&format!("{path}/attn/present_value/Concat"), "Concat", &[pv, &v], vec![("axis", Attr::Int(2))]);
+        let k = b.op(
+            &format!("{path}/attn/present_key/Concat"),
+            "Concat",
+            &[pk, &k],
+            vec![("axis", Attr::Int(2))],
+        );
+        let v = b.op(
+            &format!("{path}/attn/present_value/Concat"),
+            "Concat",
+            &[pv, &v],
+            vec![("axis", Attr::Int(2))],
+        );
         b.output(&k, &io::present_key(i), float, kv(io::DIM_TOTAL_SEQUENCE));
         b.output(&v, &io::present_value(i), float, kv(io::DIM_TOTAL_SEQUENCE));
-        let a = t5_attention(b, c, &format!("{path}/attn"), &x, &k, &v, &format!("{pre}.0.SelfAttention"), Some(&bias), &causal)?;
+        let a = t5_attention(
+            b,
+            c,
+            &format!("{path}/attn"),
+            &x,
+            &k,
+            &v,
+            &format!("{pre}.0.SelfAttention"),
+            Some(&bias),
+            &causal,
+        )?;
         h = residual(b, &format!("{path}/attn/residual"), &h, &a);
-        let x = rms_norm(b, &format!("{path}/cross/layer_norm"), &h, &format!("{pre}.1.layer_norm"), d, c.layer_norm_epsilon)?;
-        let a = t5_attention(b, c, &format!("{path}/cross"), &x, ck, cv, &format!("{pre}.1.EncDecAttention"), None, &cross_allowed)?;
+        let x = rms_norm(
+            b,
+            &format!("{path}/cross/layer_norm"),
+            &h,
+            &format!("{pre}.1.layer_norm"),
+            d,
+            c.layer_norm_epsilon,
+        )?;
+        let a = t5_attention(
+            b,
+            c,
+            &format!("{path}/cross"),
+            &x,
+            ck,
+            cv,
+            &format!("{pre}.1.EncDecAttention"),
+            None,
+            &cross_allowed,
+        )?;
         h = residual(b, &format!("{path}/cross/residual"), &h, &a);
-        let x = rms_norm(b, &format!("{path}/ff/layer_norm"), &h, &format!("{pre}.2.layer_norm"), d, c.layer_norm_epsilon)?;
+        let x = rms_norm(
+            b,
+            &format!("{path}/ff/layer_norm"),
+            &h,
+            &format!("{pre}.2.layer_norm"),
+            d,
+            c.layer_norm_epsilon,
+        )?;
         let f = feed_forward(b, c, &format!("{path}/ff"), &x, &format!("{pre}.2.DenseReluDense"))?;
         h = b.op(&format!("{path}/ff/Add"), "Add", &[&h, &f], vec![]);
     }
     let logits = decoder_head(b, c, &h, scale_output, None)?;
-    b.output(&logits, io::LOGITS, Elem::F32, vec![named(io::DIM_BATCH), named(io::DIM_SEQUENCE), Dim::Fixed(c.vocab_size as i64)]);
+    b.output(
+        &logits,
+        io::LOGITS,
+        Elem::F32,
+        vec![named(io::DIM_BATCH), named(io::DIM_SEQUENCE), Dim::Fixed(c.vocab_size as i64)],
+    );
     Ok(())
 }

@@ -6,7 +6,9 @@
 use blip2_runtime::generation as g;
 
 fn whole(s: &str) -> Result<usize, String> {
-    s.trim().parse::<usize>().map_err(|_| format!("expected a whole number of 0 or more, got {s:?}"))
+    s.trim()
+        .parse::<usize>()
+        .map_err(|_| format!("expected a whole number of 0 or more, got {s:?}"))
 }
 
 fn number(s: &str) -> Result<f64, String> {
@@ -32,7 +34,9 @@ pub fn positive(s: &str) -> Result<usize, String> {
 
 /// A seed: any whole number from 0 to 2^64 - 1.
 pub fn seed(s: &str) -> Result<u64, String> {
-    s.trim().parse::<u64>().map_err(|_| format!("expected a whole number from 0 to {}, got {s:?}", u64::MAX))
+    s.trim()
+        .parse::<u64>()
+        .map_err(|_| format!("expected a whole number from 0 to {}, got {s:?}", u64::MAX))
 }
 
 fn checked<T>(v: T, check: impl FnOnce(T) -> Result<(), g::ConfigError>) -> Result<T, String>

@@ -28,7 +28,9 @@ fn parse(line: &[u8], base: &Path, pipe: &Pipeline) -> Result<Option<(PathBuf, S
     let prompt = match (obj.get("prompt"), obj.get("question")) {
         (Some(_), Some(_)) => return Err("give \"prompt\" or \"question\", not both".into()),
         (Some(p), None) => p.as_str().ok_or("\"prompt\" must be a string")?.to_string(),
-        (None, Some(q)) => pipe.prompter.vqa_prompt(q.as_str().ok_or("\"question\" must be a string")?),
+        (None, Some(q)) => {
+            pipe.prompter.vqa_prompt(q.as_str().ok_or("\"question\" must be a string")?)
+        }
         (None, None) => String::new(),
     };
     // Relative image paths are relative to the requests file.
@@ -37,8 +39,14 @@ fn parse(line: &[u8], base: &Path, pipe: &Pipeline) -> Result<Option<(PathBuf, S
     Ok(Some((path, prompt)))
 }
 
-pub fn run(pipe: &mut Pipeline, file: &Path, cfg: &GenerationConfig, batch_size: usize) -> Result<i32> {
-    let f = std::fs::File::open(file).with_context(|| format!("{}: cannot open the requests file", file.display()))?;
+pub fn run(
+    pipe: &mut Pipeline,
+    file: &Path,
+    cfg: &GenerationConfig,
+    batch_size: usize,
+) -> Result<i32> {
+    let f = std::fs::File::open(file)
+        .with_context(|| format!("{}: cannot open the requests file", file.display()))?;
     let base = file.parent().unwrap_or(Path::new(".")).to_path_buf();
     let mut reader = std::io::BufReader::new(f);
     // Every line's result, in input order: Ok(index into requests) or Err(message).
@@ -48,7 +56,11 @@ pub fn run(pipe: &mut Pipeline, file: &Path, cfg: &GenerationConfig, batch_size:
     let mut n = 0;
     loop {
         buf.clear();
-        if reader.read_until(b'\n', &mut buf).with_context(|| format!("{}: read failed", file.display()))? == 0 {
+        if reader
+            .read_until(b'\n', &mut buf)
+            .with_context(|| format!("{}: read failed", file.display()))?
+            == 0
+        {
             break;
         }
         n += 1;
@@ -63,7 +75,8 @@ pub fn run(pipe: &mut Pipeline, file: &Path, cfg: &GenerationConfig, batch_size:
     }
 
     // Decode images up front so a bad image fails only its own line.
-    let mut outputs: Vec<Option<Result<Vec<blip2_runtime::pipeline::Generated>, String>>> = vec![None; requests.len()];
+    let mut outputs: Vec<Option<Result<Vec<blip2_runtime::pipeline::Generated>, String>>> =
+        vec![None; requests.len()];
     let mut ready = Vec::new();
     for (i, r) in requests.iter().enumerate() {
         match pipe.load_image(&r.image) {
@@ -83,7 +96,11 @@ pub fn run(pipe: &mut Pipeline, file: &Path, cfg: &GenerationConfig, batch_size:
             // A failing batch is retried row by row so one bad prompt fails only its line.
             Err(_) if chunk.len() > 1 => {
                 for (i, img) in chunk {
-                    let r = pipe.generate(std::slice::from_ref(img), std::slice::from_ref(&requests[*i].prompt), cfg);
+                    let r = pipe.generate(
+                        std::slice::from_ref(img),
+                        std::slice::from_ref(&requests[*i].prompt),
+                        cfg,
+                    );
                     outputs[*i] = Some(r.map(|mut v| v.remove(0)).map_err(|e| e.to_string()));
                 }
             }

@@ -96,7 +96,11 @@ fn round(x: f64, digits: i32) -> f64 {
 
 /// Median wall milliseconds of `run(setup())` over `reps` runs after one warm-up; the
 /// setup (fresh inputs) is not timed.
-fn timed<I>(reps: usize, mut setup: impl FnMut() -> I, mut run: impl FnMut(I) -> Result<()>) -> Result<f64> {
+fn timed<I>(
+    reps: usize,
+    mut setup: impl FnMut() -> I,
+    mut run: impl FnMut(I) -> Result<()>,
+) -> Result<f64> {
     run(setup())?;
     let mut ts = Vec::with_capacity(reps);
     for _ in 0..reps {
@@ -136,11 +140,15 @@ impl Bench<'_> {
         let cfg = self.config(n);
         let texts = vec![self.text.clone(); b];
         let (rng, size, pipe) = (&mut self.rng, self.size, &mut self.pipe);
-        timed(self.args.reps, || rng.pixels(b, size), |px| {
-            let out = pipe.generate_text_ids(px, &texts, &cfg)?;
-            debug_assert!(out.iter().all(|r| r[0].token_ids.len() == n));
-            Ok(())
-        })
+        timed(
+            self.args.reps,
+            || rng.pixels(b, size),
+            |px| {
+                let out = pipe.generate_text_ids(px, &texts, &cfg)?;
+                debug_assert!(out.iter().all(|r| r[0].token_ids.len() == n));
+                Ok(())
+            },
+        )
     }
 }
 
@@ -159,7 +167,11 @@ pub fn run(a: &BenchArgs, quiet: bool) -> Result<i32> {
     let rss_after_load = rss_mb("VmRSS:");
     let size = pipe.model.manifest.image.height as usize;
     if pipe.model.manifest.image.width as usize != size {
-        bail!("the benchmark makes square images; this model wants {}x{}", pipe.model.manifest.image.width, size);
+        bail!(
+            "the benchmark makes square images; this model wants {}x{}",
+            pipe.model.manifest.image.width,
+            size
+        );
     }
     let mut text = pipe.prompter.text_ids("")?;
     text.extend((0..a.prompt_tokens as i64).map(|i| 10 + i));
@@ -193,17 +205,25 @@ pub fn run(a: &BenchArgs, quiet: bool) -> Result<i32> {
 
     // The pieces, batch 1.
     let (rng, pipe) = (&mut b.rng, &mut b.pipe);
-    let vision = timed(a.reps, || rng.pixels(1, size), |px| {
-        pipe.model.vision_features(px)?;
-        Ok(())
-    })?;
+    let vision = timed(
+        a.reps,
+        || rng.pixels(1, size),
+        |px| {
+            pipe.model.vision_features(px)?;
+            Ok(())
+        },
+    )?;
     res.insert("vision_b1_ms".into(), json!(vision));
     let feats = b.pipe.model.vision_features(b.rng.pixels(1, size))?;
     let pipe = &mut b.pipe;
-    let qformer = timed(a.reps, || feats.clone(), |f| {
-        pipe.model.qformer_embeds(f)?;
-        Ok(())
-    })?;
+    let qformer = timed(
+        a.reps,
+        || feats.clone(),
+        |f| {
+            pipe.model.qformer_embeds(f)?;
+            Ok(())
+        },
+    )?;
     res.insert("qformer_b1_ms".into(), json!(qformer));
     let embeds = b.pipe.model.qformer_embeds(feats)?;
     let batch = b.pipe.prompter.assemble(std::slice::from_ref(&b.text));
@@ -251,7 +271,10 @@ pub fn run(a: &BenchArgs, quiet: bool) -> Result<i32> {
             None => b.generate(1, a.new_tokens)?,
         };
         res.insert("generate_b1_1tok_ms".into(), json!(one));
-        res.insert("decode_ms_per_token_b1".into(), json!(round((full - one) / (a.new_tokens - 1) as f64, 3)));
+        res.insert(
+            "decode_ms_per_token_b1".into(),
+            json!(round((full - one) / (a.new_tokens - 1) as f64, 3)),
+        );
     }
 
     // A second question about the same image: vision and Q-Former come from the cache.
@@ -259,17 +282,24 @@ pub fn run(a: &BenchArgs, quiet: bool) -> Result<i32> {
     let texts = std::slice::from_ref(&b.text);
     b.pipe.generate_text_ids(px.clone(), texts, &cfg)?;
     let pipe = &mut b.pipe;
-    let cached = timed(a.reps, || px.clone(), |px| {
-        pipe.generate_text_ids(px, texts, &cfg)?;
-        Ok(())
-    })?;
+    let cached = timed(
+        a.reps,
+        || px.clone(),
+        |px| {
+            pipe.generate_text_ids(px, texts, &cfg)?;
+            Ok(())
+        },
+    )?;
     res.insert("generate_b1_cached_image_ms".into(), json!(cached));
     res.insert("peak_rss_MB".into(), json!(rss_mb("VmHWM:")));
     if profile.uses_gpu() {
         // ONNX Runtime's CUDA arenas, as hf_generate_bench.py reports torch's allocator.
         let mem = blip2_runtime::model::cuda_memory(profile.device_id)?;
         if let Some(bytes) = b.pipe.model.allocator_peak_bytes(&mem) {
-            res.insert("peak_gpu_mem_MB".into(), json!(round(bytes as f64 / (1u64 << 20) as f64, 1)));
+            res.insert(
+                "peak_gpu_mem_MB".into(),
+                json!(round(bytes as f64 / (1u64 << 20) as f64, 1)),
+            );
         }
     }
 
@@ -282,7 +312,11 @@ pub fn run(a: &BenchArgs, quiet: bool) -> Result<i32> {
     Ok(0)
 }
 
-fn print_table(out: &mut impl Write, r: &BTreeMap<String, Value>, a: &BenchArgs) -> std::io::Result<()> {
+fn print_table(
+    out: &mut impl Write,
+    r: &BTreeMap<String, Value>,
+    a: &BenchArgs,
+) -> std::io::Result<()> {
     let num = |k: &str| r.get(k).and_then(Value::as_f64);
     writeln!(
         out,

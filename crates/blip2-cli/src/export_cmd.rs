@@ -120,7 +120,10 @@ pub fn run(a: &ExportArgs, quiet: bool) -> Result<()> {
         ..Default::default()
     };
     let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
-    bar.set_style(ProgressStyle::with_template("{msg:16} {bar:40} {bytes}/{total_bytes} {eta}").expect("valid template"));
+    bar.set_style(
+        ProgressStyle::with_template("{msg:16} {bar:40} {bytes}/{total_bytes} {eta}")
+            .expect("valid template"),
+    );
     let exported = blip2_export::export_any(&src, &a.output, &opts, &mut Bars { bar })?;
     if !quiet {
         let mut quant = String::new();

@@ -21,7 +21,11 @@ const OPTIONAL: &[&str] = &[
 
 pub fn looks_like_hub_id(s: &str) -> bool {
     let p = Path::new(s);
-    !p.exists() && s.split('/').count() == 2 && !s.starts_with('.') && !s.starts_with('/') && !s.contains('\\')
+    !p.exists()
+        && s.split('/').count() == 2
+        && !s.starts_with('.')
+        && !s.starts_with('/')
+        && !s.contains('\\')
 }
 
 struct Bar(ProgressBar);
@@ -46,12 +50,15 @@ pub fn fetch(id: &str, revision: Option<&str>, quiet: bool) -> Result<PathBuf> {
     };
     let cache = Cache::from_env();
     let cached = cache.repo(repo.clone());
-    let offline = std::env::var("HF_HUB_OFFLINE").map(|v| v == "1" || v.eq_ignore_ascii_case("true")).unwrap_or(false);
+    let offline = std::env::var("HF_HUB_OFFLINE")
+        .map(|v| v == "1" || v.eq_ignore_ascii_case("true"))
+        .unwrap_or(false);
 
     // A complete cached snapshot needs no network at all.
     if let Some(cfg) = cached.get("config.json") {
         let dir = cfg.parent().expect("snapshot file has a folder").to_path_buf();
-        let weights_ok = dir.join("model.safetensors").exists() || dir.join("model.safetensors.index.json").exists();
+        let weights_ok = dir.join("model.safetensors").exists()
+            || dir.join("model.safetensors.index.json").exists();
         if weights_ok && dir.join("tokenizer.json").exists() {
             return Ok(dir);
         }
@@ -63,12 +70,18 @@ pub fn fetch(id: &str, revision: Option<&str>, quiet: bool) -> Result<PathBuf> {
             cache.path().display()
         );
     }
-    let api = ApiBuilder::from_env().with_token(std::env::var("HF_TOKEN").ok().or_else(|| cache.token())).with_progress(false).build().context("cannot set up the Hub client")?;
+    let api = ApiBuilder::from_env()
+        .with_token(std::env::var("HF_TOKEN").ok().or_else(|| cache.token()))
+        .with_progress(false)
+        .build()
+        .context("cannot set up the Hub client")?;
     let r = api.repo(repo);
     let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
     bar.set_style(
-        ProgressStyle::with_template("{msg:30} {bar:30} {bytes}/{total_bytes} {bytes_per_sec} {eta}")
-            .expect("valid template"),
+        ProgressStyle::with_template(
+            "{msg:30} {bar:30} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+        )
+        .expect("valid template"),
     );
     let get = |f: &str| -> Result<PathBuf, hf_hub::api::sync::ApiError> {
         match cached.get(f) {
@@ -89,7 +102,8 @@ pub fn fetch(id: &str, revision: Option<&str>, quiet: bool) -> Result<PathBuf> {
     match get("model.safetensors.index.json") {
         Ok(index) => {
             let text = std::fs::read_to_string(&index)?;
-            let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", index.display()))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not JSON", index.display()))?;
             let mut shards: Vec<String> = v["weight_map"]
                 .as_object()
                 .map(|m| m.values().filter_map(|s| s.as_str().map(String::from)).collect())

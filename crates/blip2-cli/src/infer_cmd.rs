@@ -164,13 +164,17 @@ pub fn resolve_model(model: &str, quiet: bool) -> Result<PathBuf> {
         );
     }
     let (src, label) = if p.join("config.json").exists() {
-        let canon = p.canonicalize().with_context(|| format!("{model}: cannot resolve the path"))?;
+        let canon =
+            p.canonicalize().with_context(|| format!("{model}: cannot resolve the path"))?;
         let label = format!("local/{}", sanitize(&canon.to_string_lossy()));
         (canon, label)
     } else if crate::hub::looks_like_hub_id(model) {
         (crate::hub::fetch(model, None, quiet)?, format!("hub/{}", sanitize(model)))
     } else if p.exists() {
-        bail!("{model}: neither an exported model (no {}) nor a checkpoint folder (no config.json)", blip2_core::io::MANIFEST_FILE);
+        bail!(
+            "{model}: neither an exported model (no {}) nor a checkpoint folder (no config.json)",
+            blip2_core::io::MANIFEST_FILE
+        );
     } else {
         bail!("{model}: no such folder, and not a Hub id of the form owner/name");
     };
@@ -181,11 +185,13 @@ pub fn resolve_model(model: &str, quiet: bool) -> Result<PathBuf> {
     if !quiet {
         eprintln!("exporting {model} into {} (once)", out.display());
     }
-    let opts = blip2_export::ExportOptions { source_label: model.to_string(), ..Default::default() };
+    let opts =
+        blip2_export::ExportOptions { source_label: model.to_string(), ..Default::default() };
     match blip2_export::export_any(&src, &out, &opts, &mut blip2_export::NoProgress) {
         Ok(_) => {}
         // Another process exported the same checkpoint meanwhile.
-        Err(blip2_export::ExportError::OutputExists { .. }) if out.join(blip2_core::io::MANIFEST_FILE).exists() => {}
+        Err(blip2_export::ExportError::OutputExists { .. })
+            if out.join(blip2_core::io::MANIFEST_FILE).exists() => {}
         Err(e) => return Err(e.into()),
     }
     remove_other_versions(&out);
@@ -195,7 +201,9 @@ pub fn resolve_model(model: &str, quiet: bool) -> Result<PathBuf> {
 /// The name of a graph file an export writes, if `dir` holds one.
 fn export_graph_in(dir: &Path) -> Option<&'static str> {
     use blip2_core::io;
-    [io::VISION_ENCODER_FILE, io::QFORMER_FILE, io::LANGUAGE_MODEL_FILE].into_iter().find(|f| dir.join(f).is_file())
+    [io::VISION_ENCODER_FILE, io::QFORMER_FILE, io::LANGUAGE_MODEL_FILE]
+        .into_iter()
+        .find(|f| dir.join(f).is_file())
 }
 
 /// A hash of a checkpoint folder's content as far as it can be had without reading the
@@ -218,11 +226,16 @@ pub fn fingerprint(dir: &Path) -> Result<u64> {
         }
         h.add(name.as_encoded_bytes());
         h.add(&meta.len().to_le_bytes());
-        let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
         h.add(&mtime.to_le_bytes());
         let small_json = name.to_string_lossy().ends_with(".json") && meta.len() <= 16 << 20;
         if small_json {
-            let bytes = std::fs::read(e.path()).with_context(|| format!("{}: cannot read", e.path().display()))?;
+            let bytes = std::fs::read(e.path())
+                .with_context(|| format!("{}: cannot read", e.path().display()))?;
             h.add(&bytes);
         }
     }
@@ -250,7 +263,9 @@ impl Fnv {
 /// Removes cached exports of the same path or Hub id made from other content: only the
 /// newest is ever used again.
 fn remove_other_versions(out: &Path) {
-    let (Some(parent), Some(name)) = (out.parent(), out.file_name().map(|n| n.to_string_lossy().into_owned())) else {
+    let (Some(parent), Some(name)) =
+        (out.parent(), out.file_name().map(|n| n.to_string_lossy().into_owned()))
+    else {
         return;
     };
     let Some((label, _)) = name.rsplit_once('-') else { return };
@@ -261,7 +276,10 @@ fn remove_other_versions(out: &Path) {
             l == label && hash.len() == 16 && hash.chars().all(|c| c.is_ascii_hexdigit())
         });
         let old_format = other == label;
-        if other != name && (same_label || old_format) && e.path().join(blip2_core::io::MANIFEST_FILE).exists() {
+        if other != name
+            && (same_label || old_format)
+            && e.path().join(blip2_core::io::MANIFEST_FILE).exists()
+        {
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
@@ -272,7 +290,10 @@ fn models_cache() -> PathBuf {
 }
 
 fn sanitize(s: &str) -> String {
-    s.trim_start_matches('/').chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' }).collect()
+    s.trim_start_matches('/')
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+        .collect()
 }
 
 struct Out {
@@ -301,7 +322,11 @@ impl Out {
     fn emit_error(&self, image: &Path, line: usize, error: &str) {
         if self.json {
             let mut stdout = std::io::stdout().lock();
-            let _ = writeln!(stdout, "{}", json!({"image": image.display().to_string(), "line": line, "error": error}));
+            let _ = writeln!(
+                stdout,
+                "{}",
+                json!({"image": image.display().to_string(), "line": line, "error": error})
+            );
             let _ = stdout.flush();
         }
     }
@@ -309,7 +334,10 @@ impl Out {
 
 pub fn run(a: &InferArgs, quiet: bool) -> Result<i32> {
     let Some(model) = a.model.as_deref() else {
-        return Err(UsageError("--model is required: an exported folder, a checkpoint folder or a Hub id".into()).into());
+        return Err(UsageError(
+            "--model is required: an exported folder, a checkpoint folder or a Hub id".into(),
+        )
+        .into());
     };
     let dir = resolve_model(model, quiet)?;
     let retrieval = match &a.task {
@@ -332,11 +360,15 @@ pub fn run(a: &InferArgs, quiet: bool) -> Result<i32> {
             let mut pixels = Vec::with_capacity(images.len());
             for p in images {
                 let img = pipe.load_image(p)?;
-                pixels.push(preprocess_batch(std::slice::from_ref(&img), &pipe.model.manifest.image).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?);
+                pixels.push(
+                    preprocess_batch(std::slice::from_ref(&img), &pipe.model.manifest.image)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?,
+                );
             }
             for (chunk, px) in images.chunks(a.batch_size).zip(pixels.chunks(a.batch_size)) {
                 let views: Vec<_> = px.iter().map(|p| p.view()).collect();
-                let batch = ndarray::concatenate(ndarray::Axis(0), &views).context("joining the batch's pixel values")?;
+                let batch = ndarray::concatenate(ndarray::Axis(0), &views)
+                    .context("joining the batch's pixel values")?;
                 let prompts = vec![prompt.clone(); chunk.len()];
                 let res = pipe.generate_pixels(batch, &prompts, &cfg)?;
                 for (p, r) in chunk.iter().zip(&res) {
@@ -354,7 +386,9 @@ pub fn run(a: &InferArgs, quiet: bool) -> Result<i32> {
         }
         Task::Chat { image } => chat(&mut pipe, image, &cfg, &out),
         Task::Batch { requests } => crate::batch::run(&mut pipe, requests, &cfg, a.batch_size),
-        Task::Itm(_) | Task::EmbedImage(_) | Task::EmbedText(_) | Task::Rank(_) => unreachable!("run by retrieval_cmd above"),
+        Task::Itm(_) | Task::EmbedImage(_) | Task::EmbedText(_) | Task::Rank(_) => {
+            unreachable!("run by retrieval_cmd above")
+        }
     }
 }
 

@@ -9,7 +9,9 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use blip2_runtime::ort_env::{cache_root, dylib_file_name, package_name, runtime_dir_name, ORT_VERSION};
+use blip2_runtime::ort_env::{
+    cache_root, dylib_file_name, package_name, runtime_dir_name, ORT_VERSION,
+};
 
 /// Environment variable naming the Python interpreter `install` runs (default `python3`).
 pub const PYTHON_ENV: &str = "BLIP2_ORT_PYTHON";
@@ -96,12 +98,18 @@ fn install_with(
             return Err(InstallError::Io { path: final_dir, source: e });
         }
     }
-    progress(&format!("installed ONNX Runtime {ORT_VERSION} ({}) into {}", extracted.join(", "), final_dir.display()));
+    progress(&format!(
+        "installed ONNX Runtime {ORT_VERSION} ({}) into {}",
+        extracted.join(", "),
+        final_dir.display()
+    ));
     Ok(lib)
 }
 
 fn file_name(p: &Path) -> String {
-    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| p.display().to_string())
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| p.display().to_string())
 }
 
 /// A folder removed when dropped.
@@ -123,7 +131,8 @@ impl Drop for TempDir {
 }
 
 fn spawn_python(python: &OsStr, cmd: &mut Command) -> Result<std::process::Child, InstallError> {
-    cmd.spawn().map_err(|source| InstallError::PythonMissing { python: python.to_os_string(), source })
+    cmd.spawn()
+        .map_err(|source| InstallError::PythonMissing { python: python.to_os_string(), source })
 }
 
 /// Last lines of a process's stderr, for error messages.
@@ -163,7 +172,11 @@ fn pip_download(
     progress(&format!("downloading {spec} with pip"));
     let mut child = spawn_python(
         python,
-        Command::new(python).args(&args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()),
+        Command::new(python)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
     )?;
 
     // stderr is drained on its own thread so a chatty pip cannot block on a full pipe
@@ -182,8 +195,9 @@ fn pip_download(
             }
         }
     }
-    let status =
-        child.wait().map_err(|source| InstallError::PythonMissing { python: python.to_os_string(), source })?;
+    let status = child
+        .wait()
+        .map_err(|source| InstallError::PythonMissing { python: python.to_os_string(), source })?;
     let stderr = stderr_reader.join().unwrap_or_default();
     if !status.success() {
         let mut stderr_tail = tail(&stderr, PIP_TAIL_LINES);
@@ -203,7 +217,11 @@ fn pip_download(
 /// Unpacks ONNX Runtime's own shared libraries (the main one and its provider plugins,
 /// which it looks for next to itself) flat into `dest`, leaving out the Python
 /// extension module. Python's zipfile does the work, as Python is already required.
-fn extract_libraries(python: &OsStr, wheel: &Path, dest: &Path) -> Result<Vec<String>, InstallError> {
+fn extract_libraries(
+    python: &OsStr,
+    wheel: &Path,
+    dest: &Path,
+) -> Result<Vec<String>, InstallError> {
     const SCRIPT: &str = r#"
 import os, shutil, sys, zipfile
 wheel, dest = sys.argv[1], sys.argv[2]
@@ -239,7 +257,11 @@ with zipfile.ZipFile(wheel) as z:
             stderr_tail: tail(&String::from_utf8_lossy(&out.stderr), PIP_TAIL_LINES),
         });
     }
-    Ok(String::from_utf8_lossy(&out.stdout).lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect())
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect())
 }
 
 #[cfg(test)]
@@ -248,7 +270,8 @@ mod tests {
 
     /// A fresh empty folder under the system temp dir, removed on drop.
     fn scratch(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("blip2-ort-env-test-{tag}-{}", std::process::id()));
+        let p =
+            std::env::temp_dir().join(format!("blip2-ort-env-test-{tag}-{}", std::process::id()));
         TempDir::create(p).unwrap()
     }
 
@@ -263,14 +286,16 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join(dylib_file_name()), b"x").unwrap();
         // The interpreter does not exist: reaching it would fail the test.
-        let got = install_with(OsStr::new("/nonexistent/python3"), &root.0, false, &mut |_| {}).unwrap();
+        let got =
+            install_with(OsStr::new("/nonexistent/python3"), &root.0, false, &mut |_| {}).unwrap();
         assert_eq!(got, dir.join(dylib_file_name()));
     }
 
     #[test]
     fn install_without_python_says_so() {
         let root = scratch("nopython");
-        let err = install_with(OsStr::new("/nonexistent/python3"), &root.0, false, &mut |_| {}).unwrap_err();
+        let err = install_with(OsStr::new("/nonexistent/python3"), &root.0, false, &mut |_| {})
+            .unwrap_err();
         assert!(matches!(err, InstallError::PythonMissing { .. }), "{err}");
         assert!(err.to_string().contains("/nonexistent/python3"), "{err}");
         // Work folders are cleaned up and nothing half-made is left behind.
@@ -318,7 +343,14 @@ mod tests {
     /// Writes a zip with the given member names (each holding its own name) using python3.
     fn make_zip(path: &Path, members: &[&str]) {
         let script = "import sys, zipfile\nwith zipfile.ZipFile(sys.argv[1], 'w') as z:\n    for m in sys.argv[2:]: z.writestr(m, m)\n";
-        let ok = Command::new("python3").arg("-c").arg(script).arg(path).args(members).status().unwrap().success();
+        let ok = Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(path)
+            .args(members)
+            .status()
+            .unwrap()
+            .success();
         assert!(ok, "python3 could not write {}", path.display());
     }
 
@@ -344,17 +376,23 @@ mod tests {
         let fake = fake_pip(&root.0, &wheel);
         let cache = root.0.join("cache");
         let mut said = Vec::new();
-        let got = install_with(fake.as_os_str(), &cache, false, &mut |m| said.push(m.to_string())).unwrap();
+        let got = install_with(fake.as_os_str(), &cache, false, &mut |m| said.push(m.to_string()))
+            .unwrap();
         let dir = cache.join(runtime_dir_name(false));
         assert_eq!(got, dir.join(&lib));
         assert_eq!(std::fs::read_to_string(&got).unwrap(), format!("onnxruntime/capi/{lib}"));
-        let mut names: Vec<String> =
-            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
         names.sort();
         assert_eq!(names, vec![lib.clone(), "libonnxruntime_providers_shared.so".to_string()]);
         // Only the final folder is left in the cache root: no work folders.
         assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 1);
-        assert!(said.iter().any(|m| m.starts_with("Saved")), "pip's stdout reaches progress: {said:?}");
+        assert!(
+            said.iter().any(|m| m.starts_with("Saved")),
+            "pip's stdout reaches progress: {said:?}"
+        );
     }
 
     #[cfg(unix)]
@@ -372,7 +410,10 @@ mod tests {
         let err = install_with(fake.as_os_str(), &cache, false, &mut |_| {}).unwrap_err();
         assert!(matches!(err, InstallError::WheelMissingLibrary { .. }), "{err}");
         let msg = err.to_string();
-        assert!(msg.contains("onnxruntime-1.31.1-py3-none-any.whl") && msg.contains(&dylib_file_name()), "{msg}");
+        assert!(
+            msg.contains("onnxruntime-1.31.1-py3-none-any.whl") && msg.contains(&dylib_file_name()),
+            "{msg}"
+        );
         assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 0, "nothing left behind");
 
         // A file that is no zip at all fails extraction, naming the wheel.
@@ -413,7 +454,11 @@ mod tests {
             "libonnxruntime_providers_cuda.so",
             "libonnxruntime_providers_tensorrt.so",
         ] {
-            assert!(lib.with_file_name(plugin).is_file(), "{plugin} missing next to {}", lib.display());
+            assert!(
+                lib.with_file_name(plugin).is_file(),
+                "{plugin} missing next to {}",
+                lib.display()
+            );
         }
     }
 }

@@ -65,7 +65,10 @@ fn exit_code(e: &anyhow::Error) -> i32 {
     let usage = e.chain().any(|c| {
         c.downcast_ref::<UsageError>().is_some()
             || c.downcast_ref::<blip2_runtime::generation::ConfigError>().is_some()
-            || matches!(c.downcast_ref::<blip2_export::ExportError>(), Some(blip2_export::ExportError::Flag { .. }))
+            || matches!(
+                c.downcast_ref::<blip2_export::ExportError>(),
+                Some(blip2_export::ExportError::Flag { .. })
+            )
     });
     if usage {
         2
@@ -96,8 +99,14 @@ pub fn error_line(e: &anyhow::Error) -> String {
 /// the flag, instead of clap's tip to write `-- -1` (which no subcommand accepts).
 fn parse_cli() -> Cli {
     fn negative_values(cmd: clap::Command) -> clap::Command {
-        cmd.mut_args(|a| if a.get_long().is_some() && a.get_action().takes_values() { a.allow_negative_numbers(true) } else { a })
-            .mut_subcommands(negative_values)
+        cmd.mut_args(|a| {
+            if a.get_long().is_some() && a.get_action().takes_values() {
+                a.allow_negative_numbers(true)
+            } else {
+                a
+            }
+        })
+        .mut_subcommands(negative_values)
     }
     let matches = negative_values(Cli::command()).get_matches();
     Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())

@@ -85,7 +85,13 @@ fn load(dir: &Path, o: &SessionOptions) -> Result<RetrievalModel> {
     Ok(model)
 }
 
-pub fn run(task: Task<'_>, dir: &Path, session: &SessionOptions, json: bool, batch_size: usize) -> Result<i32> {
+pub fn run(
+    task: Task<'_>,
+    dir: &Path,
+    session: &SessionOptions,
+    json: bool,
+    batch_size: usize,
+) -> Result<i32> {
     if batch_size == 0 {
         return Err(UsageError("--batch-size must be at least 1".into()).into());
     }
@@ -107,8 +113,12 @@ pub fn run(task: Task<'_>, dir: &Path, session: &SessionOptions, json: bool, bat
 fn check_output(o: &EmbedOutput) -> Result<()> {
     match (o.format, &o.output) {
         // clap requires --output with --format npy.
-        (EmbedFormat::Npy, None) => Err(UsageError("--format npy needs --output FILE.npy".into()).into()),
-        (EmbedFormat::Json, Some(_)) => Err(UsageError("--output is for --format npy; json goes to stdout".into()).into()),
+        (EmbedFormat::Npy, None) => {
+            Err(UsageError("--format npy needs --output FILE.npy".into()).into())
+        }
+        (EmbedFormat::Json, Some(_)) => {
+            Err(UsageError("--output is for --format npy; json goes to stdout".into()).into())
+        }
         _ => Ok(()),
     }
 }
@@ -116,7 +126,10 @@ fn check_output(o: &EmbedOutput) -> Result<()> {
 fn warn_truncated(m: &RetrievalModel, texts: &[String], truncated: &[bool]) {
     for (t, &cut) in texts.iter().zip(truncated) {
         if cut {
-            eprintln!("warning: text {t:?} was cut to the model's {} tokens", m.manifest.text.max_length);
+            eprintln!(
+                "warning: text {t:?} was cut to the model's {} tokens",
+                m.manifest.text.max_length
+            );
         }
     }
 }
@@ -136,7 +149,11 @@ fn itm(m: &mut RetrievalModel, a: &ItmArgs, json: bool, batch_size: usize) -> Re
         for (i, t) in chunk.iter().enumerate() {
             let s = itc(image_embeds.index_axis(Axis(0), 0), text_embeds.row(i));
             if json {
-                writeln!(out, "{}", json!({"image": a.image.display().to_string(), "text": t, "itm": probs[i], "itc": s}))?;
+                writeln!(
+                    out,
+                    "{}",
+                    json!({"image": a.image.display().to_string(), "text": t, "itm": probs[i], "itc": s})
+                )?;
             } else {
                 writeln!(out, "{:.6}\t{:.6}\t{t}", probs[i], s)?;
             }
@@ -271,7 +288,8 @@ fn rank(m: &mut RetrievalModel, a: &RankArgs, json: bool, batch_size: usize) -> 
 /// renamed into place, so a failed write never leaves a file that looks complete.
 pub fn write_npy(path: &Path, shape: &[usize], values: impl Iterator<Item = f32>) -> Result<()> {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let shape_str = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
+    let shape_str =
+        if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_str}, }}");
     // magic (6) + version (2) + length (2) + header, padded with spaces to a multiple of 64, ending in \n.
     let total = 10 + header.len() + 1;
@@ -284,7 +302,10 @@ pub fn write_npy(path: &Path, shape: &[usize], values: impl Iterator<Item = f32>
     for v in values {
         bytes.extend_from_slice(&v.to_le_bytes());
     }
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "embeddings.npy".into());
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "embeddings.npy".into());
     let tmp = path.with_file_name(format!(".{name}.partial-{}", std::process::id()));
     std::fs::write(&tmp, &bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write", path.display()))?;

@@ -56,18 +56,25 @@ pub struct ServeArgs {
 
 pub fn run(a: &ServeArgs, quiet: bool, signals: Option<crate::signals::Handle>) -> Result<i32> {
     let level = if quiet { "warn" } else { "info" };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BLIP2_ORT_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let _ = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).with_target(false).with_ansi(std::io::stderr().is_terminal()).try_init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BLIP2_ORT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
 
     let local_root = match &a.allowed_local_media_path {
-        Some(p) => Some(
-            p.canonicalize()
-                .map_err(|e| UsageError(format!("--allowed-local-media-path: {}: {e}", p.display())))?,
-        ),
+        Some(p) => Some(p.canonicalize().map_err(|e| {
+            UsageError(format!("--allowed-local-media-path: {}: {e}", p.display()))
+        })?),
         None => None,
     };
     if a.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
-        return Err(UsageError("--api-key: empty; leave it out to serve without a key".into()).into());
+        return Err(
+            UsageError("--api-key: empty; leave it out to serve without a key".into()).into()
+        );
     }
     let dir = crate::infer_cmd::resolve_model(&a.model, quiet)?;
     let pipe = crate::session::load_pipeline(&dir, &a.session)?;

@@ -35,7 +35,8 @@ pub struct SessionOptions {
 
 /// The built-in `models.toml` alone.
 pub fn builtin_config() -> Config {
-    Config::from_toml(BUILTIN_CONFIG, BUILTIN_ORIGIN).expect("the built-in models.toml is valid (tested)")
+    Config::from_toml(BUILTIN_CONFIG, BUILTIN_ORIGIN)
+        .expect("the built-in models.toml is valid (tested)")
 }
 
 /// The built-in config with a user file over it: `path` if given, else
@@ -96,7 +97,10 @@ pub fn load_pipeline(dir: &Path, o: &SessionOptions) -> Result<Pipeline> {
 fn check_cuda_graph(dir: &Path, profile: &Profile) -> Result<PathBuf> {
     let m = blip2_core::Manifest::load(dir)?;
     blip2_runtime::state::fixed::check_export(&m, dir).map_err(|e| {
-        anyhow::Error::from(e).context(format!("profile \"{}\" sets cuda_graph = true (use a profile without it for this export)", profile.name))
+        anyhow::Error::from(e).context(format!(
+            "profile \"{}\" sets cuda_graph = true (use a profile without it for this export)",
+            profile.name
+        ))
     })?;
     if m.dtype != blip2_core::Dtype::Fp16 {
         anyhow::bail!(
@@ -118,14 +122,19 @@ pub fn session_factory(profile: &Profile) -> Box<SessionFactory<'_>> {
 
 /// [`session_factory`], with CUDA graph capture (the profile's `cuda_graph`) on the
 /// session of the graph file `capture` alone.
-fn session_factory_capturing<'p>(profile: &'p Profile, capture: Option<&'p Path>) -> Box<SessionFactory<'p>> {
+fn session_factory_capturing<'p>(
+    profile: &'p Profile,
+    capture: Option<&'p Path>,
+) -> Box<SessionFactory<'p>> {
     let cache_on = std::env::var(OPTIMIZED_CACHE_ENV).map_or(true, |v| v.trim() != "0");
     let cache = cache_on.then(session_cache::optimized_cache_root);
     let uncaptured = Profile { cuda_graph: false, ..profile.clone() };
     Box::new(move |kind: GraphKind, path: &Path| {
         let p = if capture == Some(path) { profile } else { &uncaptured };
-        providers::open_session(p, kind.name(), path, cache.as_deref(), &mut |w| eprintln!("warning: {w}"))
-            .map_err(RuntimeError::Session)
+        providers::open_session(p, kind.name(), path, cache.as_deref(), &mut |w| {
+            eprintln!("warning: {w}")
+        })
+        .map_err(RuntimeError::Session)
     })
 }
 
@@ -154,17 +163,27 @@ mod tests {
         assert!(cuda.uses_gpu());
         assert!(!cuda.cuda_graph, "capture is asked for, never assumed");
         let graph = c.profile("cuda-graph").unwrap();
-        assert_eq!((graph.providers.as_slice(), graph.cuda_graph), ([Provider::Cuda, Provider::Cpu].as_slice(), true));
-        assert!(providers::captures(graph, "language_model") && !providers::captures(graph, "vision_encoder"));
+        assert_eq!(
+            (graph.providers.as_slice(), graph.cuda_graph),
+            ([Provider::Cuda, Provider::Cpu].as_slice(), true)
+        );
+        assert!(
+            providers::captures(graph, "language_model")
+                && !providers::captures(graph, "vision_encoder")
+        );
 
         let trt = c.profile("tensorrt").unwrap();
         assert_eq!(trt.providers, [Provider::TensorRt, Provider::Cuda, Provider::Cpu]);
-        assert_eq!(trt.providers_for("vision_encoder"), [Provider::TensorRt, Provider::Cuda, Provider::Cpu]);
+        assert_eq!(
+            trt.providers_for("vision_encoder"),
+            [Provider::TensorRt, Provider::Cuda, Provider::Cpu]
+        );
         assert_eq!(trt.providers_for("language_model"), [Provider::Cuda, Provider::Cpu]);
         assert_eq!(trt.providers_for("text_encoder"), [Provider::Cuda, Provider::Cpu]);
         let engines = trt.engine_cache_dir().unwrap();
         assert!(
-            engines.starts_with(blip2_runtime::ort_env::cache_root()) && engines.ends_with("tensorrt-engines"),
+            engines.starts_with(blip2_runtime::ort_env::cache_root())
+                && engines.ends_with("tensorrt-engines"),
             "{}",
             engines.display()
         );
@@ -176,17 +195,28 @@ mod tests {
 
     #[test]
     fn a_config_file_is_laid_over_the_builtin_one() {
-        let dir = std::env::temp_dir().join(format!("blip2-cli-config-test-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("blip2-cli-config-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("blip2-ort.toml");
-        std::fs::write(&path, "[profiles.cuda]\ndevice_id = 1\n\n[profiles.lean]\nproviders = [\"cpu\"]\n").unwrap();
+        std::fs::write(
+            &path,
+            "[profiles.cuda]\ndevice_id = 1\n\n[profiles.lean]\nproviders = [\"cpu\"]\n",
+        )
+        .unwrap();
         let c = load_config(Some(&path)).unwrap();
         assert_eq!(c.profile_names(), ["cpu", "cuda", "cuda-graph", "lean", "tensorrt"]);
         let cuda = c.profile("cuda").unwrap();
-        assert_eq!((cuda.device_id, cuda.providers.as_slice()), (1, [Provider::Cuda, Provider::Cpu].as_slice()));
+        assert_eq!(
+            (cuda.device_id, cuda.providers.as_slice()),
+            (1, [Provider::Cuda, Provider::Cpu].as_slice())
+        );
 
         let err = load_config(Some(&dir.join("none.toml"))).unwrap_err();
-        assert!(matches!(err, ConfigError::Read { .. }) && err.to_string().contains("none.toml"), "{err}");
+        assert!(
+            matches!(err, ConfigError::Read { .. }) && err.to_string().contains("none.toml"),
+            "{err}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -23,14 +23,22 @@ fn copy_fixture(name: &str, test: &str) -> (PathBuf, PathBuf) {
 
 /// Rewrites a JSON file in place.
 fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     edit(&mut v);
     std::fs::write(path, v.to_string()).unwrap();
 }
 
 /// Runs `export CK -o OUT` with `flags` and returns (exit code, stderr).
 fn export_with(flags: &[&str], ck: &Path, out: &Path) -> (i32, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_blip2-ort")).arg("export").args(flags).arg(ck).arg("-o").arg(out).output().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_blip2-ort"))
+        .arg("export")
+        .args(flags)
+        .arg(ck)
+        .arg("-o")
+        .arg(out)
+        .output()
+        .unwrap();
     (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stderr).into_owned())
 }
 
@@ -65,7 +73,12 @@ fn truncated_safetensors() {
     let file = std::fs::OpenOptions::new().write(true).open(&f).unwrap();
     file.set_len(len - 1000).unwrap();
     let (code, err) = export(&ck, &out);
-    assert_one_line_error(code, &err, &["model.safetensors", "corrupt safetensors", "truncated"], &out);
+    assert_one_line_error(
+        code,
+        &err,
+        &["model.safetensors", "corrupt safetensors", "truncated"],
+        &out,
+    );
 }
 
 #[test]
@@ -87,9 +100,16 @@ fn missing_tensor() {
 fn misshapen_tensor() {
     let (ck, out) = copy_fixture("opt-tiny-sharded", "misshapen");
     // The config now promises a wider Q-Former feed-forward than the weights have.
-    edit_json(&ck.join("config.json"), |cfg| cfg["qformer_config"]["intermediate_size"] = serde_json::json!(41));
+    edit_json(&ck.join("config.json"), |cfg| {
+        cfg["qformer_config"]["intermediate_size"] = serde_json::json!(41)
+    });
     let (code, err) = export(&ck, &out);
-    assert_one_line_error(code, &err, &["intermediate_query.dense.weight", "shape [40, 32]", "expected [41, 32]"], &out);
+    assert_one_line_error(
+        code,
+        &err,
+        &["intermediate_query.dense.weight", "shape [40, 32]", "expected [41, 32]"],
+        &out,
+    );
 }
 
 #[test]
@@ -103,7 +123,9 @@ fn wrong_model_type() {
 #[test]
 fn unsupported_language_model() {
     let (ck, out) = copy_fixture("opt-tiny", "text-type");
-    edit_json(&ck.join("config.json"), |cfg| cfg["text_config"]["model_type"] = serde_json::json!("llama"));
+    edit_json(&ck.join("config.json"), |cfg| {
+        cfg["text_config"]["model_type"] = serde_json::json!("llama")
+    });
     let (code, err) = export(&ck, &out);
     assert_one_line_error(code, &err, &["text_config.model_type", "\"llama\""], &out);
 }
@@ -180,25 +202,29 @@ fn older_checkpoints_without_an_image_token_get_the_next_free_id() {
     // files must give the same id back.
     let (ck, out) = copy_fixture("opt-tiny", "no-image-token");
     let cfg_path = ck.join("config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     let want = cfg["image_token_index"].as_i64().unwrap();
     cfg.as_object_mut().unwrap().remove("image_token_index");
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let tok_path = ck.join("tokenizer.json");
-    let mut tok: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&tok_path).unwrap()).unwrap();
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&tok_path).unwrap()).unwrap();
     tok["added_tokens"].as_array_mut().unwrap().retain(|t| t["content"] != "<image>");
     std::fs::write(&tok_path, tok.to_string()).unwrap();
     let (code, err) = export(&ck, &out);
     assert_eq!(code, 0, "{err}");
     let m: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("blip2_manifest.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(out.join("blip2_manifest.json")).unwrap())
+            .unwrap();
     assert_eq!(m["tokens"]["image_token_id"].as_i64().unwrap(), want);
 }
 
 #[test]
 fn quantized_encoders_need_fp32() {
     let (ck, out) = copy_fixture("opt-tiny", "quantize-encoders-fp16");
-    let (code, stderr) = export_with(&["--quiet", "--dtype", "fp16", "--quantize-encoders", "int8"], &ck, &out);
+    let (code, stderr) =
+        export_with(&["--quiet", "--dtype", "fp16", "--quantize-encoders", "int8"], &ck, &out);
     assert_one_line_error(code, &stderr, &["--quantize-encoders", "--dtype fp32"], &out);
     assert_eq!(code, 2, "flags at odds are a usage error");
 }
@@ -206,20 +232,25 @@ fn quantized_encoders_need_fp32() {
 #[test]
 fn quantized_encoders_export_from_the_command_line() {
     let (ck, out) = copy_fixture("opt-tiny", "quantize-encoders");
-    let (code, stderr) = export_with(&["--quantize", "int8", "--quantize-encoders", "int8"], &ck, &out);
+    let (code, stderr) =
+        export_with(&["--quantize", "int8", "--quantize-encoders", "int8"], &ck, &out);
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("int8 weights, int8-dynamic encoders"), "{stderr}");
     let m = blip2_core::Manifest::load(&out).unwrap();
     assert_eq!(m.quantization, Some(blip2_core::Quantization::Int8));
     assert_eq!(m.encoder_quantization, Some(blip2_core::EncoderQuantization::Int8Dynamic));
     let vision = std::fs::read(out.join(&m.graphs.vision_encoder.file)).unwrap();
-    assert!(vision.windows(21).any(|w| w == b"DynamicQuantizeMatMul"), "vision encoder uses DynamicQuantizeMatMul");
+    assert!(
+        vision.windows(21).any(|w| w == b"DynamicQuantizeMatMul"),
+        "vision encoder uses DynamicQuantizeMatMul"
+    );
 }
 
 #[test]
 fn cuda_target_refuses_cpu_only_encoders_and_prints_its_target() {
     let (ck, out) = copy_fixture("opt-tiny", "cuda-target-encoders");
-    let (code, stderr) = export_with(&["--quiet", "--target", "cuda", "--quantize-encoders", "int8"], &ck, &out);
+    let (code, stderr) =
+        export_with(&["--quiet", "--target", "cuda", "--quantize-encoders", "int8"], &ck, &out);
     assert_one_line_error(code, &stderr, &["--quantize-encoders", "--target cuda"], &out);
     let (code, stderr) = export_with(&["--target", "cuda", "--quantize", "int8"], &ck, &out);
     assert_eq!(code, 0, "{stderr}");
@@ -299,7 +330,11 @@ fn stale_partial_folders_are_removed_by_the_next_export() {
     let (ck, out) = copy_fixture("opt-tiny", "stale-partials");
     let parent = out.parent().unwrap();
     // A process id that has ended: a child that exited.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_blip2-ort")).arg("--version").stdout(std::process::Stdio::null()).spawn().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_blip2-ort"))
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let dead = child.id();
     child.wait().unwrap();
     let stale = parent.join(format!(".out.partial-{dead}"));

@@ -81,7 +81,10 @@ fn stderr(o: &Output) -> String {
 #[test]
 fn caption_vqa_and_prompted_caption_match_transformers() {
     let m = export("opt-tiny-sharded", "tasks");
-    let o = run(&["caption", photo("chelsea.png").to_str().unwrap(), "--max-new-tokens", "10", "--json"], &m);
+    let o = run(
+        &["caption", photo("chelsea.png").to_str().unwrap(), "--max-new-tokens", "10", "--json"],
+        &m,
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let r = reference("opt-tiny-sharded", "caption");
     let got = json_lines(&o);
@@ -89,42 +92,97 @@ fn caption_vqa_and_prompted_caption_match_transformers() {
     assert_eq!(got[0]["token_ids"], r["sequences"][0]);
     assert_eq!(got[0]["text"], r["texts"][0]);
 
-    let o = run(&["caption", photo("rocket.jpg").to_str().unwrap(), "--prompt", "a photo of", "--max-new-tokens", "10", "--json"], &m);
-    assert_eq!(json_lines(&o)[0]["token_ids"], reference("opt-tiny-sharded", "prompted_caption")["sequences"][0]);
+    let o = run(
+        &[
+            "caption",
+            photo("rocket.jpg").to_str().unwrap(),
+            "--prompt",
+            "a photo of",
+            "--max-new-tokens",
+            "10",
+            "--json",
+        ],
+        &m,
+    );
+    assert_eq!(
+        json_lines(&o)[0]["token_ids"],
+        reference("opt-tiny-sharded", "prompted_caption")["sequences"][0]
+    );
 
-    let o = run(&["vqa", photo("camera.png").to_str().unwrap(), "--question", "what is in the picture?", "--max-new-tokens", "10", "--json"], &m);
+    let o = run(
+        &[
+            "vqa",
+            photo("camera.png").to_str().unwrap(),
+            "--question",
+            "what is in the picture?",
+            "--max-new-tokens",
+            "10",
+            "--json",
+        ],
+        &m,
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let r = reference("opt-tiny-sharded", "vqa");
     assert_eq!(json_lines(&o)[0]["token_ids"], r["sequences"][0]);
     assert_eq!(json_lines(&o)[0]["prompt"], r["prompts"][0]);
 
     // Without --json: the text alone, one line per image, in order.
-    let o = run(&["caption", photo("chelsea.png").to_str().unwrap(), photo("camera.png").to_str().unwrap(), "--max-new-tokens", "10"], &m);
+    let o = run(
+        &[
+            "caption",
+            photo("chelsea.png").to_str().unwrap(),
+            photo("camera.png").to_str().unwrap(),
+            "--max-new-tokens",
+            "10",
+        ],
+        &m,
+    );
     let text = String::from_utf8_lossy(&o.stdout);
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines, vec![
-        reference("opt-tiny-sharded", "caption")["texts"][0].as_str().unwrap(),
-        reference("opt-tiny-sharded", "caption_gray")["texts"][0].as_str().unwrap(),
-    ]);
+    assert_eq!(
+        lines,
+        vec![
+            reference("opt-tiny-sharded", "caption")["texts"][0].as_str().unwrap(),
+            reference("opt-tiny-sharded", "caption_gray")["texts"][0].as_str().unwrap(),
+        ]
+    );
 }
 
 #[test]
 fn beam_search_flags_match_transformers() {
     let m = export("opt-tiny-sharded", "beam");
     let img = photo("chelsea.png");
-    let args = ["caption", img.to_str().unwrap(), "--prompt", "a photo of", "--max-new-tokens", "10",
-                "--num-beams", "3", "--length-penalty", "0.5", "--num-return-sequences", "2", "--json"];
+    let args = [
+        "caption",
+        img.to_str().unwrap(),
+        "--prompt",
+        "a photo of",
+        "--max-new-tokens",
+        "10",
+        "--num-beams",
+        "3",
+        "--length-penalty",
+        "0.5",
+        "--num-return-sequences",
+        "2",
+        "--json",
+    ];
     let o = run(&args, &m);
     assert!(o.status.success(), "{}", stderr(&o));
     let got: Vec<Value> = json_lines(&o).iter().map(|l| l["token_ids"].clone()).collect();
-    let want: Vec<Value> = reference("opt-tiny-sharded", "beam")["sequences"].as_array().unwrap().clone();
+    let want: Vec<Value> =
+        reference("opt-tiny-sharded", "beam")["sequences"].as_array().unwrap().clone();
     assert_eq!(got, want);
 }
 
 #[test]
 fn chat_keeps_the_seed_format_across_turns() {
     let m = export("opt-tiny-sharded", "chat");
-    let o = run_stdin(&["chat", photo("chelsea.png").to_str().unwrap(), "--max-new-tokens", "10", "--json"], &m, b"what is this?\n\nwhere is it?\n");
+    let o = run_stdin(
+        &["chat", photo("chelsea.png").to_str().unwrap(), "--max-new-tokens", "10", "--json"],
+        &m,
+        b"what is this?\n\nwhere is it?\n",
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let got = json_lines(&o);
     assert_eq!(got.len(), 2, "the empty line is skipped");
@@ -143,8 +201,13 @@ fn chat_drops_the_oldest_turns_beyond_the_context() {
     let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
     v["text"]["max_context"] = serde_json::json!(40);
     std::fs::write(&manifest, v.to_string()).unwrap();
-    let questions = b"what is this?\nwhere is it?\nwhat color is the sky in the picture?\nhow many?\n";
-    let o = run_stdin(&["chat", photo("chelsea.png").to_str().unwrap(), "--max-new-tokens", "3", "--json"], &m, questions);
+    let questions =
+        b"what is this?\nwhere is it?\nwhat color is the sky in the picture?\nhow many?\n";
+    let o = run_stdin(
+        &["chat", photo("chelsea.png").to_str().unwrap(), "--max-new-tokens", "3", "--json"],
+        &m,
+        questions,
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(json_lines(&o).len(), 4);
     assert!(stderr(&o).contains("dropped the"), "{}", stderr(&o));
@@ -163,13 +226,29 @@ fn prompt_positions(model: &Path, prompt: &str) -> usize {
 /// lengths on both OPT fixtures, so that prompts land in the range that used to fail.
 #[test]
 fn chat_drops_turns_to_leave_room_for_the_new_tokens() {
-    let questions = ["what is this?", "where is it?", "what is the cat doing?", "what color is the sky in the picture?", "is it day or night?"];
+    let questions = [
+        "what is this?",
+        "where is it?",
+        "what is the cat doing?",
+        "what color is the sky in the picture?",
+        "is it day or night?",
+    ];
     for name in ["opt-tiny", "opt-tiny-sharded"] {
         let m = export(name, &format!("chat-positions-{name}"));
         let positions = blip2_core::Manifest::load(&m).unwrap().text.max_position_embeddings;
         for q in questions {
             let input = format!("{q}\n").repeat(6);
-            let o = run_stdin(&["chat", photo("chelsea.png").to_str().unwrap(), "--max-new-tokens", "20", "--json"], &m, input.as_bytes());
+            let o = run_stdin(
+                &[
+                    "chat",
+                    photo("chelsea.png").to_str().unwrap(),
+                    "--max-new-tokens",
+                    "20",
+                    "--json",
+                ],
+                &m,
+                input.as_bytes(),
+            );
             assert!(o.status.success(), "{name}, {q:?}: {}", stderr(&o));
             let got = json_lines(&o);
             assert_eq!(got.len(), 6, "one answer per question: {}", stderr(&o));
@@ -190,7 +269,11 @@ fn chat_question_too_long_alone_fails_only_its_line() {
     let m = export("opt-tiny", "chat-long-question");
     let long = "is the cat on the red car? ".repeat(30);
     let input = format!("what is this?\n{long}\nwhere is it?\n");
-    let o = run_stdin(&["chat", photo("chelsea.png").to_str().unwrap(), "--max-new-tokens", "5", "--json"], &m, input.as_bytes());
+    let o = run_stdin(
+        &["chat", photo("chelsea.png").to_str().unwrap(), "--max-new-tokens", "5", "--json"],
+        &m,
+        input.as_bytes(),
+    );
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     let got = json_lines(&o);
     assert_eq!(got.len(), 3, "{got:?}");
@@ -201,9 +284,17 @@ fn chat_question_too_long_alone_fails_only_its_line() {
     assert!(stderr(&o).contains("error: line 2:"), "{}", stderr(&o));
     // The third question still sees the first turn.
     let third = got[2]["prompt"].as_str().unwrap();
-    assert!(third.starts_with("Question: what is this? Answer:") && third.ends_with("Question: where is it? Answer:"), "{third}");
+    assert!(
+        third.starts_with("Question: what is this? Answer:")
+            && third.ends_with("Question: where is it? Answer:"),
+        "{third}"
+    );
     // Too many new tokens for any question: each line says so, nothing else breaks.
-    let o = run_stdin(&["chat", photo("chelsea.png").to_str().unwrap(), "--max-new-tokens", "127"], &m, b"hi\n");
+    let o = run_stdin(
+        &["chat", photo("chelsea.png").to_str().unwrap(), "--max-new-tokens", "127"],
+        &m,
+        b"hi\n",
+    );
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("--max-new-tokens"), "{}", stderr(&o));
 }
@@ -216,19 +307,55 @@ fn caption_prints_nothing_when_a_later_image_is_unreadable() {
     let bad = m.parent().unwrap().join("broken.png");
     std::fs::write(&bad, b"not a png").unwrap();
     let good = photo("chelsea.png");
-    let o = run(&["caption", "--batch-size", "1", good.to_str().unwrap(), good.to_str().unwrap(), bad.to_str().unwrap()], &m);
+    let o = run(
+        &[
+            "caption",
+            "--batch-size",
+            "1",
+            good.to_str().unwrap(),
+            good.to_str().unwrap(),
+            bad.to_str().unwrap(),
+        ],
+        &m,
+    );
     assert_eq!(o.status.code(), Some(1));
     assert!(o.stdout.is_empty(), "stdout: {}", String::from_utf8_lossy(&o.stdout));
     assert!(stderr(&o).contains("broken.png"), "{}", stderr(&o));
-    let o = run(&["caption", "--batch-size", "1", good.to_str().unwrap(), "/no/such/later.png"], &m);
+    let o =
+        run(&["caption", "--batch-size", "1", good.to_str().unwrap(), "/no/such/later.png"], &m);
     assert_eq!(o.status.code(), Some(1));
     assert!(o.stdout.is_empty());
     // Batching is unchanged: the same captions at any batch size.
-    let one = run(&["caption", "--batch-size", "1", good.to_str().unwrap(), photo("camera.png").to_str().unwrap(), "--max-new-tokens", "10"], &m);
-    let two = run(&["caption", "--batch-size", "2", good.to_str().unwrap(), photo("camera.png").to_str().unwrap(), "--max-new-tokens", "10"], &m);
+    let one = run(
+        &[
+            "caption",
+            "--batch-size",
+            "1",
+            good.to_str().unwrap(),
+            photo("camera.png").to_str().unwrap(),
+            "--max-new-tokens",
+            "10",
+        ],
+        &m,
+    );
+    let two = run(
+        &[
+            "caption",
+            "--batch-size",
+            "2",
+            good.to_str().unwrap(),
+            photo("camera.png").to_str().unwrap(),
+            "--max-new-tokens",
+            "10",
+        ],
+        &m,
+    );
     assert!(one.status.success(), "{}", stderr(&one));
     assert_eq!(one.stdout, two.stdout);
-    assert_eq!(String::from_utf8_lossy(&one.stdout).lines().next().unwrap(), reference("opt-tiny", "caption")["texts"][0].as_str().unwrap());
+    assert_eq!(
+        String::from_utf8_lossy(&one.stdout).lines().next().unwrap(),
+        reference("opt-tiny", "caption")["texts"][0].as_str().unwrap()
+    );
 }
 
 /// Item 7: an export folder whose manifest is gone is named as such, not exported as if
@@ -240,7 +367,10 @@ fn an_export_folder_without_its_manifest_is_named() {
     let o = run(&["caption", photo("chelsea.png").to_str().unwrap()], &m);
     assert_eq!(o.status.code(), Some(1));
     let e = stderr(&o);
-    assert!(e.contains("export folder without its blip2_manifest.json") && e.contains("--force"), "{e}");
+    assert!(
+        e.contains("export folder without its blip2_manifest.json") && e.contains("--force"),
+        "{e}"
+    );
     assert!(!e.contains("model.safetensors"), "{e}");
     assert!(!e.contains("exporting"), "{e}");
 }
@@ -269,7 +399,10 @@ fn error_causes_are_not_repeated() {
 
 /// Fails if some stretch of 30 or more characters of the error line occurs twice.
 fn assert_no_repeats(e: &str) {
-    let line = e.lines().find(|l| l.starts_with("error: ")).unwrap_or_else(|| panic!("no error line: {e}"));
+    let line = e
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("no error line: {e}"));
     let chars: Vec<char> = line.chars().collect();
     for i in 0..chars.len().saturating_sub(30) {
         let piece: String = chars[i..i + 30].iter().collect();
@@ -285,19 +418,36 @@ fn batch_runs_good_lines_and_reports_bad_ones() {
     std::fs::write(dir.join("notes.txt"), "not an image").unwrap();
     let mut lines: Vec<u8> = Vec::new();
     lines.extend_from_slice(b"{\"image\": \"cat.png\"}\n");
-    lines.extend_from_slice(format!("{{\"image\": \"{}\", \"prompt\": \"a photo of the\"}}\n", photo("rocket.jpg").display()).as_bytes());
+    lines.extend_from_slice(
+        format!(
+            "{{\"image\": \"{}\", \"prompt\": \"a photo of the\"}}\n",
+            photo("rocket.jpg").display()
+        )
+        .as_bytes(),
+    );
     lines.extend_from_slice(b"\n"); // empty: skipped
     lines.extend_from_slice(b"{not json\n");
     lines.extend_from_slice(b"{\"image\": \"notes.txt\"}\n");
     lines.extend_from_slice(b"{\"image\": \"missing.png\"}\n");
     lines.extend_from_slice(b"\xff\xfe not utf-8\n");
-    lines.extend_from_slice(format!("{{\"image\": \"{}\", \"question\": \"what is in the picture?\"}}\n", photo("no_time_for_that_tiny.gif").display()).as_bytes());
+    lines.extend_from_slice(
+        format!(
+            "{{\"image\": \"{}\", \"question\": \"what is in the picture?\"}}\n",
+            photo("no_time_for_that_tiny.gif").display()
+        )
+        .as_bytes(),
+    );
     std::fs::write(dir.join("requests.jsonl"), &lines).unwrap();
-    let o = run(&["batch", dir.join("requests.jsonl").to_str().unwrap(), "--max-new-tokens", "10"], &m);
+    let o =
+        run(&["batch", dir.join("requests.jsonl").to_str().unwrap(), "--max-new-tokens", "10"], &m);
     assert_eq!(o.status.code(), Some(1), "bad lines make the exit code non-zero");
     let got = json_lines(&o);
     let line_nos: Vec<i64> = got.iter().map(|g| g["line"].as_i64().unwrap()).collect();
-    assert_eq!(line_nos, vec![1, 2, 4, 5, 6, 7, 8], "one result per non-empty line, in input order");
+    assert_eq!(
+        line_nos,
+        vec![1, 2, 4, 5, 6, 7, 8],
+        "one result per non-empty line, in input order"
+    );
     assert_eq!(got[0]["token_ids"], reference("opt-tiny-sharded", "batch_row0")["sequences"][0]);
     assert_eq!(got[1]["token_ids"], reference("opt-tiny-sharded", "batch_row1")["sequences"][0]);
     assert_eq!(got[6]["token_ids"], reference("opt-tiny-sharded", "batch_row2")["sequences"][0]);
@@ -335,10 +485,16 @@ fn over_long_prompt_is_refused() {
 #[test]
 fn generation_flags_are_validated() {
     let m = export("opt-tiny", "flags");
-    let o = run(&["caption", photo("chelsea.png").to_str().unwrap(), "--num-return-sequences", "2"], &m);
+    let o = run(
+        &["caption", photo("chelsea.png").to_str().unwrap(), "--num-return-sequences", "2"],
+        &m,
+    );
     assert_eq!(o.status.code(), Some(2), "flags that contradict each other are a usage error");
     assert!(stderr(&o).contains("--num-return-sequences"), "{}", stderr(&o));
-    let o = run(&["caption", photo("chelsea.png").to_str().unwrap(), "--do-sample", "--top-p", "1.5"], &m);
+    let o = run(
+        &["caption", photo("chelsea.png").to_str().unwrap(), "--do-sample", "--top-p", "1.5"],
+        &m,
+    );
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--top-p"), "{}", stderr(&o));
 }
@@ -349,7 +505,9 @@ fn generation_flags_are_validated() {
 fn unused_generation_flags_are_checked_too() {
     let m = export("opt-tiny", "unused-flags");
     let img = photo("chelsea.png");
-    for (flag, value) in [("--top-p", "1.5"), ("--top-p", "0"), ("--temperature", "0"), ("--temperature", "-2")] {
+    for (flag, value) in
+        [("--top-p", "1.5"), ("--top-p", "0"), ("--temperature", "0"), ("--temperature", "-2")]
+    {
         let o = run(&["caption", img.to_str().unwrap(), flag, value], &m);
         assert_eq!(o.status.code(), Some(2), "{flag} {value} without --do-sample: {}", stderr(&o));
         assert!(stderr(&o).contains(flag), "{}", stderr(&o));
@@ -357,7 +515,20 @@ fn unused_generation_flags_are_checked_too() {
     }
     // Values in range are accepted without sampling, and change nothing.
     let plain = run(&["caption", img.to_str().unwrap(), "--max-new-tokens", "10", "--json"], &m);
-    let with = run(&["caption", img.to_str().unwrap(), "--max-new-tokens", "10", "--json", "--top-p", "0.5", "--temperature", "0.7"], &m);
+    let with = run(
+        &[
+            "caption",
+            img.to_str().unwrap(),
+            "--max-new-tokens",
+            "10",
+            "--json",
+            "--top-p",
+            "0.5",
+            "--temperature",
+            "0.7",
+        ],
+        &m,
+    );
     assert!(with.status.success(), "{}", stderr(&with));
     assert_eq!(plain.stdout, with.stdout);
 }
@@ -387,7 +558,19 @@ fn negative_and_out_of_range_values_name_their_flag_and_exit_2() {
         assert!(o.stdout.is_empty());
     }
     // A negative length penalty is valid (it favours shorter beams).
-    let o = run(&["caption", img.to_str().unwrap(), "--num-beams", "2", "--length-penalty", "-0.5", "--max-new-tokens", "3"], &m);
+    let o = run(
+        &[
+            "caption",
+            img.to_str().unwrap(),
+            "--num-beams",
+            "2",
+            "--length-penalty",
+            "-0.5",
+            "--max-new-tokens",
+            "3",
+        ],
+        &m,
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     // Other usage errors: an unknown flag, no --model.
     let o = run(&["caption", img.to_str().unwrap(), "--no-such-flag"], &m);
@@ -401,8 +584,20 @@ fn negative_and_out_of_range_values_name_their_flag_and_exit_2() {
 fn sampling_with_a_seed_is_reproducible_from_the_cli() {
     let m = export("opt-tiny", "seed");
     let img = photo("rocket.jpg");
-    let args = ["caption", img.to_str().unwrap(), "--do-sample", "--seed", "11", "--top-k", "0",
-                "--temperature", "2.0", "--max-new-tokens", "12", "--json"];
+    let args = [
+        "caption",
+        img.to_str().unwrap(),
+        "--do-sample",
+        "--seed",
+        "11",
+        "--top-k",
+        "0",
+        "--temperature",
+        "2.0",
+        "--max-new-tokens",
+        "12",
+        "--json",
+    ];
     let a = run(&args, &m);
     let b = run(&args, &m);
     assert!(a.status.success(), "{}", stderr(&a));
@@ -428,23 +623,34 @@ fn cuda_graph_profile_names_the_exports_it_cannot_capture() {
     // The cuda-graph profile captures the decode step of an OPT --target cuda export; any
     // other export is refused before a session is built, naming the profile and why.
     let chelsea = photo("chelsea.png");
-    for (name, flags, kind) in [("opt-tiny", &[][..], "opt portable"), ("t5-tiny", &["--target", "cuda"][..], "t5 --target cuda")] {
+    for (name, flags, kind) in [
+        ("opt-tiny", &[][..], "opt portable"),
+        ("t5-tiny", &["--target", "cuda"][..], "t5 --target cuda"),
+    ] {
         let m = export_with(name, &format!("cuda-graph-{name}"), flags);
         let o = run(&["--ep", "cuda-graph", "caption", chelsea.to_str().unwrap()], &m);
         assert_eq!(o.status.code(), Some(1));
         let e = stderr(&o);
-        assert!(e.contains("profile \"cuda-graph\" sets cuda_graph = true") && e.contains(kind), "{e}");
+        assert!(
+            e.contains("profile \"cuda-graph\" sets cuda_graph = true") && e.contains(kind),
+            "{e}"
+        );
     }
     // GroupQueryAttention runs on CUDA in fp16 only: an fp32 CUDA-target export is refused.
     let m = export_with("opt-tiny", "cuda-graph-fp32", &["--target", "cuda"]);
     let o = run(&["--ep", "cuda-graph", "caption", chelsea.to_str().unwrap()], &m);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("fp32 export") && stderr(&o).contains("--dtype fp16"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("fp32 export") && stderr(&o).contains("--dtype fp16"),
+        "{}",
+        stderr(&o)
+    );
     if Path::new("/dev/nvidia0").exists() {
         return; // a GPU machine can run it
     }
     // A capturable export on a machine without CUDA: the provider's own clear failure.
-    let m = export_with("opt-tiny", "cuda-graph-capturable", &["--target", "cuda", "--dtype", "fp16"]);
+    let m =
+        export_with("opt-tiny", "cuda-graph-capturable", &["--target", "cuda", "--dtype", "fp16"]);
     let o = run(&["--ep", "cuda-graph", "caption", chelsea.to_str().unwrap()], &m);
     assert_eq!(o.status.code(), Some(1), "no silent CPU fallback");
     assert!(stderr(&o).contains("CUDA"), "{}", stderr(&o));
@@ -453,13 +659,20 @@ fn cuda_graph_profile_names_the_exports_it_cannot_capture() {
 /// `infer --model CK caption chelsea.png` with its own blip2-ort cache folder (where a
 /// checkpoint's export is kept), ONNX Runtime found where the tests found it.
 fn caption_with_cache(cache: &Path, ck: &Path) -> Output {
-    let dylib = blip2_runtime::ort_env::find_dylib().expect("ONNX Runtime installed (scripts/test does it)");
+    let dylib = blip2_runtime::ort_env::find_dylib()
+        .expect("ONNX Runtime installed (scripts/test does it)");
     bin()
         .env("BLIP2_ORT_CACHE", cache)
         .env("ORT_DYLIB_PATH", &dylib)
         .args(["infer", "--model"])
         .arg(ck)
-        .args(["caption", photo("chelsea.png").to_str().unwrap(), "--max-new-tokens", "10", "--json"])
+        .args([
+            "caption",
+            photo("chelsea.png").to_str().unwrap(),
+            "--max-new-tokens",
+            "10",
+            "--json",
+        ])
         .output()
         .unwrap()
 }
@@ -475,7 +688,10 @@ fn a_checkpoint_folder_is_exported_once_into_the_cache() {
     let second = go();
     assert!(!stderr(&second).contains("exporting"), "the second run reuses the cached export");
     assert_eq!(first.stdout, second.stdout);
-    assert_eq!(json_lines(&first)[0]["token_ids"], reference("opt-tiny", "caption")["sequences"][0]);
+    assert_eq!(
+        json_lines(&first)[0]["token_ids"],
+        reference("opt-tiny", "caption")["sequences"][0]
+    );
 }
 
 /// Item 3: another checkpoint put at the same path gets its own export, not the old
@@ -487,7 +703,9 @@ fn the_cached_export_follows_the_checkpoint_content() {
     let put = |name: &str| {
         let _ = std::fs::remove_dir_all(&ck);
         std::fs::create_dir_all(&ck).unwrap();
-        for e in std::fs::read_dir(root().join("tests/fixtures").join(name).join("checkpoint")).unwrap() {
+        for e in
+            std::fs::read_dir(root().join("tests/fixtures").join(name).join("checkpoint")).unwrap()
+        {
             let e = e.unwrap();
             std::fs::copy(e.path(), ck.join(e.file_name())).unwrap();
         }
@@ -496,12 +714,22 @@ fn the_cached_export_follows_the_checkpoint_content() {
     put("opt-tiny");
     let first = go();
     assert!(first.status.success(), "{}", stderr(&first));
-    assert_eq!(json_lines(&first)[0]["token_ids"], reference("opt-tiny", "caption")["sequences"][0]);
+    assert_eq!(
+        json_lines(&first)[0]["token_ids"],
+        reference("opt-tiny", "caption")["sequences"][0]
+    );
     put("opt-tiny-sharded");
     let second = go();
     assert!(second.status.success(), "{}", stderr(&second));
-    assert!(stderr(&second).contains("exporting"), "a changed checkpoint is exported again: {}", stderr(&second));
-    assert_eq!(json_lines(&second)[0]["token_ids"], reference("opt-tiny-sharded", "caption")["sequences"][0]);
+    assert!(
+        stderr(&second).contains("exporting"),
+        "a changed checkpoint is exported again: {}",
+        stderr(&second)
+    );
+    assert_eq!(
+        json_lines(&second)[0]["token_ids"],
+        reference("opt-tiny-sharded", "caption")["sequences"][0]
+    );
     // Only the export of the current content is kept.
     let local = dir.join("cache/models/local");
     assert_eq!(std::fs::read_dir(&local).unwrap().count(), 1);
@@ -525,7 +753,16 @@ fn bench_reports_the_keys_hf_generate_bench_uses() {
             .unwrap();
         assert!(o.status.success(), "{test}: {}", stderr(&o));
         let v: Value = serde_json::from_slice(&o.stdout).unwrap();
-        for k in ["generate_b1_ms", "generate_b2_ms", "images_per_s_b1", "images_per_s_b2", "peak_rss_MB", "qformer_b1_ms", "ttft_b1_ms", "decode_step_b1_ms"] {
+        for k in [
+            "generate_b1_ms",
+            "generate_b2_ms",
+            "images_per_s_b1",
+            "images_per_s_b2",
+            "peak_rss_MB",
+            "qformer_b1_ms",
+            "ttft_b1_ms",
+            "decode_step_b1_ms",
+        ] {
             assert!(v[k].as_f64().is_some_and(|x| x > 0.0), "{test}: missing or bad {k}: {v}");
         }
         assert!(v["vision_b1_ms"].as_f64().is_some_and(|x| x >= 0.0), "{test}: {v}");
@@ -540,15 +777,30 @@ fn bench_reports_the_keys_hf_generate_bench_uses() {
 #[test]
 fn cuda_target_exports_answer_like_transformers_from_the_cli() {
     let m = export_with("opt-tiny", "infer-cuda-target", &["--target", "cuda"]);
-    let manifest: Value = serde_json::from_str(&std::fs::read_to_string(m.join("blip2_manifest.json")).unwrap()).unwrap();
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(m.join("blip2_manifest.json")).unwrap())
+            .unwrap();
     assert_eq!(manifest["target"], "cuda");
     let chelsea = photo("chelsea.png");
     let o = run(&["caption", chelsea.to_str().unwrap(), "--max-new-tokens", "10", "--json"], &m);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(json_lines(&o)[0]["token_ids"], reference("opt-tiny", "caption")["sequences"][0]);
     // Beam search: the buffers follow the beams through kv_reorder.
-    let args = ["caption", chelsea.to_str().unwrap(), "--prompt", "a photo of", "--max-new-tokens", "10",
-                "--num-beams", "3", "--length-penalty", "0.5", "--num-return-sequences", "2", "--json"];
+    let args = [
+        "caption",
+        chelsea.to_str().unwrap(),
+        "--prompt",
+        "a photo of",
+        "--max-new-tokens",
+        "10",
+        "--num-beams",
+        "3",
+        "--length-penalty",
+        "0.5",
+        "--num-return-sequences",
+        "2",
+        "--json",
+    ];
     let o = run(&args, &m);
     assert!(o.status.success(), "{}", stderr(&o));
     let got: Vec<Value> = json_lines(&o).iter().map(|l| l["token_ids"].clone()).collect();
@@ -571,7 +823,10 @@ fn truncated_jpeg_is_refused_and_a_batch_goes_on() {
     assert_eq!(o.status.code(), Some(1));
     let e = stderr(&o);
     assert_eq!(e.lines().count(), 1, "{e}");
-    assert!(e.starts_with("error: ") && e.contains("truncated.jpg: image file is truncated"), "{e}");
+    assert!(
+        e.starts_with("error: ") && e.contains("truncated.jpg: image file is truncated"),
+        "{e}"
+    );
     assert!(o.stdout.is_empty(), "nothing is printed for a refused image");
 
     // In a batch the line reports the error and the other lines run, upright.
@@ -582,7 +837,8 @@ fn truncated_jpeg_is_refused_and_a_batch_goes_on() {
         photo("variants/exif6.jpg").display()
     );
     std::fs::write(dir.join("requests.jsonl"), lines).unwrap();
-    let o = run(&["batch", dir.join("requests.jsonl").to_str().unwrap(), "--max-new-tokens", "10"], &m);
+    let o =
+        run(&["batch", dir.join("requests.jsonl").to_str().unwrap(), "--max-new-tokens", "10"], &m);
     assert_eq!(o.status.code(), Some(1));
     let got = json_lines(&o);
     assert_eq!(got.len(), 2);

@@ -16,7 +16,11 @@ fn text_files(dir: &Path, out: &mut Vec<PathBuf>) {
         }
         if p.is_dir() {
             text_files(&p, out);
-        } else if ["rs", "md", "sh", "py", "toml", "txt"].iter().any(|x| name.ends_with(&format!(".{x}"))) || ["quickstart", "test", "run"].contains(&name.as_str()) {
+        } else if ["rs", "md", "sh", "py", "toml", "txt"]
+            .iter()
+            .any(|x| name.ends_with(&format!(".{x}")))
+            || ["quickstart", "test", "run"].contains(&name.as_str())
+        {
             out.push(p);
         }
     }
@@ -40,13 +44,22 @@ fn nothing_points_outside_the_repository() {
 #[test]
 fn the_benchmark_scripts_the_docs_name_are_here() {
     let root = root();
-    for script in ["scripts/hf_generate_bench.py", "scripts/random_checkpoint.py", "scripts/compare_bench.sh"] {
+    for script in
+        ["scripts/hf_generate_bench.py", "scripts/random_checkpoint.py", "scripts/compare_bench.sh"]
+    {
         assert!(root.join(script).is_file(), "{script} missing");
     }
     let compare = std::fs::read_to_string(root.join("scripts/compare_bench.sh")).unwrap();
-    assert!(compare.contains("HF_BENCH=\"${HF_BENCH:-$ROOT/scripts/hf_generate_bench.py}\""), "compare_bench.sh runs the project's own script");
+    assert!(
+        compare.contains("HF_BENCH=\"${HF_BENCH:-$ROOT/scripts/hf_generate_bench.py}\""),
+        "compare_bench.sh runs the project's own script"
+    );
     for doc in ["README.md", "docs/PERFORMANCE.md"] {
         let text = std::fs::read_to_string(root.join(doc)).unwrap();
-        assert!(text.contains("scripts/hf_generate_bench.py") && text.contains("scripts/random_checkpoint.py"), "{doc}");
+        assert!(
+            text.contains("scripts/hf_generate_bench.py")
+                && text.contains("scripts/random_checkpoint.py"),
+            "{doc}"
+        );
     }
 }

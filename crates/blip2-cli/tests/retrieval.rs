@@ -29,7 +29,13 @@ fn bin() -> Command {
 
 fn export(name: &str, test: &str) -> PathBuf {
     let out = tmp(test).join("model");
-    let o = bin().args(["export", "--quiet"]).arg(root().join("tests/fixtures").join(name).join("checkpoint")).arg("-o").arg(&out).output().unwrap();
+    let o = bin()
+        .args(["export", "--quiet"])
+        .arg(root().join("tests/fixtures").join(name).join("checkpoint"))
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     out
 }
@@ -58,18 +64,25 @@ fn npy(path: &Path) -> (Vec<f32>, Vec<usize>) {
     assert_eq!(&b[..8], b"\x93NUMPY\x01\x00", "{}", path.display());
     let hlen = u16::from_le_bytes([b[8], b[9]]) as usize;
     let header = std::str::from_utf8(&b[10..10 + hlen]).unwrap();
-    assert!(header.contains("'descr': '<f4'") && header.contains("'fortran_order': False"), "{header}");
+    assert!(
+        header.contains("'descr': '<f4'") && header.contains("'fortran_order': False"),
+        "{header}"
+    );
     let shape_txt = header.split("'shape': (").nth(1).unwrap().split(')').next().unwrap();
     let shape: Vec<usize> = shape_txt.split(',').filter_map(|s| s.trim().parse().ok()).collect();
-    let values: Vec<f32> = b[10 + hlen..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    let values: Vec<f32> =
+        b[10 + hlen..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
     assert_eq!(values.len(), shape.iter().product::<usize>(), "{}", path.display());
     (values, shape)
 }
 
 fn reference(name: &str) -> Reference {
     let d = root().join("tests/fixtures").join(name).join("reference");
-    let j: Value = serde_json::from_str(&std::fs::read_to_string(d.join("reference.json")).unwrap()).unwrap();
-    let strs = |k: &str| -> Vec<String> { j[k].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect() };
+    let j: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("reference.json")).unwrap()).unwrap();
+    let strs = |k: &str| -> Vec<String> {
+        j[k].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect()
+    };
     let mut arrays = std::collections::HashMap::new();
     for k in ["image_embeds", "text_embeds", "itm", "itc"] {
         arrays.insert(k, npy(&d.join(format!("{k}.npy"))));
@@ -103,7 +116,13 @@ fn itm_prints_transformers_itm_and_itc_per_text() {
         let t = r.texts.len();
         for (i, p) in r.photos.iter().enumerate() {
             // --batch-size 3 splits the four texts into two ITM calls.
-            let mut args = vec!["itm".to_string(), photo(p), "--json".into(), "--batch-size".into(), "3".into()];
+            let mut args = vec![
+                "itm".to_string(),
+                photo(p),
+                "--json".into(),
+                "--batch-size".into(),
+                "3".into(),
+            ];
             for text in &r.texts {
                 args.extend(["--text".into(), text.clone()]);
             }
@@ -116,13 +135,16 @@ fn itm_prints_transformers_itm_and_itc_per_text() {
                 assert_eq!(l["text"], r.texts[j].as_str());
                 assert_eq!(l["image"], photo(p).as_str());
             }
-            let got_itm: Vec<f32> = lines.iter().map(|l| l["itm"].as_f64().unwrap() as f32).collect();
-            let got_itc: Vec<f32> = lines.iter().map(|l| l["itc"].as_f64().unwrap() as f32).collect();
+            let got_itm: Vec<f32> =
+                lines.iter().map(|l| l["itm"].as_f64().unwrap() as f32).collect();
+            let got_itc: Vec<f32> =
+                lines.iter().map(|l| l["itc"].as_f64().unwrap() as f32).collect();
             assert_close(&format!("{name} {p}: itm"), &got_itm, &itm[i * t..(i + 1) * t]);
             assert_close(&format!("{name} {p}: itc"), &got_itc, &itc[i * t..(i + 1) * t]);
         }
         // Without --json: one tab-separated line per text: itm, itc, text.
-        let o = run(&m, &["itm", &photo(&r.photos[0]), "--text", &r.texts[0], "--text", &r.texts[1]]);
+        let o =
+            run(&m, &["itm", &photo(&r.photos[0]), "--text", &r.texts[0], "--text", &r.texts[1]]);
         assert!(o.status.success(), "{}", stderr(&o));
         let out = String::from_utf8_lossy(&o.stdout).into_owned();
         let lines: Vec<&str> = out.lines().collect();
@@ -144,7 +166,10 @@ fn embeddings_equal_transformers_in_json_and_npy() {
     let o = run(&m, &args);
     assert!(o.status.success(), "{}", stderr(&o));
     let lines = json_lines(&o);
-    assert_eq!(lines.iter().map(|l| l["image"].as_str().unwrap().to_string()).collect::<Vec<_>>(), photos);
+    assert_eq!(
+        lines.iter().map(|l| l["image"].as_str().unwrap().to_string()).collect::<Vec<_>>(),
+        photos
+    );
     let (want, shape) = &r.arrays["image_embeds"];
     assert_eq!(lines[0]["embedding"].as_array().unwrap().len(), shape[1], "one row per query");
     let got: Vec<f32> = lines.iter().flat_map(|l| floats(&l["embedding"])).collect();
@@ -164,7 +189,10 @@ fn embeddings_equal_transformers_in_json_and_npy() {
     let o = run(&m, &args);
     assert!(o.status.success(), "{}", stderr(&o));
     let lines = json_lines(&o);
-    assert_eq!(lines.iter().map(|l| l["text"].as_str().unwrap().to_string()).collect::<Vec<_>>(), r.texts);
+    assert_eq!(
+        lines.iter().map(|l| l["text"].as_str().unwrap().to_string()).collect::<Vec<_>>(),
+        r.texts
+    );
     let got: Vec<f32> = lines.iter().flat_map(|l| floats(&l["embedding"])).collect();
     let (want, shape) = &r.arrays["text_embeds"];
     assert_close("embed-text --json", &got, want);
@@ -197,8 +225,13 @@ fn rank_orders_images_by_itc_and_reranks_by_itm() {
         let o = run(&m, &args);
         assert!(o.status.success(), "{}", stderr(&o));
         let lines = json_lines(&o);
-        let order: Vec<String> = lines.iter().map(|l| l["image"].as_str().unwrap().to_string()).collect();
-        assert_eq!(order, by_itc.iter().map(|&i| photos[i].clone()).collect::<Vec<_>>(), "{text:?}");
+        let order: Vec<String> =
+            lines.iter().map(|l| l["image"].as_str().unwrap().to_string()).collect();
+        assert_eq!(
+            order,
+            by_itc.iter().map(|&i| photos[i].clone()).collect::<Vec<_>>(),
+            "{text:?}"
+        );
         let scores: Vec<f32> = lines.iter().map(|l| l["itc"].as_f64().unwrap() as f32).collect();
         assert_close("rank itc", &scores, &by_itc.iter().map(|&i| col(itc, i)).collect::<Vec<_>>());
         assert!(lines.iter().all(|l| l.get("itm").is_none()));
@@ -211,10 +244,19 @@ fn rank_orders_images_by_itc_and_reranks_by_itm() {
         let mut top = by_itc[..2].to_vec();
         top.sort_by(|&a, &b| col(itm, b).total_cmp(&col(itm, a)));
         top.extend(&by_itc[2..]);
-        let order: Vec<String> = lines.iter().map(|l| l["image"].as_str().unwrap().to_string()).collect();
-        assert_eq!(order, top.iter().map(|&i| photos[i].clone()).collect::<Vec<_>>(), "{text:?} reranked");
+        let order: Vec<String> =
+            lines.iter().map(|l| l["image"].as_str().unwrap().to_string()).collect();
+        assert_eq!(
+            order,
+            top.iter().map(|&i| photos[i].clone()).collect::<Vec<_>>(),
+            "{text:?} reranked"
+        );
         let p: Vec<f32> = lines[..2].iter().map(|l| l["itm"].as_f64().unwrap() as f32).collect();
-        assert_close("rank --rerank itm", &p, &top[..2].iter().map(|&i| col(itm, i)).collect::<Vec<_>>());
+        assert_close(
+            "rank --rerank itm",
+            &p,
+            &top[..2].iter().map(|&i| col(itm, i)).collect::<Vec<_>>(),
+        );
         assert!(lines[2].get("itm").is_none());
     }
 }
@@ -223,18 +265,32 @@ fn rank_orders_images_by_itc_and_reranks_by_itm() {
 fn each_kind_of_export_refuses_the_other_kinds_tasks() {
     let retrieval = export("itm-tiny", "kinds-retrieval");
     let chelsea = photo("chelsea.png");
-    for args in [vec!["caption", chelsea.as_str()], vec!["vqa", chelsea.as_str(), "--question", "what?"]] {
+    for args in
+        [vec!["caption", chelsea.as_str()], vec!["vqa", chelsea.as_str(), "--question", "what?"]]
+    {
         let o = run(&retrieval, &args);
         assert_eq!(o.status.code(), Some(1), "{args:?}");
         let e = stderr(&o);
-        assert!(e.contains("image-text retrieval export") && e.contains("itm, embed-image, embed-text and rank"), "{e}");
+        assert!(
+            e.contains("image-text retrieval export")
+                && e.contains("itm, embed-image, embed-text and rank"),
+            "{e}"
+        );
     }
     let captioning = export("opt-tiny", "kinds-captioning");
-    for args in [vec!["itm", chelsea.as_str(), "--text", "a cat"], vec!["embed-text", "a cat"], vec!["rank", "--text", "a cat", chelsea.as_str()]] {
+    for args in [
+        vec!["itm", chelsea.as_str(), "--text", "a cat"],
+        vec!["embed-text", "a cat"],
+        vec!["rank", "--text", "a cat", chelsea.as_str()],
+    ] {
         let o = run(&captioning, &args);
         assert_eq!(o.status.code(), Some(1), "{args:?}");
         let e = stderr(&o);
-        assert!(e.contains("captioning export (family \"opt\")") && e.contains("caption, vqa, chat and batch"), "{e}");
+        assert!(
+            e.contains("captioning export (family \"opt\")")
+                && e.contains("caption, vqa, chat and batch"),
+            "{e}"
+        );
     }
 }
 
@@ -250,7 +306,18 @@ fn bad_input_is_named() {
     assert!(lines[1]["error"].as_str().unwrap().contains("missing.png"), "{}", lines[1]);
     // --format npy writes nothing when an image fails.
     let out = tmp("bad-npy").join("x.npy");
-    let o = run(&m, &["embed-image", "--format", "npy", "-o", out.to_str().unwrap(), &photo("chelsea.png"), missing.to_str().unwrap()]);
+    let o = run(
+        &m,
+        &[
+            "embed-image",
+            "--format",
+            "npy",
+            "-o",
+            out.to_str().unwrap(),
+            &photo("chelsea.png"),
+            missing.to_str().unwrap(),
+        ],
+    );
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("missing.png"));
     assert!(!out.exists());

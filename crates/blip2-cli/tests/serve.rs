@@ -51,14 +51,23 @@ fn serve_prints_its_address_answers_and_exits_0_on_sigterm() {
         .unwrap();
     let mut first = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
-    let addr = first.trim().strip_prefix("listening on http://").unwrap_or_else(|| panic!("first stdout line: {first:?}")).to_string();
+    let addr = first
+        .trim()
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("first stdout line: {first:?}"))
+        .to_string();
     assert_eq!(get_status(&addr, "/health"), "HTTP/1.1 200 OK");
     assert_eq!(get_status(&addr, "/v1/models"), "HTTP/1.1 200 OK");
     unsafe {
         libc::kill(child.id() as i32, libc::SIGTERM);
     }
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "exit status {:?}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "exit status {:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(TcpStream::connect(&addr).is_err(), "no longer listening");
 }
 
@@ -68,7 +77,10 @@ fn bad_flags_exit_2_and_bad_models_exit_1_before_listening() {
         (vec!["serve", "--model", "x", "--max-batch", "0"], "--max-batch"),
         (vec!["serve", "--model", "x", "--max-queue", "0"], "--max-queue"),
         (vec!["serve", "--model", "x", "--port", "70000"], "--port"),
-        (vec!["serve", "--model", "x", "--allowed-local-media-path", "/no/such/folder"], "--allowed-local-media-path"),
+        (
+            vec!["serve", "--model", "x", "--allowed-local-media-path", "/no/such/folder"],
+            "--allowed-local-media-path",
+        ),
         (vec!["serve"], "--model"),
     ] {
         let o = bin().args(&args).env_remove("BLIP2_ORT_API_KEY").output().unwrap();

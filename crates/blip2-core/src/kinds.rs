@@ -99,7 +99,12 @@ impl EncoderQuantization {
 }
 
 impl GraphKind {
-    pub const ALL: [GraphKind; 4] = [GraphKind::VisionEncoder, GraphKind::QFormer, GraphKind::TextEncoder, GraphKind::LanguageModel];
+    pub const ALL: [GraphKind; 4] = [
+        GraphKind::VisionEncoder,
+        GraphKind::QFormer,
+        GraphKind::TextEncoder,
+        GraphKind::LanguageModel,
+    ];
 
     /// The graph's name in profiles (`[profiles.x.graphs.NAME]`) and messages.
     pub const fn name(self) -> &'static str {
@@ -133,7 +138,10 @@ mod tests {
         assert_eq!(s(serde_json::to_value(Family::T5).unwrap()), "t5");
         assert_eq!(s(serde_json::to_value(Dtype::Fp16).unwrap()), "fp16");
         assert_eq!(s(serde_json::to_value(Quantization::Int4).unwrap()), "int4");
-        assert_eq!(s(serde_json::to_value(EncoderQuantization::Int8Dynamic).unwrap()), "int8-dynamic");
+        assert_eq!(
+            s(serde_json::to_value(EncoderQuantization::Int8Dynamic).unwrap()),
+            "int8-dynamic"
+        );
         assert_eq!(serde_json::from_str::<Family>("\"opt\"").unwrap(), Family::Opt);
         assert!(serde_json::from_str::<Family>("\"llama\"").is_err());
         for k in GraphKind::ALL {

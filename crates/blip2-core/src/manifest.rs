@@ -246,8 +246,10 @@ impl Manifest {
                 ),
             });
         }
-        let text = std::fs::read_to_string(&path).map_err(|source| ManifestError::Io { path: p.clone(), source })?;
-        let m: Manifest = serde_json::from_str(&text).map_err(|source| ManifestError::Parse { path: p.clone(), source })?;
+        let text = std::fs::read_to_string(&path)
+            .map_err(|source| ManifestError::Io { path: p.clone(), source })?;
+        let m: Manifest = serde_json::from_str(&text)
+            .map_err(|source| ManifestError::Parse { path: p.clone(), source })?;
         if m.manifest_version != MANIFEST_VERSION {
             return Err(ManifestError::Version { path: p, found: m.manifest_version });
         }
@@ -280,11 +282,16 @@ mod tests {
 
     #[test]
     fn early_stopping_reads_as_transformers_writes_it() {
-        let g: GenerationDefaults = serde_json::from_str(r#"{"early_stopping": "never", "num_beams": 4}"#).unwrap();
+        let g: GenerationDefaults =
+            serde_json::from_str(r#"{"early_stopping": "never", "num_beams": 4}"#).unwrap();
         assert_eq!(g.early_stopping, Some(EarlyStoppingSetting::Word(Never::Never)));
         let g: GenerationDefaults = serde_json::from_str(r#"{"early_stopping": true}"#).unwrap();
         assert_eq!(g.early_stopping, Some(EarlyStoppingSetting::Flag(true)));
-        assert_eq!(serde_json::to_string(&EarlyStoppingSetting::Word(Never::Never)).unwrap(), "\"never\"");
-        assert!(serde_json::from_str::<GenerationDefaults>(r#"{"early_stopping": "sometimes"}"#).is_err());
+        assert_eq!(
+            serde_json::to_string(&EarlyStoppingSetting::Word(Never::Never)).unwrap(),
+            "\"never\""
+        );
+        assert!(serde_json::from_str::<GenerationDefaults>(r#"{"early_stopping": "sometimes"}"#)
+            .is_err());
     }
 }

@@ -75,8 +75,10 @@ struct Head {
 pub fn manifest_family(model_dir: &Path) -> Result<String, ManifestError> {
     let path = model_dir.join(crate::io::MANIFEST_FILE);
     let p = path.display().to_string();
-    let text = std::fs::read_to_string(&path).map_err(|source| ManifestError::Io { path: p.clone(), source })?;
-    let head: Head = serde_json::from_str(&text).map_err(|source| ManifestError::Parse { path: p.clone(), source })?;
+    let text = std::fs::read_to_string(&path)
+        .map_err(|source| ManifestError::Io { path: p.clone(), source })?;
+    let head: Head = serde_json::from_str(&text)
+        .map_err(|source| ManifestError::Parse { path: p.clone(), source })?;
     if head.manifest_version != MANIFEST_VERSION {
         return Err(ManifestError::Version { path: p, found: head.manifest_version });
     }
@@ -99,7 +101,8 @@ impl RetrievalManifest {
                 ),
             });
         }
-        let text = std::fs::read_to_string(&path).map_err(|source| ManifestError::Io { path: p.clone(), source })?;
+        let text = std::fs::read_to_string(&path)
+            .map_err(|source| ManifestError::Io { path: p.clone(), source })?;
         serde_json::from_str(&text).map_err(|source| ManifestError::Parse { path: p, source })
     }
 

@@ -101,12 +101,16 @@ impl GraphOptimization {
 impl FromStr for GraphOptimization {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        Self::NAMES.iter().find(|(n, _)| n.eq_ignore_ascii_case(s.trim())).map(|(_, l)| *l).ok_or_else(|| {
-            format!(
-                "unknown graph_optimization \"{s}\" (known: {})",
-                Self::NAMES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
-            )
-        })
+        Self::NAMES
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(s.trim()))
+            .map(|(_, l)| *l)
+            .ok_or_else(|| {
+                format!(
+                    "unknown graph_optimization \"{s}\" (known: {})",
+                    Self::NAMES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+                )
+            })
     }
 }
 
@@ -158,7 +162,13 @@ impl Profile {
 
     /// The TensorRT engine cache folder, relative paths taken under the blip2-ort cache.
     pub fn engine_cache_dir(&self) -> Option<PathBuf> {
-        self.engine_cache_path.as_ref().map(|p| if p.is_absolute() { p.clone() } else { ort_env::cache_root().join(p) })
+        self.engine_cache_path.as_ref().map(|p| {
+            if p.is_absolute() {
+                p.clone()
+            } else {
+                ort_env::cache_root().join(p)
+            }
+        })
     }
 }
 
@@ -253,11 +263,16 @@ struct PartialProfile {
 
 impl PartialProfile {
     fn from_raw(raw: RawProfile, name: &str, origin: &str) -> Result<Self, ConfigError> {
-        let providers = raw.providers.map(|list| parse_provider_list(&list, name, origin)).transpose()?;
+        let providers =
+            raw.providers.map(|list| parse_provider_list(&list, name, origin)).transpose()?;
         let mut graphs = BTreeMap::new();
         for (graph, g) in raw.graphs {
             if !GRAPHS.contains(&graph.as_str()) {
-                return Err(ConfigError::UnknownGraph { origin: origin.into(), profile: name.into(), name: graph });
+                return Err(ConfigError::UnknownGraph {
+                    origin: origin.into(),
+                    profile: name.into(),
+                    name: graph,
+                });
             }
             graphs.insert(graph, parse_provider_list(&g.providers, name, origin)?);
         }
@@ -302,10 +317,9 @@ impl PartialProfile {
     }
 
     fn resolve(&self, name: &str) -> Result<Profile, ConfigError> {
-        let providers = self
-            .providers
-            .clone()
-            .ok_or_else(|| invalid(&self.origin, name, "no providers list (e.g. providers = [\"cuda\", \"cpu\"])"))?;
+        let providers = self.providers.clone().ok_or_else(|| {
+            invalid(&self.origin, name, "no providers list (e.g. providers = [\"cuda\", \"cpu\"])")
+        })?;
         let profile = Profile {
             name: name.into(),
             providers,
@@ -320,7 +334,10 @@ impl PartialProfile {
             intra_op_threads: self.intra_op_threads,
             graph_optimization: self.graph_optimization.unwrap_or_default(),
         };
-        if profile.cuda_graph && profile.providers_for(GraphKind::LanguageModel.name()).first() != Some(&Provider::Cuda) {
+        if profile.cuda_graph
+            && profile.providers_for(GraphKind::LanguageModel.name()).first()
+                != Some(&Provider::Cuda)
+        {
             return Err(invalid(
                 &self.origin,
                 name,
@@ -332,10 +349,18 @@ impl PartialProfile {
 }
 
 fn invalid(origin: &str, profile: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError::InvalidProfile { origin: origin.into(), profile: profile.into(), message: message.into() }
+    ConfigError::InvalidProfile {
+        origin: origin.into(),
+        profile: profile.into(),
+        message: message.into(),
+    }
 }
 
-fn parse_provider_list(list: &[String], profile: &str, origin: &str) -> Result<Vec<Provider>, ConfigError> {
+fn parse_provider_list(
+    list: &[String],
+    profile: &str,
+    origin: &str,
+) -> Result<Vec<Provider>, ConfigError> {
     let mut out: Vec<Provider> = Vec::with_capacity(list.len());
     for name in list {
         let p = name.parse::<Provider>().map_err(|_| ConfigError::UnknownProvider {
@@ -382,16 +407,16 @@ impl Config {
 
     /// Lays a TOML file over this config.
     pub fn overlay_file(&mut self, path: &Path) -> Result<(), ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         self.overlay_toml(&text, &path.display().to_string())
     }
 
     /// Lays a TOML text over this config, profiles key by key. On error the config is
     /// left unchanged.
     pub fn overlay_toml(&mut self, text: &str, origin: &str) -> Result<(), ConfigError> {
-        let raw: RawFile =
-            toml::from_str(text).map_err(|e| ConfigError::Parse { origin: origin.into(), message: e.to_string() })?;
+        let raw: RawFile = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { origin: origin.into(), message: e.to_string() })?;
         let mut partial = self.partial.clone();
         for (name, rp) in raw.profiles {
             let over = PartialProfile::from_raw(rp, &name, origin)?;
@@ -456,7 +481,10 @@ mod tests {
     fn graph_optimization_levels() {
         assert_eq!("all".parse::<GraphOptimization>().unwrap(), GraphOptimization::All);
         assert_eq!("basic".parse::<GraphOptimization>().unwrap(), GraphOptimization::Basic);
-        assert!("max".parse::<GraphOptimization>().unwrap_err().contains("disable, basic, extended, layout, all"));
+        assert!("max"
+            .parse::<GraphOptimization>()
+            .unwrap_err()
+            .contains("disable, basic, extended, layout, all"));
     }
 
     #[test]
@@ -470,7 +498,8 @@ mod tests {
         let base = "[profiles.cpu]\nproviders = [\"cpu\"]\n[profiles.cuda]\nproviders = [\"cuda\", \"cpu\"]\n";
         let mut c = Config::from_toml(base, "base").unwrap();
         let before = c.profiles().clone();
-        let err = c.overlay_toml("[profiles.cpu]\nproviders = [\"nope\"]\n", "user.toml").unwrap_err();
+        let err =
+            c.overlay_toml("[profiles.cpu]\nproviders = [\"nope\"]\n", "user.toml").unwrap_err();
         assert!(matches!(err, ConfigError::UnknownProvider { .. }));
         assert_eq!(c.profiles(), &before);
     }

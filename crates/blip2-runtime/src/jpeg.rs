@@ -30,8 +30,14 @@ pub(crate) enum JpegError {
     Broken(String),
     /// Something Pillow does not open either (a layer count or precision).
     Unsupported(String),
-    TooLarge { width: u32, height: u32 },
-    Empty { width: u32, height: u32 },
+    TooLarge {
+        width: u32,
+        height: u32,
+    },
+    Empty {
+        width: u32,
+        height: u32,
+    },
 }
 
 /// A decoded JPEG and the metadata Pillow keeps from the markers before the first scan.
@@ -59,11 +65,14 @@ unsafe extern "C-unwind" fn output_message(_cinfo: &mut j::jpeg_common_struct) {
 /// libjpeg's text for the current message code.
 unsafe fn message(cinfo: &mut j::jpeg_common_struct) -> String {
     let err = cinfo.err;
-    let Some(format) = (*err).format_message else { return format!("libjpeg error {}", (*err).msg_code) };
+    let Some(format) = (*err).format_message else {
+        return format!("libjpeg error {}", (*err).msg_code);
+    };
     // format_message writes up to JMSG_LENGTH_MAX (200) bytes into the buffer it is given;
     // the binding types it as a shared 80-byte array, so call it through a raw pointer.
     let mut buf = [0u8; 256];
-    let format: unsafe extern "C-unwind" fn(&mut j::jpeg_common_struct, *mut u8) = mem::transmute(format);
+    let format: unsafe extern "C-unwind" fn(&mut j::jpeg_common_struct, *mut u8) =
+        mem::transmute(format);
     format(cinfo, buf.as_mut_ptr());
     CStr::from_bytes_until_nul(&buf).map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
 }
@@ -72,11 +81,16 @@ unsafe fn message(cinfo: &mut j::jpeg_common_struct) -> String {
 // more, there is none, so it suspends, which is how Pillow's decoder meets a short file.
 unsafe extern "C-unwind" fn init_source(_cinfo: &mut j::jpeg_decompress_struct) {}
 
-unsafe extern "C-unwind" fn fill_input_buffer(_cinfo: &mut j::jpeg_decompress_struct) -> j::boolean {
+unsafe extern "C-unwind" fn fill_input_buffer(
+    _cinfo: &mut j::jpeg_decompress_struct,
+) -> j::boolean {
     0
 }
 
-unsafe extern "C-unwind" fn skip_input_data(cinfo: &mut j::jpeg_decompress_struct, num_bytes: c_long) {
+unsafe extern "C-unwind" fn skip_input_data(
+    cinfo: &mut j::jpeg_decompress_struct,
+    num_bytes: c_long,
+) {
     let src = &mut *cinfo.src;
     if num_bytes <= 0 {
         return;
@@ -127,7 +141,8 @@ pub(crate) fn decode(bytes: &[u8], max_pixels: u64) -> Result<Jpeg, JpegError> {
         src.term_source = Some(term_source);
         let mut cinfo: Box<j::jpeg_decompress_struct> = Box::new(mem::zeroed());
         cinfo.common.err = &mut *err;
-        let created = panic::catch_unwind(AssertUnwindSafe(|| j::jpeg_create_decompress(&mut *cinfo)));
+        let created =
+            panic::catch_unwind(AssertUnwindSafe(|| j::jpeg_create_decompress(&mut *cinfo)));
         if let Err(e) = created {
             return Err(JpegError::Broken(failure_text(e)));
         }
@@ -181,7 +196,11 @@ unsafe fn run(cinfo: &mut j::jpeg_decompress_struct, max_pixels: u64) -> Result<
     if j::jpeg_start_decompress(cinfo) == 0 {
         return Err(JpegError::Truncated);
     }
-    let (w, h, n) = (cinfo.output_width as usize, cinfo.output_height as usize, cinfo.output_components as usize);
+    let (w, h, n) = (
+        cinfo.output_width as usize,
+        cinfo.output_height as usize,
+        cinfo.output_components as usize,
+    );
     let mut data = vec![0u8; w * h * n];
     while (cinfo.output_scanline as usize) < h {
         let row = cinfo.output_scanline as usize;
@@ -197,7 +216,9 @@ unsafe fn run(cinfo: &mut j::jpeg_decompress_struct, max_pixels: u64) -> Result<
     let image = match n {
         1 => DynamicImage::ImageLuma8(GrayImage::from_raw(w32, h32, data).expect("sized above")),
         3 => DynamicImage::ImageRgb8(RgbImage::from_raw(w32, h32, data).expect("sized above")),
-        _ => DynamicImage::ImageRgb8(RgbImage::from_raw(w32, h32, inverted_cmyk_to_rgb(&data)).expect("sized")),
+        _ => DynamicImage::ImageRgb8(
+            RgbImage::from_raw(w32, h32, inverted_cmyk_to_rgb(&data)).expect("sized"),
+        ),
     };
     Ok(Jpeg { image, exif, xmp })
 }
@@ -208,7 +229,11 @@ unsafe fn markers(cinfo: &j::jpeg_decompress_struct) -> (Option<Vec<u8>>, Option
     let mut m = cinfo.marker_list;
     while !m.is_null() {
         let mk = &*m;
-        let data = if mk.data.is_null() { &[][..] } else { std::slice::from_raw_parts(mk.data, mk.data_length as usize) };
+        let data = if mk.data.is_null() {
+            &[][..]
+        } else {
+            std::slice::from_raw_parts(mk.data, mk.data_length as usize)
+        };
         if mk.marker as c_int == APP1 {
             if data.starts_with(EXIF_PREFIX) {
                 match &mut exif {

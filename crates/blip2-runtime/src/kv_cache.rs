@@ -47,20 +47,29 @@ impl KvCache {
     /// An empty growing cache: zero-length host tensors, as the first step of a portable
     /// decoder takes them.
     pub fn empty(spec: KvSpec, rows: usize) -> Result<Self, RuntimeError> {
-        let layers = (0..spec.layers).map(|_| Ok([host_zeros(spec, rows, 0)?, host_zeros(spec, rows, 0)?])).collect::<Result<_, RuntimeError>>()?;
+        let layers = (0..spec.layers)
+            .map(|_| Ok([host_zeros(spec, rows, 0)?, host_zeros(spec, rows, 0)?]))
+            .collect::<Result<_, RuntimeError>>()?;
         Ok(Self { spec, layout: Layout::Growing, rows, layers })
     }
 
     /// A static cache of `capacity` positions per row, allocated by `allocator` (on the
     /// device the decoder runs on). Its contents start undefined: the decoder only reads
     /// positions it wrote.
-    pub fn allocate(spec: KvSpec, rows: usize, capacity: usize, allocator: &Allocator) -> Result<Self, RuntimeError> {
+    pub fn allocate(
+        spec: KvSpec,
+        rows: usize,
+        capacity: usize,
+        allocator: &Allocator,
+    ) -> Result<Self, RuntimeError> {
         let elem = if spec.fp16 { TensorElementType::Float16 } else { TensorElementType::Float32 };
         let shape = [rows, spec.heads, capacity, spec.head_dim];
         let mut layers = Vec::with_capacity(spec.layers);
         for _ in 0..spec.layers {
-            let k = DynTensor::new(allocator, elem, shape).map_err(ort_err("allocating the KV buffers"))?;
-            let v = DynTensor::new(allocator, elem, shape).map_err(ort_err("allocating the KV buffers"))?;
+            let k = DynTensor::new(allocator, elem, shape)
+                .map_err(ort_err("allocating the KV buffers"))?;
+            let v = DynTensor::new(allocator, elem, shape)
+                .map_err(ort_err("allocating the KV buffers"))?;
             layers.push([k.into_dyn(), v.into_dyn()]);
         }
         Ok(Self { spec, layout: Layout::Static { capacity }, rows, layers })
@@ -68,7 +77,12 @@ impl KvCache {
 
     /// A static cache made of tensors already filled (`capacity` positions per row), key
     /// then value per layer; wherever they lie.
-    pub fn from_tensors(spec: KvSpec, rows: usize, capacity: usize, layers: Vec<[DynValue; 2]>) -> Self {
+    pub fn from_tensors(
+        spec: KvSpec,
+        rows: usize,
+        capacity: usize,
+        layers: Vec<[DynValue; 2]>,
+    ) -> Self {
         Self { spec, layout: Layout::Static { capacity }, rows, layers }
     }
 
@@ -113,7 +127,9 @@ impl KvCache {
     /// [`KvCache::reorder_on_device`].
     pub fn select_rows(&mut self, rows: &[usize]) -> Result<(), RuntimeError> {
         if self.layout != Layout::Growing {
-            return Err(RuntimeError::Unsupported("a static KV cache is reordered on the device, with kv_reorder".into()));
+            return Err(RuntimeError::Unsupported(
+                "a static KV cache is reordered on the device, with kv_reorder".into(),
+            ));
         }
         for kv in &mut self.layers {
             for v in kv.iter_mut() {
@@ -127,12 +143,21 @@ impl KvCache {
     /// Growing caches: appends `other`'s rows after these, both left-padded with zeros to
     /// the longer length, in host memory (the rows' masks must mark the padding).
     pub fn join(&mut self, other: KvCache) -> Result<(), RuntimeError> {
-        if self.layout != Layout::Growing || other.layout != Layout::Growing || self.spec != other.spec {
-            return Err(RuntimeError::Unsupported("only growing KV caches of one model can be joined".into()));
+        if self.layout != Layout::Growing
+            || other.layout != Layout::Growing
+            || self.spec != other.spec
+        {
+            return Err(RuntimeError::Unsupported(
+                "only growing KV caches of one model can be joined".into(),
+            ));
         }
         for (kv, okv) in self.layers.iter_mut().zip(other.layers) {
             for (v, o) in kv.iter_mut().zip(okv) {
-                *v = if self.spec.fp16 { join_left_padded::<half::f16>(v, &o)? } else { join_left_padded::<f32>(v, &o)? };
+                *v = if self.spec.fp16 {
+                    join_left_padded::<half::f16>(v, &o)?
+                } else {
+                    join_left_padded::<f32>(v, &o)?
+                };
             }
         }
         self.rows += other.rows;
@@ -150,7 +175,11 @@ impl KvCache {
         }
         for kv in &mut self.layers {
             for v in kv.iter_mut() {
-                *v = if self.spec.fp16 { slice_front::<half::f16>(v, n)? } else { slice_front::<f32>(v, n)? };
+                *v = if self.spec.fp16 {
+                    slice_front::<half::f16>(v, n)?
+                } else {
+                    slice_front::<f32>(v, n)?
+                };
             }
         }
         Ok(())
@@ -179,15 +208,31 @@ impl KvCache {
     /// Static caches: writes row `rows[i]` of this cache into row `i` of `target` (a
     /// static cache of the same model and capacity with `rows.len()` rows), on the
     /// device, with the export's `kv_reorder` graph.
-    pub fn gather_into(&self, session: &mut Session, rows: &[usize], target: &mut KvCache) -> Result<(), RuntimeError> {
-        if target.rows != rows.len() || target.spec != self.spec || target.capacity() != self.capacity() || self.capacity() == 0 {
-            return Err(RuntimeError::Unsupported("kv_reorder: the target buffers do not match the cache".into()));
+    pub fn gather_into(
+        &self,
+        session: &mut Session,
+        rows: &[usize],
+        target: &mut KvCache,
+    ) -> Result<(), RuntimeError> {
+        if target.rows != rows.len()
+            || target.spec != self.spec
+            || target.capacity() != self.capacity()
+            || self.capacity() == 0
+        {
+            return Err(RuntimeError::Unsupported(
+                "kv_reorder: the target buffers do not match the cache".into(),
+            ));
         }
         if let Some(&bad) = rows.iter().find(|&&r| r >= self.rows) {
-            return Err(RuntimeError::Input(format!("kv_reorder: row {bad} of a cache with {} rows", self.rows)));
+            return Err(RuntimeError::Input(format!(
+                "kv_reorder: row {bad} of a cache with {} rows",
+                self.rows
+            )));
         }
-        let index = Tensor::from_array(ndarray::Array1::from_iter(rows.iter().map(|&r| r as i64))).map_err(ort_err("rows"))?;
-        let mut binding = session.create_binding().map_err(ort_err("kv_reorder: creating an IO binding"))?;
+        let index = Tensor::from_array(ndarray::Array1::from_iter(rows.iter().map(|&r| r as i64)))
+            .map_err(ort_err("rows"))?;
+        let mut binding =
+            session.create_binding().map_err(ort_err("kv_reorder: creating an IO binding"))?;
         (|| -> Result<(), ort::Error> {
             binding.bind_input(io::ROWS, &index)?;
             for (l, (src, dst)) in self.layers.iter().zip(target.layers.iter_mut()).enumerate() {
@@ -222,7 +267,6 @@ impl KvCache {
             Layout::Growing => 0,
         }
     }
-
 }
 
 /// Run options that keep ONNX Runtime from capturing or replaying a CUDA graph for the
@@ -254,19 +298,28 @@ fn names(layer: usize, which: usize) -> (String, String) {
 fn host_zeros(spec: KvSpec, rows: usize, len: usize) -> Result<DynValue, RuntimeError> {
     let shape = IxDyn(&[rows, spec.heads, len, spec.head_dim]);
     Ok(if spec.fp16 {
-        Tensor::from_array(ArrayD::<half::f16>::from_elem(shape, half::f16::ZERO)).map_err(ort_err("past_key_values"))?.into_dyn()
+        Tensor::from_array(ArrayD::<half::f16>::from_elem(shape, half::f16::ZERO))
+            .map_err(ort_err("past_key_values"))?
+            .into_dyn()
     } else {
-        Tensor::from_array(ArrayD::<f32>::zeros(shape)).map_err(ort_err("past_key_values"))?.into_dyn()
+        Tensor::from_array(ArrayD::<f32>::zeros(shape))
+            .map_err(ort_err("past_key_values"))?
+            .into_dyn()
     })
 }
 
 /// A host copy of tensor `t` when it lies on a device, else None (read it in place);
 /// `what` names it in errors.
-pub(crate) fn host_copy(t: &Value<DynTensorValueType>, what: &str) -> Result<Option<DynTensor>, RuntimeError> {
+pub(crate) fn host_copy(
+    t: &Value<DynTensorValueType>,
+    what: &str,
+) -> Result<Option<DynTensor>, RuntimeError> {
     if t.memory_info().is_cpu_accessible() {
         return Ok(None);
     }
-    t.to(AllocationDevice::CPU, 0).map(Some).map_err(ort_err(format!("copying the {what} to the host")))
+    t.to(AllocationDevice::CPU, 0)
+        .map(Some)
+        .map_err(ort_err(format!("copying the {what} to the host")))
 }
 
 /// A host copy of `v` when it lies on a device, else None.
@@ -318,7 +371,11 @@ where
 }
 
 /// Rows `rows` of a `[rows, ...]` tensor (fp16 or f32), as a host tensor.
-pub(crate) fn select_rows_of(v: &DynValue, rows: &[usize], fp16: bool) -> Result<DynValue, RuntimeError> {
+pub(crate) fn select_rows_of(
+    v: &DynValue,
+    rows: &[usize],
+    fp16: bool,
+) -> Result<DynValue, RuntimeError> {
     if fp16 {
         select::<half::f16>(v, rows)
     } else {
@@ -336,4 +393,3 @@ where
     let picked = a.select(Axis(0), rows);
     Ok(Tensor::from_array(picked).map_err(ort_err("KV cache"))?.into_dyn())
 }
-

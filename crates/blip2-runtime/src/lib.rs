@@ -9,18 +9,18 @@
 //! Sessions come from [`providers`], which registers a [`config`] profile's execution
 //! providers (and keeps big CPU graphs in the [`session_cache`]), on the ONNX Runtime
 //! library that [`ort_env`] finds and loads.
+pub mod config;
 pub mod error;
+pub mod generation;
+mod jpeg;
 pub mod kv_cache;
 pub mod model;
-pub mod state;
-pub mod prompt;
-pub mod generation;
+pub mod orientation;
 pub mod ort_env;
-pub mod config;
-pub mod providers;
-pub mod session_cache;
 pub mod pipeline;
 pub mod preprocess;
-mod jpeg;
-pub mod orientation;
+pub mod prompt;
+pub mod providers;
 pub mod retrieval;
+pub mod session_cache;
+pub mod state;

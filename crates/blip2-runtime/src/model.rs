@@ -97,7 +97,12 @@ impl std::ops::DerefMut for ModelGuard<'_> {
 }
 
 /// The session for graph `file` of the export in `dir`, or an error naming the missing file.
-pub(crate) fn open_graph(dir: &Path, file: &str, kind: GraphKind, factory: &mut SessionFactory<'_>) -> Result<Session, RuntimeError> {
+pub(crate) fn open_graph(
+    dir: &Path,
+    file: &str,
+    kind: GraphKind,
+    factory: &mut SessionFactory<'_>,
+) -> Result<Session, RuntimeError> {
     let path = dir.join(file);
     if !path.exists() {
         return Err(RuntimeError::MissingFile(path));
@@ -114,17 +119,23 @@ impl Blip2Model {
         let qformer = open(GraphKind::QFormer, &g.qformer.file)?;
         let text_encoder = match (&g.text_encoder, manifest.family) {
             (Some(te), _) => Some(open(GraphKind::TextEncoder, &te.file)?),
-            (None, Family::T5) => return Err(RuntimeError::Unsupported("a t5 manifest without text_encoder".into())),
+            (None, Family::T5) => {
+                return Err(RuntimeError::Unsupported("a t5 manifest without text_encoder".into()))
+            }
             (None, Family::Opt) => None,
         };
         let lm = open(GraphKind::LanguageModel, &g.language_model.file)?;
-        let kv_reorder = g.kv_reorder.as_ref().map(|r| open(GraphKind::LanguageModel, &r.file)).transpose()?;
-        let is_fp16 = |t: &[blip2_core::TensorInfo], name: &str| t.iter().any(|t| t.name == name && t.dtype == "float16");
+        let kv_reorder =
+            g.kv_reorder.as_ref().map(|r| open(GraphKind::LanguageModel, &r.file)).transpose()?;
+        let is_fp16 = |t: &[blip2_core::TensorInfo], name: &str| {
+            t.iter().any(|t| t.name == name && t.dtype == "float16")
+        };
         // The Q-Former's output is in the language model's dtype, its input in the vision encoder's.
         let lm_fp16 = is_fp16(&g.qformer.outputs, io::IMAGE_EMBEDS);
         let vision_fp16 = is_fp16(&g.qformer.inputs, io::IMAGE_FEATURES);
-        let kv_memory = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)
-            .map_err(ort_err("host memory info"))?;
+        let kv_memory =
+            MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)
+                .map_err(ort_err("host memory info"))?;
         Ok(Self {
             manifest,
             dir: dir.into(),
@@ -145,19 +156,24 @@ impl Blip2Model {
     pub fn encode_images(&mut self, pixels: Array4<f32>) -> Result<DynValue, RuntimeError> {
         if self.per_image_encoders() && pixels.shape()[0] > 1 {
             // Quantized encoders are fp32 throughout (the exporter refuses fp16 with them).
-            return f32_value(self.one_image_at_a_time(pixels, |m, p| to_f32(&m.encode_images(p)?))?);
+            return f32_value(
+                self.one_image_at_a_time(pixels, |m, p| to_f32(&m.encode_images(p)?))?,
+            );
         }
         let px = Tensor::from_array(pixels).map_err(ort_err("pixel_values"))?;
         let mut out = self
             .vision
             .run(ort::inputs![io::PIXEL_VALUES => px])
             .map_err(ort_err("vision encoder"))?;
-        let feats = out.remove(io::IMAGE_FEATURES).ok_or_else(|| RuntimeError::MissingOutput(io::IMAGE_FEATURES.into()))?;
+        let feats = out
+            .remove(io::IMAGE_FEATURES)
+            .ok_or_else(|| RuntimeError::MissingOutput(io::IMAGE_FEATURES.into()))?;
         let mut out = self
             .qformer
             .run(ort::inputs![io::IMAGE_FEATURES => feats])
             .map_err(ort_err("Q-Former"))?;
-        out.remove(io::IMAGE_EMBEDS).ok_or_else(|| RuntimeError::MissingOutput(io::IMAGE_EMBEDS.into()))
+        out.remove(io::IMAGE_EMBEDS)
+            .ok_or_else(|| RuntimeError::MissingOutput(io::IMAGE_EMBEDS.into()))
     }
 
     /// The vision encoder alone (benchmarks, parity tests).
@@ -166,13 +182,24 @@ impl Blip2Model {
             return self.one_image_at_a_time(pixels, Self::vision_features);
         }
         let px = Tensor::from_array(pixels).map_err(ort_err("pixel_values"))?;
-        let out = self.vision.run(ort::inputs![io::PIXEL_VALUES => px]).map_err(ort_err("vision encoder"))?;
+        let out = self
+            .vision
+            .run(ort::inputs![io::PIXEL_VALUES => px])
+            .map_err(ort_err("vision encoder"))?;
         to_f32(&out[io::IMAGE_FEATURES])
     }
 
     /// T5's text encoder alone: `encoder_hidden_states` for one batch (parity tests).
-    pub fn text_encoder_hidden(&mut self, ids: Array2<i64>, mask: Array2<i64>, image_embeds: DynValue) -> Result<ArrayD<f32>, RuntimeError> {
-        let enc = self.text_encoder.as_mut().ok_or_else(|| RuntimeError::Unsupported("no text encoder".into()))?;
+    pub fn text_encoder_hidden(
+        &mut self,
+        ids: Array2<i64>,
+        mask: Array2<i64>,
+        image_embeds: DynValue,
+    ) -> Result<ArrayD<f32>, RuntimeError> {
+        let enc = self
+            .text_encoder
+            .as_mut()
+            .ok_or_else(|| RuntimeError::Unsupported("no text encoder".into()))?;
         let out = enc
             .run(ort::inputs![
                 io::INPUT_IDS => Tensor::from_array(ids).map_err(ort_err("input_ids"))?,
@@ -186,8 +213,13 @@ impl Blip2Model {
     /// Keeps the KV cache on a CUDA device between steps (for sessions on the CUDA or
     /// TensorRT providers); by default it stays in host memory.
     pub fn keep_cache_on_cuda(&mut self, device_id: i32) -> Result<(), RuntimeError> {
-        self.kv_memory = MemoryInfo::new(AllocationDevice::CUDA, device_id, AllocatorType::Device, MemoryType::Default)
-            .map_err(ort_err("CUDA memory info"))?;
+        self.kv_memory = MemoryInfo::new(
+            AllocationDevice::CUDA,
+            device_id,
+            AllocatorType::Device,
+            MemoryType::Default,
+        )
+        .map_err(ort_err("CUDA memory info"))?;
         Ok(())
     }
 
@@ -215,7 +247,8 @@ impl Blip2Model {
         if self.kv_memory.is_cpu_accessible() {
             return Ok(Allocator::default());
         }
-        Allocator::new(&self.lm, self.kv_memory.clone()).map_err(ort_err("the decoder's device allocator"))
+        Allocator::new(&self.lm, self.kv_memory.clone())
+            .map_err(ort_err("the decoder's device allocator"))
     }
 
     /// The Q-Former alone on given image features (f32, converted to the vision
@@ -225,7 +258,8 @@ impl Blip2Model {
             return self.one_image_at_a_time(feats, Self::qformer_embeds);
         }
         let t = float_value(self.vision_fp16, feats)?;
-        let out = self.qformer.run(ort::inputs![io::IMAGE_FEATURES => t]).map_err(ort_err("Q-Former"))?;
+        let out =
+            self.qformer.run(ort::inputs![io::IMAGE_FEATURES => t]).map_err(ort_err("Q-Former"))?;
         to_f32(&out[io::IMAGE_EMBEDS])
     }
 }
@@ -237,7 +271,10 @@ impl Blip2Model {
     /// for transformers. None when no session's allocator for that memory keeps statistics
     /// (ONNX Runtime's CPU allocator without its arena, as the CPU profile runs).
     pub fn allocator_peak_bytes(&self, memory: &MemoryInfo<'_>) -> Option<u64> {
-        let sessions = [&self.vision, &self.qformer, &self.lm].into_iter().chain(self.text_encoder.as_ref()).chain(self.kv_reorder.as_ref());
+        let sessions = [&self.vision, &self.qformer, &self.lm]
+            .into_iter()
+            .chain(self.text_encoder.as_ref())
+            .chain(self.kv_reorder.as_ref());
         sessions.filter_map(|s| allocator_peak(s, memory)).reduce(|a, b| a + b)
     }
 
@@ -256,10 +293,19 @@ impl Blip2Model {
     ) -> Result<ArrayD<f32>, RuntimeError> {
         let rows = x
             .outer_iter()
-            .map(|one| encode(self, one.insert_axis(Axis(0)).into_dimensionality::<D>().expect("same rank").to_owned()))
+            .map(|one| {
+                encode(
+                    self,
+                    one.insert_axis(Axis(0))
+                        .into_dimensionality::<D>()
+                        .expect("same rank")
+                        .to_owned(),
+                )
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let views: Vec<_> = rows.iter().map(|r| r.view()).collect();
-        ndarray::concatenate(Axis(0), &views).map_err(|e| RuntimeError::Unsupported(format!("joining per-image outputs: {e}")))
+        ndarray::concatenate(Axis(0), &views)
+            .map_err(|e| RuntimeError::Unsupported(format!("joining per-image outputs: {e}")))
     }
 
     /// Whether the LM graph takes `logits_to_keep` (earlier exports computed every position).
@@ -286,7 +332,11 @@ pub fn allocator_peak(session: &Session, memory: &MemoryInfo<'_>) -> Option<u64>
             return None;
         }
         let v = (api.GetKeyValue)(kvp, c"MaxInUse".as_ptr());
-        let peak = if v.is_null() { None } else { std::ffi::CStr::from_ptr(v).to_str().ok().and_then(|s| s.parse().ok()) };
+        let peak = if v.is_null() {
+            None
+        } else {
+            std::ffi::CStr::from_ptr(v).to_str().ok().and_then(|s| s.parse().ok())
+        };
         (api.ReleaseKeyValuePairs)(kvp);
         peak
     }
@@ -294,7 +344,8 @@ pub fn allocator_peak(session: &Session, memory: &MemoryInfo<'_>) -> Option<u64>
 
 /// ONNX Runtime's device memory on CUDA device `id` (where its CUDA arenas allocate).
 pub fn cuda_memory(id: i32) -> Result<MemoryInfo<'static>, RuntimeError> {
-    MemoryInfo::new(AllocationDevice::CUDA, id, AllocatorType::Arena, MemoryType::Default).map_err(ort_err("CUDA memory info"))
+    MemoryInfo::new(AllocationDevice::CUDA, id, AllocatorType::Arena, MemoryType::Default)
+        .map_err(ort_err("CUDA memory info"))
 }
 
 /// Reads a float tensor (f32 or f16) as f32.

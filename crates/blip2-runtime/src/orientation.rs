@@ -78,14 +78,28 @@ pub fn from_tiff(d: &[u8]) -> Option<Option<u16>> {
 /// The first value of an entry, as an orientation when it equals an integer 2..=8 (Python
 /// compares 6.0 and Fraction(6, 1) equal to 6); bytes and strings never match.
 fn value(typ: u16, v: &[u8], big: bool) -> Option<u16> {
-    let u16v = |b: &[u8]| if big { u16::from_be_bytes([b[0], b[1]]) } else { u16::from_le_bytes([b[0], b[1]]) };
+    let u16v = |b: &[u8]| {
+        if big {
+            u16::from_be_bytes([b[0], b[1]])
+        } else {
+            u16::from_le_bytes([b[0], b[1]])
+        }
+    };
     let u32v = |b: &[u8]| {
         let b: [u8; 4] = b[..4].try_into().unwrap();
-        if big { u32::from_be_bytes(b) } else { u32::from_le_bytes(b) }
+        if big {
+            u32::from_be_bytes(b)
+        } else {
+            u32::from_le_bytes(b)
+        }
     };
     let u64v = |b: &[u8]| {
         let b: [u8; 8] = b[..8].try_into().unwrap();
-        if big { u64::from_be_bytes(b) } else { u64::from_le_bytes(b) }
+        if big {
+            u64::from_be_bytes(b)
+        } else {
+            u64::from_le_bytes(b)
+        }
     };
     let x: f64 = match typ {
         3 => u16v(v) as f64,
@@ -98,7 +112,11 @@ fn value(typ: u16, v: &[u8], big: bool) -> Option<u16> {
         16 => u64v(v) as f64,
         5 | 10 => {
             let (num, den) = (u32v(v), u32v(&v[4..]));
-            let (num, den) = if typ == 10 { (num as i32 as f64, den as i32 as f64) } else { (num as f64, den as f64) };
+            let (num, den) = if typ == 10 {
+                (num as i32 as f64, den as i32 as f64)
+            } else {
+                (num as f64, den as f64)
+            };
             if den == 0.0 {
                 return None;
             }
@@ -144,13 +162,13 @@ pub fn resolve(exif: Option<Option<u16>>, xmp: Option<&[u8]>) -> u16 {
 /// The image turned upright: Pillow's transposition for each orientation value.
 pub fn apply(img: DynamicImage, orientation: u16) -> DynamicImage {
     match orientation {
-        2 => img.fliph(),                // FLIP_LEFT_RIGHT
-        3 => img.rotate180(),            // ROTATE_180
-        4 => img.flipv(),                // FLIP_TOP_BOTTOM
-        5 => img.rotate90().fliph(),     // TRANSPOSE: (x, y) <- (y, x)
-        6 => img.rotate90(),             // ROTATE_270 counter-clockwise
-        7 => img.rotate270().fliph(),    // TRANSVERSE: (x, y) <- (w-1-y, h-1-x)
-        8 => img.rotate270(),            // ROTATE_90 counter-clockwise
+        2 => img.fliph(),             // FLIP_LEFT_RIGHT
+        3 => img.rotate180(),         // ROTATE_180
+        4 => img.flipv(),             // FLIP_TOP_BOTTOM
+        5 => img.rotate90().fliph(),  // TRANSPOSE: (x, y) <- (y, x)
+        6 => img.rotate90(),          // ROTATE_270 counter-clockwise
+        7 => img.rotate270().fliph(), // TRANSVERSE: (x, y) <- (w-1-y, h-1-x)
+        8 => img.rotate270(),         // ROTATE_90 counter-clockwise
         _ => img,
     }
 }

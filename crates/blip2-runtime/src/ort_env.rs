@@ -96,13 +96,18 @@ pub fn find_dylib() -> Result<PathBuf, RuntimeSetupError> {
 }
 
 /// [`find_dylib`] with its inputs explicit, so tests need not touch the process environment.
-pub(crate) fn find_dylib_in(dylib_env: Option<OsString>, root: &Path) -> Result<PathBuf, RuntimeSetupError> {
+pub(crate) fn find_dylib_in(
+    dylib_env: Option<OsString>,
+    root: &Path,
+) -> Result<PathBuf, RuntimeSetupError> {
     if let Some(p) = dylib_env {
         let p = PathBuf::from(p);
         return if p.is_file() { Ok(p) } else { Err(RuntimeSetupError::DylibEnvMissing(p)) };
     }
-    let searched: Vec<PathBuf> =
-        [true, false].iter().map(|&gpu| root.join(runtime_dir_name(gpu)).join(dylib_file_name())).collect();
+    let searched: Vec<PathBuf> = [true, false]
+        .iter()
+        .map(|&gpu| root.join(runtime_dir_name(gpu)).join(dylib_file_name()))
+        .collect();
     match searched.iter().find(|p| p.is_file()) {
         Some(p) => Ok(p.clone()),
         None => Err(RuntimeSetupError::NotInstalled { searched }),
@@ -149,8 +154,8 @@ fn environment_with(shared_pool: Option<usize>) -> Result<&'static Environment, 
         return Ok(env);
     }
     let path = find_dylib()?;
-    let builder =
-        ort::init_from(&path).map_err(|e| RuntimeSetupError::Load { path: path.clone(), message: e.to_string() })?;
+    let builder = ort::init_from(&path)
+        .map_err(|e| RuntimeSetupError::Load { path: path.clone(), message: e.to_string() })?;
     let mut builder = builder.with_name("blip2-ort").with_telemetry(false);
     if let Some(n) = shared_pool {
         let pool = ort::environment::GlobalThreadPoolOptions::default()
@@ -183,7 +188,8 @@ mod tests {
     }
 
     fn scratch(tag: &str) -> Scratch {
-        let p = std::env::temp_dir().join(format!("blip2-ort-env-test-{tag}-{}", std::process::id()));
+        let p =
+            std::env::temp_dir().join(format!("blip2-ort-env-test-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).unwrap();
         Scratch(p)
@@ -217,7 +223,8 @@ mod tests {
         let err = find_dylib_in(None, &root.0).unwrap_err();
         let msg = err.to_string();
         assert!(
-            msg.contains("`blip2-ort install-runtime`") && msg.contains("`blip2-ort install-runtime --gpu`"),
+            msg.contains("`blip2-ort install-runtime`")
+                && msg.contains("`blip2-ort install-runtime --gpu`"),
             "{msg}"
         );
 

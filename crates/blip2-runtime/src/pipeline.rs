@@ -60,7 +60,11 @@ impl EmbedCache {
     /// Vision encoder + Q-Former for a batch, `[B, num_query_tokens, hidden]` as f32.
     /// Images seen recently come from the cache; the others (each distinct one once) run
     /// as one batch.
-    pub fn embed(&mut self, model: &mut Blip2Model, pixels: Array4<f32>) -> Result<ArrayD<f32>, RuntimeError> {
+    pub fn embed(
+        &mut self,
+        model: &mut Blip2Model,
+        pixels: Array4<f32>,
+    ) -> Result<ArrayD<f32>, RuntimeError> {
         if self.capacity == 0 || pixels.shape()[0] == 0 {
             return to_f32(&model.encode_images(pixels)?);
         }
@@ -75,7 +79,10 @@ impl EmbedCache {
             let px = pixels.index_axis(Axis(0), r);
             let hit = self.get(hashes[r], px);
             if hit.is_none() {
-                if let Some(k) = todo.iter().position(|&t| hashes[t] == hashes[r] && pixels.index_axis(Axis(0), t) == px) {
+                if let Some(k) = todo
+                    .iter()
+                    .position(|&t| hashes[t] == hashes[r] && pixels.index_axis(Axis(0), t) == px)
+                {
                     source[r] = k;
                 } else {
                     source[r] = todo.len();
@@ -96,12 +103,17 @@ impl EmbedCache {
                 (None, Some(f)) => f.index_axis(Axis(0), source[r]),
                 (None, None) => unreachable!("a row is either cached or encoded"),
             };
-            let full = full.get_or_insert_with(|| ArrayD::zeros(IxDyn(&[&[rows][..], e.shape()].concat())));
+            let full = full
+                .get_or_insert_with(|| ArrayD::zeros(IxDyn(&[&[rows][..], e.shape()].concat())));
             full.index_axis_mut(Axis(0), r).assign(&e);
         }
         if let Some(f) = &fresh {
             for (k, &r) in todo.iter().enumerate() {
-                self.put(hashes[r], pixels.index_axis(Axis(0), r).to_owned(), f.index_axis(Axis(0), k).to_owned());
+                self.put(
+                    hashes[r],
+                    pixels.index_axis(Axis(0), r).to_owned(),
+                    f.index_axis(Axis(0), k).to_owned(),
+                );
             }
         }
         Ok(full.expect("at least one row"))
@@ -142,7 +154,12 @@ impl Pipeline {
     pub fn load(dir: &Path, factory: &mut SessionFactory<'_>) -> Result<Self, RuntimeError> {
         let model = Blip2Model::load(dir, factory)?;
         let prompter = Prompter::load(dir, &model.manifest)?;
-        Ok(Self { model, prompter, limits: ImageLimits::default(), embed_cache: EmbedCache::new(DEFAULT_EMBED_CACHE) })
+        Ok(Self {
+            model,
+            prompter,
+            limits: ImageLimits::default(),
+            embed_cache: EmbedCache::new(DEFAULT_EMBED_CACHE),
+        })
     }
 
     /// Vision encoder + Q-Former for a batch, `[B, num_query_tokens, hidden]` as f32.
@@ -177,7 +194,11 @@ impl Pipeline {
         cfg: &GenerationConfig,
     ) -> Result<Vec<Vec<Generated>>, RuntimeError> {
         if images.len() != prompts.len() {
-            return Err(RuntimeError::Input(format!("{} images but {} prompts", images.len(), prompts.len())));
+            return Err(RuntimeError::Input(format!(
+                "{} images but {} prompts",
+                images.len(),
+                prompts.len()
+            )));
         }
         if images.is_empty() {
             return Ok(Vec::new());
@@ -194,7 +215,8 @@ impl Pipeline {
         cfg: &GenerationConfig,
     ) -> Result<Vec<Vec<Generated>>, RuntimeError> {
         // Counts, the empty batch and the config are checked by generate_text_ids.
-        let texts = prompts.iter().map(|p| self.prompter.check_fits(p)).collect::<Result<Vec<_>, _>>()?;
+        let texts =
+            prompts.iter().map(|p| self.prompter.check_fits(p)).collect::<Result<Vec<_>, _>>()?;
         self.generate_text_ids(pixels, &texts, cfg)
     }
 
@@ -219,7 +241,8 @@ impl Pipeline {
         self.prompter.check_room(batch.ids[0].len(), cfg.max_new_tokens)?;
         let embeds = self.image_embeds(pixels)?;
         let mut p = crate::state::prefill(&mut self.model, &batch, embeds, cfg.max_new_tokens)?;
-        let out = generation::generate(&mut *p.state, &p.prompts, p.logits, cfg).map_err(search_err)?;
+        let out =
+            generation::generate(&mut *p.state, &p.prompts, p.logits, cfg).map_err(search_err)?;
         let mut res = Vec::with_capacity(out.len());
         for row in out {
             let mut seqs = Vec::with_capacity(row.len());

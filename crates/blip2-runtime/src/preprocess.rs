@@ -11,9 +11,9 @@
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
-use blip2_core::ImageConfig;
 use crate::jpeg::{self, JpegError};
 use crate::orientation;
+use blip2_core::ImageConfig;
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage, RgbaImage};
 use ndarray::{Array3, Array4, Axis};
 
@@ -70,23 +70,38 @@ pub enum PreprocessError {
         "image {index} of the batch is {width}x{height} after preprocessing, expected \
          {expected_width}x{expected_height} (is do_resize off?)"
     )]
-    BatchSize { index: usize, width: usize, height: usize, expected_width: u32, expected_height: u32 },
+    BatchSize {
+        index: usize,
+        width: usize,
+        height: usize,
+        expected_width: u32,
+        expected_height: u32,
+    },
 }
 
 /// Reads and decodes an image file (PNG, JPEG, GIF first frame, WebP, BMP, TIFF) and turns
 /// it upright by its EXIF orientation; the format is taken from the content, not the
 /// extension. A truncated file is an error, as in Pillow.
 pub fn load_image(path: &Path, limits: &ImageLimits) -> Result<DynamicImage, PreprocessError> {
-    let bytes = std::fs::read(path).map_err(|source| PreprocessError::Read { path: path.into(), source })?;
+    let bytes = std::fs::read(path)
+        .map_err(|source| PreprocessError::Read { path: path.into(), source })?;
     decode(&bytes, path, limits)
 }
 
 /// Decodes an image held in memory; `name` stands for it in errors.
-pub fn load_image_bytes(bytes: &[u8], name: &str, limits: &ImageLimits) -> Result<DynamicImage, PreprocessError> {
+pub fn load_image_bytes(
+    bytes: &[u8],
+    name: &str,
+    limits: &ImageLimits,
+) -> Result<DynamicImage, PreprocessError> {
     decode(bytes, Path::new(name), limits)
 }
 
-fn decode(bytes: &[u8], path: &Path, limits: &ImageLimits) -> Result<DynamicImage, PreprocessError> {
+fn decode(
+    bytes: &[u8],
+    path: &Path,
+    limits: &ImageLimits,
+) -> Result<DynamicImage, PreprocessError> {
     if jpeg::is_jpeg(bytes) {
         return decode_jpeg(bytes, path, limits);
     }
@@ -100,11 +115,18 @@ fn decode(bytes: &[u8], path: &Path, limits: &ImageLimits) -> Result<DynamicImag
     Ok(orientation::apply(img, orientation))
 }
 
-fn decode_jpeg(bytes: &[u8], path: &Path, limits: &ImageLimits) -> Result<DynamicImage, PreprocessError> {
+fn decode_jpeg(
+    bytes: &[u8],
+    path: &Path,
+    limits: &ImageLimits,
+) -> Result<DynamicImage, PreprocessError> {
     let path = || path.to_path_buf();
     match jpeg::decode(bytes, limits.max_pixels) {
         Ok(j) => {
-            let o = orientation::resolve(j.exif.as_deref().and_then(orientation::from_exif), j.xmp.as_deref());
+            let o = orientation::resolve(
+                j.exif.as_deref().and_then(orientation::from_exif),
+                j.xmp.as_deref(),
+            );
             Ok(orientation::apply(j.image, o))
         }
         Err(JpegError::Truncated) => Err(PreprocessError::Truncated { path: path() }),
@@ -118,11 +140,17 @@ fn decode_jpeg(bytes: &[u8], path: &Path, limits: &ImageLimits) -> Result<Dynami
             pixels: width as u64 * height as u64,
             limit: limits.max_pixels,
         }),
-        Err(JpegError::Empty { width, height }) => Err(PreprocessError::Empty { path: path(), width, height }),
+        Err(JpegError::Empty { width, height }) => {
+            Err(PreprocessError::Empty { path: path(), width, height })
+        }
     }
 }
 
-fn decode_other(bytes: &[u8], path: &Path, limits: &ImageLimits) -> Result<DynamicImage, PreprocessError> {
+fn decode_other(
+    bytes: &[u8],
+    path: &Path,
+    limits: &ImageLimits,
+) -> Result<DynamicImage, PreprocessError> {
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|source| PreprocessError::Read { path: path.into(), source })?;
@@ -130,7 +158,9 @@ fn decode_other(bytes: &[u8], path: &Path, limits: &ImageLimits) -> Result<Dynam
         return Err(PreprocessError::UnknownFormat { path: path.into() });
     }
     let classify = |source: image::ImageError| match source {
-        image::ImageError::Unsupported(_) => PreprocessError::Unsupported { path: path.into(), source },
+        image::ImageError::Unsupported(_) => {
+            PreprocessError::Unsupported { path: path.into(), source }
+        }
         source => PreprocessError::Decode { path: path.into(), source },
     };
     // Making the decoder reads only the header: the size is known before any pixel is
@@ -139,7 +169,13 @@ fn decode_other(bytes: &[u8], path: &Path, limits: &ImageLimits) -> Result<Dynam
     let (width, height) = decoder.dimensions();
     let pixels = width as u64 * height as u64;
     if pixels > limits.max_pixels {
-        return Err(PreprocessError::TooLarge { path: path.into(), width, height, pixels, limit: limits.max_pixels });
+        return Err(PreprocessError::TooLarge {
+            path: path.into(),
+            width,
+            height,
+            pixels,
+            limit: limits.max_pixels,
+        });
     }
     if pixels == 0 {
         return Err(PreprocessError::Empty { path: path.into(), width, height });
@@ -504,12 +540,22 @@ fn nearest(img: &RgbImage, ow: usize, oh: usize) -> Vec<u8> {
 /// not change is skipped. Pillow 13 runs the vertical pass first when the height shrinks
 /// by more than twice as many pixels as the width does, otherwise the horizontal pass
 /// first over only the rows the vertical pass will read.
-pub fn resize_rgb(img: &RgbImage, width: u32, height: u32, resample: u32) -> Result<RgbImage, PreprocessError> {
+pub fn resize_rgb(
+    img: &RgbImage,
+    width: u32,
+    height: u32,
+    resample: u32,
+) -> Result<RgbImage, PreprocessError> {
     let f = filter(resample)?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     let (ow, oh) = (width as usize, height as usize);
     if ow == 0 || oh == 0 || w == 0 || h == 0 {
-        return Err(PreprocessError::BadSize { from_width: img.width(), from_height: img.height(), width, height });
+        return Err(PreprocessError::BadSize {
+            from_width: img.width(),
+            from_height: img.height(),
+            width,
+            height,
+        });
     }
     if (w, h) == (ow, oh) {
         return Ok(img.clone());
@@ -545,8 +591,12 @@ pub fn resize_rgb(img: &RgbImage, width: u32, height: u32, resample: u32) -> Res
         }
     };
     // The passes produce exactly width * height * 3 bytes.
-    RgbImage::from_raw(width, height, data)
-        .ok_or(PreprocessError::BadSize { from_width: img.width(), from_height: img.height(), width, height })
+    RgbImage::from_raw(width, height, data).ok_or(PreprocessError::BadSize {
+        from_width: img.width(),
+        from_height: img.height(),
+        width,
+        height,
+    })
 }
 
 /// `(3, H, W)` pixel values for one image, as `BlipImageProcessorPil` makes them.
@@ -554,7 +604,8 @@ pub fn preprocess(img: &DynamicImage, cfg: &ImageConfig) -> Result<Array3<f32>, 
     // Without do_convert_rgb transformers keeps the image's own channels, which the
     // vision encoder cannot take; Pillow's plain RGB conversion is the closest fit.
     let rgb = if cfg.do_convert_rgb { to_rgb(img) } else { pillow_rgb(img) };
-    let rgb = if cfg.do_resize { resize_rgb(&rgb, cfg.width, cfg.height, cfg.resample)? } else { rgb };
+    let rgb =
+        if cfg.do_resize { resize_rgb(&rgb, cfg.width, cfg.height, cfg.resample)? } else { rgb };
     let (w, h) = (rgb.width() as usize, rgb.height() as usize);
     let mut out = Array3::<f32>::zeros((3, h, w));
     let raw = rgb.as_raw();
@@ -566,7 +617,8 @@ pub fn preprocess(img: &DynamicImage, cfg: &ImageConfig) -> Result<Array3<f32>, 
             let p = px[c];
             // transformers' rescale multiplies in float64 and casts to float32; normalize
             // then works in float32 (mean and std cast to float32), (x - mean) / std.
-            let mut x = if cfg.do_rescale { (p as f64 * cfg.rescale_factor) as f32 } else { p as f32 };
+            let mut x =
+                if cfg.do_rescale { (p as f64 * cfg.rescale_factor) as f32 } else { p as f32 };
             if cfg.do_normalize {
                 x = (x - mean) / std;
             }
@@ -578,7 +630,10 @@ pub fn preprocess(img: &DynamicImage, cfg: &ImageConfig) -> Result<Array3<f32>, 
 
 /// `(B, 3, H, W)` pixel values for a batch; every image must come out at the configured
 /// size (always so when `do_resize` is on).
-pub fn preprocess_batch(images: &[DynamicImage], cfg: &ImageConfig) -> Result<Array4<f32>, PreprocessError> {
+pub fn preprocess_batch(
+    images: &[DynamicImage],
+    cfg: &ImageConfig,
+) -> Result<Array4<f32>, PreprocessError> {
     let mut out = Array4::<f32>::zeros((images.len(), 3, cfg.height as usize, cfg.width as usize));
     for (index, img) in images.iter().enumerate() {
         let px = preprocess(img, cfg)?;

@@ -132,8 +132,11 @@ impl Chat {
     /// Earlier turns as `Question: {q} Answer: {a}.` joined by spaces, then
     /// ` Question: {q} Answer:` (just `Question: {q} Answer:` on the first turn).
     pub fn prompt(&self, t: &PromptTemplates, question: &str) -> String {
-        let mut parts: Vec<String> =
-            self.turns.iter().map(|(q, a)| t.chat_turn.replace("{q}", q).replace("{a}", a)).collect();
+        let mut parts: Vec<String> = self
+            .turns
+            .iter()
+            .map(|(q, a)| t.chat_turn.replace("{q}", q).replace("{a}", a))
+            .collect();
         parts.push(t.chat_question.replace("{q}", question));
         parts.join(" ")
     }
@@ -143,7 +146,12 @@ impl Chat {
     /// positions (the checks [`Prompter::check_fits`] and the pipeline make). Drops the
     /// older turns and returns the prompt with their number. When the question does not
     /// fit even alone, the error says so and the history is left as it was.
-    pub fn fit(&mut self, p: &Prompter, question: &str, max_new_tokens: usize) -> Result<(String, usize), RuntimeError> {
+    pub fn fit(
+        &mut self,
+        p: &Prompter,
+        question: &str,
+        max_new_tokens: usize,
+    ) -> Result<(String, usize), RuntimeError> {
         let fits = |len: usize| len <= p.max_context && len + max_new_tokens <= p.max_positions;
         for dropped in 0..=self.turns.len() {
             let later = Chat { turns: self.turns[dropped..].to_vec() };

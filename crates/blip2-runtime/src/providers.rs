@@ -15,9 +15,9 @@ use ort::session::builder::SessionBuilder;
 use ort::session::Session;
 
 use crate::config::{Profile, Provider};
-use blip2_core::GraphKind;
 use crate::ort_env::{self, RuntimeSetupError};
 use crate::session_cache;
+use blip2_core::GraphKind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
@@ -65,7 +65,8 @@ fn dispatch(p: Provider, profile: &Profile, graph: &str) -> ExecutionProviderDis
         Provider::Cuda => {
             // ONNX Runtime's CUDA provider defaults to TF32 products; PyTorch (the
             // reference) does not, and TF32 changes fp32 tokens, so it is off unless asked.
-            let mut cuda = ep::CUDA::default().with_device_id(profile.device_id).with_tf32(profile.tf32);
+            let mut cuda =
+                ep::CUDA::default().with_device_id(profile.device_id).with_tf32(profile.tf32);
             if captures(profile, graph) {
                 cuda = cuda.with_cuda_graph(true);
             }
@@ -75,7 +76,8 @@ fn dispatch(p: Provider, profile: &Profile, graph: &str) -> ExecutionProviderDis
             cuda.build()
         }
         Provider::TensorRt => {
-            let mut trt = ep::TensorRT::default().with_device_id(profile.device_id).with_fp16(profile.fp16);
+            let mut trt =
+                ep::TensorRT::default().with_device_id(profile.device_id).with_fp16(profile.fp16);
             if let Some(dir) = profile.engine_cache_dir() {
                 // TensorRT does not create it; a failure here shows up as TensorRT's own error.
                 let _ = std::fs::create_dir_all(&dir);
@@ -106,11 +108,16 @@ fn not_built_in(p: Provider) -> Result<Option<String>, ProviderError> {
         Provider::Cuda => <ep::CUDA as ExecutionProvider>::is_available(),
         Provider::TensorRt => <ep::TensorRT as ExecutionProvider>::is_available(),
     }
-    .map_err(|source| ProviderError::Ort { what: "listing the available providers".into(), source })?;
+    .map_err(|source| ProviderError::Ort {
+        what: "listing the available providers".into(),
+        source,
+    })?;
     if available {
         return Ok(None);
     }
-    let lib = ort_env::loaded_dylib().map(|p| p.display().to_string()).unwrap_or_else(|| "the loaded library".into());
+    let lib = ort_env::loaded_dylib()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "the loaded library".into());
     Ok(Some(format!(
         "the ONNX Runtime library {lib} is built without it. Install the GPU build with \
          `blip2-ort install-runtime --gpu` (and unset {} if it points at a CPU build)",
@@ -145,14 +152,18 @@ pub fn apply(
         .with_optimization_level(profile.graph_optimization.into())
         .map_err(ort_ctx("setting the graph optimization level"))?;
     if let Some(n) = profile.intra_op_threads {
-        builder = builder.with_intra_threads(n).map_err(ort_ctx("setting the intra-op thread count"))?;
+        builder =
+            builder.with_intra_threads(n).map_err(ort_ctx("setting the intra-op thread count"))?;
     }
     // The graphs run one after another, never side by side.
-    builder = builder.with_inter_threads(1).map_err(ort_ctx("setting the inter-op thread count"))?;
+    builder =
+        builder.with_inter_threads(1).map_err(ort_ctx("setting the inter-op thread count"))?;
     if graph == "language_model" {
         // Every decode step has new shapes (the KV cache grows by one), so a memory
         // pattern planned for one step never fits the next and is only overhead.
-        builder = builder.with_memory_pattern(false).map_err(ort_ctx("turning off the memory pattern"))?;
+        builder = builder
+            .with_memory_pattern(false)
+            .map_err(ort_ctx("turning off the memory pattern"))?;
     }
     let providers = profile.providers_for(graph);
     for (i, &p) in providers.iter().enumerate() {
@@ -221,13 +232,20 @@ pub(crate) fn commit(
     warn: &mut dyn FnMut(Warning),
 ) -> Result<Session, ProviderError> {
     let env = ort_env::environment()?;
-    let builder = Session::builder(env)
-        .map_err(|source| ProviderError::Ort { what: "creating a session builder".into(), source })?;
+    let builder = Session::builder(env).map_err(|source| ProviderError::Ort {
+        what: "creating a session builder".into(),
+        source,
+    })?;
     let mut builder = apply(builder, profile, graph, warn)?;
     builder.commit_from_file(path).map_err(|source| ProviderError::Commit {
         path: path.to_path_buf(),
         graph: graph.into(),
-        providers: profile.providers_for(graph).iter().map(|p| p.name()).collect::<Vec<_>>().join(", "),
+        providers: profile
+            .providers_for(graph)
+            .iter()
+            .map(|p| p.name())
+            .collect::<Vec<_>>()
+            .join(", "),
         source,
     })
 }

@@ -63,8 +63,12 @@ impl ImageFeatures {
     }
     fn value(&self) -> Result<DynValue, RuntimeError> {
         Ok(match self {
-            ImageFeatures::F32(a) => Tensor::from_array(a.clone()).map_err(ort_err(io::IMAGE_FEATURES))?.into_dyn(),
-            ImageFeatures::F16(a) => Tensor::from_array(a.clone()).map_err(ort_err(io::IMAGE_FEATURES))?.into_dyn(),
+            ImageFeatures::F32(a) => {
+                Tensor::from_array(a.clone()).map_err(ort_err(io::IMAGE_FEATURES))?.into_dyn()
+            }
+            ImageFeatures::F16(a) => {
+                Tensor::from_array(a.clone()).map_err(ort_err(io::IMAGE_FEATURES))?.into_dyn()
+            }
         })
     }
 }
@@ -98,16 +102,21 @@ impl RetrievalModel {
     pub fn load(dir: &Path, factory: &mut SessionFactory<'_>) -> Result<Self, RuntimeError> {
         let manifest = RetrievalManifest::load(dir)?;
         let g = &manifest.graphs;
-        let mut open = |kind: GraphKind, file: &str| crate::model::open_graph(dir, file, kind, factory);
+        let mut open =
+            |kind: GraphKind, file: &str| crate::model::open_graph(dir, file, kind, factory);
         let vision = open(GraphKind::VisionEncoder, &g.vision_encoder.file)?;
         let image_embedding = open(GraphKind::QFormer, &g.image_embedding.file)?;
         let text_embedding = open(GraphKind::QFormer, &g.text_embedding.file)?;
         let itm = open(GraphKind::QFormer, &g.itm.file)?;
-        let vision_fp16 = g.vision_encoder.outputs.iter().any(|t| t.name == io::IMAGE_FEATURES && t.dtype == "float16");
+        let vision_fp16 = g
+            .vision_encoder
+            .outputs
+            .iter()
+            .any(|t| t.name == io::IMAGE_FEATURES && t.dtype == "float16");
 
         let path = dir.join(&manifest.tokenizer_file);
-        let mut tokenizer =
-            Tokenizer::from_file(&path).map_err(|e| RuntimeError::Tokenizer { path: path.clone(), message: e.to_string() })?;
+        let mut tokenizer = Tokenizer::from_file(&path)
+            .map_err(|e| RuntimeError::Tokenizer { path: path.clone(), message: e.to_string() })?;
         // Longer texts are cut to the Q-Former's position table, as the processor does
         // with truncation=True; padding is done here, per batch.
         tokenizer
@@ -144,26 +153,46 @@ impl RetrievalModel {
     /// The vision encoder on pixel values: one pass per image, for ITC and ITM alike.
     pub fn image_features(&mut self, pixels: Array4<f32>) -> Result<ImageFeatures, RuntimeError> {
         let px = Tensor::from_array(pixels).map_err(ort_err(io::PIXEL_VALUES))?;
-        let out = self.vision.run(ort::inputs![io::PIXEL_VALUES => px]).map_err(ort_err("vision encoder"))?;
-        let v = out.get(io::IMAGE_FEATURES).ok_or_else(|| RuntimeError::MissingOutput(io::IMAGE_FEATURES.into()))?;
+        let out = self
+            .vision
+            .run(ort::inputs![io::PIXEL_VALUES => px])
+            .map_err(ort_err("vision encoder"))?;
+        let v = out
+            .get(io::IMAGE_FEATURES)
+            .ok_or_else(|| RuntimeError::MissingOutput(io::IMAGE_FEATURES.into()))?;
         let feats = if self.vision_fp16 {
             let a = v.try_extract_array::<half::f16>().map_err(ort_err("image_features"))?;
-            ImageFeatures::F16(a.to_owned().into_dimensionality().map_err(|e| RuntimeError::Input(format!("image_features: {e}")))?)
+            ImageFeatures::F16(
+                a.to_owned()
+                    .into_dimensionality()
+                    .map_err(|e| RuntimeError::Input(format!("image_features: {e}")))?,
+            )
         } else {
             let a = v.try_extract_array::<f32>().map_err(ort_err("image_features"))?;
-            ImageFeatures::F32(a.to_owned().into_dimensionality().map_err(|e| RuntimeError::Input(format!("image_features: {e}")))?)
+            ImageFeatures::F32(
+                a.to_owned()
+                    .into_dimensionality()
+                    .map_err(|e| RuntimeError::Input(format!("image_features: {e}")))?,
+            )
         };
         Ok(feats)
     }
 
     /// Normalized query embeddings `[B, num_query_tokens, dim]` of images' features.
-    pub fn embed_image_features(&mut self, feats: &ImageFeatures) -> Result<Array3<f32>, RuntimeError> {
+    pub fn embed_image_features(
+        &mut self,
+        feats: &ImageFeatures,
+    ) -> Result<Array3<f32>, RuntimeError> {
         let out = self
             .image_embedding
             .run(ort::inputs![io::IMAGE_FEATURES => feats.value()?])
             .map_err(ort_err("image embedding"))?;
-        let v = out.get(io::IMAGE_EMBEDDINGS).ok_or_else(|| RuntimeError::MissingOutput(io::IMAGE_EMBEDDINGS.into()))?;
-        to_f32(v)?.into_dimensionality().map_err(|e| RuntimeError::Input(format!("image_embeddings: {e}")))
+        let v = out
+            .get(io::IMAGE_EMBEDDINGS)
+            .ok_or_else(|| RuntimeError::MissingOutput(io::IMAGE_EMBEDDINGS.into()))?;
+        to_f32(v)?
+            .into_dimensionality()
+            .map_err(|e| RuntimeError::Input(format!("image_embeddings: {e}")))
     }
 
     /// Vision encoder then image embedding: `[B, num_query_tokens, dim]`.
@@ -181,10 +210,9 @@ impl RetrievalModel {
         let mut rows = Vec::with_capacity(texts.len());
         let mut truncated = Vec::with_capacity(texts.len());
         for (i, text) in texts.iter().enumerate() {
-            let enc = self
-                .tokenizer
-                .encode(text.as_str(), true)
-                .map_err(|e| RuntimeError::Input(format!("text {}: cannot tokenize: {e}", i + 1)))?;
+            let enc = self.tokenizer.encode(text.as_str(), true).map_err(|e| {
+                RuntimeError::Input(format!("text {}: cannot tokenize: {e}", i + 1))
+            })?;
             let ids: Vec<i64> = enc.get_ids().iter().map(|&x| x as i64).collect();
             if let Some(&bad) = ids.iter().find(|&&x| x < 0 || x as usize >= t.vocab_size) {
                 let piece = self.tokenizer.id_to_token(bad as u32).unwrap_or_default();
@@ -195,7 +223,10 @@ impl RetrievalModel {
                 )));
             }
             if ids.is_empty() {
-                return Err(RuntimeError::Input(format!("text {}: the tokenizer gave no tokens", i + 1)));
+                return Err(RuntimeError::Input(format!(
+                    "text {}: the tokenizer gave no tokens",
+                    i + 1
+                )));
             }
             truncated.push(!enc.get_overflowing().is_empty());
             rows.push(ids);
@@ -221,8 +252,12 @@ impl RetrievalModel {
                 io::ATTENTION_MASK => Tensor::from_array(batch.mask.clone()).map_err(ort_err(io::ATTENTION_MASK))?,
             ])
             .map_err(ort_err("text embedding"))?;
-        let v = out.get(io::TEXT_EMBEDDINGS).ok_or_else(|| RuntimeError::MissingOutput(io::TEXT_EMBEDDINGS.into()))?;
-        to_f32(v)?.into_dimensionality().map_err(|e| RuntimeError::Input(format!("text_embeddings: {e}")))
+        let v = out
+            .get(io::TEXT_EMBEDDINGS)
+            .ok_or_else(|| RuntimeError::MissingOutput(io::TEXT_EMBEDDINGS.into()))?;
+        to_f32(v)?
+            .into_dimensionality()
+            .map_err(|e| RuntimeError::Input(format!("text_embeddings: {e}")))
     }
 
     /// Normalized text embeddings `[T, dim]`.
@@ -232,7 +267,12 @@ impl RetrievalModel {
     }
 
     /// ITM logits `[T, 2]` of image `image` of `feats` with each text of `batch`.
-    pub fn itm_logits(&mut self, feats: &ImageFeatures, image: usize, batch: &TextBatch) -> Result<Array2<f32>, RuntimeError> {
+    pub fn itm_logits(
+        &mut self,
+        feats: &ImageFeatures,
+        image: usize,
+        batch: &TextBatch,
+    ) -> Result<Array2<f32>, RuntimeError> {
         let n = batch.ids.shape()[0];
         let f = feats.repeat(image, n);
         let out = self
@@ -243,12 +283,21 @@ impl RetrievalModel {
                 io::ATTENTION_MASK => Tensor::from_array(batch.mask.clone()).map_err(ort_err(io::ATTENTION_MASK))?,
             ])
             .map_err(ort_err("ITM"))?;
-        let v = out.get(io::ITM_LOGITS).ok_or_else(|| RuntimeError::MissingOutput(io::ITM_LOGITS.into()))?;
-        to_f32(v)?.into_dimensionality().map_err(|e| RuntimeError::Input(format!("itm_logits: {e}")))
+        let v = out
+            .get(io::ITM_LOGITS)
+            .ok_or_else(|| RuntimeError::MissingOutput(io::ITM_LOGITS.into()))?;
+        to_f32(v)?
+            .into_dimensionality()
+            .map_err(|e| RuntimeError::Input(format!("itm_logits: {e}")))
     }
 
     /// ITM match probabilities of image `image` of `feats` with each text of `batch`.
-    pub fn itm(&mut self, feats: &ImageFeatures, image: usize, batch: &TextBatch) -> Result<Vec<f32>, RuntimeError> {
+    pub fn itm(
+        &mut self,
+        feats: &ImageFeatures,
+        image: usize,
+        batch: &TextBatch,
+    ) -> Result<Vec<f32>, RuntimeError> {
         let logits = self.itm_logits(feats, image, batch)?;
         Ok(logits.outer_iter().map(|l| match_probability(l[0], l[1])).collect())
     }

@@ -74,18 +74,22 @@ fn open_cached(
         Ok(session) => Ok(session),
         Err(first) => {
             let entry = optimized.parent().expect("a cached graph lives in its entry folder");
-            std::fs::remove_dir_all(entry)
-                .map_err(|e| format!("{}: does not load ({first}) and cannot be removed: {e}", entry.display()))?;
+            std::fs::remove_dir_all(entry).map_err(|e| {
+                format!("{}: does not load ({first}) and cannot be removed: {e}", entry.display())
+            })?;
             let optimized = cached_graph(profile, path, root)?;
-            commit(profile, graph, &optimized, warn)
-                .map_err(|e| format!("{}: made again, still does not load: {e}", optimized.display()))
+            commit(profile, graph, &optimized, warn).map_err(|e| {
+                format!("{}: made again, still does not load: {e}", optimized.display())
+            })
         }
     }
 }
 
 /// FNV-1a: a stable folder name for a source path (std's hasher may change between releases).
 fn fnv64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+    bytes
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// The optimized copy of `path` under `root`, made now if missing or stale.
@@ -112,7 +116,10 @@ fn cached_graph(profile: &Profile, path: &Path, root: &Path) -> Result<PathBuf, 
     let key = format!("{:016x}", fnv64(source.as_os_str().as_encoded_bytes()));
     let dir = root.join(&key);
     let model = dir.join("model.onnx");
-    let fresh = |d: &Path| std::fs::read_to_string(d.join("stamp")).is_ok_and(|s| s == stamp) && d.join("model.onnx").is_file();
+    let fresh = |d: &Path| {
+        std::fs::read_to_string(d.join("stamp")).is_ok_and(|s| s == stamp)
+            && d.join("model.onnx").is_file()
+    };
     if fresh(&dir) {
         return Ok(model);
     }
@@ -153,7 +160,10 @@ fn prune_optimized_cache(root: &Path) {
                 .is_some_and(|age| age > std::time::Duration::from_secs(3600))
         } else {
             std::fs::read_to_string(path.join("stamp")).ok().is_some_and(|stamp| {
-                stamp.lines().find_map(|l| l.strip_prefix("source ")).is_some_and(|src| !Path::new(src).exists())
+                stamp
+                    .lines()
+                    .find_map(|l| l.strip_prefix("source "))
+                    .is_some_and(|src| !Path::new(src).exists())
             })
         };
         if stale {
@@ -174,13 +184,19 @@ fn write_optimized(source: &Path, dir: &Path, level: GraphOptimization) -> Resul
         .and_then(|b| b.with_prepacking(false).map_err(Into::into))
         .and_then(|b| b.with_optimized_model_path(&out).map_err(Into::into))
         .and_then(|b| {
-            b.with_config_entry("session.optimized_model_external_initializers_file_name", "model.onnx.data")
-                .map_err(Into::into)
+            b.with_config_entry(
+                "session.optimized_model_external_initializers_file_name",
+                "model.onnx.data",
+            )
+            .map_err(Into::into)
         })
         .and_then(|b| {
             // Small tensors stay in the graph; big ones go to the mapped file.
-            b.with_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "4096")
-                .map_err(Into::into)
+            b.with_config_entry(
+                "session.optimized_model_external_initializers_min_size_in_bytes",
+                "4096",
+            )
+            .map_err(Into::into)
         })
         .and_then(|mut b| b.commit_from_file(source));
     let session: Session = session.map_err(|e: ort::Error| e.to_string())?;
@@ -198,14 +214,16 @@ mod tests {
 
     /// `c = a + b` over float[3] (the same model as tests/providers.rs).
     const ADD_ONNX: [u8; 80] = [
-        8, 8, 58, 70, 10, 14, 10, 1, 97, 10, 1, 98, 18, 1, 99, 34, 3, 65, 100, 100, 18, 1, 103, 90, 15, 10, 1, 97, 18,
-        10, 10, 8, 8, 1, 18, 4, 10, 2, 8, 3, 90, 15, 10, 1, 98, 18, 10, 10, 8, 8, 1, 18, 4, 10, 2, 8, 3, 98, 15, 10, 1,
-        99, 18, 10, 10, 8, 8, 1, 18, 4, 10, 2, 8, 3, 66, 4, 10, 0, 16, 13,
+        8, 8, 58, 70, 10, 14, 10, 1, 97, 10, 1, 98, 18, 1, 99, 34, 3, 65, 100, 100, 18, 1, 103, 90,
+        15, 10, 1, 97, 18, 10, 10, 8, 8, 1, 18, 4, 10, 2, 8, 3, 90, 15, 10, 1, 98, 18, 10, 10, 8,
+        8, 1, 18, 4, 10, 2, 8, 3, 98, 15, 10, 1, 99, 18, 10, 10, 8, 8, 1, 18, 4, 10, 2, 8, 3, 66,
+        4, 10, 0, 16, 13,
     ];
 
     /// A fresh folder holding the Add graph, and the cache folder to use beside it.
     fn scratch(test: &str) -> (PathBuf, PathBuf, PathBuf) {
-        let dir = std::env::temp_dir().join(format!("blip2-ort-optcache-{test}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("blip2-ort-optcache-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let model = dir.join("add.onnx");
@@ -243,7 +261,8 @@ mod tests {
 
         let mut s = open(&cache);
         assert_eq!(run_add(&mut s), [11.0, 22.0, 33.0]);
-        let entries: Vec<PathBuf> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().path()).collect();
+        let entries: Vec<PathBuf> =
+            std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().path()).collect();
         assert_eq!(entries.len(), 1, "one folder per source graph, no temporary left: {entries:?}");
         let entry = &entries[0];
         let stamp = || std::fs::read_to_string(entry.join("stamp")).unwrap();
@@ -273,7 +292,11 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(20));
         std::fs::write(&model, ADD_ONNX).unwrap();
         let _ = open(&cache);
-        assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 1, "the copy of the deleted graph is pruned");
+        assert_eq!(
+            std::fs::read_dir(&cache).unwrap().count(),
+            1,
+            "the copy of the deleted graph is pruned"
+        );
 
         // A cache that cannot be written is no error: the original graph loads.
         let blocked = dir.join("not-a-folder");
@@ -283,14 +306,20 @@ mod tests {
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         let said = warnings[0].to_string();
         assert!(
-            said.starts_with(&format!("{}: cannot use the optimized-graph cache (", model.display()))
-                && said.ends_with("); loading the original"),
+            said.starts_with(&format!(
+                "{}: cannot use the optimized-graph cache (",
+                model.display()
+            )) && said.ends_with("); loading the original"),
             "{said}"
         );
 
         // Small graphs and GPU profiles are never cached.
         assert!(!applies(&profile, "qformer", &model));
-        let cuda = Profile { name: "cuda".into(), providers: vec![Provider::Cuda, Provider::Cpu], ..Profile::cpu() };
+        let cuda = Profile {
+            name: "cuda".into(),
+            providers: vec![Provider::Cuda, Provider::Cpu],
+            ..Profile::cpu()
+        };
         std::fs::write(&model, vec![0u8; OPTIMIZED_CACHE_MIN_BYTES as usize]).unwrap();
         assert!(applies(&profile, "qformer", &model));
         assert!(!applies(&cuda, "qformer", &model));
@@ -305,7 +334,10 @@ mod tests {
         }
         let (dir, model, cache) = scratch("broken");
         let profile = Profile::cpu();
-        let open = || open(&profile, "qformer", &model, &cache, &mut |w| panic!("unexpected warning: {w}")).unwrap();
+        let open = || {
+            open(&profile, "qformer", &model, &cache, &mut |w| panic!("unexpected warning: {w}"))
+                .unwrap()
+        };
         drop(open());
         let entry = std::fs::read_dir(&cache).unwrap().next().unwrap().unwrap().path();
         let good = std::fs::read(entry.join("model.onnx")).unwrap();
@@ -313,7 +345,11 @@ mod tests {
         std::fs::write(entry.join("model.onnx"), &good[..good.len() / 2]).unwrap();
         let mut s = open();
         assert_eq!(run_add(&mut s), [11.0, 22.0, 33.0]);
-        assert_eq!(std::fs::read(entry.join("model.onnx")).unwrap(), good, "the broken copy is made again");
+        assert_eq!(
+            std::fs::read(entry.join("model.onnx")).unwrap(),
+            good,
+            "the broken copy is made again"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -35,10 +35,8 @@ struct Fixtures {
 fn fixtures() -> &'static Fixtures {
     static F: OnceLock<Fixtures> = OnceLock::new();
     F.get_or_init(|| {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../tests/fixtures/generation/cases.json"
-        );
+        let path =
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/generation/cases.json");
         let text = std::fs::read_to_string(path).expect("read the generation fixtures");
         let doc: Value = serde_json::from_str(&text).expect("parse the generation fixtures");
         let table = |v: &Value| -> Vec<Vec<f32>> {
@@ -46,11 +44,7 @@ fn fixtures() -> &'static Fixtures {
                 .unwrap()
                 .iter()
                 .map(|row| {
-                    row.as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|x| x.as_f64().unwrap() as f32)
-                        .collect()
+                    row.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
                 })
                 .collect()
         };
@@ -59,27 +53,14 @@ fn fixtures() -> &'static Fixtures {
             .unwrap()
             .iter()
             .map(|(k, m)| {
-                (
-                    k.clone(),
-                    Tables {
-                        a: table(&m["A"]),
-                        b: table(&m["B"]),
-                        c: table(&m["C"]),
-                    },
-                )
+                (k.clone(), Tables { a: table(&m["A"]), b: table(&m["B"]), c: table(&m["C"]) })
             })
             .collect();
         let ids = |v: &Value| -> Vec<Vec<i64>> {
             v.as_array()
                 .unwrap()
                 .iter()
-                .map(|r| {
-                    r.as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|x| x.as_i64().unwrap())
-                        .collect()
-                })
+                .map(|r| r.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect())
                 .collect()
         };
         let prompts = doc["prompts"]
@@ -96,12 +77,7 @@ fn fixtures() -> &'static Fixtures {
                 (k.clone(), (i, mask))
             })
             .collect();
-        Fixtures {
-            vocab: doc["vocab"].as_u64().unwrap() as usize,
-            models,
-            prompts,
-            doc,
-        }
+        Fixtures { vocab: doc["vocab"].as_u64().unwrap() as usize, models, prompts, doc }
     })
 }
 
@@ -216,7 +192,10 @@ impl StepModel for Toy<'_> {
                 self.argmax_answers += 1;
                 // The first index among equal maxima, as ONNX ArgMax and torch.argmax.
                 let pick = |row: ndarray::ArrayView1<f32>| {
-                    row.iter().enumerate().fold((0, f32::NEG_INFINITY), |m, (i, &x)| if x > m.1 { (i, x) } else { m }).0 as i64
+                    row.iter()
+                        .enumerate()
+                        .fold((0, f32::NEG_INFINITY), |m, (i, &x)| if x > m.1 { (i, x) } else { m })
+                        .0 as i64
                 };
                 StepOutput::Argmax(logits.rows().into_iter().map(pick).collect())
             }
@@ -297,7 +276,12 @@ fn run(model: &str, prompts: &str, cfg: &GenerationConfig) -> (Vec<Vec<Vec<i64>>
 }
 
 /// Runs a case on the toy model, which selects tokens itself when `device` is set.
-fn run_on<'a>(model: &str, prompts: &str, cfg: &GenerationConfig, device: bool) -> (Vec<Vec<Vec<i64>>>, Toy<'a>) {
+fn run_on<'a>(
+    model: &str,
+    prompts: &str,
+    cfg: &GenerationConfig,
+    device: bool,
+) -> (Vec<Vec<Vec<i64>>>, Toy<'a>) {
     let (mut toy, prompts) = Toy::new(model, prompts);
     toy.device = device;
     let first = toy.logits_now();
@@ -314,7 +298,8 @@ fn selection_on_the_model_side_matches_transformers() {
     let mut failures = Vec::new();
     for case in fixtures().doc["cases"].as_array().unwrap() {
         let cfg = config(&case["config"]);
-        let (got, toy) = run_on(case["model"].as_str().unwrap(), case["prompts"].as_str().unwrap(), &cfg, true);
+        let (got, toy) =
+            run_on(case["model"].as_str().unwrap(), case["prompts"].as_str().unwrap(), &cfg, true);
         if got != expected(&case["expected"]) {
             failures.push(case["name"].as_str().unwrap().to_string());
         }
@@ -322,7 +307,10 @@ fn selection_on_the_model_side_matches_transformers() {
         top_k += toy.top_k_answers;
     }
     assert!(failures.is_empty(), "cases that differ with model-side selection: {failures:?}");
-    assert!(argmax > 0 && top_k > 0, "model-side selection unused: {argmax} argmax, {top_k} top-k answers");
+    assert!(
+        argmax > 0 && top_k > 0,
+        "model-side selection unused: {argmax} argmax, {top_k} top-k answers"
+    );
 }
 
 #[test]
@@ -335,9 +323,21 @@ fn sampling_from_the_models_candidates_draws_what_the_full_logits_draw() {
     let configs = [
         GenerationConfig { top_k: 5, ..sampling_cfg(0) },
         GenerationConfig { top_k: 3, temperature: 0.7, top_p: 0.8, ..sampling_cfg(0) },
-        GenerationConfig { top_k: 8, temperature: 1.3, top_p: 0.9, min_new_tokens: 4, ..sampling_cfg(0) },
+        GenerationConfig {
+            top_k: 8,
+            temperature: 1.3,
+            top_p: 0.9,
+            min_new_tokens: 4,
+            ..sampling_cfg(0)
+        },
         GenerationConfig { top_k: 1, num_return_sequences: 1, ..sampling_cfg(0) },
-        GenerationConfig { top_k: 30, top_p: 0.95, eos_token_ids: vec![2, 5], min_new_tokens: 2, ..sampling_cfg(0) },
+        GenerationConfig {
+            top_k: 30,
+            top_p: 0.95,
+            eos_token_ids: vec![2, 5],
+            min_new_tokens: 2,
+            ..sampling_cfg(0)
+        },
     ];
     let (mut answers, mut fetches) = ([0usize; 2], [0usize; 2]);
     for (g, grain) in [0.0f32, 0.5].into_iter().enumerate() {
@@ -364,7 +364,10 @@ fn sampling_from_the_models_candidates_draws_what_the_full_logits_draw() {
     }
     assert!(answers[0] > 0 && answers[1] > 0, "candidates never asked for: {answers:?}");
     assert!(fetches[1] > 0, "ties never sent the search to the full logits");
-    assert!(fetches[0] < answers[0] / 10, "exact logits fell back too often: {fetches:?} of {answers:?}");
+    assert!(
+        fetches[0] < answers[0] / 10,
+        "exact logits fell back too often: {fetches:?} of {answers:?}"
+    );
 }
 
 fn expected(v: &Value) -> Vec<Vec<Vec<i64>>> {
@@ -387,11 +390,8 @@ fn check_cases(prefix: &str) {
     let mut failures = Vec::new();
     for case in &cases {
         let cfg = config(&case["config"]);
-        let (got, steps) = run(
-            case["model"].as_str().unwrap(),
-            case["prompts"].as_str().unwrap(),
-            &cfg,
-        );
+        let (got, steps) =
+            run(case["model"].as_str().unwrap(), case["prompts"].as_str().unwrap(), &cfg);
         let want = expected(&case["expected"]);
         if got != want {
             failures.push(format!(
@@ -431,20 +431,12 @@ fn toy_model_prefill_is_exact() {
     // The first greedy pick of every prompt set must be the argmax of our prefill logits, and
     // that must equal transformers' first token.
     for case in cases_matching("greedy_eos_") {
-        let (toy, _) = Toy::new(
-            case["model"].as_str().unwrap(),
-            case["prompts"].as_str().unwrap(),
-        );
+        let (toy, _) = Toy::new(case["model"].as_str().unwrap(), case["prompts"].as_str().unwrap());
         let logits = toy.logits_now();
         for (r, want) in expected(&case["expected"]).iter().enumerate() {
             let row = logits.row(r);
             let arg = (0..row.len()).fold(0, |b, i| if row[i] > row[b] { i } else { b }) as i64;
-            assert_eq!(
-                want[0].first().copied().unwrap_or(2),
-                arg,
-                "{} row {r}",
-                case["name"]
-            );
+            assert_eq!(want[0].first().copied().unwrap_or(2), arg, "{} row {r}", case["name"]);
         }
     }
 }
@@ -510,30 +502,19 @@ fn sampling_keeps_the_tokens_transformers_warpers_keep() {
         cfg.do_sample = true;
         cfg.max_new_tokens = 1;
         let rows = k["rows"].as_array().unwrap();
-        let min_prob = rows
-            .iter()
-            .map(|r| r["min_prob"].as_f64().unwrap())
-            .fold(1.0, f64::min);
+        let min_prob = rows.iter().map(|r| r["min_prob"].as_f64().unwrap()).fold(1.0, f64::min);
         let draws = ((40.0 / min_prob).ceil() as u64).clamp(50, 3000);
         let mut seen: Vec<BTreeSet<i64>> = vec![BTreeSet::new(); rows.len()];
         for seed in 0..draws {
             cfg.seed = Some(seed);
-            let (out, _) = run(
-                k["model"].as_str().unwrap(),
-                k["prompts"].as_str().unwrap(),
-                &cfg,
-            );
+            let (out, _) = run(k["model"].as_str().unwrap(), k["prompts"].as_str().unwrap(), &cfg);
             for (r, group) in out.iter().enumerate() {
                 seen[r].insert(group[0][0]);
             }
         }
         for (r, row) in rows.iter().enumerate() {
-            let want: BTreeSet<i64> = row["tokens"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|t| t.as_i64().unwrap())
-                .collect();
+            let want: BTreeSet<i64> =
+                row["tokens"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect();
             assert_eq!(seen[r], want, "kept set of row {r} for {}", k["config"]);
         }
     }
@@ -566,11 +547,8 @@ fn sampling_is_reproducible_per_seed() {
 
 #[test]
 fn beam_sampling_is_reproducible_per_seed() {
-    let cfg = |seed| GenerationConfig {
-        num_beams: 3,
-        num_return_sequences: 3,
-        ..sampling_cfg(seed)
-    };
+    let cfg =
+        |seed| GenerationConfig { num_beams: 3, num_return_sequences: 3, ..sampling_cfg(seed) };
     let (a, _) = run("flat", "batch2", &cfg(5));
     let (b, _) = run("flat", "batch2", &cfg(5));
     assert_eq!(a, b);
@@ -593,12 +571,8 @@ fn sampling_frequencies_follow_the_softmax() {
     let z: f64 = row.iter().map(|x| (x - max).exp()).sum();
     let n = 4000;
     let mut counts = vec![0usize; row.len()];
-    let mut cfg = GenerationConfig {
-        do_sample: true,
-        top_k: 0,
-        max_new_tokens: 1,
-        ..Default::default()
-    };
+    let mut cfg =
+        GenerationConfig { do_sample: true, top_k: 0, max_new_tokens: 1, ..Default::default() };
     for seed in 0..n {
         cfg.seed = Some(seed);
         let (out, _) = run("flat", "one", &cfg);
@@ -608,20 +582,13 @@ fn sampling_frequencies_follow_the_softmax() {
         let p = (row[t] - max).exp() / z;
         let freq = c as f64 / n as f64;
         let sd = (p * (1.0 - p) / n as f64).sqrt();
-        assert!(
-            (freq - p).abs() < 5.0 * sd + 1e-3,
-            "token {t}: frequency {freq}, probability {p}"
-        );
+        assert!((freq - p).abs() < 5.0 * sd + 1e-3, "token {t}: frequency {freq}, probability {p}");
     }
 }
 
 #[test]
 fn top_k_one_sampling_equals_greedy() {
-    for (model, prompts) in [
-        ("plain", "batch3"),
-        ("eosy", "batch2"),
-        ("flat", "placeholders"),
-    ] {
+    for (model, prompts) in [("plain", "batch3"), ("eosy", "batch2"), ("flat", "placeholders")] {
         let greedy = GenerationConfig {
             max_new_tokens: 10,
             eos_token_ids: vec![2],
@@ -655,109 +622,40 @@ fn top_k_one_sampling_equals_greedy() {
 fn validation_names_the_flag() {
     let bad: Vec<(GenerationConfig, &str)> = vec![
         (
-            GenerationConfig {
-                num_beams: 2,
-                num_return_sequences: 3,
-                ..Default::default()
-            },
+            GenerationConfig { num_beams: 2, num_return_sequences: 3, ..Default::default() },
             "--num-return-sequences",
         ),
         (
-            GenerationConfig {
-                num_return_sequences: 2,
-                ..Default::default()
-            },
+            GenerationConfig { num_return_sequences: 2, ..Default::default() },
             "--num-return-sequences",
         ),
         (
-            GenerationConfig {
-                num_return_sequences: 0,
-                ..Default::default()
-            },
+            GenerationConfig { num_return_sequences: 0, ..Default::default() },
             "--num-return-sequences",
         ),
+        (GenerationConfig { num_beams: 0, ..Default::default() }, "--num-beams"),
+        (GenerationConfig { max_new_tokens: 0, ..Default::default() }, "--max-new-tokens"),
         (
-            GenerationConfig {
-                num_beams: 0,
-                ..Default::default()
-            },
-            "--num-beams",
-        ),
-        (
-            GenerationConfig {
-                max_new_tokens: 0,
-                ..Default::default()
-            },
-            "--max-new-tokens",
-        ),
-        (
-            GenerationConfig {
-                do_sample: true,
-                temperature: 0.0,
-                ..Default::default()
-            },
+            GenerationConfig { do_sample: true, temperature: 0.0, ..Default::default() },
             "--temperature",
         ),
         (
-            GenerationConfig {
-                do_sample: true,
-                temperature: -1.0,
-                ..Default::default()
-            },
+            GenerationConfig { do_sample: true, temperature: -1.0, ..Default::default() },
             "--temperature",
         ),
+        (GenerationConfig { do_sample: true, top_p: 0.0, ..Default::default() }, "--top-p"),
+        (GenerationConfig { do_sample: true, top_p: 1.5, ..Default::default() }, "--top-p"),
+        (GenerationConfig { do_sample: true, top_p: f64::NAN, ..Default::default() }, "--top-p"),
         (
-            GenerationConfig {
-                do_sample: true,
-                top_p: 0.0,
-                ..Default::default()
-            },
-            "--top-p",
-        ),
-        (
-            GenerationConfig {
-                do_sample: true,
-                top_p: 1.5,
-                ..Default::default()
-            },
-            "--top-p",
-        ),
-        (
-            GenerationConfig {
-                do_sample: true,
-                top_p: f64::NAN,
-                ..Default::default()
-            },
-            "--top-p",
-        ),
-        (
-            GenerationConfig {
-                repetition_penalty: 0.0,
-                ..Default::default()
-            },
+            GenerationConfig { repetition_penalty: 0.0, ..Default::default() },
             "--repetition-penalty",
         ),
         // Sampling-only values are checked without sampling too (transformers only warns
         // and ignores them): a bad value never passes silently.
+        (GenerationConfig { top_p: 3.0, ..Default::default() }, "--top-p"),
+        (GenerationConfig { temperature: 0.0, ..Default::default() }, "--temperature"),
         (
-            GenerationConfig {
-                top_p: 3.0,
-                ..Default::default()
-            },
-            "--top-p",
-        ),
-        (
-            GenerationConfig {
-                temperature: 0.0,
-                ..Default::default()
-            },
-            "--temperature",
-        ),
-        (
-            GenerationConfig {
-                length_penalty: f64::INFINITY,
-                ..Default::default()
-            },
+            GenerationConfig { length_penalty: f64::INFINITY, ..Default::default() },
             "--length-penalty",
         ),
     ];
@@ -793,40 +691,20 @@ fn validation_names_the_flag() {
     for cfg in good {
         validate(&cfg).unwrap_or_else(|e| panic!("{cfg:?} rejected: {e}"));
     }
-    assert_eq!(
-        "never".parse::<EarlyStopping>().unwrap(),
-        EarlyStopping::Never
-    );
-    assert_eq!(
-        "True".parse::<EarlyStopping>().unwrap(),
-        EarlyStopping::True
-    );
-    assert_eq!(
-        "maybe".parse::<EarlyStopping>().unwrap_err().flag,
-        "--early-stopping"
-    );
+    assert_eq!("never".parse::<EarlyStopping>().unwrap(), EarlyStopping::Never);
+    assert_eq!("True".parse::<EarlyStopping>().unwrap(), EarlyStopping::True);
+    assert_eq!("maybe".parse::<EarlyStopping>().unwrap_err().flag, "--early-stopping");
 }
 
 #[test]
 fn defaults_are_transformers_defaults() {
     let d = GenerationConfig::default();
     assert_eq!(
-        (
-            d.max_new_tokens,
-            d.num_beams,
-            d.top_k,
-            d.num_return_sequences,
-            d.do_sample
-        ),
+        (d.max_new_tokens, d.num_beams, d.top_k, d.num_return_sequences, d.do_sample),
         (20, 1, 50, 1, false)
     );
     assert_eq!(
-        (
-            d.temperature,
-            d.top_p,
-            d.repetition_penalty,
-            d.length_penalty
-        ),
+        (d.temperature, d.top_p, d.repetition_penalty, d.length_penalty),
         (1.0, 1.0, 1.0, 1.0)
     );
     assert_eq!(d.early_stopping, EarlyStopping::False);
@@ -839,24 +717,14 @@ fn bad_inputs_are_errors() {
     let (mut toy, prompts) = Toy::new("plain", "batch2");
     // logits for one row, two prompts
     let first = toy.logits_now().slice(ndarray::s![..1, ..]).to_owned();
-    assert!(matches!(
-        generate(&mut toy, &prompts, first, &cfg),
-        Err(GenerationError::Input(_))
-    ));
+    assert!(matches!(generate(&mut toy, &prompts, first, &cfg), Err(GenerationError::Input(_))));
     // ragged prompts
     let ragged = vec![Prompt::new(vec![1, 2, 3]), Prompt::new(vec![1, 2])];
     let first = Array2::<f32>::zeros((2, 32));
-    assert!(matches!(
-        generate(&mut toy, &ragged, first, &cfg),
-        Err(GenerationError::Input(_))
-    ));
+    assert!(matches!(generate(&mut toy, &ragged, first, &cfg), Err(GenerationError::Input(_))));
     // a vocabulary too small for the beam candidates
     let tiny = vec![Prompt::new(vec![0])];
-    let beams = GenerationConfig {
-        num_beams: 2,
-        eos_token_ids: vec![0, 1],
-        ..Default::default()
-    };
+    let beams = GenerationConfig { num_beams: 2, eos_token_ids: vec![0, 1], ..Default::default() };
     assert!(matches!(
         generate(&mut toy, &tiny, Array2::zeros((1, 2)), &beams),
         Err(GenerationError::Input(_))
@@ -886,20 +754,14 @@ fn model_shape_and_errors_surface() {
     let p = vec![Prompt::new(vec![3, 4])];
     let mut first = Array2::<f32>::zeros((1, 5));
     first[[0, 1]] = 1.0;
-    let cfg = GenerationConfig {
-        max_new_tokens: 3,
-        ..Default::default()
-    };
+    let cfg = GenerationConfig { max_new_tokens: 3, ..Default::default() };
     match generate(&mut Wrong, &p, first.clone(), &cfg) {
         Err(GenerationError::LogitsShape { expected, got }) => {
             assert_eq!((expected, got), ((1, 5), (1, 7)))
         }
         other => panic!("expected a shape error, got {other:?}"),
     }
-    let beams = GenerationConfig {
-        num_beams: 2,
-        ..cfg
-    };
+    let beams = GenerationConfig { num_beams: 2, ..cfg };
     match generate(&mut Wrong, &p, first, &beams) {
         Err(GenerationError::Model(e)) => assert_eq!(e.to_string(), "cannot reorder"),
         other => panic!("expected the model's error, got {other:?}"),
@@ -920,13 +782,20 @@ fn an_observer_hears_every_token_and_ends_only_its_own_sequence() {
         let want = expected(&case["expected"]);
         // Heard tokens per (prompt, sequence), and sequence (0, 0) ended after 2 tokens.
         let mut heard: std::collections::BTreeMap<(usize, usize), Vec<i64>> = Default::default();
-        let (mut toy, prompts) = Toy::new(case["model"].as_str().unwrap(), case["prompts"].as_str().unwrap());
+        let (mut toy, prompts) =
+            Toy::new(case["model"].as_str().unwrap(), case["prompts"].as_str().unwrap());
         let first = toy.logits_now();
-        let got = blip2_runtime::generation::generate_observed(&mut toy, &prompts, first, &cfg, &mut |p, s, t| {
-            let h = heard.entry((p, s)).or_default();
-            h.push(t);
-            !(p == 0 && s == 0 && h.len() == 2)
-        })
+        let got = blip2_runtime::generation::generate_observed(
+            &mut toy,
+            &prompts,
+            first,
+            &cfg,
+            &mut |p, s, t| {
+                let h = heard.entry((p, s)).or_default();
+                h.push(t);
+                !(p == 0 && s == 0 && h.len() == 2)
+            },
+        )
         .expect("generate");
         let name = case["name"].as_str().unwrap();
         for (p, seqs) in want.iter().enumerate() {
@@ -934,7 +803,11 @@ fn an_observer_hears_every_token_and_ends_only_its_own_sequence() {
                 let ended_early = p == 0 && s == 0 && w.len() > 2;
                 let w: &[i64] = if ended_early { &w[..2] } else { w };
                 assert_eq!(got[p][s], w, "{name}: prompt {p} sequence {s}");
-                assert_eq!(heard.get(&(p, s)).map_or(&[][..], |h| &h[..]), w, "{name}: tokens heard for prompt {p} sequence {s}");
+                assert_eq!(
+                    heard.get(&(p, s)).map_or(&[][..], |h| &h[..]),
+                    w,
+                    "{name}: tokens heard for prompt {p} sequence {s}"
+                );
             }
         }
         checked += 1;

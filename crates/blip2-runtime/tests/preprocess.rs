@@ -14,7 +14,8 @@ fn root() -> PathBuf {
 }
 
 fn photo(name: &str) -> DynamicImage {
-    preprocess::load_image(&root().join("tests/data/photos").join(name), &ImageLimits::default()).unwrap()
+    preprocess::load_image(&root().join("tests/data/photos").join(name), &ImageLimits::default())
+        .unwrap()
 }
 
 /// A minimal .npy reader: little-endian float32, C order, header dict parsed for dtype,
@@ -29,7 +30,8 @@ fn read_npy(path: &Path) -> ArrayD<f32> {
     };
     let header = std::str::from_utf8(&bytes[hstart..hstart + hlen]).unwrap();
     let field = |key: &str| {
-        let at = header.find(&format!("'{key}':")).unwrap_or_else(|| panic!("no {key} in {header}"));
+        let at =
+            header.find(&format!("'{key}':")).unwrap_or_else(|| panic!("no {key} in {header}"));
         header[at + key.len() + 3..].trim_start()
     };
     assert!(field("descr").starts_with("'<f4'"), "{header}");
@@ -40,8 +42,10 @@ fn read_npy(path: &Path) -> ArrayD<f32> {
         .filter(|s| !s.trim().is_empty())
         .map(|s| s.trim().parse().unwrap())
         .collect();
-    let data: Vec<f32> =
-        bytes[hstart + hlen..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    let data: Vec<f32> = bytes[hstart + hlen..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
     ArrayD::from_shape_vec(shape, data).unwrap()
 }
 
@@ -74,7 +78,8 @@ fn checkpoint_config(name: &str) -> ImageConfig {
         None => read("processor_config.json").unwrap()["image_processor"].clone(),
     };
     let f32s = |k: &str| -> [f32; 3] {
-        let v: Vec<f32> = ip[k].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+        let v: Vec<f32> =
+            ip[k].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
         v.try_into().unwrap()
     };
     ImageConfig {
@@ -104,7 +109,12 @@ fn max_level_diff(got: &ArrayD<f32>, want: &ArrayD<f32>, cfg: &ImageConfig) -> f
 
 /// Whether `got` passes for `photo`: bitwise equal (JPEG too, since it is decoded by
 /// libjpeg-turbo as Pillow decodes it).
-fn matches(_photo: &str, got: &ArrayD<f32>, want: &ArrayD<f32>, cfg: &ImageConfig) -> Result<f32, String> {
+fn matches(
+    _photo: &str,
+    got: &ArrayD<f32>,
+    want: &ArrayD<f32>,
+    cfg: &ImageConfig,
+) -> Result<f32, String> {
     if got.shape() != want.shape() {
         return Err(format!("shape {:?}, want {:?}", got.shape(), want.shape()));
     }
@@ -118,10 +128,12 @@ fn matches(_photo: &str, got: &ArrayD<f32>, want: &ArrayD<f32>, cfg: &ImageConfi
 fn check(photo_name: &str, cfg: &ImageConfig, want: &Path) -> f32 {
     let got = preprocess::preprocess(&photo(photo_name), cfg).unwrap().into_dyn();
     let want = read_npy(want);
-    matches(photo_name, &got, &want, cfg).unwrap_or_else(|e| panic!("{photo_name} at {}: {e}", cfg.width))
+    matches(photo_name, &got, &want, cfg)
+        .unwrap_or_else(|e| panic!("{photo_name} at {}: {e}", cfg.width))
 }
 
-const PHOTOS: [&str; 5] = ["chelsea.png", "camera.png", "chelsea_rgba.png", "no_time_for_that_tiny.gif", "rocket.jpg"];
+const PHOTOS: [&str; 5] =
+    ["chelsea.png", "camera.png", "chelsea_rgba.png", "no_time_for_that_tiny.gif", "rocket.jpg"];
 
 #[test]
 fn pixel_values_match_transformers() {
@@ -141,7 +153,8 @@ fn pixel_values_match_transformers() {
         cfg.image_mean = cfg_mean;
         cfg.image_std = cfg_std;
         let d = check(name, &cfg, &dir.join(c["pixels"].as_str().unwrap()));
-        let how = if d == 0.0 { "bit-identical".to_string() } else { format!("up to {d} levels apart") };
+        let how =
+            if d == 0.0 { "bit-identical".to_string() } else { format!("up to {d} levels apart") };
         eprintln!("{name} at {size}: {how}");
         n += 1;
     }
@@ -178,17 +191,21 @@ fn the_comparison_catches_wrong_pixels() {
 
     // The GIF at 24 with the horizontal pass first (by resizing in two explicit steps).
     let cfg = config(24);
-    let want24 = read_npy(&root().join("tests/fixtures/t5-tiny/reference/pixels/no_time_for_that_tiny.npy"));
+    let want24 =
+        read_npy(&root().join("tests/fixtures/t5-tiny/reference/pixels/no_time_for_that_tiny.npy"));
     let gif = preprocess::to_rgb(&photo("no_time_for_that_tiny.gif"));
     let (w, h) = (gif.width(), gif.height());
-    let hv = preprocess::resize_rgb(&preprocess::resize_rgb(&gif, 24, h, 3).unwrap(), 24, 24, 3).unwrap();
-    let vh = preprocess::resize_rgb(&preprocess::resize_rgb(&gif, w, 24, 3).unwrap(), 24, 24, 3).unwrap();
+    let hv = preprocess::resize_rgb(&preprocess::resize_rgb(&gif, 24, h, 3).unwrap(), 24, 24, 3)
+        .unwrap();
+    let vh = preprocess::resize_rgb(&preprocess::resize_rgb(&gif, w, 24, 3).unwrap(), 24, 24, 3)
+        .unwrap();
     let direct = preprocess::resize_rgb(&gif, 24, 24, 3).unwrap();
     assert_eq!(direct, vh, "Pillow 13 shrinks 25 rows to 24 before widening 14 columns to 24");
     assert_ne!(direct, hv);
     let mut cfg_no_resize = cfg.clone();
     cfg_no_resize.do_resize = false;
-    let hv = preprocess::preprocess(&DynamicImage::ImageRgb8(hv), &cfg_no_resize).unwrap().into_dyn();
+    let hv =
+        preprocess::preprocess(&DynamicImage::ImageRgb8(hv), &cfg_no_resize).unwrap().into_dyn();
     assert!(matches("x.gif", &hv, &want24, &cfg).is_err());
 
     // One value one level off.
@@ -206,14 +223,20 @@ fn batches_stack_single_images() {
     let batch = preprocess::preprocess_batch(&images, &cfg).unwrap();
     assert_eq!(batch.shape(), &[3, 3, 28, 28]);
     for (i, img) in images.iter().enumerate() {
-        assert_eq!(batch.index_axis(ndarray::Axis(0), i), preprocess::preprocess(img, &cfg).unwrap());
+        assert_eq!(
+            batch.index_axis(ndarray::Axis(0), i),
+            preprocess::preprocess(img, &cfg).unwrap()
+        );
     }
     assert_eq!(preprocess::preprocess_batch(&[], &cfg).unwrap().shape(), &[0, 3, 28, 28]);
     // Without resizing, an image of another size cannot join the batch.
     let mut cfg = cfg;
     cfg.do_resize = false;
     let e = preprocess::preprocess_batch(&images[..1], &cfg).unwrap_err();
-    assert!(matches!(e, PreprocessError::BatchSize { index: 0, width: 451, height: 300, .. }), "{e}");
+    assert!(
+        matches!(e, PreprocessError::BatchSize { index: 0, width: 451, height: 300, .. }),
+        "{e}"
+    );
 }
 
 #[test]
@@ -305,7 +328,10 @@ fn images_over_the_pixel_limit_are_refused_before_decoding() {
     let e = preprocess::load_image_bytes(&bomb, "bomb.png", &ImageLimits::default()).unwrap_err();
     assert!(matches!(e, PreprocessError::TooLarge { width: 30_000, height: 30_000, .. }), "{e}");
     let msg = e.to_string();
-    assert!(msg.contains("bomb.png") && msg.contains("30000x30000") && msg.contains("64000000"), "{msg}");
+    assert!(
+        msg.contains("bomb.png") && msg.contains("30000x30000") && msg.contains("64000000"),
+        "{msg}"
+    );
 }
 
 fn crc32(data: &[u8]) -> u32 {
@@ -336,12 +362,19 @@ fn photo_variant_mismatches() -> Vec<String> {
         let got = preprocess::preprocess(&img, &cfg).unwrap().into_dyn();
         let want = read_npy(&dir.join("pixels").join(c["pixels"].as_str().unwrap()));
         if got.shape() != want.shape() {
-            bad.push(format!("{name}: shape {:?}, want {:?} (orientation?)", got.shape(), want.shape()));
+            bad.push(format!(
+                "{name}: shape {:?}, want {:?} (orientation?)",
+                got.shape(),
+                want.shape()
+            ));
             continue;
         }
         let n = got.iter().zip(want.iter()).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
         if n > 0 {
-            bad.push(format!("{name}: {n} values differ, up to {} levels", max_level_diff(&got, &want, &cfg)));
+            bad.push(format!(
+                "{name}: {n} values differ, up to {} levels",
+                max_level_diff(&got, &want, &cfg)
+            ));
         }
     }
     assert!(cases["cases"].as_array().unwrap().len() >= 29);
@@ -386,7 +419,12 @@ fn truncated_jpegs_are_refused_as_pillow_refuses_them() {
         match (&got, c["error"].is_null()) {
             (Ok(_), true) => {}
             (Err(PreprocessError::Truncated { .. }), false) => {}
-            _ => panic!("{n} of {} bytes: {:?}, Pillow: {}", whole.len(), got.err().map(|e| e.to_string()), c["error"]),
+            _ => panic!(
+                "{n} of {} bytes: {:?}, Pillow: {}",
+                whole.len(),
+                got.err().map(|e| e.to_string()),
+                c["error"]
+            ),
         }
     }
 }
@@ -402,6 +440,7 @@ fn corrupt_jpegs_are_refused_with_libjpeg_s_reason() {
     assert!(e.to_string().starts_with("bad.jpg: cannot decode the image: "), "{e}");
     // A JPEG over the pixel limit is refused from its header.
     let ok = std::fs::read(root().join("tests/data/photos/variants/q95.jpg")).unwrap();
-    let e = preprocess::load_image_bytes(&ok, "big.jpg", &ImageLimits { max_pixels: 100 }).unwrap_err();
+    let e =
+        preprocess::load_image_bytes(&ok, "big.jpg", &ImageLimits { max_pixels: 100 }).unwrap_err();
     assert!(matches!(e, PreprocessError::TooLarge { width: 37, height: 25, .. }), "{e}");
 }

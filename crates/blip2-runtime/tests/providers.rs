@@ -19,9 +19,10 @@ use ort::value::Tensor;
 ///   helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
 /// where a, b, c are `make_tensor_value_info(name, TensorProto.FLOAT, [3])`.
 const ADD_ONNX: [u8; 80] = [
-    8, 8, 58, 70, 10, 14, 10, 1, 97, 10, 1, 98, 18, 1, 99, 34, 3, 65, 100, 100, 18, 1, 103, 90, 15, 10, 1, 97, 18, 10,
-    10, 8, 8, 1, 18, 4, 10, 2, 8, 3, 90, 15, 10, 1, 98, 18, 10, 10, 8, 8, 1, 18, 4, 10, 2, 8, 3, 98, 15, 10, 1, 99, 18,
-    10, 10, 8, 8, 1, 18, 4, 10, 2, 8, 3, 66, 4, 10, 0, 16, 13,
+    8, 8, 58, 70, 10, 14, 10, 1, 97, 10, 1, 98, 18, 1, 99, 34, 3, 65, 100, 100, 18, 1, 103, 90, 15,
+    10, 1, 97, 18, 10, 10, 8, 8, 1, 18, 4, 10, 2, 8, 3, 90, 15, 10, 1, 98, 18, 10, 10, 8, 8, 1, 18,
+    4, 10, 2, 8, 3, 98, 15, 10, 1, 99, 18, 10, 10, 8, 8, 1, 18, 4, 10, 2, 8, 3, 66, 4, 10, 0, 16,
+    13,
 ];
 
 /// Profiles shaped like the CLI's built-in ones, as a base to lay user files over.
@@ -118,7 +119,10 @@ fn profiles_resolve_with_defaults() {
 
     let trt = c.profile("tensorrt").unwrap();
     assert_eq!(trt.providers, [Provider::TensorRt, Provider::Cuda, Provider::Cpu]);
-    assert_eq!(trt.providers_for("vision_encoder"), [Provider::TensorRt, Provider::Cuda, Provider::Cpu]);
+    assert_eq!(
+        trt.providers_for("vision_encoder"),
+        [Provider::TensorRt, Provider::Cuda, Provider::Cpu]
+    );
     assert_eq!(trt.providers_for("language_model"), [Provider::Cuda, Provider::Cpu]);
     let engines = trt.engine_cache_dir().unwrap();
     assert!(
@@ -126,7 +130,6 @@ fn profiles_resolve_with_defaults() {
         "{}",
         engines.display()
     );
-
 }
 
 #[test]
@@ -182,8 +185,13 @@ fn unknown_profile_lists_known_ones() {
 #[test]
 fn unknown_provider_is_an_error() {
     let mut c = base();
-    let err = c.overlay_toml("[profiles.fast]\nproviders = [\"cuda\", \"directml\"]\n", "my.toml").unwrap_err();
-    assert!(matches!(err, ConfigError::UnknownProvider { ref name, .. } if name == "directml"), "{err:?}");
+    let err = c
+        .overlay_toml("[profiles.fast]\nproviders = [\"cuda\", \"directml\"]\n", "my.toml")
+        .unwrap_err();
+    assert!(
+        matches!(err, ConfigError::UnknownProvider { ref name, .. } if name == "directml"),
+        "{err:?}"
+    );
     assert_eq!(
         err.to_string(),
         "my.toml: profile \"fast\": unknown provider \"directml\" (known: cpu, cuda, tensorrt)"
@@ -230,7 +238,9 @@ fn cpu_profile_runs_a_model() {
 
     let cpu = Profile::cpu();
     let env = ort_env::environment().unwrap();
-    let builder = providers::apply(Session::builder(env).unwrap(), &cpu, "vision_encoder", &mut no_warnings).unwrap();
+    let builder =
+        providers::apply(Session::builder(env).unwrap(), &cpu, "vision_encoder", &mut no_warnings)
+            .unwrap();
     let mut builder = builder;
     let mut session = builder.commit_from_memory(&ADD_ONNX).unwrap();
     assert_eq!(run_add(&mut session), [11.0, 22.0, 33.0]);
@@ -239,13 +249,17 @@ fn cpu_profile_runs_a_model() {
     let dir = scratch("session");
     let path = dir.join("add.onnx");
     std::fs::write(&path, ADD_ONNX).unwrap();
-    let mut session = providers::open_session(&cpu, "qformer", &path, None, &mut no_warnings).unwrap();
+    let mut session =
+        providers::open_session(&cpu, "qformer", &path, None, &mut no_warnings).unwrap();
     assert_eq!(run_add(&mut session), [11.0, 22.0, 33.0]);
 
     // A missing model file names itself.
     let gone = path.with_file_name("gone.onnx");
     let err = providers::open_session(&cpu, "qformer", &gone, None, &mut no_warnings).unwrap_err();
-    assert!(matches!(err, ProviderError::Commit { .. }) && err.to_string().contains("gone.onnx"), "{err}");
+    assert!(
+        matches!(err, ProviderError::Commit { .. }) && err.to_string().contains("gone.onnx"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -257,12 +271,20 @@ fn cuda_profile_without_gpu_is_a_clear_error() {
     let c = base();
     for name in ["cuda", "tensorrt"] {
         let profile = c.profile(name).unwrap();
-        let applied = providers::apply(Session::builder(env).unwrap(), profile, "vision_encoder", &mut no_warnings);
+        let applied = providers::apply(
+            Session::builder(env).unwrap(),
+            profile,
+            "vision_encoder",
+            &mut no_warnings,
+        );
         let Err(err) = applied else {
             panic!("{name}: the profile applied on a machine without a GPU");
         };
         let msg = err.to_string();
-        assert!(matches!(err, ProviderError::Unavailable { provider, .. } if provider.is_gpu()), "{msg}");
+        assert!(
+            matches!(err, ProviderError::Unavailable { provider, .. } if provider.is_gpu()),
+            "{msg}"
+        );
         assert!(msg.contains(&format!("profile \"{name}\", graph vision_encoder")), "{msg}");
         assert!(msg.contains("allow_fallback = true"), "{msg}");
         eprintln!("{name}: {msg}");
@@ -280,7 +302,10 @@ fn allow_fallback_warns_and_runs_on_cpu() {
     let mut warnings = Vec::new();
     let cuda = c.profile("cuda").unwrap();
     let builder =
-        providers::apply(Session::builder(env).unwrap(), cuda, "language_model", &mut |w| warnings.push(w)).unwrap();
+        providers::apply(Session::builder(env).unwrap(), cuda, "language_model", &mut |w| {
+            warnings.push(w)
+        })
+        .unwrap();
     let mut builder = builder;
     let mut session = builder.commit_from_memory(&ADD_ONNX).unwrap();
     assert_eq!(run_add(&mut session), [11.0, 22.0, 33.0]);
@@ -288,8 +313,9 @@ fn allow_fallback_warns_and_runs_on_cpu() {
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     let said = warnings[0].to_string();
     assert!(
-        said.starts_with("profile \"cuda\", graph language_model: cannot use CUDAExecutionProvider (")
-            && said.ends_with("); falling back to cpu"),
+        said.starts_with(
+            "profile \"cuda\", graph language_model: cannot use CUDAExecutionProvider ("
+        ) && said.ends_with("); falling back to cpu"),
         "{said}"
     );
 }
@@ -310,7 +336,8 @@ fn run_child(test: &str, envs: &[(&str, &Path)], remove: &[&str]) -> String {
         cmd.env_remove(k);
     }
     let out = cmd.output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "child failed:\n{text}");
     text
 }
@@ -333,9 +360,13 @@ fn init_names_a_library_that_will_not_load() {
     let dir = scratch("badlib");
     let bad = dir.join("libonnxruntime.so.1.31.1");
     std::fs::write(&bad, b"this is not a shared library").unwrap();
-    let out = run_child("init_names_a_library_that_will_not_load", &[("ORT_DYLIB_PATH", &bad)], &[]);
+    let out =
+        run_child("init_names_a_library_that_will_not_load", &[("ORT_DYLIB_PATH", &bad)], &[]);
     let line = child_line(&out);
-    assert!(line.contains(&bad.display().to_string()) && line.contains("cannot load ONNX Runtime"), "{line}");
+    assert!(
+        line.contains(&bad.display().to_string()) && line.contains("cannot load ONNX Runtime"),
+        "{line}"
+    );
 }
 
 #[test]
@@ -347,11 +378,15 @@ fn init_without_runtime_says_how_to_install() {
         return;
     }
     let empty = scratch("emptycache");
-    let out =
-        run_child("init_without_runtime_says_how_to_install", &[("BLIP2_ORT_CACHE", &empty)], &["ORT_DYLIB_PATH"]);
+    let out = run_child(
+        "init_without_runtime_says_how_to_install",
+        &[("BLIP2_ORT_CACHE", &empty)],
+        &["ORT_DYLIB_PATH"],
+    );
     let line = child_line(&out);
     assert!(
-        line.contains("`blip2-ort install-runtime`") && line.contains("`blip2-ort install-runtime --gpu`"),
+        line.contains("`blip2-ort install-runtime`")
+            && line.contains("`blip2-ort install-runtime --gpu`"),
         "{line}"
     );
     assert!(line.contains(&empty.join("onnxruntime-1.31.1").display().to_string()), "{line}");

@@ -28,12 +28,14 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use blip2_runtime::error::RuntimeError;
-use blip2_runtime::generation::{self, GenerationConfig, GenerationError, StepModel, StepOutput, Want};
+use blip2_runtime::generation::{
+    self, GenerationConfig, GenerationError, StepModel, StepOutput, Want,
+};
 use blip2_runtime::model::{Blip2Model, ModelRef};
 use blip2_runtime::pipeline::EmbedCache;
+use blip2_runtime::prompt::Batch;
 use blip2_runtime::prompt::Prompter;
 use blip2_runtime::state::{self, Decoder};
-use blip2_runtime::prompt::Batch;
 use ndarray::{Array2, Array3, Array4, ArrayD, Axis};
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -155,7 +157,11 @@ pub struct Engine {
 
 impl Engine {
     /// Takes over a loaded pipeline and starts the dispatcher.
-    pub fn start(pipeline: blip2_runtime::pipeline::Pipeline, opts: EngineOptions, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn start(
+        pipeline: blip2_runtime::pipeline::Pipeline,
+        opts: EngineOptions,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         let defaults = pipeline.default_config();
         let blip2_runtime::pipeline::Pipeline { model, prompter, limits, .. } = pipeline;
         let manifest = model.manifest.clone();
@@ -170,7 +176,11 @@ impl Engine {
             metrics: metrics.clone(),
         });
         let (tx, rx) = mpsc::sync_channel(opts.max_queue.max(1));
-        let admission = Arc::new(Admission { admitted: AtomicUsize::new(0), max_queue: opts.max_queue.max(1), metrics });
+        let admission = Arc::new(Admission {
+            admitted: AtomicUsize::new(0),
+            max_queue: opts.max_queue.max(1),
+            metrics,
+        });
         let dispatcher = std::thread::Builder::new()
             .name("blip2-dispatch".into())
             .spawn(move || dispatch(rx, shared, opts))
@@ -325,7 +335,11 @@ fn batch_key(cfg: &GenerationConfig) -> Option<GenerationConfig> {
 /// Splits the waiting requests into cohorts, oldest first: a request joins the first
 /// cohort with its settings that has room (`max_batch` rows, and the padded prompt plus
 /// the new tokens within the language model's positions).
-fn form_cohorts(waiting: &mut VecDeque<Queued>, shared: &Shared, max_batch: usize) -> Vec<Vec<Queued>> {
+fn form_cohorts(
+    waiting: &mut VecDeque<Queued>,
+    shared: &Shared,
+    max_batch: usize,
+) -> Vec<Vec<Queued>> {
     /// A cohort being formed: its settings, requests, rows, longest prompt, most new tokens.
     struct Forming {
         key: Option<GenerationConfig>,
@@ -354,7 +368,9 @@ fn form_cohorts(waiting: &mut VecDeque<Queued>, shared: &Shared, max_batch: usiz
                 c.most_new = c.most_new.max(new);
                 c.jobs.push(job);
             }
-            None => cohorts.push(Forming { key, jobs: vec![job], rows: r, longest: len, most_new: new }),
+            None => {
+                cohorts.push(Forming { key, jobs: vec![job], rows: r, longest: len, most_new: new })
+            }
         }
     }
     cohorts.into_iter().map(|c| c.jobs).collect()
@@ -439,7 +455,14 @@ impl Stream {
     /// Takes the sequence's next token: sends the text that has become final, and says
     /// whether the sequence goes on (not past its `max_tokens`, no stop string, the client
     /// still there).
-    fn push(&mut self, token: i64, seq: usize, job: &Job, prompter: &Prompter, metrics: &Metrics) -> bool {
+    fn push(
+        &mut self,
+        token: i64,
+        seq: usize,
+        job: &Job,
+        prompter: &Prompter,
+        metrics: &Metrics,
+    ) -> bool {
         metrics.tokens.inc();
         self.ids.push(token);
         // A client that went away gets nothing more.
@@ -476,7 +499,9 @@ impl Stream {
     fn end(&mut self, ids: Vec<i64>, seq: usize, job: &Job, prompter: &Prompter) {
         let (text, finish, ids, eos) = finish_sequence(prompter, job, self, ids);
         if text.len() > self.sent.len() && text.starts_with(self.sent.as_str()) {
-            let _ = job.events.send(Event::Delta { index: seq, text: text[self.sent.len()..].to_string() });
+            let _ = job
+                .events
+                .send(Event::Delta { index: seq, text: text[self.sent.len()..].to_string() });
         } else if !text.starts_with(self.sent.as_str()) {
             tracing::warn!("streamed text of a sequence is not a prefix of its final text");
         }
@@ -514,7 +539,8 @@ fn find_stop(text: &str, stop: &[String]) -> Option<usize> {
 /// pixel values `[B, 3, H, W]`.
 fn assemble(shared: &Shared, jobs: &[Queued]) -> Result<(Batch, Array4<f32>), RuntimeError> {
     let views: Vec<_> = jobs.iter().map(|q| q.job.pixels.view().insert_axis(Axis(0))).collect();
-    let pixels = ndarray::concatenate(Axis(0), &views).map_err(|e| RuntimeError::Input(format!("joining pixel values: {e}")))?;
+    let pixels = ndarray::concatenate(Axis(0), &views)
+        .map_err(|e| RuntimeError::Input(format!("joining pixel values: {e}")))?;
     let texts: Vec<Vec<i64>> = jobs.iter().map(|q| q.job.text_ids.clone()).collect();
     Ok((shared.prompter.assemble(&texts), pixels))
 }
@@ -534,18 +560,22 @@ fn run_cohort(shared: &Shared, cohort: Vec<Queued>) {
     shared.metrics.batch_rows.observe(rows as f64);
     let mut cfg = cohort[0].job.cfg.clone();
     cfg.max_new_tokens = cohort.iter().map(|q| q.job.cfg.max_new_tokens).max().unwrap_or(1);
-    let streams_per_job: Vec<usize> = cohort.iter().map(|q| q.job.cfg.num_return_sequences).collect();
-    let mut streams: Vec<Vec<Stream>> = streams_per_job
-        .iter()
-        .map(|&k| (0..k).map(|_| Stream::new()).collect())
-        .collect();
+    let streams_per_job: Vec<usize> =
+        cohort.iter().map(|q| q.job.cfg.num_return_sequences).collect();
+    let mut streams: Vec<Vec<Stream>> =
+        streams_per_job.iter().map(|&k| (0..k).map(|_| Stream::new()).collect()).collect();
     let mut first_token: Vec<bool> = vec![false; n];
     let result = (|| -> Result<Vec<Vec<Vec<i64>>>, RuntimeError> {
         let (batch, pixels) = assemble(shared, &cohort)?;
         let p = {
             let _t = shared.turn.enter();
             let embeds = encode(shared, pixels)?;
-            state::prefill(ModelRef::Shared(shared.model.clone()), &batch, embeds, cfg.max_new_tokens)?
+            state::prefill(
+                ModelRef::Shared(shared.model.clone()),
+                &batch,
+                embeds,
+                cfg.max_new_tokens,
+            )?
         };
         let mut decoder = Turned { inner: p.state, turn: &shared.turn };
         let prompter = &shared.prompter;
@@ -557,10 +587,11 @@ fn run_cohort(shared: &Shared, cohort: Vec<Queued>) {
             }
             streams[job][seq].push(token, seq, &q.job, prompter, &shared.metrics)
         };
-        generation::generate_observed(&mut decoder, &p.prompts, p.logits, &cfg, &mut observer).map_err(|e| match e {
-            GenerationError::Model(m) => m,
-            other => RuntimeError::Input(other.to_string()),
-        })
+        generation::generate_observed(&mut decoder, &p.prompts, p.logits, &cfg, &mut observer)
+            .map_err(|e| match e {
+                GenerationError::Model(m) => m,
+                other => RuntimeError::Input(other.to_string()),
+            })
     })();
     match result {
         Ok(out) => {
@@ -583,14 +614,22 @@ fn run_cohort(shared: &Shared, cohort: Vec<Queued>) {
             }
         }
     }
-    tracing::debug!("cohort of {n} request(s), {rows} row(s) done in {:.0} ms", started.elapsed().as_secs_f64() * 1e3);
+    tracing::debug!(
+        "cohort of {n} request(s), {rows} row(s) done in {:.0} ms",
+        started.elapsed().as_secs_f64() * 1e3
+    );
 }
 
 /// A sequence's final text, why it ended, its token ids, and whether an eos ended it,
 /// from what the search returned: cut at the request's own `max_tokens` (the observer
 /// ends greedy and sampled rows there; beam cohorts share one limit) and at the first stop
 /// string.
-fn finish_sequence(prompter: &Prompter, job: &Job, s: &Stream, mut ids: Vec<i64>) -> (String, Finish, Vec<i64>, bool) {
+fn finish_sequence(
+    prompter: &Prompter,
+    job: &Job,
+    s: &Stream,
+    mut ids: Vec<i64>,
+) -> (String, Finish, Vec<i64>, bool) {
     let max = job.cfg.max_new_tokens;
     let mut finish = if ids.len() >= max { Finish::Length } else { Finish::Stop };
     ids.truncate(max);
@@ -701,7 +740,10 @@ mod tests {
         let longer = GenerationConfig { max_new_tokens: 9, ..greedy.clone() };
         assert_eq!(batch_key(&greedy), batch_key(&longer));
         let beams = GenerationConfig { num_beams: 3, ..greedy.clone() };
-        assert_ne!(batch_key(&beams), batch_key(&GenerationConfig { max_new_tokens: 9, ..beams.clone() }));
+        assert_ne!(
+            batch_key(&beams),
+            batch_key(&GenerationConfig { max_new_tokens: 9, ..beams.clone() })
+        );
         let seeded = GenerationConfig { do_sample: true, seed: Some(1), ..greedy };
         assert_eq!(batch_key(&seeded), None);
     }

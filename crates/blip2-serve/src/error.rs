@@ -33,7 +33,11 @@ impl ApiError {
     }
 
     pub fn unauthorized() -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "authentication_error", "missing or wrong API key (send Authorization: Bearer KEY)")
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "missing or wrong API key (send Authorization: Bearer KEY)",
+        )
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {
@@ -42,7 +46,8 @@ impl ApiError {
 
     /// 503 with a Retry-After: the queue is full or the server is stopping.
     pub fn unavailable(message: impl Into<String>) -> Self {
-        let mut e = Self::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable_error", message);
+        let mut e =
+            Self::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable_error", message);
         e.retry_after = Some(1);
         e
     }
@@ -55,7 +60,9 @@ impl ApiError {
     pub fn body(&self) -> serde_json::Value {
         let code = match self.status {
             StatusCode::UNAUTHORIZED => json!("invalid_api_key"),
-            StatusCode::NOT_FOUND if self.param.as_deref() == Some("model") => json!("model_not_found"),
+            StatusCode::NOT_FOUND if self.param.as_deref() == Some("model") => {
+                json!("model_not_found")
+            }
             _ => Value::Null,
         };
         json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": code}})

@@ -68,7 +68,13 @@ fn unix_now() -> u64 {
 pub fn router(pipeline: Pipeline, opts: ServeOptions) -> (Router, Arc<Engine>) {
     let metrics = Arc::new(Metrics::new());
     let engine = Engine::start(pipeline, opts.engine.clone(), metrics.clone());
-    let app = Arc::new(App { engine: engine.clone(), metrics, created: unix_now(), ids: AtomicU64::new(0), opts });
+    let app = Arc::new(App {
+        engine: engine.clone(),
+        metrics,
+        created: unix_now(),
+        ids: AtomicU64::new(0),
+        opts,
+    });
     let v1 = Router::new()
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat_completions))
@@ -104,8 +110,16 @@ pub async fn serve(
 
 /// Binds `addr`, calls `on_listening` with the address bound, and serves until SIGTERM or
 /// Ctrl-C (then finishes the requests in flight). Blocks; runs its own async runtime.
-pub fn run(pipeline: Pipeline, opts: ServeOptions, addr: SocketAddr, on_listening: impl FnOnce(SocketAddr)) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("blip2-http").build()?;
+pub fn run(
+    pipeline: Pipeline,
+    opts: ServeOptions,
+    addr: SocketAddr,
+    on_listening: impl FnOnce(SocketAddr),
+) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("blip2-http")
+        .build()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -144,21 +158,37 @@ pub async fn shutdown_signal() {
 async fn count_requests(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
     let endpoint = match path {
-        "/health" | "/metrics" | "/v1/models" | "/v1/chat/completions" | "/v1/completions" => path.to_string(),
+        "/health" | "/metrics" | "/v1/models" | "/v1/chat/completions" | "/v1/completions" => {
+            path.to_string()
+        }
         _ => "other".to_string(),
     };
     let method = req.method().clone();
     let started = std::time::Instant::now();
     let resp = next.run(req).await;
     let status = resp.status();
-    app.metrics.requests.get_or_create(&RequestLabels { endpoint: endpoint.clone(), status: status.as_u16().to_string() }).inc();
-    tracing::info!("{method} {endpoint} {} {:.1} ms", status.as_u16(), started.elapsed().as_secs_f64() * 1e3);
+    app.metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            endpoint: endpoint.clone(),
+            status: status.as_u16().to_string(),
+        })
+        .inc();
+    tracing::info!(
+        "{method} {endpoint} {} {:.1} ms",
+        status.as_u16(),
+        started.elapsed().as_secs_f64() * 1e3
+    );
     resp
 }
 
 async fn authorize(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
     if let Some(key) = &app.opts.api_key {
-        let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
         if given.map(str::trim) != Some(key.as_str()) {
             return ApiError::unauthorized().into_response();
         }
@@ -171,7 +201,8 @@ async fn health() -> Json<Value> {
 }
 
 async fn metrics_text(State(app): State<Arc<App>>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], app.metrics.render()).into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], app.metrics.render())
+        .into_response()
 }
 
 async fn not_found(req: Request) -> ApiError {
@@ -192,12 +223,18 @@ async fn models(State(app): State<Arc<App>>) -> Json<Value> {
     }))
 }
 
-fn parse_body<T: serde::de::DeserializeOwned>(app: &App, body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+fn parse_body<T: serde::de::DeserializeOwned>(
+    app: &App,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "invalid_request_error",
-            format!("the request body is over the server's limit of {} bytes (--max-body-mb)", app.opts.max_body_bytes),
+            format!(
+                "the request body is over the server's limit of {} bytes (--max-body-mb)",
+                app.opts.max_body_bytes
+            ),
         )
     };
     let body = body.map_err(|r| {
@@ -211,7 +248,9 @@ fn parse_body<T: serde::de::DeserializeOwned>(app: &App, body: Result<Bytes, Byt
     if body.len() > app.opts.max_body_bytes {
         return Err(too_large());
     }
-    serde_json::from_slice(&body).map_err(|e| ApiError::bad(format!("the request body is not valid JSON for this endpoint: {e}")))
+    serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad(format!("the request body is not valid JSON for this endpoint: {e}"))
+    })
 }
 
 /// The request's search settings, within what one batch may hold: `n` samples and
@@ -221,7 +260,12 @@ fn settings(app: &App, s: &openai::Sampling) -> Result<GenerationConfig, ApiErro
     let max = app.opts.engine.max_batch;
     for (v, name) in [(cfg.num_return_sequences, "n"), (cfg.num_beams, "num_beams")] {
         if v > max {
-            return Err(ApiError::bad_param(format!("{name} is {v}, more than this server's batch of {max} sequences (--max-batch)"), name));
+            return Err(ApiError::bad_param(
+                format!(
+                    "{name} is {v}, more than this server's batch of {max} sequences (--max-batch)"
+                ),
+                name,
+            ));
         }
     }
     Ok(cfg)
@@ -230,7 +274,10 @@ fn settings(app: &App, s: &openai::Sampling) -> Result<GenerationConfig, ApiErro
 fn check_model(app: &App, model: Option<&str>) -> Result<(), ApiError> {
     match model {
         Some(m) if m != app.opts.served_model_name => {
-            let mut e = ApiError::not_found(format!("the model `{m}` does not exist; this server serves `{}`", app.opts.served_model_name));
+            let mut e = ApiError::not_found(format!(
+                "the model `{m}` does not exist; this server serves `{}`",
+                app.opts.served_model_name
+            ));
             e.param = Some("model".into());
             Err(e)
         }
@@ -246,25 +293,41 @@ struct Prepared {
 
 /// Fetches and preprocesses the image, tokenizes the prompt and checks that it fits, off
 /// the async threads.
-async fn prepare(app: &Arc<App>, image_url: String, prompt: PromptSource, cfg: GenerationConfig, stop: Vec<String>) -> Result<Prepared, ApiError> {
+async fn prepare(
+    app: &Arc<App>,
+    image_url: String,
+    prompt: PromptSource,
+    cfg: GenerationConfig,
+    stop: Vec<String>,
+) -> Result<Prepared, ApiError> {
     let app2 = app.clone();
     let work = move || -> Result<Prepared, ApiError> {
         let e = &app2.engine;
-        let (bytes, name) = media::fetch(&image_url, &app2.opts.media).map_err(|e| ApiError::bad_param(e.to_string(), "image_url"))?;
-        let img = blip2_runtime::preprocess::load_image_bytes(&bytes, &name, &e.limits).map_err(|err| ApiError::bad_param(err.to_string(), "image_url"))?;
-        let pixels = blip2_runtime::preprocess::preprocess(&img, &e.manifest.image).map_err(|err| ApiError::bad_param(err.to_string(), "image_url"))?;
+        let (bytes, name) = media::fetch(&image_url, &app2.opts.media)
+            .map_err(|e| ApiError::bad_param(e.to_string(), "image_url"))?;
+        let img = blip2_runtime::preprocess::load_image_bytes(&bytes, &name, &e.limits)
+            .map_err(|err| ApiError::bad_param(err.to_string(), "image_url"))?;
+        let pixels = blip2_runtime::preprocess::preprocess(&img, &e.manifest.image)
+            .map_err(|err| ApiError::bad_param(err.to_string(), "image_url"))?;
         let text = match prompt {
             PromptSource::Verbatim(p) => p,
             PromptSource::Chat(c) => openai::chat_prompt(&c, &e.prompter, cfg.max_new_tokens)?,
         };
-        let text_ids = e.prompter.check_fits(&text).map_err(|err| ApiError::bad_param(err.to_string(), "prompt"))?;
+        let text_ids = e
+            .prompter
+            .check_fits(&text)
+            .map_err(|err| ApiError::bad_param(err.to_string(), "prompt"))?;
         e.prompter
             .check_room(e.prompter.num_query_tokens + text_ids.len(), cfg.max_new_tokens)
-            .map_err(|err| ApiError::bad_param(openai::in_request_terms(&err.to_string()), "max_tokens"))?;
+            .map_err(|err| {
+                ApiError::bad_param(openai::in_request_terms(&err.to_string()), "max_tokens")
+            })?;
         let (tx, rx) = mpsc::unbounded_channel();
         Ok(Prepared { job: Job { pixels, text_ids, cfg, stop, events: tx }, events: rx })
     };
-    tokio::task::spawn_blocking(work).await.map_err(|e| ApiError::internal(format!("preparing the request failed: {e}")))?
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::internal(format!("preparing the request failed: {e}")))?
 }
 
 enum PromptSource {
@@ -278,7 +341,10 @@ enum Kind {
     Completion,
 }
 
-async fn chat_completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn chat_completions(
+    State(app): State<Arc<App>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let req: openai::ChatRequest = parse_body(&app, body)?;
     check_model(&app, req.sampling.model.as_deref())?;
     let conv = openai::conversation(&req.messages)?;
@@ -289,7 +355,10 @@ async fn chat_completions(State(app): State<Arc<App>>, body: Result<Bytes, Bytes
     respond(app, prepared, &req.sampling, Kind::Chat).await
 }
 
-async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn completions(
+    State(app): State<Arc<App>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let req: openai::CompletionRequest = parse_body(&app, body)?;
     check_model(&app, req.sampling.model.as_deref())?;
     let prompt = req.prompt.single()?;
@@ -306,7 +375,12 @@ async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejec
 }
 
 /// Submits the job and answers: one JSON object, or server-sent events.
-async fn respond(app: Arc<App>, p: Prepared, s: &openai::Sampling, kind: Kind) -> Result<Response, ApiError> {
+async fn respond(
+    app: Arc<App>,
+    p: Prepared,
+    s: &openai::Sampling,
+    kind: Kind,
+) -> Result<Response, ApiError> {
     let n = p.job.cfg.num_return_sequences;
     app.engine.submit(p.job).map_err(|e| match e {
         SubmitError::Full(_) | SubmitError::Closed => ApiError::unavailable(e.to_string()),
@@ -355,7 +429,9 @@ async fn respond(app: Arc<App>, p: Prepared, s: &openai::Sampling, kind: Kind) -
                 }))
                 .into_response());
             }
-            Some(Event::Failed(e)) => return Err(ApiError::internal(format!("generation failed: {e}"))),
+            Some(Event::Failed(e)) => {
+                return Err(ApiError::internal(format!("generation failed: {e}")))
+            }
             None => return Err(ApiError::internal("generation ended without a result")),
         }
     }
@@ -399,7 +475,9 @@ impl Head {
                 }
                 json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": finish})
             }
-            Kind::Completion => json!({"index": index, "text": text, "logprobs": null, "finish_reason": finish}),
+            Kind::Completion => {
+                json!({"index": index, "text": text, "logprobs": null, "finish_reason": finish})
+            }
         };
         self.chunk(json!([choice]), None)
     }
@@ -409,7 +487,12 @@ impl Head {
 /// content deltas, a final chunk per sequence with its `finish_reason`, the usage chunk
 /// when asked for, then `data: [DONE]`. A failure after the stream started is sent as an
 /// error object before `[DONE]`.
-fn stream(head: Head, mut events: mpsc::UnboundedReceiver<Event>, n: usize, usage: bool) -> Response {
+fn stream(
+    head: Head,
+    mut events: mpsc::UnboundedReceiver<Event>,
+    n: usize,
+    usage: bool,
+) -> Response {
     let (tx, rx) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
     tokio::spawn(async move {
         let send = |e: SseEvent| {
@@ -426,23 +509,32 @@ fn stream(head: Head, mut events: mpsc::UnboundedReceiver<Event>, n: usize, usag
         let mut completion = 0;
         loop {
             let ok = match events.recv().await {
-                Some(Event::Delta { index, text }) => send(head.delta(index, &text, false, None)).await,
+                Some(Event::Delta { index, text }) => {
+                    send(head.delta(index, &text, false, None)).await
+                }
                 Some(Event::End { index, finish, completion_tokens, .. }) => {
                     completion += completion_tokens;
                     send(head.delta(index, "", false, Some(finish.as_str()))).await
                 }
                 Some(Event::Done { prompt_tokens }) => {
                     if usage {
-                        send(head.chunk(json!([]), Some(usage_json(prompt_tokens, completion)))).await;
+                        send(head.chunk(json!([]), Some(usage_json(prompt_tokens, completion))))
+                            .await;
                     }
                     break;
                 }
                 Some(Event::Failed(e)) => {
-                    send(SseEvent::default().data(ApiError::internal(format!("generation failed: {e}")).body().to_string())).await;
+                    send(SseEvent::default().data(
+                        ApiError::internal(format!("generation failed: {e}")).body().to_string(),
+                    ))
+                    .await;
                     break;
                 }
                 None => {
-                    send(SseEvent::default().data(ApiError::internal("generation ended without a result").body().to_string())).await;
+                    send(SseEvent::default().data(
+                        ApiError::internal("generation ended without a result").body().to_string(),
+                    ))
+                    .await;
                     break;
                 }
             };

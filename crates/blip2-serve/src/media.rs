@@ -60,12 +60,18 @@ fn data_url(rest: &str, policy: &MediaPolicy) -> Result<Vec<u8>, MediaError> {
     if !parts.any(|p| p.trim().eq_ignore_ascii_case("base64")) {
         return Err(err("the data: URL is not base64-encoded (data:image/...;base64,...)"));
     }
-    if !media_type.is_empty() && !media_type.starts_with("image/") && media_type != "application/octet-stream" {
+    if !media_type.is_empty()
+        && !media_type.starts_with("image/")
+        && media_type != "application/octet-stream"
+    {
         return Err(err(format!("the data: URL holds {media_type:?}, not an image")));
     }
     // Each 4 base64 characters make 3 bytes: refuse oversized payloads before decoding.
     if payload.len() / 4 * 3 > policy.max_bytes {
-        return Err(err(format!("the image is over the server's limit of {} bytes", policy.max_bytes)));
+        return Err(err(format!(
+            "the image is over the server's limit of {} bytes",
+            policy.max_bytes
+        )));
     }
     let cleaned: String = payload.chars().filter(|c| !c.is_ascii_whitespace()).collect();
     base64::engine::general_purpose::STANDARD
@@ -78,7 +84,8 @@ fn local_file(path: &str, policy: &MediaPolicy) -> Result<Vec<u8>, MediaError> {
         return Err(err("file:// image URLs are off; start the server with --allowed-local-media-path DIR to allow files under DIR"));
     };
     let requested = Path::new(path);
-    let resolved = requested.canonicalize().map_err(|e| err(format!("{path}: cannot open the image: {e}")))?;
+    let resolved =
+        requested.canonicalize().map_err(|e| err(format!("{path}: cannot open the image: {e}")))?;
     if !resolved.starts_with(root) {
         return Err(err(format!("{path}: outside the folder this server may read images from")));
     }
@@ -87,21 +94,29 @@ fn local_file(path: &str, policy: &MediaPolicy) -> Result<Vec<u8>, MediaError> {
         return Err(err(format!("{path}: not a file")));
     }
     if meta.len() > policy.max_bytes as u64 {
-        return Err(err(format!("{path}: {} bytes, over the server's limit of {}", meta.len(), policy.max_bytes)));
+        return Err(err(format!(
+            "{path}: {} bytes, over the server's limit of {}",
+            meta.len(),
+            policy.max_bytes
+        )));
     }
     std::fs::read(&resolved).map_err(|e| err(format!("{path}: {e}")))
 }
 
 fn remote(url: &str, policy: &MediaPolicy) -> Result<Vec<u8>, MediaError> {
     let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(20)).redirects(5).build();
-    let resp = agent.get(url).call().map_err(|e| err(format!("{url}: cannot fetch the image: {e}")))?;
+    let resp =
+        agent.get(url).call().map_err(|e| err(format!("{url}: cannot fetch the image: {e}")))?;
     let mut bytes = Vec::new();
     resp.into_reader()
         .take(policy.max_bytes as u64 + 1)
         .read_to_end(&mut bytes)
         .map_err(|e| err(format!("{url}: reading the image: {e}")))?;
     if bytes.len() > policy.max_bytes {
-        return Err(err(format!("{url}: the image is over the server's limit of {} bytes", policy.max_bytes)));
+        return Err(err(format!(
+            "{url}: the image is over the server's limit of {} bytes",
+            policy.max_bytes
+        )));
     }
     Ok(bytes)
 }

@@ -35,7 +35,11 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("blip2");
         let requests = Family::<RequestLabels, Counter>::default();
-        registry.register("http_requests", "HTTP requests answered, by endpoint and status code", requests.clone());
+        registry.register(
+            "http_requests",
+            "HTTP requests answered, by endpoint and status code",
+            requests.clone(),
+        );
         let request_latency = Histogram::new(exponential_buckets(0.01, 2.0, 14));
         registry.register(
             "request_latency_seconds",
@@ -43,21 +47,47 @@ impl Metrics {
             request_latency.clone(),
         );
         let ttft = Histogram::new(exponential_buckets(0.005, 2.0, 14));
-        registry.register("time_to_first_token_seconds", "Seconds from a generation request's admission to its first token", ttft.clone());
+        registry.register(
+            "time_to_first_token_seconds",
+            "Seconds from a generation request's admission to its first token",
+            ttft.clone(),
+        );
         let batch_rows = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]);
-        registry.register("batch_rows", "Rows (sequences) in each batch the engine started", batch_rows.clone());
+        registry.register(
+            "batch_rows",
+            "Rows (sequences) in each batch the engine started",
+            batch_rows.clone(),
+        );
         let tokens = Counter::default();
         registry.register("generated_tokens", "Tokens generated", tokens.clone());
         let queue_depth = Gauge::default();
-        registry.register("queue_depth", "Admitted requests waiting for a batch", queue_depth.clone());
+        registry.register(
+            "queue_depth",
+            "Admitted requests waiting for a batch",
+            queue_depth.clone(),
+        );
         let in_flight = Gauge::default();
-        registry.register("requests_in_flight", "Admitted requests, waiting or generating", in_flight.clone());
-        Self { registry, requests, request_latency, ttft, batch_rows, tokens, queue_depth, in_flight }
+        registry.register(
+            "requests_in_flight",
+            "Admitted requests, waiting or generating",
+            in_flight.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            request_latency,
+            ttft,
+            batch_rows,
+            tokens,
+            queue_depth,
+            in_flight,
+        }
     }
 
     pub fn render(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
         out
     }
 }

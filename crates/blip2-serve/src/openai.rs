@@ -105,7 +105,10 @@ impl PromptField {
             PromptField::One(s) => Ok(s),
             PromptField::Many(mut v) if v.len() == 1 => Ok(v.remove(0)),
             PromptField::Many(v) => Err(ApiError::bad_param(
-                format!("one prompt per request (it goes with the request's one image), got {}", v.len()),
+                format!(
+                    "one prompt per request (it goes with the request's one image), got {}",
+                    v.len()
+                ),
                 "prompt",
             )),
         }
@@ -129,7 +132,9 @@ fn text_of(content: &Option<Content>, images: &mut Vec<String>) -> String {
             let mut texts = Vec::new();
             for p in parts {
                 match p {
-                    Part::Text { text } if !text.trim().is_empty() => texts.push(text.trim().to_string()),
+                    Part::Text { text } if !text.trim().is_empty() => {
+                        texts.push(text.trim().to_string())
+                    }
                     Part::Text { .. } => {}
                     Part::ImageUrl { image_url } => images.push(image_url.url.clone()),
                 }
@@ -185,10 +190,17 @@ pub fn conversation(messages: &[Message]) -> Result<Conversation, ApiError> {
     };
     let image_url = match images.len() {
         1 => images.remove(0),
-        0 => return Err(ApiError::bad_param("the conversation has no image; BLIP-2 answers about exactly one image", "messages")),
+        0 => {
+            return Err(ApiError::bad_param(
+                "the conversation has no image; BLIP-2 answers about exactly one image",
+                "messages",
+            ))
+        }
         n => {
             return Err(ApiError::bad_param(
-                format!("the conversation has {n} images; at most 1 image per conversation is supported"),
+                format!(
+                "the conversation has {n} images; at most 1 image per conversation is supported"
+            ),
                 "messages",
             ))
         }
@@ -199,13 +211,18 @@ pub fn conversation(messages: &[Message]) -> Result<Conversation, ApiError> {
 /// The prompt for a conversation: an empty question is a plain caption (prompt ""); else
 /// the chat format `infer chat` uses, keeping as many of the latest turns as fit the
 /// context limit and, with `max_new_tokens`, the language model's positions.
-pub fn chat_prompt(c: &Conversation, prompter: &Prompter, max_new_tokens: usize) -> Result<String, ApiError> {
+pub fn chat_prompt(
+    c: &Conversation,
+    prompter: &Prompter,
+    max_new_tokens: usize,
+) -> Result<String, ApiError> {
     if c.question.is_empty() {
         return Ok(String::new());
     }
     let mut chat = Chat { turns: c.turns.clone() };
-    let (prompt, dropped) =
-        chat.fit(prompter, &c.question, max_new_tokens).map_err(|e| ApiError::bad_param(in_request_terms(&e.to_string()), "messages"))?;
+    let (prompt, dropped) = chat
+        .fit(prompter, &c.question, max_new_tokens)
+        .map_err(|e| ApiError::bad_param(in_request_terms(&e.to_string()), "messages"))?;
     if dropped > 0 {
         tracing::info!("dropped the {dropped} oldest turn(s) of a conversation to fit the context");
     }
@@ -216,11 +233,17 @@ pub fn chat_prompt(c: &Conversation, prompter: &Prompter, max_new_tokens: usize)
 /// model's values (its generation_config.json, else transformers' defaults: greedy, 20
 /// new tokens), as `infer` does without flags. `temperature` 0 is greedy search; above 0
 /// it samples at that temperature. `top_p` and `top_k` only matter when sampling.
-pub fn search_settings(s: &Sampling, defaults: &GenerationConfig) -> Result<GenerationConfig, ApiError> {
+pub fn search_settings(
+    s: &Sampling,
+    defaults: &GenerationConfig,
+) -> Result<GenerationConfig, ApiError> {
     let mut cfg = defaults.clone();
     let whole = |v: i64, name: &'static str, min: i64| -> Result<usize, ApiError> {
         if v < min {
-            return Err(ApiError::bad_param(format!("{name} must be at least {min}, got {v}"), name));
+            return Err(ApiError::bad_param(
+                format!("{name} must be at least {min}, got {v}"),
+                name,
+            ));
         }
         Ok(v as usize)
     };
@@ -234,7 +257,10 @@ pub fn search_settings(s: &Sampling, defaults: &GenerationConfig) -> Result<Gene
     }
     if let Some(t) = s.temperature {
         if !(t.is_finite() && t >= 0.0) {
-            return Err(ApiError::bad_param(format!("temperature must be 0 or more, got {t}"), "temperature"));
+            return Err(ApiError::bad_param(
+                format!("temperature must be 0 or more, got {t}"),
+                "temperature",
+            ));
         }
         if t == 0.0 {
             cfg.do_sample = false;
@@ -271,12 +297,19 @@ pub fn search_settings(s: &Sampling, defaults: &GenerationConfig) -> Result<Gene
     if let Some(v) = s.min_tokens {
         cfg.min_new_tokens = whole(v, "min_tokens", 0)?;
     }
-    for (v, name) in [(s.frequency_penalty, "frequency_penalty"), (s.presence_penalty, "presence_penalty")] {
+    for (v, name) in
+        [(s.frequency_penalty, "frequency_penalty"), (s.presence_penalty, "presence_penalty")]
+    {
         if v.is_some_and(|v| v != 0.0) {
-            return Err(ApiError::bad_param(format!("{name} is not supported; use repetition_penalty (transformers' penalty)"), name));
+            return Err(ApiError::bad_param(
+                format!("{name} is not supported; use repetition_penalty (transformers' penalty)"),
+                name,
+            ));
         }
     }
-    if s.logprobs.as_ref().is_some_and(|v| !(v.is_null() || v == &serde_json::json!(false) || v == &serde_json::json!(0))) {
+    if s.logprobs.as_ref().is_some_and(|v| {
+        !(v.is_null() || v == &serde_json::json!(false) || v == &serde_json::json!(0))
+    }) {
         return Err(ApiError::bad_param("logprobs are not supported", "logprobs"));
     }
     if s.top_logprobs.as_ref().is_some_and(|v| !(v.is_null() || v == &serde_json::json!(0))) {
@@ -288,7 +321,8 @@ pub fn search_settings(s: &Sampling, defaults: &GenerationConfig) -> Result<Gene
     if s.best_of.is_some_and(|b| b > 1) {
         return Err(ApiError::bad_param("best_of is not supported; use num_beams", "best_of"));
     }
-    generation::validate(&cfg).map_err(|e| ApiError::bad_param(in_request_terms(&e.message), param_of_flag(e.flag)))?;
+    generation::validate(&cfg)
+        .map_err(|e| ApiError::bad_param(in_request_terms(&e.message), param_of_flag(e.flag)))?;
     Ok(cfg)
 }
 
@@ -299,7 +333,10 @@ pub fn in_request_terms(message: &str) -> String {
         "greedy search (no --do-sample, --num-beams 1)",
         "greedy search (temperature 0 or unset, num_beams 1)",
     );
-    m = m.replace("use --num-beams or --do-sample for more", "use num_beams, or a temperature above 0, for more");
+    m = m.replace(
+        "use --num-beams or --do-sample for more",
+        "use num_beams, or a temperature above 0, for more",
+    );
     m = m.replace("for greedy search leave out --do-sample", "temperature 0 means greedy search");
     for (flag, param) in [
         ("--max-new-tokens", "max_tokens"),
@@ -341,7 +378,10 @@ pub fn stop_strings(s: &Sampling) -> Result<Vec<String>, ApiError> {
         Some(Stop::Many(v)) => v.clone(),
     };
     if v.len() > 4 {
-        return Err(ApiError::bad_param(format!("at most 4 stop strings, got {}", v.len()), "stop"));
+        return Err(ApiError::bad_param(
+            format!("at most 4 stop strings, got {}", v.len()),
+            "stop",
+        ));
     }
     Ok(v.into_iter().filter(|x| !x.is_empty()).collect())
 }
@@ -372,10 +412,19 @@ mod tests {
     fn conversations_that_cannot_be_rendered_are_refused() {
         let img = serde_json::json!({"type": "image_url", "image_url": {"url": "data:x"}});
         for (v, says) in [
-            (serde_json::json!([{"role": "user", "content": [img.clone(), img.clone()]}]), "2 images"),
+            (
+                serde_json::json!([{"role": "user", "content": [img.clone(), img.clone()]}]),
+                "2 images",
+            ),
             (serde_json::json!([{"role": "user", "content": "hi"}]), "no image"),
-            (serde_json::json!([{"role": "user", "content": [img.clone()]}, {"role": "assistant", "content": "x"}]), "last message"),
-            (serde_json::json!([{"role": "assistant", "content": "x"}, {"role": "user", "content": [img.clone()]}]), "must follow"),
+            (
+                serde_json::json!([{"role": "user", "content": [img.clone()]}, {"role": "assistant", "content": "x"}]),
+                "last message",
+            ),
+            (
+                serde_json::json!([{"role": "assistant", "content": "x"}, {"role": "user", "content": [img.clone()]}]),
+                "must follow",
+            ),
             (serde_json::json!([{"role": "tool", "content": "x"}]), "not supported"),
         ] {
             let e = conversation(&msgs(v)).unwrap_err();
@@ -389,8 +438,14 @@ mod tests {
         let d = GenerationConfig::default();
         let s: Sampling = serde_json::from_value(serde_json::json!({"max_tokens": 7, "temperature": 0.5, "top_k": -1, "n": 2, "seed": 3})).unwrap();
         let c = search_settings(&s, &d).unwrap();
-        assert_eq!((c.max_new_tokens, c.do_sample, c.temperature, c.top_k, c.num_return_sequences, c.seed), (7, true, 0.5, 0, 2, Some(3)));
-        let greedy: Sampling = serde_json::from_value(serde_json::json!({"temperature": 0, "max_completion_tokens": 4, "max_tokens": 9})).unwrap();
+        assert_eq!(
+            (c.max_new_tokens, c.do_sample, c.temperature, c.top_k, c.num_return_sequences, c.seed),
+            (7, true, 0.5, 0, 2, Some(3))
+        );
+        let greedy: Sampling = serde_json::from_value(
+            serde_json::json!({"temperature": 0, "max_completion_tokens": 4, "max_tokens": 9}),
+        )
+        .unwrap();
         let c = search_settings(&greedy, &d).unwrap();
         assert_eq!((c.do_sample, c.max_new_tokens), (false, 4));
         for (v, param) in [

@@ -85,25 +85,13 @@ pub(crate) fn run<M: StepModel + ?Sized>(
         .iter()
         .map(|p| {
             (0..nb)
-                .map(|j| Beam {
-                    tokens: p.ids.clone(),
-                    score: if j == 0 { 0.0 } else { MASK },
-                })
+                .map(|j| Beam { tokens: p.ids.clone(), score: if j == 0 { 0.0 } else { MASK } })
                 .collect()
         })
         .collect();
     let mut finished: Vec<Vec<Hypothesis>> = prompts
         .iter()
-        .map(|p| {
-            vec![
-                Hypothesis {
-                    tokens: p.ids.clone(),
-                    score: MASK,
-                    done: false
-                };
-                nb
-            ]
-        })
+        .map(|p| vec![Hypothesis { tokens: p.ids.clone(), score: MASK, done: false }; nb])
         .collect();
     // Per prompt: may the running beams still improve on the finished store?
     let mut improvable = vec![true; batch];
@@ -153,7 +141,10 @@ pub(crate) fn run<M: StepModel + ?Sized>(
                             if ban && eos.contains(&ids[[r, t]]) {
                                 continue;
                             }
-                            entries.push((j * vocab + ids[[r, t]] as usize, logprobs[[r, t]] + beam.score));
+                            entries.push((
+                                j * vocab + ids[[r, t]] as usize,
+                                logprobs[[r, t]] + beam.score,
+                            ));
                         }
                     }
                     entries.sort_by_key(|e| e.0);
@@ -193,10 +184,8 @@ pub(crate) fn run<M: StepModel + ?Sized>(
             };
 
             // 3. the next running beams: the best not-done continuations
-            let run_scores: Vec<f32> = cands
-                .iter()
-                .map(|c| if c.done { c.score + MASK } else { c.score })
-                .collect();
+            let run_scores: Vec<f32> =
+                cands.iter().map(|c| if c.done { c.score + MASK } else { c.score }).collect();
             let next: Vec<usize> = top_k_indices(&run_scores, nb);
 
             // 4. the finished store: old entries and the done top-nb continuations compete
@@ -235,10 +224,7 @@ pub(crate) fn run<M: StepModel + ?Sized>(
 
             let beams: Vec<Beam> = next
                 .iter()
-                .map(|&i| Beam {
-                    tokens: extend(&cands[i]),
-                    score: run_scores[i],
-                })
+                .map(|&i| Beam { tokens: extend(&cands[i]), score: run_scores[i] })
                 .collect();
             sources.push(next.iter().map(|&i| cands[i].beam).collect());
             running[b] = beams;
@@ -259,13 +245,9 @@ pub(crate) fn run<M: StepModel + ?Sized>(
             };
             let best_possible =
                 running[b][0].score / ((best_len as f64).powf(cfg.length_penalty) as f32);
-            let worst = finished[b]
-                .iter()
-                .map(|h| h.score)
-                .fold(f32::INFINITY, f32::min);
-            improvable[b] = finished[b]
-                .iter()
-                .any(|h| best_possible > if h.done { worst } else { MASK });
+            let worst = finished[b].iter().map(|h| h.score).fold(f32::INFINITY, f32::min);
+            improvable[b] =
+                finished[b].iter().any(|h| best_possible > if h.done { worst } else { MASK });
         }
         let all_stored = finished.iter().flatten().all(|h| h.done);
         let stop = !improvable.iter().any(|&i| i)
@@ -279,10 +261,7 @@ pub(crate) fn run<M: StepModel + ?Sized>(
         let rows: Vec<usize> = sources
             .iter()
             .enumerate()
-            .flat_map(|(b, src)| {
-                src.iter()
-                    .map(move |&j| if expanded { b * nb + j } else { b })
-            })
+            .flat_map(|(b, src)| src.iter().map(move |&j| if expanded { b * nb + j } else { b }))
             .collect();
         model.select_rows(&rows).map_err(GenerationError::Model)?;
         expanded = true;

@@ -9,7 +9,10 @@ use ndarray::Array2;
 
 use super::processors::{argmax, Processors};
 use super::rng::{sample_one, Rng};
-use super::{new_tokens, step, GenerationConfig, GenerationError, Observer, Prompt, StepModel, StepOutput, Want};
+use super::{
+    new_tokens, step, GenerationConfig, GenerationError, Observer, Prompt, StepModel, StepOutput,
+    Want,
+};
 
 pub(crate) fn run<M: StepModel + ?Sized>(
     model: &mut M,
@@ -24,16 +27,9 @@ pub(crate) fn run<M: StepModel + ?Sized>(
     let max_len = prompt_len + cfg.max_new_tokens;
     let eos = &cfg.eos_token_ids;
     // transformers feeds finished rows the pad token, falling back to the first eos id.
-    let pad = cfg
-        .pad_token_id
-        .or_else(|| eos.first().copied())
-        .unwrap_or(0);
+    let pad = cfg.pad_token_id.or_else(|| eos.first().copied()).unwrap_or(0);
     // Sampling several sequences per prompt repeats each prompt row (repeat_interleave).
-    let expand = if cfg.do_sample {
-        cfg.num_return_sequences
-    } else {
-        1
-    };
+    let expand = if cfg.do_sample { cfg.num_return_sequences } else { 1 };
     let rows = prompts.len() * expand;
     let source = |r: usize| r / expand;
 
@@ -52,15 +48,23 @@ pub(crate) fn run<M: StepModel + ?Sized>(
             // (a tie at their edge) needs the full logits, and then every row takes them.
             let len = tokens.iter().zip(&unfinished).find(|(_, &u)| u).map_or(0, |(t, _)| t.len());
             let mut settled = Vec::with_capacity(rows);
-            for r in 0..rows {
-                let row: Vec<(i64, f32)> = ids.row(r).iter().copied().zip(logits.row(r).iter().copied()).collect();
-                settled.push(if unfinished[r] { processors.apply_to_candidates(len, &row) } else { Some(Vec::new()) });
+            for (r, &open) in unfinished.iter().enumerate().take(rows) {
+                let row: Vec<(i64, f32)> =
+                    ids.row(r).iter().copied().zip(logits.row(r).iter().copied()).collect();
+                settled.push(if open {
+                    processors.apply_to_candidates(len, &row)
+                } else {
+                    Some(Vec::new())
+                });
             }
             if settled.iter().all(Option::is_some) {
                 candidates = Some(settled.into_iter().map(|c| c.expect("checked")).collect());
             } else {
                 let full = model.last_logits().ok_or_else(|| {
-                    GenerationError::Input("the model returned sampling candidates but cannot give the full logits".into())
+                    GenerationError::Input(
+                        "the model returned sampling candidates but cannot give the full logits"
+                            .into(),
+                    )
                 })?;
                 out = StepOutput::Logits(full.map_err(GenerationError::Model)?);
             }
@@ -82,9 +86,11 @@ pub(crate) fn run<M: StepModel + ?Sized>(
                 (StepOutput::Argmax(picks), _) => picks[r],
                 // Its best candidates, while the minimum length bans the eos tokens: the
                 // best one that is not an eos (eos.len() + 1 candidates hold one).
-                (StepOutput::TopLogProbs { ids, .. }, _) => {
-                    *ids.row(r).iter().find(|t| !eos.contains(t)).expect("a candidate that is not an eos")
-                }
+                (StepOutput::TopLogProbs { ids, .. }, _) => *ids
+                    .row(r)
+                    .iter()
+                    .find(|t| !eos.contains(t))
+                    .expect("a candidate that is not an eos"),
                 (StepOutput::TopLogits { .. }, None) => unreachable!("settled above"),
                 (StepOutput::Logits(logits), _) => {
                     // The prefill logits have one row per prompt; later steps one per expanded row.
@@ -120,7 +126,9 @@ pub(crate) fn run<M: StepModel + ?Sized>(
         let len = tokens.iter().zip(&unfinished).find(|(_, &u)| u).map_or(0, |(t, _)| t.len());
         let want = match processors.model_side(len) {
             _ if cfg.do_sample => match processors.sampling_side(len) {
-                Some((k, ban)) if k + usize::from(ban) * eos.len() < vocab => Want::TopLogits(k + usize::from(ban) * eos.len() + 1),
+                Some((k, ban)) if k + usize::from(ban) * eos.len() < vocab => {
+                    Want::TopLogits(k + usize::from(ban) * eos.len() + 1)
+                }
                 _ => Want::Logits,
             },
             Some(false) => Want::Argmax,
@@ -132,12 +140,7 @@ pub(crate) fn run<M: StepModel + ?Sized>(
 
     Ok(tokens
         .chunks(expand)
-        .map(|group| {
-            group
-                .iter()
-                .map(|t| new_tokens(t, prompt_len, eos))
-                .collect()
-        })
+        .map(|group| group.iter().map(|t| new_tokens(t, prompt_len, eos)).collect())
         .collect())
 }
 
@@ -159,12 +162,27 @@ pub struct RowSearch {
 
 impl RowSearch {
     /// `prompt`: the row's ids as alone (image-token placeholders included, no padding).
-    pub fn new(prompt: Vec<i64>, cfg: &GenerationConfig, seed: u64, stream: u64) -> Result<Self, super::ConfigError> {
+    pub fn new(
+        prompt: Vec<i64>,
+        cfg: &GenerationConfig,
+        seed: u64,
+        stream: u64,
+    ) -> Result<Self, super::ConfigError> {
         super::validate(cfg)?;
         if cfg.num_beams > 1 {
-            return Err(super::ConfigError::new("--num-beams", "a row search is greedy search or sampling"));
+            return Err(super::ConfigError::new(
+                "--num-beams",
+                "a row search is greedy search or sampling",
+            ));
         }
-        Ok(RowSearch { cfg: cfg.clone(), prompt_len: prompt.len(), tokens: prompt, rng: Rng::new(seed, stream), finished: false, scores: Vec::new() })
+        Ok(RowSearch {
+            cfg: cfg.clone(),
+            prompt_len: prompt.len(),
+            tokens: prompt,
+            rng: Rng::new(seed, stream),
+            finished: false,
+            scores: Vec::new(),
+        })
     }
 
     /// Picks the next token from the logits of the row's next position and appends it.
@@ -174,9 +192,15 @@ impl RowSearch {
         self.scores.clear();
         self.scores.extend(logits.iter().copied());
         Processors::new(&self.cfg, self.prompt_len, 1).apply(&self.tokens, 0, &mut self.scores);
-        let pick = (if self.cfg.do_sample { sample_one(&self.scores, &mut self.rng) } else { argmax(&self.scores) }) as i64;
+        let pick = (if self.cfg.do_sample {
+            sample_one(&self.scores, &mut self.rng)
+        } else {
+            argmax(&self.scores)
+        }) as i64;
         self.tokens.push(pick);
-        if self.cfg.eos_token_ids.contains(&pick) || self.tokens.len() - self.prompt_len >= self.cfg.max_new_tokens {
+        if self.cfg.eos_token_ids.contains(&pick)
+            || self.tokens.len() - self.prompt_len >= self.cfg.max_new_tokens
+        {
             self.finished = true;
         }
         pick

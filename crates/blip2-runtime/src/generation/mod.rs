@@ -118,7 +118,9 @@ impl From<blip2_core::EarlyStoppingSetting> for EarlyStopping {
     fn from(s: blip2_core::EarlyStoppingSetting) -> Self {
         match s {
             blip2_core::EarlyStoppingSetting::Flag(b) => b.into(),
-            blip2_core::EarlyStoppingSetting::Word(blip2_core::Never::Never) => EarlyStopping::Never,
+            blip2_core::EarlyStoppingSetting::Word(blip2_core::Never::Never) => {
+                EarlyStopping::Never
+            }
         }
     }
 }
@@ -270,10 +272,7 @@ pub struct ConfigError {
 
 impl ConfigError {
     fn new(flag: &'static str, message: impl Into<String>) -> Self {
-        ConfigError {
-            flag,
-            message: message.into(),
-        }
+        ConfigError { flag, message: message.into() }
     }
 }
 
@@ -287,10 +286,7 @@ pub enum GenerationError<E: std::error::Error + 'static> {
     Input(String),
     /// The model returned logits of the wrong shape.
     #[error("the model returned logits of shape {got:?}, expected {expected:?}")]
-    LogitsShape {
-        expected: (usize, usize),
-        got: (usize, usize),
-    },
+    LogitsShape { expected: (usize, usize), got: (usize, usize) },
     #[error("the model failed during generation")]
     Model(#[source] E),
 }
@@ -448,9 +444,7 @@ pub fn generate_observed<M: StepModel + ?Sized>(
         ));
     }
     if prompts.iter().any(|p| p.padding > p.ids.len()) {
-        return Err(GenerationError::Input(
-            "a prompt's padding is longer than the prompt".into(),
-        ));
+        return Err(GenerationError::Input("a prompt's padding is longer than the prompt".into()));
     }
     if first_logits.nrows() != prompts.len() {
         return Err(GenerationError::Input(format!(
@@ -461,9 +455,7 @@ pub fn generate_observed<M: StepModel + ?Sized>(
     }
     let vocab = first_logits.ncols();
     if vocab == 0 {
-        return Err(GenerationError::Input(
-            "the logits have an empty vocabulary".into(),
-        ));
+        return Err(GenerationError::Input("the logits have an empty vocabulary".into()));
     }
     // Sampling streams derive from one seed; without one, draw it.
     let seed = cfg.seed.unwrap_or_else(fresh_seed);
@@ -498,10 +490,16 @@ fn step<M: StepModel + ?Sized>(
 ) -> Result<StepOutput, GenerationError<M::Error>> {
     let out = model.step_for(tokens, want).map_err(GenerationError::Model)?;
     let rows = tokens.len();
-    let shape_err = |got: (usize, usize), expected: (usize, usize)| Err(GenerationError::LogitsShape { expected, got });
+    let shape_err = |got: (usize, usize), expected: (usize, usize)| {
+        Err(GenerationError::LogitsShape { expected, got })
+    };
     match &out {
-        StepOutput::Logits(l) if l.dim() != (rows, vocab) => return shape_err(l.dim(), (rows, vocab)),
-        StepOutput::Argmax(t) if t.len() != rows || want != Want::Argmax => return shape_err((t.len(), 1), (rows, 1)),
+        StepOutput::Logits(l) if l.dim() != (rows, vocab) => {
+            return shape_err(l.dim(), (rows, vocab))
+        }
+        StepOutput::Argmax(t) if t.len() != rows || want != Want::Argmax => {
+            return shape_err((t.len(), 1), (rows, 1))
+        }
         StepOutput::TopLogProbs { logprobs, ids } => match want {
             Want::TopLogProbs(k) if logprobs.dim() == (rows, k) && ids.dim() == (rows, k) => {}
             Want::TopLogProbs(k) => return shape_err(logprobs.dim(), (rows, k)),

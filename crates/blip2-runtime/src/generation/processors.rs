@@ -52,15 +52,11 @@ pub(crate) fn top_k_indices(scores: &[f32], k: usize) -> Vec<usize> {
 /// `torch.log_softmax` on one row: (x - max) - log(sum(exp(x - max))).
 pub(crate) fn log_softmax(logits: impl IntoIterator<Item = f32> + Clone, out: &mut [f32]) {
     let max =
-        logits.clone().into_iter().fold(
-            f32::NEG_INFINITY,
-            |m, x| if x > m || x.is_nan() { x } else { m },
-        );
-    let sum: f64 = logits
-        .clone()
-        .into_iter()
-        .map(|x| f64::from((x - max).exp()))
-        .sum();
+        logits
+            .clone()
+            .into_iter()
+            .fold(f32::NEG_INFINITY, |m, x| if x > m || x.is_nan() { x } else { m });
+    let sum: f64 = logits.clone().into_iter().map(|x| f64::from((x - max).exp())).sum();
     let log_sum = (sum as f32).ln();
     for (o, x) in out.iter_mut().zip(logits) {
         *o = (x - max) - log_sum;
@@ -115,7 +111,11 @@ impl<'a> Processors<'a> {
             && self.temperature.is_none()
             && self.top_k == 0
             && self.top_p.is_none();
-        plain.then(|| self.min_new_tokens > 0 && !self.eos.is_empty() && len - self.prompt_len < self.min_new_tokens)
+        plain.then(|| {
+            self.min_new_tokens > 0
+                && !self.eos.is_empty()
+                && len - self.prompt_len < self.min_new_tokens
+        })
     }
 
     /// Sampling that reads only the best scores: `Some((k, ban))` when the processors are
@@ -124,9 +124,12 @@ impl<'a> Processors<'a> {
     /// of the tokens not banned, and a model may return those instead of the vocabulary's.
     /// `None` when a processor reads every score, or top-k is off.
     pub(crate) fn sampling_side(&self, len: usize) -> Option<(usize, bool)> {
-        let only_warpers = self.repetition_penalty.is_none() && self.no_repeat_ngram_size == 0 && self.top_k > 0;
+        let only_warpers =
+            self.repetition_penalty.is_none() && self.no_repeat_ngram_size == 0 && self.top_k > 0;
         only_warpers.then(|| {
-            let ban = self.min_new_tokens > 0 && !self.eos.is_empty() && len - self.prompt_len < self.min_new_tokens;
+            let ban = self.min_new_tokens > 0
+                && !self.eos.is_empty()
+                && len - self.prompt_len < self.min_new_tokens;
             (self.top_k.max(self.min_tokens_to_keep), ban)
         })
     }
@@ -138,14 +141,23 @@ impl<'a> Processors<'a> {
     /// what the same draw over the full scores picks; `None` when the candidates cannot
     /// tell: the last of them ties with the k-th kept score, so tokens left out may tie
     /// too.
-    pub(crate) fn apply_to_candidates(&self, len: usize, candidates: &[(i64, f32)]) -> Option<Vec<(i64, f32)>> {
+    pub(crate) fn apply_to_candidates(
+        &self,
+        len: usize,
+        candidates: &[(i64, f32)],
+    ) -> Option<Vec<(i64, f32)>> {
         let (k, ban) = self.sampling_side(len)?;
         let temper = |l: f32| self.temperature.map_or(l, |t| l / t);
-        let scored: Vec<(i64, f32)> =
-            candidates.iter().filter(|(id, _)| !(ban && self.eos.contains(id))).map(|&(id, l)| (id, temper(l))).collect();
+        let scored: Vec<(i64, f32)> = candidates
+            .iter()
+            .filter(|(id, _)| !(ban && self.eos.contains(id)))
+            .map(|&(id, l)| (id, temper(l)))
+            .collect();
         let kth = scored.get(k - 1)?.1;
         let last = temper(candidates.last()?.1);
-        // Every token left out scores at most `last`; top-k keeps ties with the k-th.
+        // Every token left out scores at most `last`; top-k keeps ties with the k-th. (A NaN
+        // score cannot tell either.)
+        #[allow(clippy::neg_cmp_op_on_partial_ord)]
         if !(last < kth) {
             return None;
         }
@@ -290,12 +302,8 @@ mod tests {
         let mut out = [0.0f32; 4];
         log_softmax(x.iter().copied(), &mut out);
         // torch.log_softmax(torch.tensor([1., 2., 3., -1.]), -1), float32
-        let torch = [
-            -2.4197165966033936f64,
-            -1.4197165966033936,
-            -0.41971665620803833,
-            -4.419716835021973,
-        ];
+        let torch =
+            [-2.4197165966033936f64, -1.4197165966033936, -0.41971665620803833, -4.419716835021973];
         assert_eq!(out, torch.map(|v| v as f32));
     }
 

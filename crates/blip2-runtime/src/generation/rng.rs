@@ -57,15 +57,9 @@ fn weights(scores: &[f32]) -> Vec<f64> {
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     if !max.is_finite() {
         // All -inf (or +inf present): fall back to the maxima only.
-        return scores
-            .iter()
-            .map(|&s| if s == max { 1.0 } else { 0.0 })
-            .collect();
+        return scores.iter().map(|&s| if s == max { 1.0 } else { 0.0 }).collect();
     }
-    scores
-        .iter()
-        .map(|&s| (f64::from(s) - f64::from(max)).exp())
-        .collect()
+    scores.iter().map(|&s| (f64::from(s) - f64::from(max)).exp()).collect()
 }
 
 /// Draws one index from softmax(scores), as `torch.multinomial(softmax(scores), 1)` does.

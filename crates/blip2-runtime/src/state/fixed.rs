@@ -88,7 +88,11 @@ impl StepPool {
         capacity: usize,
         allocator: &Allocator,
     ) -> Result<StepBuffers, RuntimeError> {
-        match self.idle.iter().position(|b| b.shape == shape && b.rows == rows && b.capacity == capacity) {
+        match self
+            .idle
+            .iter()
+            .position(|b| b.shape == shape && b.rows == rows && b.capacity == capacity)
+        {
             Some(i) => Ok(self.idle.remove(i)),
             None => StepBuffers::allocate(shape, rows, capacity, allocator),
         }
@@ -99,7 +103,8 @@ impl StepPool {
     pub fn put(&mut self, b: StepBuffers) {
         self.idle.push(b);
         while self.idle.len() > 1
-            && (self.idle.len() > self.max_sets || self.idle.iter().map(StepBuffers::kv_bytes).sum::<usize>() > self.max_kv_bytes)
+            && (self.idle.len() > self.max_sets
+                || self.idle.iter().map(StepBuffers::kv_bytes).sum::<usize>() > self.max_kv_bytes)
         {
             self.idle.remove(0);
         }
@@ -182,12 +187,22 @@ pub struct StepBuffers {
     tops: Vec<TopK>,
 }
 
-fn alloc(allocator: &Allocator, elem: TensorElementType, shape: &[usize]) -> Result<DynTensor, RuntimeError> {
-    DynTensor::new(allocator, elem, shape.to_vec()).map_err(ort_err("allocating the decode step's buffers"))
+fn alloc(
+    allocator: &Allocator,
+    elem: TensorElementType,
+    shape: &[usize],
+) -> Result<DynTensor, RuntimeError> {
+    DynTensor::new(allocator, elem, shape.to_vec())
+        .map_err(ort_err("allocating the decode step's buffers"))
 }
 
 impl StepBuffers {
-    fn allocate(shape: StepShape, rows: usize, capacity: usize, allocator: &Allocator) -> Result<Self, RuntimeError> {
+    fn allocate(
+        shape: StepShape,
+        rows: usize,
+        capacity: usize,
+        allocator: &Allocator,
+    ) -> Result<Self, RuntimeError> {
         use TensorElementType::{Float16, Float32, Int32, Int64};
         let embeds = if shape.kv.fp16 { Float16 } else { Float32 };
         Ok(Self {
@@ -201,7 +216,9 @@ impl StepBuffers {
             position_ids: alloc(allocator, Int64, &[rows, 1])?,
             seqlens_k: alloc(allocator, Int32, &[rows])?,
             image_embeds: alloc(allocator, embeds, &[rows, 0, shape.hidden])?,
-            total: Tensor::from_array(ndarray::arr0(capacity as i32)).map_err(ort_err("total_sequence_length"))?.into_dyn(),
+            total: Tensor::from_array(ndarray::arr0(capacity as i32))
+                .map_err(ort_err("total_sequence_length"))?
+                .into_dyn(),
             logits: alloc(allocator, Float32, &[rows, 1, shape.vocab])?,
             next_token: alloc(allocator, Int64, &[rows])?,
             tops: Vec::new(),
@@ -221,7 +238,6 @@ impl StepBuffers {
         self.shape
     }
 
-
     pub fn capacity(&self) -> usize {
         self.capacity
     }
@@ -229,7 +245,13 @@ impl StepBuffers {
     /// Bytes of its allocated KV sets.
     pub fn kv_bytes(&self) -> usize {
         let spec = self.shape.kv;
-        let per_set = 2 * spec.layers * self.rows * spec.heads * self.capacity * spec.head_dim * if spec.fp16 { 2 } else { 4 };
+        let per_set = 2
+            * spec.layers
+            * self.rows
+            * spec.heads
+            * self.capacity
+            * spec.head_dim
+            * if spec.fp16 { 2 } else { 4 };
         per_set * self.kv.iter().flatten().count()
     }
 
@@ -246,8 +268,16 @@ impl StepBuffers {
     /// (`lens[r]`, the tokens it holds) and its length after the step minus one.
     pub fn write_step(&mut self, tokens: &[i64], lens: &[usize]) -> Result<(), RuntimeError> {
         let rows = self.rows;
-        write(&mut self.input_ids, Array2::from_shape_fn((rows, 1), |(r, _)| tokens[r]), io::INPUT_IDS)?;
-        write(&mut self.position_ids, Array2::from_shape_fn((rows, 1), |(r, _)| lens[r] as i64), io::POSITION_IDS)?;
+        write(
+            &mut self.input_ids,
+            Array2::from_shape_fn((rows, 1), |(r, _)| tokens[r]),
+            io::INPUT_IDS,
+        )?;
+        write(
+            &mut self.position_ids,
+            Array2::from_shape_fn((rows, 1), |(r, _)| lens[r] as i64),
+            io::POSITION_IDS,
+        )?;
         write(&mut self.seqlens_k, Array1::from_iter(lens.iter().map(|&n| n as i32)), io::SEQLENS_K)
     }
 
@@ -255,7 +285,12 @@ impl StepBuffers {
     /// argmax are wanted), binding the buffers the first time this (K, KV set) runs;
     /// returns the graph id it ran under. `allocator` is the model's, for the buffers of
     /// a K not seen before.
-    pub fn run(&mut self, session: &mut Session, k: usize, allocator: &Allocator) -> Result<i32, RuntimeError> {
+    pub fn run(
+        &mut self,
+        session: &mut Session,
+        k: usize,
+        allocator: &Allocator,
+    ) -> Result<i32, RuntimeError> {
         let t = match self.tops.iter().position(|t| t.k == k) {
             Some(t) => t,
             None => {
@@ -270,7 +305,9 @@ impl StepBuffers {
             self.tops[t].bound[set] = Some(bound);
         }
         let bound = self.tops[t].bound[set].as_ref().expect("bound above");
-        session.run_binding_with_options(&bound.binding, &bound.options).map_err(ort_err("language model (decode step)"))?;
+        session
+            .run_binding_with_options(&bound.binding, &bound.options)
+            .map_err(ort_err("language model (decode step)"))?;
         Ok(bound.graph_id)
     }
 
@@ -278,19 +315,27 @@ impl StepBuffers {
         let shape = [self.rows, k];
         Ok(TopK {
             k,
-            top_k: Tensor::from_array(ndarray::arr0(k as i64)).map_err(ort_err("top_k"))?.into_dyn(),
+            top_k: Tensor::from_array(ndarray::arr0(k as i64))
+                .map_err(ort_err("top_k"))?
+                .into_dyn(),
             logprobs: alloc(allocator, TensorElementType::Float32, &shape)?,
             ids: alloc(allocator, TensorElementType::Int64, &shape)?,
-            logits: if self.shape.top_logits { Some(alloc(allocator, TensorElementType::Float32, &shape)?) } else { None },
+            logits: if self.shape.top_logits {
+                Some(alloc(allocator, TensorElementType::Float32, &shape)?)
+            } else {
+                None
+            },
             bound: [None, None],
         })
     }
 
     fn bind(&mut self, session: &mut Session, t: usize) -> Result<Bound, RuntimeError> {
-        let mut binding = session.create_binding().map_err(ort_err("decode step: creating an IO binding"))?;
+        let mut binding =
+            session.create_binding().map_err(ort_err("decode step: creating an IO binding"))?;
         // A static cache binds its own tensors as outputs; the memory is not used.
-        let memory = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)
-            .map_err(ort_err("host memory info"))?;
+        let memory =
+            MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)
+                .map_err(ort_err("host memory info"))?;
         let cache = self.kv[self.current].as_mut().expect("the current KV set is allocated");
         let top = &mut self.tops[t];
         (|| -> Result<(), ort::Error> {
@@ -320,18 +365,34 @@ impl StepBuffers {
     /// What `want` asks of the last step, from the output buffers (copied to the host
     /// when they lie on a device).
     pub fn answer(&self, want: Want) -> Result<StepOutput, RuntimeError> {
-        let top = |k: usize| self.tops.iter().find(|t| t.k == k).ok_or_else(|| RuntimeError::MissingOutput(format!("top-{k} buffers")));
+        let top = |k: usize| {
+            self.tops
+                .iter()
+                .find(|t| t.k == k)
+                .ok_or_else(|| RuntimeError::MissingOutput(format!("top-{k} buffers")))
+        };
         Ok(match want {
             Want::Logits => StepOutput::Logits(self.logits()?),
-            Want::Argmax => StepOutput::Argmax(host::<i64>(&self.next_token)?.iter().copied().collect()),
+            Want::Argmax => {
+                StepOutput::Argmax(host::<i64>(&self.next_token)?.iter().copied().collect())
+            }
             Want::TopLogProbs(k) => {
                 let t = top(k)?;
-                StepOutput::TopLogProbs { logprobs: rank2(host::<f32>(&t.logprobs)?)?, ids: rank2(host::<i64>(&t.ids)?)? }
+                StepOutput::TopLogProbs {
+                    logprobs: rank2(host::<f32>(&t.logprobs)?)?,
+                    ids: rank2(host::<i64>(&t.ids)?)?,
+                }
             }
             Want::TopLogits(k) => {
                 let t = top(k)?;
-                let l = t.logits.as_ref().ok_or_else(|| RuntimeError::MissingOutput(io::TOP_LOGITS.into()))?;
-                StepOutput::TopLogits { logits: rank2(host::<f32>(l)?)?, ids: rank2(host::<i64>(&t.ids)?)? }
+                let l = t
+                    .logits
+                    .as_ref()
+                    .ok_or_else(|| RuntimeError::MissingOutput(io::TOP_LOGITS.into()))?;
+                StepOutput::TopLogits {
+                    logits: rank2(host::<f32>(l)?)?,
+                    ids: rank2(host::<i64>(&t.ids)?)?,
+                }
             }
         })
     }
@@ -339,22 +400,33 @@ impl StepBuffers {
     /// The last step's logits, `[rows, vocab]`.
     pub fn logits(&self) -> Result<Array2<f32>, RuntimeError> {
         let a = host::<f32>(&self.logits)?;
-        a.into_shape_with_order((self.rows, self.shape.vocab)).map_err(|_| RuntimeError::MissingOutput("logits of shape [rows, 1, vocab]".into()))
+        a.into_shape_with_order((self.rows, self.shape.vocab))
+            .map_err(|_| RuntimeError::MissingOutput("logits of shape [rows, 1, vocab]".into()))
     }
 
     /// Beams: new row i is row `rows[i]` (as many rows as before), gathered by
     /// `kv_reorder` into the other KV set, which becomes the current one.
-    pub fn reorder(&mut self, kv_reorder: &mut Session, rows: &[usize], allocator: &Allocator) -> Result<(), RuntimeError> {
+    pub fn reorder(
+        &mut self,
+        kv_reorder: &mut Session,
+        rows: &[usize],
+        allocator: &Allocator,
+    ) -> Result<(), RuntimeError> {
         if rows.len() != self.rows {
             return Err(RuntimeError::Unsupported("fixed buffers keep their row count".into()));
         }
         let other = 1 - self.current;
         if self.kv[other].is_none() {
-            self.kv[other] = Some(KvCache::allocate(self.shape.kv, self.rows, self.capacity, allocator)?);
+            self.kv[other] =
+                Some(KvCache::allocate(self.shape.kv, self.rows, self.capacity, allocator)?);
         }
         let [a, b] = &mut self.kv;
         let (src, dst) = if self.current == 0 { (a, b) } else { (b, a) };
-        src.as_ref().expect("current set").gather_into(kv_reorder, rows, dst.as_mut().expect("allocated above"))?;
+        src.as_ref().expect("current set").gather_into(
+            kv_reorder,
+            rows,
+            dst.as_mut().expect("allocated above"),
+        )?;
         self.current = other;
         Ok(())
     }
@@ -362,7 +434,13 @@ impl StepBuffers {
     /// Where every bound tensor's data lies (tests: they never move).
     pub fn addresses(&self) -> Vec<usize> {
         let ptr = |t: &DynTensor| t.data_ptr() as usize;
-        let mut a = vec![ptr(&self.input_ids), ptr(&self.position_ids), ptr(&self.seqlens_k), ptr(&self.logits), ptr(&self.next_token)];
+        let mut a = vec![
+            ptr(&self.input_ids),
+            ptr(&self.position_ids),
+            ptr(&self.seqlens_k),
+            ptr(&self.logits),
+            ptr(&self.next_token),
+        ];
         a.extend(self.kv().addresses());
         a
     }
@@ -384,11 +462,16 @@ where
     T: PrimitiveTensorElementType + Clone + 'static,
 {
     let h = host_copy(t, "step output")?;
-    Ok(h.as_ref().unwrap_or(t).try_extract_array::<T>().map_err(ort_err("reading a step output"))?.to_owned())
+    Ok(h.as_ref()
+        .unwrap_or(t)
+        .try_extract_array::<T>()
+        .map_err(ort_err("reading a step output"))?
+        .to_owned())
 }
 
 fn rank2<T>(a: ArrayD<T>) -> Result<Array2<T>, RuntimeError> {
-    a.into_dimensionality().map_err(|_| RuntimeError::MissingOutput("top candidates of rank 2".into()))
+    a.into_dimensionality()
+        .map_err(|_| RuntimeError::MissingOutput("top candidates of rank 2".into()))
 }
 
 #[cfg(test)]
@@ -396,7 +479,12 @@ mod tests {
     use super::*;
 
     fn shape() -> StepShape {
-        StepShape { kv: KvSpec { layers: 2, heads: 2, head_dim: 4, fp16: false }, hidden: 8, vocab: 10, top_logits: true }
+        StepShape {
+            kv: KvSpec { layers: 2, heads: 2, head_dim: 4, fp16: false },
+            hidden: 8,
+            vocab: 10,
+            top_logits: true,
+        }
     }
 
     #[test]
@@ -417,7 +505,8 @@ mod tests {
         pool.put(again);
         pool.put(other);
         // Three more (2, 3 and 4 units): the count limit (3) frees the oldest.
-        let sets: Vec<StepBuffers> = (0..3).map(|r| pool.take(shape(), r + 2, 64, &alloc).unwrap()).collect();
+        let sets: Vec<StepBuffers> =
+            (0..3).map(|r| pool.take(shape(), r + 2, 64, &alloc).unwrap()).collect();
         let ids: Vec<u64> = sets.iter().map(StepBuffers::id).collect();
         for s in sets {
             pool.put(s);

@@ -57,12 +57,25 @@ pub fn prefill<'m>(
         // The search sees the decoder's ids, as transformers' processors do for
         // encoder-decoder models.
         let prompts = vec![Prompt::new(vec![start]); batch.ids.len()];
-        let (state, logits) = t5::T5State::prefill(model, &batch.ids, &batch.mask, image_embeds, start, max_new_tokens)?;
+        let (state, logits) = t5::T5State::prefill(
+            model,
+            &batch.ids,
+            &batch.mask,
+            image_embeds,
+            start,
+            max_new_tokens,
+        )?;
         return Ok(Prefilled { state: Box::new(state), prompts, logits });
     }
-    let prompts = batch.ids.iter().zip(&batch.mask).map(|(ids, m)| Prompt::with_attention_mask(ids.clone(), m)).collect();
+    let prompts = batch
+        .ids
+        .iter()
+        .zip(&batch.mask)
+        .map(|(ids, m)| Prompt::with_attention_mask(ids.clone(), m))
+        .collect();
     if is_static {
-        let (state, logits) = opt_static::OptStaticState::prefill(model, batch, image_embeds, max_new_tokens)?;
+        let (state, logits) =
+            opt_static::OptStaticState::prefill(model, batch, image_embeds, max_new_tokens)?;
         return Ok(Prefilled { state: Box::new(state), prompts, logits });
     }
     let embeds = crate::model::lm_value(&model.get(), image_embeds)?;
@@ -104,31 +117,39 @@ pub(crate) fn run_selecting(
         Want::TopLogProbs(_) => &[io::TOP_LOGPROBS, io::TOP_IDS],
         Want::TopLogits(_) => &[io::TOP_LOGITS, io::TOP_IDS],
     };
-    let mut binding = session.create_binding().map_err(ort_err(format!("{what}: creating an IO binding")))?;
+    let mut binding =
+        session.create_binding().map_err(ort_err(format!("{what}: creating an IO binding")))?;
     (|| -> Result<(), ort::Error> {
         for (name, v) in inputs {
             binding.bind_input(*name, *v)?;
         }
         binding.bind_input(io::TOP_K, &top_k)?;
         cache.bind(&mut binding, kv_memory)?;
-        let host = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)?;
+        let host =
+            MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)?;
         for name in [io::LOGITS, io::NEXT_TOKEN, io::TOP_LOGPROBS, io::TOP_IDS, io::TOP_LOGITS] {
             if name == io::TOP_LOGITS && !has_top_logits {
                 continue;
             }
-            binding.bind_output_to_device(name, if wanted.contains(&name) { &host } else { kv_memory })?;
+            binding.bind_output_to_device(
+                name,
+                if wanted.contains(&name) { &host } else { kv_memory },
+            )?;
         }
         Ok(())
     })()
     .map_err(ort_err(format!("{what}: binding inputs and outputs")))?;
     // Inputs and buffers that change from run to run: never captured as a CUDA graph.
-    let mut out = session.run_binding_with_options(&binding, crate::kv_cache::no_capture()?).map_err(ort_err(what))?;
+    let mut out = session
+        .run_binding_with_options(&binding, crate::kv_cache::no_capture()?)
+        .map_err(ort_err(what))?;
     cache.take_present(&mut out)?;
     let get = |name: &str| out.get(name).ok_or_else(|| RuntimeError::MissingOutput(name.into()));
     let answer = match want {
         Want::Logits => StepOutput::Logits(last_position(get(io::LOGITS)?)?),
         Want::Argmax => {
-            let a = get(io::NEXT_TOKEN)?.try_extract_array::<i64>().map_err(ort_err("next_token"))?;
+            let a =
+                get(io::NEXT_TOKEN)?.try_extract_array::<i64>().map_err(ort_err("next_token"))?;
             StepOutput::Argmax(a.iter().copied().collect())
         }
         Want::TopLogProbs(_) => {
@@ -156,12 +177,18 @@ pub(crate) fn answerable(want: Want, has_top_logits: bool) -> (Want, usize) {
 }
 
 /// A step's `[rows, k]` candidate values (log-probabilities or logits) and their ids.
-fn candidates(values: &DynValue, ids: &DynValue) -> Result<(Array2<f32>, Array2<i64>), RuntimeError> {
-    let shape_err = |what: &str| RuntimeError::MissingOutput(format!("{what} of the expected rank"));
+fn candidates(
+    values: &DynValue,
+    ids: &DynValue,
+) -> Result<(Array2<f32>, Array2<i64>), RuntimeError> {
+    let shape_err =
+        |what: &str| RuntimeError::MissingOutput(format!("{what} of the expected rank"));
     let v = values.try_extract_array::<f32>().map_err(ort_err("top candidates"))?;
     let i = ids.try_extract_array::<i64>().map_err(ort_err("top_ids"))?;
     Ok((
-        v.into_dimensionality::<ndarray::Ix2>().map_err(|_| shape_err("top candidates"))?.to_owned(),
+        v.into_dimensionality::<ndarray::Ix2>()
+            .map_err(|_| shape_err("top candidates"))?
+            .to_owned(),
         i.into_dimensionality::<ndarray::Ix2>().map_err(|_| shape_err("top_ids"))?.to_owned(),
     ))
 }
@@ -169,13 +196,16 @@ fn candidates(values: &DynValue, ids: &DynValue) -> Result<(Array2<f32>, Array2<
 /// The logits of the last position of a `[rows, positions, vocab]` decoder output, in
 /// host memory (copied over from a device).
 pub(crate) fn last_position(logits: &DynValue) -> Result<Array2<f32>, RuntimeError> {
-    let tensor = logits.view().downcast::<ort::value::DynTensorValueType>().map_err(ort_err("logits"))?;
+    let tensor =
+        logits.view().downcast::<ort::value::DynTensorValueType>().map_err(ort_err("logits"))?;
     let host = crate::kv_cache::host_copy(&tensor, "logits")?;
     let a = match &host {
         Some(h) => h.try_extract_array::<f32>(),
         None => tensor.try_extract_array::<f32>(),
     }
     .map_err(ort_err("logits"))?;
-    let a = a.into_dimensionality::<ndarray::Ix3>().map_err(|_| RuntimeError::MissingOutput("logits of rank 3".into()))?;
+    let a = a
+        .into_dimensionality::<ndarray::Ix3>()
+        .map_err(|_| RuntimeError::MissingOutput("logits of rank 3".into()))?;
     Ok(a.index_axis(Axis(1), a.shape()[1] - 1).to_owned())
 }

@@ -81,7 +81,13 @@ impl<'m> OptState<'m> {
         Ok((st, logits))
     }
 
-    fn run(&mut self, ids: Array2<i64>, pos: Array2<i64>, image_embeds: DynValue, last_only: bool) -> Result<Array3<f32>, RuntimeError> {
+    fn run(
+        &mut self,
+        ids: Array2<i64>,
+        pos: Array2<i64>,
+        image_embeds: DynValue,
+        last_only: bool,
+    ) -> Result<Array3<f32>, RuntimeError> {
         let rows = ids.nrows();
         let total = self.mask.first().map(Vec::len).unwrap_or(0);
         let mask = Array2::from_shape_fn((rows, total), |(r, j)| self.mask[r][j]);
@@ -89,13 +95,20 @@ impl<'m> OptState<'m> {
         let mut inputs = vec![
             (io::INPUT_IDS, Tensor::from_array(ids).map_err(ort_err("input_ids"))?.into_dyn()),
             (io::IMAGE_EMBEDS, image_embeds),
-            (io::ATTENTION_MASK, Tensor::from_array(mask).map_err(ort_err("attention_mask"))?.into_dyn()),
-            (io::POSITION_IDS, Tensor::from_array(pos).map_err(ort_err("position_ids"))?.into_dyn()),
+            (
+                io::ATTENTION_MASK,
+                Tensor::from_array(mask).map_err(ort_err("attention_mask"))?.into_dyn(),
+            ),
+            (
+                io::POSITION_IDS,
+                Tensor::from_array(pos).map_err(ort_err("position_ids"))?.into_dyn(),
+            ),
         ];
         let mut m = self.model.get();
         if last_only && seq > 1 && m.lm_takes_logits_to_keep() {
             // The LM head runs for the last position only.
-            let keep = Tensor::from_array(ndarray::arr0(1i64)).map_err(ort_err("logits_to_keep"))?;
+            let keep =
+                Tensor::from_array(ndarray::arr0(1i64)).map_err(ort_err("logits_to_keep"))?;
             inputs.push((io::LOGITS_TO_KEEP, keep.into_dyn()));
         }
         let refs: Vec<(&str, &DynValue)> = inputs.iter().map(|(n, v)| (*n, v)).collect();
@@ -117,7 +130,6 @@ impl<'m> OptState<'m> {
         let no_images = no_image_embeds(&self.model.get(), rows)?;
         Ok(self.run(ids, pos, no_images, true)?.index_axis_move(Axis(1), 0))
     }
-
 }
 
 impl OptState<'_> {
@@ -130,11 +142,18 @@ impl OptState<'_> {
     /// prefilled rows): caches and masks are left-padded to the longer of the two, so
     /// each row keeps its own positions and attends to exactly what it did before.
     pub fn join(&mut self, other: OptState<'_>) -> Result<(), RuntimeError> {
-        let (mine, theirs) = (self.mask.first().map_or(0, Vec::len), other.mask.first().map_or(0, Vec::len));
+        let (mine, theirs) =
+            (self.mask.first().map_or(0, Vec::len), other.mask.first().map_or(0, Vec::len));
         let len = mine.max(theirs);
-        let pad = |m: Vec<i64>, have: usize| -> Vec<i64> { std::iter::repeat_n(0, len - have).chain(m).collect() };
+        let pad = |m: Vec<i64>, have: usize| -> Vec<i64> {
+            std::iter::repeat_n(0, len - have).chain(m).collect()
+        };
         let OptState { cache, mask, next_pos, .. } = other;
-        self.mask = std::mem::take(&mut self.mask).into_iter().map(|m| pad(m, mine)).chain(mask.into_iter().map(|m| pad(m, theirs))).collect();
+        self.mask = std::mem::take(&mut self.mask)
+            .into_iter()
+            .map(|m| pad(m, mine))
+            .chain(mask.into_iter().map(|m| pad(m, theirs)))
+            .collect();
         self.next_pos.extend(next_pos);
         self.cache.join(cache)
     }
@@ -188,22 +207,31 @@ pub(crate) fn run_decoder(
     what: &str,
     last_only: bool,
 ) -> Result<Array3<f32>, RuntimeError> {
-    let mut binding = session.create_binding().map_err(ort_err(format!("{what}: creating an IO binding")))?;
+    let mut binding =
+        session.create_binding().map_err(ort_err(format!("{what}: creating an IO binding")))?;
     (|| -> Result<(), ort::Error> {
         for (name, v) in inputs {
             binding.bind_input(*name, *v)?;
         }
         cache.bind(&mut binding, kv_memory)?;
-        let host = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)?;
+        let host =
+            MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)?;
         binding.bind_output_to_device(io::LOGITS, &host)?;
         Ok(())
     })()
     .map_err(ort_err(format!("{what}: binding inputs and outputs")))?;
     let mut out = session.run_binding(&binding).map_err(ort_err(what))?;
     cache.take_present(&mut out)?;
-    let logits = out.get(io::LOGITS).ok_or_else(|| RuntimeError::MissingOutput(io::LOGITS.into()))?;
+    let logits =
+        out.get(io::LOGITS).ok_or_else(|| RuntimeError::MissingOutput(io::LOGITS.into()))?;
     let a = logits.try_extract_array::<f32>().map_err(ort_err("logits"))?;
-    let a = a.into_dimensionality::<ndarray::Ix3>().map_err(|_| RuntimeError::MissingOutput("3-D logits".into()))?;
+    let a = a
+        .into_dimensionality::<ndarray::Ix3>()
+        .map_err(|_| RuntimeError::MissingOutput("3-D logits".into()))?;
     let seq = a.shape()[1];
-    Ok(if last_only && seq > 1 { a.slice(ndarray::s![.., seq - 1.., ..]).to_owned() } else { a.to_owned() })
+    Ok(if last_only && seq > 1 {
+        a.slice(ndarray::s![.., seq - 1.., ..]).to_owned()
+    } else {
+        a.to_owned()
+    })
 }

@@ -63,8 +63,12 @@ impl<'m> OptStaticState<'m> {
         max_new_tokens: usize,
     ) -> Result<(Self, Array2<f32>), RuntimeError> {
         let rows = batch.ids.len();
-        let real: Vec<Vec<i64>> =
-            batch.ids.iter().zip(&batch.mask).map(|(ids, m)| ids.iter().zip(m).filter(|(_, &m)| m != 0).map(|(&i, _)| i).collect()).collect();
+        let real: Vec<Vec<i64>> = batch
+            .ids
+            .iter()
+            .zip(&batch.mask)
+            .map(|(ids, m)| ids.iter().zip(m).filter(|(_, &m)| m != 0).map(|(&i, _)| i).collect())
+            .collect();
         let lens: Vec<usize> = real.iter().map(Vec::len).collect();
         let longest = lens.iter().copied().max().unwrap_or(0);
         if lens.contains(&0) {
@@ -73,9 +77,11 @@ impl<'m> OptStaticState<'m> {
         let mut model = model.into();
         let mut m = model.get();
         let pad = m.manifest.tokens.pad_token_id.unwrap_or(0);
-        let ids = Array2::from_shape_fn((rows, longest), |(r, j)| real[r].get(j).copied().unwrap_or(pad));
+        let ids =
+            Array2::from_shape_fn((rows, longest), |(r, j)| real[r].get(j).copied().unwrap_or(pad));
         // Padding positions are never attended to; any valid position will do.
-        let pos = Array2::from_shape_fn((rows, longest), |(r, j)| if j < lens[r] { j as i64 } else { 0 });
+        let pos =
+            Array2::from_shape_fn((rows, longest), |(r, j)| if j < lens[r] { j as i64 } else { 0 });
         let allocator = m.cache_allocator()?;
         let shape = step_shape(&m);
         let (buffers, capacity) = match m.step_pool.as_mut() {
@@ -85,12 +91,26 @@ impl<'m> OptStaticState<'m> {
             }
             None => {
                 let capacity = longest + max_new_tokens;
-                (Buffers::Own { cache: KvCache::allocate(shape.kv, rows, capacity, &allocator)?, spare: None }, capacity)
+                (
+                    Buffers::Own {
+                        cache: KvCache::allocate(shape.kv, rows, capacity, &allocator)?,
+                        spare: None,
+                    },
+                    capacity,
+                )
             }
         };
         let embeds = lm_value(&m, image_embeds)?;
         drop(m);
-        let mut st = Self { model, buffers, lens: lens.clone(), capacity, allocator, last_logits: None, last_graph_id: None };
+        let mut st = Self {
+            model,
+            buffers,
+            lens: lens.clone(),
+            capacity,
+            allocator,
+            last_logits: None,
+            last_graph_id: None,
+        };
         let seqlens: Vec<i32> = lens.iter().map(|&n| n as i32 - 1).collect();
         let out = st.run(ids, pos, embeds, &seqlens, longest as i32, Want::Logits)?;
         match out {
@@ -112,9 +132,22 @@ impl<'m> OptStaticState<'m> {
         let inputs = [
             (io::INPUT_IDS, Tensor::from_array(ids).map_err(ort_err("input_ids"))?.into_dyn()),
             (io::IMAGE_EMBEDS, image_embeds),
-            (io::POSITION_IDS, Tensor::from_array(pos).map_err(ort_err("position_ids"))?.into_dyn()),
-            (io::SEQLENS_K, Tensor::from_array(Array1::from(seqlens.to_vec())).map_err(ort_err("seqlens_k"))?.into_dyn()),
-            (io::TOTAL_SEQUENCE_LENGTH, Tensor::from_array(ndarray::arr0(total)).map_err(ort_err("total_sequence_length"))?.into_dyn()),
+            (
+                io::POSITION_IDS,
+                Tensor::from_array(pos).map_err(ort_err("position_ids"))?.into_dyn(),
+            ),
+            (
+                io::SEQLENS_K,
+                Tensor::from_array(Array1::from(seqlens.to_vec()))
+                    .map_err(ort_err("seqlens_k"))?
+                    .into_dyn(),
+            ),
+            (
+                io::TOTAL_SEQUENCE_LENGTH,
+                Tensor::from_array(ndarray::arr0(total))
+                    .map_err(ort_err("total_sequence_length"))?
+                    .into_dyn(),
+            ),
         ];
         let refs: Vec<(&str, &DynValue)> = inputs.iter().map(|(n, v)| (*n, v)).collect();
         let mut g = self.model.get();
@@ -124,7 +157,8 @@ impl<'m> OptStaticState<'m> {
             Buffers::Fixed(b) => b.kv_mut(),
             Buffers::Released => unreachable!("released only when dropped"),
         };
-        let (answer, logits) = run_selecting(&mut m.lm, &m.kv_memory, &refs, cache, want, "language model")?;
+        let (answer, logits) =
+            run_selecting(&mut m.lm, &m.kv_memory, &refs, cache, want, "language model")?;
         self.last_logits = logits;
         Ok(answer)
     }
@@ -162,7 +196,13 @@ fn step_shape(m: &crate::model::Blip2Model) -> StepShape {
         kv: kv_spec(m),
         hidden: m.manifest.text.hidden_size,
         vocab: m.manifest.text.vocab_size,
-        top_logits: m.manifest.graphs.language_model.outputs.iter().any(|t| t.name == io::TOP_LOGITS),
+        top_logits: m
+            .manifest
+            .graphs
+            .language_model
+            .outputs
+            .iter()
+            .any(|t| t.name == io::TOP_LOGITS),
     }
 }
 
@@ -193,7 +233,10 @@ impl StepModel for OptStaticState<'_> {
             return Err(RuntimeError::Input(format!("{rows} tokens for {} rows", self.lens.len())));
         }
         if self.lens.iter().any(|&n| n >= self.capacity) {
-            return Err(RuntimeError::Input(format!("the KV buffers hold {} positions and a row is full", self.capacity)));
+            return Err(RuntimeError::Input(format!(
+                "the KV buffers hold {} positions and a row is full",
+                self.capacity
+            )));
         }
         let out = if matches!(self.buffers, Buffers::Fixed(_)) {
             self.run_fixed(tokens, want)?
@@ -224,11 +267,17 @@ impl StepModel for OptStaticState<'_> {
         let mut g = self.model.get();
         let m = &mut *g;
         let reorder = m.kv_reorder.as_mut().ok_or_else(|| {
-            RuntimeError::Unsupported("this CUDA-target export has no kv_reorder graph; export it again".into())
+            RuntimeError::Unsupported(
+                "this CUDA-target export has no kv_reorder graph; export it again".into(),
+            )
         })?;
         match &mut self.buffers {
-            Buffers::Own { cache, spare } => cache.reorder_on_device(reorder, rows, spare, &self.allocator)?,
-            Buffers::Fixed(b) if b.rows() == rows.len() => b.reorder(reorder, rows, &self.allocator)?,
+            Buffers::Own { cache, spare } => {
+                cache.reorder_on_device(reorder, rows, spare, &self.allocator)?
+            }
+            Buffers::Fixed(b) if b.rows() == rows.len() => {
+                b.reorder(reorder, rows, &self.allocator)?
+            }
             Buffers::Fixed(b) => {
                 // A new row count (samples expanded from their prompts): a set of that
                 // shape from the pool, this one back to it.

@@ -67,8 +67,11 @@ impl<'m> T5State<'m> {
         let spec = kv_spec(&m);
         let selects = crate::state::selects_tokens(&m);
         let fixed = is_static(&m);
-        let real: Vec<Vec<i64>> =
-            ids.iter().zip(mask).map(|(ids, m)| ids.iter().zip(m).filter(|(_, &m)| m != 0).map(|(&i, _)| i).collect()).collect();
+        let real: Vec<Vec<i64>> = ids
+            .iter()
+            .zip(mask)
+            .map(|(ids, m)| ids.iter().zip(m).filter(|(_, &m)| m != 0).map(|(&i, _)| i).collect())
+            .collect();
         let lens: Vec<usize> = real.iter().map(Vec::len).collect();
         let longest = lens.iter().copied().max().unwrap_or(0);
         let enc_mask = Array2::from_shape_fn((rows, longest), |(r, j)| i64::from(j < lens[r]));
@@ -104,36 +107,55 @@ impl<'m> T5State<'m> {
         let rows = tokens.len();
         let ids = Array2::from_shape_fn((rows, 1), |(r, _)| tokens[r]);
         let ids = Tensor::from_array(ids).map_err(ort_err("input_ids"))?.into_dyn();
-        let mask = Tensor::from_array(self.enc_mask.clone()).map_err(ort_err("encoder_attention_mask"))?.into_dyn();
+        let mask = Tensor::from_array(self.enc_mask.clone())
+            .map_err(ort_err("encoder_attention_mask"))?
+            .into_dyn();
         let past = match &self.fixed {
             Some(f) if f.len >= f.capacity => {
-                return Err(RuntimeError::Input(format!("the KV buffers hold {} positions and they are full", f.capacity)));
+                return Err(RuntimeError::Input(format!(
+                    "the KV buffers hold {} positions and they are full",
+                    f.capacity
+                )));
             }
-            Some(f) => Some(Tensor::from_array(ndarray::arr0(f.len as i32)).map_err(ort_err("past_sequence_length"))?.into_dyn()),
+            Some(f) => Some(
+                Tensor::from_array(ndarray::arr0(f.len as i32))
+                    .map_err(ort_err("past_sequence_length"))?
+                    .into_dyn(),
+            ),
             None => None,
         };
-        let mut inputs: Vec<(&str, &DynValue)> = vec![(io::INPUT_IDS, &ids), (io::ENCODER_ATTENTION_MASK, &mask)];
+        let mut inputs: Vec<(&str, &DynValue)> =
+            vec![(io::INPUT_IDS, &ids), (io::ENCODER_ATTENTION_MASK, &mask)];
         if let Some(p) = &past {
             inputs.push((io::PAST_SEQUENCE_LENGTH, p));
         }
         let layers = kv_spec(&self.model.get()).layers;
-        let names: Vec<[String; 2]> = (0..layers).map(|l| [io::cross_key(l), io::cross_value(l)]).collect();
+        let names: Vec<[String; 2]> =
+            (0..layers).map(|l| [io::cross_key(l), io::cross_value(l)]).collect();
         for (l, n) in names.iter().enumerate() {
-            for which in 0..2 {
-                inputs.push((n[which].as_str(), &self.cross.layer(l)[which]));
+            for (name, value) in n.iter().zip(self.cross.layer(l)) {
+                inputs.push((name.as_str(), value));
             }
         }
         let mut g = self.model.get();
         let m = &mut *g;
         if self.selects {
-            let (answer, logits) = run_selecting(&mut m.lm, &m.kv_memory, &inputs, &mut self.cache, want, "text decoder")?;
+            let (answer, logits) = run_selecting(
+                &mut m.lm,
+                &m.kv_memory,
+                &inputs,
+                &mut self.cache,
+                want,
+                "text decoder",
+            )?;
             self.last_logits = logits;
             if let Some(f) = &mut self.fixed {
                 f.len += 1;
             }
             return Ok(answer);
         }
-        let logits = run_decoder(&mut m.lm, &m.kv_memory, &inputs, &mut self.cache, "text decoder", true)?;
+        let logits =
+            run_decoder(&mut m.lm, &m.kv_memory, &inputs, &mut self.cache, "text decoder", true)?;
         Ok(StepOutput::Logits(logits.index_axis_move(Axis(1), 0)))
     }
 }
@@ -170,7 +192,10 @@ impl StepModel for T5State<'_> {
                 let mut layers = Vec::with_capacity(spec.layers);
                 for l in 0..spec.layers {
                     let kv = self.cross.layer(l);
-                    layers.push([select_rows_of(&kv[0], rows, fp16)?, select_rows_of(&kv[1], rows, fp16)?]);
+                    layers.push([
+                        select_rows_of(&kv[0], rows, fp16)?,
+                        select_rows_of(&kv[1], rows, fp16)?,
+                    ]);
                 }
                 self.cross = KvCache::from_tensors(spec, rows.len(), self.enc_mask.ncols(), layers);
                 self.cache.select_rows(rows)
@@ -182,7 +207,11 @@ impl StepModel for T5State<'_> {
 /// The cross-attention caches of each row run alone through the text encoder (so a row
 /// sees exactly the positions it sees alone), padded on the right to the longest row in
 /// host memory.
-fn encode_rows(m: &mut Blip2Model, real: &[Vec<i64>], image_embeds: ArrayD<f32>) -> Result<KvCache, RuntimeError> {
+fn encode_rows(
+    m: &mut Blip2Model,
+    real: &[Vec<i64>],
+    image_embeds: ArrayD<f32>,
+) -> Result<KvCache, RuntimeError> {
     let spec = kv_spec(m);
     let fp16 = m.lm_fp16;
     let rows = real.len();
@@ -215,9 +244,10 @@ fn encode_rows(m: &mut Blip2Model, real: &[Vec<i64>], image_embeds: ArrayD<f32>)
     for l in 0..spec.layers {
         let padded = |which: usize| -> Result<DynValue, RuntimeError> {
             let mut a = ArrayD::<f32>::zeros(IxDyn(&[rows, spec.heads, longest, spec.head_dim]));
-            for r in 0..rows {
-                let src = &per_row[r][l][which];
-                a.slice_mut(ndarray::s![r, .., ..real[r].len(), ..]).assign(&src.index_axis(Axis(0), 0));
+            for (r, row) in per_row.iter().enumerate() {
+                let src = &row[l][which];
+                a.slice_mut(ndarray::s![r, .., ..real[r].len(), ..])
+                    .assign(&src.index_axis(Axis(0), 0));
             }
             float_value(fp16, a)
         };
@@ -230,20 +260,30 @@ fn encode_rows(m: &mut Blip2Model, real: &[Vec<i64>], image_embeds: ArrayD<f32>)
 /// right-padded and masked, left where the decoder runs. Each row's tokens sit at the
 /// positions they have alone and T5's position bias depends only on the distance
 /// between positions, so a row gets the caches it gets alone.
-fn encode_batch(m: &mut Blip2Model, real: &[Vec<i64>], enc_mask: &Array2<i64>, image_embeds: ArrayD<f32>) -> Result<KvCache, RuntimeError> {
+fn encode_batch(
+    m: &mut Blip2Model,
+    real: &[Vec<i64>],
+    enc_mask: &Array2<i64>,
+    image_embeds: ArrayD<f32>,
+) -> Result<KvCache, RuntimeError> {
     let spec = kv_spec(m);
     let (rows, longest) = enc_mask.dim();
     let pad = m.manifest.tokens.pad_token_id.unwrap_or(0);
-    let ids = Array2::from_shape_fn((rows, longest), |(r, j)| real[r].get(j).copied().unwrap_or(pad));
+    let ids =
+        Array2::from_shape_fn((rows, longest), |(r, j)| real[r].get(j).copied().unwrap_or(pad));
     let inputs = [
         (io::INPUT_IDS, Tensor::from_array(ids).map_err(ort_err("input_ids"))?.into_dyn()),
         (io::IMAGE_EMBEDS, float_value(m.lm_fp16, image_embeds)?),
-        (io::ATTENTION_MASK, Tensor::from_array(enc_mask.clone()).map_err(ort_err("attention_mask"))?.into_dyn()),
+        (
+            io::ATTENTION_MASK,
+            Tensor::from_array(enc_mask.clone()).map_err(ort_err("attention_mask"))?.into_dyn(),
+        ),
     ];
     let memory = m.kv_memory.clone();
     let encoder = m.text_encoder.as_mut().ok_or_else(no_encoder)?;
     let outputs: Vec<String> = encoder.outputs().iter().map(|o| o.name().to_string()).collect();
-    let mut binding = encoder.create_binding().map_err(ort_err("text encoder: creating an IO binding"))?;
+    let mut binding =
+        encoder.create_binding().map_err(ort_err("text encoder: creating an IO binding"))?;
     (|| -> Result<(), ort::Error> {
         for (name, v) in &inputs {
             binding.bind_input(*name, v)?;
@@ -257,7 +297,8 @@ fn encode_batch(m: &mut Blip2Model, real: &[Vec<i64>], enc_mask: &Array2<i64>, i
     let mut out = encoder.run_binding(&binding).map_err(ort_err("text encoder"))?;
     let mut layers = Vec::with_capacity(spec.layers);
     for l in 0..spec.layers {
-        let mut take = |name: String| out.remove(name.as_str()).ok_or(RuntimeError::MissingOutput(name));
+        let mut take =
+            |name: String| out.remove(name.as_str()).ok_or(RuntimeError::MissingOutput(name));
         layers.push([take(io::cross_key(l))?, take(io::cross_value(l))?]);
     }
     Ok(KvCache::from_tensors(spec, rows, longest, layers))
@@ -268,5 +309,7 @@ fn no_encoder() -> RuntimeError {
 }
 
 fn no_reorder() -> RuntimeError {
-    RuntimeError::Unsupported("this CUDA-target export has no kv_reorder graph; export it again".into())
+    RuntimeError::Unsupported(
+        "this CUDA-target export has no kv_reorder graph; export it again".into(),
+    )
 }

@@ -123,10 +123,23 @@ fn admit(b: &mut Batch, shared: &Shared, newcomers: Vec<Queued>) {
         let (batch, pixels) = assemble(shared, &newcomers)?;
         let _t = shared.turn.enter();
         let embeds = encode(shared, pixels)?;
-        let embeds = blip2_runtime::model::lm_value(&shared.model.lock().unwrap_or_else(|e| e.into_inner()), embeds)?;
-        let (state, logits) = OptState::prefill_last(ModelRef::Shared(shared.model.clone()), &batch.ids, &batch.mask, embeds)?;
+        let embeds = blip2_runtime::model::lm_value(
+            &shared.model.lock().unwrap_or_else(|e| e.into_inner()),
+            embeds,
+        )?;
+        let (state, logits) = OptState::prefill_last(
+            ModelRef::Shared(shared.model.clone()),
+            &batch.ids,
+            &batch.mask,
+            embeds,
+        )?;
         // Each row's prompt as it is alone: without the padding.
-        let prompts = batch.ids.iter().zip(&batch.mask).map(|(ids, m)| ids.iter().zip(m).filter(|(_, &m)| m != 0).map(|(&i, _)| i).collect()).collect();
+        let prompts = batch
+            .ids
+            .iter()
+            .zip(&batch.mask)
+            .map(|(ids, m)| ids.iter().zip(m).filter(|(_, &m)| m != 0).map(|(&i, _)| i).collect())
+            .collect();
         Ok(Prefilled { state, logits, prompts })
     })();
     let Prefilled { mut state, logits, prompts } = match prefilled {
@@ -148,12 +161,21 @@ fn admit(b: &mut Batch, shared: &Shared, newcomers: Vec<Queued>) {
         let n = row_count(&q.job.cfg);
         let seed = q.job.cfg.seed.unwrap_or_else(blip2_runtime::generation::fresh_seed);
         for seq in 0..n {
-            let search = RowSearch::new(prompts[j].clone(), &q.job.cfg, seed, seq as u64).expect("settings checked when the request came in");
+            let search = RowSearch::new(prompts[j].clone(), &q.job.cfg, seed, seq as u64)
+                .expect("settings checked when the request came in");
             new_rows.push(Row { job: id, seq, search });
             source.push(j);
         }
         let k = q.job.cfg.num_return_sequences;
-        b.live.insert(id, Live { q, streams: (0..k).map(|_| Stream::new()).collect(), pending: n, first_token: false });
+        b.live.insert(
+            id,
+            Live {
+                q,
+                streams: (0..k).map(|_| Stream::new()).collect(),
+                pending: n,
+                first_token: false,
+            },
+        );
     }
     if source.len() != logits.nrows() {
         if let Err(e) = StepModel::select_rows(&mut state, &source) {
@@ -187,7 +209,8 @@ fn pick(b: &mut Batch, shared: &Shared, row: &mut Row, logits: ndarray::ArrayVie
     if row.search.ended_on_eos() {
         return;
     }
-    let go_on = live.streams[row.seq].push(token, row.seq, &live.q.job, &shared.prompter, &shared.metrics);
+    let go_on =
+        live.streams[row.seq].push(token, row.seq, &live.q.job, &shared.prompter, &shared.metrics);
     if !go_on {
         row.search.finish();
     }
@@ -195,7 +218,8 @@ fn pick(b: &mut Batch, shared: &Shared, row: &mut Row, logits: ndarray::ArrayVie
 
 /// One decode step for every row.
 fn step(b: &mut Batch, shared: &Shared) {
-    let tokens: Vec<i64> = b.rows.iter().map(|r| r.search.last().expect("a row in the batch has picked")).collect();
+    let tokens: Vec<i64> =
+        b.rows.iter().map(|r| r.search.last().expect("a row in the batch has picked")).collect();
     let out = {
         let _t = shared.turn.enter();
         let state = b.state.as_mut().expect("rows have a state");
