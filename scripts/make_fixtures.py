@@ -101,7 +101,8 @@ CONFIGS = {
         num_query_tokens=6),
     # Flan-T5 shaped: gated-gelu, untied lm_head stored apart (as on the Hub), encoder and
     # decoder depths differ (transformers 5.24 sizes the generation cache from num_layers,
-    # so the decoder must not be the deeper one), heads * d_kv != d_model, few relative-position buckets so the
+    # so the decoder must not be the deeper one), heads * d_kv != d_model with a head size ONNX Runtime's CUDA
+    # DecoderMaskedMultiHeadAttention has (32, 64, 128), few relative-position buckets so the
     # logarithmic buckets are reached by short prompts.
     "t5-tiny": dict(
         layout="v5",
@@ -110,7 +111,7 @@ CONFIGS = {
                     image_size=24, patch_size=8, qkv_bias=True, layer_norm_eps=1e-6),
         qformer=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
                      cross_attention_frequency=1, encoder_hidden_size=32, layer_norm_eps=1e-12),
-        text=dict(model_type="t5", d_model=32, d_ff=40, d_kv=12, num_layers=3, num_decoder_layers=2, num_heads=4,
+        text=dict(model_type="t5", d_model=32, d_ff=40, d_kv=32, num_layers=3, num_decoder_layers=2, num_heads=4,
                   vocab_size=84, relative_attention_num_buckets=8, relative_attention_max_distance=20,
                   feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0,
                   eos_token_id=1, pad_token_id=0, init_std=0.25),
@@ -281,7 +282,8 @@ def build(name, spec):
 
 
 def opt_stages(model, enc, img_embeds, image_token, refdir):
-    """LM prefill on the first image, then two cached decode steps."""
+    """LM prefill on the first image, then two cached decode steps and a third one fed the
+    image token (a generated or sampled token like any other: generate() embeds it)."""
     graphs = {}
     ids = enc["input_ids"][:1]
     mask = enc["attention_mask"][:1]
@@ -294,7 +296,9 @@ def opt_stages(model, enc, img_embeds, image_token, refdir):
     save_npy(os.path.join(refdir, "prefill_logits.npy"), o.logits.numpy())
     past = o.past_key_values
     nxt = o.logits[:, -1].argmax(-1, keepdim=True)
-    for s in range(2):
+    for s in range(3):
+        if s == 2:
+            nxt = torch.tensor([[image_token]])
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
         pos = torch.tensor([[mask.shape[1] - 1]])
         o = model.language_model(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=past,

@@ -309,7 +309,7 @@ fn image_embeddings_replace_the_image_tokens_in_order() {
                 vec![Dim::Fixed(1), Dim::Named("n".into()), Dim::Fixed(3)],
             );
             let tok = b.input("tok", Elem::F32, fixed(&[1, 5, 3]));
-            let e = blocks::scatter_image_embeds(b, &ids, &img, &tok, 9);
+            let e = blocks::scatter_image_embeds(b, &ids, &img, &tok, 9, None);
             b.output(&e, "embeds", Elem::F32, fixed(&[1, 5, 3]));
         },
         vec![
@@ -322,6 +322,61 @@ fn image_embeddings_replace_the_image_tokens_in_order() {
         0.0, 1.0, 2.0, 100.0, 101.0, 102.0, 200.0, 201.0, 202.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0,
     ];
     assert_near("scattered embeddings", &outs[0], &want, 0.0);
+}
+
+#[test]
+fn only_the_image_slots_take_image_embeddings() {
+    // A decoder row: two image slots (positions 0 and 1), a text token, then a generated
+    // token that happens to be the image token's id (position 3): it keeps its own
+    // embedding, with one or with no image embeddings fed (a decode step feeds none).
+    let dir = checkpoint("scatter_slots", &[]);
+    let ids = vec![9i64, 9, 4, 9];
+    let tok: Vec<f32> = (0..8).map(|i| i as f32).collect();
+    let build = |b: &mut Builder| {
+        let ids = b.input("ids", Elem::I64, fixed(&[1, 4]));
+        let pos = b.input("pos", Elem::I64, fixed(&[1, 4]));
+        let img =
+            b.input("img", Elem::F32, vec![Dim::Fixed(1), Dim::Named("n".into()), Dim::Fixed(2)]);
+        let tok = b.input("tok", Elem::F32, fixed(&[1, 4, 2]));
+        let e = blocks::scatter_image_embeds(b, &ids, &img, &tok, 9, Some((&pos, 2)));
+        b.output(&e, "embeds", Elem::F32, fixed(&[1, 4, 2]));
+    };
+    let outs = run(
+        &dir,
+        false,
+        build,
+        vec![
+            ("ids", i64_input(&[1, 4], ids)),
+            ("pos", i64_input(&[1, 4], vec![0, 1, 2, 3])),
+            ("img", f32_input(&[1, 2, 2], vec![100.0, 101.0, 200.0, 201.0])),
+            ("tok", f32_input(&[1, 4, 2], tok)),
+        ],
+    );
+    assert_near("prompt", &outs[0], &[100.0, 101.0, 200.0, 201.0, 4.0, 5.0, 6.0, 7.0], 0.0);
+    // The step alone: the image token's id at position 3, no image embeddings.
+    let outs = run(
+        &dir,
+        false,
+        |b| {
+            let ids = b.input("ids", Elem::I64, fixed(&[1, 1]));
+            let pos = b.input("pos", Elem::I64, fixed(&[1, 1]));
+            let img = b.input(
+                "img",
+                Elem::F32,
+                vec![Dim::Fixed(1), Dim::Named("n".into()), Dim::Fixed(2)],
+            );
+            let tok = b.input("tok", Elem::F32, fixed(&[1, 1, 2]));
+            let e = blocks::scatter_image_embeds(b, &ids, &img, &tok, 9, Some((&pos, 2)));
+            b.output(&e, "embeds", Elem::F32, fixed(&[1, 1, 2]));
+        },
+        vec![
+            ("ids", i64_input(&[1, 1], vec![9])),
+            ("pos", i64_input(&[1, 1], vec![3])),
+            ("img", f32_input(&[1, 0, 2], vec![])),
+            ("tok", f32_input(&[1, 1, 2], vec![6.0, 7.0])),
+        ],
+    );
+    assert_near("step", &outs[0], &[6.0, 7.0], 0.0);
 }
 
 #[test]

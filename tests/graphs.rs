@@ -98,7 +98,9 @@ fn opt_fp16_agrees_with_fp32_reference() {
             blip2_export::ExportOptions { dtype: blip2_core::Dtype::Fp16, ..Default::default() };
         let dir = export_with(name, &format!("graphs-fp16-{name}"), &opts);
         let errs = errors(name, &dir);
-        assert_eq!(errs.len(), 5, "{name}: every graph output compared");
+        // Vision, Q-Former, the prefill and three decode steps (the third fed the image
+        // token's id).
+        assert_eq!(errs.len(), 6, "{name}: every graph output compared");
         for (what, d, s, same) in errs {
             eprintln!("{what}: fp16 error {d:.2e} of scale {s:.3}");
             assert!(d <= 1e-2 * s, "{what}: fp16 error {d} vs scale {s}");

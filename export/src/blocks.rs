@@ -303,8 +303,13 @@ pub fn causal_positions(
 /// token indexes, so steps with no image tokens (`num_image_tokens` = 0) need no special
 /// case, and no index depends on a tensor's shape (nothing crosses from host to device).
 ///
+/// `slots` (positions, n): only tokens at positions below n are image slots. A decoder
+/// gets this: the prompt's image tokens come first, and transformers' `generate()`
+/// replaces them once, in the prompt, so a later token that happens to be the image
+/// token's id (a sampled one, say) is embedded like any other token.
+///
 /// ```text
-///   input_ids == image token ─▶ is_img ──Cast──CumSum──Mul(is_img) ─▶ index (k+1, or 0)
+///   input_ids == image token [And position < n] ─▶ is_img ──Cast──CumSum──Mul(is_img) ─▶ index (k+1, or 0)
 ///   image_embeds ──Pad(a zero row in front)──GatherND(index, batch_dims 1)──Where(is_img, ·, tok) ─▶
 /// ```
 pub fn scatter_image_embeds(
@@ -313,9 +318,15 @@ pub fn scatter_image_embeds(
     img: &str,
     tok: &str,
     image_token_id: i64,
+    slots: Option<(&str, usize)>,
 ) -> String {
     let image_id = b.int(image_token_id);
-    let is_img = b.op("/lm/image/Equal", "Equal", &[ids, &image_id], vec![]);
+    let mut is_img = b.op("/lm/image/Equal", "Equal", &[ids, &image_id], vec![]);
+    if let Some((positions, n)) = slots {
+        let n = b.int(n as i64);
+        let slot = b.op("/lm/image/Less", "Less", &[positions, &n], vec![]);
+        is_img = b.op("/lm/image/And", "And", &[&is_img, &slot], vec![]);
+    }
     let as_int =
         b.op("/lm/image/Cast", "Cast", &[&is_img], vec![("to", Attr::Int(Elem::I64 as i64))]);
     let axis1 = b.int(1);

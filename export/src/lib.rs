@@ -356,10 +356,12 @@ fn write_all(
     let (family, text_encoder, lm_info, text_cfg) = match &cfg.text {
         TextModel::Opt(text) => {
             let mut b = builder(lm_float, weights);
+            let image =
+                opt::ImageTokens { id: files.image_token_id, count: files.num_query_tokens };
             if fused {
-                opt::build_cuda(&mut b, text, files.image_token_id)?;
+                opt::build_cuda(&mut b, text, image)?;
             } else {
-                opt::build(&mut b, text, files.image_token_id)?;
+                opt::build(&mut b, text, image)?;
             }
             let lm_info =
                 write_graph(b, "language_model", io::LANGUAGE_MODEL_FILE, dir, opts, progress)?;

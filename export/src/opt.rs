@@ -24,6 +24,13 @@ fn named(s: &str) -> Dim {
     Dim::Named(s.into())
 }
 
+/// The image token and how many of them begin every prompt (the query tokens).
+#[derive(Debug, Clone, Copy)]
+pub struct ImageTokens {
+    pub id: i64,
+    pub count: usize,
+}
+
 /// ```text
 ///   input_ids ──Gather(embed_tokens)───────────────────────────┐
 ///   image_embeds ──Pad(+1 zero row)──GatherND(image index)──────Where(input_ids == image token)
@@ -32,7 +39,7 @@ fn named(s: &str) -> Dim {
 ///   h ──▶ layers.0 … layers.L-1 (each: past_key_values.i ─▶ present.i)
 ///     ──final_layer_norm──Gemm(embed_tokens^T) ─▶ logits [B,S,V] (float32)
 /// ```
-pub fn build(b: &mut Builder, c: &OptConfig, image_token_id: i64) -> Result<()> {
+pub fn build(b: &mut Builder, c: &OptConfig, image: ImageTokens) -> Result<()> {
     let d = c.hidden_size;
     let heads = c.num_attention_heads;
     let dh = d / heads;
@@ -61,7 +68,7 @@ pub fn build(b: &mut Builder, c: &OptConfig, image_token_id: i64) -> Result<()> 
         past.push((k, v));
     }
 
-    let h = embeddings(b, c, &ids, &img, &pos, image_token_id)?;
+    let h = embeddings(b, c, &ids, &img, &pos, image)?;
     let allowed = causal_padding_mask(b, &ids, &mask);
     let mut h = h;
     for (i, (pk, pv)) in past.iter().enumerate() {
@@ -106,7 +113,7 @@ pub fn build(b: &mut Builder, c: &OptConfig, image_token_id: i64) -> Result<()> 
 ///   logits ──ArgMax ─▶ next_token [B]
 ///   logits ──LogSoftmax──TopK(top_k) ─▶ top_logprobs, top_ids [B, top_k]
 /// ```
-pub fn build_cuda(b: &mut Builder, c: &OptConfig, image_token_id: i64) -> Result<()> {
+pub fn build_cuda(b: &mut Builder, c: &OptConfig, image: ImageTokens) -> Result<()> {
     let d = c.hidden_size;
     let heads = c.num_attention_heads;
     let dh = d / heads;
@@ -130,7 +137,7 @@ pub fn build_cuda(b: &mut Builder, c: &OptConfig, image_token_id: i64) -> Result
         let v = b.input(&io::past_value(i), float, kv_dims());
         past.push((k, v));
     }
-    let mut h = embeddings(b, c, &ids, &img, &pos, image_token_id)?;
+    let mut h = embeddings(b, c, &ids, &img, &pos, image)?;
     for (i, (pk, pv)) in past.iter().enumerate() {
         let kv = Kv::Static { past_key: pk, past_value: pv, seqlens_k: &seqlens, total: &total };
         let (out, k, v) = layer(b, c, i, &h, kv)?;
@@ -229,13 +236,13 @@ fn embeddings(
     ids: &str,
     img: &str,
     pos: &str,
-    image_token_id: i64,
+    image: ImageTokens,
 ) -> Result<String> {
     let d = c.hidden_size;
     let table = b.weight(&format!("{P}.embed_tokens.weight"), &[c.vocab_size, d])?;
     let tok =
         b.op("/lm/embed_tokens/Gather", "Gather", &[&table, ids], vec![("axis", Attr::Int(0))]);
-    let emb = scatter_image_embeds(b, ids, img, &tok, image_token_id);
+    let emb = scatter_image_embeds(b, ids, img, &tok, image.id, Some((pos, image.count)));
 
     let positions = b.weight(
         &format!("{P}.embed_positions.weight"),

@@ -191,7 +191,8 @@ fn embeddings(
     let table = b.weight(&table, &[c.vocab_size, c.d_model])?;
     let tok =
         b.op("/lm/embed_tokens/Gather", "Gather", &[&table, ids], vec![("axis", Attr::Int(0))]);
-    Ok(scatter_image_embeds(b, ids, img, &tok, image_token_id))
+    // The encoder reads prompts only: every image token there is an image slot.
+    Ok(scatter_image_embeds(b, ids, img, &tok, image_token_id, None))
 }
 
 /// Self- or cross-attention of T5 (no score scaling), optional bias and mask.
