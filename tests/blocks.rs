@@ -380,6 +380,33 @@ fn only_the_image_slots_take_image_embeddings() {
 }
 
 #[test]
+fn device_token_selection_takes_the_first_of_tied_logits() {
+    // next_token is the lowest id among a row's largest logits (torch.argmax), whatever
+    // order a kernel would break ties in; top_k [1] is fed straight to TopK.
+    let dir = checkpoint("select", &[]);
+    let logits = vec![
+        1.0, 5.0, 5.0, 2.0, 5.0, // row 0: ties at 1, 2 and 4
+        -3.0, -1.0, -2.0, -1.0, -7.0, // row 1: ties at 1 and 3
+        9.0, 0.0, 0.0, 0.0, 9.0, // row 2: ties at 0 and 4
+    ];
+    let outs = run(
+        &dir,
+        false,
+        |b| {
+            let l = b.input("logits", Elem::F32, fixed(&[3, 1, 5]));
+            blocks::select_tokens(b, &l, "/select", 5);
+        },
+        vec![
+            ("logits", f32_input(&[3, 1, 5], logits)),
+            ("top_k", Tensor::from_array(ndarray::arr1(&[2i64])).unwrap().into_dyn()),
+        ],
+    );
+    assert_near("next_token", &outs[0], &[1.0, 1.0, 0.0], 0.0);
+    // top_ids, the second output after the log-probabilities: two per row.
+    assert_eq!(outs[2].shape(), [3, 2]);
+}
+
+#[test]
 fn t5_relative_position_buckets_are_transformers() {
     let doc: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(fixture("blocks").join("t5_buckets.json")).unwrap(),

@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 
 use blip2_core::{io, Target};
+use blip2_export::inspect::{host_read_violations, read_graph};
 use blip2_ort_suite::{
     assert_batch_rows_equal_single_runs, assert_cases_match, assert_close, fixture, generate_cases,
     ids, photo, read_npy, session_factory, temp_dir, token_agreement, CHECKPOINTS,
@@ -37,10 +38,60 @@ fn cases(name: &str) -> Value {
     generate_cases(name)
 }
 
-/// The op types a graph file uses (node op_type strings appear verbatim in the protobuf).
+/// Whether the graph in `path` has a node of op type `op`.
 fn uses(path: &std::path::Path, op: &str) -> bool {
-    let bytes = std::fs::read(path).unwrap();
-    bytes.windows(op.len()).any(|w| w == op.as_bytes())
+    read_graph(path).unwrap().nodes.iter().any(|n| n.op_type == op)
+}
+
+/// Whether the graph in `path` has a node whose name ends with `suffix` (node names are
+/// paths: `/lm/decoder/block.0/attn/Softmax`).
+fn has_node(path: &std::path::Path, suffix: &str) -> bool {
+    read_graph(path).unwrap().nodes.iter().any(|n| n.name.ends_with(suffix))
+}
+
+#[test]
+fn no_value_read_on_the_host_is_computed_on_the_device() {
+    // ONNX Runtime's CUDA kernels read some inputs on the host (TopK's K, Range's
+    // bounds, GroupQueryAttention's total_sequence_length, ...). Computed on the
+    // device, each such value is copied back mid-run (a stream sync), and a session
+    // with CUDA graphs refuses the graph. Every CUDA-target export, OPT and Flan-T5,
+    // fp32 and fp16, int4-quantized too, feeds them from graph inputs or constants.
+    use blip2_core::Dtype;
+    let variants = [
+        ("fp32", Dtype::Fp32, None),
+        ("fp16", Dtype::Fp16, None),
+        ("int4", Dtype::Fp32, Some(blip2_core::Quantization::Int4)),
+    ];
+    for name in CHECKPOINTS.iter().copied().chain(["t5-tiny"]) {
+        for (label, dtype, quantize) in variants {
+            let out = temp_dir(&format!("cuda-target-host-reads-{label}-{name}")).join("export");
+            let opts = blip2_export::ExportOptions {
+                target: Target::Cuda,
+                dtype,
+                quantize,
+                ..Default::default()
+            };
+            blip2_export::export(
+                &fixture(name).join("checkpoint"),
+                &out,
+                &opts,
+                &mut blip2_export::NoProgress,
+            )
+            .unwrap();
+            let mut files = 0;
+            for f in std::fs::read_dir(&out).unwrap().flatten() {
+                let path = f.path();
+                if path.extension().is_some_and(|e| e == "onnx") {
+                    let g = read_graph(&path).unwrap();
+                    assert!(!g.nodes.is_empty(), "{}: no nodes read", path.display());
+                    let v = host_read_violations(&g);
+                    assert!(v.is_empty(), "{name} {label} {}: {v:#?}", path.display());
+                    files += 1;
+                }
+            }
+            assert!(files >= 4, "{name} {label}: only {files} graphs checked");
+        }
+    }
 }
 
 #[test]
@@ -388,8 +439,11 @@ fn flan_t5_decoder_writes_fixed_buffers_in_place() {
     let m = blip2_core::Manifest::load(&dir).unwrap();
     let lm = dir.join(io::LANGUAGE_MODEL_FILE);
     assert!(uses(&lm, "DecoderMaskedMultiHeadAttention"), "no DecoderMaskedMultiHeadAttention");
-    assert!(!uses(&lm, "present_key/Concat"), "the self-attention cache still grows by Concat");
-    assert!(!uses(&lm, "attn/Softmax") && !uses(&lm, "cross/Softmax"), "attention left unfused");
+    assert!(!has_node(&lm, "present_key/Concat"), "the self-attention cache still grows by Concat");
+    assert!(
+        !has_node(&lm, "attn/Softmax") && !has_node(&lm, "cross/Softmax"),
+        "attention left unfused"
+    );
     // T5's RMS norms are one SimplifiedLayerNormalization each, in both T5 graphs.
     for g in [io::LANGUAGE_MODEL_FILE, io::TEXT_ENCODER_FILE] {
         assert!(
@@ -593,6 +647,62 @@ fn fixed_step_buffers_sample_what_a_request_of_its_own_samples() {
         let want = own.generate(&images, &prompts, &cfg).unwrap();
         let got = fixed.generate(&images, &prompts, &cfg).unwrap();
         assert_eq!(got, want, "seed {seed}, top_k {top_k}, {num_beams} beams");
+    }
+}
+
+#[test]
+fn fixed_step_buffers_copy_once_each_way_a_step() {
+    // A copy between host and device through ort runs an Identity session and waits for
+    // the device: a decode step makes one of each, the inputs written as one block and
+    // the chosen tokens (or candidates) read as one block; the full logits, when a
+    // search asks for them, are the one read of that step.
+    let name = "opt-tiny";
+    let dir = export(name, "fixed-transfers");
+    let mut model = Blip2Model::load(&dir, &mut session_factory()).unwrap();
+    model.use_fixed_step_buffers().unwrap();
+    let mut plain = Blip2Model::load(&dir, &mut session_factory()).unwrap();
+    let refd = fixture(name).join("reference");
+    let graphs: Value =
+        serde_json::from_str(&std::fs::read_to_string(refd.join("graphs.json")).unwrap()).unwrap();
+    let row = &graphs["lm_steps"][0];
+    let (tok, mask) = (ids(&row["input_ids"]), ids(&row["attention_mask"]));
+    let embeds = read_npy(&refd.join("image_embeds.npy"))
+        .slice(ndarray::s![..2, .., ..])
+        .to_owned()
+        .into_dyn();
+    let batch = Batch { ids: vec![tok.clone(), tok], mask: vec![mask.clone(), mask] };
+    let (mut st, _) = OptStaticState::prefill(&mut model, &batch, embeds.clone(), 8).unwrap();
+    let (mut own, _) = OptStaticState::prefill(&mut plain, &batch, embeds, 8).unwrap();
+    let t0 = st.fixed_transfers().unwrap();
+    assert_eq!((t0.steps, t0.writes, t0.reads), (0, 0, 0), "the prefill runs on its own");
+    for (i, want) in
+        [Want::Argmax, Want::TopLogProbs(3), Want::TopLogits(4), Want::Argmax, Want::Logits]
+            .into_iter()
+            .enumerate()
+    {
+        let tokens = [5 + i as i64, 9];
+        // What buffers of the request's own give: the packed blocks read back right.
+        match (st.step_for(&tokens, want).unwrap(), own.step_for(&tokens, want).unwrap()) {
+            (StepOutput::Argmax(a), StepOutput::Argmax(b)) => assert_eq!(a, b, "step {i}"),
+            (
+                StepOutput::TopLogProbs { logprobs: a, ids: ia },
+                StepOutput::TopLogProbs { logprobs: b, ids: ib },
+            )
+            | (
+                StepOutput::TopLogits { logits: a, ids: ia },
+                StepOutput::TopLogits { logits: b, ids: ib },
+            ) => {
+                assert_eq!(ia, ib, "step {i}: candidate ids");
+                assert_close("candidates", &a.into_dyn(), &b.into_dyn());
+            }
+            (StepOutput::Logits(a), StepOutput::Logits(b)) => {
+                assert_close("logits", &a.into_dyn(), &b.into_dyn())
+            }
+            (a, b) => panic!("step {i}: {a:?} against {b:?}"),
+        }
+        let t = st.fixed_transfers().unwrap();
+        let n = i as u64 + 1;
+        assert_eq!((t.steps, t.writes, t.reads), (n, n, n), "after step {i} ({want:?})");
     }
 }
 

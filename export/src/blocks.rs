@@ -384,28 +384,49 @@ pub fn lm_head(
 
 /// Token selection on the device, so a decode step sends back token ids or a few
 /// candidates instead of the vocabulary's logits: the first most likely token of each
-/// row (ties to the lowest id, as `torch.argmax`), and the `top_k` largest log-softmax
-/// values with their ids (ties to the lowest id, as ONNX TopK specifies). `logits` are
-/// one position per row, `[B,1,V]`.
+/// row, and the `top_k` largest log-softmax values with their ids. `logits` are one
+/// position per row, `[B,1,V]`.
+///
+/// `next_token` is the lowest id among the row's largest logits, as `torch.argmax`
+/// picks, by construction: ArgMax's tie order on CUDA is cuDNN's (undocumented), so the
+/// graph takes the smallest index whose logit equals the maximum instead (indices as
+/// float32 are exact up to 2^24 ids). `top_k` is a graph input of the shape TopK reads
+/// (int64 [1]) fed to it directly: TopK reads K on the host, and ONNX Runtime would run
+/// anything computed from it on the device and copy it back.
 ///
 /// ```text
-///   logits [B,1,V] ──ArgMax(axis 2)──Reshape ─▶ next_token [B]
-///   logits ──LogSoftmax──TopK(top_k)──Squeeze(1) ─▶ top_logprobs, top_ids [B, top_k]
+///   logits [B,1,V] ──ReduceMax(axis 2)──Equal(logits)──Where(0..V-1, else V)──ReduceMin──Reshape──Cast ─▶ next_token [B]
+///   logits ──LogSoftmax──TopK(top_k [1])──Squeeze(1) ─▶ top_logprobs, top_ids [B, top_k]
 ///   logits ──GatherElements(top_ids)──Squeeze(1) ─▶ top_logits [B, top_k]
 /// ```
-pub fn select_tokens(b: &mut Builder, logits: &str, p: &str) {
-    let arg = b.op(
-        &format!("{p}/ArgMax"),
-        "ArgMax",
+pub fn select_tokens(b: &mut Builder, logits: &str, p: &str, vocab: usize) {
+    let axes2 = || ("axes", Attr::Ints(vec![2]));
+    let max = b.op(
+        &format!("{p}/ReduceMax"),
+        "ReduceMax",
         &[logits],
-        vec![("axis", Attr::Int(2)), ("keepdims", Attr::Int(0))],
+        vec![axes2(), ("keepdims", Attr::Int(1))],
+    );
+    let is_max = b.op(&format!("{p}/Equal"), "Equal", &[logits, &max], vec![]);
+    let (zero, end, one) = (
+        b.scalar_of(0.0, Elem::F32),
+        b.scalar_of(vocab as f32, Elem::F32),
+        b.scalar_of(1.0, Elem::F32),
+    );
+    let ids = b.op(&format!("{p}/Range"), "Range", &[&zero, &end, &one], vec![]);
+    let ids = b.op(&format!("{p}/Where"), "Where", &[&is_max, &ids, &end], vec![]);
+    let first = b.op(
+        &format!("{p}/ReduceMin"),
+        "ReduceMin",
+        &[&ids],
+        vec![axes2(), ("keepdims", Attr::Int(0))],
     );
     let flat = b.ints(&[-1]);
-    let next = b.op(&format!("{p}/Reshape"), "Reshape", &[&arg, &flat], vec![]);
+    let next = b.op(&format!("{p}/Reshape"), "Reshape", &[&first, &flat], vec![]);
+    let next =
+        b.op(&format!("{p}/Cast"), "Cast", &[&next], vec![("to", Attr::Int(Elem::I64 as i64))]);
     b.output(&next, io::NEXT_TOKEN, Elem::I64, vec![Dim::Named(io::DIM_BATCH.into())]);
-    let k = b.input_with_default(io::TOP_K, Elem::I64, vec![], 1i64.to_le_bytes().to_vec());
-    let axis0 = b.ints(&[0]);
-    let k = b.op(&format!("{p}/Unsqueeze"), "Unsqueeze", &[&k, &axis0], vec![]);
+    let k = b.input_with_default(io::TOP_K, Elem::I64, vec![1], 1i64.to_le_bytes().to_vec());
     let lp =
         b.op(&format!("{p}/LogSoftmax"), "LogSoftmax", &[logits], vec![("axis", Attr::Int(-1))]);
     let top = b.op_n(&format!("{p}/TopK"), "TopK", &[&lp, &k], vec![("axis", Attr::Int(-1))], 2);

@@ -32,6 +32,15 @@ pub enum ExportError {
     OutputExists { path: PathBuf },
     #[error("{path}: cannot write: {source}")]
     Write { path: PathBuf, source: std::io::Error },
+    /// A `--target cuda` graph that ONNX Runtime's CUDA provider would have to copy
+    /// values of to the host mid-run (a bug of the exporter, never of the checkpoint).
+    #[error(
+        "{graph}: {} value(s) that ONNX Runtime's CUDA kernels read on the host would be \
+         computed on the device (an exporter bug; please report it): {}",
+        violations.len(),
+        violations.join("; ")
+    )]
+    HostReads { graph: String, violations: Vec<String> },
 }
 
 pub type Result<T, E = ExportError> = std::result::Result<T, E>;

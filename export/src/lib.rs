@@ -15,6 +15,7 @@ pub mod builder;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod inspect;
 pub mod onnx;
 mod opt;
 pub mod output;
@@ -248,6 +249,10 @@ fn tensor_infos(v: &[ValueInfo]) -> Vec<TensorInfo> {
         .collect()
 }
 
+/// The head sizes ONNX Runtime's CUDA kernels of DecoderMaskedMultiHeadAttention are
+/// built for (Flan-T5-XL and -XXL have 64).
+pub const DMMHA_HEAD_SIZES: [usize; 3] = [32, 64, 128];
+
 fn write_graph(
     b: Builder<'_>,
     name: &str,
@@ -258,6 +263,13 @@ fn write_graph(
 ) -> Result<GraphInfo> {
     progress.stage(name, b.weight_bytes);
     let graph = b.finish(name);
+    if opts.target == Target::Cuda {
+        let violations = inspect::host_read_violations(&graph);
+        if !violations.is_empty() {
+            let violations = violations.iter().map(ToString::to_string).collect();
+            return Err(ExportError::HostReads { graph: name.into(), violations });
+        }
+    }
     let mut opsets = vec![(String::new(), onnx::OPSET)];
     if graph.nodes.iter().any(|n| n.domain == builder::MS_DOMAIN) {
         opsets.push((builder::MS_DOMAIN.to_string(), 1));
@@ -322,6 +334,20 @@ fn write_all(
             flag: "--quantize-encoders",
             message: "int8 encoders (DynamicQuantizeMatMul) run on the CPU only; leave it out with --target cuda".into(),
         });
+    }
+    if let (Target::Cuda, TextModel::T5(t)) = (opts.target, &cfg.text) {
+        if !DMMHA_HEAD_SIZES.contains(&t.d_kv) {
+            return Err(ExportError::Config {
+                path: cfg.path.clone(),
+                message: format!(
+                    "text_config.d_kv {} is a head size ONNX Runtime's CUDA \
+                     DecoderMaskedMultiHeadAttention does not have (\"Unsupported head size\"; it \
+                     has {DMMHA_HEAD_SIZES:?}), so --target cuda cannot run this Flan-T5 decoder; \
+                     export it without --target cuda",
+                    t.d_kv
+                ),
+            });
+        }
     }
     let max_context = max_context(opts.max_context, &cfg.text, files.num_query_tokens)?;
     // The vision encoder and language model take --quantize, the encoders

@@ -163,7 +163,7 @@ pub fn build_cuda(b: &mut Builder, c: &OptConfig, image: ImageTokens) -> Result<
         Elem::F32,
         vec![batch(), Dim::Fixed(1), Dim::Fixed(c.vocab_size as i64)],
     );
-    select_tokens(b, &logits, "/lm/select");
+    select_tokens(b, &logits, "/lm/select", c.vocab_size);
     Ok(())
 }
 

@@ -473,7 +473,7 @@ fn decoder_head(
 /// tokens on the device as the OPT graph does.
 ///
 /// ```text
-///   past_sequence_length (P) ──position bias for query P over keys 0..=P ─▶ bias [1,H,1,P+1]
+///   key_count (P+1) ──Range──position bias for query P over keys 0..=P ─▶ bias [1,H,1,P+1]
 ///   input_ids [B,1] ──Gather(shared)──Cast(fp32) ─▶ h
 ///   h ──▶ block.i: RMSNorm──q, k, v──DMMHA(bias, past.i, P) ─▶ present.i (same buffers)
 ///                  ──o──Add; RMSNorm──q──DMMHA(cross.i, encoder mask)──o──Add; RMSNorm──FF──Add
@@ -495,15 +495,16 @@ pub fn build_decoder_cuda(b: &mut Builder, c: &T5Config, scale_output: bool) -> 
     let past_len = b.input(io::PAST_SEQUENCE_LENGTH, Elem::I32, vec![]);
     let mut h = decoder_embeddings(b, c, &ids)?;
 
-    // The query sits at position P, the keys at 0..=P.
+    // The query sits at position P, the keys at 0..=P. Range reads its bounds on the
+    // host, so the key count P + 1 is an input of its own (the runtime passes it in host
+    // memory) and the query's position is the last key position, sliced on the device.
     let p = "/lm/decoder/positions";
-    let pl =
-        b.op(&format!("{p}/Cast"), "Cast", &[&past_len], vec![("to", Attr::Int(Elem::I64 as i64))]);
+    let key_count = b.input(io::KEY_COUNT, Elem::I64, vec![]);
     let one = b.int(1);
     let zero = b.int(0);
-    let total = b.op(&format!("{p}/Add"), "Add", &[&pl, &one], vec![]);
-    let qpos = b.op(&format!("{p}/Range"), "Range", &[&pl, &total, &one], vec![]);
-    let kpos = b.op(&format!("{p}/Range_1"), "Range", &[&zero, &total, &one], vec![]);
+    let kpos = b.op(&format!("{p}/Range"), "Range", &[&zero, &key_count, &one], vec![]);
+    let (last, end, axis0) = (b.ints(&[-1]), b.ints(&[i64::MAX]), b.ints(&[0]));
+    let qpos = b.op(&format!("{p}/Slice"), "Slice", &[&kpos, &last, &end, &axis0], vec![]);
     let bias = position_bias(
         b,
         c,
@@ -611,7 +612,7 @@ pub fn build_decoder_cuda(b: &mut Builder, c: &T5Config, scale_output: bool) -> 
         Elem::F32,
         vec![batch(), Dim::Fixed(1), Dim::Fixed(c.vocab_size as i64)],
     );
-    select_tokens(b, &logits, "/lm/decoder/select");
+    select_tokens(b, &logits, "/lm/decoder/select", c.vocab_size);
     Ok(())
 }
 

@@ -217,6 +217,8 @@ pub fn fingerprint(dir: &Path) -> Result<u64> {
         .collect();
     entries.sort_by_key(|e| e.file_name());
     let mut h = Fnv::default();
+    // A build that writes another manifest version exports the checkpoint again.
+    h.add(&blip2_core::MANIFEST_VERSION.to_le_bytes());
     h.add(dir.to_string_lossy().as_bytes());
     for e in entries {
         let name = e.file_name();

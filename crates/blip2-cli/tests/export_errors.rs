@@ -396,3 +396,24 @@ fn malformed_generation_config_is_named_not_ignored() {
     assert_eq!(code, 1, "{stderr}");
     assert_one_line_error(code, &stderr, &["generation_config.json", "max_new_tokens"], &out);
 }
+
+#[test]
+fn cuda_target_refuses_t5_head_sizes_the_cuda_kernel_lacks() {
+    // ONNX Runtime's CUDA DecoderMaskedMultiHeadAttention has head sizes 32, 64 and 128
+    // only: a Flan-T5 decoder of another d_kv is refused for --target cuda (with the
+    // config key, the size and what to do), and exports as a portable graph.
+    let (ck, out) = copy_fixture("t5-tiny", "t5-head-size");
+    edit_json(&ck.join("config.json"), |v| v["text_config"]["d_kv"] = 16.into());
+    let (code, err) = export_with(&["--quiet", "--target", "cuda"], &ck, &out);
+    assert_eq!(code, 1, "{err}");
+    assert_one_line_error(
+        code,
+        &err,
+        &["config.json", "d_kv 16", "DecoderMaskedMultiHeadAttention", "without --target cuda"],
+        &out,
+    );
+    // The fixture itself (d_kv 32) exports for the GPU.
+    let (ck, out) = copy_fixture("t5-tiny", "t5-head-size-ok");
+    let (code, err) = export_with(&["--quiet", "--target", "cuda"], &ck, &out);
+    assert_eq!(code, 0, "{err}");
+}

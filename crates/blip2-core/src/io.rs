@@ -39,9 +39,14 @@ pub const TOTAL_SEQUENCE_LENGTH: &str = "total_sequence_length";
 /// int32 scalar (Flan-T5 CUDA-target decoder): how many positions the self-attention
 /// buffers hold before this step; the step writes its key and value there.
 pub const PAST_SEQUENCE_LENGTH: &str = "past_sequence_length";
+/// int64 scalar (Flan-T5 CUDA-target decoder): the positions this step attends to,
+/// `past_sequence_length` + 1. Read on the host (the bounds of the decoder's position
+/// Range), so it is an input of its own rather than a sum the device would compute.
+pub const KEY_COUNT: &str = "key_count";
 /// int64 `[batch]`: the most likely next token of each row (first index on ties).
 pub const NEXT_TOKEN: &str = "next_token";
-/// Optional int64 scalar input (default 1): how many candidates `top_logprobs` keeps.
+/// Optional int64 `[1]` input (default [1]): how many candidates `top_logprobs` keeps,
+/// in the shape TopK reads (on the host).
 pub const TOP_K: &str = "top_k";
 /// float32 `[batch, top_k]`: the largest log-softmax values of each row, best first.
 pub const TOP_LOGPROBS: &str = "top_logprobs";

@@ -5,7 +5,9 @@ use serde::{Deserialize, Serialize};
 use crate::{Dtype, EncoderQuantization, Family, Quantization};
 
 /// Version of the manifest layout; `infer` refuses manifests it does not know.
-pub const MANIFEST_VERSION: u32 = 1;
+/// 2: OPT decoders embed only the prompt's image slots; `--target cuda` graphs take
+/// `top_k` as int64 [1] and Flan-T5's decoder positions as host-side inputs.
+pub const MANIFEST_VERSION: u32 = 2;
 
 /// Everything `infer` needs to know about an exported model, written by `export`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

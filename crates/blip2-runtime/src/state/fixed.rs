@@ -27,14 +27,17 @@ use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::path::Path;
 
 use blip2_core::{io, Family, Manifest, Target};
-use ndarray::{Array1, Array2, ArrayD};
+use ndarray::{Array2, ArrayD};
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::{IoBinding, RunOptions, Session};
-use ort::value::{DynTensor, DynValue, PrimitiveTensorElementType, Tensor, TensorElementType};
+use ort::value::{
+    DynTensor, DynValue, PrimitiveTensorElementType, Tensor, TensorElementType, TensorRefMut,
+};
 
 use crate::error::{ort_err, RuntimeError};
 use crate::generation::{StepOutput, Want};
 use crate::kv_cache::{host_copy, KvCache, KvSpec, GPU_GRAPH_ID};
+use crate::state::packed::{bind_input_in_place, Packed};
 
 /// Buffer lengths are rounded up to a multiple of this, so that requests of nearby
 /// lengths share buffers and captured graphs.
@@ -156,16 +159,40 @@ struct Bound {
     binding: IoBinding,
     options: RunOptions,
     graph_id: i32,
+    /// The input views bound in place (the binding refers to them, not holds them).
+    _inputs: [TensorRefMut<'static, i64>; 2],
+    _seqlens: TensorRefMut<'static, i32>,
 }
 
-/// The outputs that depend on top-k's K, and the bindings that use them (one per KV set).
+/// The outputs that depend on top-k's K, in one block ([`OUT_NEXT`] and the rest), and
+/// the bindings that use them (one per KV set).
 struct TopK {
     k: usize,
     top_k: DynValue,
-    logprobs: DynTensor,
-    ids: DynTensor,
-    logits: Option<DynTensor>,
+    out: Packed,
     bound: [Option<Bound>; 2],
+}
+
+/// The parts of the input block.
+const IN_IDS: usize = 0;
+const IN_POSITIONS: usize = 1;
+const IN_SEQLENS: usize = 2;
+/// The parts of an output block: `next_token`, `top_ids`, `top_logprobs`, `top_logits`.
+const OUT_NEXT: usize = 0;
+const OUT_IDS: usize = 1;
+const OUT_LOGPROBS: usize = 2;
+const OUT_LOGITS: usize = 3;
+
+/// Copies between the host and the buffers' device that a set has made (a statistic: on
+/// the CPU the "copies" are reads and writes of host memory in place).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Transfers {
+    /// Decode steps run.
+    pub steps: u64,
+    /// Host-to-device writes.
+    pub writes: u64,
+    /// Device-to-host reads.
+    pub reads: u64,
 }
 
 /// One request's decode-step tensors, all at fixed addresses.
@@ -177,14 +204,15 @@ pub struct StepBuffers {
     /// The KV sets: the second is allocated at the first beam reorder.
     kv: [Option<KvCache>; 2],
     current: usize,
-    input_ids: DynTensor,
-    position_ids: DynTensor,
-    seqlens_k: DynTensor,
+    /// `input_ids`, `position_ids` and `seqlens_k`, written with one copy a step.
+    inputs: Packed,
     image_embeds: DynTensor,
     total: DynValue,
     logits: DynTensor,
-    next_token: DynTensor,
     tops: Vec<TopK>,
+    /// The top-k buffers the last step ran with.
+    last: Option<usize>,
+    transfers: Transfers,
 }
 
 fn alloc(
@@ -212,16 +240,19 @@ impl StepBuffers {
             capacity,
             kv: [Some(KvCache::allocate(shape.kv, rows, capacity, allocator)?), None],
             current: 0,
-            input_ids: alloc(allocator, Int64, &[rows, 1])?,
-            position_ids: alloc(allocator, Int64, &[rows, 1])?,
-            seqlens_k: alloc(allocator, Int32, &[rows])?,
+            inputs: Packed::allocate(
+                allocator,
+                &[(Int64, vec![rows, 1]), (Int64, vec![rows, 1]), (Int32, vec![rows])],
+            )?,
             image_embeds: alloc(allocator, embeds, &[rows, 0, shape.hidden])?,
             total: Tensor::from_array(ndarray::arr0(capacity as i32))
                 .map_err(ort_err("total_sequence_length"))?
                 .into_dyn(),
             logits: alloc(allocator, Float32, &[rows, 1, shape.vocab])?,
-            next_token: alloc(allocator, Int64, &[rows])?,
-            tops: Vec::new(),
+            // K = 1 (greedy steps and steps that want the logits) from the start.
+            tops: vec![Self::top_buffers(shape, rows, 1, allocator)?],
+            last: None,
+            transfers: Transfers::default(),
         })
     }
 
@@ -266,19 +297,27 @@ impl StepBuffers {
 
     /// Writes a step's inputs into the input buffers: each row's token, its position
     /// (`lens[r]`, the tokens it holds) and its length after the step minus one.
+    /// One copy moves all three.
     pub fn write_step(&mut self, tokens: &[i64], lens: &[usize]) -> Result<(), RuntimeError> {
-        let rows = self.rows;
-        write(
-            &mut self.input_ids,
-            Array2::from_shape_fn((rows, 1), |(r, _)| tokens[r]),
-            io::INPUT_IDS,
-        )?;
-        write(
-            &mut self.position_ids,
-            Array2::from_shape_fn((rows, 1), |(r, _)| lens[r] as i64),
-            io::POSITION_IDS,
-        )?;
-        write(&mut self.seqlens_k, Array1::from_iter(lens.iter().map(|&n| n as i32)), io::SEQLENS_K)
+        if tokens.len() != self.rows || lens.len() != self.rows {
+            return Err(RuntimeError::Input(format!(
+                "a decode step of {} rows on buffers of {}",
+                tokens.len(),
+                self.rows
+            )));
+        }
+        self.inputs.write(|b| {
+            b.set(IN_IDS, tokens.iter().copied());
+            b.set(IN_POSITIONS, lens.iter().map(|&n| n as i64));
+            b.set(IN_SEQLENS, lens.iter().map(|&n| n as i32));
+        })?;
+        self.transfers.writes += 1;
+        Ok(())
+    }
+
+    /// The copies this set has made, and its steps.
+    pub fn transfers(&self) -> Transfers {
+        self.transfers
     }
 
     /// Runs the step on `session` with `k` candidates (1 when only the logits or the
@@ -294,7 +333,7 @@ impl StepBuffers {
         let t = match self.tops.iter().position(|t| t.k == k) {
             Some(t) => t,
             None => {
-                let top = self.top_buffers(k, allocator)?;
+                let top = Self::top_buffers(self.shape, self.rows, k, allocator)?;
                 self.tops.push(top);
                 self.tops.len() - 1
             }
@@ -305,26 +344,31 @@ impl StepBuffers {
             self.tops[t].bound[set] = Some(bound);
         }
         let bound = self.tops[t].bound[set].as_ref().expect("bound above");
+        self.last = Some(t);
+        self.transfers.steps += 1;
         session
             .run_binding_with_options(&bound.binding, &bound.options)
             .map_err(ort_err("language model (decode step)"))?;
         Ok(bound.graph_id)
     }
 
-    fn top_buffers(&self, k: usize, allocator: &Allocator) -> Result<TopK, RuntimeError> {
-        let shape = [self.rows, k];
+    /// The output block for `k` candidates.
+    fn top_buffers(
+        step: StepShape,
+        rows: usize,
+        k: usize,
+        allocator: &Allocator,
+    ) -> Result<TopK, RuntimeError> {
+        use TensorElementType::{Float32, Int64};
+        let shape = vec![rows, k];
+        let mut parts = vec![(Int64, vec![rows]), (Int64, shape.clone()), (Float32, shape.clone())];
+        if step.top_logits {
+            parts.push((Float32, shape));
+        }
         Ok(TopK {
             k,
-            top_k: Tensor::from_array(ndarray::arr0(k as i64))
-                .map_err(ort_err("top_k"))?
-                .into_dyn(),
-            logprobs: alloc(allocator, TensorElementType::Float32, &shape)?,
-            ids: alloc(allocator, TensorElementType::Int64, &shape)?,
-            logits: if self.shape.top_logits {
-                Some(alloc(allocator, TensorElementType::Float32, &shape)?)
-            } else {
-                None
-            },
+            top_k: super::top_k_value(k)?,
+            out: Packed::allocate(allocator, &parts)?,
             bound: [None, None],
         })
     }
@@ -338,19 +382,30 @@ impl StepBuffers {
                 .map_err(ort_err("host memory info"))?;
         let cache = self.kv[self.current].as_mut().expect("the current KV set is allocated");
         let top = &mut self.tops[t];
+        let inputs = &self.inputs;
+        let (ids, positions, seqlens) = (
+            inputs.view::<i64>(IN_IDS)?,
+            inputs.view::<i64>(IN_POSITIONS)?,
+            inputs.view::<i32>(IN_SEQLENS)?,
+        );
+        let out = &top.out;
+        let (next, top_ids, logprobs) =
+            (out.view::<i64>(OUT_NEXT)?, out.view::<i64>(OUT_IDS)?, out.view::<f32>(OUT_LOGPROBS)?);
+        let top_logits =
+            if self.shape.top_logits { Some(out.view::<f32>(OUT_LOGITS)?) } else { None };
+        bind_input_in_place(&mut binding, io::INPUT_IDS, &ids)?;
+        bind_input_in_place(&mut binding, io::POSITION_IDS, &positions)?;
+        bind_input_in_place(&mut binding, io::SEQLENS_K, &seqlens)?;
         (|| -> Result<(), ort::Error> {
-            binding.bind_input(io::INPUT_IDS, &self.input_ids)?;
-            binding.bind_input(io::POSITION_IDS, &self.position_ids)?;
-            binding.bind_input(io::SEQLENS_K, &self.seqlens_k)?;
             binding.bind_input(io::IMAGE_EMBEDS, &self.image_embeds)?;
             binding.bind_input(io::TOTAL_SEQUENCE_LENGTH, &self.total)?;
             binding.bind_input(io::TOP_K, &top.top_k)?;
             cache.bind(&mut binding, &memory)?;
             binding.bind_output(io::LOGITS, &mut self.logits)?;
-            binding.bind_output(io::NEXT_TOKEN, &mut self.next_token)?;
-            binding.bind_output(io::TOP_LOGPROBS, &mut top.logprobs)?;
-            binding.bind_output(io::TOP_IDS, &mut top.ids)?;
-            if let Some(l) = top.logits.as_mut() {
+            binding.bind_output(io::NEXT_TOKEN, next)?;
+            binding.bind_output(io::TOP_IDS, top_ids)?;
+            binding.bind_output(io::TOP_LOGPROBS, logprobs)?;
+            if let Some(l) = top_logits {
                 binding.bind_output(io::TOP_LOGITS, l)?;
             }
             Ok(())
@@ -359,47 +414,52 @@ impl StepBuffers {
         let graph_id = NEXT_GRAPH_ID.fetch_add(1, Ordering::Relaxed);
         let mut options = RunOptions::new().map_err(ort_err("creating run options"))?;
         options.set(GPU_GRAPH_ID, graph_id.to_string()).map_err(ort_err("setting gpu_graph_id"))?;
-        Ok(Bound { binding, options, graph_id })
+        Ok(Bound { binding, options, graph_id, _inputs: [ids, positions], _seqlens: seqlens })
     }
 
-    /// What `want` asks of the last step, from the output buffers (copied to the host
-    /// when they lie on a device).
-    pub fn answer(&self, want: Want) -> Result<StepOutput, RuntimeError> {
-        let top = |k: usize| {
-            self.tops
-                .iter()
-                .find(|t| t.k == k)
-                .ok_or_else(|| RuntimeError::MissingOutput(format!("top-{k} buffers")))
-        };
+    /// What `want` asks of the last step, from the output buffers: the last step's
+    /// output block, read with one copy when it lies on a device (the logits, when asked
+    /// for, with one more).
+    pub fn answer(&mut self, want: Want) -> Result<StepOutput, RuntimeError> {
+        if want == Want::Logits {
+            return Ok(StepOutput::Logits(self.logits()?));
+        }
+        let rows = self.rows;
+        let t = self.last.ok_or_else(|| RuntimeError::MissingOutput("a decode step".into()))?;
+        let top = &mut self.tops[t];
+        let k = top.k;
+        match want {
+            Want::TopLogProbs(w) | Want::TopLogits(w) if w != k => {
+                return Err(RuntimeError::MissingOutput(format!(
+                    "top-{w} candidates (the last step kept {k})"
+                )))
+            }
+            Want::TopLogits(_) if !self.shape.top_logits => {
+                return Err(RuntimeError::MissingOutput(io::TOP_LOGITS.into()))
+            }
+            _ => {}
+        }
+        let bytes = top.out.read()?;
+        self.transfers.reads += 1;
+        let grid = |v: Vec<f32>| Array2::from_shape_vec((rows, k), v).expect("rows x k values");
+        let ids =
+            || Array2::from_shape_vec((rows, k), bytes.get::<i64>(OUT_IDS)).expect("rows x k");
         Ok(match want {
-            Want::Logits => StepOutput::Logits(self.logits()?),
-            Want::Argmax => {
-                StepOutput::Argmax(host::<i64>(&self.next_token)?.iter().copied().collect())
+            Want::Argmax => StepOutput::Argmax(bytes.get::<i64>(OUT_NEXT)),
+            Want::TopLogProbs(_) => {
+                StepOutput::TopLogProbs { logprobs: grid(bytes.get(OUT_LOGPROBS)), ids: ids() }
             }
-            Want::TopLogProbs(k) => {
-                let t = top(k)?;
-                StepOutput::TopLogProbs {
-                    logprobs: rank2(host::<f32>(&t.logprobs)?)?,
-                    ids: rank2(host::<i64>(&t.ids)?)?,
-                }
+            Want::TopLogits(_) => {
+                StepOutput::TopLogits { logits: grid(bytes.get(OUT_LOGITS)), ids: ids() }
             }
-            Want::TopLogits(k) => {
-                let t = top(k)?;
-                let l = t
-                    .logits
-                    .as_ref()
-                    .ok_or_else(|| RuntimeError::MissingOutput(io::TOP_LOGITS.into()))?;
-                StepOutput::TopLogits {
-                    logits: rank2(host::<f32>(l)?)?,
-                    ids: rank2(host::<i64>(&t.ids)?)?,
-                }
-            }
+            Want::Logits => unreachable!("answered above"),
         })
     }
 
     /// The last step's logits, `[rows, vocab]`.
-    pub fn logits(&self) -> Result<Array2<f32>, RuntimeError> {
+    pub fn logits(&mut self) -> Result<Array2<f32>, RuntimeError> {
         let a = host::<f32>(&self.logits)?;
+        self.transfers.reads += 1;
         a.into_shape_with_order((self.rows, self.shape.vocab))
             .map_err(|_| RuntimeError::MissingOutput("logits of shape [rows, 1, vocab]".into()))
     }
@@ -433,27 +493,17 @@ impl StepBuffers {
 
     /// Where every bound tensor's data lies (tests: they never move).
     pub fn addresses(&self) -> Vec<usize> {
-        let ptr = |t: &DynTensor| t.data_ptr() as usize;
         let mut a = vec![
-            ptr(&self.input_ids),
-            ptr(&self.position_ids),
-            ptr(&self.seqlens_k),
-            ptr(&self.logits),
-            ptr(&self.next_token),
+            self.inputs.address(IN_IDS),
+            self.inputs.address(IN_POSITIONS),
+            self.inputs.address(IN_SEQLENS),
+            self.logits.data_ptr() as usize,
         ];
+        // The first top-k block's `next_token` (the blocks of other K never move either).
+        a.extend(self.tops.first().map(|t| t.out.address(OUT_NEXT)));
         a.extend(self.kv().addresses());
         a
     }
-}
-
-/// Copies a host array into the fixed tensor `to` (wherever it lies).
-fn write<T, D>(to: &mut DynTensor, a: ndarray::Array<T, D>, what: &str) -> Result<(), RuntimeError>
-where
-    T: PrimitiveTensorElementType + std::fmt::Debug + Clone + 'static,
-    D: ndarray::Dimension + 'static,
-{
-    let src = Tensor::from_array(a).map_err(ort_err(what.to_string()))?.upcast();
-    src.copy_into(to).map_err(ort_err(format!("writing {what} into its buffer")))
 }
 
 /// A fixed tensor's contents in host memory.
@@ -467,11 +517,6 @@ where
         .try_extract_array::<T>()
         .map_err(ort_err("reading a step output"))?
         .to_owned())
-}
-
-fn rank2<T>(a: ArrayD<T>) -> Result<Array2<T>, RuntimeError> {
-    a.into_dimensionality()
-        .map_err(|_| RuntimeError::MissingOutput("top candidates of rank 2".into()))
 }
 
 #[cfg(test)]

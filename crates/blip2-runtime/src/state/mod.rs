@@ -13,6 +13,7 @@
 pub mod fixed;
 pub mod opt;
 pub mod opt_static;
+pub mod packed;
 pub mod t5;
 
 use blip2_core::io;
@@ -110,7 +111,7 @@ pub(crate) fn run_selecting(
 ) -> Result<(StepOutput, Option<DynValue>), RuntimeError> {
     let has_top_logits = session.outputs().iter().any(|o| o.name() == io::TOP_LOGITS);
     let (want, k) = answerable(want, has_top_logits);
-    let top_k = Tensor::from_array(ndarray::arr0(k as i64)).map_err(ort_err("top_k"))?.into_dyn();
+    let top_k = top_k_value(k)?;
     let wanted: &[&str] = match want {
         Want::Logits => &[io::LOGITS],
         Want::Argmax => &[io::NEXT_TOKEN],
@@ -208,4 +209,9 @@ pub(crate) fn last_position(logits: &DynValue) -> Result<Array2<f32>, RuntimeErr
         .into_dimensionality::<ndarray::Ix3>()
         .map_err(|_| RuntimeError::MissingOutput("logits of rank 3".into()))?;
     Ok(a.index_axis(Axis(1), a.shape()[1] - 1).to_owned())
+}
+
+/// The `top_k` input for `k` candidates: int64 `[1]` in host memory, where TopK reads it.
+pub(crate) fn top_k_value(k: usize) -> Result<DynValue, RuntimeError> {
+    Ok(Tensor::from_array(ndarray::arr1(&[k as i64])).map_err(ort_err("top_k"))?.into_dyn())
 }

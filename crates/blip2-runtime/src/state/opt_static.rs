@@ -34,7 +34,7 @@ enum Buffers {
         spare: Option<KvCache>,
     },
     /// Taken from the model's pool: every decode step binds the same tensors.
-    Fixed(StepBuffers),
+    Fixed(Box<StepBuffers>),
     /// Given back to the pool (only while dropping).
     Released,
 }
@@ -87,7 +87,7 @@ impl<'m> OptStaticState<'m> {
         let (buffers, capacity) = match m.step_pool.as_mut() {
             Some(pool) => {
                 let capacity = pooled_capacity(longest + max_new_tokens);
-                (Buffers::Fixed(pool.take(shape, rows, capacity, &allocator)?), capacity)
+                (Buffers::Fixed(Box::new(pool.take(shape, rows, capacity, &allocator)?)), capacity)
             }
             None => {
                 let capacity = longest + max_new_tokens;
@@ -188,6 +188,14 @@ impl<'m> OptStaticState<'m> {
             _ => None,
         }
     }
+
+    /// Fixed buffers only: the host-device copies their set has made, and its steps.
+    pub fn fixed_transfers(&self) -> Option<crate::state::fixed::Transfers> {
+        match &self.buffers {
+            Buffers::Fixed(b) => Some(b.transfers()),
+            _ => None,
+        }
+    }
 }
 
 /// The decode step's shapes for the fixed buffers.
@@ -211,7 +219,7 @@ impl Drop for OptStaticState<'_> {
     fn drop(&mut self) {
         if let Buffers::Fixed(b) = std::mem::replace(&mut self.buffers, Buffers::Released) {
             if let Some(pool) = self.model.get().step_pool.as_mut() {
-                pool.put(b);
+                pool.put(*b);
             }
         }
     }
@@ -255,7 +263,7 @@ impl StepModel for OptStaticState<'_> {
     }
 
     fn last_logits(&mut self) -> Option<Result<Array2<f32>, RuntimeError>> {
-        match &self.buffers {
+        match &mut self.buffers {
             Buffers::Fixed(b) => self.last_graph_id.map(|_| b.logits()),
             _ => self.last_logits.as_ref().map(crate::state::last_position),
         }
@@ -284,7 +292,7 @@ impl StepModel for OptStaticState<'_> {
                 let pool = m.step_pool.as_mut().expect("fixed buffers come from the pool");
                 let mut next = pool.take(b.shape(), rows.len(), b.capacity(), &self.allocator)?;
                 b.kv().gather_into(reorder, rows, next.kv_mut())?;
-                pool.put(std::mem::replace(b, next));
+                pool.put(std::mem::replace(&mut **b, next));
             }
             Buffers::Released => unreachable!("released only when dropped"),
         }

@@ -117,17 +117,22 @@ impl<'m> T5State<'m> {
                     f.capacity
                 )));
             }
-            Some(f) => Some(
+            // Both in host memory, where the decoder's kernels read them.
+            Some(f) => Some([
                 Tensor::from_array(ndarray::arr0(f.len as i32))
                     .map_err(ort_err("past_sequence_length"))?
                     .into_dyn(),
-            ),
+                Tensor::from_array(ndarray::arr0(f.len as i64 + 1))
+                    .map_err(ort_err("key_count"))?
+                    .into_dyn(),
+            ]),
             None => None,
         };
         let mut inputs: Vec<(&str, &DynValue)> =
             vec![(io::INPUT_IDS, &ids), (io::ENCODER_ATTENTION_MASK, &mask)];
-        if let Some(p) = &past {
+        if let Some([p, k]) = &past {
             inputs.push((io::PAST_SEQUENCE_LENGTH, p));
+            inputs.push((io::KEY_COUNT, k));
         }
         let layers = kv_spec(&self.model.get()).layers;
         let names: Vec<[String; 2]> =
