@@ -182,3 +182,26 @@ fn opt_fp16_generation_agrees_with_fp32() {
         assert!(same * 10 >= total * 9, "{name}: {same}/{total}");
     }
 }
+
+#[test]
+fn a_sampled_image_token_is_embedded_like_any_token() {
+    // transformers' generate() puts the image embeddings in the prompt's image slots
+    // once; a token sampled later that happens to be the image token's id is embedded
+    // like any other. This seeded hot sample draws it (the precondition is checked)
+    // and must go on to its full length: the language model used to take it for an
+    // image slot and fail (GatherND: invalid index).
+    let dir = export("opt-tiny", "sampled-image-token");
+    let mut p = Pipeline::load(&dir, &mut session_factory()).unwrap();
+    let image_token = p.model.manifest.tokens.image_token_id;
+    let img = p.load_image(&photo("camera.png")).unwrap();
+    let mut cfg = p.default_config();
+    cfg.do_sample = true;
+    cfg.temperature = 2.0;
+    cfg.top_k = 0;
+    cfg.seed = Some(7);
+    cfg.max_new_tokens = 30;
+    let out = p.generate(&[img], &["two photo".to_string()], &cfg).unwrap();
+    let tokens = &out[0][0].token_ids;
+    assert!(tokens.contains(&image_token), "the sample no longer draws {image_token}: {tokens:?}");
+    assert_eq!(tokens.len(), 30, "{tokens:?}");
+}

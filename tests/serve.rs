@@ -675,3 +675,118 @@ fn batched_streams_stop_at_their_own_limit() {
         }
     });
 }
+
+/// The process's resident memory, in bytes (Linux).
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS in /proc/self/status");
+    kb * 1024
+}
+
+#[test]
+fn a_bounded_soak_of_mixed_requests_gets_no_server_error_and_keeps_its_memory() {
+    // Six clients for a few seconds, bounded in count too: greedy and sampled chat
+    // completions (temperature 0.7, and 2.0 without top-k so that rare tokens come up; a
+    // seed each, max_tokens 1-30, distinct images), n = 2,
+    // streams dropped after their first chunk, and bad requests. Every 500 fails the
+    // test (sampled rows once drew the image token's id, which the language model then
+    // took for an image slot); valid requests get 200, bad ones 400; the process's
+    // memory after the second half is within 64 MB of where the first half left it.
+    let dir = export("opt-tiny", "soak");
+    let server = Server::start(&dir, options());
+    let chat = server.url("/v1/chat/completions");
+    let mut images: Vec<PathBuf> =
+        ["camera.png", "chelsea.png", "rocket.jpg", "no_time_for_that_tiny.gif"]
+            .iter()
+            .map(|p| photo(p))
+            .collect();
+    for v in ["exif3.jpg", "gray.jpg", "progressive.jpg", "cmyk_plain.jpg", "exif6.png"] {
+        images.push(photo("variants").join(v));
+    }
+    let parts: Vec<Value> = images.iter().map(|p| image_part(p)).collect();
+    let run_phase = |phase: u64, seconds: u64| -> (usize, Vec<String>) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(seconds);
+        let results: Vec<(usize, Vec<String>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..6u64)
+                .map(|client| {
+                    let (chat, parts) = (&chat, &parts);
+                    s.spawn(move || {
+                        let mut done = 0;
+                        let mut problems = Vec::new();
+                        for i in 0..200u64 {
+                            if std::time::Instant::now() > deadline {
+                                break;
+                            }
+                            let k = phase * 100_000 + client * 1_000 + i;
+                            let image = &parts[(k % parts.len() as u64) as usize];
+                            let messages = json!([{"role": "user", "content": [image.clone(), {"type": "text", "text": "what is this?"}]}]);
+                            let max_tokens = 1 + k * 7 % 30;
+                            let (body, want) = match k % 5 {
+                                0 => (json!({"messages": messages, "max_tokens": max_tokens, "temperature": 0}), 200),
+                                1 => (json!({"messages": messages, "max_tokens": max_tokens, "temperature": 0.7, "seed": k}), 200),
+                                // Hot sampling: rare tokens (the image token's id among them) come up.
+                                2 => (json!({"messages": messages, "max_tokens": max_tokens, "temperature": 2.0, "top_k": 0, "seed": k}), 200),
+                                3 => (json!({"messages": messages, "max_tokens": max_tokens, "temperature": 0.7, "seed": k, "n": 2}), 200),
+                                _ if i % 2 == 0 => (json!({"messages": messages, "max_tokens": "ten"}), 400),
+                                _ => {
+                                    // A stream dropped after its first chunk.
+                                    let body = json!({"messages": messages, "max_tokens": 30, "temperature": 0.7, "seed": k, "stream": true});
+                                    match agent().post(chat).set("Content-Type", "application/json").send_string(&body.to_string()) {
+                                        Ok(r) => {
+                                            let mut line = String::new();
+                                            let _ = BufReader::new(r.into_reader()).read_line(&mut line);
+                                        }
+                                        Err(ureq::Error::Status(code, r)) => problems.push(format!(
+                                            "stream: {code} {}",
+                                            r.into_string().unwrap_or_default()
+                                        )),
+                                        Err(e) => problems.push(format!("stream: {e}")),
+                                    }
+                                    done += 1;
+                                    continue;
+                                }
+                            };
+                            let (code, text) = post_raw(chat, &body.to_string(), None);
+                            if code != want {
+                                problems.push(format!("{code} (wanted {want}) for {body}: {text}"));
+                            }
+                            done += 1;
+                        }
+                        (done, problems)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let n = results.iter().map(|r| r.0).sum();
+        (n, results.into_iter().flat_map(|r| r.1).collect())
+    };
+    let (first, mut problems) = run_phase(1, 4);
+    let before = rss_bytes();
+    let (second, more) = run_phase(2, 4);
+    problems.extend(more);
+    let after = rss_bytes();
+    eprintln!(
+        "soak: {first} + {second} requests, resident memory {} -> {} MB",
+        before >> 20,
+        after >> 20
+    );
+    assert!(first + second >= 60, "the soak ran only {} requests", first + second);
+    assert!(
+        problems.is_empty(),
+        "{} of {} requests failed: {problems:#?}",
+        problems.len(),
+        first + second
+    );
+    assert!(
+        after < before + (64 << 20),
+        "resident memory grew from {} to {} MB over the second half",
+        before >> 20,
+        after >> 20
+    );
+}
