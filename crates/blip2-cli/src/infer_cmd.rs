@@ -352,6 +352,7 @@ pub fn run(a: &InferArgs, quiet: bool) -> Result<i32> {
     }
     let mut pipe = crate::session::load_pipeline(&dir, &a.session)?;
     let cfg = a.gen.apply(pipe.default_config())?;
+    blip2_runtime::generation::check_vocab(&cfg, pipe.model.manifest.text.vocab_size)?;
     let out = Out { json: a.json };
     match &a.task {
         Task::Caption { images, prompt } => {
@@ -416,6 +417,8 @@ fn chat(pipe: &mut Pipeline, image: &Path, cfg: &GenerationConfig, out: &Out) ->
         line_no += 1;
         let Ok(line) = std::str::from_utf8(&buf) else {
             eprintln!("warning: line {line_no}: skipped, not UTF-8");
+            // Every question line gets its stdout line with --json.
+            out.emit_error(image, line_no, "not UTF-8; the line was skipped");
             continue;
         };
         let q = line.trim();
