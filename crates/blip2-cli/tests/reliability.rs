@@ -206,3 +206,65 @@ fn bench_and_ep_usage_errors_exit_2_naming_their_flag() {
     assert_usage(&o, "bench --new-tokens 500", &["--new-tokens"]);
     assert!(!stderr(&o).contains("--max-new-tokens"), "{}", stderr(&o));
 }
+
+/// A copy of a fixture checkpoint to spoil.
+fn checkpoint_copy(name: &str, test: &str) -> PathBuf {
+    let src = root().join("tests/fixtures").join(name).join("checkpoint");
+    let dst = tmp(test).join("checkpoint");
+    std::fs::create_dir_all(&dst).unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+    dst
+}
+
+fn export_from(ck: &Path) -> (Output, PathBuf) {
+    let out = ck.parent().unwrap().join("out");
+    let o = bin().args(["export", "--quiet"]).arg(ck).arg("-o").arg(&out).output().unwrap();
+    (o, out)
+}
+
+/// Item 6: a tokenizer.json that is JSON but no tokenizer exported fine and failed at
+/// infer; export refuses it, naming the file, for captioning and retrieval checkpoints.
+#[test]
+fn a_garbage_tokenizer_is_refused_at_export() {
+    for (fixture, garbage) in [
+        ("opt-tiny", &b"{\"version\": \"1.0\", \"model\": 7}"[..]),
+        ("itm-tiny", &b"{\"added_tokens\": []}"[..]),
+        ("itm-tiny", &b"\x00\x01 not json"[..]),
+    ] {
+        let ck = checkpoint_copy(fixture, &format!("tokenizer-{fixture}"));
+        std::fs::write(ck.join("tokenizer.json"), garbage).unwrap();
+        let (o, out) = export_from(&ck);
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{fixture}: {e}");
+        assert!(e.contains(&ck.join("tokenizer.json").display().to_string()), "{fixture}: {e}");
+        assert!(!out.exists(), "{fixture}: nothing written");
+    }
+}
+
+/// Item 7: config.json with fewer layers than the weights exported a model that skipped
+/// layers; refused naming the config key and the first unused tensors.
+#[test]
+fn a_config_with_fewer_layers_than_the_weights_is_refused() {
+    for (fixture, section, key, prefix) in [
+        ("opt-tiny", "text_config", "num_hidden_layers", "language_model.model.decoder.layers.2."),
+        ("opt-tiny", "vision_config", "num_hidden_layers", "vision_model.encoder.layers.2."),
+        ("t5-tiny", "text_config", "num_layers", "language_model.encoder.block."),
+    ] {
+        let ck = checkpoint_copy(fixture, &format!("layers-{fixture}-{section}"));
+        let path = ck.join("config.json");
+        let mut cfg: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let n = cfg[section][key].as_u64().unwrap_or_else(|| panic!("{fixture}: {section}.{key}"));
+        cfg[section][key] = (n - 1).into();
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        let (o, out) = export_from(&ck);
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{fixture} {section}: {e}");
+        for says in [path.display().to_string(), format!("{section}.{key}"), prefix.to_string()] {
+            assert!(e.contains(&says), "{fixture} {section}: names {says}: {e}");
+        }
+        assert!(!out.exists());
+    }
+}
