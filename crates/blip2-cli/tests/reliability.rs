@@ -268,3 +268,38 @@ fn a_config_with_fewer_layers_than_the_weights_is_refused() {
         assert!(!out.exists());
     }
 }
+
+/// Item 8: a graph copied from another export failed at the first run with ONNX
+/// Runtime's "Failed to find input name in the mapping"; the load names the file and
+/// says to export again.
+#[test]
+fn a_graph_from_another_export_is_named_at_load() {
+    let m = export("mixed");
+    let other = tmp("mixed-other").join("model");
+    let o = bin()
+        .args(["export", "--quiet"])
+        .arg(root().join("tests/fixtures/t5-tiny/checkpoint"))
+        .arg("-o")
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    for file in ["language_model.onnx", "qformer.onnx"] {
+        let keep = m.join(format!("{file}.orig"));
+        std::fs::copy(m.join(file), &keep).unwrap();
+        std::fs::copy(other.join(file), m.join(file)).unwrap();
+        let o = infer(&m, &["caption", &photo("chelsea.png")]);
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{file}: {e}");
+        assert!(
+            e.contains(&m.join(file).display().to_string())
+                && e.contains("does not belong to this export")
+                && e.contains("blip2-ort export"),
+            "{file}: {e}"
+        );
+        assert!(!e.contains("Failed to find"), "{file}: {e}");
+        std::fs::rename(&keep, m.join(file)).unwrap();
+    }
+    let o = infer(&m, &["caption", &photo("chelsea.png")]);
+    assert!(o.status.success(), "its own graphs load: {}", stderr(&o));
+}
