@@ -303,3 +303,67 @@ fn a_graph_from_another_export_is_named_at_load() {
     let o = infer(&m, &["caption", &photo("chelsea.png")]);
     assert!(o.status.success(), "its own graphs load: {}", stderr(&o));
 }
+
+/// Item 16: after `scripts/quickstart`, the README's first export (to exports/opt-tiny)
+/// failed with "already exists". The quickstart's export folder for its default model
+/// must not be one the README's commands export to without --force.
+#[test]
+fn the_readme_commands_run_after_the_quickstart() {
+    let script = std::fs::read_to_string(root().join("scripts/quickstart")).unwrap();
+    // The folder the quickstart exports its default model to.
+    let var = |name: &str| {
+        script
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(&format!("{name}=")))
+            .map(|v| v.trim_matches('"').to_string())
+    };
+    let export_line =
+        script.lines().find(|l| l.contains("$bin export")).expect("the quickstart exports");
+    let out_arg = export_line.split(" -o ").nth(1).unwrap().split_whitespace().next().unwrap();
+    let mut quickstart_out = out_arg.trim_matches('"').to_string();
+    if quickstart_out == "$out" {
+        quickstart_out = var("out").expect("out=...");
+    }
+    let quickstart_out = quickstart_out.replace("$name", "opt-tiny").replace("${name}", "opt-tiny");
+
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let exports: Vec<&str> = readme
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("$ blip2-ort export "))
+        .filter(|l| !l.contains("--force"))
+        .filter_map(|l| l.split(" -o ").nth(1)?.split_whitespace().next())
+        .collect();
+    assert!(exports.contains(&"exports/opt-tiny"), "the README exports the tiny checkpoint");
+    assert!(
+        !exports.contains(&quickstart_out.as_str()),
+        "the quickstart exports to {quickstart_out}, which the README exports to without --force"
+    );
+}
+
+/// Item 17: the random checkpoints' tokenizers are smaller than their vocabularies, so
+/// their text is often empty while token ids are not; infer says so where it happens.
+#[test]
+fn tokens_without_text_are_pointed_out() {
+    let m = export("unknown-tokens");
+    let o = infer(
+        &m,
+        &["caption", &photo("rocket.jpg"), "--prompt", "a photo of", "--max-new-tokens", "10"],
+    );
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(e.contains("596") && e.contains("no token in tokenizer.json"), "{e}");
+    assert_eq!(e.matches("warning:").count(), 1, "once per run: {e}");
+    // Ids the tokenizer has: no warning.
+    let o = infer(
+        &m,
+        &[
+            "vqa",
+            &photo("camera.png"),
+            "--question",
+            "what is in the picture?",
+            "--max-new-tokens",
+            "10",
+        ],
+    );
+    assert!(o.status.success() && !stderr(&o).contains("tokenizer.json"), "{}", stderr(&o));
+}
