@@ -16,6 +16,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod inspect;
+mod layers;
 pub mod onnx;
 mod opt;
 pub mod output;
@@ -131,7 +132,50 @@ pub fn export(
     // Everything about the source is checked before anything is written.
     let files = SourceFiles::read(src)?;
     let ck = Checkpoint::open(src)?;
+    check_layer_counts(&files.config, &ck)?;
     in_partial_folder(out, progress, |dir, progress| write_all(&files, &ck, dir, opts, progress))
+}
+
+/// Every layer stack's count in config.json against the layers the weights hold.
+fn check_layer_counts(cfg: &config::ModelConfig, ck: &Checkpoint) -> Result<()> {
+    use layers::Stack;
+    let b = &cfg.blip;
+    let mut stacks = vec![
+        Stack {
+            prefix: "vision_model.encoder.layers.",
+            key: "vision_config.num_hidden_layers",
+            count: b.vision_config.num_hidden_layers,
+        },
+        Stack {
+            prefix: "qformer.encoder.layer.",
+            key: "qformer_config.num_hidden_layers",
+            count: b.qformer_config.num_hidden_layers,
+        },
+    ];
+    match &cfg.text {
+        TextModel::Opt(t) => stacks.push(Stack {
+            prefix: "language_model.model.decoder.layers.",
+            key: "text_config.num_hidden_layers",
+            count: t.num_hidden_layers,
+        }),
+        TextModel::T5(t) => {
+            stacks.push(Stack {
+                prefix: "language_model.encoder.block.",
+                key: "text_config.num_layers",
+                count: t.num_layers,
+            });
+            stacks.push(Stack {
+                prefix: "language_model.decoder.block.",
+                key: if t.num_decoder_layers.is_some() {
+                    "text_config.num_decoder_layers"
+                } else {
+                    "text_config.num_layers"
+                },
+                count: t.num_decoder_layers.unwrap_or(t.num_layers),
+            });
+        }
+    }
+    layers::check(&cfg.path, ck, &stacks)
 }
 
 /// Runs `write` on a partial folder beside `out`, then puts it in place (see [`output`]).

@@ -193,13 +193,7 @@ pub(crate) fn write_all(
             ),
         ));
     }
-    let tok_path = src.join("tokenizer.json");
-    if !tok_path.exists() {
-        return Err(ExportError::MissingFile {
-            path: tok_path,
-            why: "the fast tokenizer file that infer uses",
-        });
-    }
+    crate::source::check_tokenizer(&src.join("tokenizer.json"))?;
 
     let vision_float = elem(opts.dtype);
     let positions = (v.image_size / v.patch_size).pow(2) + 1;

@@ -91,6 +91,7 @@ impl SourceFiles {
 
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = read_json(&tok_path, "the fast tokenizer file that infer uses")?;
+        check_tokenizer(&tok_path)?;
         let image_token_id = match config.blip.image_token_index {
             Some(id) => id,
             None => match tokenizer
@@ -225,6 +226,25 @@ pub(crate) fn copy_files(dir: &Path, out: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Fails unless `path` loads as a tokenizer the way `infer` loads it (the tokenizers
+/// crate), so a damaged or foreign `tokenizer.json` is refused at export, naming the
+/// file, rather than at the first `infer`.
+pub fn check_tokenizer(path: &Path) -> Result<()> {
+    if !path.exists() {
+        return Err(ExportError::MissingFile {
+            path: path.into(),
+            why: "the fast tokenizer file that infer uses",
+        });
+    }
+    tokenizers::Tokenizer::from_file(path).map(drop).map_err(|e| ExportError::Config {
+        path: path.into(),
+        message: format!(
+            "not a tokenizer infer can load ({e}); copy the checkpoint's tokenizer.json again \
+             (a Hugging Face fast tokenizer file)"
+        ),
+    })
 }
 
 /// The id a token added to this tokenizer would get: one past the largest id in use.

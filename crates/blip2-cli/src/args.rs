@@ -32,6 +32,13 @@ pub fn positive(s: &str) -> Result<usize, String> {
     }
 }
 
+/// A thread count: at least 1, at most 4 per core of this machine.
+pub fn threads(s: &str) -> Result<usize, String> {
+    let n = whole(s)?;
+    blip2_runtime::config::check_threads(n)?;
+    Ok(n)
+}
+
 /// A seed: any whole number from 0 to 2^64 - 1.
 pub fn seed(s: &str) -> Result<u64, String> {
     s.trim()

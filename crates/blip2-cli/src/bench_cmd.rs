@@ -17,6 +17,7 @@ use ndarray::Array4;
 use serde_json::{json, Value};
 
 use crate::session::SessionOptions;
+use crate::UsageError;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -152,12 +153,41 @@ impl Bench<'_> {
     }
 }
 
+/// The command line's lengths against the model, before anything is timed, naming
+/// bench's own flags (the library's checks speak of `--max-new-tokens`).
+fn check_room(pipe: &Pipeline, text: &[i64], a: &BenchArgs) -> Result<()> {
+    let len = pipe.prompter.assemble(&[text.to_vec()]).ids[0].len();
+    let max = pipe.prompter.max_positions;
+    if len + a.new_tokens > max {
+        let room = max.saturating_sub(len);
+        return Err(UsageError(format!(
+            "--new-tokens: the prompt ({len} tokens with --prompt-tokens {}) plus --new-tokens {} exceeds the \
+             language model's {max} positions; use at most {room}",
+            a.prompt_tokens, a.new_tokens
+        ))
+        .into());
+    }
+    let vocab = pipe.model.manifest.text.vocab_size;
+    if a.num_beams > vocab {
+        return Err(UsageError(format!(
+            "--num-beams: {} beams are more than the language model's vocabulary of {vocab} tokens allows; use at most {vocab}",
+            a.num_beams
+        ))
+        .into());
+    }
+    Ok(())
+}
+
 pub fn run(a: &BenchArgs, quiet: bool) -> Result<i32> {
     if a.batch.is_empty() || a.batch.contains(&0) {
-        bail!("--batch needs batch sizes of at least 1");
+        return Err(UsageError("--batch needs batch sizes of at least 1".into()).into());
     }
-    if a.new_tokens == 0 || a.reps == 0 || a.num_beams == 0 {
-        bail!("--new-tokens, --reps and --num-beams must be at least 1");
+    for (flag, v) in
+        [("--new-tokens", a.new_tokens), ("--reps", a.reps), ("--num-beams", a.num_beams)]
+    {
+        if v == 0 {
+            return Err(UsageError(format!("{flag}: must be at least 1")).into());
+        }
     }
     let dir = crate::infer_cmd::resolve_model(&a.model, quiet)?;
     let rss_before_load = rss_mb("VmRSS:");
@@ -175,6 +205,7 @@ pub fn run(a: &BenchArgs, quiet: bool) -> Result<i32> {
     }
     let mut text = pipe.prompter.text_ids("")?;
     text.extend((0..a.prompt_tokens as i64).map(|i| 10 + i));
+    check_room(&pipe, &text, a)?;
     let profile = crate::session::profile(&a.session)?;
     let mut res: BTreeMap<String, Value> = BTreeMap::new();
     res.insert("model".into(), json!(dir.display().to_string()));

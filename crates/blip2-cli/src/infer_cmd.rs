@@ -8,6 +8,7 @@ use blip2_core::{EarlyStoppingSetting, GenerationDefaults};
 use blip2_runtime::generation::{EarlyStopping, GenerationConfig};
 use blip2_runtime::pipeline::{Generated, Pipeline};
 use blip2_runtime::preprocess::preprocess_batch;
+use blip2_runtime::prompt::Prompter;
 use clap::{Args, Subcommand};
 use serde_json::json;
 
@@ -300,10 +301,19 @@ fn sanitize(s: &str) -> String {
 
 struct Out {
     json: bool,
+    /// Generated ids the tokenizer has no token for (left out of the text).
+    unknown: std::cell::RefCell<std::collections::BTreeSet<i64>>,
 }
 
 impl Out {
-    fn emit(&self, image: &Path, prompt: &str, results: &[Generated]) {
+    fn new(json: bool) -> Self {
+        Out { json, unknown: Default::default() }
+    }
+
+    fn emit(&self, image: &Path, prompt: &str, results: &[Generated], prompter: &Prompter) {
+        for g in results {
+            self.unknown.borrow_mut().extend(prompter.unknown_ids(&g.token_ids));
+        }
         let mut stdout = std::io::stdout().lock();
         for (i, g) in results.iter().enumerate() {
             if self.json {
@@ -317,6 +327,29 @@ impl Out {
             }
         }
         let _ = stdout.flush();
+    }
+
+    /// Says once, at the end, that the text left out tokens the tokenizer does not have:
+    /// the random-weight checkpoints' tokenizers are smaller than their vocabularies, so
+    /// their captions are often empty while `token_ids` are not.
+    fn warn_unknown(&self, prompter: &Prompter, vocab: usize) {
+        let unknown = self.unknown.borrow();
+        if unknown.is_empty() {
+            return;
+        }
+        let shown: Vec<String> = unknown.iter().take(5).map(i64::to_string).collect();
+        let more = if unknown.len() > 5 {
+            format!(" and {} more", unknown.len() - 5)
+        } else {
+            String::new()
+        };
+        eprintln!(
+            "warning: generated token id(s) {}{more} have no token in tokenizer.json ({} tokens; the language model \
+             has {vocab}), so the text leaves them out (token_ids in --json keep them). Random-weight checkpoints \
+             (the test fixtures, scripts/random_checkpoint.py) have such small tokenizers; real checkpoints do not",
+            shown.join(", "),
+            prompter.tokenizer_size()
+        );
     }
 
     /// A question that got no answer: with --json a line `{"image", "line", "error"}` keeps
@@ -354,7 +387,14 @@ pub fn run(a: &InferArgs, quiet: bool) -> Result<i32> {
     }
     let mut pipe = crate::session::load_pipeline(&dir, &a.session)?;
     let cfg = a.gen.apply(pipe.default_config())?;
-    let out = Out { json: a.json };
+    blip2_runtime::generation::check_vocab(&cfg, pipe.model.manifest.text.vocab_size)?;
+    let out = Out::new(a.json);
+    let res = run_task(a, &mut pipe, &cfg, &out);
+    out.warn_unknown(&pipe.prompter, pipe.model.manifest.text.vocab_size);
+    res
+}
+
+fn run_task(a: &InferArgs, pipe: &mut Pipeline, cfg: &GenerationConfig, out: &Out) -> Result<i32> {
     match &a.task {
         Task::Caption { images, prompt } => {
             // Every image is read before anything is printed, so an unreadable one fails
@@ -372,9 +412,9 @@ pub fn run(a: &InferArgs, quiet: bool) -> Result<i32> {
                 let batch = ndarray::concatenate(ndarray::Axis(0), &views)
                     .context("joining the batch's pixel values")?;
                 let prompts = vec![prompt.clone(); chunk.len()];
-                let res = pipe.generate_pixels(batch, &prompts, &cfg)?;
+                let res = pipe.generate_pixels(batch, &prompts, cfg)?;
                 for (p, r) in chunk.iter().zip(&res) {
-                    out.emit(p, prompt, r);
+                    out.emit(p, prompt, r, &pipe.prompter);
                 }
             }
             Ok(0)
@@ -382,12 +422,12 @@ pub fn run(a: &InferArgs, quiet: bool) -> Result<i32> {
         Task::Vqa { image, question } => {
             let img = pipe.load_image(image)?;
             let prompt = pipe.prompter.vqa_prompt(question);
-            let res = pipe.generate(&[img], std::slice::from_ref(&prompt), &cfg)?;
-            out.emit(image, &prompt, &res[0]);
+            let res = pipe.generate(&[img], std::slice::from_ref(&prompt), cfg)?;
+            out.emit(image, &prompt, &res[0], &pipe.prompter);
             Ok(0)
         }
-        Task::Chat { image } => chat(&mut pipe, image, &cfg, &out),
-        Task::Batch { requests } => crate::batch::run(&mut pipe, requests, &cfg, a.batch_size),
+        Task::Chat { image } => chat(pipe, image, cfg, out),
+        Task::Batch { requests } => crate::batch::run(pipe, requests, cfg, a.batch_size),
         Task::Itm(_) | Task::EmbedImage(_) | Task::EmbedText(_) | Task::Rank(_) => {
             unreachable!("run by retrieval_cmd above")
         }
@@ -418,6 +458,8 @@ fn chat(pipe: &mut Pipeline, image: &Path, cfg: &GenerationConfig, out: &Out) ->
         line_no += 1;
         let Ok(line) = std::str::from_utf8(&buf) else {
             eprintln!("warning: line {line_no}: skipped, not UTF-8");
+            // Every question line gets its stdout line with --json.
+            out.emit_error(image, line_no, "not UTF-8; the line was skipped");
             continue;
         };
         let q = line.trim();
@@ -446,7 +488,7 @@ fn chat(pipe: &mut Pipeline, image: &Path, cfg: &GenerationConfig, out: &Out) ->
             eprintln!("warning: dropped the {dropped} oldest turn(s) {why}");
         }
         let res = pipe.generate(std::slice::from_ref(&img), std::slice::from_ref(&prompt), cfg)?;
-        out.emit(image, &prompt, &res[0]);
+        out.emit(image, &prompt, &res[0], &pipe.prompter);
         history.push(q, &res[0][0].text);
     }
     Ok(if failed { 1 } else { 0 })

@@ -2,7 +2,7 @@
 //! docs/serving.md.
 
 use std::io::{IsTerminal, Write};
-use std::net::{IpAddr, SocketAddr};
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -20,9 +20,9 @@ pub struct ServeArgs {
     /// two are exported once into the blip2-ort cache and reused, as `infer` does).
     #[arg(long)]
     pub model: String,
-    /// Address to listen on.
+    /// Address or host name to listen on (a name is resolved, its IPv4 address preferred).
     #[arg(long, default_value = "127.0.0.1")]
-    pub host: IpAddr,
+    pub host: String,
     /// Port to listen on (0 picks a free one; the address is printed).
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
@@ -76,6 +76,7 @@ pub fn run(a: &ServeArgs, quiet: bool, signals: Option<crate::signals::Handle>) 
             UsageError("--api-key: empty; leave it out to serve without a key".into()).into()
         );
     }
+    let addr = listen_addr(&a.host, a.port)?;
     let dir = crate::infer_cmd::resolve_model(&a.model, quiet)?;
     let pipe = crate::session::load_pipeline(&dir, &a.session)?;
     // From here SIGTERM and Ctrl-C shut the server down gracefully instead.
@@ -94,7 +95,6 @@ pub fn run(a: &ServeArgs, quiet: bool, signals: Option<crate::signals::Handle>) 
         media: MediaPolicy { local_root, remote: a.allow_remote_media, max_bytes: max_body_bytes },
         max_body_bytes,
     };
-    let addr = SocketAddr::new(a.host, a.port);
     blip2_serve::run(pipe, opts, addr, |bound| {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "listening on http://{bound}");
@@ -102,4 +102,28 @@ pub fn run(a: &ServeArgs, quiet: bool, signals: Option<crate::signals::Handle>) 
     })
     .context("serving")?;
     Ok(0)
+}
+
+/// `--host` and `--port` as the address to bind: an IP address as given, a host name
+/// (`localhost`) resolved, its first IPv4 address preferred (what clients try first).
+fn listen_addr(host: &str, port: u16) -> Result<SocketAddr> {
+    let bad = |why: String| UsageError(format!("--host: {host:?}: {why}"));
+    // [::1] as written in URLs.
+    let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    if bare.is_empty() {
+        return Err(bad("empty; give an address (127.0.0.1, 0.0.0.0) or a host name".into()).into());
+    }
+    if let Ok(ip) = bare.parse::<std::net::IpAddr>() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    let addrs: Vec<SocketAddr> = (bare, port)
+        .to_socket_addrs()
+        .map_err(|e| bad(format!("not an IP address, and the name does not resolve ({e})")))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| bad("the name resolves to no address".into()).into())
 }

@@ -29,7 +29,7 @@ pub struct SessionOptions {
     #[arg(long, global = true)]
     pub config: Option<PathBuf>,
     /// ONNX Runtime intra-op threads (default: the profile's, else ONNX Runtime's choice).
-    #[arg(long, global = true, value_parser = crate::args::positive)]
+    #[arg(long, global = true, value_parser = crate::args::threads)]
     pub threads: Option<usize>,
 }
 
@@ -52,7 +52,14 @@ pub fn load_config(path: Option<&Path>) -> Result<Config, ConfigError> {
 
 pub fn profile(o: &SessionOptions) -> Result<Profile> {
     let config = load_config(o.config.as_deref())?;
-    let mut p = config.profile(&o.ep)?.clone();
+    // An unknown --ep is the command line's mistake (exit status 2), not the config's.
+    let mut p = match config.profile(&o.ep) {
+        Ok(p) => p.clone(),
+        Err(e @ ConfigError::UnknownProfile { .. }) => {
+            return Err(crate::UsageError(format!("--ep: {e}")).into())
+        }
+        Err(e) => return Err(e.into()),
+    };
     if let Some(n) = o.threads {
         p.intra_op_threads = Some(n);
     }

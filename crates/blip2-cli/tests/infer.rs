@@ -608,7 +608,8 @@ fn sampling_with_a_seed_is_reproducible_from_the_cli() {
 fn unknown_or_unavailable_providers_fail_clearly() {
     let m = export("opt-tiny", "providers");
     let o = run(&["--ep", "rocm", "caption", photo("chelsea.png").to_str().unwrap()], &m);
-    assert_eq!(o.status.code(), Some(1));
+    // An unknown profile is a usage error (issue 23, item 14).
+    assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("rocm") && stderr(&o).contains("cpu"), "{}", stderr(&o));
     if Path::new("/dev/nvidia0").exists() {
         return; // a GPU machine can run the cuda profile

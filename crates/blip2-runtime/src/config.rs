@@ -172,6 +172,29 @@ impl Profile {
     }
 }
 
+/// The most intra-op threads a profile or `--threads` may ask for: 4 per core of this
+/// machine (`std::thread::available_parallelism`). More only makes the threads wait on
+/// each other, and a typo such as 100000 would start that many threads.
+pub fn max_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()).saturating_mul(4)
+}
+
+/// Checks a thread count against [`max_threads`]; the message leaves the naming of the
+/// flag or key to the caller.
+pub fn check_threads(n: usize) -> Result<(), String> {
+    let max = max_threads();
+    if n == 0 {
+        return Err("must be at least 1".into());
+    }
+    if n > max {
+        return Err(format!(
+            "{n} is more than 4 threads per core of this machine's {} cores; use at most {max}",
+            max / 4
+        ));
+    }
+    Ok(())
+}
+
 impl Profile {
     /// The CPU profile with every key at its default (`providers = ["cpu"]`), the same as
     /// the CLI's built-in `cpu` profile: for tests and callers without a config file.
@@ -281,6 +304,10 @@ impl PartialProfile {
             .map(|s| s.parse::<GraphOptimization>())
             .transpose()
             .map_err(|message| invalid(origin, name, message))?;
+        if let Some(n) = raw.intra_op_threads {
+            check_threads(n)
+                .map_err(|m| invalid(origin, name, format!("intra_op_threads = {n}: {m}")))?;
+        }
         Ok(Self {
             providers,
             graphs,
@@ -491,6 +518,25 @@ mod tests {
     fn cpu_profile_is_the_parsed_defaults() {
         let c = Config::from_toml("[profiles.cpu]\nproviders = [\"cpu\"]\n", "test").unwrap();
         assert_eq!(c.profile("cpu").unwrap(), &Profile::cpu());
+    }
+
+    #[test]
+    fn thread_counts_beyond_four_per_core_are_refused_naming_the_key() {
+        let max = max_threads();
+        let ok = format!("[profiles.cpu]\nproviders = [\"cpu\"]\nintra_op_threads = {max}\n");
+        assert_eq!(
+            Config::from_toml(&ok, "t.toml").unwrap().profile("cpu").unwrap().intra_op_threads,
+            Some(max)
+        );
+        for n in [max + 1, 100_000, 0] {
+            let text = format!("[profiles.lean]\nproviders = [\"cpu\"]\nintra_op_threads = {n}\n");
+            let err = Config::from_toml(&text, "my.toml").unwrap_err().to_string();
+            assert!(
+                err.starts_with("my.toml: profile \"lean\": intra_op_threads = ")
+                    && err.contains(&n.to_string()),
+                "{err}"
+            );
+        }
     }
 
     #[test]

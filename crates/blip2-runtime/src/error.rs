@@ -28,6 +28,14 @@ pub enum RuntimeError {
     Generation(#[from] crate::generation::ConfigError),
     #[error("{0}")]
     Input(String),
+    /// A graph file whose inputs or outputs are not the ones its manifest lists: copied in
+    /// from another export.
+    #[error(
+        "{path}: does not belong to this export ({manifest}): {what}; it was copied from another export or \
+         the export was changed: export the model again with `blip2-ort export CHECKPOINT -o DIR --force`",
+        path = .path.display(), manifest = .manifest.display()
+    )]
+    GraphMismatch { path: PathBuf, manifest: PathBuf, what: String },
 }
 
 /// Turns an ONNX Runtime error into a [`RuntimeError::Ort`] saying what was being done.

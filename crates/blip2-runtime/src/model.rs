@@ -110,23 +110,105 @@ pub(crate) fn open_graph(
     factory(kind, &path)
 }
 
+/// Fails unless the session's graph has the inputs and outputs the manifest lists for it
+/// (names, and sizes where both fix them): a graph file copied in from another export
+/// is named, instead of ONNX Runtime's "Failed to find input name in the mapping" at the
+/// first run.
+pub(crate) fn check_graph_io(
+    dir: &Path,
+    info: &blip2_core::GraphInfo,
+    session: &Session,
+) -> Result<(), RuntimeError> {
+    use blip2_core::Dim;
+    let mismatch = |what: String| RuntimeError::GraphMismatch {
+        path: dir.join(&info.file),
+        manifest: dir.join(io::MANIFEST_FILE),
+        what,
+    };
+    // The first few names: a language model has two past tensors per layer.
+    let list = |v: &[&str]| {
+        let mut l = v.iter().take(4).copied().collect::<Vec<_>>().join(", ");
+        if v.len() > 4 {
+            l.push_str(&format!(" and {} more", v.len() - 4));
+        }
+        l
+    };
+    for (side, listed, outlets) in
+        [("input", &info.inputs, session.inputs()), ("output", &info.outputs, session.outputs())]
+    {
+        let in_graph: Vec<&str> = outlets.iter().map(|o| o.name()).collect();
+        // Inputs with a default may be left out of a graph's inputs by ONNX Runtime.
+        let missing: Vec<&str> = listed
+            .iter()
+            .filter(|t| !(side == "input" && t.optional))
+            .map(|t| t.name.as_str())
+            .filter(|n| !in_graph.contains(n))
+            .collect();
+        let extra: Vec<&str> =
+            in_graph.iter().copied().filter(|n| !listed.iter().any(|t| t.name == *n)).collect();
+        let mut what = Vec::new();
+        if !missing.is_empty() {
+            what.push(format!("it lacks the {side}s {} that the manifest lists", list(&missing)));
+        }
+        if !extra.is_empty() {
+            what.push(format!("its {side}s {} are not in the manifest", list(&extra)));
+        }
+        if !what.is_empty() {
+            return Err(mismatch(what.join("; ")));
+        }
+        for o in outlets {
+            let (Some(t), Some(shape)) =
+                (listed.iter().find(|t| t.name == o.name()), o.dtype().tensor_shape())
+            else {
+                continue;
+            };
+            let dims: &[i64] = shape;
+            let differs = t.shape.len() != dims.len()
+                || t.shape
+                    .iter()
+                    .zip(dims)
+                    .any(|(m, &g)| matches!(m, Dim::Fixed(f) if g >= 0 && *f != g));
+            if differs {
+                let listed: Vec<String> = t
+                    .shape
+                    .iter()
+                    .map(|d| match d {
+                        Dim::Fixed(f) => f.to_string(),
+                        Dim::Named(n) => n.clone(),
+                    })
+                    .collect();
+                return Err(mismatch(format!(
+                    "its {side} {} has shape {dims:?}, the manifest lists [{}]",
+                    o.name(),
+                    listed.join(", ")
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Blip2Model {
     pub fn load(dir: &Path, factory: &mut SessionFactory<'_>) -> Result<Self, RuntimeError> {
         let manifest = Manifest::load(dir)?;
         let g = &manifest.graphs;
-        let mut open = |kind: GraphKind, file: &str| open_graph(dir, file, kind, factory);
-        let vision = open(GraphKind::VisionEncoder, &g.vision_encoder.file)?;
-        let qformer = open(GraphKind::QFormer, &g.qformer.file)?;
+        let mut open = |kind: GraphKind, info: &blip2_core::GraphInfo| {
+            let s = open_graph(dir, &info.file, kind, factory)?;
+            check_graph_io(dir, info, &s)?;
+            Ok::<_, RuntimeError>(s)
+        };
+        let vision = open(GraphKind::VisionEncoder, &g.vision_encoder)?;
+        let qformer = open(GraphKind::QFormer, &g.qformer)?;
         let text_encoder = match (&g.text_encoder, manifest.family) {
-            (Some(te), _) => Some(open(GraphKind::TextEncoder, &te.file)?),
+            (Some(te), _) => Some(open(GraphKind::TextEncoder, te)?),
             (None, Family::T5) => {
                 return Err(RuntimeError::Unsupported("a t5 manifest without text_encoder".into()))
             }
             (None, Family::Opt) => None,
         };
-        let lm = open(GraphKind::LanguageModel, &g.language_model.file)?;
+        let lm = open(GraphKind::LanguageModel, &g.language_model)?;
         let kv_reorder =
-            g.kv_reorder.as_ref().map(|r| open(GraphKind::LanguageModel, &r.file)).transpose()?;
+            g.kv_reorder.as_ref().map(|r| open(GraphKind::LanguageModel, r)).transpose()?;
         let is_fp16 = |t: &[blip2_core::TensorInfo], name: &str| {
             t.iter().any(|t| t.name == name && t.dtype == "float16")
         };

@@ -237,6 +237,7 @@ impl Pipeline {
             return Ok(Vec::new());
         }
         generation::validate(cfg)?;
+        generation::check_vocab(cfg, self.model.manifest.text.vocab_size)?;
         let batch = self.prompter.assemble(texts);
         self.prompter.check_room(batch.ids[0].len(), cfg.max_new_tokens)?;
         let embeds = self.image_embeds(pixels)?;

@@ -105,6 +105,24 @@ impl Prompter {
         Ok(s.trim().to_string())
     }
 
+    /// The ids among `ids` that the tokenizer has no token for: [`Prompter::decode`]
+    /// leaves them out of the text. A checkpoint whose tokenizer is smaller than its
+    /// language model's vocabulary (the random-weight ones made for tests and benchmarks)
+    /// generates such ids.
+    pub fn unknown_ids(&self, ids: &[i64]) -> Vec<i64> {
+        ids.iter()
+            .copied()
+            .filter(|&i| {
+                u32::try_from(i).ok().and_then(|i| self.tokenizer.id_to_token(i)).is_none()
+            })
+            .collect()
+    }
+
+    /// Tokens the tokenizer knows, added tokens included.
+    pub fn tokenizer_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
     /// Checks that a prompt of `len` tokens (image tokens and padding included) leaves
     /// room for `max_new_tokens` within the language model's positions.
     pub fn check_room(&self, len: usize, max_new_tokens: usize) -> Result<(), RuntimeError> {

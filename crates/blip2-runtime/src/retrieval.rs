@@ -102,12 +102,15 @@ impl RetrievalModel {
     pub fn load(dir: &Path, factory: &mut SessionFactory<'_>) -> Result<Self, RuntimeError> {
         let manifest = RetrievalManifest::load(dir)?;
         let g = &manifest.graphs;
-        let mut open =
-            |kind: GraphKind, file: &str| crate::model::open_graph(dir, file, kind, factory);
-        let vision = open(GraphKind::VisionEncoder, &g.vision_encoder.file)?;
-        let image_embedding = open(GraphKind::QFormer, &g.image_embedding.file)?;
-        let text_embedding = open(GraphKind::QFormer, &g.text_embedding.file)?;
-        let itm = open(GraphKind::QFormer, &g.itm.file)?;
+        let mut open = |kind: GraphKind, info: &blip2_core::GraphInfo| {
+            let s = crate::model::open_graph(dir, &info.file, kind, factory)?;
+            crate::model::check_graph_io(dir, info, &s)?;
+            Ok::<_, RuntimeError>(s)
+        };
+        let vision = open(GraphKind::VisionEncoder, &g.vision_encoder)?;
+        let image_embedding = open(GraphKind::QFormer, &g.image_embedding)?;
+        let text_embedding = open(GraphKind::QFormer, &g.text_embedding)?;
+        let itm = open(GraphKind::QFormer, &g.itm)?;
         let vision_fp16 = g
             .vision_encoder
             .outputs

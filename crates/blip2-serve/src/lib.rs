@@ -248,9 +248,7 @@ fn parse_body<T: serde::de::DeserializeOwned>(
     if body.len() > app.opts.max_body_bytes {
         return Err(too_large());
     }
-    serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad(format!("the request body is not valid JSON for this endpoint: {e}"))
-    })
+    openai::from_json(&body)
 }
 
 /// The request's search settings, within what one batch may hold: `n` samples and

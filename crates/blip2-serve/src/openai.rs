@@ -371,6 +371,62 @@ fn param_of_flag(flag: &str) -> &'static str {
     }
 }
 
+/// Parameters that take a whole number, and those that take any number, in both endpoints.
+const WHOLE_PARAMS: [&str; 9] = [
+    "max_tokens",
+    "max_completion_tokens",
+    "seed",
+    "n",
+    "top_k",
+    "min_tokens",
+    "num_beams",
+    "no_repeat_ngram_size",
+    "best_of",
+];
+const NUMBER_PARAMS: [&str; 6] = [
+    "temperature",
+    "top_p",
+    "repetition_penalty",
+    "length_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+];
+const BOOL_PARAMS: [&str; 2] = ["stream", "echo"];
+
+/// A request body as `T`. A parameter of the wrong type (`"max_tokens": "ten"`, `2.5`)
+/// gets a 400 naming it (`param`), not serde's byte column; other shape errors keep
+/// serde's message.
+pub fn from_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad(format!("the request body is not valid JSON for this endpoint: {e}"))
+    })?;
+    if let Some(obj) = v.as_object() {
+        for (name, value) in obj {
+            if value.is_null() {
+                continue;
+            }
+            let expected = if WHOLE_PARAMS.contains(&name.as_str()) {
+                (value.as_i64().is_none()).then_some("a whole number")
+            } else if NUMBER_PARAMS.contains(&name.as_str()) {
+                (!value.is_number()).then_some("a number")
+            } else if BOOL_PARAMS.contains(&name.as_str()) {
+                (!value.is_boolean()).then_some("true or false")
+            } else {
+                None
+            };
+            if let Some(expected) = expected {
+                return Err(ApiError::bad_param(
+                    format!("{name} must be {expected}, got {value}"),
+                    name,
+                ));
+            }
+        }
+    }
+    serde_json::from_value(v).map_err(|e| {
+        ApiError::bad(format!("the request body is not valid JSON for this endpoint: {e}"))
+    })
+}
+
 pub fn stop_strings(s: &Sampling) -> Result<Vec<String>, ApiError> {
     let v = match &s.stop {
         None => Vec::new(),
@@ -389,6 +445,38 @@ pub fn stop_strings(s: &Sampling) -> Result<Vec<String>, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_parameter_of_the_wrong_type_is_named() {
+        let msgs = r#""messages": [{"role": "user", "content": "hi"}]"#;
+        for (param, value) in [
+            ("max_tokens", r#""ten""#),
+            ("max_tokens", "2.5"),
+            ("max_completion_tokens", "[3]"),
+            ("n", "1.5"),
+            ("seed", "true"),
+            ("temperature", r#""hot""#),
+            ("stream", "1"),
+        ] {
+            let body = format!("{{{msgs}, \"{param}\": {value}}}");
+            let e = from_json::<ChatRequest>(body.as_bytes()).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{body}: {}", e.message);
+            assert!(e.message.starts_with(param) && !e.message.contains("column"), "{}", e.message);
+        }
+        let ok = format!("{{{msgs}, \"max_tokens\": 3, \"temperature\": 0.5, \"seed\": null}}");
+        let r = from_json::<ChatRequest>(ok.as_bytes()).unwrap();
+        assert_eq!((r.sampling.max_tokens, r.sampling.temperature), (Some(3), Some(0.5)));
+        let e = from_json::<ChatRequest>(b"{\"messages\": [").unwrap_err();
+        assert!(e.message.contains("not valid JSON"), "{}", e.message);
+    }
+
+    #[test]
+    fn min_tokens_over_max_tokens_is_refused_naming_min_tokens() {
+        let s: Sampling = serde_json::from_str(r#"{"min_tokens": 50, "max_tokens": 10}"#).unwrap();
+        let e = search_settings(&s, &GenerationConfig::default()).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("min_tokens"), "{}", e.message);
+        assert!(e.message.contains("max_tokens") && !e.message.contains("--"), "{}", e.message);
+    }
 
     fn msgs(v: serde_json::Value) -> Vec<Message> {
         serde_json::from_value(v).unwrap()

@@ -321,6 +321,16 @@ pub fn validate(cfg: &GenerationConfig) -> Result<(), ConfigError> {
             ));
         }
     }
+    if cfg.min_new_tokens > cfg.max_new_tokens {
+        return Err(ConfigError::new(
+            "--min-new-tokens",
+            format!(
+                "{} is more than --max-new-tokens ({}): generation stops at --max-new-tokens, so the minimum could \
+                 never be met; lower --min-new-tokens or raise --max-new-tokens",
+                cfg.min_new_tokens, cfg.max_new_tokens
+            ),
+        ));
+    }
     check_repetition_penalty(cfg.repetition_penalty)?;
     check_length_penalty(cfg.length_penalty)?;
     check_temperature(cfg.temperature).map_err(|mut e| {
@@ -334,6 +344,28 @@ pub fn validate(cfg: &GenerationConfig) -> Result<(), ConfigError> {
         e
     })?;
     check_top_p(cfg.top_p)?;
+    Ok(())
+}
+
+/// The counts a model's vocabulary bounds: beam search starts from one sequence, whose
+/// `vocab` continuations are all the first step can fill the beams with, so `--num-beams`
+/// is at most the vocabulary size; `--num-return-sequences` (beams or samples per input)
+/// is held to the same bound. Checked where the model is known (the search itself needs
+/// no vocabulary).
+pub fn check_vocab(cfg: &GenerationConfig, vocab: usize) -> Result<(), ConfigError> {
+    for (flag, v, what) in [
+        ("--num-beams", cfg.num_beams, "beams"),
+        ("--num-return-sequences", cfg.num_return_sequences, "sequences per input"),
+    ] {
+        if v > vocab {
+            return Err(ConfigError::new(
+                flag,
+                format!(
+                    "{v} {what} are more than the language model's vocabulary of {vocab} tokens allows; use at most {vocab}"
+                ),
+            ));
+        }
+    }
     Ok(())
 }
 
