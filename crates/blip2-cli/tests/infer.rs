@@ -772,6 +772,21 @@ fn bench_reports_the_keys_hf_generate_bench_uses() {
         assert!(v["decode_ms_per_token_b1"].as_f64().is_some(), "{test}: {v}");
         assert_eq!(v["target"], target, "{test}");
         assert_eq!(v["cuda_graph"], false, "{test}: the cpu profile captures nothing");
+        // The derived figures are what their names say, from the timings beside them.
+        let f = |k: &str| v[k].as_f64().unwrap();
+        assert_eq!(v["new_tokens"], 3, "{test}");
+        for b in [1.0, 2.0] {
+            let per_s = b * 1000.0 / f(&format!("generate_b{b}_ms"));
+            let got = f(&format!("images_per_s_b{b}"));
+            assert!(
+                (got - per_s).abs() <= 0.006,
+                "{test}: images/s at batch {b}: {got} vs {per_s}"
+            );
+        }
+        let per_token = (f("generate_b1_ms") - f("ttft_b1_ms")) / 2.0;
+        let got = f("decode_ms_per_token_b1");
+        assert!((got - per_token).abs() <= 0.0006, "{test}: ms/token {got} vs {per_token}");
+        assert_eq!(f("ttft_b1_ms"), f("generate_b1_1tok_ms"), "{test}: TTFT is the 1-token run");
     }
 }
 

@@ -49,11 +49,33 @@ fn the_benchmark_scripts_the_docs_name_are_here() {
     {
         assert!(root.join(script).is_file(), "{script} missing");
     }
-    let compare = std::fs::read_to_string(root.join("scripts/compare_bench.sh")).unwrap();
-    assert!(
-        compare.contains("HF_BENCH=\"${HF_BENCH:-$ROOT/scripts/hf_generate_bench.py}\""),
-        "compare_bench.sh runs the project's own script"
-    );
+    // Every `scripts/NAME` that a script, the README or a doc names is in the repository.
+    let mut files = Vec::new();
+    text_files(&root, &mut files);
+    let mut named = 0;
+    for f in files.iter().filter(|f| {
+        let rel = f.strip_prefix(&root).unwrap();
+        rel.starts_with("scripts") || rel.starts_with("docs") || rel.ends_with("README.md")
+    }) {
+        let text = std::fs::read_to_string(f).unwrap_or_default();
+        for (i, _) in text.match_indices("scripts/") {
+            let name: String = text[i + "scripts/".len()..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+                .collect();
+            let name = name.trim_end_matches('.');
+            if name.is_empty() {
+                continue;
+            }
+            named += 1;
+            assert!(
+                root.join("scripts").join(name).is_file(),
+                "{} names scripts/{name}, which is not in the repository",
+                f.display()
+            );
+        }
+    }
+    assert!(named > 10, "only {named} script references found");
     for doc in ["README.md", "docs/PERFORMANCE.md"] {
         let text = std::fs::read_to_string(root.join(doc)).unwrap();
         assert!(

@@ -144,8 +144,23 @@ mod tests {
         );
         assert_eq!(serde_json::from_str::<Family>("\"opt\"").unwrap(), Family::Opt);
         assert!(serde_json::from_str::<Family>("\"llama\"").is_err());
-        for k in GraphKind::ALL {
-            assert_eq!(k.to_string(), k.name());
+    }
+
+    #[test]
+    fn graph_kinds_name_their_files_and_profile_keys() {
+        // A kind's name is both its `[profiles.x.graphs.NAME]` key and its file's stem.
+        use crate::io;
+        let files = [
+            io::VISION_ENCODER_FILE,
+            io::QFORMER_FILE,
+            io::TEXT_ENCODER_FILE,
+            io::LANGUAGE_MODEL_FILE,
+        ];
+        for (k, file) in GraphKind::ALL.into_iter().zip(files) {
+            assert_eq!(format!("{}.onnx", k.name()), file, "{k:?}");
         }
+        let mut names: Vec<&str> = GraphKind::ALL.iter().map(|k| k.name()).collect();
+        names.dedup();
+        assert_eq!(names.len(), GraphKind::ALL.len(), "distinct names");
     }
 }

@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::convert::Infallible;
+use std::path::Path;
 use std::sync::OnceLock;
 
 use blip2_runtime::generation::{
@@ -421,8 +422,20 @@ fn check_cases(prefix: &str) {
 
 #[test]
 fn fixtures_come_from_transformers_5() {
+    // The recorded cases were made by the transformers that scripts/requirements-fixtures.txt
+    // pins (a 5.x), so remaking them with the pinned packages gives the same file.
     let f = fixtures();
-    assert!(f.doc["transformers"].as_str().unwrap().starts_with("5."));
+    let made_with = f.doc["transformers"].as_str().unwrap();
+    let reqs = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/requirements-fixtures.txt"),
+    )
+    .unwrap();
+    let pinned = reqs
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("transformers=="))
+        .expect("transformers pinned in scripts/requirements-fixtures.txt");
+    assert_eq!(made_with, pinned, "the fixtures' transformers and the pinned one");
+    assert!(made_with.starts_with("5."), "{made_with}");
     assert!(f.doc["cases"].as_array().unwrap().len() > 100);
 }
 
@@ -430,7 +443,9 @@ fn fixtures_come_from_transformers_5() {
 fn toy_model_prefill_is_exact() {
     // The first greedy pick of every prompt set must be the argmax of our prefill logits, and
     // that must equal transformers' first token.
-    for case in cases_matching("greedy_eos_") {
+    let cases = cases_matching("greedy_eos_");
+    assert!(!cases.is_empty(), "no greedy_eos_ case recorded");
+    for case in cases {
         let (toy, _) = Toy::new(case["model"].as_str().unwrap(), case["prompts"].as_str().unwrap());
         let logits = toy.logits_now();
         for (r, want) in expected(&case["expected"]).iter().enumerate() {
