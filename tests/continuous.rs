@@ -120,13 +120,9 @@ fn rows_joining_and_leaving_a_running_batch_get_their_single_run_tokens() {
                 embeds,
             )
             .unwrap();
+            let prompts = batch.unpadded();
             for (i, &r) in newcomers.iter().enumerate() {
-                let prompt: Vec<i64> = batch.ids[i]
-                    .iter()
-                    .zip(&batch.mask[i])
-                    .filter(|(_, &m)| m != 0)
-                    .map(|(&t, _)| t)
-                    .collect();
+                let prompt = prompts[i].clone();
                 let seed = requests[r].cfg.seed.unwrap_or(0);
                 let mut s = RowSearch::new(prompt, &requests[r].cfg, seed, 0).unwrap();
                 s.pick(logits.row(i));

@@ -7,11 +7,10 @@ use std::collections::HashMap;
 
 use blip2_core::Dim;
 
-use crate::checkpoint::{
-    write_converted, ChannelQuantizer, Checkpoint, DType, Quantizer, TensorView,
-};
+use crate::checkpoint::{write_converted, Checkpoint, DType, TensorView};
 use crate::error::Result;
 use crate::onnx::{Attr, Elem, Graph, InitData, Initializer, Node, ValueInfo};
+use crate::quantize::{ChannelQuantizer, Quantizer};
 
 /// ONNX Runtime's contrib operator domain (MatMulNBits, DynamicQuantizeMatMul).
 pub const MS_DOMAIN: &str = "com.microsoft";

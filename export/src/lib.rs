@@ -21,6 +21,7 @@ pub mod onnx;
 mod opt;
 pub mod output;
 mod qformer;
+mod quantize;
 mod retrieval;
 mod source;
 pub mod t5;

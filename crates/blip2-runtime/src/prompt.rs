@@ -29,6 +29,21 @@ pub struct Batch {
     pub mask: Vec<Vec<i64>>,
 }
 
+impl Batch {
+    /// Each row's tokens as it is alone: the padding (mask 0) taken out.
+    pub fn unpadded(&self) -> Vec<Vec<i64>> {
+        unpadded(&self.ids, &self.mask)
+    }
+}
+
+/// Each row of `ids` without the positions `mask` hides (its padding).
+pub fn unpadded(ids: &[Vec<i64>], mask: &[Vec<i64>]) -> Vec<Vec<i64>> {
+    ids.iter()
+        .zip(mask)
+        .map(|(ids, m)| ids.iter().zip(m).filter(|(_, &m)| m != 0).map(|(&i, _)| i).collect())
+        .collect()
+}
+
 impl Prompter {
     pub fn load(dir: &Path, m: &Manifest) -> Result<Self, RuntimeError> {
         let path = dir.join(&m.tokenizer_file);

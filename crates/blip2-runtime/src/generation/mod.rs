@@ -21,7 +21,7 @@ mod greedy;
 
 pub use greedy::RowSearch;
 mod processors;
-mod rng;
+pub mod rng;
 
 use std::fmt;
 use std::str::FromStr;

@@ -63,12 +63,7 @@ impl<'m> OptStaticState<'m> {
         max_new_tokens: usize,
     ) -> Result<(Self, Array2<f32>), RuntimeError> {
         let rows = batch.ids.len();
-        let real: Vec<Vec<i64>> = batch
-            .ids
-            .iter()
-            .zip(&batch.mask)
-            .map(|(ids, m)| ids.iter().zip(m).filter(|(_, &m)| m != 0).map(|(&i, _)| i).collect())
-            .collect();
+        let real = batch.unpadded();
         let lens: Vec<usize> = real.iter().map(Vec::len).collect();
         let longest = lens.iter().copied().max().unwrap_or(0);
         if lens.contains(&0) {

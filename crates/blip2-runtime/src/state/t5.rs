@@ -67,11 +67,7 @@ impl<'m> T5State<'m> {
         let spec = kv_spec(&m);
         let selects = crate::state::selects_tokens(&m);
         let fixed = is_static(&m);
-        let real: Vec<Vec<i64>> = ids
-            .iter()
-            .zip(mask)
-            .map(|(ids, m)| ids.iter().zip(m).filter(|(_, &m)| m != 0).map(|(&i, _)| i).collect())
-            .collect();
+        let real = crate::prompt::unpadded(ids, mask);
         let lens: Vec<usize> = real.iter().map(Vec::len).collect();
         let longest = lens.iter().copied().max().unwrap_or(0);
         let enc_mask = Array2::from_shape_fn((rows, longest), |(r, j)| i64::from(j < lens[r]));

@@ -134,12 +134,7 @@ fn admit(b: &mut Batch, shared: &Shared, newcomers: Vec<Queued>) {
             embeds,
         )?;
         // Each row's prompt as it is alone: without the padding.
-        let prompts = batch
-            .ids
-            .iter()
-            .zip(&batch.mask)
-            .map(|(ids, m)| ids.iter().zip(m).filter(|(_, &m)| m != 0).map(|(&i, _)| i).collect())
-            .collect();
+        let prompts = batch.unpadded();
         Ok(Prefilled { state, logits, prompts })
     })();
     let Prefilled { mut state, logits, prompts } = match prefilled {
