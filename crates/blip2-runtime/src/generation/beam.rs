@@ -55,6 +55,30 @@ struct Candidate {
     done: bool,
 }
 
+/// The search's state over the whole batch.
+struct Search<'a> {
+    cfg: &'a GenerationConfig,
+    prompts: &'a [Prompt],
+    processors: Processors<'a>,
+    rngs: Vec<Rng>,
+    vocab: usize,
+    nb: usize,
+    prompt_len: usize,
+    max_len: usize,
+    /// Candidates kept per prompt and step.
+    keep: usize,
+    running: Vec<Vec<Beam>>,
+    finished: Vec<Vec<Hypothesis>>,
+    /// Per prompt: may the running beams still improve on the finished store?
+    improvable: Vec<bool>,
+    /// Until the first reorder the model holds one row per prompt (the prefill); the
+    /// beams of a prompt all read that row. Afterwards it holds batch * nb rows.
+    expanded: bool,
+    cur_len: usize,
+    /// Scratch for one prompt's `[beams * vocab]` scores.
+    acc: Vec<f32>,
+}
+
 pub(crate) fn run<M: StepModel + ?Sized>(
     model: &mut M,
     prompts: &[Prompt],
@@ -62,232 +86,278 @@ pub(crate) fn run<M: StepModel + ?Sized>(
     cfg: &GenerationConfig,
     seed: u64,
 ) -> Result<Vec<Vec<Vec<i64>>>, GenerationError<M::Error>> {
-    let vocab = first_logits.ncols();
-    let batch = prompts.len();
-    let nb = cfg.num_beams;
-    let prompt_len = prompts[0].ids.len();
-    let max_len = prompt_len + cfg.max_new_tokens;
-    let eos = &cfg.eos_token_ids;
-    let per_beam = (1 + eos.len()).max(2);
-    let keep = per_beam * nb;
-    if keep > nb * vocab {
-        return Err(GenerationError::Input(format!(
-            "beam search keeps {keep} candidates per step but there are only {} (vocabulary {vocab})",
-            nb * vocab
-        )));
-    }
-    // Beam sampling keeps at least (eos count + 1) tokens per beam through top-k/top-p.
-    let processors = Processors::new(cfg, prompt_len, per_beam);
-    let mut rngs: Vec<Rng> = (0..batch).map(|b| Rng::new(seed, b as u64)).collect();
-
-    // Only the first beam starts live: the others are copies and would repeat its candidates.
-    let mut running: Vec<Vec<Beam>> = prompts
-        .iter()
-        .map(|p| {
-            (0..nb)
-                .map(|j| Beam { tokens: p.ids.clone(), score: if j == 0 { 0.0 } else { MASK } })
-                .collect()
-        })
-        .collect();
-    let mut finished: Vec<Vec<Hypothesis>> = prompts
-        .iter()
-        .map(|p| vec![Hypothesis { tokens: p.ids.clone(), score: MASK, done: false }; nb])
-        .collect();
-    // Per prompt: may the running beams still improve on the finished store?
-    let mut improvable = vec![true; batch];
-
-    // Until the first reorder the model holds one row per prompt (the prefill); the beams of a
-    // prompt all read that row. Afterwards it holds batch * nb rows.
-    let mut expanded = false;
+    let mut search = Search::new(prompts, first_logits.ncols(), cfg, seed)?;
     let mut out = StepOutput::Logits(first_logits);
-    let mut cur_len = prompt_len;
-    let mut acc = vec![0f32; nb * vocab];
     loop {
-        // 1-2. candidates per prompt: (index into the [beams * vocab] scores, score)
-        let mut candidates: Vec<Vec<Candidate>> = Vec::with_capacity(batch);
-        for b in 0..batch {
-            let picked: Vec<(usize, f32)> = match &out {
-                StepOutput::Logits(logits) => {
-                    for (j, beam) in running[b].iter().enumerate() {
-                        let row = logits.row(if expanded { b * nb + j } else { b });
-                        let scores = &mut acc[j * vocab..(j + 1) * vocab];
-                        log_softmax(row.iter().copied(), scores);
-                        processors.apply(&beam.tokens, prompts[b].padding, scores);
-                        for s in scores.iter_mut() {
-                            *s += beam.score;
-                        }
-                    }
-                    let picked = if cfg.do_sample {
-                        let mut drawn = sample_without_replacement(&acc, keep, &mut rngs[b]);
-                        // Sorted best first; the stable sort keeps draw order among equal scores.
-                        drawn.sort_by(|&x, &y| desc(acc[x], acc[y]));
-                        drawn
-                    } else {
-                        top_k_indices(&acc, keep)
-                    };
-                    picked.into_iter().map(|i| (i, acc[i])).collect()
-                }
-                // The model's per-beam best `keep` log-probabilities (processors inert):
-                // the best `keep` over all beams are among them. Laid out in index order
-                // so equal scores resolve as over the full scores.
-                // While the minimum length bans the eos tokens, the model returned that many
-                // more candidates and the eos ones are dropped here.
-                StepOutput::TopLogProbs { logprobs, ids } => {
-                    let ban = processors.model_side(cur_len) == Some(true);
-                    let mut entries: Vec<(usize, f32)> = Vec::with_capacity(nb * logprobs.ncols());
-                    for (j, beam) in running[b].iter().enumerate() {
-                        let r = b * nb + j;
-                        for t in 0..logprobs.ncols() {
-                            if ban && eos.contains(&ids[[r, t]]) {
-                                continue;
-                            }
-                            entries.push((
-                                j * vocab + ids[[r, t]] as usize,
-                                logprobs[[r, t]] + beam.score,
-                            ));
-                        }
-                    }
-                    entries.sort_by_key(|e| e.0);
-                    let scores: Vec<f32> = entries.iter().map(|e| e.1).collect();
-                    top_k_indices(&scores, keep).into_iter().map(|i| entries[i]).collect()
-                }
-                StepOutput::Argmax(_) | StepOutput::TopLogits { .. } => {
-                    unreachable!("beam search asks for log-probabilities or logits")
-                }
-            };
-            candidates.push(
-                picked
-                    .into_iter()
-                    .map(|(i, score)| {
-                        let token = (i % vocab) as i64;
-                        Candidate {
-                            beam: i / vocab,
-                            token,
-                            score,
-                            done: cur_len + 1 >= max_len || eos.contains(&token),
-                        }
-                    })
-                    .collect(),
-            );
-        }
+        // 1-2. candidates per prompt
+        let candidates: Vec<Vec<Candidate>> =
+            (0..prompts.len()).map(|b| search.candidates(b, &out)).collect();
         let all_done = candidates.iter().flatten().all(|c| c.done);
-
-        // Length penalty of anything finishing now: all new tokens, this one included.
-        let penalty = ((cur_len + 1 - prompt_len) as f64).powf(cfg.length_penalty) as f32;
-        let mut sources: Vec<Vec<usize>> = Vec::with_capacity(batch);
-        for b in 0..batch {
-            let cands = &candidates[b];
-            let extend = |c: &Candidate| {
-                let mut t = running[b][c.beam].tokens.clone();
-                t.push(c.token);
-                t
-            };
-
-            // 3. the next running beams: the best not-done continuations
-            let run_scores: Vec<f32> =
-                cands.iter().map(|c| if c.done { c.score + MASK } else { c.score }).collect();
-            let next: Vec<usize> = top_k_indices(&run_scores, nb);
-
-            // 4. the finished store: old entries and the done top-nb continuations compete
-            let full =
-                cfg.early_stopping == EarlyStopping::True && finished[b].iter().all(|h| h.done);
-            let mut merged: Vec<f32> = finished[b].iter().map(|h| h.score).collect();
-            for (i, c) in cands.iter().enumerate() {
-                let mut s = c.score / penalty;
-                if full {
-                    s += MASK;
-                }
-                if !improvable[b] {
-                    s += MASK;
-                }
-                if !(c.done && i < nb) {
-                    s += MASK;
-                }
-                merged.push(s);
-            }
-            let best = top_k_indices(&merged, nb);
-            let store: Vec<Hypothesis> = best
-                .into_iter()
-                .map(|m| {
-                    if m < nb {
-                        finished[b][m].clone()
-                    } else {
-                        let i = m - nb;
-                        Hypothesis {
-                            tokens: extend(&cands[i]),
-                            score: merged[m],
-                            done: cands[i].done && i < nb,
-                        }
-                    }
-                })
-                .collect();
-
-            let beams: Vec<Beam> = next
-                .iter()
-                .map(|&i| Beam { tokens: extend(&cands[i]), score: run_scores[i] })
-                .collect();
-            sources.push(next.iter().map(|&i| cands[i].beam).collect());
-            running[b] = beams;
-            finished[b] = store;
+        // 3-4. the next running beams and the finished store
+        let sources: Vec<Vec<usize>> =
+            candidates.iter().enumerate().map(|(b, c)| search.advance(b, c)).collect();
+        search.cur_len += 1;
+        // 5. stop when nothing can improve
+        if search.stops(all_done) {
+            break;
         }
-        cur_len += 1;
+        out = search.next_step(model, &sources)?;
+    }
+    Ok(search.results())
+}
 
-        // 5. can the best running beam still beat the worst finished hypothesis?
-        for b in 0..batch {
-            if !improvable[b] {
+impl<'a> Search<'a> {
+    fn new<E: std::error::Error + 'static>(
+        prompts: &'a [Prompt],
+        vocab: usize,
+        cfg: &'a GenerationConfig,
+        seed: u64,
+    ) -> Result<Self, GenerationError<E>> {
+        let nb = cfg.num_beams;
+        let prompt_len = prompts[0].ids.len();
+        let per_beam = (1 + cfg.eos_token_ids.len()).max(2);
+        let keep = per_beam * nb;
+        if keep > nb * vocab {
+            return Err(GenerationError::Input(format!(
+                "beam search keeps {keep} candidates per step but there are only {} (vocabulary {vocab})",
+                nb * vocab
+            )));
+        }
+        // Only the first beam starts live: the others are copies and would repeat its
+        // candidates.
+        let running = prompts
+            .iter()
+            .map(|p| {
+                (0..nb)
+                    .map(|j| Beam { tokens: p.ids.clone(), score: if j == 0 { 0.0 } else { MASK } })
+                    .collect()
+            })
+            .collect();
+        let finished = prompts
+            .iter()
+            .map(|p| vec![Hypothesis { tokens: p.ids.clone(), score: MASK, done: false }; nb])
+            .collect();
+        Ok(Self {
+            cfg,
+            prompts,
+            // Beam sampling keeps at least (eos count + 1) tokens per beam through top-k/top-p.
+            processors: Processors::new(cfg, prompt_len, per_beam),
+            rngs: (0..prompts.len()).map(|b| Rng::new(seed, b as u64)).collect(),
+            vocab,
+            nb,
+            prompt_len,
+            max_len: prompt_len + cfg.max_new_tokens,
+            keep,
+            running,
+            finished,
+            improvable: vec![true; prompts.len()],
+            expanded: false,
+            cur_len: prompt_len,
+            acc: vec![0f32; nb * vocab],
+        })
+    }
+
+    /// Steps 1-2 for prompt `b`: the best `keep` continuations over its beams (drawn when
+    /// sampling), best first.
+    fn candidates(&mut self, b: usize, out: &StepOutput) -> Vec<Candidate> {
+        let (vocab, nb, keep) = (self.vocab, self.nb, self.keep);
+        let eos = &self.cfg.eos_token_ids;
+        // (index into the [beams * vocab] scores, score)
+        let picked: Vec<(usize, f32)> = match out {
+            StepOutput::Logits(logits) => {
+                for (j, beam) in self.running[b].iter().enumerate() {
+                    let row = logits.row(if self.expanded { b * nb + j } else { b });
+                    let scores = &mut self.acc[j * vocab..(j + 1) * vocab];
+                    log_softmax(row.iter().copied(), scores);
+                    self.processors.apply(&beam.tokens, self.prompts[b].padding, scores);
+                    for s in scores.iter_mut() {
+                        *s += beam.score;
+                    }
+                }
+                let acc = &self.acc;
+                let picked = if self.cfg.do_sample {
+                    let mut drawn = sample_without_replacement(acc, keep, &mut self.rngs[b]);
+                    // Sorted best first; the stable sort keeps draw order among equal scores.
+                    drawn.sort_by(|&x, &y| desc(acc[x], acc[y]));
+                    drawn
+                } else {
+                    top_k_indices(acc, keep)
+                };
+                picked.into_iter().map(|i| (i, acc[i])).collect()
+            }
+            // The model's per-beam best `keep` log-probabilities (processors inert): the
+            // best `keep` over all beams are among them. Laid out in index order so equal
+            // scores resolve as over the full scores. While the minimum length bans the
+            // eos tokens, the model returned that many more candidates and the eos ones
+            // are dropped here.
+            StepOutput::TopLogProbs { logprobs, ids } => {
+                let ban = self.processors.model_side(self.cur_len) == Some(true);
+                let mut entries: Vec<(usize, f32)> = Vec::with_capacity(nb * logprobs.ncols());
+                for (j, beam) in self.running[b].iter().enumerate() {
+                    let r = b * nb + j;
+                    for t in 0..logprobs.ncols() {
+                        if ban && eos.contains(&ids[[r, t]]) {
+                            continue;
+                        }
+                        entries.push((
+                            j * vocab + ids[[r, t]] as usize,
+                            logprobs[[r, t]] + beam.score,
+                        ));
+                    }
+                }
+                entries.sort_by_key(|e| e.0);
+                let scores: Vec<f32> = entries.iter().map(|e| e.1).collect();
+                top_k_indices(&scores, keep).into_iter().map(|i| entries[i]).collect()
+            }
+            StepOutput::Argmax(_) | StepOutput::TopLogits { .. } => {
+                unreachable!("beam search asks for log-probabilities or logits")
+            }
+        };
+        picked
+            .into_iter()
+            .map(|(i, score)| {
+                let token = (i % vocab) as i64;
+                Candidate {
+                    beam: i / vocab,
+                    token,
+                    score,
+                    done: self.cur_len + 1 >= self.max_len || eos.contains(&token),
+                }
+            })
+            .collect()
+    }
+
+    /// Steps 3-4 for prompt `b`: the best not-done continuations become its running
+    /// beams, and done ones among the first `nb` compete for its finished store. Returns
+    /// the beam each new running beam continues.
+    fn advance(&mut self, b: usize, cands: &[Candidate]) -> Vec<usize> {
+        let (nb, cfg) = (self.nb, self.cfg);
+        // Length penalty of anything finishing now: all new tokens, this one included.
+        let penalty = ((self.cur_len + 1 - self.prompt_len) as f64).powf(cfg.length_penalty) as f32;
+        let running = &self.running[b];
+        let extend = |c: &Candidate| {
+            let mut t = running[c.beam].tokens.clone();
+            t.push(c.token);
+            t
+        };
+
+        // 3. the next running beams: the best not-done continuations
+        let run_scores: Vec<f32> =
+            cands.iter().map(|c| if c.done { c.score + MASK } else { c.score }).collect();
+        let next: Vec<usize> = top_k_indices(&run_scores, nb);
+
+        // 4. the finished store: old entries and the done top-nb continuations compete
+        let full =
+            cfg.early_stopping == EarlyStopping::True && self.finished[b].iter().all(|h| h.done);
+        let mut merged: Vec<f32> = self.finished[b].iter().map(|h| h.score).collect();
+        for (i, c) in cands.iter().enumerate() {
+            let mut s = c.score / penalty;
+            if full {
+                s += MASK;
+            }
+            if !self.improvable[b] {
+                s += MASK;
+            }
+            if !(c.done && i < nb) {
+                s += MASK;
+            }
+            merged.push(s);
+        }
+        let store: Vec<Hypothesis> = top_k_indices(&merged, nb)
+            .into_iter()
+            .map(|m| {
+                if m < nb {
+                    self.finished[b][m].clone()
+                } else {
+                    let i = m - nb;
+                    Hypothesis {
+                        tokens: extend(&cands[i]),
+                        score: merged[m],
+                        done: cands[i].done && i < nb,
+                    }
+                }
+            })
+            .collect();
+        let beams: Vec<Beam> = next
+            .iter()
+            .map(|&i| Beam { tokens: extend(&cands[i]), score: run_scores[i] })
+            .collect();
+        self.running[b] = beams;
+        self.finished[b] = store;
+        next.iter().map(|&i| cands[i].beam).collect()
+    }
+
+    /// Step 5: whether the search ends, after updating which prompts can still improve
+    /// (can the best running beam beat the worst finished hypothesis?).
+    fn stops(&mut self, all_done: bool) -> bool {
+        let cfg = self.cfg;
+        for b in 0..self.prompts.len() {
+            if !self.improvable[b] {
                 continue;
             }
             let best_len = if cfg.early_stopping == EarlyStopping::Never && cfg.length_penalty > 0.0
             {
-                max_len - prompt_len
+                self.max_len - self.prompt_len
             } else {
-                cur_len - prompt_len
+                self.cur_len - self.prompt_len
             };
             let best_possible =
-                running[b][0].score / ((best_len as f64).powf(cfg.length_penalty) as f32);
-            let worst = finished[b].iter().map(|h| h.score).fold(f32::INFINITY, f32::min);
-            improvable[b] =
-                finished[b].iter().any(|h| best_possible > if h.done { worst } else { MASK });
+                self.running[b][0].score / ((best_len as f64).powf(cfg.length_penalty) as f32);
+            let finished = &self.finished[b];
+            let worst = finished.iter().map(|h| h.score).fold(f32::INFINITY, f32::min);
+            self.improvable[b] =
+                finished.iter().any(|h| best_possible > if h.done { worst } else { MASK });
         }
-        let all_stored = finished.iter().flatten().all(|h| h.done);
-        let stop = !improvable.iter().any(|&i| i)
+        let all_stored = self.finished.iter().flatten().all(|h| h.done);
+        !self.improvable.iter().any(|&i| i)
             || (cfg.early_stopping == EarlyStopping::True && all_stored)
-            || all_done;
-        if stop {
-            break;
-        }
+            || all_done
+    }
 
-        // Reorder the model rows to follow the beams, then feed each beam its new token.
+    /// Reorders the model's rows to follow the beams (`sources[b]`: the beam each of
+    /// prompt b's running beams continues) and runs the next step on their new tokens.
+    fn next_step<M: StepModel + ?Sized>(
+        &mut self,
+        model: &mut M,
+        sources: &[Vec<usize>],
+    ) -> Result<StepOutput, GenerationError<M::Error>> {
+        let (nb, expanded) = (self.nb, self.expanded);
         let rows: Vec<usize> = sources
             .iter()
             .enumerate()
             .flat_map(|(b, src)| src.iter().map(move |&j| if expanded { b * nb + j } else { b }))
             .collect();
         model.select_rows(&rows).map_err(GenerationError::Model)?;
-        expanded = true;
-        let last: Vec<i64> = running
+        self.expanded = true;
+        let last: Vec<i64> = self
+            .running
             .iter()
             .flatten()
             .map(|beam| *beam.tokens.last().expect("beam has tokens"))
             .collect();
         // Every running beam has cur_len ids.
-        let want = match processors.model_side(cur_len) {
-            _ if cfg.do_sample => Want::Logits,
+        let (keep, vocab, eos) = (self.keep, self.vocab, &self.cfg.eos_token_ids);
+        let want = match self.processors.model_side(self.cur_len) {
+            _ if self.cfg.do_sample => Want::Logits,
             Some(false) if keep <= vocab => Want::TopLogProbs(keep),
             Some(true) if keep + eos.len() <= vocab => Want::TopLogProbs(keep + eos.len()),
             _ => Want::Logits,
         };
-        out = step(model, &last, vocab, want)?;
+        step(model, &last, vocab, want)
     }
 
-    Ok(finished
-        .iter()
-        .map(|store| {
-            store
-                .iter()
-                .take(cfg.num_return_sequences)
-                .map(|h| new_tokens(&h.tokens, prompt_len, eos))
-                .collect()
-        })
-        .collect())
+    /// The finished hypotheses, `num_return_sequences` per prompt, as new tokens.
+    fn results(&self) -> Vec<Vec<Vec<i64>>> {
+        let eos = &self.cfg.eos_token_ids;
+        self.finished
+            .iter()
+            .map(|store| {
+                store
+                    .iter()
+                    .take(self.cfg.num_return_sequences)
+                    .map(|h| new_tokens(&h.tokens, self.prompt_len, eos))
+                    .collect()
+            })
+            .collect()
+    }
 }
