@@ -73,25 +73,13 @@ pub fn temp_dir(name: &str) -> PathBuf {
 
 /// Builds sessions on the CPU profile (ONNX Runtime found as `blip2-ort` finds it: run
 /// `blip2-ort install-runtime` once, or set ORT_DYLIB_PATH).
-pub fn session_factory() -> impl FnMut(
-    blip2_runtime::model::GraphKind,
-    &Path,
-) -> Result<
-    ort::session::Session,
-    blip2_runtime::error::RuntimeError,
-> {
-    let profile = blip2_runtime::config::Profile::cpu();
-    let cache = blip2_runtime::session_cache::optimized_cache_root();
-    move |kind, path| {
-        blip2_runtime::providers::open_session(
-            &profile,
-            kind.name(),
-            path,
-            Some(&cache),
-            &mut |w| eprintln!("warning: {w}"),
-        )
-        .map_err(blip2_runtime::error::RuntimeError::Session)
-    }
+pub fn session_factory() -> Box<blip2_runtime::model::SessionFactory<'static>> {
+    blip2_runtime::providers::session_factory(
+        blip2_runtime::config::Profile::cpu(),
+        Some(blip2_runtime::session_cache::optimized_cache_root()),
+        None,
+        |w| eprintln!("warning: {w}"),
+    )
 }
 
 /// A search config from a recorded generate() call's keyword arguments, over the

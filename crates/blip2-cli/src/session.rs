@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use blip2_runtime::config::{Config, ConfigError, Profile, Provider};
 use blip2_runtime::error::RuntimeError;
-use blip2_runtime::model::{GraphKind, SessionFactory};
+use blip2_runtime::model::SessionFactory;
 use blip2_runtime::pipeline::Pipeline;
 use blip2_runtime::{providers, session_cache};
 
@@ -123,25 +123,20 @@ fn check_cuda_graph(dir: &Path, profile: &Profile) -> Result<PathBuf> {
 
 /// Builds each graph's session on the profile, with the optimized-graph cache unless
 /// `BLIP2_ORT_OPTIMIZED_CACHE=0`; the library's warnings go to stderr.
-pub fn session_factory(profile: &Profile) -> Box<SessionFactory<'_>> {
+pub fn session_factory(profile: &Profile) -> Box<SessionFactory<'static>> {
     session_factory_capturing(profile, None)
 }
 
 /// [`session_factory`], with CUDA graph capture (the profile's `cuda_graph`) on the
 /// session of the graph file `capture` alone.
-fn session_factory_capturing<'p>(
-    profile: &'p Profile,
-    capture: Option<&'p Path>,
-) -> Box<SessionFactory<'p>> {
+fn session_factory_capturing(
+    profile: &Profile,
+    capture: Option<&Path>,
+) -> Box<SessionFactory<'static>> {
     let cache_on = std::env::var(OPTIMIZED_CACHE_ENV).map_or(true, |v| v.trim() != "0");
     let cache = cache_on.then(session_cache::optimized_cache_root);
-    let uncaptured = Profile { cuda_graph: false, ..profile.clone() };
-    Box::new(move |kind: GraphKind, path: &Path| {
-        let p = if capture == Some(path) { profile } else { &uncaptured };
-        providers::open_session(p, kind.name(), path, cache.as_deref(), &mut |w| {
-            eprintln!("warning: {w}")
-        })
-        .map_err(RuntimeError::Session)
+    providers::session_factory(profile.clone(), cache, capture.map(Path::to_path_buf), |w| {
+        eprintln!("warning: {w}")
     })
 }
 
