@@ -250,6 +250,7 @@ impl KvCache {
         Ok(())
     }
 
+    #[cfg(any(test, feature = "test-support"))]
     /// Where each buffer's data lies, key then value per layer (tests: a static cache
     /// keeps its addresses).
     pub fn addresses(&self) -> Vec<usize> {

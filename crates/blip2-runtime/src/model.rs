@@ -318,6 +318,7 @@ impl Blip2Model {
         Ok(())
     }
 
+    #[cfg(any(test, feature = "test-support"))]
     /// The pool of idle decode-step buffers, when [`Blip2Model::use_fixed_step_buffers`]
     /// is on.
     pub fn step_pool(&self) -> Option<&crate::state::fixed::StepPool> {

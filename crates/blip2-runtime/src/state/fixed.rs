@@ -113,11 +113,13 @@ impl StepPool {
         }
     }
 
+    #[cfg(any(test, feature = "test-support"))]
     /// How many idle sets it holds (tests).
     pub fn idle(&self) -> usize {
         self.idle.len()
     }
 
+    #[cfg(any(test, feature = "test-support"))]
     /// The idle sets' numbers, oldest first (tests).
     pub fn idle_ids(&self) -> Vec<u64> {
         self.idle.iter().map(StepBuffers::id).collect()
@@ -256,7 +258,7 @@ impl StepBuffers {
         })
     }
 
-    /// The set's number (tests: a request that reuses a set has the same one).
+    /// The set's number (a request that reuses a set has the same one).
     pub fn id(&self) -> u64 {
         self.id
     }
@@ -491,6 +493,7 @@ impl StepBuffers {
         Ok(())
     }
 
+    #[cfg(any(test, feature = "test-support"))]
     /// Where every bound tensor's data lies (tests: they never move).
     pub fn addresses(&self) -> Vec<usize> {
         let mut a = vec![

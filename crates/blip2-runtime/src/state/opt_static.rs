@@ -169,11 +169,13 @@ impl<'m> OptStaticState<'m> {
         b.answer(want)
     }
 
+    #[cfg(any(test, feature = "test-support"))]
     /// Each row's length in the cache (tests).
     pub fn lens(&self) -> &[usize] {
         &self.lens
     }
 
+    #[cfg(any(test, feature = "test-support"))]
     /// Fixed buffers only: the set's number, the graph id of the last decode step (none
     /// before the first) and where its bound tensors lie (tests: a set keeps its
     /// addresses, and requests of one shape share sets and graphs).
@@ -184,6 +186,7 @@ impl<'m> OptStaticState<'m> {
         }
     }
 
+    #[cfg(any(test, feature = "test-support"))]
     /// Fixed buffers only: the host-device copies their set has made, and its steps.
     pub fn fixed_transfers(&self) -> Option<crate::state::fixed::Transfers> {
         match &self.buffers {
