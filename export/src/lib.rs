@@ -35,7 +35,7 @@ use blip2_core::{
 
 pub use checkpoint::Checkpoint;
 pub use error::{ExportError, Result};
-pub use output::remove_partials;
+pub use output::{acknowledge, interrupt, remove_partials, Interrupt};
 pub use retrieval::is_retrieval;
 pub use source::SourceFiles;
 
@@ -104,6 +104,8 @@ pub trait Progress {
     fn stage(&mut self, name: &str, total_bytes: u64);
     fn advance(&mut self, bytes: u64);
     fn finish(&mut self) {}
+    /// Another export into the same output folder is running; this one waits for it.
+    fn waiting(&mut self, _output: &Path) {}
 }
 
 /// Progress that goes nowhere (`--quiet`, tests).
@@ -133,7 +135,9 @@ pub fn export(
     let files = SourceFiles::read(src)?;
     let ck = Checkpoint::open(src)?;
     check_layer_counts(&files.config, &ck)?;
-    in_partial_folder(out, progress, |dir, progress| write_all(&files, &ck, dir, opts, progress))
+    in_partial_folder(out, opts.force, progress, |dir, progress| {
+        write_all(&files, &ck, dir, opts, progress)
+    })
 }
 
 /// Every layer stack's count in config.json against the layers the weights hold.
@@ -181,6 +185,7 @@ fn check_layer_counts(cfg: &config::ModelConfig, ck: &Checkpoint) -> Result<()> 
 /// Runs `write` on a partial folder beside `out`, then puts it in place (see [`output`]).
 fn in_partial_folder<M>(
     out: &Path,
+    force: bool,
     progress: &mut dyn Progress,
     write: impl FnOnce(&Path, &mut dyn Progress) -> Result<M>,
 ) -> Result<M> {
@@ -190,6 +195,10 @@ fn in_partial_folder<M>(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "export".into());
+    // Exports into one folder take turns; the first check (before the sources were read)
+    // is repeated under the lock, as another export may have written the folder since.
+    let _lock = output::OutputLock::acquire(parent, &name, &mut || progress.waiting(out))?;
+    output::check_output(out, force)?;
     output::remove_stale_partials(parent, &name);
     let partial =
         output::Partial::create(parent.join(output::partial_name(&name, std::process::id())))?;
@@ -252,7 +261,7 @@ pub fn export_any(
         return export(src, out, opts, progress).map(Exported::Captioning);
     }
     let ck = Checkpoint::open(src)?;
-    in_partial_folder(out, progress, |dir, progress| {
+    in_partial_folder(out, opts.force, progress, |dir, progress| {
         retrieval::write_all(src, &ck, dir, opts, progress)
     })
     .map(Exported::Retrieval)

@@ -71,6 +71,7 @@ pub enum Dtype {
 
 struct Bars {
     bar: ProgressBar,
+    quiet: bool,
 }
 
 impl Progress for Bars {
@@ -84,6 +85,13 @@ impl Progress for Bars {
     }
     fn finish(&mut self) {
         self.bar.finish_and_clear();
+    }
+    fn waiting(&mut self, output: &std::path::Path) {
+        if !self.quiet {
+            self.bar.suspend(|| {
+                eprintln!("waiting for another export into {} to finish", output.display())
+            });
+        }
     }
 }
 
@@ -124,7 +132,7 @@ pub fn run(a: &ExportArgs, quiet: bool) -> Result<()> {
         ProgressStyle::with_template("{msg:16} {bar:40} {bytes}/{total_bytes} {eta}")
             .expect("valid template"),
     );
-    let exported = blip2_export::export_any(&src, &a.output, &opts, &mut Bars { bar })?;
+    let exported = blip2_export::export_any(&src, &a.output, &opts, &mut Bars { bar, quiet })?;
     if !quiet {
         let mut quant = String::new();
         if let blip2_export::Exported::Captioning(manifest) = &exported {

@@ -195,6 +195,8 @@ pub fn resolve_model(model: &str, quiet: bool) -> Result<PathBuf> {
             if out.join(blip2_core::io::MANIFEST_FILE).exists() => {}
         Err(e) => return Err(e.into()),
     }
+    // A signal that came once the export was in place ends the process now.
+    crate::signals::export_reported();
     remove_other_versions(&out);
     Ok(out)
 }
