@@ -35,7 +35,7 @@ use blip2_core::{
 
 pub use checkpoint::Checkpoint;
 pub use error::{ExportError, Result};
-pub use output::{acknowledge, interrupt, remove_partials, Interrupt};
+pub use output::{acknowledge, interrupt, release_kept_locks, remove_partials, Interrupt};
 pub use retrieval::is_retrieval;
 pub use source::SourceFiles;
 
@@ -80,6 +80,11 @@ pub struct ExportOptions {
     pub quantize_encoders: bool,
     /// Which runtime the graphs are built for (`--target`).
     pub target: Target,
+    /// Keep the output folder's lock ([`output::OutputLock`]) after a successful export
+    /// returns, until [`acknowledge`] or the process ends: no other export into the same
+    /// folder can then overtake the caller's report of this one (the command line sets
+    /// it, so the export it prints is the one in the folder).
+    pub keep_lock: bool,
 }
 
 impl Default for ExportOptions {
@@ -95,6 +100,7 @@ impl Default for ExportOptions {
             quantize: None,
             quantize_encoders: false,
             target: Target::Portable,
+            keep_lock: false,
         }
     }
 }
@@ -135,7 +141,7 @@ pub fn export(
     let files = SourceFiles::read(src)?;
     let ck = Checkpoint::open(src)?;
     check_layer_counts(&files.config, &ck)?;
-    in_partial_folder(out, opts.force, progress, |dir, progress| {
+    in_partial_folder(out, opts, progress, |dir, progress| {
         write_all(&files, &ck, dir, opts, progress)
     })
 }
@@ -185,7 +191,7 @@ fn check_layer_counts(cfg: &config::ModelConfig, ck: &Checkpoint) -> Result<()> 
 /// Runs `write` on a partial folder beside `out`, then puts it in place (see [`output`]).
 fn in_partial_folder<M>(
     out: &Path,
-    force: bool,
+    opts: &ExportOptions,
     progress: &mut dyn Progress,
     write: impl FnOnce(&Path, &mut dyn Progress) -> Result<M>,
 ) -> Result<M> {
@@ -197,14 +203,17 @@ fn in_partial_folder<M>(
         .unwrap_or_else(|| "export".into());
     // Exports into one folder take turns; the first check (before the sources were read)
     // is repeated under the lock, as another export may have written the folder since.
-    let _lock = output::OutputLock::acquire(parent, &name, &mut || progress.waiting(out))?;
-    output::check_output(out, force)?;
+    let lock = output::OutputLock::acquire(parent, &name, &mut || progress.waiting(out))?;
+    output::check_output(out, opts.force)?;
     output::remove_stale_partials(parent, &name);
     let partial =
         output::Partial::create(parent.join(output::partial_name(&name, std::process::id())))?;
     let manifest = write(&partial.path, progress)?;
     output::put_in_place(partial, out)?;
     progress.finish();
+    if opts.keep_lock {
+        lock.keep();
+    }
     Ok(manifest)
 }
 
@@ -261,7 +270,7 @@ pub fn export_any(
         return export(src, out, opts, progress).map(Exported::Captioning);
     }
     let ck = Checkpoint::open(src)?;
-    in_partial_folder(out, opts.force, progress, |dir, progress| {
+    in_partial_folder(out, opts, progress, |dir, progress| {
         retrieval::write_all(src, &ck, dir, opts, progress)
     })
     .map(Exported::Retrieval)

@@ -40,6 +40,8 @@ struct State {
     finished: usize,
     /// An [`interrupt`] came while an export put in place was not yet acknowledged.
     deferred: bool,
+    /// Locks of exports put in place, kept until [`acknowledge`] (`keep_lock`).
+    kept: Vec<OutputLock>,
 }
 
 static STATE: Mutex<State> = Mutex::new(State {
@@ -48,6 +50,7 @@ static STATE: Mutex<State> = Mutex::new(State {
     interrupted: false,
     finished: 0,
     deferred: false,
+    kept: Vec::new(),
 });
 
 fn state() -> MutexGuard<'static, State> {
@@ -98,10 +101,23 @@ pub fn interrupt() -> Interrupt {
 
 /// Says that the exports put in place so far have been reported; returns whether an
 /// [`interrupt`] came meanwhile (then the caller should end as the interrupt asked).
+/// Lets go of the locks kept for them ([`crate::ExportOptions::keep_lock`]).
 pub fn acknowledge() -> bool {
     let mut st = state();
     st.finished = 0;
-    std::mem::take(&mut st.deferred)
+    let deferred = std::mem::take(&mut st.deferred);
+    drop(st);
+    release_kept_locks();
+    deferred
+}
+
+/// Lets go of the locks kept after exports ([`crate::ExportOptions::keep_lock`]), removing
+/// their files, without [`acknowledge`]-ing the exports: a process about to end after
+/// reporting its export calls this, so that an interrupt from then on still finds the
+/// export finished.
+pub fn release_kept_locks() {
+    let kept = std::mem::take(&mut state().kept);
+    drop(kept);
 }
 
 /// The old name of [`interrupt`], for callers that end the process in any case.
@@ -297,15 +313,30 @@ impl OutputLock {
     /// it (after saying so through `waiting`).
     pub fn acquire(parent: &Path, name: &str, waiting: &mut dyn FnMut()) -> Result<Self> {
         let path = parent.join(lock_name(name));
-        let lock = Self::acquire_at(path, waiting)?;
+        // This process may hold it already, kept after an earlier export (keep_lock).
+        let kept = {
+            let mut st = state();
+            st.kept.iter().position(|l| l.path == path).map(|i| st.kept.remove(i))
+        };
+        let lock = match kept {
+            Some(lock) => lock,
+            None => Self::acquire_at(path, waiting)?,
+        };
         let mut st = state();
         if st.interrupted {
             // Still held, so no other export holds a lock on this file.
             let _ = std::fs::remove_file(&lock.path);
             return Err(ExportError::Interrupted);
         }
-        st.locks.push(lock.path.clone());
+        if !st.locks.contains(&lock.path) {
+            st.locks.push(lock.path.clone());
+        }
         Ok(lock)
+    }
+
+    /// Keeps the lock until [`acknowledge`] or the process ends.
+    pub(crate) fn keep(self) {
+        state().kept.push(self);
     }
 
     #[cfg(unix)]

@@ -125,6 +125,8 @@ pub fn run(a: &ExportArgs, quiet: bool) -> Result<()> {
             TargetArg::Portable => blip2_core::Target::Portable,
             TargetArg::Cuda => blip2_core::Target::Cuda,
         },
+        // Held until the process ends: the export printed is the one in the folder.
+        keep_lock: true,
         ..Default::default()
     };
     let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
@@ -158,6 +160,9 @@ pub fn run(a: &ExportArgs, quiet: bool) -> Result<()> {
         }
     }
     println!("{}", a.output.display());
+    // Reported: another export into the folder may go on (a signal from now on still
+    // finds this export finished, and the process exits 0).
+    blip2_export::release_kept_locks();
     Ok(())
 }
 

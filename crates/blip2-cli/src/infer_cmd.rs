@@ -186,8 +186,11 @@ pub fn resolve_model(model: &str, quiet: bool) -> Result<PathBuf> {
     if !quiet {
         eprintln!("exporting {model} into {} (once)", out.display());
     }
-    let opts =
-        blip2_export::ExportOptions { source_label: model.to_string(), ..Default::default() };
+    let opts = blip2_export::ExportOptions {
+        source_label: model.to_string(),
+        keep_lock: true,
+        ..Default::default()
+    };
     match blip2_export::export_any(&src, &out, &opts, &mut blip2_export::NoProgress) {
         Ok(_) => {}
         // Another process exported the same checkpoint meanwhile.
