@@ -30,6 +30,10 @@ pub enum ExportError {
     Flag { flag: &'static str, message: String },
     #[error("{path}: already exists; pass --force to replace it")]
     OutputExists { path: PathBuf },
+    /// The export was stopped by [`crate::output::interrupt`] (a signal) before it was put
+    /// in place.
+    #[error("interrupted")]
+    Interrupted,
     #[error("{path}: cannot write: {source}")]
     Write { path: PathBuf, source: std::io::Error },
     /// A `--target cuda` graph that ONNX Runtime's CUDA provider would have to copy

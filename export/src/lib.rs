@@ -36,7 +36,7 @@ use blip2_core::{
 
 pub use checkpoint::Checkpoint;
 pub use error::{ExportError, Result};
-pub use output::remove_partials;
+pub use output::{acknowledge, interrupt, release_kept_locks, remove_partials, Interrupt};
 pub use retrieval::is_retrieval;
 pub use source::SourceFiles;
 
@@ -81,6 +81,11 @@ pub struct ExportOptions {
     pub quantize_encoders: bool,
     /// Which runtime the graphs are built for (`--target`).
     pub target: Target,
+    /// Keep the output folder's lock ([`output::OutputLock`]) after a successful export
+    /// returns, until [`acknowledge`] or the process ends: no other export into the same
+    /// folder can then overtake the caller's report of this one (the command line sets
+    /// it, so the export it prints is the one in the folder).
+    pub keep_lock: bool,
 }
 
 impl Default for ExportOptions {
@@ -96,6 +101,7 @@ impl Default for ExportOptions {
             quantize: None,
             quantize_encoders: false,
             target: Target::Portable,
+            keep_lock: false,
         }
     }
 }
@@ -105,6 +111,8 @@ pub trait Progress {
     fn stage(&mut self, name: &str, total_bytes: u64);
     fn advance(&mut self, bytes: u64);
     fn finish(&mut self) {}
+    /// Another export into the same output folder is running; this one waits for it.
+    fn waiting(&mut self, _output: &Path) {}
 }
 
 /// Progress that goes nowhere (`--quiet`, tests).
@@ -134,7 +142,9 @@ pub fn export(
     let files = SourceFiles::read(src)?;
     let ck = Checkpoint::open(src)?;
     check_layer_counts(&files.config, &ck)?;
-    in_partial_folder(out, progress, |dir, progress| write_all(&files, &ck, dir, opts, progress))
+    in_partial_folder(out, opts, progress, |dir, progress| {
+        write_all(&files, &ck, dir, opts, progress)
+    })
 }
 
 /// Every layer stack's count in config.json against the layers the weights hold.
@@ -182,6 +192,7 @@ fn check_layer_counts(cfg: &config::ModelConfig, ck: &Checkpoint) -> Result<()> 
 /// Runs `write` on a partial folder beside `out`, then puts it in place (see [`output`]).
 fn in_partial_folder<M>(
     out: &Path,
+    opts: &ExportOptions,
     progress: &mut dyn Progress,
     write: impl FnOnce(&Path, &mut dyn Progress) -> Result<M>,
 ) -> Result<M> {
@@ -191,12 +202,19 @@ fn in_partial_folder<M>(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "export".into());
+    // Exports into one folder take turns; the first check (before the sources were read)
+    // is repeated under the lock, as another export may have written the folder since.
+    let lock = output::OutputLock::acquire(parent, &name, &mut || progress.waiting(out))?;
+    output::check_output(out, opts.force)?;
     output::remove_stale_partials(parent, &name);
     let partial =
         output::Partial::create(parent.join(output::partial_name(&name, std::process::id())))?;
     let manifest = write(&partial.path, progress)?;
     output::put_in_place(partial, out)?;
     progress.finish();
+    if opts.keep_lock {
+        lock.keep();
+    }
     Ok(manifest)
 }
 
@@ -253,7 +271,7 @@ pub fn export_any(
         return export(src, out, opts, progress).map(Exported::Captioning);
     }
     let ck = Checkpoint::open(src)?;
-    in_partial_folder(out, progress, |dir, progress| {
+    in_partial_folder(out, opts, progress, |dir, progress| {
         retrieval::write_all(src, &ck, dir, opts, progress)
     })
     .map(Exported::Retrieval)

@@ -71,6 +71,7 @@ pub enum Dtype {
 
 struct Bars {
     bar: ProgressBar,
+    quiet: bool,
 }
 
 impl Progress for Bars {
@@ -84,6 +85,13 @@ impl Progress for Bars {
     }
     fn finish(&mut self) {
         self.bar.finish_and_clear();
+    }
+    fn waiting(&mut self, output: &std::path::Path) {
+        if !self.quiet {
+            self.bar.suspend(|| {
+                eprintln!("waiting for another export into {} to finish", output.display())
+            });
+        }
     }
 }
 
@@ -117,6 +125,8 @@ pub fn run(a: &ExportArgs, quiet: bool) -> Result<()> {
             TargetArg::Portable => blip2_core::Target::Portable,
             TargetArg::Cuda => blip2_core::Target::Cuda,
         },
+        // Held until the process ends: the export printed is the one in the folder.
+        keep_lock: true,
         ..Default::default()
     };
     let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
@@ -124,7 +134,7 @@ pub fn run(a: &ExportArgs, quiet: bool) -> Result<()> {
         ProgressStyle::with_template("{msg:16} {bar:40} {bytes}/{total_bytes} {eta}")
             .expect("valid template"),
     );
-    let exported = blip2_export::export_any(&src, &a.output, &opts, &mut Bars { bar })?;
+    let exported = blip2_export::export_any(&src, &a.output, &opts, &mut Bars { bar, quiet })?;
     if !quiet {
         let mut quant = String::new();
         if let blip2_export::Exported::Captioning(manifest) = &exported {
@@ -150,6 +160,9 @@ pub fn run(a: &ExportArgs, quiet: bool) -> Result<()> {
         }
     }
     println!("{}", a.output.display());
+    // Reported: another export into the folder may go on (a signal from now on still
+    // finds this export finished, and the process exits 0).
+    blip2_export::release_kept_locks();
     Ok(())
 }
 

@@ -186,8 +186,11 @@ pub fn resolve_model(model: &str, quiet: bool) -> Result<PathBuf> {
     if !quiet {
         eprintln!("exporting {model} into {} (once)", out.display());
     }
-    let opts =
-        blip2_export::ExportOptions { source_label: model.to_string(), ..Default::default() };
+    let opts = blip2_export::ExportOptions {
+        source_label: model.to_string(),
+        keep_lock: true,
+        ..Default::default()
+    };
     match blip2_export::export_any(&src, &out, &opts, &mut blip2_export::NoProgress) {
         Ok(_) => {}
         // Another process exported the same checkpoint meanwhile.
@@ -195,6 +198,8 @@ pub fn resolve_model(model: &str, quiet: bool) -> Result<PathBuf> {
             if out.join(blip2_core::io::MANIFEST_FILE).exists() => {}
         Err(e) => return Err(e.into()),
     }
+    // A signal that came once the export was in place ends the process now.
+    crate::signals::export_reported();
     remove_other_versions(&out);
     Ok(out)
 }

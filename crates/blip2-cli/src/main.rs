@@ -126,6 +126,8 @@ fn main() {
     match result {
         Ok(code) => std::process::exit(code),
         Err(e) => {
+            // An export stopped by a signal: the process ends by that signal, silently.
+            signals::wait_if_interrupted();
             eprintln!("error: {}", error_line(&e));
             std::process::exit(exit_code(&e));
         }
