@@ -63,9 +63,27 @@ pub fn assert_close(what: &str, a: &ArrayD<f32>, b: &ArrayD<f32>) {
     );
 }
 
-/// A fresh, empty temporary folder under target/ (removed first if present).
+/// Cargo's target folder this test binary was built into: the first folder above the
+/// running executable that holds cargo's `CACHEDIR.TAG` (so `CARGO_TARGET_DIR` or
+/// `build.target-dir` pointing elsewhere is followed), else `$CARGO_TARGET_DIR`, else
+/// `target/` in the repository.
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().ok().and_then(|e| e.canonicalize().ok());
+    if let Some(dir) =
+        exe.iter().flat_map(|e| e.ancestors()).find(|d| d.join("CACHEDIR.TAG").is_file())
+    {
+        return dir.to_path_buf();
+    }
+    match std::env::var_os("CARGO_TARGET_DIR").filter(|v| !v.is_empty()) {
+        Some(dir) => root().join(dir),
+        None => root().join("target"),
+    }
+}
+
+/// A fresh, empty temporary folder `test-tmp/NAME` under cargo's target folder
+/// ([`target_dir`]; removed first if present).
 pub fn temp_dir(name: &str) -> PathBuf {
-    let d = root().join("target").join("test-tmp").join(name);
+    let d = target_dir().join("test-tmp").join(name);
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("create temp dir");
     d
@@ -208,4 +226,46 @@ pub fn assert_cases_match(
         checked += 1;
     }
     assert!(checked >= 15, "{name} ({what}): only {checked} cases ran");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Prints `temp_dir("probe")` (run by the test below, in a binary placed elsewhere).
+    #[test]
+    #[ignore = "run by temp_dir_follows_the_target_folder"]
+    fn print_temp_dir() {
+        println!("temp_dir={}", temp_dir("probe").display());
+    }
+
+    /// The same test binary under another target folder (as `CARGO_TARGET_DIR` puts it)
+    /// makes its temporary folders there, in the same layout, not in ./target.
+    #[test]
+    fn temp_dir_follows_the_target_folder() {
+        let exe = std::env::current_exe().unwrap();
+        let other = std::env::temp_dir().join(format!("blip2-ort-target-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&other);
+        let deps = other.join("debug").join("deps");
+        std::fs::create_dir_all(&deps).unwrap();
+        std::fs::write(other.join("CACHEDIR.TAG"), "Signature: 8a477f597d28d172789f06886806bc55\n")
+            .unwrap();
+        let copy = deps.join(exe.file_name().unwrap());
+        if std::fs::hard_link(&exe, &copy).is_err() {
+            std::fs::copy(&exe, &copy).unwrap();
+        }
+        let out = std::process::Command::new(&copy)
+            .args(["--ignored", "--exact", "tests::print_temp_dir", "--nocapture"])
+            .env("CARGO_TARGET_DIR", &other)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let got = text.lines().find_map(|l| l.strip_prefix("temp_dir=")).unwrap_or_else(|| {
+            panic!("no temp_dir line: {text}{}", String::from_utf8_lossy(&out.stderr))
+        });
+        let other = other.canonicalize().unwrap();
+        assert_eq!(Path::new(got), other.join("test-tmp").join("probe"));
+        assert!(other.join("test-tmp").join("probe").is_dir());
+        let _ = std::fs::remove_dir_all(&other);
+    }
 }

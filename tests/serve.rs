@@ -3,7 +3,7 @@
 //! recorded `generate()` sequences (decoded) and against the pipeline's own single runs
 //! (what `blip2-ort infer` prints); every error status the server promises is provoked.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -789,4 +789,94 @@ fn a_bounded_soak_of_mixed_requests_gets_no_server_error_and_keeps_its_memory() 
         before >> 20,
         after >> 20
     );
+}
+
+/// The value of an unlabelled counter or gauge in /metrics' text.
+fn metric(server: &Server, name: &str) -> f64 {
+    let (code, text) = get(&server.url("/metrics"), None);
+    assert_eq!(code, 200);
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("/metrics lacks {name}:\n{text}"))
+}
+
+/// A client that drops a stream whose tokens decode to empty text (nothing to send, so
+/// the server never fails a write) is noticed anyway: generation stops for it after a
+/// token or so rather than running to `max_tokens`, its place is freed, and the server
+/// serves the next request.
+#[test]
+fn a_dropped_stream_of_empty_text_stops_generating() {
+    let dir = export("opt-tiny", "dropped");
+    // The request waits 400 ms for others to batch with: the client is gone by the time
+    // its first token is picked, whatever the machine's speed.
+    let opts = ServeOptions {
+        engine: EngineOptions { max_wait: Duration::from_millis(400), ..options().engine },
+        ..options()
+    };
+    let server = Server::start(&dir, opts);
+    let chat = server.url("/v1/chat/completions");
+    let max_tokens = 100;
+    let body = |stream: bool| {
+        json!({"messages": [{"role": "user", "content": [image_part(&photo("no_time_for_that_tiny.gif")), {"type": "text", "text": "what is in the picture?"}]}],
+               "max_tokens": max_tokens, "temperature": 0, "stream": stream})
+    };
+    // What the request gives when the client stays: every token, and no text at all.
+    let (code, whole) = post(&chat, &body(false));
+    assert_eq!(code, 200, "{whole}");
+    assert_eq!(whole["choices"][0]["message"]["content"], "", "{whole}");
+    assert_eq!(whole["usage"]["completion_tokens"], max_tokens, "{whole}");
+    let before = metric(&server, "blip2_generated_tokens_total");
+    assert_eq!(before, max_tokens as f64);
+
+    let r = agent()
+        .post(&chat)
+        .set("Content-Type", "application/json")
+        .send_string(&body(true).to_string())
+        .unwrap();
+    let mut reader = BufReader::new(r.into_reader());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("data: "), "the role chunk comes first: {line:?}");
+    drop(reader);
+
+    // The request ends (its place freed) once the engine notices.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while metric(&server, "blip2_requests_in_flight") != 0.0 {
+        assert!(std::time::Instant::now() < deadline, "the dropped request never ended");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let generated = metric(&server, "blip2_generated_tokens_total") - before;
+    assert!(
+        generated <= 5.0,
+        "{generated} tokens were generated for a client that had gone (max_tokens {max_tokens})"
+    );
+    // The same for a client that hangs up while waiting for a whole (non-streamed) answer.
+    let payload = body(false).to_string();
+    let addr = server.base.strip_prefix("http://").unwrap();
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        conn,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}",
+        payload.len()
+    )
+    .unwrap();
+    // Admitted (in flight), then gone.
+    while metric(&server, "blip2_requests_in_flight") == 0.0 {
+        assert!(std::time::Instant::now() < deadline, "the request was never admitted");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(conn);
+    let before = metric(&server, "blip2_generated_tokens_total");
+    while metric(&server, "blip2_requests_in_flight") != 0.0 {
+        assert!(std::time::Instant::now() < deadline, "the abandoned request never ended");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let generated = metric(&server, "blip2_generated_tokens_total") - before;
+    assert!(generated <= 5.0, "{generated} tokens were generated for a client that hung up");
+
+    // The server goes on.
+    let (code, again) = post(&chat, &body(false));
+    assert_eq!(code, 200, "{again}");
+    assert_eq!(again["choices"], whole["choices"]);
 }

@@ -4,6 +4,7 @@
 mod args;
 mod batch;
 mod bench_cmd;
+mod cache_cmd;
 mod export_cmd;
 mod hub;
 mod infer_cmd;
@@ -35,6 +36,9 @@ enum Command {
     Bench(bench_cmd::BenchArgs),
     /// Serve a model over HTTP with OpenAI's API (chat and completions, streaming, batched).
     Serve(serve_cmd::ServeArgs),
+    /// List, prune or clear the cache (optimized graphs, exported checkpoints, engines).
+    #[command(subcommand)]
+    Cache(cache_cmd::CacheCommand),
     /// Install the ONNX Runtime library (from the onnxruntime wheel, with pip) into the cache.
     InstallRuntime {
         /// The CUDA 13 build (onnxruntime-gpu) with the CUDA and TensorRT providers.
@@ -121,6 +125,7 @@ fn main() {
         Command::Infer(a) => infer_cmd::run(a, cli.quiet),
         Command::Bench(a) => bench_cmd::run(a, cli.quiet),
         Command::Serve(a) => serve_cmd::run(a, cli.quiet, signals),
+        Command::Cache(c) => cache_cmd::run(c),
         Command::InstallRuntime { gpu } => install_runtime(*gpu, cli.quiet),
     };
     match result {

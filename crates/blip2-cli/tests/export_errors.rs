@@ -7,9 +7,17 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// `test-tmp` in cargo's target folder (which follows `CARGO_TARGET_DIR`).
+fn test_tmp() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .expect("target/tmp has a parent")
+        .join("test-tmp")
+}
+
 /// A copy of a fixture checkpoint in a fresh temporary folder.
 fn copy_fixture(name: &str, test: &str) -> (PathBuf, PathBuf) {
-    let base = root().join("target/test-tmp/export-errors").join(test);
+    let base = test_tmp().join("export-errors").join(test);
     let _ = std::fs::remove_dir_all(&base);
     let ck = base.join("checkpoint");
     std::fs::create_dir_all(&ck).unwrap();
@@ -148,7 +156,7 @@ fn missing_shard() {
 
 #[test]
 fn missing_folder() {
-    let base = root().join("target/test-tmp/export-errors/no-folder");
+    let base = test_tmp().join("export-errors/no-folder");
     let _ = std::fs::remove_dir_all(&base);
     std::fs::create_dir_all(&base).unwrap();
     let (code, err) = export(&base.join("nope"), &base.join("out"));
@@ -178,7 +186,7 @@ fn existing_output_needs_force_and_keeps_user_folders() {
 
 #[test]
 fn offline_hub_id_fails_clearly() {
-    let base = root().join("target/test-tmp/export-errors/hub");
+    let base = test_tmp().join("export-errors/hub");
     let _ = std::fs::remove_dir_all(&base);
     std::fs::create_dir_all(&base).unwrap();
     let o = Command::new(env!("CARGO_BIN_EXE_blip2-ort"))

@@ -11,12 +11,20 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// `test-tmp` in cargo's target folder (which follows `CARGO_TARGET_DIR`).
+fn test_tmp() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .expect("target/tmp has a parent")
+        .join("test-tmp")
+}
+
 fn photo(name: &str) -> PathBuf {
     root().join("tests/data/photos").join(name)
 }
 
 fn tmp(test: &str) -> PathBuf {
-    let d = root().join("target/test-tmp/infer").join(test);
+    let d = test_tmp().join("infer").join(test);
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d

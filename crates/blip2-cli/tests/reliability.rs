@@ -12,6 +12,14 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// `test-tmp` in cargo's target folder (which follows `CARGO_TARGET_DIR`).
+fn test_tmp() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .expect("target/tmp has a parent")
+        .join("test-tmp")
+}
+
 fn photo(name: &str) -> String {
     root().join("tests/data/photos").join(name).to_string_lossy().into_owned()
 }
@@ -23,7 +31,7 @@ fn bin() -> Command {
 }
 
 fn tmp(test: &str) -> PathBuf {
-    let d = root().join("target/test-tmp/reliability").join(test);
+    let d = test_tmp().join("reliability").join(test);
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d

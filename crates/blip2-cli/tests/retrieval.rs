@@ -12,12 +12,20 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// `test-tmp` in cargo's target folder (which follows `CARGO_TARGET_DIR`).
+fn test_tmp() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .expect("target/tmp has a parent")
+        .join("test-tmp")
+}
+
 fn photo(name: &str) -> String {
     root().join("tests/data/photos").join(name).to_str().unwrap().to_string()
 }
 
 fn tmp(test: &str) -> PathBuf {
-    let d = root().join("target/test-tmp/retrieval-cli").join(test);
+    let d = test_tmp().join("retrieval-cli").join(test);
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d

@@ -11,12 +11,20 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// `test-tmp` in cargo's target folder (which follows `CARGO_TARGET_DIR`).
+fn test_tmp() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .expect("target/tmp has a parent")
+        .join("test-tmp")
+}
+
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_blip2-ort"))
 }
 
 fn export(test: &str) -> PathBuf {
-    let out = root().join("target/test-tmp/serve-cli").join(test);
+    let out = test_tmp().join("serve-cli").join(test);
     let _ = std::fs::remove_dir_all(&out);
     let o = bin()
         .args(["export", "--quiet"])
@@ -89,7 +97,7 @@ fn bad_flags_exit_2_and_bad_models_exit_1_before_listening() {
         assert!(err.contains(says), "{args:?}: {err}");
         assert!(o.stdout.is_empty(), "{args:?}: nothing on stdout");
     }
-    let missing = root().join("target/test-tmp/serve-cli/no-such-model");
+    let missing = test_tmp().join("serve-cli/no-such-model");
     let o = bin().args(["serve", "--port", "0", "--model"]).arg(&missing).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");

@@ -484,7 +484,9 @@ impl Head {
 /// Server-sent events in OpenAI's chunk format: a role chunk per sequence (chat), the
 /// content deltas, a final chunk per sequence with its `finish_reason`, the usage chunk
 /// when asked for, then `data: [DONE]`. A failure after the stream started is sent as an
-/// error object before `[DONE]`.
+/// error object before `[DONE]`. A client that disconnects is noticed when the HTTP
+/// connection drops the body, whether or not there was text to send: the request's
+/// events are dropped and the engine stops generating for it.
 fn stream(
     head: Head,
     mut events: mpsc::UnboundedReceiver<Event>,
@@ -506,7 +508,14 @@ fn stream(
         }
         let mut completion = 0;
         loop {
-            let ok = match events.recv().await {
+            // Waits for the engine's next event or for the client to go away, whichever
+            // comes first: a sequence whose tokens decode to no text sends nothing, so a
+            // failed send alone would not notice a client that left.
+            let event = tokio::select! {
+                event = events.recv() => event,
+                () = tx.closed() => return,
+            };
+            let ok = match event {
                 Some(Event::Delta { index, text }) => {
                     send(head.delta(index, &text, false, None)).await
                 }
@@ -536,7 +545,8 @@ fn stream(
                     break;
                 }
             };
-            // The client went away: dropping `events` tells the engine to stop its rows.
+            // The client went away: dropping `events` (here or above, on `tx.closed()`)
+            // tells the engine to stop the request's rows at their next token.
             if !ok {
                 return;
             }
