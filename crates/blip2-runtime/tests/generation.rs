@@ -829,3 +829,52 @@ fn an_observer_hears_every_token_and_ends_only_its_own_sequence() {
     }
     assert!(checked > 3, "only {checked} greedy or sampled cases");
 }
+
+/// Beam search streams nothing until it ends, so a server asks it between steps whether
+/// its clients are still there: told no, it stops at once (no further model step),
+/// and told yes throughout, it is the recorded search.
+#[test]
+fn beam_search_stops_when_no_one_wants_it() {
+    let cases: Vec<_> = cases_matching("beam_plain_")
+        .into_iter()
+        .filter(|c| c["forward_calls"].as_u64().unwrap() > 3)
+        .collect();
+    assert!(!cases.is_empty(), "no beam case of more than two steps");
+    for case in cases {
+        let cfg = config(&case["config"]);
+        let name = case["name"].as_str().unwrap();
+        for give_up_after in [0usize, 1] {
+            let (mut toy, prompts) =
+                Toy::new(case["model"].as_str().unwrap(), case["prompts"].as_str().unwrap());
+            let first = toy.logits_now();
+            let mut asked = 0;
+            blip2_runtime::generation::generate_while(
+                &mut toy,
+                &prompts,
+                first,
+                &cfg,
+                &mut |_, _, _| true,
+                &mut || {
+                    asked += 1;
+                    asked <= give_up_after
+                },
+            )
+            .expect("generate");
+            assert_eq!(toy.steps, give_up_after, "{name}: steps after {give_up_after} yes");
+        }
+        let (mut toy, prompts) =
+            Toy::new(case["model"].as_str().unwrap(), case["prompts"].as_str().unwrap());
+        let first = toy.logits_now();
+        let got = blip2_runtime::generation::generate_while(
+            &mut toy,
+            &prompts,
+            first,
+            &cfg,
+            &mut |_, _, _| true,
+            &mut || true,
+        )
+        .expect("generate");
+        assert_eq!(got, expected(&case["expected"]), "{name}");
+        assert_eq!(toy.steps + 1, case["forward_calls"].as_u64().unwrap() as usize, "{name}");
+    }
+}

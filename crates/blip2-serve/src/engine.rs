@@ -587,11 +587,20 @@ fn run_cohort(shared: &Shared, cohort: Vec<Queued>) {
             }
             streams[job][seq].push(token, seq, &q.job, prompter, &shared.metrics)
         };
-        generation::generate_observed(&mut decoder, &p.prompts, p.logits, &cfg, &mut observer)
-            .map_err(|e| match e {
-                GenerationError::Model(m) => m,
-                other => RuntimeError::Input(other.to_string()),
-            })
+        // Beam search streams nothing until it ends: it stops when its clients are gone.
+        let mut wanted = || cohort.iter().any(|q| !q.job.events.is_closed());
+        generation::generate_while(
+            &mut decoder,
+            &p.prompts,
+            p.logits,
+            &cfg,
+            &mut observer,
+            &mut wanted,
+        )
+        .map_err(|e| match e {
+            GenerationError::Model(m) => m,
+            other => RuntimeError::Input(other.to_string()),
+        })
     })();
     match result {
         Ok(out) => {

@@ -85,6 +85,7 @@ pub(crate) fn run<M: StepModel + ?Sized>(
     first_logits: Array2<f32>,
     cfg: &GenerationConfig,
     seed: u64,
+    wanted: &mut dyn FnMut() -> bool,
 ) -> Result<Vec<Vec<Vec<i64>>>, GenerationError<M::Error>> {
     let mut search = Search::new(prompts, first_logits.ncols(), cfg, seed)?;
     let mut out = StepOutput::Logits(first_logits);
@@ -97,8 +98,8 @@ pub(crate) fn run<M: StepModel + ?Sized>(
         let sources: Vec<Vec<usize>> =
             candidates.iter().enumerate().map(|(b, c)| search.advance(b, c)).collect();
         search.cur_len += 1;
-        // 5. stop when nothing can improve
-        if search.stops(all_done) {
+        // 5. stop when nothing can improve, or nobody wants the result any more
+        if search.stops(all_done) || !wanted() {
             break;
         }
         out = search.next_step(model, &sources)?;

@@ -465,6 +465,21 @@ pub fn generate_observed<M: StepModel + ?Sized>(
     cfg: &GenerationConfig,
     observer: &mut Observer<'_>,
 ) -> Result<Vec<Vec<Vec<i64>>>, GenerationError<M::Error>> {
+    generate_while(model, prompts, first_logits, cfg, observer, &mut || true)
+}
+
+/// [`generate_observed`], asking `wanted` before each step of beam search whether anyone
+/// still wants its result: when not (a server's clients have all gone), the search ends
+/// there and returns what it has finished so far. (Greedy search and sampling end each
+/// sequence through `observer` instead.)
+pub fn generate_while<M: StepModel + ?Sized>(
+    model: &mut M,
+    prompts: &[Prompt],
+    first_logits: Array2<f32>,
+    cfg: &GenerationConfig,
+    observer: &mut Observer<'_>,
+    wanted: &mut dyn FnMut() -> bool,
+) -> Result<Vec<Vec<Vec<i64>>>, GenerationError<M::Error>> {
     validate(cfg)?;
     if prompts.is_empty() {
         return Ok(Vec::new());
@@ -492,7 +507,7 @@ pub fn generate_observed<M: StepModel + ?Sized>(
     // Sampling streams derive from one seed; without one, draw it.
     let seed = cfg.seed.unwrap_or_else(fresh_seed);
     if cfg.num_beams > 1 {
-        beam::run(model, prompts, first_logits, cfg, seed)
+        beam::run(model, prompts, first_logits, cfg, seed, wanted)
     } else {
         greedy::run(model, prompts, first_logits, cfg, seed, observer)
     }
