@@ -92,7 +92,7 @@ pub fn temp_dir(name: &str) -> PathBuf {
 /// Builds sessions on the CPU profile (ONNX Runtime found as `blip2-ort` finds it: run
 /// `blip2-ort install-runtime` once, or set ORT_DYLIB_PATH).
 pub fn session_factory() -> Box<blip2_runtime::model::SessionFactory<'static>> {
-    blip2_runtime::providers::session_factory(
+    blip2_runtime::session_cache::session_factory(
         blip2_runtime::config::Profile::cpu(),
         Some(blip2_runtime::session_cache::optimized_cache_root()),
         None,

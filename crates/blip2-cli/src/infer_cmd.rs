@@ -3,7 +3,7 @@
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use blip2_core::{EarlyStoppingSetting, GenerationDefaults};
 use blip2_runtime::generation::{EarlyStopping, GenerationConfig};
 use blip2_runtime::pipeline::{Generated, Pipeline};
@@ -146,164 +146,6 @@ impl GenArgs {
     }
 }
 
-/// Resolves --model to an exported folder, exporting a checkpoint into the cache once.
-///
-/// A checkpoint's export is cached under a key made from its content (see
-/// [`fingerprint`]), so another checkpoint put at the same path, or a new Hub revision,
-/// gets its own export instead of the old model's answers.
-pub fn resolve_model(model: &str, quiet: bool) -> Result<PathBuf> {
-    let p = Path::new(model);
-    if p.join(blip2_core::io::MANIFEST_FILE).exists() {
-        return Ok(p.to_path_buf());
-    }
-    if let Some(graph) = export_graph_in(p) {
-        bail!(
-            "{model}: an export folder without its {} ({} is there): the manifest was deleted or the export did not \
-             finish; export the checkpoint again with `blip2-ort export CHECKPOINT -o {model} --force`",
-            blip2_core::io::MANIFEST_FILE,
-            graph
-        );
-    }
-    let (src, label) = if p.join("config.json").exists() {
-        let canon =
-            p.canonicalize().with_context(|| format!("{model}: cannot resolve the path"))?;
-        let label = format!("local/{}", sanitize(&canon.to_string_lossy()));
-        (canon, label)
-    } else if crate::hub::looks_like_hub_id(model) {
-        (crate::hub::fetch(model, None, quiet)?, format!("hub/{}", sanitize(model)))
-    } else if p.exists() {
-        bail!(
-            "{model}: neither an exported model (no {}) nor a checkpoint folder (no config.json)",
-            blip2_core::io::MANIFEST_FILE
-        );
-    } else {
-        bail!("{model}: no such folder, and not a Hub id of the form owner/name");
-    };
-    let out = models_cache().join(format!("{label}-{:016x}", fingerprint(&src)?));
-    if out.join(blip2_core::io::MANIFEST_FILE).exists() {
-        return Ok(out);
-    }
-    if !quiet {
-        eprintln!("exporting {model} into {} (once)", out.display());
-    }
-    let opts = blip2_export::ExportOptions {
-        source_label: model.to_string(),
-        keep_lock: true,
-        ..Default::default()
-    };
-    match blip2_export::export_any(&src, &out, &opts, &mut blip2_export::NoProgress) {
-        Ok(_) => {}
-        // Another process exported the same checkpoint meanwhile.
-        Err(blip2_export::ExportError::OutputExists { .. })
-            if out.join(blip2_core::io::MANIFEST_FILE).exists() => {}
-        Err(e) => return Err(e.into()),
-    }
-    // A signal that came once the export was in place ends the process now.
-    crate::signals::export_reported();
-    remove_other_versions(&out);
-    Ok(out)
-}
-
-/// The name of a graph file an export writes, if `dir` holds one.
-fn export_graph_in(dir: &Path) -> Option<&'static str> {
-    use blip2_core::io;
-    [io::VISION_ENCODER_FILE, io::QFORMER_FILE, io::LANGUAGE_MODEL_FILE]
-        .into_iter()
-        .find(|f| dir.join(f).is_file())
-}
-
-/// A hash of a checkpoint folder's content as far as it can be had without reading the
-/// weights: every file's name, size and modification time (through the symlinks of the
-/// Hugging Face cache, whose snapshot folder names the revision), and the bytes of the
-/// small JSON files that decide the export.
-pub fn fingerprint(dir: &Path) -> Result<u64> {
-    let mut entries: Vec<_> = std::fs::read_dir(dir)
-        .with_context(|| format!("{}: cannot list the checkpoint folder", dir.display()))?
-        .flatten()
-        .collect();
-    entries.sort_by_key(|e| e.file_name());
-    let mut h = Fnv::default();
-    // A build that writes another manifest version exports the checkpoint again.
-    h.add(&blip2_core::MANIFEST_VERSION.to_le_bytes());
-    h.add(dir.to_string_lossy().as_bytes());
-    for e in entries {
-        let name = e.file_name();
-        let Ok(meta) = std::fs::metadata(e.path()) else { continue };
-        if !meta.is_file() {
-            continue;
-        }
-        h.add(name.as_encoded_bytes());
-        h.add(&meta.len().to_le_bytes());
-        let mtime = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_nanos());
-        h.add(&mtime.to_le_bytes());
-        let small_json = name.to_string_lossy().ends_with(".json") && meta.len() <= 16 << 20;
-        if small_json {
-            let bytes = std::fs::read(e.path())
-                .with_context(|| format!("{}: cannot read", e.path().display()))?;
-            h.add(&bytes);
-        }
-    }
-    Ok(h.0)
-}
-
-/// FNV-1a, 64 bits: stable across releases, unlike std's hasher.
-struct Fnv(u64);
-
-impl Default for Fnv {
-    fn default() -> Self {
-        Fnv(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Fnv {
-    fn add(&mut self, bytes: &[u8]) {
-        // Length first, so that concatenations cannot collide.
-        for &b in (bytes.len() as u64).to_le_bytes().iter().chain(bytes) {
-            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-}
-
-/// Removes cached exports of the same path or Hub id made from other content: only the
-/// newest is ever used again.
-fn remove_other_versions(out: &Path) {
-    let (Some(parent), Some(name)) =
-        (out.parent(), out.file_name().map(|n| n.to_string_lossy().into_owned()))
-    else {
-        return;
-    };
-    let Some((label, _)) = name.rsplit_once('-') else { return };
-    let Ok(entries) = std::fs::read_dir(parent) else { return };
-    for e in entries.flatten() {
-        let other = e.file_name().to_string_lossy().into_owned();
-        let same_label = other.rsplit_once('-').is_some_and(|(l, hash)| {
-            l == label && hash.len() == 16 && hash.chars().all(|c| c.is_ascii_hexdigit())
-        });
-        let old_format = other == label;
-        if other != name
-            && (same_label || old_format)
-            && e.path().join(blip2_core::io::MANIFEST_FILE).exists()
-        {
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-    }
-}
-
-fn models_cache() -> PathBuf {
-    blip2_runtime::ort_env::cache_root().join("models")
-}
-
-fn sanitize(s: &str) -> String {
-    s.trim_start_matches('/')
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
-        .collect()
-}
-
 struct Out {
     json: bool,
     /// Generated ids the tokenizer has no token for (left out of the text).
@@ -379,7 +221,7 @@ pub fn run(a: &InferArgs, quiet: bool) -> Result<i32> {
         )
         .into());
     };
-    let dir = resolve_model(model, quiet)?;
+    let dir = crate::models::resolve_model(model, quiet)?;
     let retrieval = match &a.task {
         Task::Itm(t) => Some(crate::retrieval_cmd::Task::Itm(t)),
         Task::EmbedImage(t) => Some(crate::retrieval_cmd::Task::EmbedImage(t)),

@@ -9,6 +9,7 @@ mod export_cmd;
 mod hub;
 mod infer_cmd;
 mod install;
+mod models;
 mod retrieval_cmd;
 mod serve_cmd;
 mod session;

@@ -77,7 +77,7 @@ pub fn run(a: &ServeArgs, quiet: bool, signals: Option<crate::signals::Handle>) 
         );
     }
     let addr = listen_addr(&a.host, a.port)?;
-    let dir = crate::infer_cmd::resolve_model(&a.model, quiet)?;
+    let dir = crate::models::resolve_model(&a.model, quiet)?;
     let pipe = crate::session::load_pipeline(&dir, &a.session)?;
     // From here SIGTERM and Ctrl-C shut the server down gracefully instead.
     if let Some(h) = signals {

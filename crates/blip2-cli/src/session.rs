@@ -135,7 +135,7 @@ fn session_factory_capturing(
 ) -> Box<SessionFactory<'static>> {
     let cache_on = std::env::var(OPTIMIZED_CACHE_ENV).map_or(true, |v| v.trim() != "0");
     let cache = cache_on.then(session_cache::optimized_cache_root);
-    providers::session_factory(profile.clone(), cache, capture.map(Path::to_path_buf), |w| {
+    session_cache::session_factory(profile.clone(), cache, capture.map(Path::to_path_buf), |w| {
         eprintln!("warning: {w}")
     })
 }

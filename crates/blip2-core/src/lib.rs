@@ -2,6 +2,7 @@
 //! output ([`io`]) and the manifest ([`Manifest`]) that `blip2-ort export` writes next
 //! to the graphs and `blip2-ort infer` reads, so the runtime never guesses.
 
+pub mod hash;
 pub mod io;
 mod kinds;
 mod manifest;

@@ -1,6 +1,7 @@
 //! Registering a profile's execution providers on ONNX Runtime sessions: [`apply`] sets
-//! a [`Profile`]'s options and providers on a session builder, [`open_session`] builds
-//! the session for one graph file (through the [`session_cache`] when it applies).
+//! a [`Profile`]'s options and providers on a session builder (sessions for graph files
+//! are opened by [`crate::session_cache::open_session`], through the optimized-graph
+//! cache when it applies).
 //!
 //! A GPU provider that cannot be used is an error naming the reason, never a silent run on
 //! the CPU: a user who asked for CUDA and got minutes-long CPU inference would not know
@@ -16,7 +17,6 @@ use ort::session::Session;
 
 use crate::config::{Profile, Provider};
 use crate::ort_env::{self, RuntimeSetupError};
-use crate::session_cache;
 use blip2_core::GraphKind;
 
 #[derive(Debug, thiserror::Error)]
@@ -202,46 +202,6 @@ pub fn apply(
 }
 
 /// Builds a session for one graph file on a profile: initialises ONNX Runtime if needed,
-/// [`apply`]s the profile and loads the model.
-///
-/// `optimized_cache` is the folder of the optimized-graph cache the caller allows
-/// (usually [`session_cache::optimized_cache_root`]; `None` turns it off). A graph the
-/// cache [`applies`](session_cache::applies) to is loaded from an optimized copy there,
-/// made on first use: later starts skip the graph optimizations and memory-map the
-/// weights instead of parsing and copying them, which starts faster and keeps less
-/// memory resident. Warnings (a provider fallen back from, a cache that could not be
-/// used) go to `warn`.
-pub fn open_session(
-    profile: &Profile,
-    graph: &str,
-    path: &Path,
-    optimized_cache: Option<&Path>,
-    warn: &mut dyn FnMut(Warning),
-) -> Result<Session, ProviderError> {
-    match optimized_cache.filter(|_| session_cache::applies(profile, graph, path)) {
-        Some(root) => session_cache::open(profile, graph, path, root, warn),
-        None => commit(profile, graph, path, warn),
-    }
-}
-
-/// A factory of every graph's session on `profile` (what [`crate::model::Blip2Model::load`]
-/// takes), through the optimized-graph cache in `optimized_cache` when given, warnings to
-/// `warn`. With `capture`, the profile's `cuda_graph` applies to the session of that graph
-/// file alone (the language model); every other session is built without it.
-pub fn session_factory(
-    profile: Profile,
-    optimized_cache: Option<PathBuf>,
-    capture: Option<PathBuf>,
-    mut warn: impl FnMut(Warning) + 'static,
-) -> Box<crate::model::SessionFactory<'static>> {
-    let uncaptured = Profile { cuda_graph: false, ..profile.clone() };
-    Box::new(move |kind: GraphKind, path: &Path| {
-        let p = if capture.as_deref() == Some(path) { &profile } else { &uncaptured };
-        open_session(p, kind.name(), path, optimized_cache.as_deref(), &mut warn)
-            .map_err(crate::error::RuntimeError::Session)
-    })
-}
-
 /// A session for `path` on the profile, loaded as the file is.
 pub(crate) fn commit(
     profile: &Profile,

@@ -1,7 +1,7 @@
 //! The optimized-graph disk cache: a big graph that runs on the CPU alone is saved once
 //! after ONNX Runtime's graph optimizations, with its weights in a file ONNX Runtime
 //! memory-maps, and later sessions load that copy ([`open`]). Used by
-//! [`providers::open_session`](crate::providers::open_session).
+//! [`open_session`].
 
 use std::path::{Path, PathBuf};
 
@@ -10,6 +10,7 @@ use ort::session::Session;
 use crate::config::{GraphOptimization, Profile, Provider};
 use crate::ort_env;
 use crate::providers::{commit, ProviderError, Warning};
+use blip2_core::GraphKind;
 
 /// Graph files at least this big get an optimized copy; smaller ones load in
 /// milliseconds anyway (and the test fixtures stay out of the cache).
@@ -267,13 +268,6 @@ fn open_cached(
     }
 }
 
-/// FNV-1a: a stable folder name for a source path (std's hasher may change between releases).
-fn fnv64(bytes: &[u8]) -> u64 {
-    bytes
-        .iter()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
-}
-
 /// The optimized copy of `path` under `root`, made now if missing or stale.
 fn cached_graph(profile: &Profile, path: &Path, root: &Path, max: u64) -> Result<PathBuf, String> {
     let source = path.canonicalize().map_err(|e| format!("{}: {e}", path.display()))?;
@@ -295,7 +289,7 @@ fn cached_graph(profile: &Profile, path: &Path, root: &Path, max: u64) -> Result
         meta.len(),
         ort_env::ORT_VERSION
     );
-    let key = format!("{:016x}", fnv64(source.as_os_str().as_encoded_bytes()));
+    let key = format!("{:016x}", blip2_core::hash::fnv64(source.as_os_str().as_encoded_bytes()));
     let dir = root.join(&key);
     let model = dir.join("model.onnx");
     let fresh = |d: &Path| {
@@ -361,6 +355,46 @@ fn write_optimized(source: &Path, dir: &Path, level: GraphOptimization) -> Resul
     } else {
         Err(format!("ONNX Runtime did not write {}", out.display()))
     }
+}
+
+/// [`apply`](crate::providers::apply)s the profile and loads the model.
+///
+/// `optimized_cache` is the folder of the optimized-graph cache the caller allows
+/// (usually [`optimized_cache_root`]; `None` turns it off). A graph the
+/// cache [`applies`] to is loaded from an optimized copy there,
+/// made on first use: later starts skip the graph optimizations and memory-map the
+/// weights instead of parsing and copying them, which starts faster and keeps less
+/// memory resident. Warnings (a provider fallen back from, a cache that could not be
+/// used) go to `warn`.
+pub fn open_session(
+    profile: &Profile,
+    graph: &str,
+    path: &Path,
+    optimized_cache: Option<&Path>,
+    warn: &mut dyn FnMut(Warning),
+) -> Result<Session, ProviderError> {
+    match optimized_cache.filter(|_| applies(profile, graph, path)) {
+        Some(root) => open(profile, graph, path, root, warn),
+        None => commit(profile, graph, path, warn),
+    }
+}
+
+/// A factory of every graph's session on `profile` (what [`crate::model::Blip2Model::load`]
+/// takes), through the optimized-graph cache in `optimized_cache` when given, warnings to
+/// `warn`. With `capture`, the profile's `cuda_graph` applies to the session of that graph
+/// file alone (the language model); every other session is built without it.
+pub fn session_factory(
+    profile: Profile,
+    optimized_cache: Option<PathBuf>,
+    capture: Option<PathBuf>,
+    mut warn: impl FnMut(Warning) + 'static,
+) -> Box<crate::model::SessionFactory<'static>> {
+    let uncaptured = Profile { cuda_graph: false, ..profile.clone() };
+    Box::new(move |kind: GraphKind, path: &Path| {
+        let p = if capture.as_deref() == Some(path) { &profile } else { &uncaptured };
+        open_session(p, kind.name(), path, optimized_cache.as_deref(), &mut warn)
+            .map_err(crate::error::RuntimeError::Session)
+    })
 }
 
 #[cfg(test)]

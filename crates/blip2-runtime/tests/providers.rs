@@ -249,12 +249,15 @@ fn cpu_profile_runs_a_model() {
     let path = dir.join("add.onnx");
     std::fs::write(&path, ADD_ONNX).unwrap();
     let mut session =
-        providers::open_session(&cpu, "qformer", &path, None, &mut no_warnings).unwrap();
+        blip2_runtime::session_cache::open_session(&cpu, "qformer", &path, None, &mut no_warnings)
+            .unwrap();
     assert_eq!(run_add(&mut session), [11.0, 22.0, 33.0]);
 
     // A missing model file names itself.
     let gone = path.with_file_name("gone.onnx");
-    let err = providers::open_session(&cpu, "qformer", &gone, None, &mut no_warnings).unwrap_err();
+    let err =
+        blip2_runtime::session_cache::open_session(&cpu, "qformer", &gone, None, &mut no_warnings)
+            .unwrap_err();
     assert!(
         matches!(err, ProviderError::Commit { .. }) && err.to_string().contains("gone.onnx"),
         "{err}"
