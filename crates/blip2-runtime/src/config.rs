@@ -126,27 +126,94 @@ impl From<GraphOptimization> for GraphOptimizationLevel {
     }
 }
 
-/// One resolved profile; the CLI's `models.toml` says what each key means.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Profile {
-    pub name: String,
-    /// Providers for every graph without its own list, first preferred.
-    pub providers: Vec<Provider>,
-    /// Per-graph provider lists, keyed by a [`GRAPHS`] name.
-    pub graphs: BTreeMap<String, Vec<Provider>>,
-    pub device_id: i32,
-    pub gpu_mem_limit: Option<u64>,
-    pub fp16: bool,
-    /// Let the CUDA provider run fp32 products on TF32 tensor cores (10-bit mantissa).
-    /// Off by default, as in PyTorch, so an fp32 export gives the CPU's tokens on CUDA.
-    pub tf32: bool,
-    /// Capture the language model's decode step as a CUDA graph and replay it (CUDA
-    /// provider, OPT exports made with `--target cuda`). Off by default.
-    pub cuda_graph: bool,
-    pub engine_cache_path: Option<PathBuf>,
-    pub allow_fallback: bool,
-    pub intra_op_threads: Option<usize>,
-    pub graph_optimization: GraphOptimization,
+/// A profile's keys are listed here once: [`Profile`], the file format's raw profile and
+/// the keys one file sets come from this list.
+macro_rules! profile_keys {
+    (
+        defaulted { $( $(#[$dm:meta])* $d:ident: $dt:ty = $dv:expr, )* }
+        optional { $( $(#[$om:meta])* $o:ident: $ot:ty, )* }
+    ) => {
+        /// One resolved profile; the CLI's `models.toml` says what each key means.
+        #[derive(Debug, Clone, PartialEq)]
+        pub struct Profile {
+            pub name: String,
+            /// Providers for every graph without its own list, first preferred.
+            pub providers: Vec<Provider>,
+            /// Per-graph provider lists, keyed by a [`GRAPHS`] name.
+            pub graphs: BTreeMap<String, Vec<Provider>>,
+            pub graph_optimization: GraphOptimization,
+            $( $(#[$dm])* pub $d: $dt, )*
+            $( $(#[$om])* pub $o: Option<$ot>, )*
+        }
+
+        /// A profile as a file writes it.
+        #[derive(Debug, Default, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct RawProfile {
+            providers: Option<Vec<String>>,
+            #[serde(default)]
+            graphs: BTreeMap<String, RawGraph>,
+            graph_optimization: Option<String>,
+            $( $d: Option<$dt>, )*
+            $( $o: Option<$ot>, )*
+        }
+
+        /// The keys taken as they are written, each left open (None) where a file did
+        /// not set it.
+        #[derive(Debug, Clone, Default)]
+        struct PlainKeys {
+            $( $d: Option<$dt>, )*
+            $( $o: Option<$ot>, )*
+        }
+
+        impl PlainKeys {
+            fn of(raw: &RawProfile) -> Self {
+                Self { $( $d: raw.$d.clone(), )* $( $o: raw.$o.clone(), )* }
+            }
+
+            /// `over`'s keys win.
+            fn overlay(self, over: Self) -> Self {
+                Self { $( $d: over.$d.or(self.$d), )* $( $o: over.$o.or(self.$o), )* }
+            }
+
+            /// The profile with these keys, each unset one at its default.
+            fn profile(
+                &self,
+                name: String,
+                providers: Vec<Provider>,
+                graphs: BTreeMap<String, Vec<Provider>>,
+                graph_optimization: GraphOptimization,
+            ) -> Profile {
+                Profile {
+                    name,
+                    providers,
+                    graphs,
+                    graph_optimization,
+                    $( $d: self.$d.clone().unwrap_or($dv), )*
+                    $( $o: self.$o.clone(), )*
+                }
+            }
+        }
+    };
+}
+
+profile_keys! {
+    defaulted {
+        device_id: i32 = 0,
+        fp16: bool = false,
+        /// Let the CUDA provider run fp32 products on TF32 tensor cores (10-bit mantissa).
+        /// Off by default, as in PyTorch, so an fp32 export gives the CPU's tokens on CUDA.
+        tf32: bool = false,
+        /// Capture the language model's decode step as a CUDA graph and replay it (CUDA
+        /// provider, OPT exports made with `--target cuda`). Off by default.
+        cuda_graph: bool = false,
+        allow_fallback: bool = false,
+    }
+    optional {
+        gpu_mem_limit: u64,
+        engine_cache_path: PathBuf,
+        intra_op_threads: usize,
+    }
 }
 
 impl Profile {
@@ -199,20 +266,12 @@ impl Profile {
     /// The CPU profile with every key at its default (`providers = ["cpu"]`), the same as
     /// the CLI's built-in `cpu` profile: for tests and callers without a config file.
     pub fn cpu() -> Profile {
-        Profile {
-            name: "cpu".into(),
-            providers: vec![Provider::Cpu],
-            graphs: BTreeMap::new(),
-            device_id: 0,
-            gpu_mem_limit: None,
-            fp16: false,
-            tf32: false,
-            cuda_graph: false,
-            engine_cache_path: None,
-            allow_fallback: false,
-            intra_op_threads: None,
-            graph_optimization: GraphOptimization::All,
-        }
+        PlainKeys::default().profile(
+            "cpu".into(),
+            vec![Provider::Cpu],
+            BTreeMap::new(),
+            GraphOptimization::All,
+        )
     }
 }
 
@@ -242,23 +301,6 @@ struct RawFile {
     profiles: BTreeMap<String, RawProfile>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawProfile {
-    providers: Option<Vec<String>>,
-    #[serde(default)]
-    graphs: BTreeMap<String, RawGraph>,
-    device_id: Option<i32>,
-    gpu_mem_limit: Option<u64>,
-    fp16: Option<bool>,
-    tf32: Option<bool>,
-    cuda_graph: Option<bool>,
-    engine_cache_path: Option<PathBuf>,
-    allow_fallback: Option<bool>,
-    intra_op_threads: Option<usize>,
-    graph_optimization: Option<String>,
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawGraph {
@@ -271,21 +313,15 @@ struct RawGraph {
 struct PartialProfile {
     providers: Option<Vec<Provider>>,
     graphs: BTreeMap<String, Vec<Provider>>,
-    device_id: Option<i32>,
-    gpu_mem_limit: Option<u64>,
-    fp16: Option<bool>,
-    tf32: Option<bool>,
-    cuda_graph: Option<bool>,
-    engine_cache_path: Option<PathBuf>,
-    allow_fallback: Option<bool>,
-    intra_op_threads: Option<usize>,
     graph_optimization: Option<GraphOptimization>,
+    keys: PlainKeys,
     /// The last file that set anything in it, for error messages.
     origin: String,
 }
 
 impl PartialProfile {
     fn from_raw(raw: RawProfile, name: &str, origin: &str) -> Result<Self, ConfigError> {
+        let keys = PlainKeys::of(&raw);
         let providers =
             raw.providers.map(|list| parse_provider_list(&list, name, origin)).transpose()?;
         let mut graphs = BTreeMap::new();
@@ -308,20 +344,7 @@ impl PartialProfile {
             check_threads(n)
                 .map_err(|m| invalid(origin, name, format!("intra_op_threads = {n}: {m}")))?;
         }
-        Ok(Self {
-            providers,
-            graphs,
-            device_id: raw.device_id,
-            gpu_mem_limit: raw.gpu_mem_limit,
-            fp16: raw.fp16,
-            tf32: raw.tf32,
-            cuda_graph: raw.cuda_graph,
-            engine_cache_path: raw.engine_cache_path,
-            allow_fallback: raw.allow_fallback,
-            intra_op_threads: raw.intra_op_threads,
-            graph_optimization,
-            origin: origin.into(),
-        })
+        Ok(Self { keys, providers, graphs, graph_optimization, origin: origin.into() })
     }
 
     /// `over`'s keys win; graph lists are replaced per graph.
@@ -330,15 +353,8 @@ impl PartialProfile {
         Self {
             providers: over.providers.or(self.providers),
             graphs: self.graphs,
-            device_id: over.device_id.or(self.device_id),
-            gpu_mem_limit: over.gpu_mem_limit.or(self.gpu_mem_limit),
-            fp16: over.fp16.or(self.fp16),
-            tf32: over.tf32.or(self.tf32),
-            cuda_graph: over.cuda_graph.or(self.cuda_graph),
-            engine_cache_path: over.engine_cache_path.or(self.engine_cache_path),
-            allow_fallback: over.allow_fallback.or(self.allow_fallback),
-            intra_op_threads: over.intra_op_threads.or(self.intra_op_threads),
             graph_optimization: over.graph_optimization.or(self.graph_optimization),
+            keys: self.keys.overlay(over.keys),
             origin: over.origin,
         }
     }
@@ -347,20 +363,12 @@ impl PartialProfile {
         let providers = self.providers.clone().ok_or_else(|| {
             invalid(&self.origin, name, "no providers list (e.g. providers = [\"cuda\", \"cpu\"])")
         })?;
-        let profile = Profile {
-            name: name.into(),
+        let profile = self.keys.profile(
+            name.into(),
             providers,
-            graphs: self.graphs.clone(),
-            device_id: self.device_id.unwrap_or(0),
-            gpu_mem_limit: self.gpu_mem_limit,
-            fp16: self.fp16.unwrap_or(false),
-            tf32: self.tf32.unwrap_or(false),
-            cuda_graph: self.cuda_graph.unwrap_or(false),
-            engine_cache_path: self.engine_cache_path.clone(),
-            allow_fallback: self.allow_fallback.unwrap_or(false),
-            intra_op_threads: self.intra_op_threads,
-            graph_optimization: self.graph_optimization.unwrap_or_default(),
-        };
+            self.graphs.clone(),
+            self.graph_optimization.unwrap_or_default(),
+        );
         if profile.cuda_graph
             && profile.providers_for(GraphKind::LanguageModel.name()).first()
                 != Some(&Provider::Cuda)
