@@ -79,10 +79,6 @@ pub fn run(a: &ServeArgs, quiet: bool, signals: Option<crate::signals::Handle>) 
     let addr = listen_addr(&a.host, a.port)?;
     let dir = crate::models::resolve_model(&a.model, quiet)?;
     let pipe = crate::session::load_pipeline(&dir, &a.session)?;
-    // From here SIGTERM and Ctrl-C shut the server down gracefully instead.
-    if let Some(h) = signals {
-        h.close();
-    }
     let max_body_bytes = a.max_body_mb.saturating_mul(1 << 20);
     let opts = ServeOptions {
         served_model_name: a.served_model_name.clone().unwrap_or_else(|| a.model.clone()),
@@ -96,6 +92,11 @@ pub fn run(a: &ServeArgs, quiet: bool, signals: Option<crate::signals::Handle>) 
         max_body_bytes,
     };
     blip2_serve::run(pipe, opts, addr, |bound| {
+        // The server listens for SIGTERM and Ctrl-C now: from here they shut it down
+        // gracefully instead (dropping ours earlier left a moment where they were lost).
+        if let Some(h) = signals {
+            h.close();
+        }
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "listening on http://{bound}");
         let _ = out.flush();

@@ -375,3 +375,42 @@ fn tokens_without_text_are_pointed_out() {
     );
     assert!(o.status.success() && !stderr(&o).contains("tokenizer.json"), "{}", stderr(&o));
 }
+
+/// A SIGTERM sent the moment `serve` says where it listens ends it: the server listens
+/// for signals before it says so (the start-up handler used to be dropped first, and a
+/// signal in between was lost, leaving the server running).
+#[test]
+fn serve_ends_on_a_sigterm_sent_as_soon_as_it_listens() {
+    let m = export("serve-early-term");
+    for round in 0..5 {
+        let mut child = bin()
+            .args(["serve", "--port", "0", "--model"])
+            .arg(&m)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+        assert!(first.starts_with("listening on "), "round {round}: {first:?}");
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break Some(s);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                break None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let status =
+            status.unwrap_or_else(|| panic!("round {round}: still running 20 s after SIGTERM"));
+        use std::os::unix::process::ExitStatusExt;
+        assert!(
+            status.code() == Some(0) || status.signal() == Some(libc::SIGTERM),
+            "round {round}: {status:?}"
+        );
+    }
+}

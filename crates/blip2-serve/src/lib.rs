@@ -110,6 +110,8 @@ pub async fn serve(
 
 /// Binds `addr`, calls `on_listening` with the address bound, and serves until SIGTERM or
 /// Ctrl-C (then finishes the requests in flight). Blocks; runs its own async runtime.
+/// The signals are listened for before `on_listening` is called, so a caller may drop
+/// its own handlers there and no signal falls between the two.
 pub fn run(
     pipeline: Pipeline,
     opts: ServeOptions,
@@ -121,36 +123,46 @@ pub fn run(
         .thread_name("blip2-http")
         .build()?;
     rt.block_on(async move {
+        let shutdown = shutdown_signal();
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
         on_listening(listener.local_addr()?);
-        serve(pipeline, opts, listener, shutdown_signal()).await?;
+        serve(pipeline, opts, listener, shutdown).await?;
         Ok(())
     })
 }
 
-/// Completes on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Listens for Ctrl-C and SIGTERM from the call on (not from the first poll, as an async
+/// fn would): the future completes on either. Call it inside a Tokio runtime.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
+    let (int, term) = {
+        use tokio::signal::unix::{signal, SignalKind};
+        (signal(SignalKind::interrupt()).ok(), signal(SignalKind::terminate()).ok())
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+    async move {
+        #[cfg(unix)]
+        {
+            let wait = |s: Option<tokio::signal::unix::Signal>| async move {
+                match s {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = wait(int) => {},
+                _ = wait(term) => {},
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        tracing::info!("shutting down: no new connections; finishing the requests in flight");
     }
-    tracing::info!("shutting down: no new connections; finishing the requests in flight");
 }
 
 /// Counts every answer by endpoint and status (unknown paths as "other", so the label
