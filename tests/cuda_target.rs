@@ -650,17 +650,9 @@ fn fixed_step_buffers_sample_what_a_request_of_its_own_samples() {
     }
 }
 
-#[test]
-fn fixed_step_buffers_copy_once_each_way_a_step() {
-    // A copy between host and device through ort runs an Identity session and waits for
-    // the device: a decode step makes one of each, the inputs written as one block and
-    // the chosen tokens (or candidates) read as one block; the full logits, when a
-    // search asks for them, are the one read of that step.
-    let name = "opt-tiny";
-    let dir = export(name, "fixed-transfers");
-    let mut model = Blip2Model::load(&dir, &mut session_factory()).unwrap();
-    model.use_fixed_step_buffers().unwrap();
-    let mut plain = Blip2Model::load(&dir, &mut session_factory()).unwrap();
+/// The recorded prefill's prompt twice (a two-row batch) and the first two images'
+/// embeddings, from `name`'s reference.
+fn two_row_prompt(name: &str) -> (Batch, ndarray::ArrayD<f32>) {
     let refd = fixture(name).join("reference");
     let graphs: Value =
         serde_json::from_str(&std::fs::read_to_string(refd.join("graphs.json")).unwrap()).unwrap();
@@ -670,7 +662,20 @@ fn fixed_step_buffers_copy_once_each_way_a_step() {
         .slice(ndarray::s![..2, .., ..])
         .to_owned()
         .into_dyn();
-    let batch = Batch { ids: vec![tok.clone(), tok], mask: vec![mask.clone(), mask] };
+    (Batch { ids: vec![tok.clone(), tok], mask: vec![mask.clone(), mask] }, embeds)
+}
+
+#[test]
+fn fixed_step_buffers_copy_once_each_way_a_step() {
+    // A copy between host and device through ort runs an Identity session and waits for
+    // the device: a decode step makes one of each, the inputs written as one block and
+    // the chosen tokens (or candidates) read as one block; the full logits, when a
+    // search asks for them, are the one read of that step.
+    let dir = export("opt-tiny", "fixed-transfers");
+    let mut model = Blip2Model::load(&dir, &mut session_factory()).unwrap();
+    model.use_fixed_step_buffers().unwrap();
+    let mut plain = Blip2Model::load(&dir, &mut session_factory()).unwrap();
+    let (batch, embeds) = two_row_prompt("opt-tiny");
     let (mut st, _) = OptStaticState::prefill(&mut model, &batch, embeds.clone(), 8).unwrap();
     let (mut own, _) = OptStaticState::prefill(&mut plain, &batch, embeds, 8).unwrap();
     let t0 = st.fixed_transfers().unwrap();
@@ -711,21 +716,11 @@ fn fixed_step_buffers_keep_their_addresses_and_graph_ids() {
     // What a captured CUDA graph needs: each decode step of a request binds tensors at
     // the same addresses and runs under a graph id that names exactly those tensors
     // and that top-k size; a later request of the same shape reuses both.
-    let name = "opt-tiny";
-    let dir = export(name, "fixed-addresses");
+    let dir = export("opt-tiny", "fixed-addresses");
     let mut model = Blip2Model::load(&dir, &mut session_factory()).unwrap();
     model.use_fixed_step_buffers().unwrap();
-    let refd = fixture(name).join("reference");
-    let graphs: Value =
-        serde_json::from_str(&std::fs::read_to_string(refd.join("graphs.json")).unwrap()).unwrap();
-    let row = &graphs["lm_steps"][0];
-    let (tok, mask) = (ids(&row["input_ids"]), ids(&row["attention_mask"]));
-    let embeds = read_npy(&refd.join("image_embeds.npy"))
-        .slice(ndarray::s![..2, .., ..])
-        .to_owned()
-        .into_dyn();
-    let batch =
-        Batch { ids: vec![tok.clone(), tok.clone()], mask: vec![mask.clone(), mask.clone()] };
+    let (batch, embeds) = two_row_prompt("opt-tiny");
+    let (tok, mask) = (batch.ids[0].clone(), batch.mask[0].clone());
 
     // The same calls on a request with buffers of its own: the logits must agree after
     // every reorder.
