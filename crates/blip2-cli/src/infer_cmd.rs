@@ -304,8 +304,10 @@ fn chat(pipe: &mut Pipeline, image: &Path, cfg: &GenerationConfig, out: &Out) ->
         }
         line_no += 1;
         let Ok(line) = std::str::from_utf8(&buf) else {
-            eprintln!("warning: line {line_no}: skipped, not UTF-8");
-            // Every question line gets its stdout line with --json.
+            // A line that fails, as a question too long does: the session goes on, every
+            // question line gets its stdout line with --json, and the exit status is 1.
+            failed = true;
+            eprintln!("error: line {line_no}: not UTF-8; the line was skipped");
             out.emit_error(image, line_no, "not UTF-8; the line was skipped");
             continue;
         };

@@ -161,6 +161,7 @@ fn chat_json_answers_a_non_utf8_line_with_an_error_object() {
     assert_eq!(lines[1]["line"], 2, "{lines:?}");
     assert!(lines[1]["error"].as_str().is_some_and(|s| s.contains("UTF-8")), "{lines:?}");
     assert!(e.contains("line 2") && e.contains("UTF-8"), "{e}");
+    assert_eq!(o.status.code(), Some(1), "a failed line fails the session's exit status");
 }
 
 /// Item 12: `serve --host localhost` listens (names are resolved); a name that does not
