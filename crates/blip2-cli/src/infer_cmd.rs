@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use blip2_core::{EarlyStoppingSetting, GenerationDefaults};
 use blip2_runtime::generation::{EarlyStopping, GenerationConfig};
 use blip2_runtime::pipeline::{Generated, Pipeline};
-use blip2_runtime::preprocess::preprocess_batch;
+use blip2_runtime::preprocess::load_and_preprocess;
 use blip2_runtime::prompt::Prompter;
 use clap::{Args, Subcommand};
 use serde_json::json;
@@ -244,15 +244,23 @@ pub fn run(a: &InferArgs, quiet: bool) -> Result<i32> {
 fn run_task(a: &InferArgs, pipe: &mut Pipeline, cfg: &GenerationConfig, out: &Out) -> Result<i32> {
     match &a.task {
         Task::Caption { images, prompt } => {
-            // Every image is read before anything is printed, so an unreadable one fails
-            // the command with nothing on stdout. Only its pixel values are kept.
+            // Every image is read before anything is printed, so an unreadable one (the
+            // first in argument order) fails the command with nothing on stdout. Only the
+            // pixel values are kept; the machine's cores decode and resize in turn.
+            let paths: Vec<&Path> = images.iter().map(PathBuf::as_path).collect();
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
             let mut pixels = Vec::with_capacity(images.len());
-            for p in images {
-                let img = pipe.load_image(p)?;
-                pixels.push(
-                    preprocess_batch(std::slice::from_ref(&img), &pipe.model.manifest.image)
-                        .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?,
-                );
+            let loaded =
+                load_and_preprocess(&paths, &pipe.limits, &pipe.model.manifest.image, threads);
+            for (p, r) in images.iter().zip(loaded) {
+                pixels.push(r.map_err(|e| {
+                    let (msg, name) = (e.to_string(), p.display().to_string());
+                    if msg.starts_with(&name) {
+                        anyhow::anyhow!(msg)
+                    } else {
+                        anyhow::anyhow!("{name}: {msg}")
+                    }
+                })?);
             }
             for (chunk, px) in images.chunks(a.batch_size).zip(pixels.chunks(a.batch_size)) {
                 let views: Vec<_> = px.iter().map(|p| p.view()).collect();

@@ -651,3 +651,40 @@ pub fn preprocess_batch(
     }
     Ok(out)
 }
+
+/// Reads, decodes and preprocesses each of `paths` into pixel values `[1, 3, H, W]`, on
+/// `threads` worker threads (at least one) that take the files in turn; the results come
+/// back in `paths`' order, each exactly what [`load_image`] and [`preprocess_batch`] give
+/// it alone. A photo of 12 megapixels costs far more to decode and resize than its
+/// model run at small batch sizes, so the cores share that work.
+pub fn load_and_preprocess(
+    paths: &[&Path],
+    limits: &ImageLimits,
+    cfg: &ImageConfig,
+    threads: usize,
+) -> Vec<Result<Array4<f32>, PreprocessError>> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let one = |path: &Path| {
+        let img = load_image(path, limits)?;
+        preprocess_batch(std::slice::from_ref(&img), cfg)
+    };
+    let workers = threads.clamp(1, paths.len().max(1));
+    let mut done: Vec<(usize, Result<Array4<f32>, PreprocessError>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(path) = paths.get(i) else { break };
+                        mine.push((i, one(path)));
+                    }
+                    mine
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().expect("a preprocessing worker")).collect()
+    });
+    done.sort_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, r)| r).collect()
+}

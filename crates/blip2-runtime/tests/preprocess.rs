@@ -444,3 +444,41 @@ fn corrupt_jpegs_are_refused_with_libjpeg_s_reason() {
         preprocess::load_image_bytes(&ok, "big.jpg", &ImageLimits { max_pixels: 100 }).unwrap_err();
     assert!(matches!(e, PreprocessError::TooLarge { width: 37, height: 25, .. }), "{e}");
 }
+
+#[test]
+fn images_preprocessed_on_workers_are_each_images_own_in_order() {
+    // The workers take files in turn; each result is exactly what the image gives alone,
+    // in argument order, errors included (a missing file, a truncated JPEG).
+    let cfg = config(61);
+    let limits = ImageLimits::default();
+    let dir = root().join("tests/data/photos");
+    let mut paths: Vec<PathBuf> =
+        ["chelsea.png", "rocket.jpg", "camera.png", "no_time_for_that_tiny.gif"]
+            .iter()
+            .map(|p| dir.join(p))
+            .collect();
+    paths.insert(2, dir.join("variants/truncated.jpg"));
+    paths.push(dir.join("no-such-photo.png"));
+    for v in ["exif6.jpg", "gray.jpg", "progressive.jpg", "cmyk_adobe.jpg"] {
+        paths.push(dir.join("variants").join(v));
+    }
+    let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+    let alone: Vec<Result<ndarray::Array4<f32>, String>> = refs
+        .iter()
+        .map(|p| {
+            let img = preprocess::load_image(p, &limits).map_err(|e| e.to_string())?;
+            preprocess::preprocess_batch(std::slice::from_ref(&img), &cfg)
+                .map_err(|e| e.to_string())
+        })
+        .collect();
+    assert_eq!(alone.iter().filter(|r| r.is_err()).count(), 2, "the two bad files fail");
+    for threads in [1, 3, 16] {
+        let got: Vec<Result<ndarray::Array4<f32>, String>> =
+            preprocess::load_and_preprocess(&refs, &limits, &cfg, threads)
+                .into_iter()
+                .map(|r| r.map_err(|e| e.to_string()))
+                .collect();
+        assert_eq!(got, alone, "{threads} threads");
+    }
+    assert!(preprocess::load_and_preprocess(&[], &limits, &cfg, 4).is_empty());
+}
