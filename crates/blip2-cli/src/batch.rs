@@ -74,20 +74,31 @@ pub fn run(
         }
     }
 
-    // Decode images up front so a bad image fails only its own line.
+    // Read and preprocess every image up front (a worker per core), so a bad image fails
+    // only its own line and only pixel values are kept.
     let mut outputs: Vec<Option<Result<Vec<blip2_runtime::pipeline::Generated>, String>>> =
         vec![None; requests.len()];
+    let paths: Vec<&Path> = requests.iter().map(|r| r.image.as_path()).collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let loaded = blip2_runtime::preprocess::load_and_preprocess(
+        &paths,
+        &pipe.limits,
+        &pipe.model.manifest.image,
+        threads,
+    );
     let mut ready = Vec::new();
-    for (i, r) in requests.iter().enumerate() {
-        match pipe.load_image(&r.image) {
-            Ok(img) => ready.push((i, img)),
+    for (i, r) in loaded.into_iter().enumerate() {
+        match r {
+            Ok(px) => ready.push((i, px)),
             Err(e) => outputs[i] = Some(Err(e.to_string())),
         }
     }
     for chunk in ready.chunks(batch_size) {
-        let imgs: Vec<_> = chunk.iter().map(|(_, img)| img.clone()).collect();
+        let views: Vec<_> = chunk.iter().map(|(_, px)| px.view()).collect();
+        let pixels = ndarray::concatenate(ndarray::Axis(0), &views)
+            .context("joining the batch's pixel values")?;
         let prompts: Vec<String> = chunk.iter().map(|(i, _)| requests[*i].prompt.clone()).collect();
-        match pipe.generate(&imgs, &prompts, cfg) {
+        match pipe.generate_pixels(pixels, &prompts, cfg) {
             Ok(res) => {
                 for ((i, _), r) in chunk.iter().zip(res) {
                     outputs[*i] = Some(Ok(r));
@@ -95,9 +106,9 @@ pub fn run(
             }
             // A failing batch is retried row by row so one bad prompt fails only its line.
             Err(_) if chunk.len() > 1 => {
-                for (i, img) in chunk {
-                    let r = pipe.generate(
-                        std::slice::from_ref(img),
+                for (i, px) in chunk {
+                    let r = pipe.generate_pixels(
+                        px.clone(),
                         std::slice::from_ref(&requests[*i].prompt),
                         cfg,
                     );
