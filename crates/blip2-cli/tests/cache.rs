@@ -1,16 +1,11 @@
 //! `blip2-ort cache list | prune | clear`: output and exit codes, on a cache folder made
 //! for the test (`BLIP2_ORT_CACHE`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
-/// `test-tmp` in cargo's target folder (which follows `CARGO_TARGET_DIR`).
-fn test_tmp() -> PathBuf {
-    Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .parent()
-        .expect("target/tmp has a parent")
-        .join("test-tmp")
-}
+mod common;
+use common::test_tmp;
 
 fn cache(root: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let mut c = Command::new(env!("CARGO_BIN_EXE_blip2-ort"));

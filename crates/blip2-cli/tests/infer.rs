@@ -7,16 +7,11 @@ use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
 
+mod common;
+use common::test_tmp;
+
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// `test-tmp` in cargo's target folder (which follows `CARGO_TARGET_DIR`).
-fn test_tmp() -> PathBuf {
-    Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .parent()
-        .expect("target/tmp has a parent")
-        .join("test-tmp")
 }
 
 fn photo(name: &str) -> PathBuf {
