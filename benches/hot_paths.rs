@@ -131,7 +131,7 @@ fn bench_decode_step(c: &mut Criterion) {
                 let (mut st, _) =
                     OptState::prefill_last(&mut model, &batch.ids, &batch.mask, e).unwrap();
                 let t = Instant::now();
-                black_box(st.step(&[5]).unwrap());
+                black_box(st.step(&mut model, &[5]).unwrap());
                 total += t.elapsed();
             }
             total

@@ -4,13 +4,12 @@
 //! ([`RowSearch`]) give every row exactly the tokens it gets alone (`Pipeline::generate`,
 //! which the recorded-case tests hold to transformers' `generate()`).
 
-use std::sync::{Arc, Mutex};
-
 use blip2_ort_suite::{fixture, photo, session_factory, temp_dir};
-use blip2_runtime::generation::{GenerationConfig, RowSearch, StepModel};
-use blip2_runtime::model::{lm_value, ModelRef};
+use blip2_runtime::generation::{GenerationConfig, RowSearch};
+use blip2_runtime::model::lm_value;
 use blip2_runtime::pipeline::{EmbedCache, Pipeline};
 use blip2_runtime::state::opt::OptState;
+use blip2_runtime::state::DecoderState;
 
 struct Request {
     image: &'static str,
@@ -86,13 +85,13 @@ fn rows_joining_and_leaving_a_running_batch_get_their_single_run_tokens() {
     let images: Vec<_> = requests.iter().map(|r| p.load_image(&photo(r.image)).unwrap()).collect();
     let manifest_image = p.model.manifest.image.clone();
     let Pipeline { model, prompter, .. } = p;
-    let model = Arc::new(Mutex::new(model));
+    let mut model = model;
     let mut cache = EmbedCache::new(0);
     let eos = base.eos_token_ids.clone();
 
     // Request r joins the batch before step `join_at[r]`.
     let join_at = [0usize, 0, 2, 4, 6];
-    let mut state: Option<OptState<'static>> = None;
+    let mut state: Option<OptState> = None;
     // (request, search) per row of the state, in order.
     let mut rows: Vec<(usize, RowSearch)> = Vec::new();
     let mut got: Vec<Option<Vec<i64>>> = vec![None; requests.len()];
@@ -109,17 +108,11 @@ fn rows_joining_and_leaving_a_running_batch_get_their_single_run_tokens() {
                 newcomers.iter().map(|&r| prompter.text_ids(requests[r].prompt).unwrap()).collect();
             let batch = prompter.assemble(&texts);
             let embeds = {
-                let mut m = model.lock().unwrap();
-                let e = cache.embed(&mut m, px).unwrap();
-                lm_value(&m, e).unwrap()
+                let e = cache.embed(&mut model, px).unwrap();
+                lm_value(&model, e).unwrap()
             };
-            let (new_state, logits) = OptState::prefill_last(
-                ModelRef::Shared(model.clone()),
-                &batch.ids,
-                &batch.mask,
-                embeds,
-            )
-            .unwrap();
+            let (new_state, logits) =
+                OptState::prefill_last(&mut model, &batch.ids, &batch.mask, embeds).unwrap();
             let prompts = batch.unpadded();
             for (i, &r) in newcomers.iter().enumerate() {
                 let prompt = prompts[i].clone();
@@ -154,7 +147,7 @@ fn rows_joining_and_leaving_a_running_batch_get_their_single_run_tokens() {
                 state = None;
             } else {
                 let st = state.as_mut().unwrap();
-                st.select_rows(&keep).unwrap();
+                st.select_rows(&mut model, &keep).unwrap();
                 st.compact().unwrap();
             }
         }
@@ -165,7 +158,7 @@ fn rows_joining_and_leaving_a_running_batch_get_their_single_run_tokens() {
             continue;
         }
         let tokens: Vec<i64> = rows.iter().map(|(_, s)| s.last().unwrap()).collect();
-        let logits = state.as_mut().unwrap().step(&tokens).unwrap();
+        let logits = state.as_mut().unwrap().step(&mut model, &tokens).unwrap();
         for (i, (_, s)) in rows.iter_mut().enumerate() {
             s.pick(logits.row(i));
         }

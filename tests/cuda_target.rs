@@ -18,6 +18,7 @@ use blip2_runtime::pipeline::Pipeline;
 use blip2_runtime::prompt::Batch;
 use blip2_runtime::state::opt_static::OptStaticState;
 use blip2_runtime::state::t5::T5State;
+use blip2_runtime::state::DecoderState;
 use ndarray::{Array4, Axis, IxDyn};
 use serde_json::Value;
 
@@ -194,13 +195,15 @@ fn prefill_and_decode_steps_match_transformers_and_select_on_the_device() {
             // first decode step returns the logits, the second the device's picks, checked
             // against transformers' logits.
             if k == 1 {
-                let StepOutput::Logits(l) = state.step_for(&token, Want::Logits).unwrap() else {
+                let StepOutput::Logits(l) =
+                    state.step_for(&mut model, &token, Want::Logits).unwrap()
+                else {
                     panic!("logits")
                 };
                 assert_close(&format!("{name}: decode step {k} logits"), &l.into_dyn(), &r);
             } else {
                 let StepOutput::TopLogProbs { logprobs, ids: top } =
-                    state.step_for(&token, Want::TopLogProbs(3)).unwrap()
+                    state.step_for(&mut model, &token, Want::TopLogProbs(3)).unwrap()
                 else {
                     panic!("top-k")
                 };
@@ -226,7 +229,7 @@ fn prefill_and_decode_steps_match_transformers_and_select_on_the_device() {
             let img = embeds.index_axis(Axis(0), 0).insert_axis(Axis(0)).to_owned();
             OptStaticState::prefill(&mut model, &batch, img, 8).unwrap().0
         };
-        let StepOutput::Logits(l) = again.step_for(&[5], Want::Logits).unwrap() else {
+        let StepOutput::Logits(l) = again.step_for(&mut model, &[5], Want::Logits).unwrap() else {
             panic!("logits")
         };
         let pick = l
@@ -239,7 +242,7 @@ fn prefill_and_decode_steps_match_transformers_and_select_on_the_device() {
         let img = embeds.index_axis(Axis(0), 0).insert_axis(Axis(0)).to_owned();
         let (mut third, _) = OptStaticState::prefill(&mut model, &batch, img, 8).unwrap();
         assert_eq!(
-            third.step_for(&[5], Want::Argmax).unwrap(),
+            third.step_for(&mut model, &[5], Want::Argmax).unwrap(),
             StepOutput::Argmax(vec![pick]),
             "{name}: device argmax"
         );
@@ -351,8 +354,9 @@ fn reordered_rows_carry_their_own_cache() {
     let both = Batch { ids: vec![i.clone(), i.clone()], mask: vec![m.clone(), m.clone()] };
     let pair = embeds.slice(ndarray::s![..2, .., ..]).to_owned().into_dyn();
     let (mut st, _) = OptStaticState::prefill(&mut model, &both, pair, 4).unwrap();
-    st.select_rows(&[1, 1, 0]).unwrap();
-    let StepOutput::Logits(moved) = st.step_for(&[7, 7, 7], Want::Logits).unwrap() else {
+    st.select_rows(&mut model, &[1, 1, 0]).unwrap();
+    let StepOutput::Logits(moved) = st.step_for(&mut model, &[7, 7, 7], Want::Logits).unwrap()
+    else {
         panic!("logits")
     };
     drop(st);
@@ -360,7 +364,8 @@ fn reordered_rows_carry_their_own_cache() {
         let one = Batch { ids: vec![i.clone()], mask: vec![m.clone()] };
         let img = embeds.index_axis(Axis(0), source).insert_axis(Axis(0)).to_owned();
         let (mut alone, _) = OptStaticState::prefill(&mut model, &one, img, 4).unwrap();
-        let StepOutput::Logits(want) = alone.step_for(&[7], Want::Logits).unwrap() else {
+        let StepOutput::Logits(want) = alone.step_for(&mut model, &[7], Want::Logits).unwrap()
+        else {
             panic!("logits")
         };
         let got = moved.row(new_row).to_owned().into_dyn();
@@ -406,7 +411,7 @@ fn flan_t5_picks_tokens_on_the_device_and_matches_transformers() {
             8,
         )
         .unwrap();
-        let StepOutput::Logits(l) = st.step_for(&[3], Want::Logits).unwrap() else {
+        let StepOutput::Logits(l) = st.step_for(&mut model, &[3], Want::Logits).unwrap() else {
             panic!("logits")
         };
         let pick = l
@@ -418,7 +423,7 @@ fn flan_t5_picks_tokens_on_the_device_and_matches_transformers() {
         drop(st);
         let (mut st, _) = T5State::prefill(&mut model, &[tok], &[mask], img, start, 8).unwrap();
         assert_eq!(
-            st.step_for(&[3], Want::Argmax).unwrap(),
+            st.step_for(&mut model, &[3], Want::Argmax).unwrap(),
             StepOutput::Argmax(vec![pick]),
             "{name}: device argmax"
         );
@@ -477,14 +482,15 @@ fn flan_t5_decoder_writes_fixed_buffers_in_place() {
         3,
     )
     .unwrap();
-    st.step_for(&[4, 9], Want::Logits).unwrap();
-    st.select_rows(&[1, 1, 0]).unwrap();
-    let StepOutput::Logits(moved) = st.step_for(&[7, 7, 7], Want::Logits).unwrap() else {
+    st.step_for(&mut model, &[4, 9], Want::Logits).unwrap();
+    st.select_rows(&mut model, &[1, 1, 0]).unwrap();
+    let StepOutput::Logits(moved) = st.step_for(&mut model, &[7, 7, 7], Want::Logits).unwrap()
+    else {
         panic!("logits")
     };
     // The buffers hold the start token and three new tokens; a fourth does not fit.
-    st.step_for(&[7, 7, 7], Want::Argmax).unwrap();
-    let e = st.step_for(&[7, 7, 7], Want::Argmax).unwrap_err().to_string();
+    st.step_for(&mut model, &[7, 7, 7], Want::Argmax).unwrap();
+    let e = st.step_for(&mut model, &[7, 7, 7], Want::Argmax).unwrap_err().to_string();
     assert!(e.contains("full"), "{e}");
     drop(st);
     for (new_row, source, first) in [(0usize, 1usize, 9i64), (1, 1, 9), (2, 0, 4)] {
@@ -498,8 +504,9 @@ fn flan_t5_decoder_writes_fixed_buffers_in_place() {
             3,
         )
         .unwrap();
-        alone.step_for(&[first], Want::Logits).unwrap();
-        let StepOutput::Logits(want) = alone.step_for(&[7], Want::Logits).unwrap() else {
+        alone.step_for(&mut model, &[first], Want::Logits).unwrap();
+        let StepOutput::Logits(want) = alone.step_for(&mut model, &[7], Want::Logits).unwrap()
+        else {
             panic!("logits")
         };
         let got = moved.row(new_row).to_owned().into_dyn();
@@ -513,13 +520,13 @@ fn flan_t5_decoder_writes_fixed_buffers_in_place() {
 
 /// A decoder that forwards every step to `inner`, asking it for the full logits when
 /// `full` is set, and counts the sampling candidates it was asked for.
-struct Forward<'a, 'm> {
-    inner: &'a mut blip2_runtime::state::Decoder<'m>,
+struct Forward<'a> {
+    inner: blip2_runtime::state::Bound<'a>,
     full: bool,
     candidate_steps: usize,
 }
 
-impl StepModel for Forward<'_, '_> {
+impl StepModel for Forward<'_> {
     type Error = blip2_runtime::error::RuntimeError;
 
     fn step(&mut self, tokens: &[i64]) -> Result<ndarray::Array2<f32>, Self::Error> {
@@ -586,7 +593,8 @@ fn sampling_draws_from_the_devices_top_k_what_it_draws_from_the_logits() {
                     cfg.max_new_tokens,
                 )
                 .unwrap();
-                let mut fwd = Forward { inner: &mut p.state, full, candidate_steps: 0 };
+                let inner = blip2_runtime::state::Bound { model: &mut model, state: &mut *p.state };
+                let mut fwd = Forward { inner, full, candidate_steps: 0 };
                 let out = blip2_runtime::generation::generate(&mut fwd, &p.prompts, p.logits, &cfg)
                     .unwrap();
                 (out, fwd.candidate_steps)
@@ -687,7 +695,10 @@ fn fixed_step_buffers_copy_once_each_way_a_step() {
     {
         let tokens = [5 + i as i64, 9];
         // What buffers of the request's own give: the packed blocks read back right.
-        match (st.step_for(&tokens, want).unwrap(), own.step_for(&tokens, want).unwrap()) {
+        match (
+            st.step_for(&mut model, &tokens, want).unwrap(),
+            own.step_for(&mut plain, &tokens, want).unwrap(),
+        ) {
             (StepOutput::Argmax(a), StepOutput::Argmax(b)) => assert_eq!(a, b, "step {i}"),
             (
                 StepOutput::TopLogProbs { logprobs: a, ids: ia },
@@ -731,39 +742,44 @@ fn fixed_step_buffers_keep_their_addresses_and_graph_ids() {
         assert!(own.fixed_buffers().is_none());
         let (set, before, addrs) = st.fixed_buffers().expect("fixed buffers");
         assert_eq!(before, None, "the prefill runs uncaptured");
-        let both =
-            |tokens: &[i64], want: Want, st: &mut OptStaticState, own: &mut OptStaticState| {
-                let got = st.step_for(tokens, want).unwrap();
-                let StepOutput::Logits(l) = own.step_for(tokens, Want::Logits).unwrap() else {
-                    panic!("logits")
-                };
-                if let StepOutput::Logits(g) = got {
-                    assert_close("fixed against own buffers", &g.into_dyn(), &l.into_dyn());
-                }
-                st.fixed_buffers().unwrap()
+        let both = |tokens: &[i64],
+                    want: Want,
+                    st: &mut OptStaticState,
+                    own: &mut OptStaticState,
+                    (model, plain): (&mut Blip2Model, &mut Blip2Model)| {
+            let got = st.step_for(model, tokens, want).unwrap();
+            let StepOutput::Logits(l) = own.step_for(plain, tokens, Want::Logits).unwrap() else {
+                panic!("logits")
             };
-        let (_, g1, a1) = both(&[5, 6], Want::Argmax, &mut st, &mut own);
-        let (_, g2, a2) = both(&[7, 8], Want::Argmax, &mut st, &mut own);
+            if let StepOutput::Logits(g) = got {
+                assert_close("fixed against own buffers", &g.into_dyn(), &l.into_dyn());
+            }
+            st.fixed_buffers().unwrap()
+        };
+        let (_, g1, a1) = both(&[5, 6], Want::Argmax, &mut st, &mut own, (&mut model, &mut plain));
+        let (_, g2, a2) = both(&[7, 8], Want::Argmax, &mut st, &mut own, (&mut model, &mut plain));
         assert_eq!((g2, &a2), (g1, &addrs), "two argmax steps: same graph, same addresses");
         assert_eq!(a1, addrs);
-        let (_, g3, a3) = both(&[7, 8], Want::TopLogProbs(3), &mut st, &mut own);
+        let (_, g3, a3) =
+            both(&[7, 8], Want::TopLogProbs(3), &mut st, &mut own, (&mut model, &mut plain));
         assert_ne!(g3, g1, "another top-k size is another graph");
         assert_eq!(a3, addrs);
         // A beam reorder gathers into the second KV set: other buffers, another graph;
         // reordering back returns to the first set and its graph. The rows differ (their
         // tokens did), so a reorder that went astray shows in the logits.
-        st.select_rows(&[1, 0]).unwrap();
-        own.select_rows(&[1, 0]).unwrap();
-        both(&[9, 9], Want::Logits, &mut st, &mut own);
-        let (_, g4, a4) = both(&[9, 9], Want::Argmax, &mut st, &mut own);
+        st.select_rows(&mut model, &[1, 0]).unwrap();
+        own.select_rows(&mut plain, &[1, 0]).unwrap();
+        both(&[9, 9], Want::Logits, &mut st, &mut own, (&mut model, &mut plain));
+        let (_, g4, a4) = both(&[9, 9], Want::Argmax, &mut st, &mut own, (&mut model, &mut plain));
         assert!(g4 != g1 && g4 != g3, "the second KV set has graphs of its own");
         assert_eq!(a4[..5], addrs[..5], "inputs and outputs stay where they are");
         assert_ne!(a4[5..], addrs[5..], "the second KV set");
-        st.select_rows(&[1, 1]).unwrap();
-        own.select_rows(&[1, 1]).unwrap();
-        let (_, g5, a5) = both(&[3, 3], Want::Argmax, &mut st, &mut own);
+        st.select_rows(&mut model, &[1, 1]).unwrap();
+        own.select_rows(&mut plain, &[1, 1]).unwrap();
+        let (_, g5, a5) = both(&[3, 3], Want::Argmax, &mut st, &mut own, (&mut model, &mut plain));
         assert_eq!((g5, a5), (g1, addrs.clone()), "back on the first set");
-        both(&[4, 4], Want::Logits, &mut st, &mut own);
+        both(&[4, 4], Want::Logits, &mut st, &mut own, (&mut model, &mut plain));
+        st.release(&mut model);
         (set, g1, addrs)
     };
     assert_eq!(model.step_pool().unwrap().idle(), 1, "the finished request's set is idle");
@@ -772,16 +788,16 @@ fn fixed_step_buffers_keep_their_addresses_and_graph_ids() {
     // steps give the logits of a fresh run on buffers of its own.
     let (mut st, _) = OptStaticState::prefill(&mut model, &batch, embeds.clone(), 8).unwrap();
     assert_eq!(st.fixed_buffers().unwrap().0, set);
-    let StepOutput::Logits(reused) = st.step_for(&[5, 6], Want::Logits).unwrap() else {
+    let StepOutput::Logits(reused) = st.step_for(&mut model, &[5, 6], Want::Logits).unwrap() else {
         panic!("logits")
     };
-    st.step_for(&[7, 8], Want::Argmax).unwrap();
+    st.step_for(&mut model, &[7, 8], Want::Argmax).unwrap();
     let (_, g, a) = st.fixed_buffers().unwrap();
     assert_eq!((g, a), (graph0, addrs.clone()));
-    drop(st);
+    st.release(&mut model);
     let (mut own, _) = OptStaticState::prefill(&mut plain, &batch, embeds.clone(), 8).unwrap();
     assert!(own.fixed_buffers().is_none());
-    let StepOutput::Logits(fresh) = own.step_for(&[5, 6], Want::Logits).unwrap() else {
+    let StepOutput::Logits(fresh) = own.step_for(&mut plain, &[5, 6], Want::Logits).unwrap() else {
         panic!("logits")
     };
     assert_close("logits on a reused set", &reused.into_dyn(), &fresh.into_dyn());
@@ -789,9 +805,9 @@ fn fixed_step_buffers_keep_their_addresses_and_graph_ids() {
     // Another row count or length is another set.
     let one = Batch { ids: vec![tok.clone()], mask: vec![mask.clone()] };
     let img = embeds.slice(ndarray::s![..1, .., ..]).to_owned().into_dyn();
-    let (st, _) = OptStaticState::prefill(&mut model, &one, img, 8).unwrap();
+    let (mut st, _) = OptStaticState::prefill(&mut model, &one, img, 8).unwrap();
     assert_ne!(st.fixed_buffers().unwrap().0, set);
-    drop(st);
+    st.release(&mut model);
     let (st, _) = OptStaticState::prefill(&mut model, &batch, embeds.clone(), 200).unwrap();
     assert_ne!(st.fixed_buffers().unwrap().0, set);
 }

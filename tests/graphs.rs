@@ -70,7 +70,7 @@ fn errors(name: &str, dir: &std::path::Path) -> Vec<(String, f32, f32, bool)> {
     let ref_logits = read_npy(&refd.join(first["logits"].as_str().unwrap()));
     record("prefill logits", &logits.into_dyn(), &ref_logits);
     for (k, s) in steps.iter().enumerate().skip(1) {
-        let logits = state.step(&ids(s, "input_ids")).unwrap();
+        let logits = state.step(&mut model, &ids(s, "input_ids")).unwrap();
         let ref_logits = read_npy(&refd.join(s["logits"].as_str().unwrap()));
         let ref_logits = ref_logits.into_shape_with_order(IxDyn(&[1, logits.ncols()])).unwrap();
         record(&format!("decode step {k} logits"), &logits.into_dyn(), &ref_logits);
@@ -181,7 +181,7 @@ fn check_t5(dtype: blip2_core::Dtype) -> Vec<(f32, f32, bool)> {
     let mut logits = logits;
     for (k, s) in steps.iter().enumerate() {
         if k > 0 {
-            logits = state.step(&ints(&s["decoder_input_ids"])).unwrap();
+            logits = state.step(&mut model, &ints(&s["decoder_input_ids"])).unwrap();
         }
         let r = read_npy(&refd.join(s["logits"].as_str().unwrap()));
         let r = r.into_shape_with_order(IxDyn(&[1, logits.ncols()])).unwrap();

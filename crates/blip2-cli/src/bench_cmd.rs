@@ -273,7 +273,11 @@ pub fn run(a: &BenchArgs, quiet: bool) -> Result<i32> {
         let mut p = blip2_runtime::state::prefill(&mut *model, &batch, e, a.new_tokens)?;
         let dt = t.elapsed();
         // Greedy decode steps, asking for what greedy search asks for.
-        steps(&mut || p.state.step_for(&[10], Want::Argmax).map(|_| ()).map_err(Into::into))?;
+        let stepped = steps(&mut || {
+            p.state.step_for(&mut *model, &[10], Want::Argmax).map(|_| ()).map_err(Into::into)
+        });
+        p.state.release(&mut *model);
+        stepped?;
         if rep > 0 {
             prefill_times.push(dt.as_secs_f64() * 1000.0);
         }

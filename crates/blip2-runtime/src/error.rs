@@ -28,6 +28,12 @@ pub enum RuntimeError {
     Generation(#[from] crate::generation::ConfigError),
     #[error("{0}")]
     Input(String),
+    /// A request's own search could not go on (the engine went on with the others).
+    #[error("{0}")]
+    Search(String),
+    /// A failure that several requests of one batch share (a model run they were in).
+    #[error(transparent)]
+    Shared(std::sync::Arc<RuntimeError>),
     /// A graph file whose inputs or outputs are not the ones its manifest lists: copied in
     /// from another export.
     #[error(

@@ -3,7 +3,6 @@
 //! [`crate::state`] drive step by step.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
 
 use blip2_core::{io, Family, Manifest};
 use ndarray::{Array2, Array4, ArrayD, Axis};
@@ -37,63 +36,9 @@ pub struct Blip2Model {
     /// Set by [`Blip2Model::use_fixed_step_buffers`]: decode steps bind the same buffers
     /// every time (CUDA graphs), and finished requests leave theirs here.
     pub(crate) step_pool: Option<crate::state::fixed::StepPool>,
-}
-
-/// The model a decoder state runs on: borrowed for the whole generation (the CLI, the
-/// benchmarks), or shared by generations that take turns step by step (the server), each
-/// step locking it.
-pub enum ModelRef<'m> {
-    Borrowed(&'m mut Blip2Model),
-    Shared(Arc<Mutex<Blip2Model>>),
-}
-
-/// The model while one call runs on it: see [`ModelRef::get`].
-pub enum ModelGuard<'a> {
-    Borrowed(&'a mut Blip2Model),
-    Locked(MutexGuard<'a, Blip2Model>),
-}
-
-impl ModelRef<'_> {
-    /// The model, locked while the guard lives when it is shared. A generation that
-    /// panicked while holding the lock left nothing half-done that a later call reads (each
-    /// call binds its own inputs), so a poisoned lock is taken over.
-    pub fn get(&mut self) -> ModelGuard<'_> {
-        match self {
-            ModelRef::Borrowed(m) => ModelGuard::Borrowed(m),
-            ModelRef::Shared(m) => ModelGuard::Locked(m.lock().unwrap_or_else(|e| e.into_inner())),
-        }
-    }
-}
-
-impl<'m> From<&'m mut Blip2Model> for ModelRef<'m> {
-    fn from(m: &'m mut Blip2Model) -> Self {
-        ModelRef::Borrowed(m)
-    }
-}
-
-impl From<Arc<Mutex<Blip2Model>>> for ModelRef<'static> {
-    fn from(m: Arc<Mutex<Blip2Model>>) -> Self {
-        ModelRef::Shared(m)
-    }
-}
-
-impl std::ops::Deref for ModelGuard<'_> {
-    type Target = Blip2Model;
-    fn deref(&self) -> &Blip2Model {
-        match self {
-            ModelGuard::Borrowed(m) => m,
-            ModelGuard::Locked(m) => m,
-        }
-    }
-}
-
-impl std::ops::DerefMut for ModelGuard<'_> {
-    fn deref_mut(&mut self) -> &mut Blip2Model {
-        match self {
-            ModelGuard::Borrowed(m) => m,
-            ModelGuard::Locked(m) => m,
-        }
-    }
+    /// The threads the language model's graphs ran on (tests: one engine thread).
+    #[cfg(any(test, feature = "test-support"))]
+    lm_threads: std::collections::HashSet<std::thread::ThreadId>,
 }
 
 /// The session for graph `file` of the export in `dir`, or an error naming the missing file.
@@ -230,6 +175,8 @@ impl Blip2Model {
             vision_fp16,
             kv_memory,
             step_pool: None,
+            #[cfg(any(test, feature = "test-support"))]
+            lm_threads: Default::default(),
         })
     }
 
@@ -323,6 +270,19 @@ impl Blip2Model {
     /// is on.
     pub fn step_pool(&self) -> Option<&crate::state::fixed::StepPool> {
         self.step_pool.as_ref()
+    }
+
+    /// Called by the decoder states before each run of a language-model graph (the
+    /// decoder, `kv_reorder`): under `test-support`, notes the thread it runs on.
+    pub(crate) fn note_lm_run(&mut self) {
+        #[cfg(any(test, feature = "test-support"))]
+        self.lm_threads.insert(std::thread::current().id());
+    }
+
+    #[cfg(any(test, feature = "test-support"))]
+    /// The threads the language model's graphs have run on, and forgets them.
+    pub fn take_lm_threads(&mut self) -> Vec<std::thread::ThreadId> {
+        self.lm_threads.drain().collect()
     }
 
     /// Allocates buffers where the decoder's cache lives (static KV caches).

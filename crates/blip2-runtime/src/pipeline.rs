@@ -7,8 +7,11 @@ use std::path::Path;
 use image::DynamicImage;
 use ndarray::{Array3, Array4, ArrayD, Axis, IxDyn};
 
+use std::sync::Arc;
+
+use crate::engine::{Event, NoMetrics, Queued, Request, Scheduler};
 use crate::error::RuntimeError;
-use crate::generation::{self, GenerationConfig, GenerationError};
+use crate::generation::{self, GenerationConfig};
 use crate::model::{to_f32, Blip2Model, SessionFactory};
 use crate::preprocess::{self, ImageLimits};
 use crate::prompt::Prompter;
@@ -25,7 +28,7 @@ pub struct Pipeline {
     pub model: Blip2Model,
     pub prompter: Prompter,
     pub limits: ImageLimits,
-    embed_cache: EmbedCache,
+    pub(crate) embed_cache: EmbedCache,
 }
 
 /// How many images' query embeddings [`Pipeline`] keeps by default: enough for a chat
@@ -142,14 +145,6 @@ fn pixel_hash(px: ndarray::ArrayView3<'_, f32>) -> u64 {
     h
 }
 
-fn search_err(e: GenerationError<RuntimeError>) -> RuntimeError {
-    match e {
-        GenerationError::Model(m) => m,
-        GenerationError::Config(c) => RuntimeError::Generation(c),
-        other => RuntimeError::Input(other.to_string()),
-    }
-}
-
 impl Pipeline {
     pub fn load(dir: &Path, factory: &mut SessionFactory<'_>) -> Result<Self, RuntimeError> {
         let model = Blip2Model::load(dir, factory)?;
@@ -240,19 +235,63 @@ impl Pipeline {
         generation::check_vocab(cfg, self.model.manifest.text.vocab_size)?;
         let batch = self.prompter.assemble(texts);
         self.prompter.check_room(batch.ids[0].len(), cfg.max_new_tokens)?;
-        let embeds = self.image_embeds(pixels)?;
-        let mut p = crate::state::prefill(&mut self.model, &batch, embeds, cfg.max_new_tokens)?;
-        let out =
-            generation::generate(&mut *p.state, &p.prompts, p.logits, cfg).map_err(search_err)?;
-        let mut res = Vec::with_capacity(out.len());
-        for row in out {
-            let mut seqs = Vec::with_capacity(row.len());
-            for ids in row {
-                seqs.push(Generated { text: self.prompter.decode(&ids)?, token_ids: ids });
+        // One seed for the batch, its sampling streams numbered by row over the batch,
+        // as generate() numbers them.
+        let cfg = GenerationConfig {
+            seed: Some(cfg.seed.unwrap_or_else(generation::fresh_seed)),
+            ..cfg.clone()
+        };
+        let streams = if cfg.num_beams > 1 { 1 } else { crate::engine::batch_rows(&cfg) };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let jobs = texts
+            .iter()
+            .enumerate()
+            .map(|(r, text)| {
+                Queued::new(Request {
+                    pixels: pixels.index_axis(Axis(0), r).to_owned(),
+                    text_ids: text.clone(),
+                    cfg: cfg.clone(),
+                    stop: Vec::new(),
+                    first_stream: (r * streams) as u64,
+                    sink: Box::new(RowSink(r, tx.clone())),
+                })
+            })
+            .collect();
+        drop(tx);
+        let mut scheduler = Scheduler::new(usize::MAX, Arc::new(NoMetrics));
+        scheduler.run_to_end(&mut self.model, &mut self.embed_cache, &self.prompter, jobs);
+        let mut res: Vec<Vec<Option<Generated>>> = vec![vec![None; cfg.num_return_sequences]; rows];
+        for (r, event) in rx {
+            match event {
+                Event::End { index, text, token_ids, .. } => {
+                    res[r][index] = Some(Generated { text, token_ids })
+                }
+                Event::Failed(e) => {
+                    return Err(Arc::try_unwrap(e).unwrap_or_else(RuntimeError::Shared))
+                }
+                Event::Delta { .. } | Event::Done { .. } => {}
             }
-            res.push(seqs);
         }
-        Ok(res)
+        res.into_iter()
+            .map(|row| {
+                row.into_iter()
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| RuntimeError::Input("a sequence ended without a result".into()))
+            })
+            .collect()
+    }
+}
+
+/// The events of row `.0` of a pipeline batch.
+struct RowSink(usize, std::sync::mpsc::Sender<(usize, Event)>);
+
+impl crate::engine::Sink for RowSink {
+    fn send(&self, event: Event) {
+        let _ = self.1.send((self.0, event));
+    }
+
+    fn wants_deltas(&self) -> bool {
+        false
     }
 }
 

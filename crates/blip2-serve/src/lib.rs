@@ -33,7 +33,7 @@ use blip2_runtime::pipeline::Pipeline;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use crate::engine::{Engine, EngineOptions, Event, Job, SubmitError};
+use crate::engine::{Engine, EngineOptions, Event, EventSender, Request as Job, SubmitError};
 use crate::error::ApiError;
 use crate::media::MediaPolicy;
 use crate::metrics::{Metrics, RequestLabels};
@@ -67,7 +67,8 @@ fn unix_now() -> u64 {
 /// down once the routes stop).
 pub fn router(pipeline: Pipeline, opts: ServeOptions) -> (Router, Arc<Engine>) {
     let metrics = Arc::new(Metrics::new());
-    let engine = Engine::start(pipeline, opts.engine.clone(), metrics.clone());
+    let engine = Engine::start(pipeline, opts.engine.clone(), metrics.clone())
+        .expect("spawning the engine thread");
     let app = Arc::new(App {
         engine: engine.clone(),
         metrics,
@@ -333,7 +334,9 @@ async fn prepare(
                 ApiError::bad_param(openai::in_request_terms(&err.to_string()), "max_tokens")
             })?;
         let (tx, rx) = mpsc::unbounded_channel();
-        Ok(Prepared { job: Job { pixels, text_ids, cfg, stop, events: tx }, events: rx })
+        let sink = Box::new(EventSender(tx));
+        let job = Job { pixels, text_ids, cfg, stop, first_stream: 0, sink };
+        Ok(Prepared { job, events: rx })
     };
     tokio::task::spawn_blocking(work)
         .await

@@ -55,11 +55,13 @@ struct Candidate {
     done: bool,
 }
 
-/// The search's state over the whole batch.
-struct Search<'a> {
-    cfg: &'a GenerationConfig,
-    prompts: &'a [Prompt],
-    processors: Processors<'a>,
+/// The search's state over the whole batch: stepped by [`run`] for a batch, or from
+/// outside as a [`BeamSearch`] (one prompt's beams, a group of rows in a server's batch).
+struct Search {
+    cfg: GenerationConfig,
+    prompts: Vec<Prompt>,
+    /// Candidates the processors keep per beam when sampling (see [`Processors::new`]).
+    per_beam: usize,
     rngs: Vec<Rng>,
     vocab: usize,
     nb: usize,
@@ -87,42 +89,114 @@ pub(crate) fn run<M: StepModel + ?Sized>(
     seed: u64,
     wanted: &mut dyn FnMut() -> bool,
 ) -> Result<Vec<Vec<Vec<i64>>>, GenerationError<M::Error>> {
-    let mut search = Search::new(prompts, first_logits.ncols(), cfg, seed)?;
+    let vocab = first_logits.ncols();
+    let mut search =
+        Search::new(prompts.to_vec(), vocab, cfg.clone(), seed).map_err(GenerationError::Input)?;
     let mut out = StepOutput::Logits(first_logits);
-    loop {
-        // 1-2. candidates per prompt
-        let candidates: Vec<Vec<Candidate>> =
-            (0..prompts.len()).map(|b| search.candidates(b, &out)).collect();
-        let all_done = candidates.iter().flatten().all(|c| c.done);
-        // 3-4. the next running beams and the finished store
-        let sources: Vec<Vec<usize>> =
-            candidates.iter().enumerate().map(|(b, c)| search.advance(b, c)).collect();
-        search.cur_len += 1;
-        // 5. stop when nothing can improve, or nobody wants the result any more
-        if search.stops(all_done) || !wanted() {
+    // Stop when nothing can improve, or nobody wants the result any more.
+    while let Some(next) = search.advance(&out) {
+        if !wanted() {
             break;
         }
-        out = search.next_step(model, &sources)?;
+        model.select_rows(&next.rows).map_err(GenerationError::Model)?;
+        out = step(model, &next.tokens, vocab, next.want)?;
     }
     Ok(search.results())
 }
 
-impl<'a> Search<'a> {
-    fn new<E: std::error::Error + 'static>(
-        prompts: &'a [Prompt],
+/// What a beam search asks of the model after a step: reorder the rows (new row `i` is
+/// old row `rows[i]`), then step on `tokens` (one per new row) answering `want`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BeamStep {
+    pub rows: Vec<usize>,
+    pub tokens: Vec<i64>,
+    pub want: Want,
+}
+
+/// One prompt's beam search (or beam sampling), stepped from outside: what a server's
+/// running batch keeps for a request whose beams are a group of its rows. It picks
+/// exactly what [`super::generate`] picks for the prompt alone (the prompt without
+/// padding, the sampling stream that `generate` gives prompt 0 of `seed`).
+pub struct BeamSearch {
+    search: Search,
+    finished: bool,
+}
+
+impl BeamSearch {
+    /// `prompt`: the ids as alone (image-token placeholders included, no padding);
+    /// `vocab`: the language model's vocabulary size.
+    /// `stream`: the sampling stream of beam sampling, the prompt's index in the batch
+    /// [`super::generate`] would run it in (0 alone).
+    pub fn new(
+        prompt: Vec<i64>,
         vocab: usize,
-        cfg: &'a GenerationConfig,
+        cfg: &GenerationConfig,
         seed: u64,
-    ) -> Result<Self, GenerationError<E>> {
+        stream: u64,
+    ) -> Result<Self, GenerationError<std::convert::Infallible>> {
+        super::validate(cfg)?;
+        if cfg.num_beams < 2 {
+            return Err(GenerationError::Input("a beam search needs at least 2 beams".into()));
+        }
+        let mut search = Search::new(vec![Prompt::new(prompt)], vocab, cfg.clone(), seed)
+            .map_err(GenerationError::Input)?;
+        search.rngs = vec![Rng::new(seed, stream)];
+        Ok(BeamSearch { search, finished: false })
+    }
+
+    /// Rows the search holds in the model now: the prompt's one row until the first
+    /// reorder, then one per beam.
+    pub fn rows(&self) -> usize {
+        if self.search.expanded {
+            self.search.nb
+        } else {
+            1
+        }
+    }
+
+    /// Takes the step's answer for the search's rows (in row order) and returns what to
+    /// run next, or `None` once the search has ended.
+    pub fn advance(&mut self, out: &StepOutput) -> Option<BeamStep> {
+        if self.finished {
+            return None;
+        }
+        let next = self.search.advance(out);
+        self.finished = next.is_none();
+        next
+    }
+
+    /// Ends the search now (its clients have gone): [`BeamSearch::results`] has what it
+    /// finished so far.
+    pub fn finish(&mut self) {
+        self.finished = true;
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// The finished hypotheses, `num_return_sequences` of them, best first, as new tokens.
+    pub fn results(&self) -> Vec<Vec<i64>> {
+        self.search.results().into_iter().next().unwrap_or_default()
+    }
+}
+
+impl Search {
+    fn new(
+        prompts: Vec<Prompt>,
+        vocab: usize,
+        cfg: GenerationConfig,
+        seed: u64,
+    ) -> Result<Self, String> {
         let nb = cfg.num_beams;
         let prompt_len = prompts[0].ids.len();
         let per_beam = (1 + cfg.eos_token_ids.len()).max(2);
         let keep = per_beam * nb;
         if keep > nb * vocab {
-            return Err(GenerationError::Input(format!(
+            return Err(format!(
                 "beam search keeps {keep} candidates per step but there are only {} (vocabulary {vocab})",
                 nb * vocab
-            )));
+            ));
         }
         // Only the first beam starts live: the others are copies and would repeat its
         // candidates.
@@ -138,12 +212,11 @@ impl<'a> Search<'a> {
             .iter()
             .map(|p| vec![Hypothesis { tokens: p.ids.clone(), score: MASK, done: false }; nb])
             .collect();
+        let n = prompts.len();
         Ok(Self {
-            cfg,
-            prompts,
             // Beam sampling keeps at least (eos count + 1) tokens per beam through top-k/top-p.
-            processors: Processors::new(cfg, prompt_len, per_beam),
-            rngs: (0..prompts.len()).map(|b| Rng::new(seed, b as u64)).collect(),
+            per_beam,
+            rngs: (0..n).map(|b| Rng::new(seed, b as u64)).collect(),
             vocab,
             nb,
             prompt_len,
@@ -151,11 +224,36 @@ impl<'a> Search<'a> {
             keep,
             running,
             finished,
-            improvable: vec![true; prompts.len()],
+            improvable: vec![true; n],
             expanded: false,
             cur_len: prompt_len,
             acc: vec![0f32; nb * vocab],
+            cfg,
+            prompts,
         })
+    }
+
+    fn processors(&self) -> Processors<'_> {
+        Processors::new(&self.cfg, self.prompt_len, self.per_beam)
+    }
+
+    /// One step of every prompt's search on the model's answer `out`: steps 1-4, then
+    /// step 5's verdict: `None` when the search ends, else the reorder and the step to
+    /// run next.
+    fn advance(&mut self, out: &StepOutput) -> Option<BeamStep> {
+        // 1-2. candidates per prompt
+        let candidates: Vec<Vec<Candidate>> =
+            (0..self.prompts.len()).map(|b| self.candidates(b, out)).collect();
+        let all_done = candidates.iter().flatten().all(|c| c.done);
+        // 3-4. the next running beams and the finished store
+        let sources: Vec<Vec<usize>> =
+            candidates.iter().enumerate().map(|(b, c)| self.advance_prompt(b, c)).collect();
+        self.cur_len += 1;
+        // 5. stop when nothing can improve
+        if self.stops(all_done) {
+            return None;
+        }
+        Some(self.next_step(&sources))
     }
 
     /// Steps 1-2 for prompt `b`: the best `keep` continuations over its beams (drawn when
@@ -163,6 +261,7 @@ impl<'a> Search<'a> {
     fn candidates(&mut self, b: usize, out: &StepOutput) -> Vec<Candidate> {
         let (vocab, nb, keep) = (self.vocab, self.nb, self.keep);
         let eos = &self.cfg.eos_token_ids;
+        let processors = Processors::new(&self.cfg, self.prompt_len, self.per_beam);
         // (index into the [beams * vocab] scores, score)
         let picked: Vec<(usize, f32)> = match out {
             StepOutput::Logits(logits) => {
@@ -170,7 +269,7 @@ impl<'a> Search<'a> {
                     let row = logits.row(if self.expanded { b * nb + j } else { b });
                     let scores = &mut self.acc[j * vocab..(j + 1) * vocab];
                     log_softmax(row.iter().copied(), scores);
-                    self.processors.apply(&beam.tokens, self.prompts[b].padding, scores);
+                    processors.apply(&beam.tokens, self.prompts[b].padding, scores);
                     for s in scores.iter_mut() {
                         *s += beam.score;
                     }
@@ -192,7 +291,7 @@ impl<'a> Search<'a> {
             // eos tokens, the model returned that many more candidates and the eos ones
             // are dropped here.
             StepOutput::TopLogProbs { logprobs, ids } => {
-                let ban = self.processors.model_side(self.cur_len) == Some(true);
+                let ban = processors.model_side(self.cur_len) == Some(true);
                 let mut entries: Vec<(usize, f32)> = Vec::with_capacity(nb * logprobs.ncols());
                 for (j, beam) in self.running[b].iter().enumerate() {
                     let r = b * nb + j;
@@ -231,8 +330,8 @@ impl<'a> Search<'a> {
     /// Steps 3-4 for prompt `b`: the best not-done continuations become its running
     /// beams, and done ones among the first `nb` compete for its finished store. Returns
     /// the beam each new running beam continues.
-    fn advance(&mut self, b: usize, cands: &[Candidate]) -> Vec<usize> {
-        let (nb, cfg) = (self.nb, self.cfg);
+    fn advance_prompt(&mut self, b: usize, cands: &[Candidate]) -> Vec<usize> {
+        let (nb, cfg) = (self.nb, &self.cfg);
         // Length penalty of anything finishing now: all new tokens, this one included.
         let penalty = ((self.cur_len + 1 - self.prompt_len) as f64).powf(cfg.length_penalty) as f32;
         let running = &self.running[b];
@@ -291,7 +390,7 @@ impl<'a> Search<'a> {
     /// Step 5: whether the search ends, after updating which prompts can still improve
     /// (can the best running beam beat the worst finished hypothesis?).
     fn stops(&mut self, all_done: bool) -> bool {
-        let cfg = self.cfg;
+        let cfg = &self.cfg;
         for b in 0..self.prompts.len() {
             if !self.improvable[b] {
                 continue;
@@ -315,20 +414,15 @@ impl<'a> Search<'a> {
             || all_done
     }
 
-    /// Reorders the model's rows to follow the beams (`sources[b]`: the beam each of
-    /// prompt b's running beams continues) and runs the next step on their new tokens.
-    fn next_step<M: StepModel + ?Sized>(
-        &mut self,
-        model: &mut M,
-        sources: &[Vec<usize>],
-    ) -> Result<StepOutput, GenerationError<M::Error>> {
+    /// The reorder of the model's rows that follows the beams (`sources[b]`: the beam each
+    /// of prompt b's running beams continues) and the next step on their new tokens.
+    fn next_step(&mut self, sources: &[Vec<usize>]) -> BeamStep {
         let (nb, expanded) = (self.nb, self.expanded);
         let rows: Vec<usize> = sources
             .iter()
             .enumerate()
             .flat_map(|(b, src)| src.iter().map(move |&j| if expanded { b * nb + j } else { b }))
             .collect();
-        model.select_rows(&rows).map_err(GenerationError::Model)?;
         self.expanded = true;
         let last: Vec<i64> = self
             .running
@@ -338,13 +432,13 @@ impl<'a> Search<'a> {
             .collect();
         // Every running beam has cur_len ids.
         let (keep, vocab, eos) = (self.keep, self.vocab, &self.cfg.eos_token_ids);
-        let want = match self.processors.model_side(self.cur_len) {
+        let want = match self.processors().model_side(self.cur_len) {
             _ if self.cfg.do_sample => Want::Logits,
             Some(false) if keep <= vocab => Want::TopLogProbs(keep),
             Some(true) if keep + eos.len() <= vocab => Want::TopLogProbs(keep + eos.len()),
             _ => Want::Logits,
         };
-        step(model, &last, vocab, want)
+        BeamStep { rows, tokens: last, want }
     }
 
     /// The finished hypotheses, `num_return_sequences` per prompt, as new tokens.

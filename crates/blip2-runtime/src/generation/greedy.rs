@@ -197,13 +197,43 @@ impl RowSearch {
         } else {
             argmax(&self.scores)
         }) as i64;
+        self.push(pick);
+        pick
+    }
+
+    /// What the row needs of its next position's logits: its argmax when nothing reads
+    /// the scores (greedy search, no processor at this length), else all of them.
+    pub fn want(&self) -> Want {
+        let side = Processors::new(&self.cfg, self.prompt_len, 1).model_side(self.tokens.len());
+        if !self.cfg.do_sample && side == Some(false) {
+            Want::Argmax
+        } else {
+            Want::Logits
+        }
+    }
+
+    /// [`RowSearch::pick`] from row `row` of a step's answer: its logits, or the argmax
+    /// the model picked when [`RowSearch::want`] asked for it. `None` when the answer
+    /// holds neither (a step asked for something else).
+    pub fn pick_from(&mut self, out: &StepOutput, row: usize) -> Option<i64> {
+        match out {
+            StepOutput::Logits(l) => Some(self.pick(l.row(row))),
+            StepOutput::Argmax(picks) if self.want() == Want::Argmax => {
+                let pick = *picks.get(row)?;
+                self.push(pick);
+                Some(pick)
+            }
+            _ => None,
+        }
+    }
+
+    fn push(&mut self, pick: i64) {
         self.tokens.push(pick);
         if self.cfg.eos_token_ids.contains(&pick)
             || self.tokens.len() - self.prompt_len >= self.cfg.max_new_tokens
         {
             self.finished = true;
         }
-        pick
     }
 
     pub fn is_finished(&self) -> bool {

@@ -19,6 +19,7 @@
 mod beam;
 mod greedy;
 
+pub use beam::{BeamSearch, BeamStep};
 pub use greedy::RowSearch;
 mod processors;
 pub mod rng;

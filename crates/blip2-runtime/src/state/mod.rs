@@ -25,15 +25,106 @@ use ort::value::{DynValue, Tensor};
 use crate::error::{ort_err, RuntimeError};
 use crate::generation::{Prompt, StepModel, StepOutput, Want};
 use crate::kv_cache::KvCache;
-use crate::model::{Blip2Model, ModelRef};
+use crate::model::Blip2Model;
 use crate::prompt::Batch;
 
-/// A decoder state the search can drive.
-pub type Decoder<'m> = Box<dyn StepModel<Error = RuntimeError> + 'm>;
+/// What a language model keeps between generation steps, for a batch of rows. It holds
+/// no model: every call is given the one that made it (so a single engine thread owns
+/// the model and any number of states, and nothing is locked).
+pub trait DecoderState {
+    /// Rows in the state.
+    fn rows(&self) -> usize;
+
+    /// Appends one token to every row (`tokens.len()` is the row count) and returns what
+    /// `want` asks of the new position's logits (a state that cannot pick tokens where it
+    /// runs returns the logits, which serve any want).
+    fn step_for(
+        &mut self,
+        model: &mut Blip2Model,
+        tokens: &[i64],
+        want: Want,
+    ) -> Result<StepOutput, RuntimeError>;
+
+    /// Re-arranges the rows: new row `i` is old row `rows[i]`. Rows may repeat or be
+    /// dropped (beams expanded or reordered, rows leaving a running batch).
+    fn select_rows(&mut self, model: &mut Blip2Model, rows: &[usize]) -> Result<(), RuntimeError>;
+
+    /// The full logits `[rows, vocab]` of the last step, when [`DecoderState::step_for`]
+    /// returned only part of them (see [`StepModel::last_logits`]).
+    fn last_logits(
+        &mut self,
+        _model: &mut Blip2Model,
+    ) -> Option<Result<Array2<f32>, RuntimeError>> {
+        None
+    }
+
+    /// Appends the rows of `other`, a state of the same kind prefilled since, after these:
+    /// newcomers joining a running batch, each row keeping exactly what it would have
+    /// alone. States that cannot take rows in refuse and hand `other` back.
+    fn join(
+        &mut self,
+        _model: &mut Blip2Model,
+        other: Box<dyn DecoderState>,
+    ) -> Result<(), Joined> {
+        Err(Joined::Refused(other))
+    }
+
+    /// Whether [`DecoderState::join`] takes rows in.
+    fn joins(&self) -> bool {
+        false
+    }
+
+    /// Gives what the state borrowed from the model back to it (pooled step buffers); the
+    /// state is finished afterwards.
+    fn release(&mut self, _model: &mut Blip2Model) {}
+
+    /// For [`DecoderState::join`]: the concrete state behind the box.
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any>;
+
+    /// For [`DecoderState::join`]: the concrete state's type.
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
+/// Why [`DecoderState::join`] did not take the rows.
+pub enum Joined {
+    /// This kind of state takes no rows in (or not of that kind): here they are back.
+    Refused(Box<dyn DecoderState>),
+    /// Joining failed part way; both states' rows are lost.
+    Failed(RuntimeError),
+}
+
+/// A state with its model: what the search ([`crate::generation::generate`]) drives.
+pub struct Bound<'a> {
+    pub model: &'a mut Blip2Model,
+    pub state: &'a mut dyn DecoderState,
+}
+
+impl StepModel for Bound<'_> {
+    type Error = RuntimeError;
+
+    fn step(&mut self, tokens: &[i64]) -> Result<Array2<f32>, RuntimeError> {
+        match self.state.step_for(self.model, tokens, Want::Logits)? {
+            StepOutput::Logits(l) => Ok(l),
+            _ => Err(RuntimeError::MissingOutput("the logits a step was asked for".into())),
+        }
+    }
+
+    fn select_rows(&mut self, rows: &[usize]) -> Result<(), RuntimeError> {
+        self.state.select_rows(self.model, rows)
+    }
+
+    fn step_for(&mut self, tokens: &[i64], want: Want) -> Result<StepOutput, RuntimeError> {
+        self.state.step_for(self.model, tokens, want)
+    }
+
+    fn last_logits(&mut self) -> Option<Result<Array2<f32>, RuntimeError>> {
+        self.state.last_logits(self.model)
+    }
+}
 
 /// A decoder after its prefill.
-pub struct Prefilled<'m> {
-    pub state: Decoder<'m>,
+pub struct Prefilled {
+    pub state: Box<dyn DecoderState>,
     /// The search's view of each row, as transformers' `generate()` sees it.
     pub prompts: Vec<Prompt>,
     /// The logits of each row's next token, `[rows, vocab]`.
@@ -43,17 +134,14 @@ pub struct Prefilled<'m> {
 /// Runs the prefill of a prompt batch (`batch`: left-padded as Blip2Processor pads;
 /// `image_embeds` `[rows, num_query_tokens, hidden]`) on the decoder the export has, with
 /// room for `max_new_tokens` new tokens per row.
-pub fn prefill<'m>(
-    model: impl Into<ModelRef<'m>>,
+pub fn prefill(
+    model: &mut Blip2Model,
     batch: &Batch,
     image_embeds: ArrayD<f32>,
     max_new_tokens: usize,
-) -> Result<Prefilled<'m>, RuntimeError> {
-    let mut model = model.into();
-    let (family, start, is_static) = {
-        let m = model.get();
-        (m.manifest.family, m.manifest.tokens.decoder_start_token_id.unwrap_or(0), is_static(&m))
-    };
+) -> Result<Prefilled, RuntimeError> {
+    let family = model.manifest.family;
+    let start = model.manifest.tokens.decoder_start_token_id.unwrap_or(0);
     if family == blip2_core::Family::T5 {
         // The search sees the decoder's ids, as transformers' processors do for
         // encoder-decoder models.
@@ -74,12 +162,12 @@ pub fn prefill<'m>(
         .zip(&batch.mask)
         .map(|(ids, m)| Prompt::with_attention_mask(ids.clone(), m))
         .collect();
-    if is_static {
+    if is_static(model) {
         let (state, logits) =
             opt_static::OptStaticState::prefill(model, batch, image_embeds, max_new_tokens)?;
         return Ok(Prefilled { state: Box::new(state), prompts, logits });
     }
-    let embeds = crate::model::lm_value(&model.get(), image_embeds)?;
+    let embeds = crate::model::lm_value(model, image_embeds)?;
     let (state, logits) = opt::OptState::prefill_last(model, &batch.ids, &batch.mask, embeds)?;
     Ok(Prefilled { state: Box::new(state), prompts, logits })
 }

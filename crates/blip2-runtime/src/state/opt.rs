@@ -8,12 +8,12 @@ use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::value::{DynValue, Tensor};
 
 use crate::error::{ort_err, RuntimeError};
-use crate::generation::StepModel;
+use crate::generation::{StepOutput, Want};
 use crate::kv_cache::{KvCache, KvSpec};
-use crate::model::{Blip2Model, ModelRef};
+use crate::model::Blip2Model;
+use crate::state::{DecoderState, Joined};
 
-pub struct OptState<'m> {
-    model: ModelRef<'m>,
+pub struct OptState {
     cache: KvCache,
     mask: Vec<Vec<i64>>,
     next_pos: Vec<i64>,
@@ -25,14 +25,14 @@ pub(crate) fn kv_spec(model: &Blip2Model) -> KvSpec {
     KvSpec { layers: t.num_layers, heads: t.num_heads, head_dim: t.head_dim, fp16: model.lm_fp16 }
 }
 
-impl<'m> OptState<'m> {
+impl OptState {
     /// Runs the prompt (prefill) and returns the state plus the logits of every prompt
     /// position, `[rows, len, vocab]`.
     ///
     /// `ids` and `mask` are rectangular (left-padded) `[rows, len]`; `image_embeds` is
     /// `[rows, num_query_tokens, hidden]`, matching the image tokens in `ids`.
     pub fn prefill(
-        model: impl Into<ModelRef<'m>>,
+        model: &mut Blip2Model,
         ids: &[Vec<i64>],
         mask: &[Vec<i64>],
         image_embeds: DynValue,
@@ -44,7 +44,7 @@ impl<'m> OptState<'m> {
     /// `[rows, vocab]`: all that generation needs, without copying the others out of
     /// ONNX Runtime (`[rows, len, vocab]` is 26 MB at batch 4 for OPT's vocabulary).
     pub fn prefill_last(
-        model: impl Into<ModelRef<'m>>,
+        model: &mut Blip2Model,
         ids: &[Vec<i64>],
         mask: &[Vec<i64>],
         image_embeds: DynValue,
@@ -54,7 +54,7 @@ impl<'m> OptState<'m> {
     }
 
     fn prefill_logits(
-        model: impl Into<ModelRef<'m>>,
+        model: &mut Blip2Model,
         ids: &[Vec<i64>],
         mask: &[Vec<i64>],
         image_embeds: DynValue,
@@ -73,16 +73,16 @@ impl<'m> OptState<'m> {
             }
             next_pos.push(c);
         }
-        let mut model = model.into();
-        let cache = KvCache::empty(kv_spec(&model.get()), rows)?;
-        let mut st = Self { model, cache, mask: mask.to_vec(), next_pos };
+        let cache = KvCache::empty(kv_spec(model), rows)?;
+        let mut st = Self { cache, mask: mask.to_vec(), next_pos };
         let ids = Array2::from_shape_fn((rows, len), |(r, j)| ids[r][j]);
-        let logits = st.run(ids, pos, image_embeds, last_only)?;
+        let logits = st.run(model, ids, pos, image_embeds, last_only)?;
         Ok((st, logits))
     }
 
     fn run(
         &mut self,
+        m: &mut Blip2Model,
         ids: Array2<i64>,
         pos: Array2<i64>,
         image_embeds: DynValue,
@@ -104,7 +104,6 @@ impl<'m> OptState<'m> {
                 Tensor::from_array(pos).map_err(ort_err("position_ids"))?.into_dyn(),
             ),
         ];
-        let mut m = self.model.get();
         if last_only && seq > 1 && m.lm_takes_logits_to_keep() {
             // The LM head runs for the last position only.
             let keep =
@@ -112,12 +111,16 @@ impl<'m> OptState<'m> {
             inputs.push((io::LOGITS_TO_KEEP, keep.into_dyn()));
         }
         let refs: Vec<(&str, &DynValue)> = inputs.iter().map(|(n, v)| (*n, v)).collect();
-        let m = &mut *m;
+        m.note_lm_run();
         run_decoder(&mut m.lm, &m.kv_memory, &refs, &mut self.cache, "language model", last_only)
     }
 
     /// Feeds one token per row and returns the logits of the new position.
-    pub fn step(&mut self, tokens: &[i64]) -> Result<Array2<f32>, RuntimeError> {
+    pub fn step(
+        &mut self,
+        model: &mut Blip2Model,
+        tokens: &[i64],
+    ) -> Result<Array2<f32>, RuntimeError> {
         let rows = tokens.len();
         for m in &mut self.mask {
             m.push(1);
@@ -127,12 +130,12 @@ impl<'m> OptState<'m> {
             *p += 1;
         }
         let ids = Array2::from_shape_fn((rows, 1), |(r, _)| tokens[r]);
-        let no_images = no_image_embeds(&self.model.get(), rows)?;
-        Ok(self.run(ids, pos, no_images, true)?.index_axis_move(Axis(1), 0))
+        let no_images = no_image_embeds(model, rows)?;
+        Ok(self.run(model, ids, pos, no_images, true)?.index_axis_move(Axis(1), 0))
     }
 }
 
-impl OptState<'_> {
+impl OptState {
     /// Rows in the state.
     pub fn rows(&self) -> usize {
         self.mask.len()
@@ -141,7 +144,7 @@ impl OptState<'_> {
     /// Appends `other`'s rows after these (a server's continuous batch taking in newly
     /// prefilled rows): caches and masks are left-padded to the longer of the two, so
     /// each row keeps its own positions and attends to exactly what it did before.
-    pub fn join(&mut self, other: OptState<'_>) -> Result<(), RuntimeError> {
+    pub fn join(&mut self, other: OptState) -> Result<(), RuntimeError> {
         let (mine, theirs) =
             (self.mask.first().map_or(0, Vec::len), other.mask.first().map_or(0, Vec::len));
         let len = mine.max(theirs);
@@ -173,18 +176,51 @@ impl OptState<'_> {
     }
 }
 
-impl StepModel for OptState<'_> {
-    type Error = RuntimeError;
-
-    fn step(&mut self, tokens: &[i64]) -> Result<Array2<f32>, RuntimeError> {
-        OptState::step(self, tokens)
+impl DecoderState for OptState {
+    fn rows(&self) -> usize {
+        self.mask.len()
     }
 
-    /// New row i is old row `rows[i]` (expansion into beams, beam reordering).
-    fn select_rows(&mut self, rows: &[usize]) -> Result<(), RuntimeError> {
+    fn step_for(
+        &mut self,
+        model: &mut Blip2Model,
+        tokens: &[i64],
+        _want: Want,
+    ) -> Result<StepOutput, RuntimeError> {
+        self.step(model, tokens).map(StepOutput::Logits)
+    }
+
+    /// New row i is old row `rows[i]` (expansion into beams, beam reordering, rows
+    /// leaving a running batch); positions no row uses any more are dropped.
+    fn select_rows(&mut self, _model: &mut Blip2Model, rows: &[usize]) -> Result<(), RuntimeError> {
         self.mask = rows.iter().map(|&r| self.mask[r].clone()).collect();
         self.next_pos = rows.iter().map(|&r| self.next_pos[r]).collect();
-        self.cache.select_rows(rows)
+        self.cache.select_rows(rows)?;
+        self.compact()
+    }
+
+    fn join(
+        &mut self,
+        _model: &mut Blip2Model,
+        other: Box<dyn DecoderState>,
+    ) -> Result<(), Joined> {
+        if !other.as_any().is::<OptState>() {
+            return Err(Joined::Refused(other));
+        }
+        let other = other.into_any().downcast::<OptState>().expect("an OptState");
+        OptState::join(self, *other).map_err(Joined::Failed)
+    }
+
+    fn joins(&self) -> bool {
+        true
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
+        self
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 }
 

@@ -17,13 +17,13 @@ use ort::memory::Allocator;
 use ort::value::{DynValue, Tensor};
 
 use crate::error::{ort_err, RuntimeError};
-use crate::generation::{StepModel, StepOutput, Want};
+use crate::generation::{StepOutput, Want};
 use crate::kv_cache::KvCache;
-use crate::model::{lm_value, ModelRef};
+use crate::model::{lm_value, Blip2Model};
 use crate::prompt::Batch;
 use crate::state::fixed::{pooled_capacity, StepBuffers, StepShape};
 use crate::state::opt::{kv_spec, no_image_embeds};
-use crate::state::run_selecting;
+use crate::state::{run_selecting, DecoderState};
 
 /// Where a request's buffers come from.
 enum Buffers {
@@ -35,12 +35,11 @@ enum Buffers {
     },
     /// Taken from the model's pool: every decode step binds the same tensors.
     Fixed(Box<StepBuffers>),
-    /// Given back to the pool (only while dropping).
+    /// Given back to the pool: the state has finished.
     Released,
 }
 
-pub struct OptStaticState<'m> {
-    model: ModelRef<'m>,
+pub struct OptStaticState {
     buffers: Buffers,
     /// Tokens each row holds in the cache.
     lens: Vec<usize>,
@@ -52,12 +51,12 @@ pub struct OptStaticState<'m> {
     last_graph_id: Option<i32>,
 }
 
-impl<'m> OptStaticState<'m> {
+impl OptStaticState {
     /// Lays the left-padded `batch` out right-padded, allocates buffers for its longest
     /// row plus `max_new_tokens`, runs the prompt and returns the state with the logits
     /// of each row's last prompt token, `[rows, vocab]`.
     pub fn prefill(
-        model: impl Into<ModelRef<'m>>,
+        m: &mut Blip2Model,
         batch: &Batch,
         image_embeds: ArrayD<f32>,
         max_new_tokens: usize,
@@ -69,8 +68,6 @@ impl<'m> OptStaticState<'m> {
         if lens.contains(&0) {
             return Err(RuntimeError::Input("a prompt row has no tokens".into()));
         }
-        let mut model = model.into();
-        let mut m = model.get();
         let pad = m.manifest.tokens.pad_token_id.unwrap_or(0);
         let ids =
             Array2::from_shape_fn((rows, longest), |(r, j)| real[r].get(j).copied().unwrap_or(pad));
@@ -78,7 +75,7 @@ impl<'m> OptStaticState<'m> {
         let pos =
             Array2::from_shape_fn((rows, longest), |(r, j)| if j < lens[r] { j as i64 } else { 0 });
         let allocator = m.cache_allocator()?;
-        let shape = step_shape(&m);
+        let shape = step_shape(m);
         let (buffers, capacity) = match m.step_pool.as_mut() {
             Some(pool) => {
                 let capacity = pooled_capacity(longest + max_new_tokens);
@@ -95,10 +92,8 @@ impl<'m> OptStaticState<'m> {
                 )
             }
         };
-        let embeds = lm_value(&m, image_embeds)?;
-        drop(m);
+        let embeds = lm_value(m, image_embeds)?;
         let mut st = Self {
-            model,
             buffers,
             lens: lens.clone(),
             capacity,
@@ -107,7 +102,7 @@ impl<'m> OptStaticState<'m> {
             last_graph_id: None,
         };
         let seqlens: Vec<i32> = lens.iter().map(|&n| n as i32 - 1).collect();
-        let out = st.run(ids, pos, embeds, &seqlens, longest as i32, Want::Logits)?;
+        let out = st.run(m, ids, pos, embeds, &seqlens, longest as i32, Want::Logits)?;
         match out {
             StepOutput::Logits(l) => Ok((st, l)),
             _ => unreachable!("asked for logits"),
@@ -115,8 +110,10 @@ impl<'m> OptStaticState<'m> {
     }
 
     /// Runs the graph; `seqlens` are each row's length after this call minus one.
+    #[allow(clippy::too_many_arguments)]
     fn run(
         &mut self,
+        m: &mut Blip2Model,
         ids: Array2<i64>,
         pos: Array2<i64>,
         image_embeds: DynValue,
@@ -145,13 +142,12 @@ impl<'m> OptStaticState<'m> {
             ),
         ];
         let refs: Vec<(&str, &DynValue)> = inputs.iter().map(|(n, v)| (*n, v)).collect();
-        let mut g = self.model.get();
-        let m = &mut *g;
         let cache = match &mut self.buffers {
             Buffers::Own { cache, .. } => cache,
             Buffers::Fixed(b) => b.kv_mut(),
-            Buffers::Released => unreachable!("released only when dropped"),
+            Buffers::Released => return Err(released()),
         };
+        m.note_lm_run();
         let (answer, logits) =
             run_selecting(&mut m.lm, &m.kv_memory, &refs, cache, want, "language model")?;
         self.last_logits = logits;
@@ -160,11 +156,16 @@ impl<'m> OptStaticState<'m> {
 
     /// A decode step on the fixed buffers: inputs written into them, the step run under
     /// its graph id, `want` read from the output buffers.
-    fn run_fixed(&mut self, tokens: &[i64], want: Want) -> Result<StepOutput, RuntimeError> {
+    fn run_fixed(
+        &mut self,
+        m: &mut Blip2Model,
+        tokens: &[i64],
+        want: Want,
+    ) -> Result<StepOutput, RuntimeError> {
         let Buffers::Fixed(b) = &mut self.buffers else { unreachable!("fixed buffers") };
         let (want, k) = crate::state::answerable(want, b.shape().top_logits);
+        m.note_lm_run();
         b.write_step(tokens, &self.lens)?;
-        let mut m = self.model.get();
         self.last_graph_id = Some(b.run(&mut m.lm, k, &self.allocator)?);
         b.answer(want)
     }
@@ -212,28 +213,28 @@ fn step_shape(m: &crate::model::Blip2Model) -> StepShape {
     }
 }
 
-impl Drop for OptStaticState<'_> {
+impl OptStaticState {
     /// Fixed buffers go back to the model's pool for the next request of their shape.
-    fn drop(&mut self) {
+    fn release_buffers(&mut self, m: &mut Blip2Model) {
         if let Buffers::Fixed(b) = std::mem::replace(&mut self.buffers, Buffers::Released) {
-            if let Some(pool) = self.model.get().step_pool.as_mut() {
+            if let Some(pool) = m.step_pool.as_mut() {
                 pool.put(*b);
             }
         }
     }
 }
 
-impl StepModel for OptStaticState<'_> {
-    type Error = RuntimeError;
-
-    fn step(&mut self, tokens: &[i64]) -> Result<Array2<f32>, RuntimeError> {
-        match self.step_for(tokens, Want::Logits)? {
-            StepOutput::Logits(l) => Ok(l),
-            _ => unreachable!("asked for logits"),
-        }
+impl DecoderState for OptStaticState {
+    fn rows(&self) -> usize {
+        self.lens.len()
     }
 
-    fn step_for(&mut self, tokens: &[i64], want: Want) -> Result<StepOutput, RuntimeError> {
+    fn step_for(
+        &mut self,
+        m: &mut Blip2Model,
+        tokens: &[i64],
+        want: Want,
+    ) -> Result<StepOutput, RuntimeError> {
         let rows = tokens.len();
         if rows != self.lens.len() {
             return Err(RuntimeError::Input(format!("{rows} tokens for {} rows", self.lens.len())));
@@ -245,14 +246,14 @@ impl StepModel for OptStaticState<'_> {
             )));
         }
         let out = if matches!(self.buffers, Buffers::Fixed(_)) {
-            self.run_fixed(tokens, want)?
+            self.run_fixed(m, tokens, want)?
         } else {
             let ids = Array2::from_shape_fn((rows, 1), |(r, _)| tokens[r]);
             let pos = Array2::from_shape_fn((rows, 1), |(r, _)| self.lens[r] as i64);
             let seqlens: Vec<i32> = self.lens.iter().map(|&n| n as i32).collect();
             let total = self.lens.iter().copied().max().unwrap_or(0) as i32 + 1;
-            let no_images = no_image_embeds(&self.model.get(), rows)?;
-            self.run(ids, pos, no_images, &seqlens, total, want)?
+            let no_images = no_image_embeds(m, rows)?;
+            self.run(m, ids, pos, no_images, &seqlens, total, want)?
         };
         for n in &mut self.lens {
             *n += 1;
@@ -260,7 +261,7 @@ impl StepModel for OptStaticState<'_> {
         Ok(out)
     }
 
-    fn last_logits(&mut self) -> Option<Result<Array2<f32>, RuntimeError>> {
+    fn last_logits(&mut self, _m: &mut Blip2Model) -> Option<Result<Array2<f32>, RuntimeError>> {
         match &mut self.buffers {
             Buffers::Fixed(b) => self.last_graph_id.map(|_| b.logits()),
             _ => self.last_logits.as_ref().map(crate::state::last_position),
@@ -269,9 +270,8 @@ impl StepModel for OptStaticState<'_> {
 
     /// New row i is old row `rows[i]`: the buffers are gathered on the device by the
     /// export's `kv_reorder` graph.
-    fn select_rows(&mut self, rows: &[usize]) -> Result<(), RuntimeError> {
-        let mut g = self.model.get();
-        let m = &mut *g;
+    fn select_rows(&mut self, m: &mut Blip2Model, rows: &[usize]) -> Result<(), RuntimeError> {
+        m.note_lm_run();
         let reorder = m.kv_reorder.as_mut().ok_or_else(|| {
             RuntimeError::Unsupported(
                 "this CUDA-target export has no kv_reorder graph; export it again".into(),
@@ -285,16 +285,32 @@ impl StepModel for OptStaticState<'_> {
                 b.reorder(reorder, rows, &self.allocator)?
             }
             Buffers::Fixed(b) => {
-                // A new row count (samples expanded from their prompts): a set of that
-                // shape from the pool, this one back to it.
+                // A new row count (samples expanded from their prompts, rows leaving): a
+                // set of that shape from the pool, this one back to it.
                 let pool = m.step_pool.as_mut().expect("fixed buffers come from the pool");
                 let mut next = pool.take(b.shape(), rows.len(), b.capacity(), &self.allocator)?;
                 b.kv().gather_into(reorder, rows, next.kv_mut())?;
                 pool.put(std::mem::replace(&mut **b, next));
             }
-            Buffers::Released => unreachable!("released only when dropped"),
+            Buffers::Released => return Err(released()),
         }
         self.lens = rows.iter().map(|&r| self.lens[r]).collect();
         Ok(())
     }
+
+    fn release(&mut self, m: &mut Blip2Model) {
+        self.release_buffers(m);
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
+        self
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+fn released() -> RuntimeError {
+    RuntimeError::Input("the state's KV buffers were given back to the pool".into())
 }

@@ -11,16 +11,15 @@ use ort::memory::Allocator;
 use ort::value::{DynValue, Tensor};
 
 use crate::error::{ort_err, RuntimeError};
-use crate::generation::{StepModel, StepOutput, Want};
+use crate::generation::{StepOutput, Want};
 use crate::kv_cache::{select_rows_of, KvCache};
-use crate::model::{float_value, to_f32, Blip2Model, ModelRef};
+use crate::model::{float_value, to_f32, Blip2Model};
 use crate::state::opt::{kv_spec, run_decoder};
-use crate::state::run_selecting;
+use crate::state::{run_selecting, DecoderState};
 
 /// Encoder-decoder (T5) state: the cross-attention cache the text encoder computed once,
 /// the encoder mask, and the decoder's self-attention cache.
-pub struct T5State<'m> {
-    model: ModelRef<'m>,
+pub struct T5State {
     /// cross.{i}.key, cross.{i}.value per decoder layer, as a cache of rows.
     cross: KvCache,
     enc_mask: Array2<i64>,
@@ -48,13 +47,13 @@ fn is_static(m: &crate::model::Blip2Model) -> bool {
     m.manifest.graphs.language_model.inputs.iter().any(|t| t.name == io::PAST_SEQUENCE_LENGTH)
 }
 
-impl<'m> T5State<'m> {
+impl T5State {
     /// Runs the text encoder ([`encode_rows`] on a portable export, [`encode_batch`] on
     /// a CUDA-target one), then the decoder's first step from `decoder_start`. Returns
     /// the state and `[rows, vocab]` logits.
     /// `max_new_tokens` sizes the self-attention buffers of a CUDA-target export.
     pub fn prefill(
-        model: impl Into<ModelRef<'m>>,
+        m: &mut Blip2Model,
         ids: &[Vec<i64>],
         mask: &[Vec<i64>],
         image_embeds: ArrayD<f32>,
@@ -62,19 +61,17 @@ impl<'m> T5State<'m> {
         max_new_tokens: usize,
     ) -> Result<(Self, Array2<f32>), RuntimeError> {
         let rows = ids.len();
-        let mut model = model.into();
-        let mut m = model.get();
-        let spec = kv_spec(&m);
-        let selects = crate::state::selects_tokens(&m);
-        let fixed = is_static(&m);
+        let spec = kv_spec(m);
+        let selects = crate::state::selects_tokens(m);
+        let fixed = is_static(m);
         let real = crate::prompt::unpadded(ids, mask);
         let lens: Vec<usize> = real.iter().map(Vec::len).collect();
         let longest = lens.iter().copied().max().unwrap_or(0);
         let enc_mask = Array2::from_shape_fn((rows, longest), |(r, j)| i64::from(j < lens[r]));
         let cross = if fixed {
-            encode_batch(&mut m, &real, &enc_mask, image_embeds)?
+            encode_batch(m, &real, &enc_mask, image_embeds)?
         } else {
-            encode_rows(&mut m, &real, image_embeds)?
+            encode_rows(m, &real, image_embeds)?
         };
         let (cache, fixed) = if fixed {
             // The start token and every new token.
@@ -85,21 +82,29 @@ impl<'m> T5State<'m> {
         } else {
             (KvCache::empty(spec, rows)?, None)
         };
-        drop(m);
-        let mut st = Self { model, cross, enc_mask, cache, selects, fixed, last_logits: None };
-        let logits = st.step(&vec![decoder_start; rows])?;
+        let mut st = Self { cross, enc_mask, cache, selects, fixed, last_logits: None };
+        let logits = st.step(m, &vec![decoder_start; rows])?;
         Ok((st, logits))
     }
 
     /// Feeds one decoder token per row and returns the logits of the new position.
-    pub fn step(&mut self, tokens: &[i64]) -> Result<Array2<f32>, RuntimeError> {
-        match self.step_want(tokens, Want::Logits)? {
+    pub fn step(
+        &mut self,
+        m: &mut Blip2Model,
+        tokens: &[i64],
+    ) -> Result<Array2<f32>, RuntimeError> {
+        match self.step_want(m, tokens, Want::Logits)? {
             StepOutput::Logits(l) => Ok(l),
             _ => unreachable!("asked for logits"),
         }
     }
 
-    fn step_want(&mut self, tokens: &[i64], want: Want) -> Result<StepOutput, RuntimeError> {
+    fn step_want(
+        &mut self,
+        m: &mut Blip2Model,
+        tokens: &[i64],
+        want: Want,
+    ) -> Result<StepOutput, RuntimeError> {
         let rows = tokens.len();
         let ids = Array2::from_shape_fn((rows, 1), |(r, _)| tokens[r]);
         let ids = Tensor::from_array(ids).map_err(ort_err("input_ids"))?.into_dyn();
@@ -130,7 +135,7 @@ impl<'m> T5State<'m> {
             inputs.push((io::PAST_SEQUENCE_LENGTH, p));
             inputs.push((io::KEY_COUNT, k));
         }
-        let layers = kv_spec(&self.model.get()).layers;
+        let layers = kv_spec(m).layers;
         let names: Vec<[String; 2]> =
             (0..layers).map(|l| [io::cross_key(l), io::cross_value(l)]).collect();
         for (l, n) in names.iter().enumerate() {
@@ -138,8 +143,7 @@ impl<'m> T5State<'m> {
                 inputs.push((name.as_str(), value));
             }
         }
-        let mut g = self.model.get();
-        let m = &mut *g;
+        m.note_lm_run();
         if self.selects {
             let (answer, logits) = run_selecting(
                 &mut m.lm,
@@ -161,26 +165,29 @@ impl<'m> T5State<'m> {
     }
 }
 
-impl StepModel for T5State<'_> {
-    type Error = RuntimeError;
-
-    fn step(&mut self, tokens: &[i64]) -> Result<Array2<f32>, RuntimeError> {
-        T5State::step(self, tokens)
+impl DecoderState for T5State {
+    fn rows(&self) -> usize {
+        self.enc_mask.nrows()
     }
 
-    fn step_for(&mut self, tokens: &[i64], want: Want) -> Result<StepOutput, RuntimeError> {
-        self.step_want(tokens, if self.selects { want } else { Want::Logits })
+    fn step_for(
+        &mut self,
+        m: &mut Blip2Model,
+        tokens: &[i64],
+        want: Want,
+    ) -> Result<StepOutput, RuntimeError> {
+        self.step_want(m, tokens, if self.selects { want } else { Want::Logits })
     }
 
-    fn last_logits(&mut self) -> Option<Result<Array2<f32>, RuntimeError>> {
+    fn last_logits(&mut self, _m: &mut Blip2Model) -> Option<Result<Array2<f32>, RuntimeError>> {
         self.last_logits.as_ref().map(crate::state::last_position)
     }
 
     /// New row i is old row `rows[i]`: on the host for a portable export, with the
     /// `kv_reorder` graph where the decoder runs for a CUDA-target one.
-    fn select_rows(&mut self, rows: &[usize]) -> Result<(), RuntimeError> {
+    fn select_rows(&mut self, m: &mut Blip2Model, rows: &[usize]) -> Result<(), RuntimeError> {
         self.enc_mask = self.enc_mask.select(Axis(0), rows);
-        let mut m = self.model.get();
+        m.note_lm_run();
         match &mut self.fixed {
             Some(f) => {
                 let reorder = m.kv_reorder.as_mut().ok_or_else(no_reorder)?;
@@ -189,7 +196,7 @@ impl StepModel for T5State<'_> {
             }
             None => {
                 let fp16 = m.lm_fp16;
-                let spec = kv_spec(&m);
+                let spec = kv_spec(m);
                 let mut layers = Vec::with_capacity(spec.layers);
                 for l in 0..spec.layers {
                     let kv = self.cross.layer(l);
@@ -202,6 +209,14 @@ impl StepModel for T5State<'_> {
                 self.cache.select_rows(rows)
             }
         }
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
+        self
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 }
 

@@ -1,0 +1,337 @@
+//! The engine: one thread owns the loaded model and runs every request's generation on
+//! it, batching continuously. `infer` (through [`crate::pipeline::Pipeline`]) and `serve`
+//! both drive the same [`Scheduler`]; the server through [`Engine`], which runs it on its
+//! own thread behind a bounded queue.
+//!
+//! Scheduling, in short (as in vLLM and TGI):
+//! - **admit**: requests that arrived since the last step are prefilled together (their
+//!   images through the vision encoder and Q-Former, via the image-embedding cache, then
+//!   one prefill of their prompts), and each picks its first token.
+//! - **step**: one decode step for every row of a running batch. Each request keeps its
+//!   own search: greedy search and sampling per row ([`RowSearch`]), beam search as a
+//!   group of rows ([`BeamSearch`]) with its per-search reorder. A request therefore gets
+//!   exactly its single-request tokens whoever shares its batch.
+//! - **retire**: rows whose sequence ended (an eos, their own `max_tokens`, a stop
+//!   string, a client gone) leave the batch at once ([`DecoderState::select_rows`]).
+//! - Newcomers join the running batch when its decoder state takes rows in
+//!   ([`DecoderState::join`]: OPT's portable graph, left-padded); otherwise they form a
+//!   batch of their own that steps in turn with the others on the same thread.
+//! - A fault in one request's search (an error or a panic) fails that request alone; a
+//!   fault in a model run fails the rows of that run, and the engine goes on.
+//!
+//! Every language-model run happens on the thread that drives the scheduler, so a CUDA
+//! provider's per-thread state (captured graphs, cuBLAS handles) is made once.
+
+mod batch;
+mod text;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ndarray::Array3;
+
+pub use batch::{row_count as batch_rows, Scheduler};
+
+use crate::error::RuntimeError;
+use crate::generation::GenerationConfig;
+#[allow(unused_imports)] // named in the docs above
+use crate::generation::{BeamSearch, RowSearch};
+use crate::model::Blip2Model;
+use crate::pipeline::{EmbedCache, Pipeline};
+use crate::prompt::Prompter;
+#[allow(unused_imports)] // named in the docs above
+use crate::state::DecoderState;
+
+/// Why a sequence ended, in OpenAI's words.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finish {
+    /// The eos token or a stop string.
+    Stop,
+    /// `max_tokens` new tokens.
+    Length,
+}
+
+impl Finish {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Finish::Stop => "stop",
+            Finish::Length => "length",
+        }
+    }
+}
+
+/// What a request hears from the engine, in order: deltas and ends per sequence
+/// (`index` counts the request's `n` sequences), then `Done`, or `Failed` instead.
+#[derive(Debug)]
+pub enum Event {
+    /// More text of sequence `index`. The deltas of a sequence add up to its final text.
+    Delta { index: usize, text: String },
+    /// Sequence `index` is complete: its whole text, why it ended, its new token ids
+    /// (cut as the text is), and the tokens generated (an ending eos counted).
+    End {
+        index: usize,
+        text: String,
+        finish: Finish,
+        token_ids: Vec<i64>,
+        completion_tokens: usize,
+    },
+    /// Every sequence has ended.
+    Done { prompt_tokens: usize },
+    /// The request could not be completed; nothing more follows. The error may be
+    /// shared by the requests of one model run.
+    Failed(Arc<RuntimeError>),
+}
+
+/// Where a request's events go. `is_closed` says its client has gone: its sequences
+/// end at the next token.
+pub trait Sink: Send {
+    fn send(&self, event: Event);
+    fn is_closed(&self) -> bool {
+        false
+    }
+    /// Whether it reads [`Event::Delta`]s; a sink that waits for the ends spares the
+    /// engine decoding text at every token.
+    fn wants_deltas(&self) -> bool {
+        true
+    }
+}
+
+impl Sink for mpsc::Sender<Event> {
+    fn send(&self, event: Event) {
+        let _ = mpsc::Sender::send(self, event);
+    }
+}
+
+/// One request, checked and preprocessed: everything the engine needs.
+pub struct Request {
+    /// Pixel values `[3, H, W]`.
+    pub pixels: Array3<f32>,
+    /// The prompt's text ids (as [`Prompter::check_fits`] returns them).
+    pub text_ids: Vec<i64>,
+    /// The search, with `max_new_tokens` set to this request's limit.
+    pub cfg: GenerationConfig,
+    /// Text that ends a sequence where it first appears (not included).
+    pub stop: Vec<String>,
+    /// The sampling stream of the request's first sequence: `generate()` numbers streams
+    /// by row over its whole batch, and `infer batch` keeps its results that way; 0 alone.
+    pub first_stream: u64,
+    pub sink: Box<dyn Sink>,
+}
+
+/// What the engine reports as it works; every method does nothing unless overridden.
+pub trait EngineMetrics: Send + Sync {
+    /// A request was admitted to the queue.
+    fn queued(&self) {}
+    /// Requests left the queue (for a batch, or refused after all).
+    fn left_queue(&self, _requests: usize) {}
+    /// Rows of a batch after new rows joined it.
+    fn batch_rows(&self, _rows: usize) {}
+    /// A request's first token, this long after it was queued.
+    fn first_token(&self, _since_queued: Duration) {}
+    /// A token was generated.
+    fn token(&self) {}
+    /// A request has all its results, this long after it was queued.
+    fn finished(&self, _since_queued: Duration) {}
+    /// A request is over (answered or failed): its place in the queue is free.
+    fn released(&self) {}
+}
+
+/// Metrics that go nowhere.
+pub struct NoMetrics;
+impl EngineMetrics for NoMetrics {}
+
+/// A request in the engine, with when it was queued and its place in the queue.
+pub struct Queued {
+    pub req: Request,
+    pub enqueued: Instant,
+    _place: Option<Place>,
+}
+
+impl Queued {
+    /// A request outside any queue (a [`Scheduler`] driven directly).
+    pub fn new(req: Request) -> Self {
+        Queued { req, enqueued: Instant::now(), _place: None }
+    }
+}
+
+/// One admitted request's place; dropping it frees the place.
+struct Place(Arc<Admission>);
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.admitted.fetch_sub(1, Ordering::SeqCst);
+        self.0.metrics.released();
+    }
+}
+
+struct Admission {
+    admitted: AtomicUsize,
+    max_queue: usize,
+    metrics: Arc<dyn EngineMetrics>,
+}
+
+/// Why a request was not admitted.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the server is at its limit of {0} requests in flight; retry later")]
+    Full(usize),
+    #[error("the server is shutting down")]
+    Closed,
+}
+
+/// Scheduling limits.
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    /// Rows (sequences, beams) in generation at once; newcomers wait for room (a request
+    /// wider than this runs alone).
+    pub max_batch: usize,
+    /// How long the first request to an idle engine waits for others to join it.
+    pub max_wait: Duration,
+    /// Requests admitted at once, waiting or generating; more are refused.
+    pub max_queue: usize,
+}
+
+/// The engine thread and its queue.
+pub struct Engine {
+    queue: Mutex<Option<SyncSender<Queued>>>,
+    admission: Arc<Admission>,
+    pub prompter: Arc<Prompter>,
+    /// The model's search defaults (its generation_config.json over transformers').
+    pub defaults: GenerationConfig,
+    pub manifest: blip2_core::Manifest,
+    pub limits: crate::preprocess::ImageLimits,
+    thread: Mutex<Option<std::thread::JoinHandle<Blip2Model>>>,
+}
+
+impl Engine {
+    /// Takes over a loaded pipeline and starts the engine thread.
+    pub fn start(
+        pipeline: Pipeline,
+        opts: EngineOptions,
+        metrics: Arc<dyn EngineMetrics>,
+    ) -> Result<Arc<Self>, std::io::Error> {
+        let defaults = pipeline.default_config();
+        let Pipeline { model, prompter, limits, embed_cache } = pipeline;
+        let manifest = model.manifest.clone();
+        let prompter = Arc::new(prompter);
+        let (tx, rx) = mpsc::sync_channel(opts.max_queue.max(1));
+        let admission = Arc::new(Admission {
+            admitted: AtomicUsize::new(0),
+            max_queue: opts.max_queue.max(1),
+            metrics: metrics.clone(),
+        });
+        let p = prompter.clone();
+        let thread = std::thread::Builder::new()
+            .name("blip2-engine".into())
+            .spawn(move || run(rx, model, embed_cache, p, opts, metrics))?;
+        Ok(Arc::new(Self {
+            queue: Mutex::new(Some(tx)),
+            admission,
+            prompter,
+            defaults,
+            manifest,
+            limits,
+            thread: Mutex::new(Some(thread)),
+        }))
+    }
+
+    /// Queues a request, or refuses it when `max_queue` requests are in flight.
+    pub fn submit(&self, req: Request) -> Result<(), SubmitError> {
+        let a = &self.admission;
+        if a.admitted.fetch_add(1, Ordering::SeqCst) >= a.max_queue {
+            a.admitted.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::Full(a.max_queue));
+        }
+        a.metrics.queued();
+        let queued = Queued { req, enqueued: Instant::now(), _place: Some(Place(a.clone())) };
+        let refused = |e| {
+            a.metrics.left_queue(1);
+            Err(e)
+        };
+        let guard = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(tx) = guard.as_ref() else { return refused(SubmitError::Closed) };
+        match tx.try_send(queued) {
+            Ok(()) => Ok(()),
+            // The channel holds max_queue and admission keeps fewer in flight.
+            Err(TrySendError::Full(_)) => refused(SubmitError::Full(a.max_queue)),
+            Err(TrySendError::Disconnected(_)) => refused(SubmitError::Closed),
+        }
+    }
+
+    /// Stops taking requests and waits until every admitted one has been answered.
+    pub fn shutdown(&self) {
+        self.stop();
+    }
+
+    /// [`Engine::shutdown`], returning the model the engine thread owned.
+    fn stop(&self) -> Option<Blip2Model> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let t = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+        t.join().ok()
+    }
+
+    #[cfg(any(test, feature = "test-support"))]
+    /// [`Engine::shutdown`], handing back the model (tests read what ran where).
+    pub fn shutdown_into_model(&self) -> Option<Blip2Model> {
+        self.stop()
+    }
+}
+
+/// The engine thread: admits what has arrived, steps every running batch, until the
+/// queue closes and nothing is left.
+fn run(
+    rx: Receiver<Queued>,
+    mut model: Blip2Model,
+    mut embeds: EmbedCache,
+    prompter: Arc<Prompter>,
+    opts: EngineOptions,
+    metrics: Arc<dyn EngineMetrics>,
+) -> Blip2Model {
+    let mut sched = Scheduler::new(opts.max_batch, metrics);
+    let mut waiting: std::collections::VecDeque<Queued> = Default::default();
+    let mut open = true;
+    loop {
+        // Intake: when idle, block for a request and give others max_wait to join it;
+        // when generating, take what has arrived and go on.
+        if sched.is_idle() && waiting.is_empty() {
+            if !open {
+                break;
+            }
+            match rx.recv() {
+                Ok(q) => waiting.push_back(q),
+                Err(_) => break,
+            }
+            let deadline = waiting[0].enqueued + opts.max_wait;
+            while waiting.iter().map(|q| batch::row_count(&q.req.cfg)).sum::<usize>()
+                < opts.max_batch
+            {
+                match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                    Ok(q) => waiting.push_back(q),
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
+            }
+        }
+        loop {
+            match rx.try_recv() {
+                Ok(q) => waiting.push_back(q),
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
+            }
+        }
+        let newcomers = sched.take_fitting(&mut waiting);
+        if !newcomers.is_empty() {
+            sched.admit(&mut model, &mut embeds, &prompter, newcomers);
+        }
+        sched.step(&mut model, &prompter);
+    }
+    model
+}

@@ -1,0 +1,340 @@
+//! The engine ([`blip2_runtime::engine`]): requests admitted at different steps into
+//! running batches of every kind of export get exactly the tokens the search gives each
+//! alone (`generate()` on its own decoder state, which the recorded-case tests hold to
+//! transformers); a request whose search fails, or whose model run fails, fails alone;
+//! and every language-model run happens on the engine's one thread.
+
+use std::path::PathBuf;
+use std::sync::{mpsc, Arc};
+
+use blip2_core::Target;
+use blip2_ort_suite::{fixture, photo, session_factory, temp_dir};
+use blip2_runtime::engine::{
+    Engine, EngineOptions, Event, NoMetrics, Queued, Request, Scheduler, Sink,
+};
+use blip2_runtime::generation::{self, GenerationConfig};
+use blip2_runtime::model::Blip2Model;
+use blip2_runtime::pipeline::{EmbedCache, Pipeline};
+use blip2_runtime::state::{self, Bound};
+use ndarray::{Array3, Axis};
+
+fn export(name: &str, target: Target, test: &str) -> PathBuf {
+    let kind = if target == Target::Cuda { "cuda" } else { "portable" };
+    let out = temp_dir(&format!("engine-{test}-{name}-{kind}")).join("export");
+    let opts = blip2_export::ExportOptions { target, ..Default::default() };
+    blip2_export::export(
+        &fixture(name).join("checkpoint"),
+        &out,
+        &opts,
+        &mut blip2_export::NoProgress,
+    )
+    .unwrap();
+    out
+}
+
+struct Case {
+    image: &'static str,
+    prompt: &'static str,
+    cfg: GenerationConfig,
+    /// Admitted before this step of the scheduler.
+    join_at: usize,
+}
+
+/// Greedy rows with their own limits and processors, beams, beam sampling and seeded
+/// samples, joining at different steps.
+fn cases(base: &GenerationConfig) -> Vec<Case> {
+    let with = |f: &dyn Fn(&mut GenerationConfig)| {
+        let mut c = base.clone();
+        f(&mut c);
+        c
+    };
+    vec![
+        Case {
+            image: "camera.png",
+            prompt: "Question: what is in the picture? Answer:",
+            cfg: with(&|c| {
+                c.max_new_tokens = 6;
+                c.num_beams = 3;
+                c.num_return_sequences = 2;
+                c.length_penalty = 0.5
+            }),
+            join_at: 0,
+        },
+        Case {
+            image: "rocket.jpg",
+            prompt: "a photo of",
+            cfg: with(&|c| c.max_new_tokens = 9),
+            join_at: 0,
+        },
+        Case {
+            image: "chelsea.png",
+            prompt: "",
+            cfg: with(&|c| {
+                c.max_new_tokens = 8;
+                c.do_sample = true;
+                c.top_k = 5;
+                c.num_return_sequences = 2;
+                c.seed = Some(11)
+            }),
+            join_at: 2,
+        },
+        Case {
+            image: "no_time_for_that_tiny.gif",
+            prompt: "a photo of the",
+            cfg: with(&|c| {
+                c.max_new_tokens = 7;
+                c.repetition_penalty = 1.5;
+                c.min_new_tokens = 5
+            }),
+            join_at: 2,
+        },
+        Case {
+            image: "rocket.jpg",
+            prompt: "",
+            cfg: with(&|c| {
+                c.max_new_tokens = 5;
+                c.num_beams = 2;
+                c.do_sample = true;
+                c.seed = Some(3)
+            }),
+            join_at: 5,
+        },
+    ]
+}
+
+fn pixels(p: &Pipeline, image: &str) -> Array3<f32> {
+    let img = p.load_image(&photo(image)).unwrap();
+    blip2_runtime::preprocess::preprocess(&img, &p.model.manifest.image).unwrap()
+}
+
+/// The request's sequences from the search run alone on its own decoder state.
+fn alone(p: &mut Pipeline, case: &Case) -> Vec<Vec<i64>> {
+    let px = pixels(p, case.image).insert_axis(Axis(0));
+    let text = p.prompter.check_fits(case.prompt).unwrap();
+    let batch = p.prompter.assemble(&[text]);
+    let embeds = p.image_embeds(px).unwrap();
+    let model = &mut p.model;
+    let mut pre = state::prefill(model, &batch, embeds, case.cfg.max_new_tokens).unwrap();
+    let mut bound = Bound { model: &mut *model, state: &mut *pre.state };
+    let out = generation::generate(&mut bound, &pre.prompts, pre.logits, &case.cfg).unwrap();
+    pre.state.release(model);
+    out.into_iter().next().unwrap()
+}
+
+/// Events of request `.0`.
+struct Tagged(usize, mpsc::Sender<(usize, Event)>);
+
+impl Sink for Tagged {
+    fn send(&self, event: Event) {
+        let _ = self.1.send((self.0, event));
+    }
+}
+
+fn request(p: &Pipeline, i: usize, case: &Case, tx: &mpsc::Sender<(usize, Event)>) -> Request {
+    Request {
+        pixels: pixels(p, case.image),
+        text_ids: p.prompter.check_fits(case.prompt).unwrap(),
+        cfg: case.cfg.clone(),
+        stop: Vec::new(),
+        first_stream: 0,
+        sink: Box::new(Tagged(i, tx.clone())),
+    }
+}
+
+/// Per request: its sequences' token ids, or its failure.
+type Outcome = Result<Vec<Vec<i64>>, String>;
+
+fn collect(rx: mpsc::Receiver<(usize, Event)>, n: usize, seqs: &[usize]) -> Vec<Outcome> {
+    let mut got: Vec<Vec<Option<Vec<i64>>>> = seqs.iter().map(|&k| vec![None; k]).collect();
+    let mut out: Vec<Option<Outcome>> = vec![None; n];
+    for (i, e) in rx {
+        match e {
+            Event::End { index, token_ids, .. } => got[i][index] = Some(token_ids),
+            Event::Done { .. } => {
+                out[i] = Some(Ok(got[i]
+                    .iter()
+                    .map(|s| s.clone().expect("every sequence ended"))
+                    .collect()))
+            }
+            Event::Failed(e) => out[i] = Some(Err(e.to_string())),
+            Event::Delta { .. } => {}
+        }
+    }
+    out.into_iter()
+        .enumerate()
+        .map(|(i, o)| o.unwrap_or_else(|| panic!("request {i} never ended")))
+        .collect()
+}
+
+/// Drives a scheduler on this thread, admitting each case before its step; returns
+/// each request's outcome, how often newcomers joined a running batch and the most
+/// batches that ran side by side.
+fn run_joined(
+    p: &mut Pipeline,
+    cases: &[Case],
+    extra: Vec<(usize, Request)>,
+) -> (Vec<Outcome>, usize, usize) {
+    let (tx, rx) = mpsc::channel();
+    let mut pending: Vec<(usize, Request)> =
+        cases.iter().enumerate().map(|(i, c)| (c.join_at, request(p, i, c, &tx))).collect();
+    let n = pending.len();
+    let seqs: Vec<usize> = pending.iter().map(|(_, r)| r.cfg.num_return_sequences).collect();
+    pending.extend(extra);
+    drop(tx);
+    let mut sched = Scheduler::new(64, Arc::new(NoMetrics));
+    let mut embeds = EmbedCache::new(0);
+    let (mut joined, mut side_by_side) = (0, 0);
+    let mut step = 0;
+    let mut pending: Vec<Option<(usize, Request)>> = pending.into_iter().map(Some).collect();
+    while !(sched.is_idle() && pending.iter().all(Option::is_none)) {
+        let now: Vec<Queued> = pending
+            .iter_mut()
+            .filter(|x| x.as_ref().is_some_and(|(at, _)| *at <= step))
+            .map(|x| Queued::new(x.take().unwrap().1))
+            .collect();
+        if !now.is_empty() {
+            let (rows, batches) = (sched.rows(), sched.batches());
+            sched.admit(&mut p.model, &mut embeds, &p.prompter, now);
+            if rows > 0 && sched.batches() == batches && sched.rows() > rows {
+                joined += 1;
+            }
+        }
+        side_by_side = side_by_side.max(sched.batches());
+        sched.step(&mut p.model, &p.prompter);
+        step += 1;
+        assert!(step < 200, "generation does not end");
+    }
+    (collect(rx, n, &seqs), joined, side_by_side)
+}
+
+fn check_kind(name: &str, target: Target, fixed_buffers: bool) {
+    let test = if fixed_buffers { "join-fixed" } else { "join" };
+    let dir = export(name, target, test);
+    let mut p = Pipeline::load(&dir, &mut session_factory()).unwrap();
+    if fixed_buffers {
+        p.model.use_fixed_step_buffers().unwrap();
+    }
+    let cases = cases(&p.default_config());
+    let want: Vec<Vec<Vec<i64>>> = cases.iter().map(|c| alone(&mut p, c)).collect();
+    p.model.take_lm_threads();
+    let (got, joined, side_by_side) = run_joined(&mut p, &cases, Vec::new());
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        let g = g.as_ref().unwrap_or_else(|e| panic!("{name} {target:?}: request {i} failed: {e}"));
+        assert_eq!(
+            g, w,
+            "{name} {target:?}: request {i} joined at step {} vs alone",
+            cases[i].join_at
+        );
+    }
+    // OPT's portable state takes newcomers into the running batch; the others step their
+    // batches side by side, on the same thread.
+    if name.starts_with("opt") && target == Target::Portable {
+        assert!(joined >= 2, "{name}: newcomers joined a running batch {joined} times");
+    } else {
+        assert!(side_by_side >= 2, "{name} {target:?}: at most {side_by_side} batch(es) ran");
+    }
+    assert_eq!(p.model.take_lm_threads(), vec![std::thread::current().id()]);
+}
+
+#[test]
+fn opt_portable_requests_joining_at_different_steps_get_their_single_run_tokens() {
+    check_kind("opt-tiny", Target::Portable, false);
+}
+
+#[test]
+fn opt_cuda_target_requests_joining_at_different_steps_get_their_single_run_tokens() {
+    check_kind("opt-tiny", Target::Cuda, false);
+    check_kind("opt-tiny", Target::Cuda, true);
+}
+
+#[test]
+fn flan_t5_requests_joining_at_different_steps_get_their_single_run_tokens() {
+    check_kind("t5-tiny", Target::Portable, false);
+    check_kind("t5-tiny", Target::Cuda, false);
+}
+
+/// A sink that panics on the request's first text (a fault in one request's handling),
+/// and passes its failure on.
+struct Panicking(Tagged);
+
+impl Sink for Panicking {
+    fn send(&self, event: Event) {
+        if matches!(event, Event::Delta { .. } | Event::End { .. }) {
+            panic!("a sink that fails");
+        }
+        self.0.send(event);
+    }
+}
+
+#[test]
+fn a_failing_request_fails_alone_and_the_others_stay_exact() {
+    let dir = export("opt-tiny", Target::Portable, "faults");
+    let mut p = Pipeline::load(&dir, &mut session_factory()).unwrap();
+    let cases = cases(&p.default_config());
+    let want: Vec<Vec<Vec<i64>>> = cases.iter().map(|c| alone(&mut p, c)).collect();
+    let (tx, rx) = mpsc::channel::<(usize, Event)>();
+    let base = &cases[0];
+    // Settings its search refuses (the server checks them first; the engine copes).
+    let mut bad_settings = request(&p, 0, base, &tx);
+    bad_settings.cfg.top_p = 2.0;
+    let mut panicking = request(&p, 1, base, &tx);
+    panicking.sink = Box::new(Panicking(Tagged(1, tx.clone())));
+    // Pixels of another size: the prefill of the newcomers it comes with fails.
+    let mut bad_pixels = request(&p, 2, base, &tx);
+    bad_pixels.pixels = Array3::zeros((3, 8, 8));
+    drop(tx);
+    let extra = vec![(1, bad_settings), (2, panicking), (4, bad_pixels)];
+    let (got, _, _) = run_joined(&mut p, &cases, extra);
+    for (i, w) in want.iter().enumerate() {
+        assert_eq!(got[i].as_ref().unwrap(), w, "request {i}");
+    }
+    let failed = collect(rx, 3, &[1, 1, 1]);
+    for (i, what) in ["--top-p", "a sink that fails", "pixel"].iter().enumerate() {
+        let e = failed[i].as_ref().expect_err("the faulty request failed");
+        assert!(e.contains(what), "request {i}: {e}");
+    }
+}
+
+#[test]
+fn every_language_model_run_of_the_threaded_engine_is_on_its_one_thread() {
+    // Clients on several threads; every step input written and every run made by the
+    // engine's thread, for a --target cuda export on fixed step buffers.
+    let dir = export("opt-tiny", Target::Cuda, "thread");
+    let mut p = Pipeline::load(&dir, &mut session_factory()).unwrap();
+    p.model.use_fixed_step_buffers().unwrap();
+    let cases = Arc::new(cases(&p.default_config()));
+    let reqs: Vec<Request> = {
+        let (tx, _) = mpsc::channel();
+        cases.iter().enumerate().map(|(i, c)| request(&p, i, c, &tx)).collect()
+    };
+    let opts = EngineOptions {
+        max_batch: 16,
+        max_wait: std::time::Duration::from_millis(5),
+        max_queue: 64,
+    };
+    let engine = Engine::start(p, opts, Arc::new(NoMetrics)).unwrap();
+    let (tx, rx) = mpsc::channel();
+    let clients: Vec<_> = reqs
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut r)| {
+            let (engine, tx) = (engine.clone(), tx.clone());
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(3 * i as u64));
+                r.sink = Box::new(Tagged(i, tx));
+                engine.submit(r).unwrap();
+                std::thread::current().id()
+            })
+        })
+        .collect();
+    drop(tx);
+    let client_threads: Vec<_> = clients.into_iter().map(|h| h.join().unwrap()).collect();
+    let seqs: Vec<usize> = cases.iter().map(|c| c.cfg.num_return_sequences).collect();
+    let got = collect(rx, cases.len(), &seqs);
+    assert!(got.iter().all(Result::is_ok), "{got:?}");
+    let mut model: Blip2Model = engine.shutdown_into_model().unwrap();
+    let threads = model.take_lm_threads();
+    assert_eq!(threads.len(), 1, "language-model runs on {} threads", threads.len());
+    assert!(!client_threads.contains(&threads[0]));
+    assert_ne!(threads[0], std::thread::current().id());
+}
