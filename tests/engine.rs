@@ -338,3 +338,73 @@ fn every_language_model_run_of_the_threaded_engine_is_on_its_one_thread() {
     assert!(!client_threads.contains(&threads[0]));
     assert_ne!(threads[0], std::thread::current().id());
 }
+
+/// Every event of a request, in order.
+struct Recording(mpsc::Sender<Event>);
+
+impl Sink for Recording {
+    fn send(&self, event: Event) {
+        let _ = self.0.send(event);
+    }
+}
+
+#[test]
+fn streamed_deltas_add_up_to_the_final_text() {
+    // The stream decodes a window of tokens at a time: on both tokenizers (byte-level
+    // BPE, SentencePiece) and the odd bytes random weights sample, the deltas of each
+    // sequence must add up to the one decode of all its tokens, with or without a stop
+    // string, and text must arrive before the end.
+    for name in ["opt-tiny", "t5-tiny"] {
+        let dir = export(name, Target::Portable, "stream");
+        let mut p = Pipeline::load(&dir, &mut session_factory()).unwrap();
+        let base = p.default_config();
+        let (mut early, mut sequences) = (0, 0);
+        for (seed, stop) in [(1, None), (2, None), (3, Some("e")), (4, Some(" a"))] {
+            let cfg = GenerationConfig {
+                max_new_tokens: 30,
+                do_sample: true,
+                top_k: 0,
+                temperature: 1.5,
+                num_return_sequences: 3,
+                seed: Some(seed),
+                ..base.clone()
+            };
+            let (tx, rx) = mpsc::channel();
+            let case = Case { image: "rocket.jpg", prompt: "a photo of", cfg, join_at: 0 };
+            let mut req = request(&p, 0, &case, &mpsc::channel().0);
+            req.stop = stop.map(|s| vec![s.to_string()]).unwrap_or_default();
+            req.sink = Box::new(Recording(tx));
+            let mut sched = Scheduler::new(8, Arc::new(NoMetrics));
+            sched.run_to_end(
+                &mut p.model,
+                &mut EmbedCache::new(0),
+                &p.prompter,
+                vec![Queued::new(req)],
+            );
+            let mut streamed = vec![String::new(); 3];
+            let mut deltas = [0; 3];
+            for e in rx {
+                match e {
+                    Event::Delta { index, text } => {
+                        streamed[index].push_str(&text);
+                        deltas[index] += 1;
+                    }
+                    Event::End { index, text, token_ids, .. } => {
+                        sequences += 1;
+                        assert_eq!(streamed[index], text, "{name}: the deltas against the text");
+                        // Without a stop string the text is the decode of the tokens.
+                        if stop.is_none() {
+                            assert_eq!(text, p.prompter.decode(&token_ids).unwrap());
+                        }
+                        // More than the closing delta: text came as it was generated.
+                        early += usize::from(deltas[index] > 1);
+                    }
+                    Event::Done { .. } => {}
+                    Event::Failed(e) => panic!("{name}: {e}"),
+                }
+            }
+        }
+        assert_eq!(sequences, 12);
+        assert!(early > 0, "{name}: no text arrived before a sequence ended");
+    }
+}

@@ -112,12 +112,16 @@ impl Prompter {
     /// Text of new tokens, special tokens skipped and whitespace trimmed (as
     /// `batch_decode(..., skip_special_tokens=True)` then `.strip()`).
     pub fn decode(&self, ids: &[i64]) -> Result<String, RuntimeError> {
+        Ok(self.decode_untrimmed(ids)?.trim().to_string())
+    }
+
+    /// [`Prompter::decode`] without the trim: what a stream decodes a window of its
+    /// tokens with.
+    pub fn decode_untrimmed(&self, ids: &[i64]) -> Result<String, RuntimeError> {
         let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
-        let s = self
-            .tokenizer
+        self.tokenizer
             .decode(&ids, true)
-            .map_err(|e| RuntimeError::Input(format!("cannot decode tokens: {e}")))?;
-        Ok(s.trim().to_string())
+            .map_err(|e| RuntimeError::Input(format!("cannot decode tokens: {e}")))
     }
 
     /// The ids among `ids` that the tokenizer has no token for: [`Prompter::decode`]

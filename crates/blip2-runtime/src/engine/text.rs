@@ -4,9 +4,21 @@
 use super::{Event, Finish, Sink};
 use crate::prompt::Prompter;
 
-/// A sequence's tokens, what of its text has been sent, and how it ended early.
+/// A sequence's tokens, its text so far, what of it has been sent, and how it ended
+/// early.
+///
+/// The text grows incrementally, as in TGI and vLLM: each token decodes a short window
+/// (the tokens since the text last grew, behind the few before them, so that a
+/// tokenizer's handling of a window's first token is the same for both decodes), and the
+/// new text is what the window's decode adds to its head's. Nothing re-decodes the whole
+/// sequence per token; the final text ([`Stream::end`]) is one decode of every token.
 pub(crate) struct Stream {
     ids: Vec<i64>,
+    /// The window's head starts here; its new tokens start at `read`.
+    prefix: usize,
+    read: usize,
+    /// The decoded text so far, untrimmed.
+    raw: String,
     sent: String,
     /// Set when a stop string, the request's max_tokens or a client gone ended it.
     pub(crate) ended: Option<Finish>,
@@ -24,7 +36,15 @@ pub(crate) struct Settings<'a> {
 
 impl Stream {
     pub(crate) fn new() -> Self {
-        Stream { ids: Vec::new(), sent: String::new(), ended: None, stopped_text: None }
+        Stream {
+            ids: Vec::new(),
+            prefix: 0,
+            read: 0,
+            raw: String::new(),
+            sent: String::new(),
+            ended: None,
+            stopped_text: None,
+        }
     }
 
     /// Takes the sequence's next token: sends the text that has become final, and says
@@ -38,33 +58,55 @@ impl Stream {
             return false;
         }
         let full = self.ids.len() >= s.max_new_tokens;
-        if s.stop.is_empty() && !s.sink.wants_deltas() {
-            if full {
-                self.ended = Some(Finish::Length);
+        if !s.stop.is_empty() || s.sink.wants_deltas() {
+            if self.grow(s.prompter) {
+                // The final text is the whole decode, trimmed: it starts as this does.
+                let text = self.raw.trim_start();
+                if let Some(at) = find_stop(text, s.stop) {
+                    self.ended = Some(Finish::Stop);
+                    self.stopped_text = Some(text[..at].to_string());
+                    return false;
+                }
+                let hold =
+                    s.stop.iter().map(|x| x.chars().count()).max().unwrap_or(0).saturating_sub(1);
+                let ready = stable_prefix(text.trim_end(), hold);
+                if ready.len() > self.sent.len() && ready.starts_with(self.sent.as_str()) {
+                    let delta = ready[self.sent.len()..].to_string();
+                    self.sent.push_str(&delta);
+                    s.sink.send(Event::Delta { index: seq, text: delta });
+                }
             }
-            return !full;
         }
-        let Ok(text) = s.prompter.decode(&self.ids) else { return true };
-        if let Some(at) = find_stop(&text, s.stop) {
-            self.ended = Some(Finish::Stop);
-            self.stopped_text = Some(text[..at].to_string());
-            return false;
-        }
-        let hold = s.stop.iter().map(|x| x.chars().count()).max().unwrap_or(0).saturating_sub(1);
-        // Decoding all but the last 3 tokens again only matters behind a replacement character.
-        let settled = (text.ends_with('\u{FFFD}') && self.ids.len() > 3)
-            .then(|| s.prompter.decode(&self.ids[..self.ids.len() - 3]).ok())
-            .flatten();
-        let ready = stable_prefix(&text, settled.as_deref(), hold);
-        if ready.len() > self.sent.len() && ready.starts_with(self.sent.as_str()) {
-            let delta = ready[self.sent.len()..].to_string();
-            self.sent.push_str(&delta);
-            s.sink.send(Event::Delta { index: seq, text: delta });
-        }
-        if self.ids.len() >= s.max_new_tokens {
+        if full {
             self.ended = Some(Finish::Length);
             return false;
         }
+        true
+    }
+
+    /// Decodes the window of the tokens since the text last grew; returns whether it
+    /// grew. A window whose text ends in half a character (a replacement character)
+    /// waits for the next token, unless it is older than 3 tokens: a character's bytes
+    /// span at most 4 tokens, so that replacement character is final (random weights
+    /// make such text).
+    fn grow(&mut self, prompter: &Prompter) -> bool {
+        let (Ok(head), Ok(window)) = (
+            prompter.decode_untrimmed(&self.ids[self.prefix..self.read]),
+            prompter.decode_untrimmed(&self.ids[self.prefix..]),
+        ) else {
+            return false;
+        };
+        let stale = self.ids.len() - self.read > 3;
+        if window.len() <= head.len()
+            || !window.is_char_boundary(head.len())
+            || !window.starts_with(head.as_str())
+            || (window.ends_with('\u{FFFD}') && !stale)
+        {
+            return false;
+        }
+        self.raw.push_str(&window[head.len()..]);
+        self.prefix = self.read;
+        self.read = self.ids.len();
         true
     }
 
@@ -74,6 +116,8 @@ impl Stream {
         let (text, finish, ids, eos) = self.finish(ids, s);
         if text.len() > self.sent.len() && text.starts_with(self.sent.as_str()) {
             s.sink.send(Event::Delta { index: seq, text: text[self.sent.len()..].to_string() });
+        } else if !text.starts_with(self.sent.as_str()) {
+            tracing::warn!("streamed text of a sequence is not a prefix of its final text");
         }
         // The eos counts as generated, as the other servers count it.
         let completion_tokens = ids.len() + usize::from(eos);
@@ -107,23 +151,14 @@ impl Stream {
     }
 }
 
-/// The part of `text` that can be sent now: not a trailing replacement character (half
-/// of a character whose other bytes come with the next token), and not the last
-/// `hold` characters, which could be the start of a stop string. `settled` is the text
-/// of all but the last 3 tokens: a character's bytes span at most 4 tokens, so a
-/// replacement character in it is final (random weights make such text) and is sent.
-pub(crate) fn stable_prefix<'a>(text: &'a str, settled: Option<&str>, hold: usize) -> &'a str {
-    let mut t = text.trim_end_matches('\u{FFFD}');
-    if let Some(s) = settled {
-        if s.len() > t.len() && text.starts_with(s) {
-            t = &text[..s.len()];
-        }
-    }
+/// The part of `text` that can be sent now: not the last `hold` characters, which
+/// could be the start of a stop string.
+pub(crate) fn stable_prefix(text: &str, hold: usize) -> &str {
     if hold == 0 {
-        return t;
+        return text;
     }
-    let cut = t.char_indices().rev().nth(hold - 1).map_or(0, |(i, _)| i);
-    &t[..cut]
+    let cut = text.char_indices().rev().nth(hold - 1).map_or(0, |(i, _)| i);
+    &text[..cut]
 }
 
 /// The first stop string in `text`: where the text is cut.
@@ -136,13 +171,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn stable_prefix_holds_back_half_characters_and_possible_stop_starts() {
-        assert_eq!(stable_prefix("a cat\u{FFFD}", None, 0), "a cat");
-        assert_eq!(stable_prefix("a cat", None, 2), "a c");
-        assert_eq!(stable_prefix("ab", None, 5), "");
-        // A replacement character older than 3 tokens is final.
-        assert_eq!(stable_prefix("a \u{FFFD}\u{FFFD}", Some("a \u{FFFD}"), 0), "a \u{FFFD}");
-        assert_eq!(stable_prefix("a \u{FFFD}", Some("b"), 0), "a ");
+    fn stable_prefix_holds_back_possible_stop_starts() {
+        assert_eq!(stable_prefix("a cat", 0), "a cat");
+        assert_eq!(stable_prefix("a cat", 2), "a c");
+        assert_eq!(stable_prefix("ab", 5), "");
     }
 
     #[test]
