@@ -58,23 +58,21 @@ impl Stream {
             return false;
         }
         let full = self.ids.len() >= s.max_new_tokens;
-        if !s.stop.is_empty() || s.sink.wants_deltas() {
-            if self.grow(s.prompter) {
-                // The final text is the whole decode, trimmed: it starts as this does.
-                let text = self.raw.trim_start();
-                if let Some(at) = find_stop(text, s.stop) {
-                    self.ended = Some(Finish::Stop);
-                    self.stopped_text = Some(text[..at].to_string());
-                    return false;
-                }
-                let hold =
-                    s.stop.iter().map(|x| x.chars().count()).max().unwrap_or(0).saturating_sub(1);
-                let ready = stable_prefix(text.trim_end(), hold);
-                if ready.len() > self.sent.len() && ready.starts_with(self.sent.as_str()) {
-                    let delta = ready[self.sent.len()..].to_string();
-                    self.sent.push_str(&delta);
-                    s.sink.send(Event::Delta { index: seq, text: delta });
-                }
+        if (!s.stop.is_empty() || s.sink.wants_deltas()) && self.grow(s.prompter) {
+            // The final text is the whole decode, trimmed: it starts as this does.
+            let text = self.raw.trim_start();
+            if let Some(at) = find_stop(text, s.stop) {
+                self.ended = Some(Finish::Stop);
+                self.stopped_text = Some(text[..at].to_string());
+                return false;
+            }
+            let hold =
+                s.stop.iter().map(|x| x.chars().count()).max().unwrap_or(0).saturating_sub(1);
+            let ready = stable_prefix(text.trim_end(), hold);
+            if ready.len() > self.sent.len() && ready.starts_with(self.sent.as_str()) {
+                let delta = ready[self.sent.len()..].to_string();
+                self.sent.push_str(&delta);
+                s.sink.send(Event::Delta { index: seq, text: delta });
             }
         }
         if full {
