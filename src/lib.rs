@@ -95,7 +95,6 @@ pub fn session_factory() -> Box<blip2_runtime::model::SessionFactory<'static>> {
     blip2_runtime::session_cache::session_factory(
         blip2_runtime::config::Profile::cpu(),
         Some(blip2_runtime::session_cache::optimized_cache_root()),
-        None,
         |w| eprintln!("warning: {w}"),
     )
 }

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
-use blip2_runtime::config::{Config, ConfigError, Profile, Provider};
+use blip2_runtime::config::{Config, ConfigError, Profile};
 use blip2_runtime::error::RuntimeError;
 use blip2_runtime::model::SessionFactory;
 use blip2_runtime::pipeline::Pipeline;
@@ -72,7 +72,7 @@ pub fn load_pipeline(dir: &Path, o: &SessionOptions) -> Result<Pipeline> {
     // Only the language model's own graph captures CUDA graphs; its helper graphs
     // (kv_reorder) run on buffers that change from call to call.
     let capture = if profile.cuda_graph { Some(check_cuda_graph(dir, &profile)?) } else { None };
-    let mut factory = session_factory_capturing(&profile, capture.as_deref());
+    let mut factory = session_factory(&profile);
     let mut pipe = Pipeline::load(dir, &mut *factory).map_err(|e| {
         // The captured session itself failed to build: say what capture needs.
         let capturing = matches!(&e, RuntimeError::Session(providers::ProviderError::Commit { path, .. }) if Some(path.as_path()) == capture.as_deref());
@@ -87,14 +87,9 @@ pub fn load_pipeline(dir: &Path, o: &SessionOptions) -> Result<Pipeline> {
             e
         }
     })?;
-    // On a GPU the decoder's KV cache stays on the device between steps.
-    let lm = profile.providers_for("language_model");
-    if matches!(lm.first(), Some(Provider::Cuda | Provider::TensorRt)) {
-        pipe.model.keep_cache_on_cuda(profile.device_id)?;
-    }
-    if capture.is_some() {
-        pipe.model.use_fixed_step_buffers()?;
-    }
+    // Where the decoder keeps its state (the device, fixed step buffers): the runtime's
+    // decision, from the profile.
+    pipe.model.place_for(&profile)?;
     Ok(pipe)
 }
 
@@ -124,26 +119,16 @@ fn check_cuda_graph(dir: &Path, profile: &Profile) -> Result<PathBuf> {
 /// Builds each graph's session on the profile, with the optimized-graph cache unless
 /// `BLIP2_ORT_OPTIMIZED_CACHE=0`; the library's warnings go to stderr.
 pub fn session_factory(profile: &Profile) -> Box<SessionFactory<'static>> {
-    session_factory_capturing(profile, None)
-}
-
-/// [`session_factory`], with CUDA graph capture (the profile's `cuda_graph`) on the
-/// session of the graph file `capture` alone.
-fn session_factory_capturing(
-    profile: &Profile,
-    capture: Option<&Path>,
-) -> Box<SessionFactory<'static>> {
     let cache_on = std::env::var(OPTIMIZED_CACHE_ENV).map_or(true, |v| v.trim() != "0");
     let cache = cache_on.then(session_cache::optimized_cache_root);
-    session_cache::session_factory(profile.clone(), cache, capture.map(Path::to_path_buf), |w| {
-        eprintln!("warning: {w}")
-    })
+    session_cache::session_factory(profile.clone(), cache, |w| eprintln!("warning: {w}"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use blip2_runtime::config::GraphOptimization;
+    use blip2_runtime::config::Provider;
 
     #[test]
     fn builtin_profiles_parse() {

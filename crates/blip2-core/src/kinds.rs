@@ -51,8 +51,12 @@ pub enum GraphKind {
     QFormer,
     /// Flan-T5's text encoder.
     TextEncoder,
-    /// The decoder, and the small graphs that must run where its cache lives.
+    /// The decoder.
     LanguageModel,
+    /// The decoder's row gather for beam reorders (`--target cuda` exports): placed on
+    /// the language model's providers, where its cache lives, and never captured as a
+    /// CUDA graph (its buffers change from call to call).
+    KvReorder,
 }
 
 impl Family {
@@ -106,13 +110,15 @@ impl GraphKind {
         GraphKind::LanguageModel,
     ];
 
-    /// The graph's name in profiles (`[profiles.x.graphs.NAME]`) and messages.
+    /// The graph's name in profiles (`[profiles.x.graphs.NAME]`) and messages: the
+    /// kinds a profile places ([`GraphKind::ALL`]); a helper graph goes by the graph it
+    /// serves.
     pub const fn name(self) -> &'static str {
         match self {
             GraphKind::VisionEncoder => "vision_encoder",
             GraphKind::QFormer => "qformer",
             GraphKind::TextEncoder => "text_encoder",
-            GraphKind::LanguageModel => "language_model",
+            GraphKind::LanguageModel | GraphKind::KvReorder => "language_model",
         }
     }
 }

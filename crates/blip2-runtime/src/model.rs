@@ -17,8 +17,66 @@ pub use blip2_core::GraphKind;
 /// Creates a session for one graph file; the caller decides providers and options.
 pub type SessionFactory<'f> = dyn FnMut(GraphKind, &Path) -> Result<Session, RuntimeError> + 'f;
 
+/// How the export's language model keeps its KV cache between steps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheLayout {
+    /// Grows by one position a step (`present.*` fed back as `past_key_values.*`):
+    /// the portable graphs.
+    Growing,
+    /// OPT `--target cuda`: fixed-length buffers written in place, each row's length
+    /// passed as `seqlens_k`.
+    StaticRows,
+    /// Flan-T5 `--target cuda`: fixed-length buffers, one `past_sequence_length` for all
+    /// rows.
+    StaticShared,
+}
+
+/// The language model's signature, read once from the manifest at load: what the
+/// decoder states bind and ask for, never probed again by name at each step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LmSignature {
+    pub cache: CacheLayout,
+    /// The graph picks tokens itself (`next_token`, `top_logprobs`, `top_ids`).
+    pub selects_tokens: bool,
+    /// Sampling's candidates (`top_logits`; exports made before it answer with logits).
+    pub top_logits: bool,
+    /// The prefill can compute the last position's logits alone (`logits_to_keep`).
+    pub logits_to_keep: bool,
+    /// The graph takes and returns fp16 tensors.
+    pub fp16: bool,
+}
+
+impl LmSignature {
+    fn read(m: &Manifest) -> Self {
+        let g = &m.graphs.language_model;
+        let input = |n: &str| g.inputs.iter().any(|t| t.name == n);
+        let output = |n: &str| g.outputs.iter().any(|t| t.name == n);
+        let cache = if input(io::SEQLENS_K) {
+            CacheLayout::StaticRows
+        } else if input(io::PAST_SEQUENCE_LENGTH) {
+            CacheLayout::StaticShared
+        } else {
+            CacheLayout::Growing
+        };
+        LmSignature {
+            cache,
+            selects_tokens: output(io::NEXT_TOKEN),
+            top_logits: output(io::TOP_LOGITS),
+            logits_to_keep: input(io::LOGITS_TO_KEEP),
+            fp16: m
+                .graphs
+                .qformer
+                .outputs
+                .iter()
+                .any(|t| t.name == io::IMAGE_EMBEDS && t.dtype == "float16"),
+        }
+    }
+}
+
 pub struct Blip2Model {
     pub manifest: Manifest,
+    /// The language model's inputs, outputs and cache, resolved at load.
+    pub signature: LmSignature,
     pub dir: PathBuf,
     vision: Session,
     qformer: Session,
@@ -153,18 +211,20 @@ impl Blip2Model {
         };
         let lm = open(GraphKind::LanguageModel, &g.language_model)?;
         let kv_reorder =
-            g.kv_reorder.as_ref().map(|r| open(GraphKind::LanguageModel, r)).transpose()?;
+            g.kv_reorder.as_ref().map(|r| open(GraphKind::KvReorder, r)).transpose()?;
         let is_fp16 = |t: &[blip2_core::TensorInfo], name: &str| {
             t.iter().any(|t| t.name == name && t.dtype == "float16")
         };
         // The Q-Former's output is in the language model's dtype, its input in the vision encoder's.
-        let lm_fp16 = is_fp16(&g.qformer.outputs, io::IMAGE_EMBEDS);
+        let signature = LmSignature::read(&manifest);
+        let lm_fp16 = signature.fp16;
         let vision_fp16 = is_fp16(&g.qformer.inputs, io::IMAGE_FEATURES);
         let kv_memory =
             MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)
                 .map_err(ort_err("host memory info"))?;
         Ok(Self {
             manifest,
+            signature,
             dir: dir.into(),
             vision,
             qformer,
@@ -237,6 +297,22 @@ impl Blip2Model {
             ])
             .map_err(ort_err("text encoder"))?;
         to_f32(&out[io::ENCODER_HIDDEN_STATES])
+    }
+
+    /// Places the decoder's state as `profile` runs it, decided once at load: the KV
+    /// cache stays on the CUDA device between steps when the language model runs on CUDA
+    /// or TensorRT, and every decode step binds fixed buffers when the profile captures
+    /// CUDA graphs (`cuda_graph = true`).
+    pub fn place_for(&mut self, profile: &crate::config::Profile) -> Result<(), RuntimeError> {
+        use crate::config::Provider;
+        let lm = profile.providers_for(GraphKind::LanguageModel.name());
+        if matches!(lm.first(), Some(Provider::Cuda | Provider::TensorRt)) {
+            self.keep_cache_on_cuda(profile.device_id)?;
+        }
+        if profile.cuda_graph {
+            self.use_fixed_step_buffers()?;
+        }
+        Ok(())
     }
 
     /// Keeps the KV cache on a CUDA device between steps (for sessions on the CUDA or
@@ -353,7 +429,7 @@ impl Blip2Model {
 
     /// Whether the LM graph takes `logits_to_keep` (earlier exports computed every position).
     pub fn lm_takes_logits_to_keep(&self) -> bool {
-        self.manifest.graphs.language_model.inputs.iter().any(|t| t.name == io::LOGITS_TO_KEEP)
+        self.signature.logits_to_keep
     }
 }
 

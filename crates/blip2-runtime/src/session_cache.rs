@@ -381,17 +381,16 @@ pub fn open_session(
 
 /// A factory of every graph's session on `profile` (what [`crate::model::Blip2Model::load`]
 /// takes), through the optimized-graph cache in `optimized_cache` when given, warnings to
-/// `warn`. With `capture`, the profile's `cuda_graph` applies to the session of that graph
-/// file alone (the language model); every other session is built without it.
+/// `warn`. The profile's `cuda_graph` applies to the language model's own session alone;
+/// every other graph (its `kv_reorder` helper included) is built without it.
 pub fn session_factory(
     profile: Profile,
     optimized_cache: Option<PathBuf>,
-    capture: Option<PathBuf>,
     mut warn: impl FnMut(Warning) + 'static,
 ) -> Box<crate::model::SessionFactory<'static>> {
     let uncaptured = Profile { cuda_graph: false, ..profile.clone() };
     Box::new(move |kind: GraphKind, path: &Path| {
-        let p = if capture.as_deref() == Some(path) { &profile } else { &uncaptured };
+        let p = if kind == GraphKind::LanguageModel { &profile } else { &uncaptured };
         open_session(p, kind.name(), path, optimized_cache.as_deref(), &mut warn)
             .map_err(crate::error::RuntimeError::Session)
     })

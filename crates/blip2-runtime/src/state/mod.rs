@@ -172,15 +172,16 @@ pub fn prefill(
     Ok(Prefilled { state: Box::new(state), prompts, logits })
 }
 
-/// Whether the export's language model keeps a static KV buffer (`--target cuda`).
+/// Whether the export's language model keeps a static KV buffer with a length per row
+/// (OPT `--target cuda`).
 pub fn is_static(model: &Blip2Model) -> bool {
-    model.manifest.graphs.language_model.inputs.iter().any(|t| t.name == io::SEQLENS_K)
+    model.signature.cache == crate::model::CacheLayout::StaticRows
 }
 
 /// Whether the export's decoder picks tokens itself (`next_token`, `top_logprobs`; the
 /// `--target cuda` graphs).
 pub fn selects_tokens(model: &Blip2Model) -> bool {
-    model.manifest.graphs.language_model.outputs.iter().any(|t| t.name == io::NEXT_TOKEN)
+    model.signature.selects_tokens
 }
 
 /// Runs one step of a decoder graph that picks tokens itself, with its KV cache bound
@@ -189,15 +190,16 @@ pub fn selects_tokens(model: &Blip2Model) -> bool {
 /// logits); the other outputs stay where the decoder runs. Also returns the step's
 /// logits as they lie there when they were not asked for, for
 /// [`crate::generation::StepModel::last_logits`].
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn run_selecting(
     session: &mut Session,
     kv_memory: &MemoryInfo,
     inputs: &[(&str, &DynValue)],
     cache: &mut KvCache,
     want: Want,
+    has_top_logits: bool,
     what: &str,
 ) -> Result<(StepOutput, Option<DynValue>), RuntimeError> {
-    let has_top_logits = session.outputs().iter().any(|o| o.name() == io::TOP_LOGITS);
     let (want, k) = answerable(want, has_top_logits);
     let top_k = top_k_value(k)?;
     let wanted: &[&str] = match want {

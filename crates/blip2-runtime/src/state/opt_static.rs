@@ -148,8 +148,15 @@ impl OptStaticState {
             Buffers::Released => return Err(released()),
         };
         m.note_lm_run();
-        let (answer, logits) =
-            run_selecting(&mut m.lm, &m.kv_memory, &refs, cache, want, "language model")?;
+        let (answer, logits) = run_selecting(
+            &mut m.lm,
+            &m.kv_memory,
+            &refs,
+            cache,
+            want,
+            m.signature.top_logits,
+            "language model",
+        )?;
         self.last_logits = logits;
         Ok(answer)
     }
@@ -203,13 +210,7 @@ fn step_shape(m: &crate::model::Blip2Model) -> StepShape {
         kv: kv_spec(m),
         hidden: m.manifest.text.hidden_size,
         vocab: m.manifest.text.vocab_size,
-        top_logits: m
-            .manifest
-            .graphs
-            .language_model
-            .outputs
-            .iter()
-            .any(|t| t.name == io::TOP_LOGITS),
+        top_logits: m.signature.top_logits,
     }
 }
 

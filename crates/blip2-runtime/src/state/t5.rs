@@ -42,11 +42,6 @@ struct Fixed {
     cross_spare: Option<KvCache>,
 }
 
-/// Whether the export's decoder keeps fixed-length self-attention buffers.
-fn is_static(m: &crate::model::Blip2Model) -> bool {
-    m.manifest.graphs.language_model.inputs.iter().any(|t| t.name == io::PAST_SEQUENCE_LENGTH)
-}
-
 impl T5State {
     /// Runs the text encoder ([`encode_rows`] on a portable export, [`encode_batch`] on
     /// a CUDA-target one), then the decoder's first step from `decoder_start`. Returns
@@ -63,7 +58,7 @@ impl T5State {
         let rows = ids.len();
         let spec = kv_spec(m);
         let selects = crate::state::selects_tokens(m);
-        let fixed = is_static(m);
+        let fixed = m.signature.cache == crate::model::CacheLayout::StaticShared;
         let real = crate::prompt::unpadded(ids, mask);
         let lens: Vec<usize> = real.iter().map(Vec::len).collect();
         let longest = lens.iter().copied().max().unwrap_or(0);
@@ -151,6 +146,7 @@ impl T5State {
                 &inputs,
                 &mut self.cache,
                 want,
+                m.signature.top_logits,
                 "text decoder",
             )?;
             self.last_logits = logits;
