@@ -9,9 +9,7 @@ use std::sync::{mpsc, Arc};
 
 use blip2_core::Target;
 use blip2_ort_suite::{fixture, photo, session_factory, temp_dir};
-use blip2_runtime::engine::{
-    Engine, EngineOptions, Event, NoMetrics, Queued, Request, Scheduler, Sink,
-};
+use blip2_runtime::engine::{EngineOptions, Event, NoMetrics, Queued, Request, Scheduler, Sink};
 use blip2_runtime::generation::{self, GenerationConfig};
 use blip2_runtime::model::Blip2Model;
 use blip2_runtime::pipeline::{EmbedCache, Pipeline};
@@ -312,7 +310,7 @@ fn every_language_model_run_of_the_threaded_engine_is_on_its_one_thread() {
         max_wait: std::time::Duration::from_millis(5),
         max_queue: 64,
     };
-    let engine = Engine::start(p, opts, Arc::new(NoMetrics)).unwrap();
+    let engine = p.into_engine(opts, Arc::new(NoMetrics)).unwrap();
     let (tx, rx) = mpsc::channel();
     let clients: Vec<_> = reqs
         .into_iter()

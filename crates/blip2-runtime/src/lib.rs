@@ -10,6 +10,7 @@
 //! providers (and keeps big CPU graphs in the [`session_cache`]), on the ONNX Runtime
 //! library that [`ort_env`] finds and loads.
 pub mod config;
+pub mod embed_cache;
 pub mod engine;
 pub mod error;
 pub mod generation;

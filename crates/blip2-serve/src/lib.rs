@@ -67,7 +67,8 @@ fn unix_now() -> u64 {
 /// down once the routes stop).
 pub fn router(pipeline: Pipeline, opts: ServeOptions) -> (Router, Arc<Engine>) {
     let metrics = Arc::new(Metrics::new());
-    let engine = Engine::start(pipeline, opts.engine.clone(), metrics.clone())
+    let engine = pipeline
+        .into_engine(opts.engine.clone(), metrics.clone())
         .expect("spawning the engine thread");
     let app = Arc::new(App {
         engine: engine.clone(),

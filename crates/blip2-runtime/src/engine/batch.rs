@@ -9,12 +9,12 @@ use ndarray::{Axis, Slice};
 
 use super::text::{Settings, Stream};
 use super::{EngineMetrics, Event, Queued};
+use crate::embed_cache::EmbedCache;
 use crate::error::RuntimeError;
 use crate::generation::{
     self, BeamSearch, BeamStep, GenerationConfig, RowSearch, StepOutput, Want,
 };
 use crate::model::Blip2Model;
-use crate::pipeline::EmbedCache;
 use crate::prompt::Prompter;
 use crate::state::{self, DecoderState, Joined};
 

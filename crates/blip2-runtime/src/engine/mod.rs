@@ -34,12 +34,12 @@ use ndarray::Array3;
 
 pub use batch::{row_count as batch_rows, Scheduler};
 
+use crate::embed_cache::EmbedCache;
 use crate::error::RuntimeError;
 use crate::generation::GenerationConfig;
 #[allow(unused_imports)] // named in the docs above
 use crate::generation::{BeamSearch, RowSearch};
 use crate::model::Blip2Model;
-use crate::pipeline::{EmbedCache, Pipeline};
 use crate::prompt::Prompter;
 #[allow(unused_imports)] // named in the docs above
 use crate::state::DecoderState;
@@ -206,14 +206,17 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Takes over a loaded pipeline and starts the engine thread.
+    /// Takes over a loaded model and starts the engine thread (see
+    /// [`crate::pipeline::Pipeline::into_engine`]).
     pub fn start(
-        pipeline: Pipeline,
+        model: Blip2Model,
+        prompter: Prompter,
+        limits: crate::preprocess::ImageLimits,
+        embed_cache: EmbedCache,
+        defaults: GenerationConfig,
         opts: EngineOptions,
         metrics: Arc<dyn EngineMetrics>,
     ) -> Result<Arc<Self>, std::io::Error> {
-        let defaults = pipeline.default_config();
-        let Pipeline { model, prompter, limits, embed_cache } = pipeline;
         let manifest = model.manifest.clone();
         let prompter = Arc::new(prompter);
         let (tx, rx) = mpsc::sync_channel(opts.max_queue.max(1));

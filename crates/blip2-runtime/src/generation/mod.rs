@@ -211,6 +211,17 @@ impl Default for GenerationConfig {
 }
 
 impl GenerationConfig {
+    /// The search settings a model defaults to: its generation_config.json's values over
+    /// transformers' defaults, with its eos and pad ids.
+    pub fn for_model(m: &blip2_core::Manifest) -> Self {
+        GenerationConfig {
+            eos_token_ids: m.tokens.eos_token_id.clone(),
+            pad_token_id: m.tokens.pad_token_id,
+            ..GenerationConfig::default()
+        }
+        .overridden(&m.generation)
+    }
+
     /// These settings with every field `s` sets replaced by its value.
     pub fn overridden(mut self, s: &blip2_core::GenerationDefaults) -> Self {
         fn set<T: Copy>(field: &mut T, v: Option<T>) {
