@@ -39,8 +39,7 @@ struct Indexed {
 }
 
 impl SearchIndex {
-    /// Reads the codes of `store` (refused when it is empty of nothing: an empty index
-    /// is fine and finds nothing).
+    /// Reads the scan's codes of `store` (an empty index is fine: it finds nothing).
     pub fn open(store: Store) -> Result<Self, IndexError> {
         let version = store.data_version()?;
         let codes = Arc::new(store.load_codes()?);
@@ -183,8 +182,8 @@ fn is_url(s: &str) -> bool {
 }
 
 /// Texts and image URLs made into work for the worker, off the async threads: each text
-/// tokenized, each image fetched, decoded and preprocessed. `what` names the inputs in
-/// errors (`input[3]`).
+/// tokenized, each image fetched, decoded and preprocessed. Each comes with the name it
+/// has in errors (`input[3]`); `param` is the parameter a 400 names.
 async fn prepare(
     app: &Arc<App>,
     texts: Vec<(String, String)>,
