@@ -7,6 +7,11 @@ usage, error statuses) must hold.
         --bin target/debug/blip2-ort --model EXPORT_DIR [--served-model-name NAME] \
         [--images tests/data/photos/chelsea.png tests/data/photos/camera.png]
 
+With --retrieval the server serves an image-text retrieval export instead, and the
+checks are `embeddings.create` on texts (the client's default base64 transfer and
+`encoding_format="float"`) and on image items, against `blip2-ort infer embed-text` and
+`embed-image` within 1e-5, plus the 400 a chat request gets there.
+
 Normally run by scripts/serve_openai_check, which starts the server and installs the
 client. Prints one `ok: ...` or `FAIL: ...` line per check, then
 `client checks: N passed, M failed`; exits 1 when any check failed.
@@ -135,7 +140,11 @@ def main():
                     help="last, send SIGTERM to this server process while a streaming request is in "
                          "flight and check that the request still completes")
     ap.add_argument("--sigterm-marker", help="a file created once that SIGTERM is sent")
+    ap.add_argument("--retrieval", action="store_true",
+                    help="the server serves an image-text retrieval export: check /v1/embeddings")
     args = ap.parse_args()
+    if args.retrieval:
+        return retrieval_checks(args)
     served = args.served_model_name or args.model
     images = args.images
     urls = {img: data_url(img) for img in images}
@@ -322,6 +331,74 @@ def main():
     if args.sigterm_pid:
         checks.run("SIGTERM with a stream in flight: the stream completes", shutdown_in_flight)
 
+    print(f"client checks: {checks.passed} passed, {checks.failed} failed", flush=True)
+    return 1 if checks.failed else 0
+
+
+EMBED_TEXTS = ["a photo of a cat", "A rocket launch!", "xylophones 42, cafés"]
+
+
+def close(got, want, what, tol=1e-5):
+    """got equals want within tol of want's scale."""
+    check(len(got) == len(want), f"{what}: {len(got)} values, expected {len(want)}")
+    scale = max(max(abs(x) for x in want), 1e-6)
+    diff = max(abs(a - b) for a, b in zip(got, want))
+    check(diff <= tol * scale, f"{what}: max abs diff {diff:.3g} over {tol} of scale {scale:.3g}")
+    return diff / scale
+
+
+def retrieval_checks(args):
+    """embeddings.create against `infer embed-text` / `embed-image` on a retrieval export."""
+    served = args.served_model_name or args.model
+    client = openai.OpenAI(base_url=args.base_url.rstrip("/") + "/v1", api_key="unused",
+                           max_retries=0, timeout=300)
+    checks = Checks()
+
+    def infer(task, *inputs):
+        cmd = [args.bin, "infer", "--model", args.model, "--quiet", task, "--json", *inputs]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        return [json.loads(l) for l in out.splitlines() if l.strip()]
+
+    want_texts = [l["embedding"] for l in infer("embed-text", *EMBED_TEXTS)]
+    want_images = [[x for row in l["embedding"] for x in row] for l in infer("embed-image", *args.images)]
+
+    def texts(**kw):
+        r = client.embeddings.create(model=served, input=EMBED_TEXTS, **kw)
+        check(r.object == "list", f"object {r.object!r}")
+        check(r.model == served, f"model {r.model!r}")
+        check([d.index for d in r.data] == list(range(len(EMBED_TEXTS))), f"indices {[d.index for d in r.data]}")
+        worst = max(close(d.embedding, w, f"text {i}") for i, (d, w) in enumerate(zip(r.data, want_texts)))
+        check(r.usage.prompt_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens, f"usage {r.usage}")
+        return f"{len(r.data)} x {len(r.data[0].embedding)} values, max diff {worst:.2g} of scale"
+
+    checks.run("embeddings.create on texts (base64, the client's default) equals infer embed-text", texts)
+    checks.run("embeddings.create on texts, encoding_format='float', equals infer embed-text",
+               lambda: texts(encoding_format="float"))
+
+    def one_text():
+        r = client.embeddings.create(model=served, input=EMBED_TEXTS[0])
+        close(r.data[0].embedding, want_texts[0], "one text")
+        return f"{len(r.data[0].embedding)} values"
+
+    checks.run("embeddings.create on one string", one_text)
+
+    def images():
+        items = [{"type": "image_url", "image_url": {"url": data_url(p)}} for p in args.images]
+        r = client.embeddings.create(model=served, input=items)
+        worst = max(close(d.embedding, w, f"image {i}") for i, (d, w) in enumerate(zip(r.data, want_images)))
+        return f"{len(r.data)} x {len(r.data[0].embedding)} values (the query vectors, flat), max diff {worst:.2g} of scale"
+
+    checks.run("embeddings.create on image items equals infer embed-image", images)
+
+    def chat_refused():
+        try:
+            client.chat.completions.create(model=served, messages=[{"role": "user", "content": "hi"}])
+        except openai.BadRequestError as e:
+            check("retrieval export" in str(e.body), f"the 400 does not say what the export is: {e.body!r}")
+            return f"400: {e.body.get('message') if isinstance(e.body, dict) else e.body}"
+        raise AssertionError("chat on a retrieval export was not refused")
+
+    checks.run("chat on a retrieval export -> 400 naming the retrieval endpoints", chat_refused)
     print(f"client checks: {checks.passed} passed, {checks.failed} failed", flush=True)
     return 1 if checks.failed else 0
 

@@ -49,6 +49,10 @@ struct Server {
 impl Server {
     fn start(dir: &Path, opts: ServeOptions) -> Self {
         let pipe = Pipeline::load(dir, &mut session_factory()).unwrap();
+        Server::serving(pipe.into(), opts)
+    }
+
+    fn serving(served: blip2_serve::Served, opts: ServeOptions) -> Self {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
@@ -60,7 +64,7 @@ impl Server {
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 addr_tx.send(listener.local_addr().unwrap()).unwrap();
-                blip2_serve::serve(pipe, opts, listener, async move {
+                blip2_serve::serve(served, opts, listener, async move {
                     let _ = stopped.await;
                 })
                 .await
@@ -879,4 +883,441 @@ fn a_dropped_stream_of_empty_text_stops_generating() {
     let (code, again) = post(&chat, &body(false));
     assert_eq!(code, 200, "{again}");
     assert_eq!(again["choices"], whole["choices"]);
+}
+
+// ---- Retrieval exports: /v1/embeddings, /v1/rerank, /v1/score, /v1/search ----
+
+/// Exports retrieval fixture `name` for `test`.
+fn export_retrieval(name: &str, test: &str) -> PathBuf {
+    let out = temp_dir(&format!("serve-{test}-{name}")).join("export");
+    blip2_export::export_any(
+        &fixture(name).join("checkpoint"),
+        &out,
+        &Default::default(),
+        &mut blip2_export::NoProgress,
+    )
+    .unwrap();
+    out
+}
+
+fn retrieval_model(dir: &Path) -> blip2_runtime::retrieval::RetrievalModel {
+    blip2_runtime::retrieval::RetrievalModel::load(dir, &mut session_factory()).unwrap()
+}
+
+/// transformers' recorded retrieval outputs (scripts/make_retrieval_fixtures.py):
+/// photos, texts, image embeddings [photos, queries, dim], text embeddings [texts, dim],
+/// ITM and ITC [photos, texts].
+struct RetrievalRef {
+    photos: Vec<PathBuf>,
+    texts: Vec<String>,
+    image_embeds: ndarray::ArrayD<f32>,
+    text_embeds: ndarray::ArrayD<f32>,
+    itm: ndarray::ArrayD<f32>,
+    itc: ndarray::ArrayD<f32>,
+}
+
+fn retrieval_ref(name: &str) -> RetrievalRef {
+    let d = fixture(name).join("reference");
+    let j: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("reference.json")).unwrap()).unwrap();
+    let strs = |k: &str| -> Vec<String> {
+        j[k].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect()
+    };
+    let npy = |f: &str| blip2_ort_suite::read_npy(&d.join(f));
+    RetrievalRef {
+        photos: strs("photos").iter().map(|p| photo(p)).collect(),
+        texts: strs("texts"),
+        image_embeds: npy("image_embeds.npy"),
+        text_embeds: npy("text_embeds.npy"),
+        itm: npy("itm.npy"),
+        itc: npy("itc.npy"),
+    }
+}
+
+/// Asserts `got` equals `want` within 1e-5 of `want`'s scale.
+fn assert_within_1e5(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: {} values, expected {}", got.len(), want.len());
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+    let d = got.iter().zip(want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(d <= 1e-5 * scale, "{what}: max abs diff {d:e} over 1e-5 of scale {scale}");
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    match v {
+        Value::Array(a) => a.iter().flat_map(floats).collect(),
+        Value::Number(n) => vec![n.as_f64().unwrap() as f32],
+        other => panic!("not a number: {other}"),
+    }
+}
+
+fn from_base64(v: &Value) -> Vec<f32> {
+    let bytes = base64::engine::general_purpose::STANDARD.decode(v.as_str().unwrap()).unwrap();
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+/// Texts give `embed-text`'s vectors and images `embed-image`'s 32 query vectors, as
+/// floats and as base64 (little-endian float32), mixed in one request, in input order:
+/// transformers' embeddings within 1e-5.
+#[test]
+fn embeddings_are_transformers_for_texts_and_images_as_float_and_base64() {
+    let r = retrieval_ref("itm-tiny");
+    let dir = export_retrieval("itm-tiny", "embeddings");
+    let server = Server::serving(retrieval_model(&dir).into(), options());
+    let url = server.url("/v1/embeddings");
+    let (q, dim) = (r.image_embeds.shape()[1], r.image_embeds.shape()[2]);
+    let image_item = |p: &Path| json!({"type": "image_url", "image_url": {"url": data_url(p)}});
+    // texts, then the photos, interleaved with a text.
+    let mut input: Vec<Value> = r.texts.iter().map(|t| json!(t)).collect();
+    input.insert(1, image_item(&r.photos[0]));
+    input.extend(r.photos[1..].iter().map(|p| image_item(p)));
+    for format in ["float", "base64"] {
+        let (code, v) =
+            post(&url, &json!({"model": NAME, "input": input, "encoding_format": format}));
+        assert_eq!(code, 200, "{v}");
+        assert_eq!(v["object"], "list");
+        assert_eq!(v["model"], NAME);
+        let data = v["data"].as_array().unwrap();
+        assert_eq!(data.len(), input.len());
+        let values = |d: &Value| -> Vec<f32> {
+            assert_eq!(d["object"], "embedding");
+            if format == "float" {
+                floats(&d["embedding"])
+            } else {
+                from_base64(&d["embedding"])
+            }
+        };
+        for (i, d) in data.iter().enumerate() {
+            assert_eq!(d["index"], i);
+        }
+        // Input 1 is photo 0; inputs 0, 2, 3, 4 the texts; 5.. the other photos.
+        let text_rows = [0usize, 2, 3, 4];
+        let got: Vec<f32> = text_rows.iter().flat_map(|&i| values(&data[i])).collect();
+        assert_within_1e5(
+            &format!("{format} text embeddings"),
+            &got,
+            r.text_embeds.as_slice().unwrap(),
+        );
+        if format == "float" {
+            let rows = data[1]["embedding"].as_array().unwrap();
+            assert_eq!(
+                (rows.len(), rows[0].as_array().unwrap().len()),
+                (q, dim),
+                "32 query vectors"
+            );
+        }
+        let image_rows = [1usize, 5, 6];
+        let got: Vec<f32> = image_rows.iter().flat_map(|&i| values(&data[i])).collect();
+        assert_within_1e5(
+            &format!("{format} image embeddings"),
+            &got,
+            r.image_embeds.as_slice().unwrap(),
+        );
+        // usage: the texts' tokens and num_query_tokens per image.
+        let u = &v["usage"];
+        assert_eq!(u["prompt_tokens"], u["total_tokens"]);
+        assert!(u["prompt_tokens"].as_u64().unwrap() > 3 * q as u64, "{u}");
+    }
+    // One string alone.
+    let (code, v) = post(&url, &json!({"input": r.texts[0]}));
+    assert_eq!(code, 200, "{v}");
+    assert_within_1e5(
+        "one text",
+        &floats(&v["data"][0]["embedding"]),
+        &r.text_embeds.as_slice().unwrap()[..dim],
+    );
+}
+
+/// `/v1/rerank` orders images by ITM probability with ITC as an extra field: transformers'
+/// ITM and ITC for each (photo, text); `top_n` keeps the best. `/v1/score` gives the same
+/// numbers for the same pairs, and pairs texts with images one to one.
+#[test]
+fn rerank_and_score_are_transformers_itm_and_itc() {
+    let r = retrieval_ref("itm-tiny");
+    let dir = export_retrieval("itm-tiny", "rerank");
+    let server = Server::serving(retrieval_model(&dir).into(), options());
+    let t = r.texts.len();
+    let docs: Vec<Value> = r
+        .photos
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            // Both document forms: an image URL string, and an image item.
+            if i % 2 == 0 {
+                json!(data_url(p))
+            } else {
+                json!({"type": "image_url", "image_url": {"url": data_url(p)}})
+            }
+        })
+        .collect();
+    for (j, text) in r.texts.iter().enumerate() {
+        let itm: Vec<f32> =
+            (0..r.photos.len()).map(|i| r.itm.as_slice().unwrap()[i * t + j]).collect();
+        let itc: Vec<f32> =
+            (0..r.photos.len()).map(|i| r.itc.as_slice().unwrap()[i * t + j]).collect();
+        let mut order: Vec<usize> = (0..r.photos.len()).collect();
+        order.sort_by(|&a, &b| itm[b].total_cmp(&itm[a]));
+        let (code, v) = post(
+            &server.url("/v1/rerank"),
+            &json!({"model": NAME, "query": text, "documents": docs}),
+        );
+        assert_eq!(code, 200, "{v}");
+        let res = v["results"].as_array().unwrap();
+        let got_order: Vec<usize> =
+            res.iter().map(|x| x["index"].as_u64().unwrap() as usize).collect();
+        assert_eq!(got_order, order, "{text:?}");
+        let got: Vec<f32> =
+            res.iter().map(|x| x["relevance_score"].as_f64().unwrap() as f32).collect();
+        assert_within_1e5("rerank itm", &got, &order.iter().map(|&i| itm[i]).collect::<Vec<_>>());
+        let got: Vec<f32> = res.iter().map(|x| x["itc_score"].as_f64().unwrap() as f32).collect();
+        assert_within_1e5("rerank itc", &got, &order.iter().map(|&i| itc[i]).collect::<Vec<_>>());
+        let (code, v) =
+            post(&server.url("/v1/rerank"), &json!({"query": text, "documents": docs, "top_n": 2}));
+        assert_eq!(code, 200, "{v}");
+        let top: Vec<usize> = v["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["index"].as_u64().unwrap() as usize)
+            .collect();
+        assert_eq!(top, order[..2]);
+
+        let (code, v) =
+            post(&server.url("/v1/score"), &json!({"model": NAME, "text_1": text, "text_2": docs}));
+        assert_eq!(code, 200, "{v}");
+        assert_eq!(v["object"], "list");
+        let data = v["data"].as_array().unwrap();
+        let got: Vec<f32> = data.iter().map(|x| x["score"].as_f64().unwrap() as f32).collect();
+        assert_within_1e5("score itm", &got, &itm);
+        assert!(data.iter().enumerate().all(|(i, x)| x["index"] == i && x["object"] == "score"));
+    }
+    // Texts paired one to one with the photos (vLLM's list form; vLLM's {"content"} images).
+    let texts: Vec<&String> = r.texts.iter().take(r.photos.len()).collect();
+    let content: Vec<Value> = r
+        .photos
+        .iter()
+        .map(|p| json!({"type": "image_url", "image_url": {"url": data_url(p)}}))
+        .collect();
+    let (code, v) =
+        post(&server.url("/v1/score"), &json!({"text_1": texts, "text_2": {"content": content}}));
+    assert_eq!(code, 200, "{v}");
+    let got: Vec<f32> =
+        v["data"].as_array().unwrap().iter().map(|x| x["score"].as_f64().unwrap() as f32).collect();
+    let want: Vec<f32> =
+        (0..r.photos.len()).map(|i| r.itm.as_slice().unwrap()[i * t + i]).collect();
+    assert_within_1e5("score pairs", &got, &want);
+}
+
+/// Requests from several clients at once are batched by the one retrieval thread (fewer
+/// model calls than requests), and each still gets its own single-request result.
+#[test]
+fn retrieval_requests_from_several_clients_share_batches() {
+    let r = retrieval_ref("itm-tiny");
+    let dir = export_retrieval("itm-tiny", "batching");
+    let opts = ServeOptions {
+        engine: EngineOptions { max_batch: 8, max_wait: Duration::from_millis(500), max_queue: 64 },
+        ..options()
+    };
+    let server = Server::serving(retrieval_model(&dir).into(), opts);
+    let url = server.url("/v1/embeddings");
+    let n = r.texts.len();
+    let barrier = std::sync::Barrier::new(n);
+    let answers: Vec<Value> = std::thread::scope(|s| {
+        let handles: Vec<_> = r
+            .texts
+            .iter()
+            .map(|t| {
+                let (url, barrier) = (&url, &barrier);
+                s.spawn(move || {
+                    barrier.wait();
+                    let (code, v) = post(url, &json!({"input": [t]}));
+                    assert_eq!(code, 200, "{v}");
+                    v
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let got: Vec<f32> = answers.iter().flat_map(|v| floats(&v["data"][0]["embedding"])).collect();
+    assert_within_1e5("each client's text embedding", &got, r.text_embeds.as_slice().unwrap());
+    // The text-embedding calls: their count and their sizes' sum.
+    let calls = metric(&server, "blip2_retrieval_batch_items_count");
+    let items = metric(&server, "blip2_retrieval_batch_items_sum");
+    assert_eq!(items as usize, n, "every text embedded once");
+    assert!(calls < n as f64, "{n} requests in {calls} model calls: not batched together");
+}
+
+/// Generation endpoints on a retrieval export, and retrieval endpoints on a captioning
+/// export, answer 400 naming what the export supports; bad retrieval requests get 400
+/// naming the parameter; the server goes on.
+#[test]
+fn each_kind_of_export_refuses_the_other_kinds_endpoints_and_bad_inputs() {
+    let dir = export_retrieval("itm-tiny", "kinds");
+    let server = Server::serving(retrieval_model(&dir).into(), options());
+    let png = photo("camera.png");
+    for (path, body) in [
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": [image_part(&png)]}]}),
+        ),
+        ("/v1/completions", json!({"prompt": "a", "image": {"url": data_url(&png)}})),
+    ] {
+        let (code, v) = post(&server.url(path), &body);
+        assert_eq!(code, 400, "{path}: {v}");
+        let m = v["error"]["message"].as_str().unwrap();
+        assert!(
+            m.contains("retrieval export")
+                && m.contains("/v1/embeddings")
+                && m.contains("/v1/rerank"),
+            "{m}"
+        );
+    }
+    let (code, v) = post(&server.url("/v1/search"), &json!({"query": "a cat"}));
+    assert_eq!(code, 400, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("--db"), "{v}");
+    let (code, models) = get(&server.url("/v1/models"), None);
+    assert_eq!(code, 200);
+    let models: Value = serde_json::from_str(&models).unwrap();
+    assert_eq!(models["data"][0]["max_model_len"], 40, "the Q-Former's positions");
+    let bad: Vec<(&str, &str, Value, &str)> = vec![
+        ("token ids", "/v1/embeddings", json!({"input": [1, 2, 3]}), "input"),
+        ("empty input", "/v1/embeddings", json!({"input": []}), "input"),
+        (
+            "unknown format",
+            "/v1/embeddings",
+            json!({"input": "a", "encoding_format": "int8"}),
+            "encoding_format",
+        ),
+        (
+            "other dimensions",
+            "/v1/embeddings",
+            json!({"input": "a", "dimensions": 64}),
+            "dimensions",
+        ),
+        (
+            "not an image",
+            "/v1/embeddings",
+            json!({"input": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]}),
+            "input",
+        ),
+        ("out-of-vocabulary token", "/v1/embeddings", json!({"input": ["<image> a cat"]}), "input"),
+        (
+            "a text document",
+            "/v1/rerank",
+            json!({"query": "a cat", "documents": ["a dog"]}),
+            "documents",
+        ),
+        ("no query", "/v1/rerank", json!({"documents": [data_url(&png)]}), "query"),
+        (
+            "negative top_n",
+            "/v1/rerank",
+            json!({"query": "a", "documents": [data_url(&png)], "top_n": -1}),
+            "top_n",
+        ),
+        (
+            "file image",
+            "/v1/rerank",
+            json!({"query": "a", "documents": [format!("file://{}", png.display())]}),
+            "documents",
+        ),
+        (
+            "texts and images apart",
+            "/v1/score",
+            json!({"text_1": ["a", "b"], "text_2": [data_url(&png)]}),
+            "text_2",
+        ),
+    ];
+    for (what, path, body, param) in bad {
+        let (code, v) = post(&server.url(path), &body);
+        assert_eq!(code, 400, "{what}: {v}");
+        assert_eq!(error_of(&v).1, Some(param), "{what}: {v}");
+    }
+    let (code, v) = post(&server.url("/v1/embeddings"), &json!({"input": "a cat"}));
+    assert_eq!(code, 200, "the server goes on: {v}");
+
+    let captioning = export("opt-tiny", "kinds-captioning");
+    let server = Server::start(&captioning, options());
+    for path in ["/v1/embeddings", "/v1/rerank", "/v1/score", "/v1/search"] {
+        let (code, v) = post(&server.url(path), &json!({"input": "a cat", "query": "a cat"}));
+        assert_eq!(code, 400, "{path}: {v}");
+        let m = v["error"]["message"].as_str().unwrap();
+        assert!(
+            m.contains("captioning export")
+                && m.contains("/v1/chat/completions")
+                && m.contains("retrieval export"),
+            "{m}"
+        );
+    }
+}
+
+/// `/v1/search` over an index of the photos: the order and scores of `infer rank` (ITC,
+/// transformers' within 1e-5); with `rerank` the best K reordered by ITM.
+#[test]
+fn search_ranks_an_index_by_itc_and_reranks_by_itm() {
+    use blip2_index::{ExportIdentity, NewImage, OpenMode, Store};
+    let r = retrieval_ref("itm-tiny");
+    let dir = export_retrieval("itm-tiny", "search");
+    let mut model = retrieval_model(&dir);
+    let db = temp_dir("serve-search-db").join("photos.db");
+    let _ = std::fs::remove_file(&db);
+    let manifest = blip2_core::RetrievalManifest::load(&dir).unwrap();
+    let identity = ExportIdentity::of(&dir, &manifest).unwrap();
+    let mut store = Store::open(&db, &identity, OpenMode::Create).unwrap();
+    let images: Vec<_> = r.photos.iter().map(|p| model.load_image(p).unwrap()).collect();
+    let emb = model.embed_images(&images).unwrap();
+    store
+        .write(|w| {
+            for (p, e) in r.photos.iter().zip(emb.outer_iter()) {
+                let e = e.as_standard_layout();
+                let path = p.to_str().unwrap();
+                w.put(&NewImage {
+                    path,
+                    size: 0,
+                    mtime_ns: 0,
+                    hash: 0,
+                    embedding: e.as_slice().unwrap(),
+                })?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    let index = blip2_serve::SearchIndex::open(store).unwrap();
+    let server =
+        Server::serving(blip2_serve::Served::Retrieval { model, index: Some(index) }, options());
+    let t = r.texts.len();
+    for (j, text) in r.texts.iter().enumerate() {
+        let col = |a: &ndarray::ArrayD<f32>, i: usize| a.as_slice().unwrap()[i * t + j];
+        let mut by_itc: Vec<usize> = (0..r.photos.len()).collect();
+        by_itc.sort_by(|&a, &b| col(&r.itc, b).total_cmp(&col(&r.itc, a)));
+        let (code, v) = post(&server.url("/v1/search"), &json!({"query": text, "top_n": 10}));
+        assert_eq!(code, 200, "{v}");
+        let res = v["results"].as_array().unwrap();
+        let paths: Vec<&str> = res.iter().map(|x| x["image"].as_str().unwrap()).collect();
+        let want: Vec<&str> = by_itc.iter().map(|&i| r.photos[i].to_str().unwrap()).collect();
+        assert_eq!(paths, want, "{text:?}");
+        let got: Vec<f32> = res.iter().map(|x| x["itc"].as_f64().unwrap() as f32).collect();
+        assert_within_1e5(
+            "search itc",
+            &got,
+            &by_itc.iter().map(|&i| col(&r.itc, i)).collect::<Vec<_>>(),
+        );
+        // rerank 2: the best two by ITC, ordered by ITM, then the rest; top_n 2 keeps two.
+        let (code, v) =
+            post(&server.url("/v1/search"), &json!({"query": text, "top_n": 2, "rerank": 2}));
+        assert_eq!(code, 200, "{v}");
+        let mut top = by_itc[..2].to_vec();
+        top.sort_by(|&a, &b| col(&r.itm, b).total_cmp(&col(&r.itm, a)));
+        let res = v["results"].as_array().unwrap();
+        let paths: Vec<&str> = res.iter().map(|x| x["image"].as_str().unwrap()).collect();
+        assert_eq!(
+            paths,
+            top.iter().map(|&i| r.photos[i].to_str().unwrap()).collect::<Vec<_>>(),
+            "{text:?} reranked"
+        );
+        let got: Vec<f32> = res.iter().map(|x| x["itm"].as_f64().unwrap() as f32).collect();
+        assert_within_1e5(
+            "search itm",
+            &got,
+            &top.iter().map(|&i| col(&r.itm, i)).collect::<Vec<_>>(),
+        );
+    }
 }

@@ -7,6 +7,7 @@ mod bench_cmd;
 mod cache_cmd;
 mod export_cmd;
 mod hub;
+mod index_cmd;
 mod infer_cmd;
 mod install;
 mod models;
@@ -35,8 +36,12 @@ enum Command {
     Infer(infer_cmd::InferArgs),
     /// Time generation and its pieces on random images (JSON comparable with scripts/hf_generate_bench.py).
     Bench(bench_cmd::BenchArgs),
-    /// Serve a model over HTTP with OpenAI's API (chat and completions, streaming, batched).
+    /// Serve a model over HTTP with OpenAI's API (chat and completions, or embeddings, rerank and search; batched).
     Serve(serve_cmd::ServeArgs),
+    /// Retrieval exports: add images to a photo-search index (one SQLite file), or bring it up to date.
+    Index(index_cmd::IndexArgs),
+    /// Retrieval exports: the images of an index that best match a text.
+    Search(index_cmd::SearchArgs),
     /// List, prune or clear the cache (optimized graphs, exported checkpoints, engines).
     #[command(subcommand)]
     Cache(cache_cmd::CacheCommand),
@@ -126,6 +131,8 @@ fn main() {
         Command::Infer(a) => infer_cmd::run(a, cli.quiet),
         Command::Bench(a) => bench_cmd::run(a, cli.quiet),
         Command::Serve(a) => serve_cmd::run(a, cli.quiet, signals),
+        Command::Index(a) => index_cmd::index(a, cli.quiet),
+        Command::Search(a) => index_cmd::search(a, cli.quiet),
         Command::Cache(c) => cache_cmd::run(c),
         Command::InstallRuntime { gpu } => install_runtime(*gpu, cli.quiet),
     };

@@ -78,7 +78,7 @@ pub enum Task<'a> {
     Rank(&'a RankArgs),
 }
 
-fn load(dir: &Path, o: &SessionOptions) -> Result<RetrievalModel> {
+pub fn load(dir: &Path, o: &SessionOptions) -> Result<RetrievalModel> {
     let profile = crate::session::profile(o)?;
     blip2_runtime::ort_env::init_with_threads(profile.intra_op_threads)?;
     let model = RetrievalModel::load(dir, &mut *crate::session::session_factory(&profile))?;

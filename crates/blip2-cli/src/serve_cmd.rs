@@ -52,6 +52,9 @@ pub struct ServeArgs {
     /// Request bodies (and images) over this many megabytes get 413.
     #[arg(long, default_value_t = blip2_serve::DEFAULT_MAX_BODY_MB, value_parser = crate::args::positive)]
     pub max_body_mb: usize,
+    /// Retrieval exports: an image index made by `blip2-ort index`, searched by POST /v1/search.
+    #[arg(long)]
+    pub db: Option<PathBuf>,
 }
 
 pub fn run(a: &ServeArgs, quiet: bool, signals: Option<crate::signals::Handle>) -> Result<i32> {
@@ -78,7 +81,33 @@ pub fn run(a: &ServeArgs, quiet: bool, signals: Option<crate::signals::Handle>) 
     }
     let addr = listen_addr(&a.host, a.port)?;
     let dir = crate::models::resolve_model(&a.model, quiet)?;
-    let pipe = crate::session::load_pipeline(&dir, &a.session)?;
+    let served = if blip2_core::manifest_family(&dir)? == blip2_core::RETRIEVAL_FAMILY {
+        // The index is checked (and its codes read) before the model is loaded.
+        let index = match &a.db {
+            Some(db) => {
+                let store =
+                    crate::index_cmd::open_index(&dir, db, blip2_index::OpenMode::Existing)?;
+                let index = blip2_serve::SearchIndex::open(store)?;
+                if !quiet {
+                    eprintln!("{}: {} images", db.display(), index.len());
+                }
+                Some(index)
+            }
+            None => None,
+        };
+        let model = crate::retrieval_cmd::load(&dir, &a.session)?;
+        blip2_serve::Served::Retrieval { model, index }
+    } else {
+        if a.db.is_some() {
+            return Err(UsageError(format!(
+                "--db: {} is a captioning export; an image index is searched with an image-text retrieval export \
+                 (the one it was made with)",
+                dir.display()
+            ))
+            .into());
+        }
+        blip2_serve::Served::Captioning(crate::session::load_pipeline(&dir, &a.session)?)
+    };
     let max_body_bytes = a.max_body_mb.saturating_mul(1 << 20);
     let opts = ServeOptions {
         served_model_name: a.served_model_name.clone().unwrap_or_else(|| a.model.clone()),
@@ -91,7 +120,7 @@ pub fn run(a: &ServeArgs, quiet: bool, signals: Option<crate::signals::Handle>) 
         media: MediaPolicy { local_root, remote: a.allow_remote_media, max_bytes: max_body_bytes },
         max_body_bytes,
     };
-    blip2_serve::run(pipe, opts, addr, |bound| {
+    blip2_serve::run(served, opts, addr, |bound| {
         // The server listens for SIGTERM and Ctrl-C now: from here they shut it down
         // gracefully instead (dropping ours earlier left a moment where they were lost).
         if let Some(h) = signals {

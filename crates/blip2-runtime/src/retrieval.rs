@@ -54,6 +54,40 @@ impl ImageFeatures {
             ImageFeatures::F16(a) => ImageFeatures::F16(rep(a, i, n)),
         }
     }
+    /// The features of the images `rows` picks, `(features, row)` each, stacked in that
+    /// order: for ITM over pairs whose images came from different batches.
+    pub fn gather(rows: &[(&ImageFeatures, usize)]) -> Result<ImageFeatures, RuntimeError> {
+        fn cat<T: Clone>(v: Vec<ndarray::ArrayView3<'_, T>>) -> Result<Array3<T>, RuntimeError> {
+            ndarray::concatenate(Axis(0), &v)
+                .map_err(|e| RuntimeError::Input(format!("image features of unequal shapes: {e}")))
+        }
+        fn row<T: Clone>(a: &Array3<T>, i: usize) -> Array3<T> {
+            a.slice(ndarray::s![i..i + 1, .., ..]).to_owned()
+        }
+        match rows.first() {
+            None => Err(RuntimeError::Input("no image features to gather".into())),
+            Some((ImageFeatures::F32(_), _)) => {
+                let mut v = Vec::with_capacity(rows.len());
+                for (f, i) in rows {
+                    let ImageFeatures::F32(a) = f else {
+                        return Err(RuntimeError::Input("image features of mixed dtypes".into()));
+                    };
+                    v.push(row(a, *i));
+                }
+                Ok(ImageFeatures::F32(cat(v.iter().map(|a| a.view()).collect())?))
+            }
+            Some((ImageFeatures::F16(_), _)) => {
+                let mut v = Vec::with_capacity(rows.len());
+                for (f, i) in rows {
+                    let ImageFeatures::F16(a) = f else {
+                        return Err(RuntimeError::Input("image features of mixed dtypes".into()));
+                    };
+                    v.push(row(a, *i));
+                }
+                Ok(ImageFeatures::F16(cat(v.iter().map(|a| a.view()).collect())?))
+            }
+        }
+    }
     /// The features as f32 (tests, comparisons).
     pub fn to_f32(&self) -> Array3<f32> {
         match self {
@@ -82,6 +116,99 @@ pub struct TextBatch {
     pub truncated: Vec<bool>,
 }
 
+impl TextBatch {
+    /// Token rows (each `[CLS] text [SEP]`) right-padded with `pad_token_id` into one batch.
+    pub fn from_rows(rows: &[TokenRow], pad_token_id: i64) -> TextBatch {
+        let len = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
+        let mut ids = Array2::from_elem((rows.len(), len), pad_token_id);
+        let mut mask = Array2::zeros((rows.len(), len));
+        for (r, row) in rows.iter().enumerate() {
+            for (c, &id) in row.ids.iter().enumerate() {
+                ids[[r, c]] = id;
+                mask[[r, c]] = 1;
+            }
+        }
+        TextBatch { ids, mask, truncated: rows.iter().map(|r| r.truncated).collect() }
+    }
+}
+
+/// One text's token ids, unpadded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenRow {
+    pub ids: Vec<i64>,
+    /// Whether the text was cut to the model's `max_length` tokens.
+    pub truncated: bool,
+}
+
+/// The tokenizer of a retrieval export, apart from the sessions: cheap to clone and
+/// usable from any thread (a server tokenizes each request where it arrives, so that a
+/// bad text fails only its own request).
+#[derive(Clone)]
+pub struct TextTokenizer {
+    tokenizer: Tokenizer,
+    text: blip2_core::RetrievalText,
+}
+
+impl TextTokenizer {
+    /// Reads `tokenizer_file` of a retrieval export.
+    pub fn load(dir: &Path, manifest: &RetrievalManifest) -> Result<Self, RuntimeError> {
+        let path = dir.join(&manifest.tokenizer_file);
+        let mut tokenizer = Tokenizer::from_file(&path)
+            .map_err(|e| RuntimeError::Tokenizer { path: path.clone(), message: e.to_string() })?;
+        // Longer texts are cut to the Q-Former's position table, as the processor does
+        // with truncation=True; padding is done per batch.
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: manifest.text.max_length,
+                strategy: TruncationStrategy::LongestFirst,
+                stride: 0,
+                direction: TruncationDirection::Right,
+            }))
+            .map_err(|e| RuntimeError::Tokenizer { path: path.clone(), message: e.to_string() })?;
+        tokenizer.with_padding(None);
+        Ok(Self { tokenizer, text: manifest.text.clone() })
+    }
+
+    pub fn pad_token_id(&self) -> i64 {
+        self.text.pad_token_id
+    }
+
+    /// Token ids as transformers' processor gives them for retrieval: `[CLS] text [SEP]`
+    /// (no image tokens: with `image_token_index` set the processor prepends them and the
+    /// model strips them again), at most `max_length`.
+    pub fn encode(&self, text: &str) -> Result<TokenRow, RuntimeError> {
+        let t = &self.text;
+        let enc = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| RuntimeError::Input(format!("{text:?}: cannot tokenize: {e}")))?;
+        let ids: Vec<i64> = enc.get_ids().iter().map(|&x| x as i64).collect();
+        if let Some(&bad) = ids.iter().find(|&&x| x < 0 || x as usize >= t.vocab_size) {
+            let piece = self.tokenizer.id_to_token(bad as u32).unwrap_or_default();
+            return Err(RuntimeError::Input(format!(
+                "{text:?}: token {piece:?} (id {bad}) is outside the Q-Former's vocabulary of {}",
+                t.vocab_size
+            )));
+        }
+        if ids.is_empty() {
+            return Err(RuntimeError::Input(format!("{text:?}: the tokenizer gave no tokens")));
+        }
+        Ok(TokenRow { ids, truncated: !enc.get_overflowing().is_empty() })
+    }
+
+    /// [`Self::encode`] for each text, padded into one batch.
+    pub fn tokenize(&self, texts: &[String]) -> Result<TextBatch, RuntimeError> {
+        let rows = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                self.encode(t).map_err(|e| RuntimeError::Input(format!("text {}: {e}", i + 1)))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(TextBatch::from_rows(&rows, self.text.pad_token_id))
+    }
+}
+
 pub struct RetrievalModel {
     pub manifest: RetrievalManifest,
     pub dir: PathBuf,
@@ -90,7 +217,7 @@ pub struct RetrievalModel {
     image_embedding: Session,
     text_embedding: Session,
     itm: Session,
-    tokenizer: Tokenizer,
+    tokenizer: TextTokenizer,
     /// Whether the vision encoder returns fp16 features.
     vision_fp16: bool,
 }
@@ -117,20 +244,7 @@ impl RetrievalModel {
             .iter()
             .any(|t| t.name == io::IMAGE_FEATURES && t.dtype == "float16");
 
-        let path = dir.join(&manifest.tokenizer_file);
-        let mut tokenizer = Tokenizer::from_file(&path)
-            .map_err(|e| RuntimeError::Tokenizer { path: path.clone(), message: e.to_string() })?;
-        // Longer texts are cut to the Q-Former's position table, as the processor does
-        // with truncation=True; padding is done here, per batch.
-        tokenizer
-            .with_truncation(Some(TruncationParams {
-                max_length: manifest.text.max_length,
-                strategy: TruncationStrategy::LongestFirst,
-                stride: 0,
-                direction: TruncationDirection::Right,
-            }))
-            .map_err(|e| RuntimeError::Tokenizer { path: path.clone(), message: e.to_string() })?;
-        tokenizer.with_padding(None);
+        let tokenizer = TextTokenizer::load(dir, &manifest)?;
         Ok(Self {
             manifest,
             dir: dir.into(),
@@ -205,45 +319,22 @@ impl RetrievalModel {
         self.embed_image_features(&feats)
     }
 
-    /// Token ids as transformers' processor gives them for retrieval: `[CLS] text [SEP]`
-    /// (no image tokens: with `image_token_index` set the processor prepends them and the
-    /// model strips them again), at most `max_length`, right-padded with the pad id.
+    /// Token ids as transformers' processor gives them for retrieval (see
+    /// [`TextTokenizer::encode`]), right-padded with the pad id.
     pub fn tokenize(&self, texts: &[String]) -> Result<TextBatch, RuntimeError> {
-        let t = &self.manifest.text;
-        let mut rows = Vec::with_capacity(texts.len());
-        let mut truncated = Vec::with_capacity(texts.len());
-        for (i, text) in texts.iter().enumerate() {
-            let enc = self.tokenizer.encode(text.as_str(), true).map_err(|e| {
-                RuntimeError::Input(format!("text {}: cannot tokenize: {e}", i + 1))
-            })?;
-            let ids: Vec<i64> = enc.get_ids().iter().map(|&x| x as i64).collect();
-            if let Some(&bad) = ids.iter().find(|&&x| x < 0 || x as usize >= t.vocab_size) {
-                let piece = self.tokenizer.id_to_token(bad as u32).unwrap_or_default();
-                return Err(RuntimeError::Input(format!(
-                    "text {} ({text:?}): token {piece:?} (id {bad}) is outside the Q-Former's vocabulary of {}",
-                    i + 1,
-                    t.vocab_size
-                )));
-            }
-            if ids.is_empty() {
-                return Err(RuntimeError::Input(format!(
-                    "text {}: the tokenizer gave no tokens",
-                    i + 1
-                )));
-            }
-            truncated.push(!enc.get_overflowing().is_empty());
-            rows.push(ids);
-        }
-        let len = rows.iter().map(Vec::len).max().unwrap_or(0);
-        let mut ids = Array2::from_elem((rows.len(), len), t.pad_token_id);
-        let mut mask = Array2::zeros((rows.len(), len));
-        for (r, row) in rows.iter().enumerate() {
-            for (c, &id) in row.iter().enumerate() {
-                ids[[r, c]] = id;
-                mask[[r, c]] = 1;
-            }
-        }
-        Ok(TextBatch { ids, mask, truncated })
+        self.tokenizer.tokenize(texts)
+    }
+
+    /// The export's tokenizer, to tokenize apart from the sessions.
+    pub fn tokenizer(&self) -> &TextTokenizer {
+        &self.tokenizer
+    }
+
+    /// Pixel values `[B, 3, H, W]` of images preprocessed one by one (`[3, H, W]` each).
+    pub fn stack_pixels(images: &[&Array3<f32>]) -> Result<Array4<f32>, RuntimeError> {
+        let views: Vec<_> = images.iter().map(|a| a.view().insert_axis(Axis(0))).collect();
+        ndarray::concatenate(Axis(0), &views)
+            .map_err(|e| RuntimeError::Input(format!("pixel values of unequal shapes: {e}")))
     }
 
     /// Normalized text embeddings `[T, dim]` of a tokenized batch.
@@ -292,6 +383,36 @@ impl RetrievalModel {
         to_f32(v)?
             .into_dimensionality()
             .map_err(|e| RuntimeError::Input(format!("itm_logits: {e}")))
+    }
+
+    /// ITM match probabilities of pairs: row b of `feats` with text b of `batch`.
+    pub fn itm_pairs(
+        &mut self,
+        feats: &ImageFeatures,
+        batch: &TextBatch,
+    ) -> Result<Vec<f32>, RuntimeError> {
+        if feats.len() != batch.ids.shape()[0] {
+            return Err(RuntimeError::Input(format!(
+                "ITM pairs: {} images but {} texts",
+                feats.len(),
+                batch.ids.shape()[0]
+            )));
+        }
+        let out = self
+            .itm
+            .run(ort::inputs![
+                io::IMAGE_FEATURES => feats.value()?,
+                io::INPUT_IDS => Tensor::from_array(batch.ids.clone()).map_err(ort_err(io::INPUT_IDS))?,
+                io::ATTENTION_MASK => Tensor::from_array(batch.mask.clone()).map_err(ort_err(io::ATTENTION_MASK))?,
+            ])
+            .map_err(ort_err("ITM"))?;
+        let v = out
+            .get(io::ITM_LOGITS)
+            .ok_or_else(|| RuntimeError::MissingOutput(io::ITM_LOGITS.into()))?;
+        let logits: Array2<f32> = to_f32(v)?
+            .into_dimensionality()
+            .map_err(|e| RuntimeError::Input(format!("itm_logits: {e}")))?;
+        Ok(logits.outer_iter().map(|l| match_probability(l[0], l[1])).collect())
     }
 
     /// ITM match probabilities of image `image` of `feats` with each text of `batch`.

@@ -1,16 +1,23 @@
 //! `blip2-ort serve`: an OpenAI-compatible HTTP server for an exported BLIP-2 model.
 //!
-//! Routes: `GET /health`, `GET /metrics` (Prometheus), `GET /v1/models`,
-//! `POST /v1/chat/completions` and `POST /v1/completions` (with blip2-ort's `image`
-//! extension), streaming or not. Requests from all clients are batched by the
-//! [`engine`]; each gets exactly the tokens it would get alone, and with greedy settings
-//! the text `blip2-ort infer` gives for the same image and prompt.
+//! Routes: `GET /health`, `GET /metrics` (Prometheus), `GET /v1/models`; on a
+//! captioning export `POST /v1/chat/completions` and `POST /v1/completions` (with
+//! blip2-ort's `image` extension), streaming or not; on an image-text retrieval export
+//! `POST /v1/embeddings`, `POST /v1/rerank`, `POST /v1/score` and, with an image index,
+//! `POST /v1/search`. Requests from all clients are batched: generation by the
+//! [`engine`] (each gets exactly the tokens it would get alone, and with greedy settings
+//! the text `blip2-ort infer` gives for the same image and prompt), retrieval by the
+//! [`retrieval`] worker.
 
 pub mod engine;
 pub mod error;
 pub mod media;
 pub mod metrics;
 pub mod openai;
+pub mod retrieval;
+mod retrieval_api;
+
+pub use retrieval_api::SearchIndex;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -30,6 +37,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use blip2_runtime::generation::GenerationConfig;
 use blip2_runtime::pipeline::Pipeline;
+use blip2_runtime::retrieval::RetrievalModel;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -51,8 +59,51 @@ pub struct ServeOptions {
     pub max_body_bytes: usize,
 }
 
+/// What a server serves: a captioning export's pipeline, or a retrieval export's model
+/// with an optional image index for `/v1/search`.
+// Made once at startup and moved into the workers: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+pub enum Served {
+    Captioning(Pipeline),
+    Retrieval { model: RetrievalModel, index: Option<SearchIndex> },
+}
+
+impl From<Pipeline> for Served {
+    fn from(p: Pipeline) -> Self {
+        Served::Captioning(p)
+    }
+}
+
+impl From<RetrievalModel> for Served {
+    fn from(model: RetrievalModel) -> Self {
+        Served::Retrieval { model, index: None }
+    }
+}
+
+/// The threads behind the routes, to be shut down once the routes stop.
+pub struct Workers {
+    engine: Option<Arc<Engine>>,
+    retrieval: Option<Arc<retrieval::Retrieval>>,
+}
+
+impl Workers {
+    /// Stops taking work and waits until all admitted work has been answered.
+    pub fn shutdown(&self) {
+        if let Some(e) = &self.engine {
+            e.shutdown();
+        }
+        if let Some(r) = &self.retrieval {
+            r.shutdown();
+        }
+    }
+}
+
 struct App {
-    engine: Arc<Engine>,
+    /// The generation engine (captioning exports).
+    engine: Option<Arc<Engine>>,
+    /// The retrieval worker (retrieval exports).
+    retrieval: Option<Arc<retrieval::Retrieval>>,
+    search: Option<Arc<SearchIndex>>,
     metrics: Arc<Metrics>,
     opts: ServeOptions,
     created: u64,
@@ -63,15 +114,28 @@ fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// The server's routes over a loaded pipeline, and the engine behind them (to be shut
+/// The server's routes over a loaded model, and the workers behind them (to be shut
 /// down once the routes stop).
-pub fn router(pipeline: Pipeline, opts: ServeOptions) -> (Router, Arc<Engine>) {
+pub fn router(served: impl Into<Served>, opts: ServeOptions) -> (Router, Workers) {
     let metrics = Arc::new(Metrics::new());
-    let engine = pipeline
-        .into_engine(opts.engine.clone(), metrics.clone())
-        .expect("spawning the engine thread");
+    let (engine, retrieval, search) = match served.into() {
+        Served::Captioning(p) => {
+            let engine = p
+                .into_engine(opts.engine.clone(), metrics.clone())
+                .expect("spawning the engine thread");
+            (Some(engine), None, None)
+        }
+        Served::Retrieval { model, index } => (
+            None,
+            Some(retrieval::Retrieval::start(model, opts.engine.clone(), metrics.clone())),
+            index.map(Arc::new),
+        ),
+    };
+    let workers = Workers { engine: engine.clone(), retrieval: retrieval.clone() };
     let app = Arc::new(App {
-        engine: engine.clone(),
+        engine,
+        retrieval,
+        search,
         metrics,
         created: unix_now(),
         ids: AtomicU64::new(0),
@@ -81,6 +145,10 @@ pub fn router(pipeline: Pipeline, opts: ServeOptions) -> (Router, Arc<Engine>) {
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(retrieval_api::embeddings))
+        .route("/v1/rerank", post(retrieval_api::rerank))
+        .route("/v1/score", post(retrieval_api::score))
+        .route("/v1/search", post(retrieval_api::search))
         .route_layer(middleware::from_fn_with_state(app.clone(), authorize));
     let router = Router::new()
         .route("/health", get(health))
@@ -93,20 +161,20 @@ pub fn router(pipeline: Pipeline, opts: ServeOptions) -> (Router, Arc<Engine>) {
         .layer(DefaultBodyLimit::max(app.opts.max_body_bytes.saturating_mul(2)))
         .layer(middleware::from_fn_with_state(app.clone(), count_requests))
         .with_state(app);
-    (router, engine)
+    (router, workers)
 }
 
 /// Serves on `listener` until `shutdown` completes; then stops accepting, lets every
 /// request in flight finish, and returns.
 pub async fn serve(
-    pipeline: Pipeline,
+    served: impl Into<Served>,
     opts: ServeOptions,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let (router, engine) = router(pipeline, opts);
+    let (router, workers) = router(served, opts);
     let result = axum::serve(listener, router).with_graceful_shutdown(shutdown).await;
-    tokio::task::spawn_blocking(move || engine.shutdown()).await.ok();
+    tokio::task::spawn_blocking(move || workers.shutdown()).await.ok();
     result
 }
 
@@ -115,7 +183,7 @@ pub async fn serve(
 /// The signals are listened for before `on_listening` is called, so a caller may drop
 /// its own handlers there and no signal falls between the two.
 pub fn run(
-    pipeline: Pipeline,
+    served: impl Into<Served> + Send + 'static,
     opts: ServeOptions,
     addr: SocketAddr,
     on_listening: impl FnOnce(SocketAddr),
@@ -130,7 +198,7 @@ pub fn run(
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
         on_listening(listener.local_addr()?);
-        serve(pipeline, opts, listener, shutdown).await?;
+        serve(served, opts, listener, shutdown).await?;
         Ok(())
     })
 }
@@ -172,9 +240,15 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
 async fn count_requests(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
     let endpoint = match path {
-        "/health" | "/metrics" | "/v1/models" | "/v1/chat/completions" | "/v1/completions" => {
-            path.to_string()
-        }
+        "/health"
+        | "/metrics"
+        | "/v1/models"
+        | "/v1/chat/completions"
+        | "/v1/completions"
+        | "/v1/embeddings"
+        | "/v1/rerank"
+        | "/v1/score"
+        | "/v1/search" => path.to_string(),
         _ => "other".to_string(),
     };
     let method = req.method().clone();
@@ -224,7 +298,11 @@ async fn not_found(req: Request) -> ApiError {
 }
 
 async fn models(State(app): State<Arc<App>>) -> Json<Value> {
-    let m = &app.engine.manifest;
+    let max_len = match (&app.engine, &app.retrieval) {
+        (Some(e), _) => e.manifest.text.max_context,
+        (None, Some(r)) => r.manifest.text.max_length,
+        (None, None) => 0,
+    };
     Json(json!({
         "object": "list",
         "data": [{
@@ -232,7 +310,7 @@ async fn models(State(app): State<Arc<App>>) -> Json<Value> {
             "object": "model",
             "created": app.created,
             "owned_by": "blip2-ort",
-            "max_model_len": m.text.max_context,
+            "max_model_len": max_len,
         }]
     }))
 }
@@ -268,7 +346,7 @@ fn parse_body<T: serde::de::DeserializeOwned>(
 /// The request's search settings, within what one batch may hold: `n` samples and
 /// `num_beams` beams are rows of a batch, so neither may pass `--max-batch`.
 fn settings(app: &App, s: &openai::Sampling) -> Result<GenerationConfig, ApiError> {
-    let cfg = openai::search_settings(s, &app.engine.defaults)?;
+    let cfg = openai::search_settings(s, &engine(app, "")?.defaults)?;
     let max = app.opts.engine.max_batch;
     for (v, name) in [(cfg.num_return_sequences, "n"), (cfg.num_beams, "num_beams")] {
         if v > max {
@@ -281,6 +359,28 @@ fn settings(app: &App, s: &openai::Sampling) -> Result<GenerationConfig, ApiErro
         }
     }
     Ok(cfg)
+}
+
+/// The generation engine, or a 400 for `endpoint` on a retrieval export.
+fn engine<'a>(app: &'a App, endpoint: &str) -> Result<&'a Arc<Engine>, ApiError> {
+    app.engine.as_ref().ok_or_else(|| wrong_kind(app, endpoint))
+}
+
+/// The 400 for an endpoint the served export does not have, naming those it has.
+fn wrong_kind(app: &App, endpoint: &str) -> ApiError {
+    let retrieval = "/v1/embeddings, /v1/rerank, /v1/score and /v1/search (with --db)";
+    let generation = "/v1/chat/completions and /v1/completions";
+    match &app.engine {
+        Some(e) => ApiError::bad(format!(
+            "{endpoint}: this server serves a captioning export (family \"{}\"): it supports {generation}; \
+             {retrieval} need an image-text retrieval export (e.g. of Salesforce/blip2-itm-vit-g)",
+            e.manifest.family
+        )),
+        None => ApiError::bad(format!(
+            "{endpoint}: this server serves an image-text retrieval export: it supports {retrieval}; \
+             {generation} need a captioning export (e.g. of Salesforce/blip2-opt-2.7b)"
+        )),
+    }
 }
 
 fn check_model(app: &App, model: Option<&str>) -> Result<(), ApiError> {
@@ -314,7 +414,7 @@ async fn prepare(
 ) -> Result<Prepared, ApiError> {
     let app2 = app.clone();
     let work = move || -> Result<Prepared, ApiError> {
-        let e = &app2.engine;
+        let e = engine(&app2, "")?;
         let (bytes, name) = media::fetch(&image_url, &app2.opts.media)
             .map_err(|e| ApiError::bad_param(e.to_string(), "image_url"))?;
         let img = blip2_runtime::preprocess::load_image_bytes(&bytes, &name, &e.limits)
@@ -359,6 +459,7 @@ async fn chat_completions(
     State(app): State<Arc<App>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    engine(&app, "/v1/chat/completions")?;
     let req: openai::ChatRequest = parse_body(&app, body)?;
     check_model(&app, req.sampling.model.as_deref())?;
     let conv = openai::conversation(&req.messages)?;
@@ -373,6 +474,7 @@ async fn completions(
     State(app): State<Arc<App>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    engine(&app, "/v1/completions")?;
     let req: openai::CompletionRequest = parse_body(&app, body)?;
     check_model(&app, req.sampling.model.as_deref())?;
     let prompt = req.prompt.single()?;
@@ -396,7 +498,7 @@ async fn respond(
     kind: Kind,
 ) -> Result<Response, ApiError> {
     let n = p.job.cfg.num_return_sequences;
-    app.engine.submit(p.job).map_err(|e| match e {
+    engine(&app, "")?.submit(p.job).map_err(|e| match e {
         SubmitError::Full(_) | SubmitError::Closed => ApiError::unavailable(e.to_string()),
     })?;
     let id = format!(

@@ -1,6 +1,6 @@
 //! `GET /metrics`: Prometheus text format. Requests by endpoint and status, request
-//! latency and time to first token, cohort batch sizes, tokens generated, requests
-//! waiting and in flight.
+//! latency and time to first token, cohort batch sizes, tokens generated, the retrieval
+//! worker's batch sizes, requests waiting and in flight.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -25,6 +25,8 @@ pub struct Metrics {
     /// Rows in each batch the engine started.
     pub batch_rows: Histogram,
     pub tokens: Counter,
+    /// Images, texts or pairs in each call the retrieval worker made.
+    pub retrieval_batch_items: Histogram,
     /// Admitted requests not yet in a running batch.
     pub queue_depth: Gauge,
     /// Admitted requests, waiting or generating.
@@ -58,6 +60,12 @@ impl Metrics {
             "Rows (sequences) in each batch the engine started",
             batch_rows.clone(),
         );
+        let retrieval_batch_items = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]);
+        registry.register(
+            "retrieval_batch_items",
+            "Images, texts or (image, text) pairs in each call of a retrieval export's graphs",
+            retrieval_batch_items.clone(),
+        );
         let tokens = Counter::default();
         registry.register("generated_tokens", "Tokens generated", tokens.clone());
         let queue_depth = Gauge::default();
@@ -79,6 +87,7 @@ impl Metrics {
             ttft,
             batch_rows,
             tokens,
+            retrieval_batch_items,
             queue_depth,
             in_flight,
         }
