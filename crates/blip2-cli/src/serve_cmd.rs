@@ -77,7 +77,7 @@ pub fn run(a: &ServeArgs, quiet: bool, signals: Option<crate::signals::Handle>) 
         );
     }
     let addr = listen_addr(&a.host, a.port)?;
-    let dir = crate::models::resolve_model(&a.model, quiet)?;
+    let dir = crate::session::resolve_model(&a.model, quiet)?;
     let pipe = crate::session::load_pipeline(&dir, &a.session)?;
     let max_body_bytes = a.max_body_mb.saturating_mul(1 << 20);
     let opts = ServeOptions {
