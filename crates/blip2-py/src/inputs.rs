@@ -297,10 +297,12 @@ pub fn generation(
                     ));
                 })
             }
-            _ => return Err(PyTypeError::new_err(format!(
+            _ => {
+                return Err(PyTypeError::new_err(format!(
                 "{method}() got an unexpected keyword argument '{key}' (generation settings: {})",
                 GENERATION_ARGS.join(", ")
-            ))),
+            )))
+            }
         }
     }
     Ok(g)

@@ -31,8 +31,14 @@ enum Kind {
     Retrieval(Mutex<RetrievalModel>),
 }
 
-/// A BLIP-2 export loaded on ONNX Runtime. See the type stubs (`__init__.pyi`) for the
-/// Python documentation of each method.
+/// Model(model, ep="cpu", *, config=None, threads=None, quiet=True)
+///
+/// A BLIP-2 export loaded on ONNX Runtime: an export folder, a checkpoint folder or a Hub
+/// id (exported once into the blip2-ort cache), on an execution-provider profile ("cpu",
+/// "cuda", "tensorrt", ...). Captioning exports have caption, generate, vqa and chat;
+/// image-text retrieval exports have embed_images, embed_texts and itm. The GIL is
+/// released while images are decoded and the model runs. The type stubs
+/// (`blip2_ort/_native.pyi`) document every argument and exception.
 #[pyclass(module = "blip2_ort", name = "Model", frozen)]
 pub struct Model {
     kind: Kind,
@@ -238,6 +244,28 @@ impl Model {
         )
     }
 
+    /// Checks generation settings against this captioning model without running it
+    /// (what `caption` would raise for them); used by `blip2_ort.ray.Captioner`.
+    #[pyo3(signature = (**generation))]
+    fn _check_generation(
+        &self,
+        py: Python<'_>,
+        generation: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<()> {
+        let gen = inputs::generation("caption", generation)?;
+        let pipe = self.pipeline("caption")?;
+        let (defaults, vocab) = py.detach(|| {
+            let p = lock(pipe);
+            (p.default_config(), p.model.manifest.text.vocab_size)
+        });
+        settings(defaults, &gen, vocab).map(|_| ())
+    }
+
+    /// Captions of images (paths, bytes, PIL images or uint8 HxWx3 arrays; one or a
+    /// list), one per image in order (a list per image with num_return_sequences > 1),
+    /// continuing `prompt` when given; as `blip2-ort infer caption`. Generation settings
+    /// as keyword arguments (max_new_tokens, num_beams, do_sample, ...); unset ones come
+    /// from the checkpoint's generation_config.json.
     #[pyo3(signature = (images, prompt = None, *, batch_size = 8, **generation))]
     fn caption(
         &self,
@@ -255,6 +283,9 @@ impl Model {
         texts_of(py, &rows, cfg.num_return_sequences)
     }
 
+    /// `{"text", "token_ids"}` for each image with its prompt (one string for all, or
+    /// one per image), as `infer --json` prints them; with num_return_sequences > 1,
+    /// that many entries per image, numbered by "sequence".
     #[pyo3(signature = (images, prompts = None, *, batch_size = 8, **generation))]
     fn generate(
         &self,
@@ -304,6 +335,8 @@ impl Model {
         Ok(out.into_any().unbind())
     }
 
+    /// The answer to `question` about `image`, with the model's VQA template; as
+    /// `blip2-ort infer vqa`.
     #[pyo3(signature = (image, question, **generation))]
     fn vqa(
         &self,
@@ -320,6 +353,9 @@ impl Model {
         first_or_all(py, &rows, cfg.num_return_sequences)
     }
 
+    /// The answer to `question` about `image` after the `(question, answer)` turns of
+    /// `history`, as `blip2-ort infer chat` answers its next line; the oldest turns that
+    /// do not fit the context are left out (UserWarning).
     #[pyo3(signature = (image, history, question, **generation))]
     fn chat(
         &self,
@@ -359,6 +395,8 @@ impl Model {
         first_or_all(py, &rows, cfg.num_return_sequences)
     }
 
+    /// Normalized query embeddings, numpy float32 `[images, num_query_tokens, dim]`, as
+    /// `blip2-ort infer embed-image` (retrieval exports).
     #[pyo3(signature = (images, *, batch_size = 8))]
     fn embed_images<'py>(
         &self,
@@ -385,6 +423,8 @@ impl Model {
         to_numpy(py, &emb)
     }
 
+    /// Normalized text embeddings, numpy float32 `[texts, dim]`, as `blip2-ort infer
+    /// embed-text` (retrieval exports).
     #[pyo3(signature = (texts, *, batch_size = 8))]
     fn embed_texts<'py>(
         &self,
@@ -413,6 +453,8 @@ impl Model {
         to_numpy(py, &emb)
     }
 
+    /// `{"text", "itm", "itc"}` of `image` with each text, as `blip2-ort infer itm
+    /// --json` (retrieval exports).
     #[pyo3(signature = (image, texts, *, batch_size = 8))]
     fn itm(
         &self,
@@ -521,6 +563,9 @@ fn _runtime_library_name() -> String {
     blip2_runtime::ort_env::dylib_file_name()
 }
 
+/// Exports a BLIP-2 checkpoint (folder or Hub id) to ONNX graphs in `out`, as
+/// `blip2-ort export`; returns `out`. Written whole or not at all; an existing export is
+/// replaced only with `force=True`.
 #[pyfunction]
 #[pyo3(signature = (checkpoint, out, *, dtype = "fp32", revision = None, force = false, max_context = None,
                     quantize = None, quantize_encoders = None, target = "portable", quiet = true))]
