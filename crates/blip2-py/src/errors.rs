@@ -62,6 +62,16 @@ pub fn generation_error(e: &generation::ConfigError) -> PyErr {
     PyValueError::new_err(format!("{}: {}", python_name(e.flag), e.message))
 }
 
+/// A runtime message with the command line's generation flags (`--max-new-tokens`) named
+/// as the Python keyword arguments (`max_new_tokens`).
+fn python_flags(msg: &str) -> String {
+    let mut out = msg.to_string();
+    for name in crate::inputs::GENERATION_ARGS {
+        out = out.replace(&format!("--{}", name.replace('_', "-")), name);
+    }
+    out
+}
+
 /// An image that could not be read (`what` names it: `images[2]`).
 pub fn preprocess_error(what: &str, e: &PreprocessError) -> PyErr {
     let msg = named(what, message(e));
@@ -77,7 +87,7 @@ pub fn runtime_error(input: &str, e: &RuntimeError) -> PyErr {
     match e {
         RuntimeError::Preprocess(p) => preprocess_error("", p),
         RuntimeError::Generation(g) => generation_error(g),
-        RuntimeError::Input(m) => value_error(input, m.clone()),
+        RuntimeError::Input(m) => value_error(input, python_flags(m)),
         RuntimeError::MissingFile(_) => PyFileNotFoundError::new_err(message(e)),
         _ => PyRuntimeError::new_err(message(e)),
     }

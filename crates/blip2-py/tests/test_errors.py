@@ -100,8 +100,10 @@ def test_generation_errors(models):
 
 def test_prompt_errors(models):
     m = models["opt-tiny"]
-    with pytest.raises(ValueError, match=r"prompt: .*"):
+    with pytest.raises(ValueError, match=r"prompt: the prompt .* tokens"):
         m.caption(ROCKET, "word " * 2000)
+    with pytest.raises(ValueError, match=r"prompt: .* plus max_new_tokens 120 exceeds"):
+        m.caption(ROCKET, "a photo of", max_new_tokens=120)
     with pytest.raises(ValueError, match="prompts: 1 prompts for 2 images"):
         m.generate([ROCKET, ROCKET], ["a"])
     with pytest.raises(TypeError, match=r"prompts\[1\]: expected a string"):
