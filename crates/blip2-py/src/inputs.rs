@@ -259,10 +259,9 @@ pub fn generation(
     let Some(kwargs) = kwargs else { return Ok(g) };
     for (k, v) in kwargs.iter() {
         let key: String = k.extract()?;
-        if v.is_none() {
-            if GENERATION_ARGS.contains(&key.as_str()) {
-                continue;
-            }
+        // None is "unset", as the stubs' defaults say.
+        if v.is_none() && GENERATION_ARGS.contains(&key.as_str()) {
+            continue;
         }
         match key.as_str() {
             "max_new_tokens" => g.max_new_tokens = Some(count(&key, &v)?),

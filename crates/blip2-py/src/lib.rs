@@ -27,8 +27,8 @@ use errors::{generation_error, runtime_error, value_error};
 use inputs::Named;
 
 enum Kind {
-    Captioning(Mutex<Pipeline>),
-    Retrieval(Mutex<RetrievalModel>),
+    Captioning(Box<Mutex<Pipeline>>),
+    Retrieval(Box<Mutex<RetrievalModel>>),
 }
 
 /// Model(model, ep="cpu", *, config=None, threads=None, quiet=True)
@@ -128,6 +128,7 @@ impl Model {
     /// Generation over `images` with one prompt each, `batch_size` rows per run, as
     /// `infer caption` and `infer batch` run them; `input` names the argument the prompts
     /// came from in errors.
+    #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
         py: Python<'_>,
@@ -204,13 +205,13 @@ impl Model {
                 .detach(|| blip2_runtime::profiles::load_retrieval(&dir, &profile))
                 .map_err(|e| errors::load_error(&e))?;
             let (image, limits) = (m.manifest.image.clone(), m.limits);
-            (Kind::Retrieval(Mutex::new(m)), image, limits)
+            (Kind::Retrieval(Box::new(Mutex::new(m))), image, limits)
         } else {
             let p = py
                 .detach(|| blip2_runtime::profiles::load_pipeline(&dir, &profile))
                 .map_err(|e| errors::load_error(&e))?;
             let (image, limits) = (p.model.manifest.image.clone(), p.limits);
-            (Kind::Captioning(Mutex::new(p)), image, limits)
+            (Kind::Captioning(Box::new(Mutex::new(p))), image, limits)
         };
         Ok(Model { kind, path: dir, ep: ep.to_string(), image, limits, workers })
     }
