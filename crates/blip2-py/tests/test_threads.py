@@ -11,10 +11,13 @@ one new token), so holding the GIL in either phase fails it:
   longest pause must be under a quarter of the call;
 - the one the issue names: two threads (a model each, one ONNX Runtime thread each) take
   less than twice the time of one, which holds only if they run at the same time. Timing
-  depends on the machine, so the margin is generous (1.8x, where holding the GIL gives
-  about 2x) and the best of three tries counts.
+  depends on the machine's load, so the ratio must be under the ratio two threads hashing
+  with hashlib (which releases the GIL) get at the same moment, plus 0.35;
+  the best of three tries counts. On a machine too busy to run two threads at once this
+  cannot tell, and the ticker check still does.
 """
 
+import hashlib
 import io
 import threading
 import time
@@ -95,13 +98,30 @@ def test_a_python_thread_runs_during_a_call(task, pair):
     assert max(pauses) < call / 4, f"the ticker stopped for {max(pauses):.3f} s during a {call:.3f} s call"
 
 
+def hashing(_model):
+    # hashlib releases the GIL on large buffers: what two threads get from this machine now.
+    data = b"x" * (32 << 20)
+    for _ in range(3):
+        hashlib.sha256(data).digest()
+
+
+def ratio(task, pair):
+    one, _ = run_threads(task, pair[:1])
+    two, _ = run_threads(task, pair)
+    return two / one
+
+
 @pytest.mark.parametrize("task", [model_bound, preprocess_bound])
 def test_two_threads_take_less_than_twice_one(task, pair):
-    ratios = []
+    # Against the machine's own parallelism at the same moment (two threads hashing): on an
+    # idle 2-core machine that is about 1.0, and a call holding the GIL gives about 2.0; on
+    # a loaded one both move up together. Best of three tries.
+    tries = []
     for _ in range(3):
-        one, _ = run_threads(task, pair[:1])
-        two, _ = run_threads(task, pair)
-        ratios.append(two / one)
-        if ratios[-1] < 1.8:
+        ref, got = ratio(hashing, pair), ratio(task, pair)
+        tries.append((got, ref))
+        if got < ref + 0.35:
             break
-    assert min(ratios) < 1.8, f"two threads took {ratios} times one thread"
+    assert any(got < ref + 0.35 for got, ref in tries), (
+        f"two threads took (ratio, hashing's ratio) {tries} times one thread"
+    )
