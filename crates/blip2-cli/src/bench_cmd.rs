@@ -185,7 +185,7 @@ pub fn run(a: &BenchArgs, quiet: bool) -> Result<i32> {
             return Err(UsageError(format!("{flag}: must be at least 1")).into());
         }
     }
-    let dir = crate::models::resolve_model(&a.model, quiet)?;
+    let dir = crate::session::resolve_model(&a.model, quiet)?;
     let rss_before_load = rss_mb("VmRSS:");
     let t = Instant::now();
     let pipe = crate::session::load_pipeline(&dir, &a.session)?;

@@ -95,18 +95,9 @@ impl Progress for Bars {
     }
 }
 
-/// Resolves MODEL to a checkpoint folder (fetching Hub ids).
-pub fn resolve_checkpoint(model: &str, revision: Option<&str>, quiet: bool) -> Result<PathBuf> {
-    if crate::hub::looks_like_hub_id(model) {
-        crate::hub::fetch(model, revision, quiet)
-    } else {
-        Ok(PathBuf::from(model))
-    }
-}
-
 pub fn run(a: &ExportArgs, quiet: bool) -> Result<()> {
     let start = Instant::now();
-    let src = resolve_checkpoint(&a.model, a.revision.as_deref(), quiet)?;
+    let src = blip2_models::resolve_checkpoint(&a.model, a.revision.as_deref(), quiet)?;
     let opts = ExportOptions {
         dtype: match a.dtype {
             Dtype::Fp32 => blip2_core::Dtype::Fp32,

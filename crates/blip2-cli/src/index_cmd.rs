@@ -168,7 +168,7 @@ fn test_delay() {
 }
 
 pub fn index(a: &IndexArgs, quiet: bool) -> Result<i32> {
-    let dir = crate::models::resolve_model(&a.model, quiet)?;
+    let dir = crate::session::resolve_model(&a.model, quiet)?;
     let mut store = open_index(&dir, &a.db, OpenMode::Create)?;
     let cwd = std::env::current_dir().context("the current folder")?;
 
@@ -369,7 +369,7 @@ fn read_all(
 }
 
 pub fn search(a: &SearchArgs, quiet: bool) -> Result<i32> {
-    let dir = crate::models::resolve_model(&a.model, quiet)?;
+    let dir = crate::session::resolve_model(&a.model, quiet)?;
     let store = open_index(&dir, &a.db, OpenMode::Existing)?;
     let codes = store.load_codes()?;
     let mut m = crate::retrieval_cmd::load(&dir, &a.session)?;

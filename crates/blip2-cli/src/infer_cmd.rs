@@ -221,7 +221,7 @@ pub fn run(a: &InferArgs, quiet: bool) -> Result<i32> {
         )
         .into());
     };
-    let dir = crate::models::resolve_model(model, quiet)?;
+    let dir = crate::session::resolve_model(model, quiet)?;
     let retrieval = match &a.task {
         Task::Itm(t) => Some(crate::retrieval_cmd::Task::Itm(t)),
         Task::EmbedImage(t) => Some(crate::retrieval_cmd::Task::EmbedImage(t)),

@@ -79,10 +79,7 @@ pub enum Task<'a> {
 }
 
 pub fn load(dir: &Path, o: &SessionOptions) -> Result<RetrievalModel> {
-    let profile = crate::session::profile(o)?;
-    blip2_runtime::ort_env::init_with_threads(profile.intra_op_threads)?;
-    let model = RetrievalModel::load(dir, &mut *crate::session::session_factory(&profile))?;
-    Ok(model)
+    Ok(blip2_runtime::profiles::load_retrieval(dir, &crate::session::profile(o)?)?)
 }
 
 pub fn run(

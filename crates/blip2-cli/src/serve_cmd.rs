@@ -80,7 +80,7 @@ pub fn run(a: &ServeArgs, quiet: bool, signals: Option<crate::signals::Handle>) 
         );
     }
     let addr = listen_addr(&a.host, a.port)?;
-    let dir = crate::models::resolve_model(&a.model, quiet)?;
+    let dir = crate::session::resolve_model(&a.model, quiet)?;
     let served = if blip2_core::manifest_family(&dir)? == blip2_core::RETRIEVAL_FAMILY {
         // The index is checked (and its codes read) before the model is loaded.
         let index = match &a.db {

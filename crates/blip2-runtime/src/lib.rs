@@ -8,7 +8,8 @@
 //!
 //! Sessions come from [`providers`], which registers a [`config`] profile's execution
 //! providers (and keeps big CPU graphs in the [`session_cache`]), on the ONNX Runtime
-//! library that [`ort_env`] finds and loads.
+//! library that [`ort_env`] finds and loads; [`profiles`] does all of that the way the
+//! binary and the Python module load a model.
 pub mod config;
 pub mod embed_cache;
 pub mod engine;
@@ -21,6 +22,7 @@ pub mod orientation;
 pub mod ort_env;
 pub mod pipeline;
 pub mod preprocess;
+pub mod profiles;
 pub mod prompt;
 pub mod providers;
 pub mod retrieval;

@@ -5,7 +5,9 @@
 //! (by `blip2-ort install-runtime`) into the per-version folder [`cache_dir`] names.
 //!
 //! Lookup order: `ORT_DYLIB_PATH` (always wins, even when it is wrong, so a user who set
-//! it is never silently given another library), then the GPU cache, then the CPU cache.
+//! it is never silently given another library), then the library its host named with
+//! [`prefer_dylib`] (the Python module: the `onnxruntime` wheel installed beside it), then
+//! the GPU cache, then the CPU cache.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -90,23 +92,39 @@ pub fn dylib_file_name() -> String {
     }
 }
 
+/// The library [`prefer_dylib`] named, if any.
+static PREFERRED: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+/// Names a library to load before the caches (after `ORT_DYLIB_PATH`), used when it is
+/// a file: the Python module passes the one in the `onnxruntime` wheel beside it. Only
+/// matters before the first [`init`].
+pub fn prefer_dylib(path: PathBuf) {
+    *PREFERRED.lock().unwrap_or_else(|p| p.into_inner()) = Some(path);
+}
+
 /// Finds the library to load; see the module docs for the order.
 pub fn find_dylib() -> Result<PathBuf, RuntimeSetupError> {
-    find_dylib_in(env_nonempty(DYLIB_ENV), &cache_root())
+    let preferred = PREFERRED.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    find_dylib_in(env_nonempty(DYLIB_ENV), preferred, &cache_root())
 }
 
 /// [`find_dylib`] with its inputs explicit, so tests need not touch the process environment.
 pub(crate) fn find_dylib_in(
     dylib_env: Option<OsString>,
+    preferred: Option<PathBuf>,
     root: &Path,
 ) -> Result<PathBuf, RuntimeSetupError> {
     if let Some(p) = dylib_env {
         let p = PathBuf::from(p);
         return if p.is_file() { Ok(p) } else { Err(RuntimeSetupError::DylibEnvMissing(p)) };
     }
-    let searched: Vec<PathBuf> = [true, false]
-        .iter()
-        .map(|&gpu| root.join(runtime_dir_name(gpu)).join(dylib_file_name()))
+    let searched: Vec<PathBuf> = preferred
+        .into_iter()
+        .chain(
+            [true, false]
+                .iter()
+                .map(|&gpu| root.join(runtime_dir_name(gpu)).join(dylib_file_name())),
+        )
         .collect();
     match searched.iter().find(|p| p.is_file()) {
         Some(p) => Ok(p.clone()),
@@ -207,20 +225,24 @@ mod tests {
     fn dylib_env_wins_and_must_exist() {
         let root = scratch("env");
         let missing = root.0.join("nope.so");
-        let err = find_dylib_in(Some(missing.clone().into()), &root.0).unwrap_err();
+        let err = find_dylib_in(Some(missing.clone().into()), None, &root.0).unwrap_err();
         assert!(matches!(err, RuntimeSetupError::DylibEnvMissing(ref p) if *p == missing));
         assert!(err.to_string().contains("ORT_DYLIB_PATH"), "{err}");
 
         // Set and present: used even though the cache is empty.
         let lib = root.0.join("custom.so");
         std::fs::write(&lib, b"x").unwrap();
-        assert_eq!(find_dylib_in(Some(lib.clone().into()), &root.0).unwrap(), lib);
+        assert_eq!(find_dylib_in(Some(lib.clone().into()), None, &root.0).unwrap(), lib);
+        // Before a preferred library too.
+        let other = root.0.join("other.so");
+        std::fs::write(&other, b"x").unwrap();
+        assert_eq!(find_dylib_in(Some(lib.clone().into()), Some(other), &root.0).unwrap(), lib);
     }
 
     #[test]
     fn gpu_cache_before_cpu_cache() {
         let root = scratch("order");
-        let err = find_dylib_in(None, &root.0).unwrap_err();
+        let err = find_dylib_in(None, None, &root.0).unwrap_err();
         let msg = err.to_string();
         assert!(
             msg.contains("`blip2-ort install-runtime`")
@@ -231,11 +253,24 @@ mod tests {
         let cpu = root.0.join(runtime_dir_name(false));
         std::fs::create_dir_all(&cpu).unwrap();
         std::fs::write(cpu.join(dylib_file_name()), b"x").unwrap();
-        assert_eq!(find_dylib_in(None, &root.0).unwrap(), cpu.join(dylib_file_name()));
+        assert_eq!(find_dylib_in(None, None, &root.0).unwrap(), cpu.join(dylib_file_name()));
 
         let gpu = root.0.join(runtime_dir_name(true));
         std::fs::create_dir_all(&gpu).unwrap();
         std::fs::write(gpu.join(dylib_file_name()), b"x").unwrap();
-        assert_eq!(find_dylib_in(None, &root.0).unwrap(), gpu.join(dylib_file_name()));
+        assert_eq!(find_dylib_in(None, None, &root.0).unwrap(), gpu.join(dylib_file_name()));
+
+        // A preferred library comes before both caches when it is there, and is named
+        // among the places searched when nothing is found.
+        let wheel = root.0.join("wheel").join(dylib_file_name());
+        let err = find_dylib_in(None, Some(wheel.clone()), &root.0.join("empty")).unwrap_err();
+        assert!(err.to_string().contains(&wheel.display().to_string()), "{err}");
+        assert_eq!(
+            find_dylib_in(None, Some(wheel.clone()), &root.0).unwrap(),
+            gpu.join(dylib_file_name())
+        );
+        std::fs::create_dir_all(wheel.parent().unwrap()).unwrap();
+        std::fs::write(&wheel, b"x").unwrap();
+        assert_eq!(find_dylib_in(None, Some(wheel.clone()), &root.0).unwrap(), wheel);
     }
 }

@@ -663,21 +663,32 @@ pub fn load_and_preprocess(
     cfg: &ImageConfig,
     threads: usize,
 ) -> Vec<Result<Array4<f32>, PreprocessError>> {
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let one = |path: &Path| {
+    on_workers(paths, threads, |path| {
         let img = load_image(path, limits)?;
         preprocess_batch(std::slice::from_ref(&img), cfg)
-    };
-    let workers = threads.clamp(1, paths.len().max(1));
-    let mut done: Vec<(usize, Result<Array4<f32>, PreprocessError>)> = std::thread::scope(|s| {
+    })
+}
+
+/// `f` of each of `items`, on `threads` worker threads (at least one, at most one per
+/// item) that take the items in turn; the results in `items`' order. What
+/// [`load_and_preprocess`] runs on, for callers whose images are not all files (the
+/// Python module's bytes and in-memory images).
+pub fn on_workers<T: Sync, R: Send>(
+    items: &[T],
+    threads: usize,
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let workers = threads.clamp(1, items.len().max(1));
+    let mut done: Vec<(usize, R)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..workers)
             .map(|_| {
                 s.spawn(|| {
                     let mut mine = Vec::new();
                     loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(path) = paths.get(i) else { break };
-                        mine.push((i, one(path)));
+                        let Some(item) = items.get(i) else { break };
+                        mine.push((i, f(item)));
                     }
                     mine
                 })

@@ -1,43 +1,85 @@
-//! `--model`: an export folder as it is, or a checkpoint (folder or Hub id) exported
-//! once into `~/.cache/blip2-ort/models/` under a fingerprint of its content, for
-//! `infer`, `bench` and `serve` alike.
+//! Resolves a MODEL argument, for the binary's `infer`, `bench` and `serve` and the Python
+//! module alike: an export folder as it is, or a checkpoint (folder or Hugging Face Hub id)
+//! exported once into `~/.cache/blip2-ort/models/` under a fingerprint of its content.
+//!
+//! Its own crate because it needs both the exporter and the Hub client, which the runtime
+//! must not depend on.
+
+pub mod hub;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+/// Why a MODEL argument names no usable model.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    /// Neither a folder nor a file of that name, and not a Hub id.
+    #[error("{0}: no such folder, and not a Hub id of the form owner/name")]
+    NotFound(String),
+    /// Exists, but holds neither an export nor a checkpoint.
+    #[error("{model}: neither an exported model (no {manifest}) nor a checkpoint folder (no config.json)", manifest = blip2_core::io::MANIFEST_FILE)]
+    NotAModel { model: String },
+    /// Graph files without their manifest.
+    #[error(
+        "{model}: an export folder without its {manifest} ({graph} is there): the manifest was deleted or the export did not \
+         finish; export the checkpoint again with `blip2-ort export CHECKPOINT -o {model} --force`",
+        manifest = blip2_core::io::MANIFEST_FILE
+    )]
+    IncompleteExport { model: String, graph: &'static str },
+    #[error("{}: {what}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Fetching from the Hub failed (the message says what to do).
+    #[error("{0}")]
+    Hub(String),
+    #[error(transparent)]
+    Export(#[from] blip2_export::ExportError),
+}
 
-/// Resolves --model to an exported folder, exporting a checkpoint into the cache once.
+type Result<T> = std::result::Result<T, ResolveError>;
+
+/// A local checkpoint folder as it is, or a Hub id fetched into the Hugging Face cache
+/// (at `revision` when given): the folder to export from.
+pub fn resolve_checkpoint(model: &str, revision: Option<&str>, quiet: bool) -> Result<PathBuf> {
+    if hub::looks_like_hub_id(model) {
+        hub::fetch(model, revision, quiet)
+    } else {
+        Ok(PathBuf::from(model))
+    }
+}
+
+/// Resolves MODEL to an exported folder, exporting a checkpoint into the cache once.
 ///
 /// A checkpoint's export is cached under a key made from its content (see
 /// [`fingerprint`]), so another checkpoint put at the same path, or a new Hub revision,
-/// gets its own export instead of the old model's answers.
-pub fn resolve_model(model: &str, quiet: bool) -> Result<PathBuf> {
+/// gets its own export instead of the old model's answers. With `keep_lock` the export
+/// made here keeps its folder locked until [`blip2_export::acknowledge`] (the binary's
+/// signal handling, see `blip2_export::ExportOptions::keep_lock`).
+pub fn resolve_model(model: &str, quiet: bool, keep_lock: bool) -> Result<PathBuf> {
     let p = Path::new(model);
     if p.join(blip2_core::io::MANIFEST_FILE).exists() {
         return Ok(p.to_path_buf());
     }
     if let Some(graph) = export_graph_in(p) {
-        bail!(
-            "{model}: an export folder without its {} ({} is there): the manifest was deleted or the export did not \
-             finish; export the checkpoint again with `blip2-ort export CHECKPOINT -o {model} --force`",
-            blip2_core::io::MANIFEST_FILE,
-            graph
-        );
+        return Err(ResolveError::IncompleteExport { model: model.into(), graph });
     }
     let (src, label) = if p.join("config.json").exists() {
-        let canon =
-            p.canonicalize().with_context(|| format!("{model}: cannot resolve the path"))?;
+        let canon = p.canonicalize().map_err(|source| ResolveError::Io {
+            path: p.into(),
+            what: "cannot resolve the path",
+            source,
+        })?;
         let label = format!("local/{}", sanitize(&canon.to_string_lossy()));
         (canon, label)
-    } else if crate::hub::looks_like_hub_id(model) {
-        (crate::hub::fetch(model, None, quiet)?, format!("hub/{}", sanitize(model)))
+    } else if hub::looks_like_hub_id(model) {
+        (hub::fetch(model, None, quiet)?, format!("hub/{}", sanitize(model)))
     } else if p.exists() {
-        bail!(
-            "{model}: neither an exported model (no {}) nor a checkpoint folder (no config.json)",
-            blip2_core::io::MANIFEST_FILE
-        );
+        return Err(ResolveError::NotAModel { model: model.into() });
     } else {
-        bail!("{model}: no such folder, and not a Hub id of the form owner/name");
+        return Err(ResolveError::NotFound(model.into()));
     };
     let out = models_cache().join(format!("{label}-{:016x}", fingerprint(&src)?));
     if out.join(blip2_core::io::MANIFEST_FILE).exists() {
@@ -48,7 +90,7 @@ pub fn resolve_model(model: &str, quiet: bool) -> Result<PathBuf> {
     }
     let opts = blip2_export::ExportOptions {
         source_label: model.to_string(),
-        keep_lock: true,
+        keep_lock,
         ..Default::default()
     };
     match blip2_export::export_any(&src, &out, &opts, &mut blip2_export::NoProgress) {
@@ -58,8 +100,6 @@ pub fn resolve_model(model: &str, quiet: bool) -> Result<PathBuf> {
             if out.join(blip2_core::io::MANIFEST_FILE).exists() => {}
         Err(e) => return Err(e.into()),
     }
-    // A signal that came once the export was in place ends the process now.
-    crate::signals::export_reported();
     remove_other_versions(&out);
     Ok(out)
 }
@@ -78,7 +118,11 @@ fn export_graph_in(dir: &Path) -> Option<&'static str> {
 /// small JSON files that decide the export.
 pub fn fingerprint(dir: &Path) -> Result<u64> {
     let mut entries: Vec<_> = std::fs::read_dir(dir)
-        .with_context(|| format!("{}: cannot list the checkpoint folder", dir.display()))?
+        .map_err(|source| ResolveError::Io {
+            path: dir.into(),
+            what: "cannot list the checkpoint folder",
+            source,
+        })?
         .flatten()
         .collect();
     entries.sort_by_key(|e| e.file_name());
@@ -102,8 +146,11 @@ pub fn fingerprint(dir: &Path) -> Result<u64> {
         h.write_field(&mtime.to_le_bytes());
         let small_json = name.to_string_lossy().ends_with(".json") && meta.len() <= 16 << 20;
         if small_json {
-            let bytes = std::fs::read(e.path())
-                .with_context(|| format!("{}: cannot read", e.path().display()))?;
+            let bytes = std::fs::read(e.path()).map_err(|source| ResolveError::Io {
+                path: e.path(),
+                what: "cannot read",
+                source,
+            })?;
             h.write_field(&bytes);
         }
     }

@@ -4,10 +4,17 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context, Result};
 use hf_hub::api::sync::ApiBuilder;
 use hf_hub::{Cache, Repo, RepoType};
 use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::ResolveError;
+
+type Result<T> = std::result::Result<T, ResolveError>;
+
+fn hub_err(message: String) -> ResolveError {
+    ResolveError::Hub(message)
+}
 
 /// Files a BLIP-2 checkpoint may have besides its weights; only config.json and
 /// tokenizer.json are required (the exporter says which one is missing).
@@ -64,17 +71,17 @@ pub fn fetch(id: &str, revision: Option<&str>, quiet: bool) -> Result<PathBuf> {
         }
     }
     if offline {
-        bail!(
+        return Err(hub_err(format!(
             "{id}: not in the Hugging Face cache ({}) and HF_HUB_OFFLINE is set; download it where the Hub is reachable, \
              or pass a local checkpoint folder",
             cache.path().display()
-        );
+        )));
     }
     let api = ApiBuilder::from_env()
         .with_token(std::env::var("HF_TOKEN").ok().or_else(|| cache.token()))
         .with_progress(false)
         .build()
-        .context("cannot set up the Hub client")?;
+        .map_err(|e| hub_err(format!("cannot set up the Hub client: {e}")))?;
     let r = api.repo(repo);
     let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
     bar.set_style(
@@ -83,27 +90,32 @@ pub fn fetch(id: &str, revision: Option<&str>, quiet: bool) -> Result<PathBuf> {
         )
         .expect("valid template"),
     );
-    let get = |f: &str| -> Result<PathBuf, hf_hub::api::sync::ApiError> {
+    let get = |f: &str| -> std::result::Result<PathBuf, hf_hub::api::sync::ApiError> {
         match cached.get(f) {
             Some(p) => Ok(p),
             None => r.download_with_progress(f, Bar(bar.clone())),
         }
     };
     let cfg = get("config.json").map_err(|e| {
-        anyhow!(
+        hub_err(format!(
             "cannot download {id} from the Hugging Face Hub: {e}. Check the network (or HF_ENDPOINT / HF_TOKEN for \
              private models), or pass a local checkpoint folder"
-        )
+        ))
     })?;
     for f in OPTIONAL {
         let _ = get(f);
     }
-    get("tokenizer.json").map_err(|e| anyhow!("{id}: cannot download tokenizer.json: {e}"))?;
+    get("tokenizer.json")
+        .map_err(|e| hub_err(format!("{id}: cannot download tokenizer.json: {e}")))?;
     match get("model.safetensors.index.json") {
         Ok(index) => {
-            let text = std::fs::read_to_string(&index)?;
+            let text = std::fs::read_to_string(&index).map_err(|e| ResolveError::Io {
+                path: index.clone(),
+                what: "cannot read",
+                source: e,
+            })?;
             let v: serde_json::Value = serde_json::from_str(&text)
-                .with_context(|| format!("{}: not JSON", index.display()))?;
+                .map_err(|e| hub_err(format!("{}: not JSON: {e}", index.display())))?;
             let mut shards: Vec<String> = v["weight_map"]
                 .as_object()
                 .map(|m| m.values().filter_map(|s| s.as_str().map(String::from)).collect())
@@ -111,12 +123,14 @@ pub fn fetch(id: &str, revision: Option<&str>, quiet: bool) -> Result<PathBuf> {
             shards.sort();
             shards.dedup();
             for s in shards {
-                get(&s).map_err(|e| anyhow!("{id}: cannot download {s}: {e}"))?;
+                get(&s).map_err(|e| hub_err(format!("{id}: cannot download {s}: {e}")))?;
             }
         }
         Err(_) => {
             get("model.safetensors").map_err(|e| {
-                anyhow!("{id}: cannot download model.safetensors (blip2-ort reads safetensors weights only): {e}")
+                hub_err(format!(
+                    "{id}: cannot download model.safetensors (blip2-ort reads safetensors weights only): {e}"
+                ))
             })?;
         }
     }
