@@ -36,6 +36,7 @@ fn options() -> ServeOptions {
         api_key: None,
         media: MediaPolicy { local_root: None, remote: false, max_bytes: 8 << 20 },
         max_body_bytes: 8 << 20,
+        ui: true,
     }
 }
 
