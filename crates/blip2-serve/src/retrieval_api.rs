@@ -513,7 +513,9 @@ fn thumbnail(
 ) -> Result<String, String> {
     let img = blip2_runtime::preprocess::load_image(std::path::Path::new(path), limits)
         .map_err(|e| e.to_string())?;
-    let small = image::DynamicImage::ImageRgb8(img.thumbnail(size, size).to_rgb8());
+    // Shrunk only: a smaller image keeps its size.
+    let small = if img.width().max(img.height()) > size { img.thumbnail(size, size) } else { img };
+    let small = image::DynamicImage::ImageRgb8(small.to_rgb8());
     let mut jpeg = Vec::new();
     image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 80)
         .encode_image(&small)
