@@ -88,14 +88,21 @@ function setImage(file) {
     img.src = reader.result;
     img.hidden = false;
   };
-  reader.onerror = () => showError("Cannot read the file: " + (reader.error && reader.error.message));
+  reader.onerror = () => {
+    state.file = null;
+    showError("Cannot read the file: " + (reader.error && reader.error.message));
+  };
   reader.readAsDataURL(file);
 }
 
 function readyImage() {
   return new Promise((resolve, reject) => {
     if (!state.file) return reject(new Error("Choose an image first."));
-    const wait = () => (state.dataUrl ? resolve(state.dataUrl) : setTimeout(wait, 20));
+    const wait = () => {
+      if (state.dataUrl) resolve(state.dataUrl);
+      else if (!state.file) reject(new Error("The image could not be read: choose it again."));
+      else setTimeout(wait, 20);
+    };
     wait();
   });
 }
