@@ -36,6 +36,7 @@ fn options() -> ServeOptions {
         api_key: None,
         media: MediaPolicy { local_root: None, remote: false, max_bytes: 8 << 20 },
         max_body_bytes: 8 << 20,
+        ui: true,
     }
 }
 
@@ -443,6 +444,40 @@ fn health_models_and_metrics() {
         "blip2_requests_in_flight 0",
     ] {
         assert!(metrics.contains(m), "/metrics lacks {m}:\n{metrics}");
+    }
+}
+
+/// The playground page: `GET /` and its assets, served from the binary with a CSP that
+/// allows nothing from elsewhere; `/ui/config` needs no key; `ui: false` (`--no-ui`)
+/// leaves them all out.
+#[test]
+fn the_playground_page_is_served_unless_turned_off() {
+    let dir = export("opt-tiny", "ui");
+    let server = Server::start(&dir, ServeOptions { api_key: Some("k".into()), ..options() });
+    let resp = agent().get(&server.url("/")).call().unwrap();
+    assert_eq!(resp.content_type(), "text/html");
+    let csp = resp.header("content-security-policy").unwrap_or("").to_string();
+    assert!(csp.starts_with("default-src 'none'; script-src 'self'"), "{csp}");
+    let page = resp.into_string().unwrap();
+    for id in ["image", "task", "prompt", "run", "answer", "error"] {
+        assert!(page.contains(&format!("id=\"{id}\"")), "#{id} in the page");
+    }
+    assert!(!page.contains("http://") && !page.contains("https://"), "nothing from elsewhere");
+    for (path, kind) in [("/ui/app.js", "text/javascript"), ("/ui/app.css", "text/css")] {
+        let r = agent().get(&server.url(path)).call().unwrap();
+        assert_eq!(r.content_type(), kind, "{path}");
+    }
+    let (code, config) = get(&server.url("/ui/config"), None);
+    assert_eq!(code, 200, "no key needed for the page's config");
+    let config: Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(config, json!({"kind": "captioning", "search": false, "api_key_required": true}));
+    assert_eq!(get(&server.url("/v1/models"), None).0, 401, "the API still needs the key");
+    let (_, metrics) = get(&server.url("/metrics"), None);
+    assert!(metrics.contains("endpoint=\"/\",status=\"200\""), "{metrics}");
+    drop(server);
+    let server = Server::start(&dir, ServeOptions { ui: false, ..options() });
+    for path in ["/", "/ui/app.js", "/ui/app.css", "/ui/config"] {
+        assert_eq!(get(&server.url(path), None).0, 404, "{path} with ui off");
     }
 }
 
@@ -1320,4 +1355,32 @@ fn search_ranks_an_index_by_itc_and_reranks_by_itm() {
             &top.iter().map(|&i| col(&r.itm, i)).collect::<Vec<_>>(),
         );
     }
+    // The playground's thumbnails: each result's file, 48 px on its longer side, as a
+    // data: URL; none unless asked for; a size out of range is refused.
+    let (code, v) =
+        post(&server.url("/v1/search"), &json!({"query": "a cat", "top_n": 3, "thumbnails": 48}));
+    assert_eq!(code, 200, "{v}");
+    for x in v["results"].as_array().unwrap() {
+        let url = x["thumbnail"].as_str().unwrap_or_else(|| panic!("no thumbnail: {x}"));
+        let b64 = url.strip_prefix("data:image/jpeg;base64,").expect("a JPEG data: URL");
+        let jpeg = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
+        let limits = blip2_runtime::preprocess::ImageLimits::default();
+        let img = blip2_runtime::preprocess::load_image_bytes(&jpeg, "thumb.jpg", &limits).unwrap();
+        let full =
+            blip2_runtime::preprocess::load_image(Path::new(x["image"].as_str().unwrap()), &limits)
+                .unwrap();
+        assert_eq!(img.width().max(img.height()), 48.min(full.width().max(full.height())), "{x}");
+    }
+    let (code, v) = post(&server.url("/v1/search"), &json!({"query": "a cat", "top_n": 1}));
+    assert_eq!(code, 200, "{v}");
+    assert!(v["results"][0].get("thumbnail").is_none(), "{v}");
+    for bad in [-1, 513] {
+        let (code, v) =
+            post(&server.url("/v1/search"), &json!({"query": "a cat", "thumbnails": bad}));
+        assert_eq!((code, error_of(&v).1), (400, Some("thumbnails")), "{v}");
+    }
+    let (code, config) = get(&server.url("/ui/config"), None);
+    assert_eq!(code, 200);
+    let config: Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(config, json!({"kind": "retrieval", "search": true, "api_key_required": false}));
 }

@@ -55,6 +55,9 @@ pub struct ServeArgs {
     /// Retrieval exports: an image index made by `blip2-ort index`, searched by POST /v1/search.
     #[arg(long)]
     pub db: Option<PathBuf>,
+    /// Leave out the playground page (GET / then answers 404; the API is unchanged).
+    #[arg(long)]
+    pub no_ui: bool,
 }
 
 pub fn run(a: &ServeArgs, quiet: bool, signals: Option<crate::signals::Handle>) -> Result<i32> {
@@ -119,6 +122,7 @@ pub fn run(a: &ServeArgs, quiet: bool, signals: Option<crate::signals::Handle>) 
         api_key: a.api_key.clone(),
         media: MediaPolicy { local_root, remote: a.allow_remote_media, max_bytes: max_body_bytes },
         max_body_bytes,
+        ui: !a.no_ui,
     };
     blip2_serve::run(served, opts, addr, |bound| {
         // The server listens for SIGTERM and Ctrl-C now: from here they shut it down

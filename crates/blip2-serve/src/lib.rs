@@ -4,7 +4,7 @@
 //! captioning export `POST /v1/chat/completions` and `POST /v1/completions` (with
 //! blip2-ort's `image` extension), streaming or not; on an image-text retrieval export
 //! `POST /v1/embeddings`, `POST /v1/rerank`, `POST /v1/score` and, with an image index,
-//! `POST /v1/search`. Requests from all clients are batched: generation by the
+//! `POST /v1/search`; and the playground page at `GET /` ([`ui`], unless `--no-ui`). Requests from all clients are batched: generation by the
 //! [`engine`] (each gets exactly the tokens it would get alone, and with greedy settings
 //! the text `blip2-ort infer` gives for the same image and prompt), retrieval by the
 //! [`retrieval`] worker.
@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod openai;
 pub mod retrieval;
 mod retrieval_api;
+mod ui;
 
 pub use retrieval_api::SearchIndex;
 
@@ -57,6 +58,8 @@ pub struct ServeOptions {
     pub media: MediaPolicy,
     /// Request bodies over this many bytes get 413.
     pub max_body_bytes: usize,
+    /// Serve the playground page at `GET /` (`--no-ui` turns it off).
+    pub ui: bool,
 }
 
 /// What a server serves: a captioning export's pipeline, or a retrieval export's model
@@ -150,10 +153,12 @@ pub fn router(served: impl Into<Served>, opts: ServeOptions) -> (Router, Workers
         .route("/v1/score", post(retrieval_api::score))
         .route("/v1/search", post(retrieval_api::search))
         .route_layer(middleware::from_fn_with_state(app.clone(), authorize));
-    let router = Router::new()
-        .route("/health", get(health))
-        .route("/metrics", get(metrics_text))
-        .merge(v1)
+    let mut router =
+        Router::new().route("/health", get(health)).route("/metrics", get(metrics_text)).merge(v1);
+    if app.opts.ui {
+        router = router.merge(ui::routes());
+    }
+    let router = router
         .fallback(not_found)
         // Bodies up to twice the limit are read before the 413, so the client gets the
         // answer on a connection that stays open; beyond that the answer comes at once and
@@ -249,6 +254,7 @@ async fn count_requests(State(app): State<Arc<App>>, req: Request, next: Next) -
         | "/v1/rerank"
         | "/v1/score"
         | "/v1/search" => path.to_string(),
+        p if app.opts.ui && ui::PATHS.contains(&p) => path.to_string(),
         _ => "other".to_string(),
     };
     let method = req.method().clone();

@@ -493,10 +493,35 @@ struct SearchRequest {
     query: Value,
     top_n: Option<i64>,
     rerank: Option<i64>,
+    /// blip2-ort's extension: a JPEG thumbnail of each result, this many pixels on its
+    /// longer side, as a `data:` URL (the playground page shows them).
+    thumbnails: Option<i64>,
 }
 
 /// Default `top_n` of `/v1/search`.
 const SEARCH_TOP: usize = 10;
+
+/// The largest `thumbnails` size.
+const MAX_THUMBNAIL: u32 = 512;
+
+/// A `data:image/jpeg` URL of `path` shrunk to `size` pixels on its longer side. Only
+/// paths the index holds are read (the results of a search), never a path a client names.
+fn thumbnail(
+    path: &str,
+    size: u32,
+    limits: &blip2_runtime::preprocess::ImageLimits,
+) -> Result<String, String> {
+    let img = blip2_runtime::preprocess::load_image(std::path::Path::new(path), limits)
+        .map_err(|e| e.to_string())?;
+    // Shrunk only: a smaller image keeps its size.
+    let small = if img.width().max(img.height()) > size { img.thumbnail(size, size) } else { img };
+    let small = image::DynamicImage::ImageRgb8(small.to_rgb8());
+    let mut jpeg = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 80)
+        .encode_image(&small)
+        .map_err(|e| format!("{path}: making its thumbnail: {e}"))?;
+    Ok(format!("data:image/jpeg;base64,{}", base64::engine::general_purpose::STANDARD.encode(jpeg)))
+}
 
 pub(crate) async fn search(
     State(app): State<Arc<App>>,
@@ -523,6 +548,16 @@ pub(crate) async fn search(
         Some(n) if n >= 0 => n as usize,
         Some(n) => {
             return Err(ApiError::bad_param(format!("rerank must be 0 or more, got {n}"), "rerank"))
+        }
+    };
+    let thumbnails = match req.thumbnails {
+        None | Some(0) => None,
+        Some(n) if (1..=MAX_THUMBNAIL as i64).contains(&n) => Some(n as u32),
+        Some(n) => {
+            return Err(ApiError::bad_param(
+                format!("thumbnails is the thumbnails' size in pixels, from 1 to {MAX_THUMBNAIL} (0: none), got {n}"),
+                "thumbnails",
+            ))
         }
     };
     let work = prepare(&app, vec![("query".into(), text.clone())], vec![], "query").await?;
@@ -582,17 +617,36 @@ pub(crate) async fn search(
         .zip(&errors)
         .filter_map(|(h, e)| e.clone().map(|e| (h.path.clone(), e)))
         .collect();
-    let ranked = blip2_index::rerank(hits, &itm);
+    let ranked: Vec<_> = blip2_index::rerank(hits, &itm).into_iter().take(top).collect();
+    let thumbs: Vec<Option<Result<String, String>>> = match thumbnails {
+        None => vec![None; ranked.len()],
+        Some(size) => {
+            let (app2, paths) =
+                (app.clone(), ranked.iter().map(|(h, _)| h.path.clone()).collect::<Vec<_>>());
+            tokio::task::spawn_blocking(move || {
+                let limits = &app2.retrieval.as_ref().expect("checked above").limits;
+                paths.iter().map(|p| Some(thumbnail(p, size, limits))).collect()
+            })
+            .await
+            .map_err(|e| ApiError::internal(format!("making the thumbnails failed: {e}")))?
+        }
+    };
     let results: Vec<Value> = ranked
         .into_iter()
-        .take(top)
+        .zip(thumbs)
         .enumerate()
-        .map(|(i, (h, p))| {
+        .map(|(i, ((h, p), thumb))| {
             let mut o = json!({"rank": i + 1, "image": h.path, "itc": h.itc});
             if let Some(p) = p {
                 o["itm"] = json!(p);
             }
-            if let Some(e) = errors_by_path.get(&h.path) {
+            let mut error = errors_by_path.get(&h.path).cloned();
+            match thumb {
+                Some(Ok(url)) => o["thumbnail"] = json!(url),
+                Some(Err(e)) => error = error.or(Some(e)),
+                None => {}
+            }
+            if let Some(e) = error {
                 o["error"] = json!(e);
             }
             o
