@@ -832,3 +832,30 @@ fn fixed_step_buffers_are_refused_where_they_cannot_work() {
     let e = model.use_fixed_step_buffers().unwrap_err().to_string();
     assert!(e.contains("portable"), "{e}");
 }
+
+#[test]
+fn freed_step_buffers_release_their_captured_graphs() {
+    // The pool keeps a few idle buffer sets; a set it frees takes the CUDA graphs captured
+    // on it along (SessionReleaseCapturedGraph), so graph memory stays bounded. Requests
+    // of six row counts make more sets than the pool keeps.
+    let dir = export("opt-tiny", "fixed-release");
+    let mut p = Pipeline::load(&dir, &mut session_factory()).unwrap();
+    p.model.use_fixed_step_buffers().unwrap();
+    let img = p.load_image(&photo("rocket.jpg")).unwrap();
+    let cfg =
+        blip2_runtime::generation::GenerationConfig { max_new_tokens: 3, ..p.default_config() };
+    for rows in 1..=6 {
+        p.generate(&vec![img.clone(); rows], &vec![String::new(); rows], &cfg).unwrap();
+    }
+    let pool = p.model.step_pool().unwrap();
+    let released = pool.released_graphs().to_vec();
+    let idle = pool.idle_graph_ids();
+    assert!(pool.idle() <= blip2_runtime::state::fixed::IDLE_SETS);
+    assert!(!released.is_empty(), "no set was freed with its graphs");
+    assert!(!idle.is_empty(), "the idle sets ran steps");
+    assert!(released.iter().all(|g| !idle.contains(g)), "an idle set's graph was released");
+    let mut distinct = released.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(distinct.len(), released.len(), "a graph released twice");
+}

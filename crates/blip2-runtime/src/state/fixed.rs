@@ -68,6 +68,12 @@ pub struct StepPool {
     idle: Vec<StepBuffers>,
     max_sets: usize,
     max_kv_bytes: usize,
+    /// Graph ids of sets freed since the last [`StepPool::release_captured`]: their
+    /// captured graphs name memory that is gone.
+    freed_graphs: Vec<i32>,
+    /// Every graph id handed to ONNX Runtime for release (tests).
+    #[cfg(any(test, feature = "test-support"))]
+    released: Vec<i32>,
 }
 
 impl Default for StepPool {
@@ -80,7 +86,14 @@ impl StepPool {
     /// A pool that keeps at most `max_sets` idle sets holding at most `max_kv_bytes` of
     /// KV buffers together (the defaults are [`IDLE_SETS`] and [`IDLE_KV_BYTES`]).
     pub fn with_limits(max_sets: usize, max_kv_bytes: usize) -> Self {
-        Self { idle: Vec::new(), max_sets, max_kv_bytes }
+        Self {
+            idle: Vec::new(),
+            max_sets,
+            max_kv_bytes,
+            freed_graphs: Vec::new(),
+            #[cfg(any(test, feature = "test-support"))]
+            released: Vec::new(),
+        }
     }
 
     /// Idle buffers for `rows` rows of `capacity` positions, or new ones.
@@ -102,15 +115,49 @@ impl StepPool {
     }
 
     /// Keeps `b` for a later request; frees the oldest idle sets beyond the pool's
-    /// limits (never `b` itself).
+    /// limits (never `b` itself), and notes their graph ids for
+    /// [`StepPool::release_captured`].
     pub fn put(&mut self, b: StepBuffers) {
         self.idle.push(b);
         while self.idle.len() > 1
             && (self.idle.len() > self.max_sets
                 || self.idle.iter().map(StepBuffers::kv_bytes).sum::<usize>() > self.max_kv_bytes)
         {
-            self.idle.remove(0);
+            let freed = self.idle.remove(0);
+            self.freed_graphs.extend(freed.graph_ids());
         }
+    }
+
+    /// Asks `session` (the language model's) to release the CUDA graphs it captured on
+    /// the sets freed since the last call (`SessionReleaseCapturedGraph`, ONNX Runtime
+    /// 1.27 and later), so graph memory stays bounded by the pool's limits. A session
+    /// that captured nothing under an id (any provider but CUDA with `cuda_graph`)
+    /// answers with an error, which is not one: it is ignored.
+    pub fn release_captured(&mut self, session: &mut Session) {
+        use ort::AsPointer;
+        for id in self.freed_graphs.drain(..) {
+            // SAFETY: `session` is a live session; the status returned is ours to free.
+            unsafe {
+                let status = (ort::api().SessionReleaseCapturedGraph)(session.ptr().cast_mut(), id);
+                if !status.0.is_null() {
+                    (ort::api().ReleaseStatus)(status.0);
+                }
+            }
+            #[cfg(any(test, feature = "test-support"))]
+            self.released.push(id);
+        }
+    }
+
+    #[cfg(any(test, feature = "test-support"))]
+    /// The graph ids of the idle sets (tests).
+    pub fn idle_graph_ids(&self) -> Vec<i32> {
+        self.idle.iter().flat_map(StepBuffers::graph_ids).collect()
+    }
+
+    #[cfg(any(test, feature = "test-support"))]
+    /// The graph ids given to ONNX Runtime for release so far (tests).
+    pub fn released_graphs(&self) -> &[i32] {
+        &self.released
     }
 
     #[cfg(any(test, feature = "test-support"))]
@@ -261,6 +308,11 @@ impl StepBuffers {
     /// The set's number (a request that reuses a set has the same one).
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// The graph ids its steps have run under (one per candidate count and KV set).
+    pub fn graph_ids(&self) -> Vec<i32> {
+        self.tops.iter().flat_map(|t| t.bound.iter().flatten().map(|b| b.graph_id)).collect()
     }
 
     pub fn rows(&self) -> usize {

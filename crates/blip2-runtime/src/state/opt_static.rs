@@ -220,6 +220,7 @@ impl OptStaticState {
         if let Buffers::Fixed(b) = std::mem::replace(&mut self.buffers, Buffers::Released) {
             if let Some(pool) = m.step_pool.as_mut() {
                 pool.put(*b);
+                pool.release_captured(&mut m.lm);
             }
         }
     }
@@ -292,6 +293,7 @@ impl DecoderState for OptStaticState {
                 let mut next = pool.take(b.shape(), rows.len(), b.capacity(), &self.allocator)?;
                 b.kv().gather_into(reorder, rows, next.kv_mut())?;
                 pool.put(std::mem::replace(&mut **b, next));
+                pool.release_captured(&mut m.lm);
             }
             Buffers::Released => return Err(released()),
         }
