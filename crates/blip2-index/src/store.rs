@@ -97,6 +97,27 @@ impl Store {
         identity: &ExportIdentity,
         mode: OpenMode,
     ) -> Result<Store, IndexError> {
+        // A run making the same new file at this moment (its switch to WAL, its first
+        // transaction) can answer "database is locked" at once, past SQLite's busy
+        // handler: try again until the busy timeout.
+        let started = std::time::Instant::now();
+        loop {
+            match Self::open_once(path, identity, mode) {
+                Err(IndexError::Sqlite { source, .. })
+                    if is_busy(&source) && started.elapsed() < BUSY_TIMEOUT =>
+                {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn open_once(
+        path: &Path,
+        identity: &ExportIdentity,
+        mode: OpenMode,
+    ) -> Result<Store, IndexError> {
         let refuse = |message: String| IndexError::Refused { path: path.to_path_buf(), message };
         let sql = |source: rusqlite::Error| {
             if is_damage(&source) {
@@ -139,9 +160,10 @@ impl Store {
         let conn = Connection::open_with_flags(path, flags).map_err(sql)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(sql)?;
         let mut store = Store { conn, path: path.to_path_buf(), identity: identity.clone() };
-        let app: i32 = store.pragma_int("application_id").map_err(sql)?;
+        // The mark and the tables read in one transaction: a run creating the same new file
+        // at this moment is seen either not at all or whole (marked, with its tables).
+        let (app, tables) = store.mark_and_tables().map_err(sql)?;
         if app == 0 {
-            let tables: Vec<String> = store.table_names().map_err(sql)?;
             if !tables.is_empty() {
                 return Err(refuse(format!(
                     "an SQLite database of another application (tables {}), not a blip2-ort index",
@@ -189,10 +211,17 @@ impl Store {
         self.conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get(0))
     }
 
-    fn table_names(&self) -> rusqlite::Result<Vec<String>> {
-        let mut st = self.conn.prepare("SELECT name FROM sqlite_master WHERE type = 'table'")?;
-        let names = st.query_map([], |r| r.get(0))?.collect();
-        names
+    /// `PRAGMA application_id` and, when it is 0, the file's tables, from one snapshot.
+    fn mark_and_tables(&mut self) -> rusqlite::Result<(i32, Vec<String>)> {
+        let tx = self.conn.transaction()?;
+        let app: i32 = tx.query_row("PRAGMA application_id", [], |r| r.get(0))?;
+        let mut tables = Vec::new();
+        if app == 0 {
+            let mut st = tx.prepare("SELECT name FROM sqlite_master WHERE type = 'table'")?;
+            tables = st.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+        }
+        tx.commit()?;
+        Ok((app, tables))
     }
 
     /// Makes the new index's tables, unless a concurrent run made them first.
@@ -413,6 +442,14 @@ impl Writer<'_> {
         }
         Ok(id.is_some())
     }
+}
+
+/// Whether an SQLite error says another connection holds the lock it needed.
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
 }
 
 #[cfg(test)]
