@@ -368,11 +368,19 @@ impl RetrievalModel {
         batch: &TextBatch,
     ) -> Result<Array2<f32>, RuntimeError> {
         let n = batch.ids.shape()[0];
-        let f = feats.repeat(image, n);
+        self.run_itm(&feats.repeat(image, n), batch)
+    }
+
+    /// The ITM graph on row b of `feats` with text b of `batch`: logits `[B, 2]`.
+    fn run_itm(
+        &mut self,
+        feats: &ImageFeatures,
+        batch: &TextBatch,
+    ) -> Result<Array2<f32>, RuntimeError> {
         let out = self
             .itm
             .run(ort::inputs![
-                io::IMAGE_FEATURES => f.value()?,
+                io::IMAGE_FEATURES => feats.value()?,
                 io::INPUT_IDS => Tensor::from_array(batch.ids.clone()).map_err(ort_err(io::INPUT_IDS))?,
                 io::ATTENTION_MASK => Tensor::from_array(batch.mask.clone()).map_err(ort_err(io::ATTENTION_MASK))?,
             ])
@@ -398,20 +406,7 @@ impl RetrievalModel {
                 batch.ids.shape()[0]
             )));
         }
-        let out = self
-            .itm
-            .run(ort::inputs![
-                io::IMAGE_FEATURES => feats.value()?,
-                io::INPUT_IDS => Tensor::from_array(batch.ids.clone()).map_err(ort_err(io::INPUT_IDS))?,
-                io::ATTENTION_MASK => Tensor::from_array(batch.mask.clone()).map_err(ort_err(io::ATTENTION_MASK))?,
-            ])
-            .map_err(ort_err("ITM"))?;
-        let v = out
-            .get(io::ITM_LOGITS)
-            .ok_or_else(|| RuntimeError::MissingOutput(io::ITM_LOGITS.into()))?;
-        let logits: Array2<f32> = to_f32(v)?
-            .into_dimensionality()
-            .map_err(|e| RuntimeError::Input(format!("itm_logits: {e}")))?;
+        let logits = self.run_itm(feats, batch)?;
         Ok(logits.outer_iter().map(|l| match_probability(l[0], l[1])).collect())
     }
 

@@ -193,7 +193,7 @@ impl Scheduler {
         let p = match prefilled {
             Ok(p) => p,
             Err(e) => {
-                tracing_error(&format!("the prefill of {} request(s) failed: {e}", jobs.len()));
+                tracing::error!("the prefill of {} request(s) failed: {e}", jobs.len());
                 let e = Arc::new(e);
                 for q in &jobs {
                     q.req.sink.send(Event::Failed(e.clone()));
@@ -443,7 +443,7 @@ impl Group {
 
     /// Fails the request: it holds no rows from now on.
     fn fail(&mut self, why: &str) {
-        tracing_error(&format!("a request failed: {why}"));
+        tracing::error!("a request failed: {why}");
         self.job.req.sink.send(Event::Failed(Arc::new(RuntimeError::Search(why.to_string()))));
         self.streams.clear();
         self.search = Search::Rows(Vec::new());
@@ -463,7 +463,7 @@ impl Group {
 
 /// Fails every request of `groups` with `e` (a model run they shared).
 fn fail_groups(groups: Vec<Group>, e: RuntimeError) {
-    tracing_error(&format!("generation failed for {} request(s): {e}", groups.len()));
+    tracing::error!("generation failed for {} request(s): {e}", groups.len());
     let e = Arc::new(e);
     for g in groups {
         // A request that failed on its own has heard already.
@@ -514,8 +514,4 @@ fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic".into())
-}
-
-fn tracing_error(msg: &str) {
-    tracing::error!("{msg}");
 }
