@@ -11,9 +11,9 @@ one new token), so holding the GIL in either phase fails it:
   longest pause must be under a quarter of the call;
 - the one the issue names: two threads (a model each, one ONNX Runtime thread each) take
   less than twice the time of one, which holds only if they run at the same time. Timing
-  depends on the machine's load, so the ratio must be under the ratio two threads hashing
-  with hashlib (which releases the GIL) get at the same moment, plus 0.35;
-  the best of three tries counts. On a machine too busy to run two threads at once this
+  depends on the machine, so the ratio must be under 1.9, or under the ratio two threads
+  hashing with hashlib (which releases the GIL) get at the same moment plus 0.35; the
+  best of three tries counts. On a machine too busy to run two threads at once this
   cannot tell, and the ticker check still does.
 """
 
@@ -113,15 +113,21 @@ def ratio(task, pair):
 
 @pytest.mark.parametrize("task", [model_bound, preprocess_bound])
 def test_two_threads_take_less_than_twice_one(task, pair):
-    # Against the machine's own parallelism at the same moment (two threads hashing): on an
-    # idle 2-core machine that is about 1.0, and a call holding the GIL gives about 2.0; on
-    # a loaded one both move up together. Best of three tries.
+    # Calls that held the GIL would run one after the other: two threads would take twice
+    # one thread's time or more. Either bound shows they overlapped:
+    # - under 1.9 times one thread: the issue's "less than twice one", with room for noise
+    #   (on CI's two virtual cores, captioning got 1.6-1.75 where hashing got 1.1-1.3:
+    #   float-heavy work shares the host's cores less well than hashing does);
+    # - under the ratio two threads hashing (hashlib releases the GIL) get at the same
+    #   moment plus 0.35: on a machine too loaded to run two threads at once both ratios
+    #   move up together.
+    # Best of three tries.
     tries = []
     for _ in range(3):
         ref, got = ratio(hashing, pair), ratio(task, pair)
         tries.append((got, ref))
-        if got < ref + 0.35:
+        if got < 1.9 or got < ref + 0.35:
             break
-    assert any(got < ref + 0.35 for got, ref in tries), (
+    assert any(got < 1.9 or got < ref + 0.35 for got, ref in tries), (
         f"two threads took (ratio, hashing's ratio) {tries} times one thread"
     )
