@@ -44,6 +44,11 @@ fn uses(path: &std::path::Path, op: &str) -> bool {
     read_graph(path).unwrap().nodes.iter().any(|n| n.op_type == op)
 }
 
+/// How many nodes of op type `op` the graph in `path` has.
+fn count_op(path: &std::path::Path, op: &str) -> usize {
+    read_graph(path).unwrap().nodes.iter().filter(|n| n.op_type == op).count()
+}
+
 /// Whether the graph in `path` has a node whose name ends with `suffix` (node names are
 /// paths: `/lm/decoder/block.0/attn/Softmax`).
 fn has_node(path: &std::path::Path, suffix: &str) -> bool {
@@ -445,9 +450,14 @@ fn flan_t5_decoder_writes_fixed_buffers_in_place() {
     let lm = dir.join(io::LANGUAGE_MODEL_FILE);
     assert!(uses(&lm, "DecoderMaskedMultiHeadAttention"), "no DecoderMaskedMultiHeadAttention");
     assert!(!has_node(&lm, "present_key/Concat"), "the self-attention cache still grows by Concat");
+    assert!(!has_node(&lm, "attn/Softmax"), "self-attention left unfused");
+    // Cross-attention stays in plain operators: the CUDA kernel of the fused operator
+    // reads its keys in a tiled layout of its own, not the encoder's [B,H,T,D] (on an
+    // H200 it gave 5 of 60 of transformers' tokens), and its CPU kernel cannot show that.
     assert!(
-        !has_node(&lm, "attn/Softmax") && !has_node(&lm, "cross/Softmax"),
-        "attention left unfused"
+        // t5-tiny's decoder has two layers: one fused self-attention each.
+        has_node(&lm, "cross/Softmax") && count_op(&lm, "DecoderMaskedMultiHeadAttention") == 2,
+        "cross-attention fused: DecoderMaskedMultiHeadAttention reads the encoder's keys in another layout on CUDA"
     );
     // T5's RMS norms are one SimplifiedLayerNormalization each, in both T5 graphs.
     for g in [io::LANGUAGE_MODEL_FILE, io::TEXT_ENCODER_FILE] {

@@ -463,20 +463,22 @@ fn decoder_head(
     lm_head(b, &out, &head, d, c.vocab_size, positions)
 }
 
-/// The CUDA-target decoder (`--target cuda`): every attention is ONNX Runtime's
+/// The CUDA-target decoder (`--target cuda`): self-attention is ONNX Runtime's
 /// DecoderMaskedMultiHeadAttention (com.microsoft), which runs one new position a step,
-/// as T5's decoder does from its start token on. Self-attention reads and writes a KV
-/// buffer of a fixed length per layer, bound as both past and present and written in
-/// place at `past_sequence_length`, with T5's relative position bias as the operator's
-/// `attention_bias` and no score scaling (`scale` 1); cross-attention reads the encoder's
-/// keys and values as they are, masked by `encoder_attention_mask`. The decoder picks
-/// tokens on the device as the OPT graph does.
+/// as T5's decoder does from its start token on. It reads and writes a KV buffer of a
+/// fixed length per layer, bound as both past and present and written in place at
+/// `past_sequence_length` (in the operator's own layout, which differs between the CPU
+/// and CUDA kernels; nothing else reads it), with T5's relative position bias as the
+/// operator's `attention_bias` and no score scaling (`scale` 1). Cross-attention is
+/// plain operators over the encoder's keys and values as they are (`[B,H,T,D]`), masked
+/// by `encoder_attention_mask`. The decoder picks tokens on the device as the OPT graph
+/// does.
 ///
 /// ```text
 ///   key_count (P+1) ──Range──position bias for query P over keys 0..=P ─▶ bias [1,H,1,P+1]
 ///   input_ids [B,1] ──Gather(shared)──Cast(fp32) ─▶ h
 ///   h ──▶ block.i: RMSNorm──q, k, v──DMMHA(bias, past.i, P) ─▶ present.i (same buffers)
-///                  ──o──Add; RMSNorm──q──DMMHA(cross.i, encoder mask)──o──Add; RMSNorm──FF──Add
+///                  ──o──Add; RMSNorm──EncDecAttention(cross.i, encoder mask)──Add; RMSNorm──FF──Add
 ///     ──final_layer_norm──[× d_model^-0.5]──lm_head ─▶ logits [B,1,V], next_token, top-k
 /// ```
 pub fn build_decoder_cuda(b: &mut Builder, c: &T5Config, scale_output: bool) -> Result<()> {
@@ -514,12 +516,7 @@ pub fn build_decoder_cuda(b: &mut Builder, c: &T5Config, scale_output: bool) -> 
         &kpos,
         false,
     )?;
-    let mask = b.op(
-        "/lm/decoder/encoder_mask/Cast",
-        "Cast",
-        &[&enc_mask],
-        vec![("to", Attr::Int(Elem::I32 as i64))],
-    );
+    let cross_allowed = key_mask(b, "/lm/decoder/encoder_mask", &enc_mask);
     let heads = || ("num_heads", Attr::Int(c.num_heads as i64));
     let unscaled = || ("scale", Attr::Float(1.0));
 
@@ -583,15 +580,23 @@ pub fn build_decoder_cuda(b: &mut Builder, c: &T5Config, scale_output: bool) -> 
             d,
             c.layer_norm_epsilon,
         )?;
-        let att = format!("{pre}.1.EncDecAttention");
-        let q = proj(b, &format!("{path}/cross/q"), &x, &format!("{att}.q.weight"), d, inner)?;
-        let a = b.ms_op(
-            &format!("{path}/cross/DecoderMaskedMultiHeadAttention"),
-            "DecoderMaskedMultiHeadAttention",
-            &[&q, ck, cv, &mask],
-            vec![heads(), unscaled()],
-        );
-        let a = proj(b, &format!("{path}/cross/o"), &a, &format!("{att}.o.weight"), inner, d)?;
+        // Cross-attention in plain operators: the CUDA kernel of DecoderMaskedMultiHeadAttention
+        // reads every key cache, the encoder's keys included, in its own tiled layout
+        // [B, H, D/x, T, x] (x = 16 bytes of elements), while the CPU kernel and the text
+        // encoder's outputs are [B, H, T, D]: the fused operator gave the GPU other tokens
+        // than the CPU (measured on an H200, 2026-12-04). One query over the encoder's keys
+        // is a few small products either way.
+        let a = t5_attention(
+            b,
+            c,
+            &format!("{path}/cross"),
+            &x,
+            ck,
+            cv,
+            &format!("{pre}.1.EncDecAttention"),
+            None,
+            &cross_allowed,
+        )?;
         h = residual(b, &format!("{path}/cross/residual"), &h, &a);
 
         let x = rms_norm(
