@@ -250,6 +250,53 @@ impl KvCache {
         Ok(())
     }
 
+    /// Static caches: writes every row of this cache into rows `start..start + rows` of
+    /// `target` (a static cache of the same model and capacity with room for them), on
+    /// the device, with the export's `kv_reorder` graph writing into views of `target`'s
+    /// buffers: newcomers' rows joining a running batch. Nothing else of `target` is
+    /// touched.
+    pub fn copy_rows_into(
+        &self,
+        session: &mut Session,
+        target: &mut KvCache,
+        start: usize,
+    ) -> Result<(), RuntimeError> {
+        if target.spec != self.spec
+            || target.capacity() != self.capacity()
+            || self.capacity() == 0
+            || start + self.rows > target.rows
+        {
+            return Err(RuntimeError::Unsupported(format!(
+                "kv_reorder: {} rows of capacity {} do not fit rows {start}.. of {} rows of capacity {}",
+                self.rows,
+                self.capacity(),
+                target.rows,
+                target.capacity()
+            )));
+        }
+        if self.rows == 0 {
+            return Ok(());
+        }
+        let index = Tensor::from_array(ndarray::Array1::from_iter(0..self.rows as i64))
+            .map_err(ort_err("rows"))?;
+        let mut binding =
+            session.create_binding().map_err(ort_err("kv_reorder: creating an IO binding"))?;
+        binding.bind_input(io::ROWS, &index).map_err(ort_err("kv_reorder: binding rows"))?;
+        for (l, (src, dst)) in self.layers.iter().zip(target.layers.iter()).enumerate() {
+            for which in 0..2 {
+                let (past, present) = names(l, which);
+                binding
+                    .bind_input(past, &src[which])
+                    .map_err(ort_err("kv_reorder: binding the rows to copy"))?;
+                rows_view(&dst[which], self.spec, target.rows, start, self.rows)?
+                    .bind(&mut binding, &present)?;
+            }
+        }
+        // Never captured as a CUDA graph: its buffers change from call to call.
+        session.run_binding_with_options(&binding, no_capture()?).map_err(ort_err("kv_reorder"))?;
+        Ok(())
+    }
+
     #[cfg(any(test, feature = "test-support"))]
     /// Where each buffer's data lies, key then value per layer (tests: a static cache
     /// keeps its addresses).
@@ -268,6 +315,56 @@ impl KvCache {
             Layout::Growing => 0,
         }
     }
+}
+
+/// A view of rows `start..start + n` of one static KV buffer `[rows, heads, capacity,
+/// head_dim]` (rows are the outermost axis, so they lie in one block), for binding as an
+/// output; it borrows the buffer's memory without a lifetime: the caller keeps the
+/// buffer alive while a binding holds the view.
+enum RowsView {
+    F16(ort::value::TensorRefMut<'static, half::f16>),
+    F32(ort::value::TensorRefMut<'static, f32>),
+}
+
+impl RowsView {
+    /// Binds the view as the output `name` (the binding keeps the view's value alive).
+    fn bind(self, binding: &mut IoBinding, name: &str) -> Result<(), RuntimeError> {
+        match self {
+            RowsView::F16(v) => binding.bind_output(name, v),
+            RowsView::F32(v) => binding.bind_output(name, v),
+        }
+        .map_err(ort_err(format!("kv_reorder: binding {name}")))
+    }
+}
+
+fn rows_view(
+    buffer: &DynValue,
+    spec: KvSpec,
+    rows: usize,
+    start: usize,
+    n: usize,
+) -> Result<RowsView, RuntimeError> {
+    let tensor = buffer.view().downcast::<DynTensorValueType>().map_err(ort_err("a KV buffer"))?;
+    let dims: Vec<i64> = tensor.shape().iter().copied().collect();
+    if dims.len() != 4 || dims[0] as usize != rows {
+        return Err(RuntimeError::Unsupported(format!("a KV buffer of shape {dims:?}")));
+    }
+    let row_elems = (dims[1] * dims[2] * dims[3]) as usize;
+    let shape = ort::value::Shape::new([n as i64, dims[1], dims[2], dims[3]]);
+    let info = tensor.memory_info().clone();
+    let base = tensor.data_ptr() as *mut u8;
+    // SAFETY: rows `start..start + n` lie inside the buffer (checked against its shape by
+    // the caller), and the caller keeps the buffer alive while the view is bound.
+    unsafe {
+        if spec.fp16 {
+            let data = base.add(start * row_elems * 2).cast();
+            ort::value::TensorRefMut::from_raw(info, data, shape).map(RowsView::F16)
+        } else {
+            let data = base.add(start * row_elems * 4).cast();
+            ort::value::TensorRefMut::from_raw(info, data, shape).map(RowsView::F32)
+        }
+    }
+    .map_err(ort_err("a view of KV rows"))
 }
 
 /// Run options that keep ONNX Runtime from capturing or replaying a CUDA graph for the

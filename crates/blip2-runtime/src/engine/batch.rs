@@ -146,26 +146,31 @@ impl Scheduler {
             fresh.state.release(model);
             return;
         }
-        let joinable = self.batches.iter_mut().find(|b| b.state.joins());
-        let batch = match joinable {
-            Some(running) => match running.state.join(model, fresh.state) {
+        // The first running batch that takes the rows in; else a batch of their own.
+        let mut state = fresh.state;
+        for i in 0..self.batches.len() {
+            if !self.batches[i].state.joins() {
+                continue;
+            }
+            let running = &mut self.batches[i];
+            match running.state.join(model, state) {
                 Ok(()) => {
                     running.groups.append(&mut fresh.groups);
                     self.metrics.batch_rows(running.state.rows());
                     return;
                 }
-                Err(Joined::Refused(state)) => RunBatch { state, groups: fresh.groups },
+                Err(Joined::Refused(back)) => state = back,
                 Err(Joined::Failed(e)) => {
                     // Both states' rows are lost: fail the requests of both.
-                    let i = self.batches.iter().position(|b| b.state.joins()).expect("found");
                     let mut running = self.batches.remove(i);
+                    running.state.release(model);
                     running.groups.append(&mut fresh.groups);
                     fail_groups(running.groups, e);
                     return;
                 }
-            },
-            None => fresh,
-        };
+            }
+        }
+        let batch = RunBatch { state, groups: fresh.groups };
         self.metrics.batch_rows(batch.state.rows());
         self.batches.push(batch);
     }
@@ -188,7 +193,10 @@ impl Scheduler {
             let batch = prompter.assemble(&texts);
             let most_new = jobs.iter().map(|q| q.req.cfg.max_new_tokens).max().unwrap_or(1);
             let image_embeds = embeds.embed(model, pixels)?;
-            state::prefill(model, &batch, image_embeds, most_new)
+            // Buffers as long as a running batch's that takes rows in, so they can join it.
+            let running =
+                self.batches.iter().filter(|b| b.state.joins()).find_map(|b| b.state.capacity());
+            state::prefill_beside(model, &batch, image_embeds, most_new, running)
         })();
         let p = match prefilled {
             Ok(p) => p,

@@ -14,8 +14,10 @@
 //! - **retire**: rows whose sequence ended (an eos, their own `max_tokens`, a stop
 //!   string, a client gone) leave the batch at once ([`DecoderState::select_rows`]).
 //! - Newcomers join the running batch when its decoder state takes rows in
-//!   ([`DecoderState::join`]: OPT's portable graph, left-padded); otherwise they form a
-//!   batch of their own that steps in turn with the others on the same thread.
+//!   ([`DecoderState::join`]: OPT's portable graph, left-padded; OPT's CUDA-target graph,
+//!   rows copied into one set of fixed buffers of the running batch's length, which the
+//!   newcomers' prefill makes theirs when they fit); otherwise they form a batch of their
+//!   own that steps in turn with the others on the same thread.
 //! - A fault in one request's search (an error or a panic) fails that request alone; a
 //!   fault in a model run fails the rows of that run, and the engine goes on.
 //!

@@ -74,6 +74,12 @@ pub trait DecoderState {
         false
     }
 
+    /// Positions each row's buffers hold, for states whose buffers are of a fixed
+    /// length: rows join only buffers of their own length (see [`prefill_beside`]).
+    fn capacity(&self) -> Option<usize> {
+        None
+    }
+
     /// Gives what the state borrowed from the model back to it (pooled step buffers); the
     /// state is finished afterwards.
     fn release(&mut self, _model: &mut Blip2Model) {}
@@ -140,6 +146,20 @@ pub fn prefill(
     image_embeds: ArrayD<f32>,
     max_new_tokens: usize,
 ) -> Result<Prefilled, RuntimeError> {
+    prefill_beside(model, batch, image_embeds, max_new_tokens, None)
+}
+
+/// [`prefill`] for newcomers to a running batch whose buffers hold `running_capacity`
+/// positions a row ([`DecoderState::capacity`]): a state of fixed-length buffers makes
+/// its own that long when its rows fit, so that it can [`DecoderState::join`] the
+/// running batch.
+pub fn prefill_beside(
+    model: &mut Blip2Model,
+    batch: &Batch,
+    image_embeds: ArrayD<f32>,
+    max_new_tokens: usize,
+    running_capacity: Option<usize>,
+) -> Result<Prefilled, RuntimeError> {
     let family = model.manifest.family;
     let start = model.manifest.tokens.decoder_start_token_id.unwrap_or(0);
     if family == blip2_core::Family::T5 {
@@ -163,8 +183,13 @@ pub fn prefill(
         .map(|(ids, m)| Prompt::with_attention_mask(ids.clone(), m))
         .collect();
     if is_static(model) {
-        let (state, logits) =
-            opt_static::OptStaticState::prefill(model, batch, image_embeds, max_new_tokens)?;
+        let (state, logits) = opt_static::OptStaticState::prefill_within(
+            model,
+            batch,
+            image_embeds,
+            max_new_tokens,
+            running_capacity,
+        )?;
         return Ok(Prefilled { state: Box::new(state), prompts, logits });
     }
     let embeds = crate::model::lm_value(model, image_embeds)?;

@@ -23,7 +23,7 @@ use crate::model::{lm_value, Blip2Model};
 use crate::prompt::Batch;
 use crate::state::fixed::{pooled_capacity, StepBuffers, StepShape};
 use crate::state::opt::{kv_spec, no_image_embeds};
-use crate::state::{run_selecting, DecoderState};
+use crate::state::{run_selecting, DecoderState, Joined};
 
 /// Where a request's buffers come from.
 enum Buffers {
@@ -61,6 +61,19 @@ impl OptStaticState {
         image_embeds: ArrayD<f32>,
         max_new_tokens: usize,
     ) -> Result<(Self, Array2<f32>), RuntimeError> {
+        Self::prefill_within(m, batch, image_embeds, max_new_tokens, None)
+    }
+
+    /// [`OptStaticState::prefill`] with buffers of `capacity` positions when the rows fit
+    /// in that many (newcomers to a running batch of that capacity, so that they can
+    /// join it); otherwise as long as they need.
+    pub fn prefill_within(
+        m: &mut Blip2Model,
+        batch: &Batch,
+        image_embeds: ArrayD<f32>,
+        max_new_tokens: usize,
+        capacity: Option<usize>,
+    ) -> Result<(Self, Array2<f32>), RuntimeError> {
         let rows = batch.ids.len();
         let real = batch.unpadded();
         let lens: Vec<usize> = real.iter().map(Vec::len).collect();
@@ -76,13 +89,15 @@ impl OptStaticState {
             Array2::from_shape_fn((rows, longest), |(r, j)| if j < lens[r] { j as i64 } else { 0 });
         let allocator = m.cache_allocator()?;
         let shape = step_shape(m);
+        let need = longest + max_new_tokens;
+        let fits = capacity.filter(|&c| c >= need);
         let (buffers, capacity) = match m.step_pool.as_mut() {
             Some(pool) => {
-                let capacity = pooled_capacity(longest + max_new_tokens);
+                let capacity = fits.unwrap_or_else(|| pooled_capacity(need));
                 (Buffers::Fixed(Box::new(pool.take(shape, rows, capacity, &allocator)?)), capacity)
             }
             None => {
-                let capacity = longest + max_new_tokens;
+                let capacity = fits.unwrap_or(need);
                 (
                     Buffers::Own {
                         cache: KvCache::allocate(shape.kv, rows, capacity, &allocator)?,
@@ -215,6 +230,45 @@ fn step_shape(m: &crate::model::Blip2Model) -> StepShape {
 }
 
 impl OptStaticState {
+    /// [`DecoderState::join`] once checked: `other`'s rows after these, in one new set.
+    fn join_rows(
+        &mut self,
+        m: &mut Blip2Model,
+        other: &mut OptStaticState,
+    ) -> Result<(), RuntimeError> {
+        let (mine, rows) = (self.lens.len(), self.lens.len() + other.lens.len());
+        let spec = kv_spec(m);
+        let reorder = m.kv_reorder.as_mut().expect("checked by join");
+        match (&mut self.buffers, &mut other.buffers) {
+            (Buffers::Own { cache, spare }, Buffers::Own { cache: theirs, .. }) => {
+                let mut both = KvCache::allocate(spec, rows, self.capacity, &self.allocator)?;
+                cache.copy_rows_into(reorder, &mut both, 0)?;
+                theirs.copy_rows_into(reorder, &mut both, mine)?;
+                *cache = both;
+                *spare = None;
+                other.buffers = Buffers::Released;
+            }
+            (Buffers::Fixed(b), Buffers::Fixed(theirs)) => {
+                let pool = m.step_pool.as_mut().expect("fixed buffers come from the pool");
+                let mut both = pool.take(b.shape(), rows, self.capacity, &self.allocator)?;
+                b.kv().copy_rows_into(reorder, both.kv_mut(), 0)?;
+                theirs.kv().copy_rows_into(reorder, both.kv_mut(), mine)?;
+                pool.put(std::mem::replace(&mut **b, both));
+                if let Buffers::Fixed(t) = std::mem::replace(&mut other.buffers, Buffers::Released)
+                {
+                    pool.put(*t);
+                }
+                pool.release_captured(&mut m.lm);
+            }
+            _ => unreachable!("checked by join"),
+        }
+        self.lens.append(&mut other.lens);
+        // The last step's outputs belong to the old set.
+        self.last_logits = None;
+        self.last_graph_id = None;
+        Ok(())
+    }
+
     /// Fixed buffers go back to the model's pool for the next request of their shape.
     fn release_buffers(&mut self, m: &mut Blip2Model) {
         if let Buffers::Fixed(b) = std::mem::replace(&mut self.buffers, Buffers::Released) {
@@ -303,6 +357,35 @@ impl DecoderState for OptStaticState {
 
     fn release(&mut self, m: &mut Blip2Model) {
         self.release_buffers(m);
+    }
+
+    /// Newcomers' rows join after these: a set of buffers for both, the rows of each
+    /// copied into it on the device by the export's `kv_reorder` graph (each row keeps
+    /// its positions: rows are right-padded and carry their own lengths). Both states'
+    /// buffers must be of one length and one kind (own or pooled).
+    fn join(&mut self, m: &mut Blip2Model, other: Box<dyn DecoderState>) -> Result<(), Joined> {
+        let joinable = other.as_any().downcast_ref::<OptStaticState>().is_some_and(|o| {
+            o.capacity == self.capacity
+                && m.kv_reorder.is_some()
+                && matches!(
+                    (&self.buffers, &o.buffers),
+                    (Buffers::Own { .. }, Buffers::Own { .. })
+                        | (Buffers::Fixed(_), Buffers::Fixed(_))
+                )
+        });
+        if !joinable {
+            return Err(Joined::Refused(other));
+        }
+        let mut other = other.into_any().downcast::<OptStaticState>().expect("checked above");
+        self.join_rows(m, &mut other).map_err(Joined::Failed)
+    }
+
+    fn joins(&self) -> bool {
+        !matches!(self.buffers, Buffers::Released)
+    }
+
+    fn capacity(&self) -> Option<usize> {
+        Some(self.capacity)
     }
 
     fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
