@@ -179,7 +179,8 @@ fn run_joined(
     let seqs: Vec<usize> = pending.iter().map(|(_, r)| r.cfg.num_return_sequences).collect();
     pending.extend(extra);
     drop(tx);
-    let mut sched = Scheduler::new(64, Arc::new(NoMetrics));
+    // Batches make room for newcomers as a server's do.
+    let mut sched = Scheduler::new(16, Arc::new(NoMetrics)).with_room();
     let mut embeds = EmbedCache::new(0);
     let (mut joined, mut side_by_side) = (0, 0);
     let mut step = 0;

@@ -250,34 +250,42 @@ impl KvCache {
         Ok(())
     }
 
-    /// Static caches: writes every row of this cache into rows `start..start + rows` of
-    /// `target` (a static cache of the same model and capacity with room for them), on
-    /// the device, with the export's `kv_reorder` graph writing into views of `target`'s
-    /// buffers: newcomers' rows joining a running batch. Nothing else of `target` is
-    /// touched.
+    /// Static caches: writes row `rows[i]` of this cache into row `start + i` of
+    /// `target` (a static cache of the same model and capacity, or this one), on the
+    /// device, with the export's `kv_reorder` graph writing into a view of `target`'s
+    /// rows: a newcomer's rows taking free rows of a running batch, a beam copied into a
+    /// free row. Nothing else of `target` is touched. Within one cache the rows read and
+    /// the rows written must differ.
     pub fn copy_rows_into(
         &self,
         session: &mut Session,
-        target: &mut KvCache,
+        rows: &[usize],
+        target: &KvCache,
         start: usize,
     ) -> Result<(), RuntimeError> {
         if target.spec != self.spec
             || target.capacity() != self.capacity()
             || self.capacity() == 0
-            || start + self.rows > target.rows
+            || start + rows.len() > target.rows
         {
             return Err(RuntimeError::Unsupported(format!(
                 "kv_reorder: {} rows of capacity {} do not fit rows {start}.. of {} rows of capacity {}",
-                self.rows,
+                rows.len(),
                 self.capacity(),
                 target.rows,
                 target.capacity()
             )));
         }
-        if self.rows == 0 {
+        if let Some(&bad) = rows.iter().find(|&&r| r >= self.rows) {
+            return Err(RuntimeError::Input(format!(
+                "kv_reorder: row {bad} of a cache with {} rows",
+                self.rows
+            )));
+        }
+        if rows.is_empty() {
             return Ok(());
         }
-        let index = Tensor::from_array(ndarray::Array1::from_iter(0..self.rows as i64))
+        let index = Tensor::from_array(ndarray::Array1::from_iter(rows.iter().map(|&r| r as i64)))
             .map_err(ort_err("rows"))?;
         let mut binding =
             session.create_binding().map_err(ort_err("kv_reorder: creating an IO binding"))?;
@@ -288,13 +296,18 @@ impl KvCache {
                 binding
                     .bind_input(past, &src[which])
                     .map_err(ort_err("kv_reorder: binding the rows to copy"))?;
-                rows_view(&dst[which], self.spec, target.rows, start, self.rows)?
+                rows_view(&dst[which], self.spec, target.rows, start, rows.len())?
                     .bind(&mut binding, &present)?;
             }
         }
         // Never captured as a CUDA graph: its buffers change from call to call.
         session.run_binding_with_options(&binding, no_capture()?).map_err(ort_err("kv_reorder"))?;
         Ok(())
+    }
+
+    /// Rows of the cache (its first axis).
+    pub fn rows(&self) -> usize {
+        self.rows
     }
 
     #[cfg(any(test, feature = "test-support"))]

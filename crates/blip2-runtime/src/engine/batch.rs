@@ -34,6 +34,8 @@ pub fn row_count(cfg: &GenerationConfig) -> usize {
 pub struct Scheduler {
     batches: Vec<RunBatch>,
     max_batch: usize,
+    /// Rows a new batch makes room for at once ([`Scheduler::with_room`]).
+    room: Option<usize>,
     metrics: Arc<dyn EngineMetrics>,
 }
 
@@ -93,7 +95,7 @@ struct SearchFault(String);
 
 impl Scheduler {
     pub fn new(max_batch: usize, metrics: Arc<dyn EngineMetrics>) -> Self {
-        Scheduler { batches: Vec::new(), max_batch: max_batch.max(1), metrics }
+        Scheduler { batches: Vec::new(), max_batch: max_batch.max(1), room: None, metrics }
     }
 
     /// Whether no request is generating.
@@ -104,6 +106,14 @@ impl Scheduler {
     /// Rows generating, over every batch.
     pub fn rows(&self) -> usize {
         self.batches.iter().map(|b| b.state.rows()).sum()
+    }
+
+    /// Each new batch makes room for `max_batch` rows as it starts
+    /// ([`DecoderState::make_room`]): fixed-length buffers that wide, so newcomers join
+    /// by taking free rows (a server; `infer` keeps its batches as wide as their rows).
+    pub fn with_room(mut self) -> Self {
+        self.room = Some(self.max_batch);
+        self
     }
 
     /// Running batches (tests: newcomers joined the running one, or stepped beside it).
@@ -170,7 +180,14 @@ impl Scheduler {
                 }
             }
         }
-        let batch = RunBatch { state, groups: fresh.groups };
+        let mut batch = RunBatch { state, groups: fresh.groups };
+        if let Some(rows) = self.room {
+            if let Err(e) = batch.state.make_room(model, rows) {
+                batch.state.release(model);
+                fail_groups(batch.groups, e);
+                return;
+            }
+        }
         self.metrics.batch_rows(batch.state.rows());
         self.batches.push(batch);
     }

@@ -15,9 +15,9 @@
 //!   string, a client gone) leave the batch at once ([`DecoderState::select_rows`]).
 //! - Newcomers join the running batch when its decoder state takes rows in
 //!   ([`DecoderState::join`]: OPT's portable graph, left-padded; OPT's CUDA-target graph,
-//!   rows copied into one set of fixed buffers of the running batch's length, which the
-//!   newcomers' prefill makes theirs when they fit); otherwise they form a batch of their
-//!   own that steps in turn with the others on the same thread.
+//!   rows copied into free rows of the running batch's fixed buffers, which the engine
+//!   makes `max_batch` rows wide, [`Scheduler::with_room`]); otherwise they form a batch
+//!   of their own that steps in turn with the others on the same thread.
 //! - A fault in one request's search (an error or a panic) fails that request alone; a
 //!   fault in a model run fails the rows of that run, and the engine goes on.
 //!
@@ -294,7 +294,7 @@ fn run(
     opts: EngineOptions,
     metrics: Arc<dyn EngineMetrics>,
 ) -> Blip2Model {
-    let mut sched = Scheduler::new(opts.max_batch, metrics);
+    let mut sched = Scheduler::new(opts.max_batch, metrics).with_room();
     let mut waiting: std::collections::VecDeque<Queued> = Default::default();
     let mut open = true;
     loop {

@@ -12,11 +12,12 @@
 //! - every output into a buffer of its own, the KV buffers bound as past and present.
 //!
 //! A captured graph is named by its `gpu_graph_id`. Each set of buffers has ids of its
-//! own, one per candidate count and per KV set (beam reorders gather into a second set
-//! and swap), so no graph ever replays against memory it was not captured with. A
+//! own, one per candidate count (rows that move, beams or newcomers, are copied within
+//! the set's KV buffers, which never move), so no graph ever replays against memory it
+//! was not captured with. A
 //! finished request gives its buffers back to the model's [`StepPool`], and the next
 //! request of the same shape takes them, captured graphs included; ids are never reused.
-//! The prefill and beam reorders run uncaptured (`gpu_graph_id` -1): their shapes and
+//! The prefill and the row copies run uncaptured (`gpu_graph_id` -1): their shapes and
 //! buffers change from call to call.
 //!
 //! Everything but the capture itself runs the same way on any provider: on the CPU the
@@ -214,12 +215,12 @@ struct Bound {
 }
 
 /// The outputs that depend on top-k's K, in one block ([`OUT_NEXT`] and the rest), and
-/// the bindings that use them (one per KV set).
+/// the binding that uses them.
 struct TopK {
     k: usize,
     top_k: DynValue,
     out: Packed,
-    bound: [Option<Bound>; 2],
+    bound: Option<Bound>,
 }
 
 /// The parts of the input block.
@@ -250,9 +251,9 @@ pub struct StepBuffers {
     id: u64,
     rows: usize,
     capacity: usize,
-    /// The KV sets: the second is allocated at the first beam reorder.
-    kv: [Option<KvCache>; 2],
-    current: usize,
+    /// The KV buffers, written in place (rows move within them; see
+    /// [`crate::state::opt_static`]).
+    kv: KvCache,
     /// `input_ids`, `position_ids` and `seqlens_k`, written with one copy a step.
     inputs: Packed,
     image_embeds: DynTensor,
@@ -287,8 +288,7 @@ impl StepBuffers {
             id: NEXT_SET.fetch_add(1, Ordering::Relaxed),
             rows,
             capacity,
-            kv: [Some(KvCache::allocate(shape.kv, rows, capacity, allocator)?), None],
-            current: 0,
+            kv: KvCache::allocate(shape.kv, rows, capacity, allocator)?,
             inputs: Packed::allocate(
                 allocator,
                 &[(Int64, vec![rows, 1]), (Int64, vec![rows, 1]), (Int32, vec![rows])],
@@ -310,9 +310,9 @@ impl StepBuffers {
         self.id
     }
 
-    /// The graph ids its steps have run under (one per candidate count and KV set).
+    /// The graph ids its steps have run under (one per candidate count).
     pub fn graph_ids(&self) -> Vec<i32> {
-        self.tops.iter().flat_map(|t| t.bound.iter().flatten().map(|b| b.graph_id)).collect()
+        self.tops.iter().filter_map(|t| t.bound.as_ref().map(|b| b.graph_id)).collect()
     }
 
     pub fn rows(&self) -> usize {
@@ -327,26 +327,24 @@ impl StepBuffers {
         self.capacity
     }
 
-    /// Bytes of its allocated KV sets.
+    /// Bytes of its KV buffers.
     pub fn kv_bytes(&self) -> usize {
         let spec = self.shape.kv;
-        let per_set = 2
-            * spec.layers
+        2 * spec.layers
             * self.rows
             * spec.heads
             * self.capacity
             * spec.head_dim
-            * if spec.fp16 { 2 } else { 4 };
-        per_set * self.kv.iter().flatten().count()
+            * if spec.fp16 { 2 } else { 4 }
     }
 
-    /// The KV set in use.
+    /// The KV buffers.
     pub fn kv(&self) -> &KvCache {
-        self.kv[self.current].as_ref().expect("the current KV set is allocated")
+        &self.kv
     }
 
     pub fn kv_mut(&mut self) -> &mut KvCache {
-        self.kv[self.current].as_mut().expect("the current KV set is allocated")
+        &mut self.kv
     }
 
     /// Writes a step's inputs into the input buffers: each row's token, its position
@@ -375,7 +373,7 @@ impl StepBuffers {
     }
 
     /// Runs the step on `session` with `k` candidates (1 when only the logits or the
-    /// argmax are wanted), binding the buffers the first time this (K, KV set) runs;
+    /// argmax are wanted), binding the buffers the first time this K runs;
     /// returns the graph id it ran under. `allocator` is the model's, for the buffers of
     /// a K not seen before.
     pub fn run(
@@ -392,12 +390,11 @@ impl StepBuffers {
                 self.tops.len() - 1
             }
         };
-        let set = self.current;
-        if self.tops[t].bound[set].is_none() {
+        if self.tops[t].bound.is_none() {
             let bound = self.bind(session, t)?;
-            self.tops[t].bound[set] = Some(bound);
+            self.tops[t].bound = Some(bound);
         }
-        let bound = self.tops[t].bound[set].as_ref().expect("bound above");
+        let bound = self.tops[t].bound.as_ref().expect("bound above");
         self.last = Some(t);
         self.transfers.steps += 1;
         session
@@ -423,7 +420,7 @@ impl StepBuffers {
             k,
             top_k: super::top_k_value(k)?,
             out: Packed::allocate(allocator, &parts)?,
-            bound: [None, None],
+            bound: None,
         })
     }
 
@@ -434,7 +431,7 @@ impl StepBuffers {
         let memory =
             MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)
                 .map_err(ort_err("host memory info"))?;
-        let cache = self.kv[self.current].as_mut().expect("the current KV set is allocated");
+        let cache = &mut self.kv;
         let top = &mut self.tops[t];
         let inputs = &self.inputs;
         let (ids, positions, seqlens) = (
@@ -516,33 +513,6 @@ impl StepBuffers {
         self.transfers.reads += 1;
         a.into_shape_with_order((self.rows, self.shape.vocab))
             .map_err(|_| RuntimeError::MissingOutput("logits of shape [rows, 1, vocab]".into()))
-    }
-
-    /// Beams: new row i is row `rows[i]` (as many rows as before), gathered by
-    /// `kv_reorder` into the other KV set, which becomes the current one.
-    pub fn reorder(
-        &mut self,
-        kv_reorder: &mut Session,
-        rows: &[usize],
-        allocator: &Allocator,
-    ) -> Result<(), RuntimeError> {
-        if rows.len() != self.rows {
-            return Err(RuntimeError::Unsupported("fixed buffers keep their row count".into()));
-        }
-        let other = 1 - self.current;
-        if self.kv[other].is_none() {
-            self.kv[other] =
-                Some(KvCache::allocate(self.shape.kv, self.rows, self.capacity, allocator)?);
-        }
-        let [a, b] = &mut self.kv;
-        let (src, dst) = if self.current == 0 { (a, b) } else { (b, a) };
-        src.as_ref().expect("current set").gather_into(
-            kv_reorder,
-            rows,
-            dst.as_mut().expect("allocated above"),
-        )?;
-        self.current = other;
-        Ok(())
     }
 
     #[cfg(any(test, feature = "test-support"))]

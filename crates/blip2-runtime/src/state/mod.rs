@@ -74,6 +74,13 @@ pub trait DecoderState {
         false
     }
 
+    /// Makes room for `rows` rows in all, so that newcomers can [`DecoderState::join`]
+    /// without new buffers (a server's batch, `--max-batch` rows wide). States that grow
+    /// as rows join have nothing to do.
+    fn make_room(&mut self, _model: &mut Blip2Model, _rows: usize) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+
     /// Positions each row's buffers hold, for states whose buffers are of a fixed
     /// length: rows join only buffers of their own length (see [`prefill_beside`]).
     fn capacity(&self) -> Option<usize> {

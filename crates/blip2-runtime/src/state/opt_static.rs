@@ -7,12 +7,24 @@
 //! tokens on the device: a step returns the logits, the argmax or the top-k
 //! log-probabilities, whichever the search asks for.
 //!
+//! Rows live in the buffers' rows, "slots": row `i` of the state is slot `slot_of[i]`.
+//! A decode step runs every slot (a free one with a pad token at position 0, its output
+//! ignored), so the step's shapes stay the same while rows come and go: a row that ends
+//! frees its slot and nothing moves; a newcomer's rows are copied into free slots (the
+//! export's `kv_reorder` graph writing into views of the running buffers); a beam that
+//! continues twice is copied into a free slot. Only the rows that move are copied, on
+//! the device, and the buffers keep their addresses (one captured CUDA graph for the
+//! running batch whatever its rows). A batch only grows into new buffers when it needs
+//! more slots than it has (beams expanding the rows of `infer`'s batch); the engine
+//! makes a server's batches `--max-batch` slots wide from the start
+//! ([`DecoderState::make_room`]).
+//!
 //! When the model uses fixed step buffers ([`crate::model::Blip2Model::use_fixed_step_buffers`],
 //! for CUDA graphs), the buffers come from the model's pool and every decode step binds
 //! the same tensors; see [`crate::state::fixed`].
 
 use blip2_core::io;
-use ndarray::{Array1, Array2, ArrayD};
+use ndarray::{Array1, Array2, ArrayD, Axis};
 use ort::memory::Allocator;
 use ort::value::{DynValue, Tensor};
 
@@ -28,11 +40,7 @@ use crate::state::{run_selecting, DecoderState, Joined};
 /// Where a request's buffers come from.
 enum Buffers {
     /// Allocated for the request; each step binds what it has.
-    Own {
-        cache: KvCache,
-        /// The previous buffers after a beam reorder, reused by the next one.
-        spare: Option<KvCache>,
-    },
+    Own { cache: KvCache },
     /// Taken from the model's pool: every decode step binds the same tensors.
     Fixed(Box<StepBuffers>),
     /// Given back to the pool: the state has finished.
@@ -41,8 +49,14 @@ enum Buffers {
 
 pub struct OptStaticState {
     buffers: Buffers,
+    /// The buffers' rows.
+    slots: usize,
+    /// Row `i` lives in slot `slot_of[i]`; the other slots are free.
+    slot_of: Vec<usize>,
     /// Tokens each row holds in the cache.
     lens: Vec<usize>,
+    /// What a free slot is fed in a decode step.
+    pad: i64,
     capacity: usize,
     allocator: Allocator,
     /// The last step's logits where the decoder left them, when only part came back.
@@ -101,7 +115,6 @@ impl OptStaticState {
                 (
                     Buffers::Own {
                         cache: KvCache::allocate(shape.kv, rows, capacity, &allocator)?,
-                        spare: None,
                     },
                     capacity,
                 )
@@ -110,7 +123,10 @@ impl OptStaticState {
         let embeds = lm_value(m, image_embeds)?;
         let mut st = Self {
             buffers,
+            slots: rows,
+            slot_of: (0..rows).collect(),
             lens: lens.clone(),
+            pad,
             capacity,
             allocator,
             last_logits: None,
@@ -182,12 +198,13 @@ impl OptStaticState {
         &mut self,
         m: &mut Blip2Model,
         tokens: &[i64],
+        lens: &[usize],
         want: Want,
     ) -> Result<StepOutput, RuntimeError> {
         let Buffers::Fixed(b) = &mut self.buffers else { unreachable!("fixed buffers") };
         let (want, k) = crate::state::answerable(want, b.shape().top_logits);
         m.note_lm_run();
-        b.write_step(tokens, &self.lens)?;
+        b.write_step(tokens, lens)?;
         self.last_graph_id = Some(b.run(&mut m.lm, k, &self.allocator)?);
         b.answer(want)
     }
@@ -230,40 +247,103 @@ fn step_shape(m: &crate::model::Blip2Model) -> StepShape {
 }
 
 impl OptStaticState {
-    /// [`DecoderState::join`] once checked: `other`'s rows after these, in one new set.
-    fn join_rows(
+    /// The step's answer for the rows, from the answer for every slot.
+    fn rows_of(&self, out: StepOutput) -> StepOutput {
+        if self.slot_of.len() == self.slots && self.slot_of.iter().enumerate().all(|(i, &s)| i == s)
+        {
+            return out;
+        }
+        let pick = &self.slot_of;
+        match out {
+            StepOutput::Logits(l) => StepOutput::Logits(l.select(Axis(0), pick)),
+            StepOutput::Argmax(a) => StepOutput::Argmax(pick.iter().map(|&s| a[s]).collect()),
+            StepOutput::TopLogProbs { logprobs, ids } => StepOutput::TopLogProbs {
+                logprobs: logprobs.select(Axis(0), pick),
+                ids: ids.select(Axis(0), pick),
+            },
+            StepOutput::TopLogits { logits, ids } => StepOutput::TopLogits {
+                logits: logits.select(Axis(0), pick),
+                ids: ids.select(Axis(0), pick),
+            },
+        }
+    }
+
+    fn free_slots(&self) -> Vec<usize> {
+        let mut used = vec![false; self.slots];
+        for &s in &self.slot_of {
+            used[s] = true;
+        }
+        (0..self.slots).filter(|&s| !used[s]).collect()
+    }
+
+    /// New buffers of `slots` slots, slot `i` holding the old slot `from[i]`, on the
+    /// device; the state's rows become `rows` (new row i = old row `rows[i]`) in slots
+    /// `0..rows.len()`.
+    fn regather(
+        &mut self,
+        m: &mut Blip2Model,
+        from: &[usize],
+        slots: usize,
+        rows: &[usize],
+    ) -> Result<(), RuntimeError> {
+        m.note_lm_run();
+        let spec = kv_spec(m);
+        let reorder = m.kv_reorder.as_mut().ok_or_else(no_reorder)?;
+        match &mut self.buffers {
+            Buffers::Own { cache } => {
+                let next = KvCache::allocate(spec, slots, self.capacity, &self.allocator)?;
+                cache.copy_rows_into(reorder, from, &next, 0)?;
+                *cache = next;
+            }
+            Buffers::Fixed(b) => {
+                let pool = m.step_pool.as_mut().expect("fixed buffers come from the pool");
+                let next = pool.take(b.shape(), slots, self.capacity, &self.allocator)?;
+                b.kv().copy_rows_into(reorder, from, next.kv(), 0)?;
+                pool.put(std::mem::replace(&mut **b, next));
+                pool.release_captured(&mut m.lm);
+            }
+            Buffers::Released => return Err(released()),
+        }
+        self.lens = rows.iter().map(|&r| self.lens[r]).collect();
+        self.slots = slots;
+        self.slot_of = (0..rows.len()).collect();
+        // The last step's outputs belong to the old buffers.
+        self.last_logits = None;
+        self.last_graph_id = None;
+        Ok(())
+    }
+
+    /// [`DecoderState::join`] once checked: `other`'s rows into the `free` slots, each run
+    /// of consecutive slots with one copy.
+    fn take_in(
         &mut self,
         m: &mut Blip2Model,
         other: &mut OptStaticState,
+        free: &[usize],
     ) -> Result<(), RuntimeError> {
-        let (mine, rows) = (self.lens.len(), self.lens.len() + other.lens.len());
-        let spec = kv_spec(m);
+        let n = other.lens.len();
+        let to = &free[..n];
+        m.note_lm_run();
         let reorder = m.kv_reorder.as_mut().expect("checked by join");
-        match (&mut self.buffers, &mut other.buffers) {
-            (Buffers::Own { cache, spare }, Buffers::Own { cache: theirs, .. }) => {
-                let mut both = KvCache::allocate(spec, rows, self.capacity, &self.allocator)?;
-                cache.copy_rows_into(reorder, &mut both, 0)?;
-                theirs.copy_rows_into(reorder, &mut both, mine)?;
-                *cache = both;
-                *spare = None;
-                other.buffers = Buffers::Released;
-            }
-            (Buffers::Fixed(b), Buffers::Fixed(theirs)) => {
-                let pool = m.step_pool.as_mut().expect("fixed buffers come from the pool");
-                let mut both = pool.take(b.shape(), rows, self.capacity, &self.allocator)?;
-                b.kv().copy_rows_into(reorder, both.kv_mut(), 0)?;
-                theirs.kv().copy_rows_into(reorder, both.kv_mut(), mine)?;
-                pool.put(std::mem::replace(&mut **b, both));
-                if let Buffers::Fixed(t) = std::mem::replace(&mut other.buffers, Buffers::Released)
-                {
-                    pool.put(*t);
-                }
-                pool.release_captured(&mut m.lm);
-            }
+        let (mine, theirs) = match (&self.buffers, &other.buffers) {
+            (Buffers::Own { cache, .. }, Buffers::Own { cache: theirs, .. }) => (cache, theirs),
+            (Buffers::Fixed(b), Buffers::Fixed(t)) => (b.kv(), t.kv()),
             _ => unreachable!("checked by join"),
+        };
+        let mut i = 0;
+        while i < n {
+            let mut j = i + 1;
+            while j < n && to[j] == to[j - 1] + 1 {
+                j += 1;
+            }
+            theirs.copy_rows_into(reorder, &other.slot_of[i..j], mine, to[i])?;
+            i = j;
         }
+        self.slot_of.extend_from_slice(to);
         self.lens.append(&mut other.lens);
-        // The last step's outputs belong to the old set.
+        other.slot_of.clear();
+        other.release_buffers(m);
+        // The last step's outputs do not cover the newcomers.
         self.last_logits = None;
         self.last_graph_id = None;
         Ok(())
@@ -301,57 +381,90 @@ impl DecoderState for OptStaticState {
                 self.capacity
             )));
         }
+        // Every slot steps: a free one holds nothing and is fed a pad token at position 0.
+        let (mut slot_tokens, mut slot_lens) = (vec![self.pad; self.slots], vec![0; self.slots]);
+        for (i, &s) in self.slot_of.iter().enumerate() {
+            slot_tokens[s] = tokens[i];
+            slot_lens[s] = self.lens[i];
+        }
         let out = if matches!(self.buffers, Buffers::Fixed(_)) {
-            self.run_fixed(m, tokens, want)?
+            self.run_fixed(m, &slot_tokens, &slot_lens, want)?
         } else {
-            let ids = Array2::from_shape_fn((rows, 1), |(r, _)| tokens[r]);
-            let pos = Array2::from_shape_fn((rows, 1), |(r, _)| self.lens[r] as i64);
-            let seqlens: Vec<i32> = self.lens.iter().map(|&n| n as i32).collect();
+            let slots = self.slots;
+            let ids = Array2::from_shape_fn((slots, 1), |(s, _)| slot_tokens[s]);
+            let pos = Array2::from_shape_fn((slots, 1), |(s, _)| slot_lens[s] as i64);
+            let seqlens: Vec<i32> = slot_lens.iter().map(|&n| n as i32).collect();
             let total = self.lens.iter().copied().max().unwrap_or(0) as i32 + 1;
-            let no_images = no_image_embeds(m, rows)?;
+            let no_images = no_image_embeds(m, slots)?;
             self.run(m, ids, pos, no_images, &seqlens, total, want)?
         };
         for n in &mut self.lens {
             *n += 1;
         }
-        Ok(out)
+        Ok(self.rows_of(out))
     }
 
     fn last_logits(&mut self, _m: &mut Blip2Model) -> Option<Result<Array2<f32>, RuntimeError>> {
-        match &mut self.buffers {
+        let slots = match &mut self.buffers {
             Buffers::Fixed(b) => self.last_graph_id.map(|_| b.logits()),
             _ => self.last_logits.as_ref().map(crate::state::last_position),
-        }
+        }?;
+        Some(slots.map(|l| l.select(Axis(0), &self.slot_of)))
     }
 
-    /// New row i is old row `rows[i]`: the buffers are gathered on the device by the
-    /// export's `kv_reorder` graph.
+    /// New row i is old row `rows[i]`. Rows keep their slots: a row dropped frees its
+    /// slot, a row taken twice or more (a beam continued by several) is copied into free
+    /// slots on the device by the export's `kv_reorder` graph. Only when the rows
+    /// outnumber the slots does the batch move into new buffers with a slot each.
     fn select_rows(&mut self, m: &mut Blip2Model, rows: &[usize]) -> Result<(), RuntimeError> {
-        m.note_lm_run();
-        let reorder = m.kv_reorder.as_mut().ok_or_else(|| {
-            RuntimeError::Unsupported(
-                "this CUDA-target export has no kv_reorder graph; export it again".into(),
-            )
-        })?;
-        match &mut self.buffers {
-            Buffers::Own { cache, spare } => {
-                cache.reorder_on_device(reorder, rows, spare, &self.allocator)?
+        if let Some(&bad) = rows.iter().find(|&&r| r >= self.lens.len()) {
+            return Err(RuntimeError::Input(format!(
+                "row {bad} of a batch of {} rows",
+                self.lens.len()
+            )));
+        }
+        if matches!(self.buffers, Buffers::Released) {
+            return Err(released());
+        }
+        if rows.len() > self.slots {
+            let from: Vec<usize> = rows.iter().map(|&r| self.slot_of[r]).collect();
+            return self.regather(m, &from, rows.len(), rows);
+        }
+        // The first row taken from each old row keeps its slot; the others get free ones.
+        let mut taken = vec![false; self.slots];
+        let mut slot_of = vec![usize::MAX; rows.len()];
+        let mut first = vec![true; self.lens.len()];
+        for (i, &r) in rows.iter().enumerate() {
+            if std::mem::take(&mut first[r]) {
+                slot_of[i] = self.slot_of[r];
+                taken[self.slot_of[r]] = true;
             }
-            Buffers::Fixed(b) if b.rows() == rows.len() => {
-                b.reorder(reorder, rows, &self.allocator)?
+        }
+        let mut free = (0..self.slots).filter(|&s| !taken[s]);
+        let mut copies = Vec::new();
+        for (i, &r) in rows.iter().enumerate() {
+            if slot_of[i] == usize::MAX {
+                let to = free.next().expect("no more rows than slots");
+                copies.push((self.slot_of[r], to));
+                slot_of[i] = to;
             }
-            Buffers::Fixed(b) => {
-                // A new row count (samples expanded from their prompts, rows leaving): a
-                // set of that shape from the pool, this one back to it.
-                let pool = m.step_pool.as_mut().expect("fixed buffers come from the pool");
-                let mut next = pool.take(b.shape(), rows.len(), b.capacity(), &self.allocator)?;
-                b.kv().gather_into(reorder, rows, next.kv_mut())?;
-                pool.put(std::mem::replace(&mut **b, next));
-                pool.release_captured(&mut m.lm);
+        }
+        if !copies.is_empty() {
+            m.note_lm_run();
+            let reorder = m.kv_reorder.as_mut().ok_or_else(no_reorder)?;
+            let cache = match &self.buffers {
+                Buffers::Own { cache, .. } => cache,
+                Buffers::Fixed(b) => b.kv(),
+                Buffers::Released => return Err(released()),
+            };
+            // Sources keep their slots and targets were free: no copy reads a row
+            // another one writes.
+            for (from, to) in copies {
+                cache.copy_rows_into(reorder, &[from], cache, to)?;
             }
-            Buffers::Released => return Err(released()),
         }
         self.lens = rows.iter().map(|&r| self.lens[r]).collect();
+        self.slot_of = slot_of;
         Ok(())
     }
 
@@ -359,13 +472,16 @@ impl DecoderState for OptStaticState {
         self.release_buffers(m);
     }
 
-    /// Newcomers' rows join after these: a set of buffers for both, the rows of each
-    /// copied into it on the device by the export's `kv_reorder` graph (each row keeps
-    /// its positions: rows are right-padded and carry their own lengths). Both states'
-    /// buffers must be of one length and one kind (own or pooled).
+    /// Newcomers' rows join after these by taking free slots: their buffers' rows are
+    /// copied there on the device by the export's `kv_reorder` graph (each row keeps its
+    /// positions: rows are right-padded and carry their own lengths); no other row
+    /// moves. Both states' buffers must be of one length and one kind (own or pooled),
+    /// and enough slots free.
     fn join(&mut self, m: &mut Blip2Model, other: Box<dyn DecoderState>) -> Result<(), Joined> {
+        let free = self.free_slots();
         let joinable = other.as_any().downcast_ref::<OptStaticState>().is_some_and(|o| {
             o.capacity == self.capacity
+                && o.lens.len() <= free.len()
                 && m.kv_reorder.is_some()
                 && matches!(
                     (&self.buffers, &o.buffers),
@@ -377,7 +493,7 @@ impl DecoderState for OptStaticState {
             return Err(Joined::Refused(other));
         }
         let mut other = other.into_any().downcast::<OptStaticState>().expect("checked above");
-        self.join_rows(m, &mut other).map_err(Joined::Failed)
+        self.take_in(m, &mut other, &free).map_err(Joined::Failed)
     }
 
     fn joins(&self) -> bool {
@@ -388,6 +504,17 @@ impl DecoderState for OptStaticState {
         Some(self.capacity)
     }
 
+    /// Moves the rows into buffers of `rows` slots when they have fewer, so newcomers
+    /// find free slots.
+    fn make_room(&mut self, m: &mut Blip2Model, rows: usize) -> Result<(), RuntimeError> {
+        if rows <= self.slots {
+            return Ok(());
+        }
+        let from = self.slot_of.clone();
+        let keep: Vec<usize> = (0..self.lens.len()).collect();
+        self.regather(m, &from, rows, &keep)
+    }
+
     fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
         self
     }
@@ -395,6 +522,12 @@ impl DecoderState for OptStaticState {
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }
+}
+
+fn no_reorder() -> RuntimeError {
+    RuntimeError::Unsupported(
+        "this CUDA-target export has no kv_reorder graph; export it again".into(),
+    )
 }
 
 fn released() -> RuntimeError {
