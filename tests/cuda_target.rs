@@ -868,3 +868,67 @@ fn freed_step_buffers_release_their_captured_graphs() {
     distinct.dedup();
     assert_eq!(distinct.len(), released.len(), "a graph released twice");
 }
+
+#[test]
+fn rows_join_and_leave_by_slots_and_the_others_never_move() {
+    // A server's batch is several rows ("slots") wide: a newcomer's rows are copied into
+    // free slots after its prompt step, a row that ends frees its own; the buffers, and
+    // with them a captured graph, stay where they are, and every row's logits are those
+    // it gets alone.
+    let dir = export("opt-tiny", "slots");
+    let (batch, embeds) = two_row_prompt("opt-tiny");
+    let one = |r: usize| {
+        (
+            Batch { ids: vec![batch.ids[r].clone()], mask: vec![batch.mask[r].clone()] },
+            embeds.slice(ndarray::s![r..r + 1, .., ..]).to_owned().into_dyn(),
+        )
+    };
+    let logits = |out: StepOutput| match out {
+        StepOutput::Logits(l) => l,
+        other => panic!("logits, not {other:?}"),
+    };
+    // Each row alone, on buffers of its own: its logits after tokens 5, 7 and 9.
+    let mut plain = Blip2Model::load(&dir, &mut session_factory()).unwrap();
+    let mut alone = |r: usize| -> Vec<ndarray::Array2<f32>> {
+        let (b, e) = one(r);
+        let (mut st, _) = OptStaticState::prefill(&mut plain, &b, e, 8).unwrap();
+        [5, 7, 9]
+            .iter()
+            .map(|&t| logits(st.step_for(&mut plain, &[t], Want::Logits).unwrap()))
+            .collect()
+    };
+    let (a0, a1) = (alone(0), alone(1));
+    let close = |what: &str, got: ndarray::ArrayView1<f32>, want: &ndarray::Array2<f32>| {
+        assert_close(what, &got.to_owned().into_dyn(), &want.row(0).to_owned().into_dyn())
+    };
+
+    let mut model = Blip2Model::load(&dir, &mut session_factory()).unwrap();
+    model.use_fixed_step_buffers().unwrap();
+    let (b0, e0) = one(0);
+    let (mut st, _) = OptStaticState::prefill(&mut model, &b0, e0, 8).unwrap();
+    st.make_room(&mut model, 4).unwrap();
+    let l = logits(st.step_for(&mut model, &[5], Want::Logits).unwrap());
+    close("row 0, step 1, alone in 4 slots", l.row(0), &a0[0]);
+    let before = st.fixed_buffers().unwrap();
+
+    // Row 1 joins after its prompt step, in buffers of the running batch's length.
+    let (b1, e1) = one(1);
+    let (newcomer, _) =
+        OptStaticState::prefill_within(&mut model, &b1, e1, 8, st.capacity()).unwrap();
+    if st.join(&mut model, Box::new(newcomer)).is_err() {
+        panic!("the newcomer was not taken in");
+    }
+    assert_eq!(st.rows(), 2);
+    let l = logits(st.step_for(&mut model, &[7, 5], Want::Logits).unwrap());
+    close("row 0, step 2, beside a newcomer", l.row(0), &a0[1]);
+    close("row 1 (the newcomer), step 1", l.row(1), &a1[0]);
+    assert_eq!(st.fixed_buffers().unwrap(), before, "the running buffers and graph moved");
+
+    // Row 0 ends: its slot is freed and nothing moves.
+    st.select_rows(&mut model, &[1]).unwrap();
+    let l = logits(st.step_for(&mut model, &[7], Want::Logits).unwrap());
+    assert_eq!(l.nrows(), 1);
+    close("row 1, step 2, after row 0 left", l.row(0), &a1[1]);
+    assert_eq!(st.fixed_buffers().unwrap(), before, "the buffers moved when a row left");
+    st.release(&mut model);
+}
