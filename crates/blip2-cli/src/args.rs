@@ -50,7 +50,7 @@ fn checked<T>(v: T, check: impl FnOnce(T) -> Result<(), g::ConfigError>) -> Resu
 where
     T: Copy,
 {
-    check(v).map(|()| v).map_err(|e| e.message)
+    check(v).map(|()| v).map_err(|e| e.message.to_string())
 }
 
 pub fn max_new_tokens(s: &str) -> Result<usize, String> {

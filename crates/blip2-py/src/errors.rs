@@ -58,18 +58,20 @@ pub fn python_name(flag: &str) -> String {
     flag.trim_start_matches('-').replace('-', "_")
 }
 
-pub fn generation_error(e: &generation::ConfigError) -> PyErr {
-    PyValueError::new_err(format!("{}: {}", python_name(e.flag), e.message))
+/// The settings in Python's words: the keyword arguments.
+struct PythonNames;
+
+impl generation::Names for PythonNames {
+    fn setting(&self, s: generation::Setting) -> String {
+        python_name(s.flag())
+    }
+    fn greedy(&self) -> String {
+        "do_sample=False, num_beams=1".into()
+    }
 }
 
-/// A runtime message with the command line's generation flags (`--max-new-tokens`) named
-/// as the Python keyword arguments (`max_new_tokens`).
-fn python_flags(msg: &str) -> String {
-    let mut out = msg.to_string();
-    for name in crate::inputs::GENERATION_ARGS {
-        out = out.replace(&format!("--{}", name.replace('_', "-")), name);
-    }
-    out
+pub fn generation_error(e: &generation::ConfigError) -> PyErr {
+    PyValueError::new_err(e.in_words(&PythonNames))
 }
 
 /// An image that could not be read (`what` names it: `images[2]`).
@@ -87,7 +89,8 @@ pub fn runtime_error(input: &str, e: &RuntimeError) -> PyErr {
     match e {
         RuntimeError::Preprocess(p) => preprocess_error("", p),
         RuntimeError::Generation(g) => generation_error(g),
-        RuntimeError::Input(m) => value_error(input, python_flags(m)),
+        RuntimeError::Input(m) => value_error(input, m.clone()),
+        RuntimeError::Room(m) => value_error(input, m.in_words(&PythonNames)),
         RuntimeError::MissingFile(_) => PyFileNotFoundError::new_err(message(e)),
         _ => PyRuntimeError::new_err(message(e)),
     }

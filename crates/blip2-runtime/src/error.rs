@@ -28,6 +28,10 @@ pub enum RuntimeError {
     Generation(#[from] crate::generation::ConfigError),
     #[error("{0}")]
     Input(String),
+    /// A prompt that leaves no room for the new tokens asked for (its message names
+    /// settings: each front end words it, see [`crate::generation::Names`]).
+    #[error("{0}")]
+    Room(crate::generation::Message),
     /// A request's own search could not go on (the engine went on with the others).
     #[error("{0}")]
     Search(String),

@@ -9,6 +9,7 @@ use blip2_core::{Manifest, PromptTemplates};
 use tokenizers::Tokenizer;
 
 use crate::error::RuntimeError;
+use crate::generation::{Message, Setting};
 
 pub struct Prompter {
     tokenizer: Tokenizer,
@@ -146,10 +147,15 @@ impl Prompter {
     /// room for `max_new_tokens` within the language model's positions.
     pub fn check_room(&self, len: usize, max_new_tokens: usize) -> Result<(), RuntimeError> {
         if len + max_new_tokens > self.max_positions {
-            return Err(RuntimeError::Input(format!(
-                "the prompt ({len} tokens) plus --max-new-tokens {max_new_tokens} exceeds the language model's {} positions",
-                self.max_positions
-            )));
+            return Err(RuntimeError::Room(
+                Message::default()
+                    .text(format!("the prompt ({len} tokens) plus "))
+                    .name(Setting::MaxNewTokens)
+                    .text(format!(
+                        " {max_new_tokens} exceeds the language model's {} positions",
+                        self.max_positions
+                    )),
+            ));
         }
         Ok(())
     }
@@ -202,20 +208,26 @@ impl Chat {
         let alone = Chat::default().prompt(&p.templates, question);
         let text = p.text_ids(&alone)?.len();
         let len = p.num_query_tokens + text;
-        let over = if len > p.max_context {
-            format!("over the model's context limit of {}", p.max_context)
-        } else {
-            format!(
-                "which with --max-new-tokens {max_new_tokens} is over the language model's {} positions",
-                p.max_positions
-            )
-        };
-        Err(RuntimeError::Input(format!(
-            "the question alone makes a prompt of {len} tokens ({} image tokens + {text} text tokens), {over}; \
-             shorten it{}",
-            p.num_query_tokens,
-            if len > p.max_context { "" } else { " or lower --max-new-tokens" }
-        )))
+        let head = format!(
+            "the question alone makes a prompt of {len} tokens ({} image tokens + {text} text tokens), ",
+            p.num_query_tokens
+        );
+        if len > p.max_context {
+            return Err(RuntimeError::Input(format!(
+                "{head}over the model's context limit of {}; shorten it",
+                p.max_context
+            )));
+        }
+        Err(RuntimeError::Room(
+            Message::default()
+                .text(format!("{head}which with "))
+                .name(Setting::MaxNewTokens)
+                .text(format!(
+                    " {max_new_tokens} is over the language model's {} positions; shorten it or lower ",
+                    p.max_positions
+                ))
+                .name(Setting::MaxNewTokens),
+        ))
     }
 
     pub fn push(&mut self, question: &str, answer: &str) {

@@ -676,13 +676,13 @@ fn validation_names_the_flag() {
     ];
     for (cfg, flag) in bad {
         let err = validate(&cfg).expect_err(&format!("{cfg:?} should be rejected"));
-        assert_eq!(err.flag, flag, "{err}");
+        assert_eq!(err.setting.flag(), flag, "{err}");
         assert!(err.to_string().starts_with(flag));
         // generate refuses before touching the model
         let (mut toy, prompts) = Toy::new("plain", "one");
         let first = toy.logits_now();
         match generate(&mut toy, &prompts, first, &cfg) {
-            Err(GenerationError::Config(e)) => assert_eq!(e.flag, flag),
+            Err(GenerationError::Config(e)) => assert_eq!(e.setting.flag(), flag),
             other => panic!("expected a config error for {flag}, got {other:?}"),
         }
         assert_eq!(toy.steps, 0);
@@ -708,7 +708,7 @@ fn validation_names_the_flag() {
     }
     assert_eq!("never".parse::<EarlyStopping>().unwrap(), EarlyStopping::Never);
     assert_eq!("True".parse::<EarlyStopping>().unwrap(), EarlyStopping::True);
-    assert_eq!("maybe".parse::<EarlyStopping>().unwrap_err().flag, "--early-stopping");
+    assert_eq!("maybe".parse::<EarlyStopping>().unwrap_err().setting.flag(), "--early-stopping");
 }
 
 #[test]

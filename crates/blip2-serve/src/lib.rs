@@ -437,9 +437,7 @@ async fn prepare(
             .map_err(|err| ApiError::bad_param(err.to_string(), "prompt"))?;
         e.prompter
             .check_room(e.prompter.num_query_tokens + text_ids.len(), cfg.max_new_tokens)
-            .map_err(|err| {
-                ApiError::bad_param(openai::in_request_terms(&err.to_string()), "max_tokens")
-            })?;
+            .map_err(ApiError::from)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let sink = Box::new(EventSender(tx));
         let job = Job { pixels, text_ids, cfg, stop, first_stream: 0, sink };
@@ -551,9 +549,7 @@ async fn respond(
                 }))
                 .into_response());
             }
-            Some(Event::Failed(e)) => {
-                return Err(ApiError::internal(format!("generation failed: {e}")))
-            }
+            Some(Event::Failed(e)) => return Err(ApiError::from(&*e).during("generation")),
             None => return Err(ApiError::internal("generation ended without a result")),
         }
     }
@@ -655,9 +651,10 @@ fn stream(
                     break;
                 }
                 Some(Event::Failed(e)) => {
-                    send(SseEvent::default().data(
-                        ApiError::internal(format!("generation failed: {e}")).body().to_string(),
-                    ))
+                    send(
+                        SseEvent::default()
+                            .data(ApiError::from(&*e).during("generation").body().to_string()),
+                    )
                     .await;
                     break;
                 }

@@ -222,7 +222,7 @@ pub fn chat_prompt(
     let mut chat = Chat { turns: c.turns.clone() };
     let (prompt, dropped) = chat
         .fit(prompter, &c.question, max_new_tokens)
-        .map_err(|e| ApiError::bad_param(in_request_terms(&e.to_string()), "messages"))?;
+        .map_err(|e| ApiError::from(e).for_param("messages"))?;
     if dropped > 0 {
         tracing::info!("dropped the {dropped} oldest turn(s) of a conversation to fit the context");
     }
@@ -321,54 +321,8 @@ pub fn search_settings(
     if s.best_of.is_some_and(|b| b > 1) {
         return Err(ApiError::bad_param("best_of is not supported; use num_beams", "best_of"));
     }
-    generation::validate(&cfg)
-        .map_err(|e| ApiError::bad_param(in_request_terms(&e.message), param_of_flag(e.flag)))?;
+    generation::validate(&cfg).map_err(|e| ApiError::from(&e))?;
     Ok(cfg)
-}
-
-/// A message of the search's checks, which speak of command-line flags, in the words of
-/// the request's parameters.
-pub fn in_request_terms(message: &str) -> String {
-    let mut m = message.replace(
-        "greedy search (no --do-sample, --num-beams 1)",
-        "greedy search (temperature 0 or unset, num_beams 1)",
-    );
-    m = m.replace(
-        "use --num-beams or --do-sample for more",
-        "use num_beams, or a temperature above 0, for more",
-    );
-    m = m.replace("for greedy search leave out --do-sample", "temperature 0 means greedy search");
-    for (flag, param) in [
-        ("--max-new-tokens", "max_tokens"),
-        ("--min-new-tokens", "min_tokens"),
-        ("--num-return-sequences", "n"),
-        ("--num-beams", "num_beams"),
-        ("--repetition-penalty", "repetition_penalty"),
-        ("--length-penalty", "length_penalty"),
-        ("--temperature", "temperature"),
-        ("--top-p", "top_p"),
-        ("--top-k", "top_k"),
-        ("--do-sample", "a temperature above 0"),
-    ] {
-        m = m.replace(flag, param);
-    }
-    m
-}
-
-/// The request parameter behind a command-line flag named in a settings error.
-fn param_of_flag(flag: &str) -> &'static str {
-    match flag {
-        "--max-new-tokens" => "max_tokens",
-        "--min-new-tokens" => "min_tokens",
-        "--num-beams" => "num_beams",
-        "--num-return-sequences" => "n",
-        "--repetition-penalty" => "repetition_penalty",
-        "--length-penalty" => "length_penalty",
-        "--temperature" => "temperature",
-        "--top-p" => "top_p",
-        "--top-k" => "top_k",
-        _ => "",
-    }
 }
 
 /// Parameters that take a whole number, and those that take any number, in both endpoints.

@@ -170,8 +170,8 @@ impl RowSearch {
     ) -> Result<Self, super::ConfigError> {
         super::validate(cfg)?;
         if cfg.num_beams > 1 {
-            return Err(super::ConfigError::new(
-                "--num-beams",
+            return Err(super::ConfigError::plain(
+                super::Setting::NumBeams,
                 "a row search is greedy search or sampling",
             ));
         }

@@ -135,8 +135,8 @@ impl FromStr for EarlyStopping {
             "true" => Ok(EarlyStopping::True),
             "false" => Ok(EarlyStopping::False),
             "never" => Ok(EarlyStopping::Never),
-            _ => Err(ConfigError::new(
-                "--early-stopping",
+            _ => Err(ConfigError::plain(
+                Setting::EarlyStopping,
                 format!("must be true, false or never, not {s:?}"),
             )),
         }
@@ -273,18 +273,127 @@ impl Prompt {
     }
 }
 
-/// A setting, or a combination of settings, that generation cannot run with. `flag` names the
-/// command-line flag at fault.
+/// A generation setting. Errors carry these, not names: each front end names them in its
+/// own words ([`Names`]: command-line flags, a server's request parameters, Python's
+/// keyword arguments).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Setting {
+    MaxNewTokens,
+    MinNewTokens,
+    NumBeams,
+    NumReturnSequences,
+    RepetitionPenalty,
+    LengthPenalty,
+    Temperature,
+    TopP,
+    DoSample,
+    EarlyStopping,
+}
+
+impl Setting {
+    /// The command-line flag.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Setting::MaxNewTokens => "--max-new-tokens",
+            Setting::MinNewTokens => "--min-new-tokens",
+            Setting::NumBeams => "--num-beams",
+            Setting::NumReturnSequences => "--num-return-sequences",
+            Setting::RepetitionPenalty => "--repetition-penalty",
+            Setting::LengthPenalty => "--length-penalty",
+            Setting::Temperature => "--temperature",
+            Setting::TopP => "--top-p",
+            Setting::DoSample => "--do-sample",
+            Setting::EarlyStopping => "--early-stopping",
+        }
+    }
+}
+
+/// How a front end names the settings in its messages.
+pub trait Names {
+    /// The setting's name (`--top-p`, `top_p`).
+    fn setting(&self, s: Setting) -> String;
+    /// How greedy search is asked for (`no --do-sample, --num-beams 1`).
+    fn greedy(&self) -> String;
+}
+
+/// The command line's names: flags.
+pub struct Flags;
+
+impl Names for Flags {
+    fn setting(&self, s: Setting) -> String {
+        s.flag().to_string()
+    }
+    fn greedy(&self) -> String {
+        "no --do-sample, --num-beams 1".into()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Piece {
+    Text(String),
+    Name(Setting),
+    Greedy,
+}
+
+/// A message that names settings, worded by each front end ([`Message::in_words`]); its
+/// `Display` uses the command line's flags.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Message(Vec<Piece>);
+
+impl Message {
+    pub fn text(mut self, t: impl Into<String>) -> Self {
+        self.0.push(Piece::Text(t.into()));
+        self
+    }
+    pub fn name(mut self, s: Setting) -> Self {
+        self.0.push(Piece::Name(s));
+        self
+    }
+    pub fn greedy(mut self) -> Self {
+        self.0.push(Piece::Greedy);
+        self
+    }
+    /// The message with `names`' names for the settings.
+    pub fn in_words(&self, names: &dyn Names) -> String {
+        self.0
+            .iter()
+            .map(|p| match p {
+                Piece::Text(t) => t.clone(),
+                Piece::Name(s) => names.setting(*s),
+                Piece::Greedy => names.greedy(),
+            })
+            .collect()
+    }
+}
+
+impl std::fmt::Display for Message {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.in_words(&Flags))
+    }
+}
+
+/// A setting, or a combination of settings, that generation cannot run with: `setting` is
+/// the one at fault. Its `Display` is the command line's (`--top-p: has to be ...`); other
+/// front ends word it with [`ConfigError::in_words`].
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{flag}: {message}")]
+#[error("{}: {message}", setting.flag())]
 pub struct ConfigError {
-    pub flag: &'static str,
-    pub message: String,
+    pub setting: Setting,
+    pub message: Message,
 }
 
 impl ConfigError {
-    fn new(flag: &'static str, message: impl Into<String>) -> Self {
-        ConfigError { flag, message: message.into() }
+    fn new(setting: Setting, message: Message) -> Self {
+        ConfigError { setting, message }
+    }
+
+    fn plain(setting: Setting, text: impl Into<String>) -> Self {
+        ConfigError { setting, message: Message::default().text(text) }
+    }
+
+    /// `setting: message`, both in `names`' words.
+    pub fn in_words(&self, names: &dyn Names) -> String {
+        format!("{}: {}", names.setting(self.setting), self.message.in_words(names))
     }
 }
 
@@ -315,43 +424,54 @@ pub fn validate(cfg: &GenerationConfig) -> Result<(), ConfigError> {
     if cfg.num_return_sequences > 1 {
         if cfg.num_beams == 1 && !cfg.do_sample {
             return Err(ConfigError::new(
-                "--num-return-sequences",
-                format!(
-                    "greedy search (no --do-sample, --num-beams 1) returns exactly one sequence, got {}; \
-                     use --num-beams or --do-sample for more",
-                    cfg.num_return_sequences
-                ),
+                Setting::NumReturnSequences,
+                Message::default()
+                    .text("greedy search (")
+                    .greedy()
+                    .text(format!(
+                        ") returns exactly one sequence, got {}; use ",
+                        cfg.num_return_sequences
+                    ))
+                    .name(Setting::NumBeams)
+                    .text(" or ")
+                    .name(Setting::DoSample)
+                    .text(" for more"),
             ));
         }
         if cfg.num_beams > 1 && cfg.num_return_sequences > cfg.num_beams {
             return Err(ConfigError::new(
-                "--num-return-sequences",
-                format!(
-                    "({}) has to be smaller or equal to --num-beams ({})",
-                    cfg.num_return_sequences, cfg.num_beams
-                ),
+                Setting::NumReturnSequences,
+                Message::default()
+                    .text(format!("({}) has to be smaller or equal to ", cfg.num_return_sequences))
+                    .name(Setting::NumBeams)
+                    .text(format!(" ({})", cfg.num_beams)),
             ));
         }
     }
     if cfg.min_new_tokens > cfg.max_new_tokens {
+        let (min, max) = (Setting::MinNewTokens, Setting::MaxNewTokens);
         return Err(ConfigError::new(
-            "--min-new-tokens",
-            format!(
-                "{} is more than --max-new-tokens ({}): generation stops at --max-new-tokens, so the minimum could \
-                 never be met; lower --min-new-tokens or raise --max-new-tokens",
-                cfg.min_new_tokens, cfg.max_new_tokens
-            ),
+            min,
+            Message::default()
+                .text(format!("{} is more than ", cfg.min_new_tokens))
+                .name(max)
+                .text(format!(" ({}): generation stops at ", cfg.max_new_tokens))
+                .name(max)
+                .text(", so the minimum could never be met; lower ")
+                .name(min)
+                .text(" or raise ")
+                .name(max),
         ));
     }
     check_repetition_penalty(cfg.repetition_penalty)?;
     check_length_penalty(cfg.length_penalty)?;
     check_temperature(cfg.temperature).map_err(|mut e| {
         if cfg.temperature == 0.0 {
-            e.message.push_str(if cfg.do_sample {
-                "; for greedy search leave out --do-sample"
+            e.message = if cfg.do_sample {
+                e.message.text("; for greedy search leave out ").name(Setting::DoSample)
             } else {
-                "; greedy search needs no temperature: leave it out"
-            });
+                e.message.text("; greedy search needs no temperature: leave it out")
+            };
         }
         e
     })?;
@@ -365,13 +485,13 @@ pub fn validate(cfg: &GenerationConfig) -> Result<(), ConfigError> {
 /// is held to the same bound. Checked where the model is known (the search itself needs
 /// no vocabulary).
 pub fn check_vocab(cfg: &GenerationConfig, vocab: usize) -> Result<(), ConfigError> {
-    for (flag, v, what) in [
-        ("--num-beams", cfg.num_beams, "beams"),
-        ("--num-return-sequences", cfg.num_return_sequences, "sequences per input"),
+    for (setting, v, what) in [
+        (Setting::NumBeams, cfg.num_beams, "beams"),
+        (Setting::NumReturnSequences, cfg.num_return_sequences, "sequences per input"),
     ] {
         if v > vocab {
-            return Err(ConfigError::new(
-                flag,
+            return Err(ConfigError::plain(
+                setting,
                 format!(
                     "{v} {what} are more than the language model's vocabulary of {vocab} tokens allows; use at most {vocab}"
                 ),
@@ -384,7 +504,7 @@ pub fn check_vocab(cfg: &GenerationConfig, vocab: usize) -> Result<(), ConfigErr
 /// `--max-new-tokens`: at least 1.
 pub fn check_max_new_tokens(v: usize) -> Result<(), ConfigError> {
     if v == 0 {
-        return Err(ConfigError::new("--max-new-tokens", "must be greater than 0"));
+        return Err(ConfigError::plain(Setting::MaxNewTokens, "must be greater than 0"));
     }
     Ok(())
 }
@@ -392,7 +512,7 @@ pub fn check_max_new_tokens(v: usize) -> Result<(), ConfigError> {
 /// `--num-beams`: at least 1.
 pub fn check_num_beams(v: usize) -> Result<(), ConfigError> {
     if v == 0 {
-        return Err(ConfigError::new("--num-beams", "must be at least 1"));
+        return Err(ConfigError::plain(Setting::NumBeams, "must be at least 1"));
     }
     Ok(())
 }
@@ -400,7 +520,7 @@ pub fn check_num_beams(v: usize) -> Result<(), ConfigError> {
 /// `--num-return-sequences`: at least 1.
 pub fn check_num_return_sequences(v: usize) -> Result<(), ConfigError> {
     if v == 0 {
-        return Err(ConfigError::new("--num-return-sequences", "must be at least 1"));
+        return Err(ConfigError::plain(Setting::NumReturnSequences, "must be at least 1"));
     }
     Ok(())
 }
@@ -408,8 +528,8 @@ pub fn check_num_return_sequences(v: usize) -> Result<(), ConfigError> {
 /// `--repetition-penalty`: a finite number above 0.
 pub fn check_repetition_penalty(v: f64) -> Result<(), ConfigError> {
     if !(v > 0.0 && v.is_finite()) {
-        return Err(ConfigError::new(
-            "--repetition-penalty",
+        return Err(ConfigError::plain(
+            Setting::RepetitionPenalty,
             format!("has to be a strictly positive number, but is {v}"),
         ));
     }
@@ -419,7 +539,10 @@ pub fn check_repetition_penalty(v: f64) -> Result<(), ConfigError> {
 /// `--length-penalty`: finite (negative values favour shorter beams).
 pub fn check_length_penalty(v: f64) -> Result<(), ConfigError> {
     if !v.is_finite() {
-        return Err(ConfigError::new("--length-penalty", format!("has to be finite, but is {v}")));
+        return Err(ConfigError::plain(
+            Setting::LengthPenalty,
+            format!("has to be finite, but is {v}"),
+        ));
     }
     Ok(())
 }
@@ -427,8 +550,8 @@ pub fn check_length_penalty(v: f64) -> Result<(), ConfigError> {
 /// `--temperature`: a finite number above 0.
 pub fn check_temperature(v: f64) -> Result<(), ConfigError> {
     if !(v > 0.0 && v.is_finite()) {
-        return Err(ConfigError::new(
-            "--temperature",
+        return Err(ConfigError::plain(
+            Setting::Temperature,
             format!("has to be a strictly positive number, but is {v}"),
         ));
     }
@@ -438,7 +561,7 @@ pub fn check_temperature(v: f64) -> Result<(), ConfigError> {
 /// `--top-p`: in (0, 1].
 pub fn check_top_p(v: f64) -> Result<(), ConfigError> {
     if !(v > 0.0 && v <= 1.0) {
-        return Err(ConfigError::new("--top-p", format!("has to be in (0, 1], but is {v}")));
+        return Err(ConfigError::plain(Setting::TopP, format!("has to be in (0, 1], but is {v}")));
     }
     Ok(())
 }
