@@ -625,7 +625,7 @@ pub fn build_decoder_cuda(b: &mut Builder, c: &T5Config, scale_output: bool) -> 
 ///
 /// ```text
 ///   input_ids ──Gather(shared)──Cast(fp32) ─▶ h
-///   h ──▶ block.i: RMSNorm──SelfAttention(past, +causal bias)──Add
+///   h ──▶ block.i: RMSNorm──SelfAttention(past, +position bias, causal ∧ decoder_attention_mask)──Add
 ///                  RMSNorm──EncDecAttention(cross.i, encoder_attention_mask)──Add
 ///                  RMSNorm──FF──Add
 ///     ──final_layer_norm──[× d_model^-0.5]──lm_head ─▶ logits (float32)
@@ -642,6 +642,14 @@ pub fn build_decoder(b: &mut Builder, c: &T5Config, scale_output: bool) -> Resul
     );
     let kv = |len: &str| kv_dims(c, len);
     let (cross, past) = decoder_caches(b, c, io::DIM_PAST_SEQUENCE);
+    // Which cached and new positions each row holds (0: left padding), so rows of
+    // different lengths share a batch; T5's position bias depends only on the distance
+    // between positions, which left padding leaves as it is.
+    let dec_mask = b.input(
+        io::DECODER_ATTENTION_MASK,
+        Elem::I64,
+        vec![named(io::DIM_BATCH), named(io::DIM_TOTAL_SEQUENCE)],
+    );
     let mut h = decoder_embeddings(b, c, &ids)?;
 
     // Positions: the new tokens follow the cached ones.
@@ -663,6 +671,8 @@ pub fn build_decoder(b: &mut Builder, c: &T5Config, scale_output: bool) -> Resul
         false,
     )?;
     let cross_allowed = key_mask(b, "/lm/decoder/encoder_mask", &enc_mask);
+    let held = key_mask(b, "/lm/decoder/self_mask", &dec_mask);
+    let causal = b.op("/lm/decoder/self_mask/And", "And", &[&causal, &held], vec![]);
 
     for (i, ((pk, pv), (ck, cv))) in past.iter().zip(&cross).enumerate() {
         let pre = format!("{P}.decoder.block.{i}.layer");

@@ -62,6 +62,9 @@ pub const ROWS: &str = "rows";
 // cross-attention keys and values, computed once per prompt.
 pub const ENCODER_HIDDEN_STATES: &str = "encoder_hidden_states";
 pub const ENCODER_ATTENTION_MASK: &str = "encoder_attention_mask";
+/// int64 `[batch, past + sequence]` (the portable Flan-T5 decoder): 1 for each position a
+/// row holds, 0 for left padding, so rows of different lengths share a batch.
+pub const DECODER_ATTENTION_MASK: &str = "decoder_attention_mask";
 
 pub fn cross_key(layer: usize) -> String {
     format!("cross.{layer}.key")

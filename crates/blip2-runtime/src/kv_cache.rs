@@ -151,12 +151,35 @@ impl KvCache {
                 "only growing KV caches of one model can be joined".into(),
             ));
         }
+        self.join_padded(other, true)
+    }
+
+    /// Static caches of values computed once (Flan-T5's cross-attention keys and values,
+    /// their length the encoder's): appends `other`'s rows after these, both right-padded
+    /// with zeros to the longer length, in host memory (the encoder mask marks the
+    /// padding).
+    pub fn join_right_padded(&mut self, other: KvCache) -> Result<(), RuntimeError> {
+        if self.layout == Layout::Growing
+            || other.layout == Layout::Growing
+            || self.spec != other.spec
+        {
+            return Err(RuntimeError::Unsupported(
+                "only fixed-length caches of one model can be joined right-padded".into(),
+            ));
+        }
+        let len = self.capacity().max(other.capacity());
+        self.join_padded(other, false)?;
+        self.layout = Layout::Static { capacity: len };
+        Ok(())
+    }
+
+    fn join_padded(&mut self, other: KvCache, left: bool) -> Result<(), RuntimeError> {
         for (kv, okv) in self.layers.iter_mut().zip(other.layers) {
             for (v, o) in kv.iter_mut().zip(okv) {
                 *v = if self.spec.fp16 {
-                    join_left_padded::<half::f16>(v, &o)?
+                    join_padded::<half::f16>(v, &o, left)?
                 } else {
-                    join_left_padded::<f32>(v, &o)?
+                    join_padded::<f32>(v, &o, left)?
                 };
             }
         }
@@ -441,7 +464,7 @@ fn on_host(v: &DynValue) -> Result<Option<DynValue>, RuntimeError> {
 
 /// `a` and `b` (`[rows, heads, len, head_dim]`) one after the other along the rows, the
 /// shorter left-padded with zeros along `len`, as a host tensor.
-fn join_left_padded<T>(a: &DynValue, b: &DynValue) -> Result<DynValue, RuntimeError>
+fn join_padded<T>(a: &DynValue, b: &DynValue, left: bool) -> Result<DynValue, RuntimeError>
 where
     T: ort::value::PrimitiveTensorElementType + Clone + std::fmt::Debug + Default + 'static,
 {
@@ -455,15 +478,16 @@ where
     shape[2] = len;
     let mut out = ArrayD::<T>::from_elem(IxDyn(&shape), T::default());
     let ra = a.shape()[0];
+    let at = |l: usize| if left { len - l..len } else { 0..l };
     out.slice_each_axis_mut(|ax| match ax.axis.index() {
         0 => ndarray::Slice::from(..ra),
-        2 => ndarray::Slice::from(len - la..),
+        2 => ndarray::Slice::from(at(la)),
         _ => ndarray::Slice::from(..),
     })
     .assign(&a);
     out.slice_each_axis_mut(|ax| match ax.axis.index() {
         0 => ndarray::Slice::from(ra..),
-        2 => ndarray::Slice::from(len - lb..),
+        2 => ndarray::Slice::from(at(lb)),
         _ => ndarray::Slice::from(..),
     })
     .assign(&b);

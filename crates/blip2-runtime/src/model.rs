@@ -44,6 +44,9 @@ pub struct LmSignature {
     pub logits_to_keep: bool,
     /// The graph takes and returns fp16 tensors.
     pub fp16: bool,
+    /// Flan-T5's portable decoder masks its self-attention per row
+    /// (`decoder_attention_mask`; exports made before it take none), so rows join.
+    pub decoder_mask: bool,
 }
 
 impl LmSignature {
@@ -63,6 +66,7 @@ impl LmSignature {
             selects_tokens: output(io::NEXT_TOKEN),
             top_logits: output(io::TOP_LOGITS),
             logits_to_keep: input(io::LOGITS_TO_KEEP),
+            decoder_mask: input(io::DECODER_ATTENTION_MASK),
             fp16: m
                 .graphs
                 .qformer

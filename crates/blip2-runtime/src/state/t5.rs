@@ -15,7 +15,7 @@ use crate::generation::{StepOutput, Want};
 use crate::kv_cache::{select_rows_of, KvCache};
 use crate::model::{float_value, to_f32, Blip2Model};
 use crate::state::opt::{kv_spec, run_decoder};
-use crate::state::{run_selecting, DecoderState};
+use crate::state::{run_selecting, DecoderState, Joined};
 
 /// Encoder-decoder (T5) state: the cross-attention cache the text encoder computed once,
 /// the encoder mask, and the decoder's self-attention cache.
@@ -32,6 +32,9 @@ pub struct T5State {
     fixed: Option<Fixed>,
     /// The last step's logits where the decoder left them, when only part came back.
     last_logits: Option<DynValue>,
+    /// Portable decoders with `decoder_attention_mask`: per row, which positions of the
+    /// self-attention cache it holds (0: left padding from joining a longer batch).
+    self_mask: Option<Vec<Vec<i64>>>,
 }
 
 struct Fixed {
@@ -77,7 +80,9 @@ impl T5State {
         } else {
             (KvCache::empty(spec, rows)?, None)
         };
-        let mut st = Self { cross, enc_mask, cache, selects, fixed, last_logits: None };
+        let self_mask =
+            (fixed.is_none() && m.signature.decoder_mask).then(|| vec![Vec::new(); rows]);
+        let mut st = Self { cross, enc_mask, cache, selects, fixed, last_logits: None, self_mask };
         let logits = st.step(m, &vec![decoder_start; rows])?;
         Ok((st, logits))
     }
@@ -124,8 +129,21 @@ impl T5State {
             ]),
             None => None,
         };
+        let held = match &self.self_mask {
+            Some(rows_held) => {
+                let len = rows_held.first().map_or(0, Vec::len) + 1;
+                let a = Array2::from_shape_fn((rows, len), |(r, j)| {
+                    rows_held.get(r).and_then(|h| h.get(j)).copied().unwrap_or(1)
+                });
+                Some(Tensor::from_array(a).map_err(ort_err("decoder_attention_mask"))?.into_dyn())
+            }
+            None => None,
+        };
         let mut inputs: Vec<(&str, &DynValue)> =
             vec![(io::INPUT_IDS, &ids), (io::ENCODER_ATTENTION_MASK, &mask)];
+        if let Some(h) = &held {
+            inputs.push((io::DECODER_ATTENTION_MASK, h));
+        }
         if let Some([p, k]) = &past {
             inputs.push((io::PAST_SEQUENCE_LENGTH, p));
             inputs.push((io::KEY_COUNT, k));
@@ -157,7 +175,55 @@ impl T5State {
         }
         let logits =
             run_decoder(&mut m.lm, &m.kv_memory, &inputs, &mut self.cache, "text decoder", true)?;
+        if let Some(rows_held) = &mut self.self_mask {
+            for h in rows_held {
+                h.push(1);
+            }
+        }
         Ok(StepOutput::Logits(logits.index_axis_move(Axis(1), 0)))
+    }
+
+    /// Drops the leading self-attention positions that every row has as padding (left
+    /// behind when the rows that needed them have left).
+    fn compact(&mut self) -> Result<(), RuntimeError> {
+        let Some(rows_held) = &mut self.self_mask else { return Ok(()) };
+        let len = rows_held.first().map_or(0, Vec::len);
+        let unused = (0..len).take_while(|&j| rows_held.iter().all(|h| h[j] == 0)).count();
+        if unused == 0 || rows_held.is_empty() {
+            return Ok(());
+        }
+        for h in rows_held.iter_mut() {
+            h.drain(..unused);
+        }
+        self.cache.drop_front(unused)
+    }
+
+    /// [`DecoderState::join`] once checked: `other`'s rows after these. Self-attention
+    /// caches and their masks are left-padded to the longer of the two (each row keeps
+    /// the distances between its positions, all T5's position bias reads), the
+    /// cross-attention caches and the encoder mask right-padded; in host memory.
+    fn join_rows(&mut self, other: T5State) -> Result<(), RuntimeError> {
+        let T5State { cross, enc_mask, cache, self_mask, .. } = other;
+        let (mine, theirs) =
+            (self.self_mask.as_mut().expect("checked"), self_mask.expect("checked"));
+        let (a, b) = (mine.first().map_or(0, Vec::len), theirs.first().map_or(0, Vec::len));
+        let len = a.max(b);
+        let pad = |h: Vec<i64>, have: usize| -> Vec<i64> {
+            std::iter::repeat_n(0, len - have).chain(h).collect()
+        };
+        *mine = std::mem::take(mine)
+            .into_iter()
+            .map(|h| pad(h, a))
+            .chain(theirs.into_iter().map(|h| pad(h, b)))
+            .collect();
+        self.cache.join(cache)?;
+        self.cross.join_right_padded(cross)?;
+        let cols = self.enc_mask.ncols().max(enc_mask.ncols());
+        let (ra, rb) = (self.enc_mask.nrows(), enc_mask.nrows());
+        let old = std::mem::replace(&mut self.enc_mask, Array2::zeros((ra + rb, cols)));
+        self.enc_mask.slice_mut(ndarray::s![..ra, ..old.ncols()]).assign(&old);
+        self.enc_mask.slice_mut(ndarray::s![ra.., ..enc_mask.ncols()]).assign(&enc_mask);
+        Ok(())
     }
 }
 
@@ -202,9 +268,29 @@ impl DecoderState for T5State {
                     ]);
                 }
                 self.cross = KvCache::from_tensors(spec, rows.len(), self.enc_mask.ncols(), layers);
-                self.cache.select_rows(rows)
+                self.cache.select_rows(rows)?;
+                if let Some(rows_held) = &mut self.self_mask {
+                    *rows_held = rows.iter().map(|&r| rows_held[r].clone()).collect();
+                }
+                self.compact()
             }
         }
+    }
+
+    /// Portable decoders with a self-attention mask take newcomers in (see
+    /// [`T5State::join_rows`]); CUDA-target ones keep one length for all rows.
+    fn join(&mut self, _m: &mut Blip2Model, other: Box<dyn DecoderState>) -> Result<(), Joined> {
+        let ok = self.joins()
+            && other.as_any().downcast_ref::<T5State>().is_some_and(DecoderState::joins);
+        if !ok {
+            return Err(Joined::Refused(other));
+        }
+        let other = other.into_any().downcast::<T5State>().expect("checked above");
+        self.join_rows(*other).map_err(Joined::Failed)
+    }
+
+    fn joins(&self) -> bool {
+        self.fixed.is_none() && self.self_mask.is_some()
     }
 
     fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
