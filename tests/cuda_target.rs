@@ -932,3 +932,64 @@ fn rows_join_and_leave_by_slots_and_the_others_never_move() {
     assert_eq!(st.fixed_buffers().unwrap(), before, "the buffers moved when a row left");
     st.release(&mut model);
 }
+
+#[test]
+fn portable_caches_reorder_rows_with_kv_reorder_as_through_the_host() {
+    // Portable exports have a kv_reorder graph too: beams and rows leaving gather the
+    // growing cache (and Flan-T5's cross-attention caches) where the decoder runs, with
+    // no host round trip on a GPU. On the CPU that path must give exactly what the host
+    // path (exports made before) gives.
+    for name in ["opt-tiny", "t5-tiny"] {
+        let out = temp_dir(&format!("portable-reorder-{name}")).join("export");
+        blip2_export::export(
+            &fixture(name).join("checkpoint"),
+            &out,
+            &Default::default(),
+            &mut blip2_export::NoProgress,
+        )
+        .unwrap();
+        let m = blip2_core::Manifest::load(&out).unwrap();
+        assert!(m.graphs.kv_reorder.is_some(), "{name}: a portable export without kv_reorder");
+        let (batch, embeds) = if name.starts_with("t5") {
+            let refd = fixture(name).join("reference");
+            let graphs: Value =
+                serde_json::from_str(&std::fs::read_to_string(refd.join("graphs.json")).unwrap())
+                    .unwrap();
+            let (tok, mask) = (ids(&graphs["input_ids"]), ids(&graphs["attention_mask"]));
+            let img = read_npy(&refd.join("image_embeds.npy"));
+            // Two rows that differ (a second image, half the first), so that rows
+            // gathered wrongly show.
+            let half = img.mapv(|x| x * 0.5);
+            let two = ndarray::concatenate(Axis(0), &[img.view(), half.view()]).unwrap();
+            (Batch { ids: vec![tok.clone(), tok], mask: vec![mask.clone(), mask] }, two)
+        } else {
+            two_row_prompt(name)
+        };
+        let run = |device: bool| -> Vec<ndarray::Array2<f32>> {
+            let mut model = Blip2Model::load(&out, &mut session_factory()).unwrap();
+            if !device {
+                model.drop_kv_reorder();
+            }
+            let mut p =
+                blip2_runtime::state::prefill(&mut model, &batch, embeds.clone(), 8).unwrap();
+            let step = |model: &mut Blip2Model,
+                        p: &mut blip2_runtime::state::Prefilled,
+                        tokens: &[i64]| {
+                match p.state.step_for(model, tokens, Want::Logits).unwrap() {
+                    StepOutput::Logits(l) => l,
+                    other => panic!("logits, not {other:?}"),
+                }
+            };
+            let mut steps = vec![step(&mut model, &mut p, &[5, 6])];
+            p.state.select_rows(&mut model, &[1, 1, 0]).unwrap();
+            steps.push(step(&mut model, &mut p, &[7, 8, 9]));
+            p.state.select_rows(&mut model, &[2, 0]).unwrap();
+            steps.push(step(&mut model, &mut p, &[3, 4]));
+            steps
+        };
+        let (device, host) = (run(true), run(false));
+        for (i, (d, h)) in device.iter().zip(&host).enumerate() {
+            assert_eq!(d, h, "{name}: step {i}, kv_reorder against the host");
+        }
+    }
+}

@@ -441,7 +441,7 @@ fn write_all(
     )?;
     let qformer_info = write_graph(b, "qformer", io::QFORMER_FILE, dir, opts, progress)?;
 
-    let mut kv_reorder = None;
+    let kv_reorder;
     let (family, text_encoder, lm_info, text_cfg) = match &cfg.text {
         TextModel::Opt(text) => {
             let mut b = builder(lm_float, weights);
@@ -454,17 +454,18 @@ fn write_all(
             }
             let lm_info =
                 write_graph(b, "language_model", io::LANGUAGE_MODEL_FILE, dir, opts, progress)?;
-            if fused {
-                let mut b = builder(lm_float, Projection::Float);
-                opt::build_kv_reorder(
-                    &mut b,
-                    text.num_hidden_layers,
-                    text.num_attention_heads,
-                    text.hidden_size / text.num_attention_heads,
-                );
-                kv_reorder =
-                    Some(write_graph(b, "kv_reorder", io::KV_REORDER_FILE, dir, opts, progress)?);
-            }
+            // Beams and rows leaving reorder the cache where the decoder runs: the fixed
+            // buffers of `--target cuda`, and the growing cache of the portable graph
+            // (its inputs take any length).
+            let mut b = builder(lm_float, Projection::Float);
+            opt::build_kv_reorder(
+                &mut b,
+                text.num_hidden_layers,
+                text.num_attention_heads,
+                text.hidden_size / text.num_attention_heads,
+            );
+            kv_reorder =
+                Some(write_graph(b, "kv_reorder", io::KV_REORDER_FILE, dir, opts, progress)?);
             let tc = blip2_core::TextConfig {
                 vocab_size: text.vocab_size,
                 hidden_size: text.hidden_size,
@@ -489,14 +490,12 @@ fn write_all(
             }
             let lm_info =
                 write_graph(b, "language_model", io::LANGUAGE_MODEL_FILE, dir, opts, progress)?;
-            if fused {
-                // Reorders the self-attention buffers for beams, and the cross-attention
-                // caches too (its inputs take any length).
-                let mut b = builder(lm_float, Projection::Float);
-                opt::build_kv_reorder(&mut b, text.decoder_layers(), text.num_heads, text.d_kv);
-                kv_reorder =
-                    Some(write_graph(b, "kv_reorder", io::KV_REORDER_FILE, dir, opts, progress)?);
-            }
+            // Reorders the self-attention cache (fixed buffers or growing) for beams and
+            // rows leaving, and the cross-attention caches too (its inputs take any length).
+            let mut b = builder(lm_float, Projection::Float);
+            opt::build_kv_reorder(&mut b, text.decoder_layers(), text.num_heads, text.d_kv);
+            kv_reorder =
+                Some(write_graph(b, "kv_reorder", io::KV_REORDER_FILE, dir, opts, progress)?);
             let tc = blip2_core::TextConfig {
                 vocab_size: text.vocab_size,
                 hidden_size: text.d_model,

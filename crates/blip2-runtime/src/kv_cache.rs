@@ -140,6 +140,50 @@ impl KvCache {
         Ok(())
     }
 
+    /// New row `i` is old row `rows[i]`, gathered by the export's `kv_reorder` graph where
+    /// the cache lies (`memory`, the decoder's cache memory): no host round trip for a
+    /// cache on a GPU. Any layout: the graph takes any length.
+    pub fn select_rows_on_device(
+        &mut self,
+        session: &mut Session,
+        rows: &[usize],
+        memory: &MemoryInfo,
+    ) -> Result<(), RuntimeError> {
+        if let Some(&bad) = rows.iter().find(|&&r| r >= self.rows) {
+            return Err(RuntimeError::Input(format!(
+                "kv_reorder: row {bad} of a cache with {} rows",
+                self.rows
+            )));
+        }
+        let index = Tensor::from_array(ndarray::Array1::from_iter(rows.iter().map(|&r| r as i64)))
+            .map_err(ort_err("rows"))?;
+        let mut binding =
+            session.create_binding().map_err(ort_err("kv_reorder: creating an IO binding"))?;
+        (|| -> Result<(), ort::Error> {
+            binding.bind_input(io::ROWS, &index)?;
+            for (l, kv) in self.layers.iter().enumerate() {
+                for (which, v) in kv.iter().enumerate() {
+                    let (past, present) = names(l, which);
+                    binding.bind_input(past, v)?;
+                    binding.bind_output_to_device(present, memory)?;
+                }
+            }
+            Ok(())
+        })()
+        .map_err(ort_err("kv_reorder: binding inputs and outputs"))?;
+        let mut out = session
+            .run_binding_with_options(&binding, no_capture()?)
+            .map_err(ort_err("kv_reorder"))?;
+        for (l, kv) in self.layers.iter_mut().enumerate() {
+            for (which, v) in kv.iter_mut().enumerate() {
+                let (_, present) = names(l, which);
+                *v = out.remove(present.as_str()).ok_or(RuntimeError::MissingOutput(present))?;
+            }
+        }
+        self.rows = rows.len();
+        Ok(())
+    }
+
     /// Growing caches: appends `other`'s rows after these, both left-padded with zeros to
     /// the longer length, in host memory (the rows' masks must mark the padding).
     pub fn join(&mut self, other: KvCache) -> Result<(), RuntimeError> {

@@ -365,6 +365,13 @@ impl Blip2Model {
         self.lm_threads.drain().collect()
     }
 
+    #[cfg(any(test, feature = "test-support"))]
+    /// Closes the `kv_reorder` session, as for an export made before portable exports had
+    /// one (tests: the host path against the device path).
+    pub fn drop_kv_reorder(&mut self) {
+        self.kv_reorder = None;
+    }
+
     /// Allocates buffers where the decoder's cache lives (static KV caches).
     pub(crate) fn cache_allocator(&self) -> Result<Allocator, RuntimeError> {
         if self.kv_memory.is_cpu_accessible() {

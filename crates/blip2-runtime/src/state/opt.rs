@@ -192,10 +192,18 @@ impl DecoderState for OptState {
 
     /// New row i is old row `rows[i]` (expansion into beams, beam reordering, rows
     /// leaving a running batch); positions no row uses any more are dropped.
-    fn select_rows(&mut self, _model: &mut Blip2Model, rows: &[usize]) -> Result<(), RuntimeError> {
+    /// On the device with the export's `kv_reorder` graph (exports made before portable
+    /// exports had one: through host memory).
+    fn select_rows(&mut self, model: &mut Blip2Model, rows: &[usize]) -> Result<(), RuntimeError> {
         self.mask = rows.iter().map(|&r| self.mask[r].clone()).collect();
         self.next_pos = rows.iter().map(|&r| self.next_pos[r]).collect();
-        self.cache.select_rows(rows)?;
+        if model.kv_reorder.is_some() {
+            model.note_lm_run();
+        }
+        match model.kv_reorder.as_mut() {
+            Some(reorder) => self.cache.select_rows_on_device(reorder, rows, &model.kv_memory)?,
+            None => self.cache.select_rows(rows)?,
+        }
         self.compact()
     }
 

@@ -256,6 +256,15 @@ impl DecoderState for T5State {
                 self.cross.reorder_on_device(reorder, rows, &mut f.cross_spare, &f.allocator)?;
                 self.cache.reorder_on_device(reorder, rows, &mut f.spare, &f.allocator)
             }
+            None if m.kv_reorder.is_some() => {
+                let reorder = m.kv_reorder.as_mut().expect("checked");
+                self.cross.select_rows_on_device(reorder, rows, &m.kv_memory)?;
+                self.cache.select_rows_on_device(reorder, rows, &m.kv_memory)?;
+                if let Some(rows_held) = &mut self.self_mask {
+                    *rows_held = rows.iter().map(|&r| rows_held[r].clone()).collect();
+                }
+                self.compact()
+            }
             None => {
                 let fp16 = m.lm_fp16;
                 let spec = kv_spec(m);
