@@ -15,12 +15,14 @@
 //! result is the exact top k of a brute-force float32 search; only the amount of work is
 //! approximate.
 
+mod codes;
 mod identity;
 mod scan;
 mod store;
 
+pub use codes::{encode_codes, Codes};
 pub use identity::{ExportIdentity, FileStamp};
-pub use scan::{encode_codes, itc, rerank, search, Codes, Hit, Query, SearchStats};
+pub use scan::{itc, rerank, search, Hit, Query, SearchStats};
 pub use store::{Entry, NewImage, OpenMode, Store, Writer, APPLICATION_ID, SCHEMA_VERSION};
 
 use std::path::PathBuf;

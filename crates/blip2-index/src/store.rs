@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
+use crate::codes::{encode_codes, Codes};
 use crate::identity::ExportIdentity;
-use crate::scan::{encode_codes, Codes};
 use crate::IndexError;
 
 /// `PRAGMA application_id` of an index: "b2ix".
