@@ -126,8 +126,8 @@ impl Drop for Decompress {
 
 /// Decodes a JPEG as Pillow does. Images over `max_pixels` are refused from the header.
 /// With `min_side`, libjpeg scales the image down in its inverse DCT by the largest of 8,
-/// 4 and 2 that leaves both sides at least `min_side` pixels (not Pillow's pixels; none
-/// when no factor does).
+/// 4 and 2 that leaves both sides at least `min_side` pixels ([`scale_denom`]): Pillow's
+/// pixels in draft mode, not those of its full decode.
 pub(crate) fn decode(
     bytes: &[u8],
     max_pixels: u64,
@@ -174,7 +174,7 @@ fn failure_text(e: Box<dyn std::any::Any + Send>) -> String {
 /// `min_side`; 1 when none does. Pillow's `draft(mode, (min_side, min_side))` picks the
 /// same (the largest of 8, 4, 2, 1 not above `min(width // min_side, height // min_side)`),
 /// so the pixels are those of `Image.open(path)` after that `draft` call.
-pub fn scale_denom(width: u32, height: u32, min_side: u32) -> u32 {
+pub(crate) fn scale_denom(width: u32, height: u32, min_side: u32) -> u32 {
     let fits = (width / min_side.max(1)).min(height / min_side.max(1));
     [8, 4, 2].into_iter().find(|&d| fits >= d).unwrap_or(1)
 }
