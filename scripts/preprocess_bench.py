@@ -11,7 +11,7 @@ The photo sets are made once into --dir, deterministically, from the colour phot
 ship in the scikit-image wheel (astronaut, chelsea, coffee, rocket, hubble_deep_field,
 motorcycle_left, retina, ihc): each cropped to 4:3, upscaled with Lanczos and given seeded
 sensor-like noise (sigma 5) so the files compress like camera photos, then saved as
-  12mp  4032x3024 JPEG, quality 90 (4:2:0), as a phone writes them (about 3 MB)
+  12mp  4032x3024 JPEG, quality 90 (4:2:0), as a phone writes them (about 2.4 MB)
   2mp   1632x1224 JPEG, quality 90
   png   1632x1224 PNG
 Needs the packages of scripts/requirements-fixtures.txt (Pillow, numpy, torch,
