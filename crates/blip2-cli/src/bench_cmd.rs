@@ -21,9 +21,18 @@ use crate::UsageError;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// An exported model folder (or a checkpoint folder / Hub id, exported once into the cache).
+    /// An exported model folder (or a checkpoint folder / Hub id, exported once into the
+    /// cache). Needed unless --image is given (then only its image size is read).
+    #[arg(long, required_unless_present = "image")]
+    pub model: Option<String>,
+    /// Time reading and preprocessing this image file instead of the model (repeat the
+    /// flag for several): ms per image on each --workers count, exact and --fast-decode.
     #[arg(long)]
-    pub model: String,
+    pub image: Vec<std::path::PathBuf>,
+    /// With --image: worker thread counts to time, comma-separated (default 1, 2 and all
+    /// cores).
+    #[arg(long, value_delimiter = ',')]
+    pub workers: Vec<usize>,
     #[command(flatten)]
     pub session: SessionOptions,
     /// Batch sizes to time, comma-separated.
@@ -175,6 +184,14 @@ fn check_room(pipe: &Pipeline, text: &[i64], a: &BenchArgs) -> Result<()> {
 }
 
 pub fn run(a: &BenchArgs, quiet: bool) -> Result<i32> {
+    if !a.image.is_empty() {
+        return run_image(a, quiet);
+    }
+    let Some(model) = &a.model else {
+        return Err(
+            UsageError("--model is needed (or --image to time preprocessing)".into()).into()
+        );
+    };
     if a.batch.is_empty() || a.batch.contains(&0) {
         return Err(UsageError("--batch needs batch sizes of at least 1".into()).into());
     }
@@ -185,7 +202,7 @@ pub fn run(a: &BenchArgs, quiet: bool) -> Result<i32> {
             return Err(UsageError(format!("{flag}: must be at least 1")).into());
         }
     }
-    let dir = crate::session::resolve_model(&a.model, quiet)?;
+    let dir = crate::session::resolve_model(model, quiet)?;
     let rss_before_load = rss_mb("VmRSS:");
     let t = Instant::now();
     let pipe = crate::session::load_pipeline(&dir, &a.session)?;
@@ -341,6 +358,31 @@ pub fn run(a: &BenchArgs, quiet: bool) -> Result<i32> {
         print_table(&mut out, &res, a)?;
     }
     Ok(0)
+}
+
+/// `bench --image`: preprocessing alone, at the model's image size (BLIP-2's 224 without
+/// --model).
+fn run_image(a: &BenchArgs, quiet: bool) -> Result<i32> {
+    if a.reps == 0 {
+        return Err(UsageError("--reps: must be at least 1".into()).into());
+    }
+    if a.workers.contains(&0) {
+        return Err(UsageError("--workers needs thread counts of at least 1".into()).into());
+    }
+    let cfg = match &a.model {
+        Some(m) => {
+            let dir = crate::session::resolve_model(m, quiet)?;
+            blip2_core::Manifest::load(&dir)?.image
+        }
+        None => crate::bench_image::blip2_image_config(),
+    };
+    let mut workers = a.workers.clone();
+    if workers.is_empty() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        workers = vec![1, 2.min(cores), cores];
+        workers.dedup();
+    }
+    crate::bench_image::run(&a.image, &workers, &cfg, a.reps, a.json)
 }
 
 fn print_table(

@@ -4,6 +4,7 @@
 mod args;
 mod batch;
 mod bench_cmd;
+mod bench_image;
 mod cache_cmd;
 mod export_cmd;
 mod index_cmd;

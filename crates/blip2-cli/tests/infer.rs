@@ -864,3 +864,93 @@ fn truncated_jpeg_is_refused_and_a_batch_goes_on() {
     assert!(got[0]["error"].as_str().unwrap().contains("image file is truncated"), "{}", got[0]);
     assert_eq!(got[1]["token_ids"], photo_reference("t5-tiny", "exif6_caption")["sequences"][0]);
 }
+
+#[test]
+fn bench_image_times_preprocessing_and_names_bad_input() {
+    let o = bin()
+        .args(["bench", "--reps", "1", "--workers", "1,2", "--json", "--image"])
+        .arg(photo("rocket.jpg"))
+        .arg("--image")
+        .arg(photo("chelsea.png"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["size"], serde_json::json!([224, 224]), "BLIP-2's size without --model: {v}");
+    for mode in ["exact", "fast"] {
+        for k in ["w1_ms_per_image", "w2_ms_per_image", "decode_ms", "resize_normalize_ms"] {
+            let k = format!("{mode}_{k}");
+            assert!(v[&k].as_f64().is_some_and(|x| x > 0.0), "missing or bad {k}: {v}");
+        }
+    }
+    // With --model, the export's image size.
+    let m = export("opt-tiny", "bench-image");
+    let o = bin()
+        .args(["bench", "--reps", "1", "--workers", "1", "--json", "--model"])
+        .arg(&m)
+        .arg("--image")
+        .arg(photo("rocket.jpg"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["size"], serde_json::json!([28, 28]), "{v}");
+    // A missing file is named before anything is timed; --workers 0 is a usage error.
+    let o = bin().args(["bench", "--image", "no-such.jpg"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("no-such.jpg"), "{}", stderr(&o));
+    let o = bin().args(["bench", "--workers", "0", "--image"]).arg(photo("rocket.jpg")).output();
+    let o = o.unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--workers"), "{}", stderr(&o));
+    // Neither --model nor --image: clap names what is missing.
+    let o = bin().args(["bench"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--model"), "{}", stderr(&o));
+}
+
+#[test]
+fn fast_decode_from_the_flag_and_from_the_profile_key() {
+    // opt-tiny's input is 28x28, so rocket.jpg (640x427) decodes at 1/4 with --fast-decode:
+    // its pixels, hence (on these random weights) its tokens, change; the flag and the
+    // profile key give the same; a PNG is read exactly either way.
+    let m = export("opt-tiny", "fast-decode");
+    let dir = tmp("fast-decode-config");
+    let config = dir.join("fast.toml");
+    std::fs::write(&config, "[profiles.cpu]\nfast_decode = true\n").unwrap();
+    let caption = |extra: &[&str], image: &str| -> Vec<Value> {
+        let mut args =
+            vec!["caption", "--json", "--max-new-tokens", "12", "--min-new-tokens", "12"];
+        args.extend_from_slice(extra);
+        let o = bin()
+            .args(["infer", "--model"])
+            .arg(&m)
+            .args(&args)
+            .arg(photo(image))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        json_lines(&o).into_iter().map(|v| v["token_ids"].clone()).collect()
+    };
+    let exact = caption(&[], "rocket.jpg");
+    let flag = caption(&["--fast-decode"], "rocket.jpg");
+    let key = caption(&["--config", config.to_str().unwrap()], "rocket.jpg");
+    assert_ne!(exact, flag, "--fast-decode changed nothing on a JPEG it scales");
+    assert_eq!(flag, key, "the profile key and the flag differ");
+    assert_eq!(caption(&[], "chelsea.png"), caption(&["--fast-decode"], "chelsea.png"));
+    // batch gives each request what caption gives it, with the flag too; serve takes it.
+    let requests = dir.join("requests.jsonl");
+    std::fs::write(&requests, format!("{{\"image\": {:?}}}\n", photo("rocket.jpg"))).unwrap();
+    let batch = |extra: &[&str]| -> Value {
+        let mut args = vec!["batch", requests.to_str().unwrap()];
+        args.extend_from_slice(&["--max-new-tokens", "12", "--min-new-tokens", "12"]);
+        args.extend_from_slice(extra);
+        let o = run(&args, &m);
+        assert!(o.status.success(), "{}", stderr(&o));
+        json_lines(&o)[0]["token_ids"].clone()
+    };
+    assert_eq!(batch(&[]), exact[0]);
+    assert_eq!(batch(&["--fast-decode"]), flag[0]);
+    let o = bin().args(["serve", "--fast-decode", "--help"]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+}

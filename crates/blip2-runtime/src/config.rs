@@ -208,6 +208,10 @@ profile_keys! {
         /// provider, OPT exports made with `--target cuda`). Off by default.
         cuda_graph: bool = false,
         allow_fallback: bool = false,
+        /// Decode JPEGs with libjpeg's DCT scaling down to twice the model's input size
+        /// (`--fast-decode`): several times faster on camera photos, but not Pillow's
+        /// pixels, so off by default.
+        fast_decode: bool = false,
     }
     optional {
         gpu_mem_limit: u64,

@@ -125,7 +125,14 @@ impl Drop for Decompress {
 }
 
 /// Decodes a JPEG as Pillow does. Images over `max_pixels` are refused from the header.
-pub(crate) fn decode(bytes: &[u8], max_pixels: u64) -> Result<Jpeg, JpegError> {
+/// With `min_side`, libjpeg scales the image down in its inverse DCT by the largest of 8,
+/// 4 and 2 that leaves both sides at least `min_side` pixels ([`scale_denom`]): Pillow's
+/// pixels in draft mode, not those of its full decode.
+pub(crate) fn decode(
+    bytes: &[u8],
+    max_pixels: u64,
+    min_side: Option<u32>,
+) -> Result<Jpeg, JpegError> {
     unsafe {
         let mut err: Box<j::jpeg_error_mgr> = Box::new(mem::zeroed());
         j::jpeg_std_error(&mut err);
@@ -148,7 +155,7 @@ pub(crate) fn decode(bytes: &[u8], max_pixels: u64) -> Result<Jpeg, JpegError> {
         }
         cinfo.src = &mut *src;
         let mut d = Decompress { cinfo, _err: err, _src: src };
-        match panic::catch_unwind(AssertUnwindSafe(|| run(&mut d.cinfo, max_pixels))) {
+        match panic::catch_unwind(AssertUnwindSafe(|| run(&mut d.cinfo, max_pixels, min_side))) {
             Ok(r) => r,
             Err(e) => Err(JpegError::Broken(failure_text(e))),
         }
@@ -163,7 +170,20 @@ fn failure_text(e: Box<dyn std::any::Any + Send>) -> String {
     }
 }
 
-unsafe fn run(cinfo: &mut j::jpeg_decompress_struct, max_pixels: u64) -> Result<Jpeg, JpegError> {
+/// The largest of libjpeg's DCT scalings 1/8, 1/4, 1/2 that keeps both sides at least
+/// `min_side`; 1 when none does. Pillow's `draft(mode, (min_side, min_side))` picks the
+/// same (the largest of 8, 4, 2, 1 not above `min(width // min_side, height // min_side)`),
+/// so the pixels are those of `Image.open(path)` after that `draft` call.
+pub(crate) fn scale_denom(width: u32, height: u32, min_side: u32) -> u32 {
+    let fits = (width / min_side.max(1)).min(height / min_side.max(1));
+    [8, 4, 2].into_iter().find(|&d| fits >= d).unwrap_or(1)
+}
+
+unsafe fn run(
+    cinfo: &mut j::jpeg_decompress_struct,
+    max_pixels: u64,
+    min_side: Option<u32>,
+) -> Result<Jpeg, JpegError> {
     j::jpeg_save_markers(cinfo, APP1, 0xFFFF);
     // Pillow skips tables-only datastreams until an image header.
     let mut status = j::jpeg_read_header(cinfo, 0);
@@ -193,6 +213,10 @@ unsafe fn run(cinfo: &mut j::jpeg_decompress_struct, max_pixels: u64) -> Result<
     // libjpeg's defaults, stated: these are what make the pixels Pillow's.
     cinfo.dct_method = j::J_DCT_METHOD::JDCT_ISLOW;
     cinfo.do_fancy_upsampling = 1;
+    if let Some(min_side) = min_side {
+        cinfo.scale_num = 1;
+        cinfo.scale_denom = scale_denom(width, height, min_side);
+    }
     if j::jpeg_start_decompress(cinfo) == 0 {
         return Err(JpegError::Truncated);
     }

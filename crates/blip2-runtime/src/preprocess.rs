@@ -8,6 +8,7 @@
 //! the EXIF orientation is applied as `ImageOps.exif_transpose` does (see
 //! [`crate::orientation`]).
 
+use std::borrow::Cow;
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
@@ -17,15 +18,32 @@ use blip2_core::ImageConfig;
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage, RgbaImage};
 use ndarray::{Array3, Array4, Axis};
 
-/// Images above this many pixels are refused before their pixels are decoded.
+/// How images are read: the size refused before decoding, and whether JPEGs may be
+/// decoded at a reduced scale.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ImageLimits {
+    /// Images above this many pixels are refused before their pixels are decoded.
     pub max_pixels: u64,
+    /// `--fast-decode`: a JPEG is decoded with libjpeg's DCT scaling at the smallest of
+    /// 1/2, 1/4 and 1/8 that keeps both sides at least this many pixels (the model's input
+    /// size twice over, see [`ImageLimits::fast_decode`]). Faster, but not Pillow's pixels,
+    /// so `None` (full size, Pillow-identical) is the default. Other formats ignore it.
+    pub jpeg_min_side: Option<u32>,
 }
 
 impl Default for ImageLimits {
     fn default() -> Self {
-        Self { max_pixels: 64_000_000 }
+        Self { max_pixels: 64_000_000, jpeg_min_side: None }
+    }
+}
+
+impl ImageLimits {
+    /// These limits with `--fast-decode` for a model whose processor resizes to `cfg`:
+    /// JPEGs are decoded no smaller than twice its larger side (so the resize still
+    /// averages at least 2x2 decoded pixels into each input pixel), whichever way up the
+    /// photo turns out to be.
+    pub fn fast_decode(self, cfg: &ImageConfig) -> Self {
+        Self { jpeg_min_side: Some(2 * cfg.width.max(cfg.height)), ..self }
     }
 }
 
@@ -121,7 +139,7 @@ fn decode_jpeg(
     limits: &ImageLimits,
 ) -> Result<DynamicImage, PreprocessError> {
     let path = || path.to_path_buf();
-    match jpeg::decode(bytes, limits.max_pixels) {
+    match jpeg::decode(bytes, limits.max_pixels, limits.jpeg_min_side) {
         Ok(j) => {
             let o = orientation::resolve(
                 j.exif.as_deref().and_then(orientation::from_exif),
@@ -456,25 +474,54 @@ fn clip8(acc: i32) -> u8 {
     (acc >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
+/// `HALF + sum(a[i] * b[i])` in wrapping 32-bit arithmetic. Pillow sums the same products
+/// in a 32-bit `int` that never overflows (8-bit samples, weights summing to 2^22), so
+/// any order gives its exact result: the compiler may add in vector lanes.
+#[inline(always)]
+fn dot(a: &[i32], b: &[i32]) -> i32 {
+    a.iter().zip(b).fold(HALF, |s, (x, y)| s.wrapping_add(x.wrapping_mul(*y)))
+}
+
 /// Horizontal pass over `rows` rows of a packed RGB buffer `w` pixels wide, starting at
 /// row `first`: the result is `rows` rows of `c.start.len()` pixels.
 fn horizontal(src: &[u8], w: usize, first: usize, rows: usize, c: &Coeffs) -> Vec<u8> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { horizontal_avx2(src, w, first, rows, c) };
+    }
+    horizontal_any(src, w, first, rows, c)
+}
+
+/// The same code compiled for AVX2 (8 lanes of 32-bit multiplies), chosen at run time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn horizontal_avx2(src: &[u8], w: usize, first: usize, rows: usize, c: &Coeffs) -> Vec<u8> {
+    horizontal_any(src, w, first, rows, c)
+}
+
+#[inline(always)]
+fn horizontal_any(src: &[u8], w: usize, first: usize, rows: usize, c: &Coeffs) -> Vec<u8> {
     let ow = c.start.len();
     let mut out = vec![0u8; ow * rows * 3];
+    // Each row split into one 32-bit plane per channel, so every output sample is a
+    // contiguous dot product of samples and weights.
+    let mut planes = vec![0i32; w * 3];
     for (y, out_row) in out.chunks_exact_mut(ow * 3).enumerate() {
         let row = &src[(first + y) * w * 3..(first + y + 1) * w * 3];
+        let (r, gb) = planes.split_at_mut(w);
+        let (g, b) = gb.split_at_mut(w);
+        for (((p, r), g), b) in
+            row.chunks_exact(3).zip(r.iter_mut()).zip(g.iter_mut()).zip(b.iter_mut())
+        {
+            (*r, *g, *b) = (p[0] as i32, p[1] as i32, p[2] as i32);
+        }
         for (xx, o) in out_row.chunks_exact_mut(3).enumerate() {
             let (xmin, k) = c.of(xx);
-            let px = &row[xmin * 3..(xmin + k.len()) * 3];
-            let mut s = [HALF; 3];
-            for (p, &kx) in px.chunks_exact(3).zip(k) {
-                s[0] += p[0] as i32 * kx;
-                s[1] += p[1] as i32 * kx;
-                s[2] += p[2] as i32 * kx;
-            }
-            o[0] = clip8(s[0]);
-            o[1] = clip8(s[1]);
-            o[2] = clip8(s[2]);
+            let span = xmin..xmin + k.len();
+            o[0] = clip8(dot(&r[span.clone()], k));
+            o[1] = clip8(dot(&g[span.clone()], k));
+            o[2] = clip8(dot(&b[span], k));
         }
     }
     out
@@ -483,10 +530,27 @@ fn horizontal(src: &[u8], w: usize, first: usize, rows: usize, c: &Coeffs) -> Ve
 /// Vertical pass over a packed RGB buffer `w` pixels wide whose row 0 is source row
 /// `offset` (the weights index source rows).
 fn vertical(src: &[u8], w: usize, offset: usize, c: &Coeffs) -> Vec<u8> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { vertical_avx2(src, w, offset, c) };
+    }
+    vertical_any(src, w, offset, c)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn vertical_avx2(src: &[u8], w: usize, offset: usize, c: &Coeffs) -> Vec<u8> {
+    vertical_any(src, w, offset, c)
+}
+
+#[inline(always)]
+fn vertical_any(src: &[u8], w: usize, offset: usize, c: &Coeffs) -> Vec<u8> {
     let oh = c.start.len();
     let stride = w * 3;
     let mut out = vec![0u8; stride * oh];
-    // Row by row into an accumulator line: each source row is read contiguously.
+    // Row by row into an accumulator line: each source row is read contiguously (the
+    // same sums as Pillow's, in another order, which integer addition allows).
     let mut acc = vec![0i32; stride];
     for (yy, out_row) in out.chunks_exact_mut(stride).enumerate() {
         let (ymin, k) = c.of(yy);
@@ -494,7 +558,7 @@ fn vertical(src: &[u8], w: usize, offset: usize, c: &Coeffs) -> Vec<u8> {
         for (y, &ky) in k.iter().enumerate() {
             let r = ymin + y - offset;
             for (a, &p) in acc.iter_mut().zip(&src[r * stride..(r + 1) * stride]) {
-                *a += p as i32 * ky;
+                *a = a.wrapping_add((p as i32).wrapping_mul(ky));
             }
         }
         for (o, &a) in out_row.iter_mut().zip(&acc) {
@@ -603,9 +667,17 @@ pub fn resize_rgb(
 pub fn preprocess(img: &DynamicImage, cfg: &ImageConfig) -> Result<Array3<f32>, PreprocessError> {
     // Without do_convert_rgb transformers keeps the image's own channels, which the
     // vision encoder cannot take; Pillow's plain RGB conversion is the closest fit.
-    let rgb = if cfg.do_convert_rgb { to_rgb(img) } else { pillow_rgb(img) };
-    let rgb =
-        if cfg.do_resize { resize_rgb(&rgb, cfg.width, cfg.height, cfg.resample)? } else { rgb };
+    // An RGB image is its own conversion: borrowed, not copied (36 MB at 12 megapixels).
+    let rgb = match img {
+        DynamicImage::ImageRgb8(i) => Cow::Borrowed(i),
+        _ if cfg.do_convert_rgb => Cow::Owned(to_rgb(img)),
+        _ => Cow::Owned(pillow_rgb(img)),
+    };
+    let rgb = if cfg.do_resize {
+        Cow::Owned(resize_rgb(&rgb, cfg.width, cfg.height, cfg.resample)?)
+    } else {
+        rgb
+    };
     let (w, h) = (rgb.width() as usize, rgb.height() as usize);
     let mut out = Array3::<f32>::zeros((3, h, w));
     let raw = rgb.as_raw();
@@ -698,4 +770,128 @@ pub fn on_workers<T: Sync, R: Send>(
     });
     done.sort_by_key(|(i, _)| *i);
     done.into_iter().map(|(_, r)| r).collect()
+}
+
+/// A counting gate: at most `n` holders at once, the others wait (blocking their thread).
+pub struct Slots {
+    free: std::sync::Mutex<usize>,
+    freed: std::sync::Condvar,
+}
+
+impl Slots {
+    pub fn new(n: usize) -> Self {
+        Self { free: std::sync::Mutex::new(n.max(1)), freed: std::sync::Condvar::new() }
+    }
+
+    /// `f()` once a slot is free; the slot is given back when `f` returns or panics.
+    pub fn run<R>(&self, f: impl FnOnce() -> R) -> R {
+        struct Held<'a>(&'a Slots);
+        impl Drop for Held<'_> {
+            fn drop(&mut self) {
+                *self.0.free.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+                self.0.freed.notify_one();
+            }
+        }
+        {
+            let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+            while *free == 0 {
+                free = self.freed.wait(free).unwrap_or_else(|e| e.into_inner());
+            }
+            *free -= 1;
+        }
+        let _held = Held(self);
+        f()
+    }
+}
+
+/// Runs `f` (decoding and preprocessing an image) once one of the machine's cores is free
+/// for it: at most `available_parallelism` such calls run at once across the process, the
+/// others wait. The server's requests go through this, so a burst of photos is decoded by
+/// a pool the size of the machine instead of hundreds of threads fighting for its cores.
+pub fn on_cpu_slot<R>(f: impl FnOnce() -> R) -> R {
+    static CPU: std::sync::OnceLock<Slots> = std::sync::OnceLock::new();
+    CPU.get_or_init(|| Slots::new(std::thread::available_parallelism().map_or(1, |n| n.get())))
+        .run(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// The passes as Pillow's Resample.c writes them: per output pixel, per channel, one
+    /// tap after another.
+    fn pillow_passes(src: &[u8], w: usize, h: usize, ow: usize, oh: usize, f: &Filter) -> Vec<u8> {
+        let (hc, vc) = (coeffs(w, ow, f), coeffs(h, oh, f));
+        let mut tmp = vec![0u8; ow * h * 3];
+        for y in 0..h {
+            for xx in 0..ow {
+                let (xmin, k) = hc.of(xx);
+                for c in 0..3 {
+                    let mut ss = HALF;
+                    for (x, &kx) in k.iter().enumerate() {
+                        ss += src[(y * w + xmin + x) * 3 + c] as i32 * kx;
+                    }
+                    tmp[(y * ow + xx) * 3 + c] = clip8(ss);
+                }
+            }
+        }
+        let mut out = vec![0u8; ow * oh * 3];
+        for yy in 0..oh {
+            let (ymin, k) = vc.of(yy);
+            for i in 0..ow * 3 {
+                let mut ss = HALF;
+                for (y, &ky) in k.iter().enumerate() {
+                    ss += tmp[(ymin + y) * ow * 3 + i] as i32 * ky;
+                }
+                out[yy * ow * 3 + i] = clip8(ss);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn vectorized_passes_give_pillow_s_bytes() {
+        // Seeded noise (the worst case for rounding), every filter with negative lobes
+        // and without, down and up; both the run-time pick (AVX2 here) and the baseline.
+        let (w, h) = (203, 117);
+        let mut state = 7u64;
+        let src: Vec<u8> = (0..w * h * 3)
+            .map(|_| (crate::generation::rng::splitmix64(&mut state) >> 56) as u8)
+            .collect();
+        for resample in 1..=7 {
+            let f = filter(resample).unwrap().unwrap();
+            for (ow, oh) in [(37, 25), (9, 5), (150, 100), (300, 200)] {
+                let want = pillow_passes(&src, w, h, ow, oh, &f);
+                let (hc, vc) = (coeffs(w, ow, &f), coeffs(h, oh, &f));
+                let got = vertical(&horizontal(&src, w, 0, h, &hc), ow, 0, &vc);
+                assert!(got == want, "filter {resample}, {ow}x{oh}");
+                let any = vertical_any(&horizontal_any(&src, w, 0, h, &hc), ow, 0, &vc);
+                assert!(any == want, "filter {resample}, {ow}x{oh}, baseline");
+            }
+        }
+    }
+
+    #[test]
+    fn slots_hold_at_most_their_count() {
+        let slots = Slots::new(2);
+        let (now, most) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    slots.run(|| {
+                        let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(n, Ordering::SeqCst);
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                        now.fetch_sub(1, Ordering::SeqCst);
+                    })
+                });
+            }
+        });
+        assert_eq!(most.load(Ordering::SeqCst), 2);
+        // A panicking holder gives its slot back.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| slots.run(|| panic!())));
+        assert!(r.is_err());
+        assert_eq!(*slots.free.lock().unwrap(), 2);
+    }
 }

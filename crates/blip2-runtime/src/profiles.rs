@@ -98,13 +98,20 @@ pub fn load_pipeline(dir: &Path, profile: &Profile) -> Result<Pipeline, LoadErro
     })?;
     // Where the decoder keeps its state (the device, fixed step buffers), from the profile.
     pipe.model.place_for(profile)?;
+    if profile.fast_decode {
+        pipe.limits = pipe.limits.fast_decode(&pipe.model.manifest.image);
+    }
     Ok(pipe)
 }
 
 /// An image-text retrieval export on `profile`.
 pub fn load_retrieval(dir: &Path, profile: &Profile) -> Result<RetrievalModel, LoadError> {
     crate::ort_env::init_with_threads(profile.intra_op_threads)?;
-    Ok(RetrievalModel::load(dir, &mut *session_factory(profile))?)
+    let mut model = RetrievalModel::load(dir, &mut *session_factory(profile))?;
+    if profile.fast_decode {
+        model.limits = model.limits.fast_decode(&model.manifest.image);
+    }
+    Ok(model)
 }
 
 /// For a profile with `cuda_graph = true`: the export's language-model file, after

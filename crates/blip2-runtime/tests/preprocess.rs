@@ -304,7 +304,8 @@ fn images_over_the_pixel_limit_are_refused_before_decoding() {
     let dir = scratch("limit");
     let small = dir.join("small.png");
     image::RgbImage::from_pixel(40, 30, image::Rgb([1, 2, 3])).save(&small).unwrap();
-    let e = preprocess::load_image(&small, &ImageLimits { max_pixels: 1000 }).unwrap_err();
+    let e = preprocess::load_image(&small, &ImageLimits { max_pixels: 1000, ..Default::default() })
+        .unwrap_err();
     match &e {
         PreprocessError::TooLarge { width, height, pixels, limit, .. } => {
             assert_eq!((*width, *height, *pixels, *limit), (40, 30, 1200, 1000))
@@ -312,7 +313,11 @@ fn images_over_the_pixel_limit_are_refused_before_decoding() {
         other => panic!("{other}"),
     }
     assert!(e.to_string().contains("small.png") && e.to_string().contains("40x30"), "{e}");
-    assert!(preprocess::load_image(&small, &ImageLimits { max_pixels: 1200 }).is_ok());
+    assert!(preprocess::load_image(
+        &small,
+        &ImageLimits { max_pixels: 1200, ..Default::default() }
+    )
+    .is_ok());
     std::fs::remove_dir_all(&dir).ok();
 
     // A PNG whose header claims 30000 x 30000 pixels with a few bytes of data behind it:
@@ -440,8 +445,12 @@ fn corrupt_jpegs_are_refused_with_libjpeg_s_reason() {
     assert!(e.to_string().starts_with("bad.jpg: cannot decode the image: "), "{e}");
     // A JPEG over the pixel limit is refused from its header.
     let ok = std::fs::read(root().join("tests/data/photos/variants/q95.jpg")).unwrap();
-    let e =
-        preprocess::load_image_bytes(&ok, "big.jpg", &ImageLimits { max_pixels: 100 }).unwrap_err();
+    let e = preprocess::load_image_bytes(
+        &ok,
+        "big.jpg",
+        &ImageLimits { max_pixels: 100, ..Default::default() },
+    )
+    .unwrap_err();
     assert!(matches!(e, PreprocessError::TooLarge { width: 37, height: 25, .. }), "{e}");
 }
 
@@ -481,4 +490,101 @@ fn images_preprocessed_on_workers_are_each_images_own_in_order() {
         assert_eq!(got, alone, "{threads} threads");
     }
     assert!(preprocess::load_and_preprocess(&[], &limits, &cfg, 4).is_empty());
+}
+
+/// Every photo fixture (tests/data/photos and its variants, JPEG variants, PNG, GIF, WebP,
+/// TIFF, the truncated files): the worker pool gives each the bytes the sequential path
+/// gives it, at the model size the photos are captioned at and at an odd one.
+#[test]
+fn workers_give_every_photo_fixture_the_sequential_bytes() {
+    let dir = root().join("tests/data/photos");
+    let mut paths = Vec::new();
+    for d in [dir.clone(), dir.join("variants"), dir.join("fast")] {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_file() && p.extension().is_some_and(|x| x != "md") {
+                paths.push(p);
+            }
+        }
+    }
+    paths.sort();
+    assert!(paths.len() >= 40, "{} photo fixtures", paths.len());
+    let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+    let bits = |r: Result<ndarray::Array4<f32>, PreprocessError>| -> Result<Vec<u32>, String> {
+        r.map(|a| a.iter().map(|v| v.to_bits()).collect()).map_err(|e| e.to_string())
+    };
+    for limits in [ImageLimits::default(), ImageLimits::default().fast_decode(&config(16))] {
+        for size in [224, 37] {
+            let cfg = config(size);
+            let alone: Vec<_> = refs
+                .iter()
+                .map(|p| {
+                    bits(preprocess::load_image(p, &limits).and_then(|img| {
+                        preprocess::preprocess_batch(std::slice::from_ref(&img), &cfg)
+                    }))
+                })
+                .collect();
+            assert!(alone.iter().filter(|r| r.is_ok()).count() >= 38);
+            for threads in [2, 5] {
+                let got: Vec<_> = preprocess::load_and_preprocess(&refs, &limits, &cfg, threads)
+                    .into_iter()
+                    .map(bits)
+                    .collect();
+                for ((p, g), a) in paths.iter().zip(&got).zip(&alone) {
+                    assert!(g == a, "{}: {threads} workers differ at size {size}", p.display());
+                }
+            }
+        }
+    }
+}
+
+/// `--fast-decode` against Pillow's draft mode (scripts/make_fast_decode_fixtures.py):
+/// the scale it picks for each minimum side, and every decoded pixel bit for bit (4:2:0,
+/// 4:4:4, progressive, grayscale, CMYK, EXIF orientation 6).
+#[test]
+fn fast_decode_gives_pillow_s_draft_mode_pixels() {
+    let dir = root().join("tests/fixtures/photos/fast");
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    let cases = cases["cases"].as_array().unwrap();
+    assert!(cases.len() >= 9);
+    let mut scales = std::collections::BTreeSet::new();
+    for c in cases {
+        let name = c["photo"].as_str().unwrap();
+        let m = c["min_side"].as_u64().unwrap() as u32;
+        let limits = ImageLimits { jpeg_min_side: Some(m), ..Default::default() };
+        let img =
+            preprocess::load_image(&root().join("tests/data/photos/fast").join(name), &limits)
+                .unwrap();
+        let (w, h) = (c["width"].as_u64().unwrap() as u32, c["height"].as_u64().unwrap() as u32);
+        assert_eq!((img.width(), img.height()), (w, h), "{name} at min side {m}");
+        scales.insert(c["scale"].as_u64().unwrap());
+        let Some(px) = c["pixels"].as_str() else { continue };
+        let mut cfg = config(w);
+        cfg.height = h;
+        let got = preprocess::preprocess(&img, &cfg).unwrap().into_dyn();
+        let want = read_npy(&dir.join(px));
+        assert_eq!(got.shape(), want.shape(), "{name}");
+        let n = got.iter().zip(want.iter()).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        assert_eq!(n, 0, "{name} at min side {m}: {n} values differ from Pillow's draft mode");
+    }
+    assert_eq!(scales.into_iter().collect::<Vec<_>>(), [1, 2, 4, 8]);
+}
+
+#[test]
+fn fast_decode_leaves_other_formats_and_small_jpegs_exact() {
+    // A PNG and a JPEG too small to scale come out as they do without the flag.
+    let fast = ImageLimits::default().fast_decode(&config(224));
+    assert_eq!(fast.jpeg_min_side, Some(448));
+    for name in ["chelsea.png", "rocket.jpg", "variants/exif6.jpg"] {
+        let path = root().join("tests/data/photos").join(name);
+        let a = preprocess::load_image(&path, &ImageLimits::default()).unwrap();
+        let b = preprocess::load_image(&path, &fast).unwrap();
+        assert_eq!(a.as_bytes(), b.as_bytes(), "{name}");
+    }
+    // rocket.jpg (640x427) is scaled once the minimum side allows it.
+    let rocket = root().join("tests/data/photos/rocket.jpg");
+    let half =
+        preprocess::load_image(&rocket, &ImageLimits::default().fast_decode(&config(100))).unwrap();
+    assert_eq!((half.width(), half.height()), (320, 214));
 }

@@ -423,10 +423,13 @@ async fn prepare(
         let e = engine(&app2, "")?;
         let (bytes, name) = media::fetch(&image_url, &app2.opts.media)
             .map_err(|e| ApiError::bad_param(e.to_string(), "image_url"))?;
-        let img = blip2_runtime::preprocess::load_image_bytes(&bytes, &name, &e.limits)
-            .map_err(|err| ApiError::bad_param(err.to_string(), "image_url"))?;
-        let pixels = blip2_runtime::preprocess::preprocess(&img, &e.manifest.image)
-            .map_err(|err| ApiError::bad_param(err.to_string(), "image_url"))?;
+        // Decoding takes a core for tens of milliseconds at camera sizes: no more of them
+        // at once than the machine has cores.
+        let pixels = blip2_runtime::preprocess::on_cpu_slot(|| {
+            let img = blip2_runtime::preprocess::load_image_bytes(&bytes, &name, &e.limits)?;
+            blip2_runtime::preprocess::preprocess(&img, &e.manifest.image)
+        })
+        .map_err(|err| ApiError::bad_param(err.to_string(), "image_url"))?;
         let text = match prompt {
             PromptSource::Verbatim(p) => p,
             PromptSource::Chat(c) => openai::chat_prompt(&c, &e.prompter, cfg.max_new_tokens)?,

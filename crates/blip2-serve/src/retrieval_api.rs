@@ -210,10 +210,11 @@ async fn prepare(
         for (name, url) in images {
             let (bytes, src) = media::fetch(&url, &app.opts.media)
                 .map_err(|e| ApiError::bad_param(format!("{name}: {e}"), param))?;
-            let img = blip2_runtime::preprocess::load_image_bytes(&bytes, &src, &r.limits)
-                .map_err(|e| ApiError::bad_param(format!("{name}: {e}"), param))?;
-            let px: Array3<f32> = blip2_runtime::preprocess::preprocess(&img, &r.manifest.image)
-                .map_err(|e| ApiError::bad_param(format!("{name}: {e}"), param))?;
+            let px: Array3<f32> = blip2_runtime::preprocess::on_cpu_slot(|| {
+                let img = blip2_runtime::preprocess::load_image_bytes(&bytes, &src, &r.limits)?;
+                blip2_runtime::preprocess::preprocess(&img, &r.manifest.image)
+            })
+            .map_err(|e| ApiError::bad_param(format!("{name}: {e}"), param))?;
             work.images.push(px);
         }
         Ok(work)
