@@ -13,6 +13,8 @@ use blip2_core::ImageConfig;
 use blip2_runtime::preprocess::{self, ImageLimits};
 use serde_json::{json, Value};
 
+use crate::bench_cmd::{median, round};
+
 /// The image processor of every released BLIP-2 checkpoint (Blip2Processor's
 /// BlipImageProcessor): 224x224 bicubic, rescale 1/255, CLIP's mean and std.
 pub fn blip2_image_config() -> ImageConfig {
@@ -28,21 +30,6 @@ pub fn blip2_image_config() -> ImageConfig {
         image_mean: [0.48145466f64, 0.4578275, 0.40821073].map(|v| v as f32),
         image_std: [0.26862954f64, 0.26130258, 0.27577711].map(|v| v as f32),
         do_convert_rgb: true,
-    }
-}
-
-fn round(x: f64, digits: i32) -> f64 {
-    let p = 10f64.powi(digits);
-    (x * p).round() / p
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
 }
 

@@ -149,14 +149,7 @@ impl KvCache {
         rows: &[usize],
         memory: &MemoryInfo,
     ) -> Result<(), RuntimeError> {
-        if let Some(&bad) = rows.iter().find(|&&r| r >= self.rows) {
-            return Err(RuntimeError::Input(format!(
-                "kv_reorder: row {bad} of a cache with {} rows",
-                self.rows
-            )));
-        }
-        let index = Tensor::from_array(ndarray::Array1::from_iter(rows.iter().map(|&r| r as i64)))
-            .map_err(ort_err("rows"))?;
+        let index = self.rows_input(rows)?;
         let mut binding =
             session.create_binding().map_err(ort_err("kv_reorder: creating an IO binding"))?;
         (|| -> Result<(), ort::Error> {
@@ -290,14 +283,7 @@ impl KvCache {
                 "kv_reorder: the target buffers do not match the cache".into(),
             ));
         }
-        if let Some(&bad) = rows.iter().find(|&&r| r >= self.rows) {
-            return Err(RuntimeError::Input(format!(
-                "kv_reorder: row {bad} of a cache with {} rows",
-                self.rows
-            )));
-        }
-        let index = Tensor::from_array(ndarray::Array1::from_iter(rows.iter().map(|&r| r as i64)))
-            .map_err(ort_err("rows"))?;
+        let index = self.rows_input(rows)?;
         let mut binding =
             session.create_binding().map_err(ort_err("kv_reorder: creating an IO binding"))?;
         (|| -> Result<(), ort::Error> {
@@ -343,17 +329,10 @@ impl KvCache {
                 target.capacity()
             )));
         }
-        if let Some(&bad) = rows.iter().find(|&&r| r >= self.rows) {
-            return Err(RuntimeError::Input(format!(
-                "kv_reorder: row {bad} of a cache with {} rows",
-                self.rows
-            )));
-        }
+        let index = self.rows_input(rows)?;
         if rows.is_empty() {
             return Ok(());
         }
-        let index = Tensor::from_array(ndarray::Array1::from_iter(rows.iter().map(|&r| r as i64)))
-            .map_err(ort_err("rows"))?;
         let mut binding =
             session.create_binding().map_err(ort_err("kv_reorder: creating an IO binding"))?;
         binding.bind_input(io::ROWS, &index).map_err(ort_err("kv_reorder: binding rows"))?;
@@ -370,6 +349,18 @@ impl KvCache {
         // Never captured as a CUDA graph: its buffers change from call to call.
         session.run_binding_with_options(&binding, no_capture()?).map_err(ort_err("kv_reorder"))?;
         Ok(())
+    }
+
+    /// `kv_reorder`'s `rows` input for `rows` of this cache, each checked to exist.
+    fn rows_input(&self, rows: &[usize]) -> Result<Tensor<i64>, RuntimeError> {
+        if let Some(&bad) = rows.iter().find(|&&r| r >= self.rows) {
+            return Err(RuntimeError::Input(format!(
+                "kv_reorder: row {bad} of a cache with {} rows",
+                self.rows
+            )));
+        }
+        Tensor::from_array(ndarray::Array1::from_iter(rows.iter().map(|&r| r as i64)))
+            .map_err(ort_err("rows"))
     }
 
     /// Rows of the cache (its first axis).

@@ -254,16 +254,12 @@ impl DecoderState for T5State {
             Some(f) => {
                 let reorder = m.kv_reorder.as_mut().ok_or_else(no_reorder)?;
                 self.cross.reorder_on_device(reorder, rows, &mut f.cross_spare, &f.allocator)?;
-                self.cache.reorder_on_device(reorder, rows, &mut f.spare, &f.allocator)
+                return self.cache.reorder_on_device(reorder, rows, &mut f.spare, &f.allocator);
             }
             None if m.kv_reorder.is_some() => {
                 let reorder = m.kv_reorder.as_mut().expect("checked");
                 self.cross.select_rows_on_device(reorder, rows, &m.kv_memory)?;
                 self.cache.select_rows_on_device(reorder, rows, &m.kv_memory)?;
-                if let Some(rows_held) = &mut self.self_mask {
-                    *rows_held = rows.iter().map(|&r| rows_held[r].clone()).collect();
-                }
-                self.compact()
             }
             None => {
                 let fp16 = m.lm_fp16;
@@ -278,12 +274,12 @@ impl DecoderState for T5State {
                 }
                 self.cross = KvCache::from_tensors(spec, rows.len(), self.enc_mask.ncols(), layers);
                 self.cache.select_rows(rows)?;
-                if let Some(rows_held) = &mut self.self_mask {
-                    *rows_held = rows.iter().map(|&r| rows_held[r].clone()).collect();
-                }
-                self.compact()
             }
         }
+        if let Some(rows_held) = &mut self.self_mask {
+            *rows_held = rows.iter().map(|&r| rows_held[r].clone()).collect();
+        }
+        self.compact()
     }
 
     /// Portable decoders with a self-attention mask take newcomers in (see
