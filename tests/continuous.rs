@@ -123,7 +123,7 @@ fn rows_joining_and_leaving_a_running_batch_get_their_single_run_tokens() {
             }
             match state.as_mut() {
                 Some(running) if running.rows() > 0 => {
-                    running.join(new_state).unwrap();
+                    running.join(&mut model, new_state).unwrap();
                     joined_mid_run += 1;
                 }
                 _ => state = Some(new_state),
@@ -148,7 +148,7 @@ fn rows_joining_and_leaving_a_running_batch_get_their_single_run_tokens() {
             } else {
                 let st = state.as_mut().unwrap();
                 st.select_rows(&mut model, &keep).unwrap();
-                st.compact().unwrap();
+                st.compact(&mut model).unwrap();
             }
         }
         if rows.is_empty() && join_at.iter().all(|&j| j <= step) {

@@ -993,3 +993,75 @@ fn portable_caches_reorder_rows_with_kv_reorder_as_through_the_host() {
         }
     }
 }
+
+#[test]
+fn portable_caches_join_with_kv_join_as_through_the_host() {
+    // Portable exports have a kv_join graph: newcomers join the growing cache (OPT's, and
+    // Flan-T5's self-attention cache left-padded and cross-attention caches right-padded)
+    // and positions every row pads are dropped where the decoder runs, with no host round
+    // trip on a GPU. On the CPU that path must give exactly what the host path (exports
+    // made before it) gives, and it must be the path taken.
+    for name in ["opt-tiny", "t5-tiny"] {
+        let out = temp_dir(&format!("portable-join-{name}")).join("export");
+        blip2_export::export(
+            &fixture(name).join("checkpoint"),
+            &out,
+            &Default::default(),
+            &mut blip2_export::NoProgress,
+        )
+        .unwrap();
+        let m = blip2_core::Manifest::load(&out).unwrap();
+        assert!(m.graphs.kv_join.is_some(), "{name}: a portable export without kv_join");
+        let refd = fixture(name).join("reference");
+        let graphs: Value =
+            serde_json::from_str(&std::fs::read_to_string(refd.join("graphs.json")).unwrap())
+                .unwrap();
+        let (tok, mask) = if name.starts_with("t5") {
+            (ids(&graphs["input_ids"]), ids(&graphs["attention_mask"]))
+        } else {
+            let row = &graphs["lm_steps"][0];
+            (ids(&row["input_ids"]), ids(&row["attention_mask"]))
+        };
+        let img = read_npy(&refd.join("image_embeds.npy"));
+        let first = img.slice(ndarray::s![..1, .., ..]).to_owned().into_dyn();
+        let second = first.mapv(|x| x * 0.5);
+        // The newcomer's prompt is two tokens shorter, so every join pads.
+        let short = tok.len() - 2;
+        let a = Batch { ids: vec![tok.clone()], mask: vec![mask.clone()] };
+        let b = Batch { ids: vec![tok[..short].to_vec()], mask: vec![mask[..short].to_vec()] };
+        let run = |device: bool| -> (Vec<ndarray::Array2<f32>>, usize) {
+            let mut model = Blip2Model::load(&out, &mut session_factory()).unwrap();
+            if !device {
+                model.drop_kv_join();
+            }
+            let step =
+                |model: &mut Blip2Model, st: &mut Box<dyn DecoderState>, tokens: &[i64]| match st
+                    .step_for(model, tokens, Want::Logits)
+                    .unwrap()
+                {
+                    StepOutput::Logits(l) => l,
+                    other => panic!("logits, not {other:?}"),
+                };
+            let mut st =
+                blip2_runtime::state::prefill(&mut model, &a, first.clone(), 8).unwrap().state;
+            let mut steps = vec![step(&mut model, &mut st, &[5]), step(&mut model, &mut st, &[6])];
+            let newcomer =
+                blip2_runtime::state::prefill(&mut model, &b, second.clone(), 8).unwrap().state;
+            assert!(st.join(&mut model, newcomer).is_ok(), "{name}: the join failed");
+            steps.push(step(&mut model, &mut st, &[7, 8]));
+            // The first row leaves: the positions only it needed are dropped.
+            st.select_rows(&mut model, &[1]).unwrap();
+            steps.push(step(&mut model, &mut st, &[9]));
+            st.select_rows(&mut model, &[0, 0]).unwrap();
+            steps.push(step(&mut model, &mut st, &[3, 4]));
+            st.release(&mut model);
+            (steps, model.kv_join_runs())
+        };
+        let ((device, joins), (host, host_joins)) = (run(true), run(false));
+        assert!(joins >= 2, "{name}: kv_join ran {joins} times (a join and a drop expected)");
+        assert_eq!(host_joins, 0, "{name}: kv_join ran with the graph closed");
+        for (i, (d, h)) in device.iter().zip(&host).enumerate() {
+            assert_eq!(d, h, "{name}: step {i}, kv_join against the host");
+        }
+    }
+}

@@ -442,6 +442,7 @@ fn write_all(
     let qformer_info = write_graph(b, "qformer", io::QFORMER_FILE, dir, opts, progress)?;
 
     let kv_reorder;
+    let kv_join;
     let (family, text_encoder, lm_info, text_cfg) = match &cfg.text {
         TextModel::Opt(text) => {
             let mut b = builder(lm_float, weights);
@@ -466,6 +467,19 @@ fn write_all(
             );
             kv_reorder =
                 Some(write_graph(b, "kv_reorder", io::KV_REORDER_FILE, dir, opts, progress)?);
+            // Newcomers join the growing cache of the portable graph where it lies.
+            kv_join = if fused {
+                None
+            } else {
+                let mut b = builder(lm_float, Projection::Float);
+                opt::build_kv_join(
+                    &mut b,
+                    text.num_hidden_layers,
+                    text.num_attention_heads,
+                    text.hidden_size / text.num_attention_heads,
+                );
+                Some(write_graph(b, "kv_join", io::KV_JOIN_FILE, dir, opts, progress)?)
+            };
             let tc = blip2_core::TextConfig {
                 vocab_size: text.vocab_size,
                 hidden_size: text.hidden_size,
@@ -496,6 +510,14 @@ fn write_all(
             opt::build_kv_reorder(&mut b, text.decoder_layers(), text.num_heads, text.d_kv);
             kv_reorder =
                 Some(write_graph(b, "kv_reorder", io::KV_REORDER_FILE, dir, opts, progress)?);
+            // Newcomers join both caches of the portable decoder where they lie.
+            kv_join = if fused {
+                None
+            } else {
+                let mut b = builder(lm_float, Projection::Float);
+                opt::build_kv_join(&mut b, text.decoder_layers(), text.num_heads, text.d_kv);
+                Some(write_graph(b, "kv_join", io::KV_JOIN_FILE, dir, opts, progress)?)
+            };
             let tc = blip2_core::TextConfig {
                 vocab_size: text.vocab_size,
                 hidden_size: text.d_model,
@@ -526,6 +548,7 @@ fn write_all(
             language_model: lm_info,
             text_encoder,
             kv_reorder,
+            kv_join,
         },
         tokens: files.special_tokens(),
         num_query_tokens: files.num_query_tokens,

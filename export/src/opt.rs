@@ -226,6 +226,43 @@ pub fn build_kv_reorder(b: &mut Builder, layers: usize, heads: usize, dh: usize)
     }
 }
 
+/// Portable exports: joins newcomer rows to the growing KV cache where it lies (the
+/// runtime binds the outputs where the decoder's cache lives), and drops positions that
+/// every running row pads. The runtime picks the pads: left padding for self-attention
+/// caches, right padding for Flan-T5's cross-attention caches.
+///
+/// ```text
+///   past_key_values.i.key ──Slice(drop_positions.., axis 2)──Pad(pads)──┐
+///   joining.i.key ──────────────────────────────────Pad(joining_pads)──Concat(axis 0) ─▶ present.i.key
+/// ```
+/// (every layer, key and value; a join with no newcomer passes zero joining rows.)
+pub fn build_kv_join(b: &mut Builder, layers: usize, heads: usize, dh: usize) {
+    let float = b.float();
+    let dims = |batch: &str, len: &str| {
+        vec![named(batch), Dim::Fixed(heads as i64), named(len), Dim::Fixed(dh as i64)]
+    };
+    let drop = b.input(io::DROP_POSITIONS, Elem::I64, vec![Dim::Fixed(1)]);
+    let pads = b.input(io::PADS, Elem::I64, vec![Dim::Fixed(8)]);
+    let joining_pads = b.input(io::JOINING_PADS, Elem::I64, vec![Dim::Fixed(8)]);
+    let end = b.ints(&[i64::MAX]);
+    let axes = b.ints(&[2]);
+    for i in 0..layers {
+        for (past, joining, present) in [
+            (io::past_key(i), io::joining_key(i), io::present_key(i)),
+            (io::past_value(i), io::joining_value(i), io::present_value(i)),
+        ] {
+            let p = |op: &str| format!("/kv_join/{present}/{op}");
+            let x = b.input(&past, float, dims(io::DIM_BATCH, io::DIM_PAST_SEQUENCE));
+            let j = b.input(&joining, float, dims(io::DIM_JOINING_BATCH, io::DIM_JOINING_SEQUENCE));
+            let kept = b.op(&p("Slice"), "Slice", &[&x, &drop, &end, &axes], vec![]);
+            let a = b.op(&p("Pad"), "Pad", &[&kept, &pads], vec![]);
+            let c = b.op(&p("Pad_1"), "Pad", &[&j, &joining_pads], vec![]);
+            let y = b.op(&p("Concat"), "Concat", &[&a, &c], vec![("axis", Attr::Int(0))]);
+            b.output(&y, &present, float, dims(io::DIM_NEW_BATCH, io::DIM_TOTAL_SEQUENCE));
+        }
+    }
+}
+
 /// Token embeddings with the image embeddings scattered over the image tokens, plus
 /// learned positions. The k-th image token of a row takes row k of its image embeddings
 /// (what transformers' masked_scatter does); other tokens index a zero row appended to

@@ -135,6 +135,7 @@ pub fn export_file_names() -> Vec<String> {
         io::LANGUAGE_MODEL_FILE,
         io::TEXT_ENCODER_FILE,
         io::KV_REORDER_FILE,
+        io::KV_JOIN_FILE,
     ]
     .into_iter()
     .chain(retrieval)

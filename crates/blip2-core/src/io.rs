@@ -8,8 +8,10 @@ pub const LANGUAGE_MODEL_FILE: &str = "language_model.onnx";
 pub const MANIFEST_FILE: &str = "blip2_manifest.json";
 /// Encoder-decoder language models (Flan-T5) only: the text encoder.
 pub const TEXT_ENCODER_FILE: &str = "text_encoder.onnx";
-/// CUDA-target exports only: the KV-buffer row reorder for beam search.
+/// The KV cache's row reorder (beam search, rows leaving), where the cache lies.
 pub const KV_REORDER_FILE: &str = "kv_reorder.onnx";
+/// Portable exports: the growing KV cache's join of newcomer rows, where the cache lies.
+pub const KV_JOIN_FILE: &str = "kv_join.onnx";
 
 // vision_encoder.onnx
 pub const PIXEL_VALUES: &str = "pixel_values";
@@ -57,6 +59,19 @@ pub const TOP_LOGITS: &str = "top_logits";
 // kv_reorder.onnx: past_key_values.* in, present.* out, row r of the output being row
 // `rows[r]` of the input.
 pub const ROWS: &str = "rows";
+// kv_join.onnx: the rows of a running cache (past_key_values.*, their first
+// `drop_positions` positions dropped) and a newcomer's rows (joining.*), each padded with
+// zeros along the positions by its pads (ONNX Pad's `[begins..., ends...]`, non-negative),
+// one after the other in present.*.
+pub const DROP_POSITIONS: &str = "drop_positions";
+pub const PADS: &str = "pads";
+pub const JOINING_PADS: &str = "joining_pads";
+pub fn joining_key(layer: usize) -> String {
+    format!("joining.{layer}.key")
+}
+pub fn joining_value(layer: usize) -> String {
+    format!("joining.{layer}.value")
+}
 
 // text_encoder.onnx (T5): the encoder output and, for each decoder layer, the
 // cross-attention keys and values, computed once per prompt.
@@ -99,6 +114,8 @@ pub const DIM_ENCODER_SEQUENCE: &str = "encoder_sequence_length";
 pub const DIM_MAX_SEQUENCE: &str = "max_sequence_length";
 pub const DIM_TOP_K: &str = "top_k";
 pub const DIM_NEW_BATCH: &str = "new_batch_size";
+pub const DIM_JOINING_BATCH: &str = "joining_batch_size";
+pub const DIM_JOINING_SEQUENCE: &str = "joining_sequence_length";
 
 // Image-text retrieval exports (family "retrieval", Salesforce/blip2-itm-vit-g): the
 // vision encoder above, then three graphs over its image features and the text.

@@ -57,6 +57,9 @@ pub enum GraphKind {
     /// the language model's providers, where its cache lives, and never captured as a
     /// CUDA graph (its buffers change from call to call).
     KvReorder,
+    /// The growing KV cache's join of newcomer rows (portable exports): placed and run
+    /// as [`GraphKind::KvReorder`] is.
+    KvJoin,
 }
 
 impl Family {
@@ -118,7 +121,7 @@ impl GraphKind {
             GraphKind::VisionEncoder => "vision_encoder",
             GraphKind::QFormer => "qformer",
             GraphKind::TextEncoder => "text_encoder",
-            GraphKind::LanguageModel | GraphKind::KvReorder => "language_model",
+            GraphKind::LanguageModel | GraphKind::KvReorder | GraphKind::KvJoin => "language_model",
         }
     }
 }

@@ -87,6 +87,10 @@ pub struct Graphs {
     /// device (beam search), `rows` picking the source row of each new row.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_reorder: Option<GraphInfo>,
+    /// Portable exports: joins newcomer rows to the growing KV cache (and drops
+    /// positions every row pads) on the device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_join: Option<GraphInfo>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

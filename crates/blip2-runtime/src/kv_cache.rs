@@ -35,6 +35,13 @@ pub enum Layout {
     Static { capacity: usize },
 }
 
+/// Where a join runs: the export's `kv_join` graph and the memory the decoder's cache
+/// lives in (the outputs are bound there).
+pub struct JoinOn<'a> {
+    pub session: &'a mut Session,
+    pub memory: &'a MemoryInfo<'static>,
+}
+
 pub struct KvCache {
     spec: KvSpec,
     layout: Layout,
@@ -178,8 +185,9 @@ impl KvCache {
     }
 
     /// Growing caches: appends `other`'s rows after these, both left-padded with zeros to
-    /// the longer length, in host memory (the rows' masks must mark the padding).
-    pub fn join(&mut self, other: KvCache) -> Result<(), RuntimeError> {
+    /// the longer length (the rows' masks must mark the padding); where the cache lies
+    /// with the export's `kv_join` graph (`on`), else through host memory.
+    pub fn join(&mut self, other: KvCache, on: Option<JoinOn<'_>>) -> Result<(), RuntimeError> {
         if self.layout != Layout::Growing
             || other.layout != Layout::Growing
             || self.spec != other.spec
@@ -188,14 +196,21 @@ impl KvCache {
                 "only growing KV caches of one model can be joined".into(),
             ));
         }
-        self.join_padded(other, true)
+        match on {
+            Some(on) => self.join_on_device(on, Some(other), 0, true),
+            None => self.join_padded(other, true),
+        }
     }
 
     /// Static caches of values computed once (Flan-T5's cross-attention keys and values,
     /// their length the encoder's): appends `other`'s rows after these, both right-padded
-    /// with zeros to the longer length, in host memory (the encoder mask marks the
-    /// padding).
-    pub fn join_right_padded(&mut self, other: KvCache) -> Result<(), RuntimeError> {
+    /// with zeros to the longer length (the encoder mask marks the padding); where the
+    /// cache lies with `kv_join` (`on`), else through host memory.
+    pub fn join_right_padded(
+        &mut self,
+        other: KvCache,
+        on: Option<JoinOn<'_>>,
+    ) -> Result<(), RuntimeError> {
         if self.layout == Layout::Growing
             || other.layout == Layout::Growing
             || self.spec != other.spec
@@ -205,7 +220,10 @@ impl KvCache {
             ));
         }
         let len = self.capacity().max(other.capacity());
-        self.join_padded(other, false)?;
+        match on {
+            Some(on) => self.join_on_device(on, Some(other), 0, false)?,
+            None => self.join_padded(other, false)?,
+        }
         self.layout = Layout::Static { capacity: len };
         Ok(())
     }
@@ -225,13 +243,17 @@ impl KvCache {
     }
 
     /// Growing caches: drops the first `n` positions of every row (positions that every
-    /// row's mask has as padding).
-    pub fn drop_front(&mut self, n: usize) -> Result<(), RuntimeError> {
+    /// row's mask has as padding); where the cache lies with `kv_join` (`on`), else
+    /// through host memory.
+    pub fn drop_front(&mut self, n: usize, on: Option<JoinOn<'_>>) -> Result<(), RuntimeError> {
         if n == 0 {
             return Ok(());
         }
         if self.layout != Layout::Growing {
             return Err(RuntimeError::Unsupported("a static KV cache keeps its positions".into()));
+        }
+        if let Some(on) = on {
+            return self.join_on_device(on, None, n, true);
         }
         for kv in &mut self.layers {
             for v in kv.iter_mut() {
@@ -242,6 +264,88 @@ impl KvCache {
                 };
             }
         }
+        Ok(())
+    }
+
+    /// Positions per row of the cache's tensors (axis 2).
+    fn positions(&self) -> Result<usize, RuntimeError> {
+        let Some(kv) = self.layers.first() else { return Ok(0) };
+        let t = kv[0].view().downcast::<DynTensorValueType>().map_err(ort_err("KV cache"))?;
+        t.shape().get(2).map(|&l| l as usize).ok_or_else(|| {
+            RuntimeError::Unsupported(format!("a KV cache tensor of shape {:?}", t.shape()))
+        })
+    }
+
+    /// The export's `kv_join` graph: drops the first `drop` positions of these rows, then
+    /// appends `other`'s rows, both padded with zeros on the left (`left`) or the right
+    /// to the longer length; the result lies where `on.memory` says (the decoder's cache
+    /// memory), so a cache on a GPU never goes through the host.
+    fn join_on_device(
+        &mut self,
+        on: JoinOn<'_>,
+        other: Option<KvCache>,
+        drop: usize,
+        left: bool,
+    ) -> Result<(), RuntimeError> {
+        let have = self.positions()?;
+        if drop > have {
+            return Err(RuntimeError::Unsupported(format!(
+                "kv_join: dropping {drop} positions of a cache of {have}"
+            )));
+        }
+        let kept = have - drop;
+        let joining = match &other {
+            Some(o) => o.positions()?,
+            None => kept,
+        };
+        let len = kept.max(joining);
+        // ONNX Pad's pads: [begin of each axis..., end of each axis...]; only positions pad.
+        let pads_for = |l: usize| {
+            let mut p = [0i64; 8];
+            p[if left { 2 } else { 6 }] = (len - l) as i64;
+            Tensor::from_array(ndarray::Array1::from_vec(p.to_vec())).map_err(ort_err("pads"))
+        };
+        let (pads, joining_pads) = (pads_for(kept)?, pads_for(joining)?);
+        let drop_input = Tensor::from_array(ndarray::Array1::from_vec(vec![drop as i64]))
+            .map_err(ort_err(io::DROP_POSITIONS))?;
+        // No newcomer: zero rows of the kept length.
+        let none = match &other {
+            Some(_) => None,
+            None => Some(host_zeros(self.spec, 0, kept)?),
+        };
+        let session = on.session;
+        let mut binding =
+            session.create_binding().map_err(ort_err("kv_join: creating an IO binding"))?;
+        (|| -> Result<(), ort::Error> {
+            binding.bind_input(io::DROP_POSITIONS, &drop_input)?;
+            binding.bind_input(io::PADS, &pads)?;
+            binding.bind_input(io::JOINING_PADS, &joining_pads)?;
+            for (l, kv) in self.layers.iter().enumerate() {
+                for (which, v) in kv.iter().enumerate() {
+                    let (past, present) = names(l, which);
+                    binding.bind_input(past, v)?;
+                    let joining_name =
+                        if which == 0 { io::joining_key(l) } else { io::joining_value(l) };
+                    let joining = other.as_ref().map(|o| &o.layers[l][which]).or(none.as_ref());
+                    if let Some(j) = joining {
+                        binding.bind_input(joining_name, j)?;
+                    }
+                    binding.bind_output_to_device(present, on.memory)?;
+                }
+            }
+            Ok(())
+        })()
+        .map_err(ort_err("kv_join: binding inputs and outputs"))?;
+        let mut out = session
+            .run_binding_with_options(&binding, no_capture()?)
+            .map_err(ort_err("kv_join"))?;
+        for (l, kv) in self.layers.iter_mut().enumerate() {
+            for (which, v) in kv.iter_mut().enumerate() {
+                let (_, present) = names(l, which);
+                *v = out.remove(present.as_str()).ok_or(RuntimeError::MissingOutput(present))?;
+            }
+        }
+        self.rows += other.map_or(0, |o| o.rows);
         Ok(())
     }
 

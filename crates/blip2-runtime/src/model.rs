@@ -87,8 +87,10 @@ pub struct Blip2Model {
     pub(crate) lm: Session,
     /// T5 only: the text encoder.
     pub(crate) text_encoder: Option<Session>,
-    /// CUDA-target exports only: the KV-buffer row reorder for beam search.
+    /// The KV cache's row reorder (beam search, rows leaving), where the cache lies.
     pub(crate) kv_reorder: Option<Session>,
+    /// Portable exports: the growing KV cache's join of newcomer rows, where it lies.
+    pub(crate) kv_join: Option<Session>,
     /// Whether the LM graph takes and returns fp16 tensors.
     pub(crate) lm_fp16: bool,
     /// Whether the vision encoder's image features (the Q-Former's input) are fp16.
@@ -101,6 +103,9 @@ pub struct Blip2Model {
     /// The threads the language model's graphs ran on (tests: one engine thread).
     #[cfg(any(test, feature = "test-support"))]
     lm_threads: std::collections::HashSet<std::thread::ThreadId>,
+    /// Joins run by the `kv_join` graph (tests: the device path was taken).
+    #[cfg(any(test, feature = "test-support"))]
+    kv_join_runs: usize,
 }
 
 /// The session for graph `file` of the export in `dir`, or an error naming the missing file.
@@ -216,6 +221,7 @@ impl Blip2Model {
         let lm = open(GraphKind::LanguageModel, &g.language_model)?;
         let kv_reorder =
             g.kv_reorder.as_ref().map(|r| open(GraphKind::KvReorder, r)).transpose()?;
+        let kv_join = g.kv_join.as_ref().map(|j| open(GraphKind::KvJoin, j)).transpose()?;
         let is_fp16 = |t: &[blip2_core::TensorInfo], name: &str| {
             t.iter().any(|t| t.name == name && t.dtype == "float16")
         };
@@ -235,12 +241,15 @@ impl Blip2Model {
             lm,
             text_encoder,
             kv_reorder,
+            kv_join,
             lm_fp16,
             vision_fp16,
             kv_memory,
             step_pool: None,
             #[cfg(any(test, feature = "test-support"))]
             lm_threads: Default::default(),
+            #[cfg(any(test, feature = "test-support"))]
+            kv_join_runs: 0,
         })
     }
 
@@ -370,6 +379,31 @@ impl Blip2Model {
     /// one (tests: the host path against the device path).
     pub fn drop_kv_reorder(&mut self) {
         self.kv_reorder = None;
+    }
+
+    #[cfg(any(test, feature = "test-support"))]
+    /// Closes the `kv_join` session, as for an export made before it (tests: the host
+    /// path against the device path).
+    pub fn drop_kv_join(&mut self) {
+        self.kv_join = None;
+    }
+
+    #[cfg(any(test, feature = "test-support"))]
+    /// How many joins (and position drops) the `kv_join` graph has run.
+    pub fn kv_join_runs(&self) -> usize {
+        self.kv_join_runs
+    }
+
+    /// Where the growing cache's joins run: the export's `kv_join` graph and the cache's
+    /// memory (noted as a language-model run), or None for exports made before it.
+    pub(crate) fn join_on(&mut self) -> Option<crate::kv_cache::JoinOn<'_>> {
+        #[cfg(any(test, feature = "test-support"))]
+        if self.kv_join.is_some() {
+            self.lm_threads.insert(std::thread::current().id());
+            self.kv_join_runs += 1;
+        }
+        let session = self.kv_join.as_mut()?;
+        Some(crate::kv_cache::JoinOn { session, memory: &self.kv_memory })
     }
 
     /// Allocates buffers where the decoder's cache lives (static KV caches).

@@ -143,8 +143,10 @@ impl OptState {
 
     /// Appends `other`'s rows after these (a server's continuous batch taking in newly
     /// prefilled rows): caches and masks are left-padded to the longer of the two, so
-    /// each row keeps its own positions and attends to exactly what it did before.
-    pub fn join(&mut self, other: OptState) -> Result<(), RuntimeError> {
+    /// each row keeps its own positions and attends to exactly what it did before. The
+    /// caches join where they lie with the export's `kv_join` graph (through host memory
+    /// for exports made before it).
+    pub fn join(&mut self, model: &mut Blip2Model, other: OptState) -> Result<(), RuntimeError> {
         let (mine, theirs) =
             (self.mask.first().map_or(0, Vec::len), other.mask.first().map_or(0, Vec::len));
         let len = mine.max(theirs);
@@ -158,12 +160,12 @@ impl OptState {
             .chain(mask.into_iter().map(|m| pad(m, theirs)))
             .collect();
         self.next_pos.extend(next_pos);
-        self.cache.join(cache)
+        self.cache.join(cache, model.join_on())
     }
 
     /// Drops the leading positions that are padding in every row (left behind when the
     /// rows that needed them have left), so later steps attend over fewer positions.
-    pub fn compact(&mut self) -> Result<(), RuntimeError> {
+    pub fn compact(&mut self, model: &mut Blip2Model) -> Result<(), RuntimeError> {
         let len = self.mask.first().map_or(0, Vec::len);
         let unused = (0..len).take_while(|&j| self.mask.iter().all(|m| m[j] == 0)).count();
         if unused == 0 || self.mask.is_empty() {
@@ -172,7 +174,7 @@ impl OptState {
         for m in &mut self.mask {
             m.drain(..unused);
         }
-        self.cache.drop_front(unused)
+        self.cache.drop_front(unused, model.join_on())
     }
 }
 
@@ -204,19 +206,15 @@ impl DecoderState for OptState {
             Some(reorder) => self.cache.select_rows_on_device(reorder, rows, &model.kv_memory)?,
             None => self.cache.select_rows(rows)?,
         }
-        self.compact()
+        self.compact(model)
     }
 
-    fn join(
-        &mut self,
-        _model: &mut Blip2Model,
-        other: Box<dyn DecoderState>,
-    ) -> Result<(), Joined> {
+    fn join(&mut self, model: &mut Blip2Model, other: Box<dyn DecoderState>) -> Result<(), Joined> {
         if !other.as_any().is::<OptState>() {
             return Err(Joined::Refused(other));
         }
         let other = other.into_any().downcast::<OptState>().expect("an OptState");
-        OptState::join(self, *other).map_err(Joined::Failed)
+        OptState::join(self, model, *other).map_err(Joined::Failed)
     }
 
     fn joins(&self) -> bool {

@@ -185,7 +185,7 @@ impl T5State {
 
     /// Drops the leading self-attention positions that every row has as padding (left
     /// behind when the rows that needed them have left).
-    fn compact(&mut self) -> Result<(), RuntimeError> {
+    fn compact(&mut self, model: &mut Blip2Model) -> Result<(), RuntimeError> {
         let Some(rows_held) = &mut self.self_mask else { return Ok(()) };
         let len = rows_held.first().map_or(0, Vec::len);
         let unused = (0..len).take_while(|&j| rows_held.iter().all(|h| h[j] == 0)).count();
@@ -195,14 +195,15 @@ impl T5State {
         for h in rows_held.iter_mut() {
             h.drain(..unused);
         }
-        self.cache.drop_front(unused)
+        self.cache.drop_front(unused, model.join_on())
     }
 
     /// [`DecoderState::join`] once checked: `other`'s rows after these. Self-attention
     /// caches and their masks are left-padded to the longer of the two (each row keeps
     /// the distances between its positions, all T5's position bias reads), the
-    /// cross-attention caches and the encoder mask right-padded; in host memory.
-    fn join_rows(&mut self, other: T5State) -> Result<(), RuntimeError> {
+    /// cross-attention caches and the encoder mask right-padded; where the caches lie
+    /// with the export's `kv_join` graph (through host memory for exports made before it).
+    fn join_rows(&mut self, model: &mut Blip2Model, other: T5State) -> Result<(), RuntimeError> {
         let T5State { cross, enc_mask, cache, self_mask, .. } = other;
         let (mine, theirs) =
             (self.self_mask.as_mut().expect("checked"), self_mask.expect("checked"));
@@ -216,8 +217,8 @@ impl T5State {
             .map(|h| pad(h, a))
             .chain(theirs.into_iter().map(|h| pad(h, b)))
             .collect();
-        self.cache.join(cache)?;
-        self.cross.join_right_padded(cross)?;
+        self.cache.join(cache, model.join_on())?;
+        self.cross.join_right_padded(cross, model.join_on())?;
         let cols = self.enc_mask.ncols().max(enc_mask.ncols());
         let (ra, rb) = (self.enc_mask.nrows(), enc_mask.nrows());
         let old = std::mem::replace(&mut self.enc_mask, Array2::zeros((ra + rb, cols)));
@@ -279,19 +280,19 @@ impl DecoderState for T5State {
         if let Some(rows_held) = &mut self.self_mask {
             *rows_held = rows.iter().map(|&r| rows_held[r].clone()).collect();
         }
-        self.compact()
+        self.compact(m)
     }
 
     /// Portable decoders with a self-attention mask take newcomers in (see
     /// [`T5State::join_rows`]); CUDA-target ones keep one length for all rows.
-    fn join(&mut self, _m: &mut Blip2Model, other: Box<dyn DecoderState>) -> Result<(), Joined> {
+    fn join(&mut self, m: &mut Blip2Model, other: Box<dyn DecoderState>) -> Result<(), Joined> {
         let ok = self.joins()
             && other.as_any().downcast_ref::<T5State>().is_some_and(DecoderState::joins);
         if !ok {
             return Err(Joined::Refused(other));
         }
         let other = other.into_any().downcast::<T5State>().expect("checked above");
-        self.join_rows(*other).map_err(Joined::Failed)
+        self.join_rows(m, *other).map_err(Joined::Failed)
     }
 
     fn joins(&self) -> bool {
