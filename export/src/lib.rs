@@ -510,14 +510,12 @@ fn write_all(
             opt::build_kv_reorder(&mut b, text.decoder_layers(), text.num_heads, text.d_kv);
             kv_reorder =
                 Some(write_graph(b, "kv_reorder", io::KV_REORDER_FILE, dir, opts, progress)?);
-            // Newcomers join both caches of the portable decoder where they lie.
-            kv_join = if fused {
-                None
-            } else {
-                let mut b = builder(lm_float, Projection::Float);
-                opt::build_kv_join(&mut b, text.decoder_layers(), text.num_heads, text.d_kv);
-                Some(write_graph(b, "kv_join", io::KV_JOIN_FILE, dir, opts, progress)?)
-            };
+            // Newcomers join both caches where they lie: the portable decoder's growing
+            // ones, and the CUDA-target decoder's buffers (whole rows, never positions:
+            // its fused attention keeps its keys in a layout of its own).
+            let mut b = builder(lm_float, Projection::Float);
+            opt::build_kv_join(&mut b, text.decoder_layers(), text.num_heads, text.d_kv);
+            kv_join = Some(write_graph(b, "kv_join", io::KV_JOIN_FILE, dir, opts, progress)?);
             let tc = blip2_core::TextConfig {
                 vocab_size: text.vocab_size,
                 hidden_size: text.d_model,

@@ -495,6 +495,14 @@ pub fn build_decoder_cuda(b: &mut Builder, c: &T5Config, scale_output: bool) -> 
     let kv = |len: &str| kv_dims(c, len);
     let (cross, past) = decoder_caches(b, c, io::DIM_MAX_SEQUENCE);
     let past_len = b.input(io::PAST_SEQUENCE_LENGTH, Elem::I32, vec![]);
+    // 1 for each position of the buffers a row holds (past and this step's), 0 for the
+    // positions before a row joined a running batch: the operator's key padding mask.
+    let dec_mask = b.input(
+        io::DECODER_ATTENTION_MASK,
+        Elem::I64,
+        vec![batch(), named(io::DIM_TOTAL_SEQUENCE)],
+    );
+    let dec_mask = b.cast("/lm/decoder/self_mask/Cast", &dec_mask, Elem::I64, Elem::I32);
     let mut h = decoder_embeddings(b, c, &ids)?;
 
     // The query sits at position P, the keys at 0..=P. Range reads its bounds on the
@@ -549,7 +557,7 @@ pub fn build_decoder_cuda(b: &mut Builder, c: &T5Config, scale_output: bool) -> 
             qkv[0].as_str(),
             qkv[1].as_str(),
             qkv[2].as_str(),
-            "",
+            dec_mask.as_str(),
             bias.as_str(),
             pk.as_str(),
             pv.as_str(),

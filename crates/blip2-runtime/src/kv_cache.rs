@@ -197,7 +197,7 @@ impl KvCache {
             ));
         }
         match on {
-            Some(on) => self.join_on_device(on, Some(other), 0, true),
+            Some(on) => self.join_on_device(on, Some(other), 0, true, 0),
             None => self.join_padded(other, true),
         }
     }
@@ -221,7 +221,7 @@ impl KvCache {
         }
         let len = self.capacity().max(other.capacity());
         match on {
-            Some(on) => self.join_on_device(on, Some(other), 0, false)?,
+            Some(on) => self.join_on_device(on, Some(other), 0, false, 0)?,
             None => self.join_padded(other, false)?,
         }
         self.layout = Layout::Static { capacity: len };
@@ -253,7 +253,7 @@ impl KvCache {
             return Err(RuntimeError::Unsupported("a static KV cache keeps its positions".into()));
         }
         if let Some(on) = on {
-            return self.join_on_device(on, None, n, true);
+            return self.join_on_device(on, None, n, true, 0);
         }
         for kv in &mut self.layers {
             for v in kv.iter_mut() {
@@ -276,16 +276,32 @@ impl KvCache {
         })
     }
 
+    /// A static cache of `rows` rows and `capacity` positions of zeros, where `on.memory`
+    /// says, made by the export's `kv_join` graph (buffers whose masked positions are
+    /// still read must hold numbers).
+    pub fn zeros_on_device(
+        spec: KvSpec,
+        rows: usize,
+        capacity: usize,
+        on: JoinOn<'_>,
+    ) -> Result<Self, RuntimeError> {
+        let mut cache = Self::empty(spec, 0)?;
+        cache.join_on_device(on, Some(Self::empty(spec, rows)?), 0, false, capacity)?;
+        cache.layout = Layout::Static { capacity };
+        Ok(cache)
+    }
+
     /// The export's `kv_join` graph: drops the first `drop` positions of these rows, then
     /// appends `other`'s rows, both padded with zeros on the left (`left`) or the right
-    /// to the longer length; the result lies where `on.memory` says (the decoder's cache
-    /// memory), so a cache on a GPU never goes through the host.
+    /// to the longer length (at least `at_least`); the result lies where `on.memory`
+    /// says (the decoder's cache memory), so a cache on a GPU never goes through the host.
     fn join_on_device(
         &mut self,
         on: JoinOn<'_>,
         other: Option<KvCache>,
         drop: usize,
         left: bool,
+        at_least: usize,
     ) -> Result<(), RuntimeError> {
         let have = self.positions()?;
         if drop > have {
@@ -298,7 +314,7 @@ impl KvCache {
             Some(o) => o.positions()?,
             None => kept,
         };
-        let len = kept.max(joining);
+        let len = kept.max(joining).max(at_least);
         // ONNX Pad's pads: [begin of each axis..., end of each axis...]; only positions pad.
         let pads_for = |l: usize| {
             let mut p = [0i64; 8];

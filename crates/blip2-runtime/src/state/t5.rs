@@ -43,7 +43,16 @@ struct Fixed {
     allocator: Allocator,
     spare: Option<KvCache>,
     cross_spare: Option<KvCache>,
+    /// Newcomers can join: the decoder takes `decoder_attention_mask` and the export
+    /// has its `kv_join` graph (exports made before either run their batches apart).
+    joins: bool,
 }
+
+/// Positions a server's CUDA-target batch makes room for ([`DecoderState::make_room`]):
+/// newcomers join while the running rows have used fewer than this less their own
+/// start and new tokens. The fused attention reads only the positions up to the
+/// current one, so room costs memory, not time.
+pub const ROOM: usize = 256;
 
 impl T5State {
     /// Runs the text encoder ([`encode_rows`] on a portable export, [`encode_batch`] on
@@ -76,12 +85,13 @@ impl T5State {
             let capacity = 1 + max_new_tokens;
             let allocator = m.cache_allocator()?;
             let cache = KvCache::allocate(spec, rows, capacity, &allocator)?;
-            (cache, Some(Fixed { len: 0, capacity, allocator, spare: None, cross_spare: None }))
+            let joins = m.signature.decoder_mask && m.kv_join.is_some();
+            let f = Fixed { len: 0, capacity, allocator, spare: None, cross_spare: None, joins };
+            (cache, Some(f))
         } else {
             (KvCache::empty(spec, rows)?, None)
         };
-        let self_mask =
-            (fixed.is_none() && m.signature.decoder_mask).then(|| vec![Vec::new(); rows]);
+        let self_mask = m.signature.decoder_mask.then(|| vec![Vec::new(); rows]);
         let mut st = Self { cross, enc_mask, cache, selects, fixed, last_logits: None, self_mask };
         let logits = st.step(m, &vec![decoder_start; rows])?;
         Ok((st, logits))
@@ -168,19 +178,25 @@ impl T5State {
                 "text decoder",
             )?;
             self.last_logits = logits;
-            if let Some(f) = &mut self.fixed {
-                f.len += 1;
-            }
+            self.stepped();
             return Ok(answer);
         }
         let logits =
             run_decoder(&mut m.lm, &m.kv_memory, &inputs, &mut self.cache, "text decoder", true)?;
+        self.stepped();
+        Ok(StepOutput::Logits(logits.index_axis_move(Axis(1), 0)))
+    }
+
+    /// After a step: every row holds one more position.
+    fn stepped(&mut self) {
+        if let Some(f) = &mut self.fixed {
+            f.len += 1;
+        }
         if let Some(rows_held) = &mut self.self_mask {
             for h in rows_held {
                 h.push(1);
             }
         }
-        Ok(StepOutput::Logits(logits.index_axis_move(Axis(1), 0)))
     }
 
     /// Drops the leading self-attention positions that every row has as padding (left
@@ -219,11 +235,63 @@ impl T5State {
             .collect();
         self.cache.join(cache, model.join_on())?;
         self.cross.join_right_padded(cross, model.join_on())?;
+        self.join_enc_mask(&enc_mask);
+        Ok(())
+    }
+
+    /// `enc_mask`'s rows after these, both right-padded with zeros to the longer.
+    fn join_enc_mask(&mut self, enc_mask: &Array2<i64>) {
         let cols = self.enc_mask.ncols().max(enc_mask.ncols());
         let (ra, rb) = (self.enc_mask.nrows(), enc_mask.nrows());
         let old = std::mem::replace(&mut self.enc_mask, Array2::zeros((ra + rb, cols)));
         self.enc_mask.slice_mut(ndarray::s![..ra, ..old.ncols()]).assign(&old);
-        self.enc_mask.slice_mut(ndarray::s![ra.., ..enc_mask.ncols()]).assign(&enc_mask);
+        self.enc_mask.slice_mut(ndarray::s![ra.., ..enc_mask.ncols()]).assign(enc_mask);
+    }
+
+    /// [`DecoderState::join`] of a CUDA-target decoder, once checked: `other` (just
+    /// prefilled, its first tokens picked) joins with its start step run again at the
+    /// running rows' last position, all earlier positions masked for it. T5's position
+    /// bias depends only on distances, so its rows attend to what they attended to
+    /// alone, and the next step feeds their first tokens beside the running rows'. The
+    /// fused attention writes its keys in a layout of its own, so no position is ever
+    /// copied: the start step is computed again (one small step), and rows move only
+    /// whole (the `kv_join` graph concatenating the running rows' buffers and the
+    /// newcomers', and their cross-attention caches right-padded).
+    fn join_fixed(&mut self, m: &mut Blip2Model, other: T5State) -> Result<(), RuntimeError> {
+        let f = self.fixed.as_ref().expect("checked by join");
+        let (len, capacity) = (f.len, f.capacity);
+        let rows = other.cache.rows();
+        let start = m.manifest.tokens.decoder_start_token_id.unwrap_or(0);
+        let allocator = m.cache_allocator()?;
+        let joins = f.joins;
+        let T5State { cross, enc_mask, selects, .. } = other;
+        let mut newcomer = T5State {
+            cross,
+            enc_mask,
+            cache: zeroed(m, rows, capacity)?,
+            selects,
+            fixed: Some(Fixed {
+                len: len - 1,
+                capacity,
+                allocator,
+                spare: None,
+                cross_spare: None,
+                joins,
+            }),
+            last_logits: None,
+            self_mask: Some(vec![vec![0; len - 1]; rows]),
+        };
+        newcomer.step_want(m, &vec![start; rows], Want::Argmax)?;
+        let T5State { cross, enc_mask, cache, self_mask, .. } = newcomer;
+        self.cache.join_right_padded(cache, m.join_on())?;
+        self.cross.join_right_padded(cross, m.join_on())?;
+        if let (Some(mine), Some(theirs)) = (&mut self.self_mask, self_mask) {
+            mine.extend(theirs);
+        }
+        self.join_enc_mask(&enc_mask);
+        let f = self.fixed.as_mut().expect("checked by join");
+        (f.spare, f.cross_spare) = (None, None);
+        self.last_logits = None;
         Ok(())
     }
 }
@@ -255,7 +323,13 @@ impl DecoderState for T5State {
             Some(f) => {
                 let reorder = m.kv_reorder.as_mut().ok_or_else(no_reorder)?;
                 self.cross.reorder_on_device(reorder, rows, &mut f.cross_spare, &f.allocator)?;
-                return self.cache.reorder_on_device(reorder, rows, &mut f.spare, &f.allocator);
+                self.cache.reorder_on_device(reorder, rows, &mut f.spare, &f.allocator)?;
+                // The buffers keep every position (the fused attention's own layout):
+                // nothing to compact.
+                if let Some(rows_held) = &mut self.self_mask {
+                    *rows_held = rows.iter().map(|&r| rows_held[r].clone()).collect();
+                }
+                return Ok(());
             }
             None if m.kv_reorder.is_some() => {
                 let reorder = m.kv_reorder.as_mut().expect("checked");
@@ -283,20 +357,60 @@ impl DecoderState for T5State {
         self.compact(m)
     }
 
-    /// Portable decoders with a self-attention mask take newcomers in (see
-    /// [`T5State::join_rows`]); CUDA-target ones keep one length for all rows.
+    /// Decoders with a self-attention mask take newcomers in: portable ones by padding
+    /// (see [`T5State::join_rows`]), CUDA-target ones by running the newcomers' start
+    /// step again beside the running rows (see [`T5State::join_fixed`]) when their
+    /// buffers have the positions left.
     fn join(&mut self, m: &mut Blip2Model, other: Box<dyn DecoderState>) -> Result<(), Joined> {
-        let ok = self.joins()
-            && other.as_any().downcast_ref::<T5State>().is_some_and(DecoderState::joins);
-        if !ok {
+        let fits = match other.as_any().downcast_ref::<T5State>() {
+            Some(o) if self.joins() && o.joins() => match (&self.fixed, &o.fixed) {
+                (None, None) => true,
+                // The newcomer's positions, from the start step it runs again at
+                // position len - 1, fit in the running buffers.
+                (Some(f), Some(n)) => {
+                    n.len == 1 && f.len >= 1 && f.len - 1 + n.capacity <= f.capacity
+                }
+                _ => false,
+            },
+            _ => false,
+        };
+        if !fits {
             return Err(Joined::Refused(other));
         }
         let other = other.into_any().downcast::<T5State>().expect("checked above");
+        if self.fixed.is_some() {
+            return self.join_fixed(m, *other).map_err(Joined::Failed);
+        }
         self.join_rows(m, *other).map_err(Joined::Failed)
     }
 
     fn joins(&self) -> bool {
-        self.fixed.is_none() && self.self_mask.is_some()
+        self.self_mask.is_some() && self.fixed.as_ref().is_none_or(|f| f.joins)
+    }
+
+    /// CUDA-target decoders: buffers [`ROOM`] positions long (when the rows need fewer),
+    /// so that newcomers arriving later still fit; the start step runs again in them.
+    fn make_room(&mut self, m: &mut Blip2Model, _rows: usize) -> Result<(), RuntimeError> {
+        let Some(f) = &self.fixed else { return Ok(()) };
+        if !self.joins() || f.len != 1 || f.capacity >= ROOM {
+            return Ok(());
+        }
+        let rows = self.cache.rows();
+        let fresh = zeroed(m, rows, ROOM)?;
+        self.cache = fresh;
+        let f = self.fixed.as_mut().expect("checked above");
+        f.len = 0;
+        f.capacity = ROOM;
+        f.spare = None;
+        if let Some(rows_held) = &mut self.self_mask {
+            rows_held.iter_mut().for_each(Vec::clear);
+        }
+        let start = m.manifest.tokens.decoder_start_token_id.unwrap_or(0);
+        // The same start step as the prefill's (its picks are made already).
+        let last = self.last_logits.take();
+        self.step_want(m, &vec![start; rows], Want::Argmax)?;
+        self.last_logits = last;
+        Ok(())
     }
 
     fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
@@ -406,6 +520,17 @@ fn encode_batch(
         layers.push([take(io::cross_key(l))?, take(io::cross_value(l))?]);
     }
     Ok(KvCache::from_tensors(spec, rows, longest, layers))
+}
+
+/// Self-attention buffers of `rows` rows and `capacity` positions, zeros, where the
+/// decoder's cache lives: made by the `kv_join` graph (padding zero positions), since a
+/// masked position is still read and must hold a number.
+fn zeroed(m: &mut Blip2Model, rows: usize, capacity: usize) -> Result<KvCache, RuntimeError> {
+    let spec = kv_spec(m);
+    let on = m.join_on().ok_or_else(|| {
+        RuntimeError::Unsupported("this export has no kv_join graph; export it again".into())
+    })?;
+    KvCache::zeros_on_device(spec, rows, capacity, on)
 }
 
 fn no_encoder() -> RuntimeError {
