@@ -1,12 +1,25 @@
-//! The engine: one thread owns the loaded model and runs every request's generation on
-//! it, batching continuously. `infer` (through [`crate::pipeline::Pipeline`]) and `serve`
-//! both drive the same [`Scheduler`]; the server through [`Engine`], which runs it on its
-//! own thread behind a bounded queue.
+//! The engine: one thread owns the loaded language model and runs every request's
+//! generation on it, batching continuously. `infer` (through
+//! [`crate::pipeline::Pipeline`]) and `serve` both drive the same [`Scheduler`]; the
+//! server through [`Engine`], which runs it on its own thread behind a bounded queue.
+//!
+//! The server's [`Engine`] is two threads:
+//! - **`blip2-images`** (the image stage, `images.rs`) owns the vision encoder, the
+//!   Q-Former ([`ImageEncoders`]) and the image-embedding cache. It takes submitted
+//!   requests first, encodes the images of those waiting as one batch, and hands each
+//!   request with its query embeddings to the engine thread. Should the batch fail, each
+//!   image is encoded alone, so a bad image fails only its own request.
+//! - **`blip2-engine`** owns the rest of the model (the language model, T5's text
+//!   encoder, `kv_reorder`) and only prefills and decodes, so it never waits for pixels:
+//!   the next requests' images are encoded while it steps the running batch.
+//!
+//! `infer` runs both on one thread: [`Scheduler::admit`] encodes the images it is given
+//! through the model's own encoders before the prefill.
 //!
 //! Scheduling, in short (as in vLLM and TGI):
 //! - **admit**: requests that arrived since the last step are prefilled together (their
-//!   images through the vision encoder and Q-Former, via the image-embedding cache, then
-//!   one prefill of their prompts), and each picks its first token.
+//!   query embeddings, made by the image stage or at admission, then one prefill of their
+//!   prompts), and each picks its first token.
 //! - **step**: one decode step for every row of a running batch. Each request keeps its
 //!   own search: greedy search and sampling per row ([`RowSearch`]), beam search as a
 //!   group of rows ([`BeamSearch`]) with its per-search reorder. A request therefore gets
@@ -22,17 +35,21 @@
 //!   fault in a model run fails the rows of that run, and the engine goes on.
 //!
 //! Every language-model run happens on the thread that drives the scheduler, so a CUDA
-//! provider's per-thread state (captured graphs, cuBLAS handles) is made once.
+//! provider's per-thread state (captured graphs, cuBLAS handles) is made once. The
+//! vision encoder and Q-Former run on the image thread: their sessions capture no CUDA
+//! graphs (only the language model's does), and a CUDA provider makes their per-thread
+//! state on that thread once.
 
 mod batch;
+mod images;
 mod text;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ndarray::Array3;
+use ndarray::{Array3, ArrayD};
 
 pub use batch::{row_count as batch_rows, Scheduler};
 
@@ -41,7 +58,7 @@ use crate::error::RuntimeError;
 use crate::generation::GenerationConfig;
 #[allow(unused_imports)] // named in the docs above
 use crate::generation::{BeamSearch, RowSearch};
-use crate::model::Blip2Model;
+use crate::model::{Blip2Model, ImageEncoders};
 use crate::prompt::Prompter;
 #[allow(unused_imports)] // named in the docs above
 use crate::state::DecoderState;
@@ -148,13 +165,16 @@ impl EngineMetrics for NoMetrics {}
 pub struct Queued {
     pub req: Request,
     pub enqueued: Instant,
+    /// Its image's query embeddings `[num_query_tokens, hidden]`, once made (by the image
+    /// stage, or at admission); the prefill takes them.
+    image_embeds: Option<ArrayD<f32>>,
     _place: Option<Place>,
 }
 
 impl Queued {
     /// A request outside any queue (a [`Scheduler`] driven directly).
     pub fn new(req: Request) -> Self {
-        Queued { req, enqueued: Instant::now(), _place: None }
+        Queued { req, enqueued: Instant::now(), image_embeds: None, _place: None }
     }
 }
 
@@ -181,21 +201,25 @@ pub enum SubmitError {
     Full(usize),
     #[error("the server is shutting down")]
     Closed,
+    /// The engine's threads stopped on a fault (logged); nothing more will run.
+    #[error("the generation engine stopped after an internal fault (see the server's log); restart the server")]
+    Stopped,
 }
 
 /// Scheduling limits.
 #[derive(Clone, Debug)]
 pub struct EngineOptions {
     /// Rows (sequences, beams) in generation at once; newcomers wait for room (a request
-    /// wider than this runs alone).
+    /// wider than this runs alone). The image stage encodes batches of as many rows.
     pub max_batch: usize,
-    /// How long the first request to an idle engine waits for others to join it.
+    /// How long the first request to an idle engine waits for others to join it (in an
+    /// encoder batch and a prefill).
     pub max_wait: Duration,
     /// Requests admitted at once, waiting or generating; more are refused.
     pub max_queue: usize,
 }
 
-/// The engine thread and its queue.
+/// The engine's threads (the image stage, then the engine thread) and its queue.
 pub struct Engine {
     queue: Mutex<Option<SyncSender<Queued>>>,
     admission: Arc<Admission>,
@@ -204,14 +228,21 @@ pub struct Engine {
     pub defaults: GenerationConfig,
     pub manifest: blip2_core::Manifest,
     pub limits: crate::preprocess::ImageLimits,
-    thread: Mutex<Option<std::thread::JoinHandle<Blip2Model>>>,
+    threads: Mutex<Option<Threads>>,
+}
+
+/// The image stage's thread and the engine thread.
+struct Threads {
+    images: std::thread::JoinHandle<ImageEncoders>,
+    engine: std::thread::JoinHandle<Blip2Model>,
 }
 
 impl Engine {
-    /// Takes over a loaded model and starts the engine thread (see
-    /// [`crate::pipeline::Pipeline::into_engine`]).
+    /// Takes over a loaded model and starts the engine's threads: the image stage with
+    /// the model's vision encoder, Q-Former and `embed_cache`, the engine thread with the
+    /// rest (see [`crate::pipeline::Pipeline::into_engine`]).
     pub fn start(
-        model: Blip2Model,
+        mut model: Blip2Model,
         prompter: Prompter,
         limits: crate::preprocess::ImageLimits,
         embed_cache: EmbedCache,
@@ -220,17 +251,38 @@ impl Engine {
         metrics: Arc<dyn EngineMetrics>,
     ) -> Result<Arc<Self>, std::io::Error> {
         let manifest = model.manifest.clone();
+        let encoders = model.take_image_encoders().ok_or_else(|| {
+            std::io::Error::other(
+                "the model's vision encoder and Q-Former were handed over already",
+            )
+        })?;
         let prompter = Arc::new(prompter);
         let (tx, rx) = mpsc::sync_channel(opts.max_queue.max(1));
+        let (encoded_tx, encoded_rx) = mpsc::channel();
         let admission = Arc::new(Admission {
             admitted: AtomicUsize::new(0),
             max_queue: opts.max_queue.max(1),
             metrics: metrics.clone(),
         });
+        let engine_idle = Arc::new(AtomicBool::new(true));
+        let stage = images::Stage {
+            rx,
+            out: encoded_tx,
+            encoders,
+            cache: embed_cache,
+            max_batch: opts.max_batch.max(1),
+            max_wait: opts.max_wait,
+            engine_idle: engine_idle.clone(),
+            metrics: metrics.clone(),
+        };
         let p = prompter.clone();
-        let thread = std::thread::Builder::new()
+        let engine = std::thread::Builder::new()
             .name("blip2-engine".into())
-            .spawn(move || run(rx, model, embed_cache, p, opts, metrics))?;
+            .spawn(move || run(encoded_rx, model, p, opts, metrics, engine_idle))?;
+        // Should this fail, the stage is dropped with its sender: the engine thread ends.
+        let images = std::thread::Builder::new()
+            .name("blip2-images".into())
+            .spawn(move || images::run(stage))?;
         Ok(Arc::new(Self {
             queue: Mutex::new(Some(tx)),
             admission,
@@ -238,7 +290,7 @@ impl Engine {
             defaults,
             manifest,
             limits,
-            thread: Mutex::new(Some(thread)),
+            threads: Mutex::new(Some(Threads { images, engine })),
         }))
     }
 
@@ -250,7 +302,12 @@ impl Engine {
             return Err(SubmitError::Full(a.max_queue));
         }
         a.metrics.queued();
-        let queued = Queued { req, enqueued: Instant::now(), _place: Some(Place(a.clone())) };
+        let queued = Queued {
+            req,
+            enqueued: Instant::now(),
+            image_embeds: None,
+            _place: Some(Place(a.clone())),
+        };
         let refused = |e| {
             a.metrics.left_queue(1);
             Err(e)
@@ -261,7 +318,8 @@ impl Engine {
             Ok(()) => Ok(()),
             // The channel holds max_queue and admission keeps fewer in flight.
             Err(TrySendError::Full(_)) => refused(SubmitError::Full(a.max_queue)),
-            Err(TrySendError::Disconnected(_)) => refused(SubmitError::Closed),
+            // The queue is open, so the image stage has stopped on a fault.
+            Err(TrySendError::Disconnected(_)) => refused(SubmitError::Stopped),
         }
     }
 
@@ -270,11 +328,18 @@ impl Engine {
         self.stop();
     }
 
-    /// [`Engine::shutdown`], returning the model the engine thread owned.
+    /// [`Engine::shutdown`], returning the model the engine's threads owned (its
+    /// encoders back in it, unless the image stage failed). The image stage encodes what
+    /// is queued and ends; then the engine thread runs every request to its end.
     fn stop(&self) -> Option<Blip2Model> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let t = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take()?;
-        t.join().ok()
+        let t = self.threads.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+        let encoders = t.images.join().ok();
+        let mut model = t.engine.join().ok()?;
+        if let Some(e) = encoders {
+            model.put_image_encoders(e);
+        }
+        Some(model)
     }
 
     #[cfg(any(test, feature = "test-support"))]
@@ -284,57 +349,34 @@ impl Engine {
     }
 }
 
-/// The engine thread: admits what has arrived, steps every running batch, until the
-/// queue closes and nothing is left.
+/// The engine thread: admits what the image stage has handed on, steps every running
+/// batch, until the image stage has ended and nothing is left.
 fn run(
-    rx: Receiver<Queued>,
+    rx: Receiver<Vec<Queued>>,
     mut model: Blip2Model,
-    mut embeds: EmbedCache,
     prompter: Arc<Prompter>,
     opts: EngineOptions,
     metrics: Arc<dyn EngineMetrics>,
+    idle: Arc<AtomicBool>,
 ) -> Blip2Model {
     let mut sched = Scheduler::new(opts.max_batch, metrics).with_room();
     let mut waiting: std::collections::VecDeque<Queued> = Default::default();
-    let mut open = true;
     loop {
-        // Intake: when idle, block for a request and give others max_wait to join it;
-        // when generating, take what has arrived and go on.
+        // Intake: when idle, block for requests (the image stage gave a burst max_wait to
+        // gather); when generating, take what has arrived and go on.
         if sched.is_idle() && waiting.is_empty() {
-            if !open {
-                break;
-            }
-            match rx.recv() {
-                Ok(q) => waiting.push_back(q),
+            idle.store(true, Ordering::SeqCst);
+            let next = rx.recv();
+            idle.store(false, Ordering::SeqCst);
+            match next {
+                Ok(batch) => waiting.extend(batch),
                 Err(_) => break,
             }
-            let deadline = waiting[0].enqueued + opts.max_wait;
-            while waiting.iter().map(|q| batch::row_count(&q.req.cfg)).sum::<usize>()
-                < opts.max_batch
-            {
-                match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                    Ok(q) => waiting.push_back(q),
-                    Err(RecvTimeoutError::Timeout) => break,
-                    Err(RecvTimeoutError::Disconnected) => {
-                        open = false;
-                        break;
-                    }
-                }
-            }
         }
-        loop {
-            match rx.try_recv() {
-                Ok(q) => waiting.push_back(q),
-                Err(mpsc::TryRecvError::Empty) => break,
-                Err(mpsc::TryRecvError::Disconnected) => {
-                    open = false;
-                    break;
-                }
-            }
-        }
+        waiting.extend(rx.try_iter().flatten());
         let newcomers = sched.take_fitting(&mut waiting);
         if !newcomers.is_empty() {
-            sched.admit(&mut model, &mut embeds, &prompter, newcomers);
+            sched.admit_encoded(&mut model, &prompter, newcomers);
         }
         sched.step(&mut model, &prompter);
     }
