@@ -2,7 +2,8 @@
 //! running batches of every kind of export get exactly the tokens the search gives each
 //! alone (`generate()` on its own decoder state, which the recorded-case tests hold to
 //! transformers); a request whose search fails, or whose model run fails, fails alone;
-//! and every language-model run happens on the engine's one thread.
+//! and every language-model run happens on the engine's one thread, every image-encoder
+//! run on its image stage's thread ([`image_stage`]).
 
 use std::path::PathBuf;
 use std::sync::{mpsc, Arc};
