@@ -2,14 +2,17 @@
 //! running batches of every kind of export get exactly the tokens the search gives each
 //! alone (`generate()` on its own decoder state, which the recorded-case tests hold to
 //! transformers); a request whose search fails, or whose model run fails, fails alone;
-//! and every language-model run happens on the engine's one thread.
+//! and every language-model run happens on the engine's one thread, every image-encoder
+//! run on its image stage's thread ([`image_stage`]).
 
 use std::path::PathBuf;
 use std::sync::{mpsc, Arc};
 
 use blip2_core::Target;
 use blip2_ort_suite::{fixture, photo, session_factory, temp_dir};
-use blip2_runtime::engine::{EngineOptions, Event, NoMetrics, Queued, Request, Scheduler, Sink};
+use blip2_runtime::engine::{
+    EngineOptions, Event, ImageStage, NoMetrics, Queued, Request, Scheduler, Sink,
+};
 use blip2_runtime::generation::{self, GenerationConfig};
 use blip2_runtime::model::Blip2Model;
 use blip2_runtime::pipeline::{EmbedCache, Pipeline};
@@ -324,6 +327,7 @@ fn every_language_model_run_of_the_threaded_engine_is_on_its_one_thread() {
         max_batch: 16,
         max_wait: std::time::Duration::from_millis(5),
         max_queue: 64,
+        image_stage: ImageStage::Auto,
     };
     let engine = p.into_engine(opts, Arc::new(NoMetrics)).unwrap();
     let (tx, rx) = mpsc::channel();
@@ -419,5 +423,271 @@ fn streamed_deltas_add_up_to_the_final_text() {
         }
         assert_eq!(sequences, 12);
         assert!(early > 0, "{name}: no text arrived before a sequence ended");
+    }
+}
+
+/// The engine's image stage ([`Engine`]'s `blip2-images` thread): what runs where, exact
+/// tokens for requests that arrive while others decode, faults on the image thread, and
+/// shutdown with requests still being encoded.
+mod image_stage {
+    use super::*;
+    use blip2_runtime::engine::{EngineMetrics, SubmitError};
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    /// A pixel value no preprocessed image has: the encoder hook panics on an image
+    /// that starts with it.
+    const MARK: f32 = 1234.5;
+
+    fn options(max_wait_ms: u64, image_stage: ImageStage) -> EngineOptions {
+        EngineOptions {
+            max_batch: 16,
+            max_wait: Duration::from_millis(max_wait_ms),
+            max_queue: 64,
+            image_stage,
+        }
+    }
+
+    /// A freshly loaded pipeline of an opt-tiny export (its image-embedding cache empty,
+    /// so that the engine encodes every image), the cases, and each case's tokens alone.
+    fn loaded(target: Target, test: &str) -> (Pipeline, Vec<Case>, Vec<Vec<Vec<i64>>>) {
+        let dir = export("opt-tiny", target, test);
+        let load = || {
+            let mut p = Pipeline::load(&dir, &mut session_factory()).unwrap();
+            if target == Target::Cuda {
+                p.model.use_fixed_step_buffers().unwrap();
+            }
+            p
+        };
+        let mut p = load();
+        let cases = cases(&p.default_config());
+        let want = cases.iter().map(|c| alone(&mut p, c)).collect();
+        (load(), cases, want)
+    }
+
+    fn seqs(cases: &[Case]) -> Vec<usize> {
+        cases.iter().map(|c| c.cfg.num_return_sequences).collect()
+    }
+
+    fn assert_exact(got: &[Outcome], want: &[Vec<Vec<i64>>]) {
+        for (i, w) in want.iter().enumerate() {
+            let g = got[i].as_ref().unwrap_or_else(|e| panic!("request {i} failed: {e}"));
+            assert_eq!(g, w, "request {i} against its tokens alone");
+        }
+    }
+
+    /// Holds the engine thread at the first token of the first request until released
+    /// (so that what is submitted meanwhile arrives while that request decodes).
+    struct Gate {
+        reached: Mutex<Option<mpsc::Sender<()>>>,
+        release: Mutex<Option<mpsc::Receiver<()>>>,
+    }
+
+    impl EngineMetrics for Gate {
+        fn first_token(&self, _since_queued: Duration) {
+            let reached = self.reached.lock().unwrap().take();
+            if let Some(reached) = reached {
+                let release = self.release.lock().unwrap().take().unwrap();
+                reached.send(()).unwrap();
+                release.recv().unwrap();
+            }
+        }
+    }
+
+    /// Submits case 0, and the other cases while its rows decode: every request gets its
+    /// tokens alone. Returns the model the engine hands back and the submitting thread.
+    fn serve_while_decoding(
+        p: Pipeline,
+        stage: ImageStage,
+        cases: &[Case],
+        want: &[Vec<Vec<i64>>],
+    ) -> (Blip2Model, std::thread::ThreadId) {
+        let (tx, rx) = mpsc::channel();
+        let reqs: Vec<Request> =
+            cases.iter().enumerate().map(|(i, c)| request(&p, i, c, &tx)).collect();
+        drop(tx);
+        let (reached_tx, reached) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel();
+        let gate =
+            Gate { reached: Mutex::new(Some(reached_tx)), release: Mutex::new(Some(release_rx)) };
+        let engine = p.into_engine(options(5, stage), Arc::new(gate)).unwrap();
+        let client = std::thread::current().id();
+        let mut reqs = reqs.into_iter();
+        engine.submit(reqs.next().unwrap()).unwrap();
+        reached.recv_timeout(Duration::from_secs(60)).expect("request 0 got its first token");
+        for r in reqs {
+            engine.submit(r).unwrap();
+        }
+        // Time for the image stage to hand them on, so they join at the next step.
+        std::thread::sleep(Duration::from_millis(100));
+        release.send(()).unwrap();
+        let got = collect(rx, cases.len(), &seqs(cases));
+        assert_exact(&got, want);
+        (engine.shutdown_into_model().unwrap(), client)
+    }
+
+    #[test]
+    fn requests_submitted_while_a_batch_decodes_get_their_single_run_tokens() {
+        for target in [Target::Portable, Target::Cuda] {
+            for stage in [ImageStage::Thread, ImageStage::Inline] {
+                let (p, cases, want) = loaded(target, &format!("decoding-{stage:?}"));
+                serve_while_decoding(p, stage, &cases, &want);
+            }
+        }
+    }
+
+    #[test]
+    fn image_encoders_run_on_the_image_thread_and_the_language_model_on_the_engine_thread() {
+        let (p, cases, want) = loaded(Target::Cuda, "where");
+        let (mut model, client) = serve_while_decoding(p, ImageStage::Thread, &cases, &want);
+        let encoders = model.take_encoder_threads();
+        let lm = model.take_lm_threads();
+        assert_eq!(encoders.len(), 1, "the image encoders ran on {} threads", encoders.len());
+        assert_eq!(lm.len(), 1, "language-model runs on {} threads", lm.len());
+        assert_ne!(encoders[0], lm[0], "the image encoders ran on the engine thread");
+        for t in [&encoders[0], &lm[0]] {
+            assert_ne!(*t, client, "a model run on the submitting thread");
+        }
+    }
+
+    #[test]
+    fn on_the_cpu_the_engine_thread_encodes_the_images_itself() {
+        // ImageStage::Auto with every graph on the CPU: one thread runs every graph.
+        let (p, cases, want) = loaded(Target::Cuda, "inline");
+        assert!(!p.model.on_accelerator());
+        let (mut model, client) = serve_while_decoding(p, ImageStage::Auto, &cases, &want);
+        let encoders = model.take_encoder_threads();
+        let lm = model.take_lm_threads();
+        assert_eq!(encoders, lm, "the image encoders ran on {encoders:?}, the LM on {lm:?}");
+        assert_eq!(lm.len(), 1, "language-model runs on {} threads", lm.len());
+        assert_ne!(lm[0], client, "a model run on the submitting thread");
+    }
+
+    /// Outcomes of requests numbered 0..n, gathered event by event.
+    struct Outcomes {
+        got: Vec<Vec<Option<Vec<i64>>>>,
+        out: Vec<Option<Outcome>>,
+    }
+
+    impl Outcomes {
+        fn new(seqs: &[usize]) -> Self {
+            Outcomes {
+                got: seqs.iter().map(|&k| vec![None; k]).collect(),
+                out: vec![None; seqs.len()],
+            }
+        }
+
+        /// Takes one event; true when it ended its request.
+        fn take(&mut self, (i, e): (usize, Event)) -> bool {
+            match e {
+                Event::End { index, token_ids, .. } => self.got[i][index] = Some(token_ids),
+                Event::Done { .. } => {
+                    let seqs = self.got[i].iter().map(|s| s.clone().expect("every sequence ended"));
+                    self.out[i] = Some(Ok(seqs.collect()));
+                }
+                Event::Failed(e) => self.out[i] = Some(Err(e.to_string())),
+                Event::Delta { .. } => {}
+            }
+            self.out[i].is_some()
+        }
+
+        /// Reads events until `n` more requests have ended.
+        fn wait_for(&mut self, rx: &mpsc::Receiver<(usize, Event)>, mut n: usize) {
+            while n > 0 {
+                let e = rx.recv_timeout(Duration::from_secs(120)).expect("a request never ended");
+                n -= usize::from(self.take(e));
+            }
+        }
+
+        /// Takes the events that have arrived; every request must have ended.
+        fn arrived(mut self, rx: &mpsc::Receiver<(usize, Event)>) -> Vec<Outcome> {
+            for e in rx.try_iter() {
+                self.take(e);
+            }
+            let out = self.out.into_iter().enumerate();
+            out.map(|(i, o)| o.unwrap_or_else(|| panic!("request {i} was not answered"))).collect()
+        }
+    }
+
+    #[test]
+    fn a_failing_image_fails_its_request_alone_and_the_engine_goes_on() {
+        for stage in [ImageStage::Thread, ImageStage::Inline] {
+            image_faults(stage);
+        }
+    }
+
+    fn image_faults(stage: ImageStage) {
+        let (mut p, cases, want) = loaded(Target::Portable, &format!("image-faults-{stage:?}"));
+        p.model.image_encoders().unwrap().before_each_run(|px| {
+            if px.outer_iter().any(|im| im[[0, 0, 0]] == MARK) {
+                panic!("a marked image");
+            }
+        });
+        let (tx, rx) = mpsc::channel();
+        let n = cases.len();
+        let mut reqs: Vec<Request> =
+            cases.iter().enumerate().map(|(i, c)| request(&p, i, c, &tx)).collect();
+        // Pixels of another size, which the vision encoder refuses, and an image on which
+        // the encoders panic, among the others.
+        let mut bad_pixels = request(&p, n, &cases[1], &tx);
+        bad_pixels.pixels = Array3::zeros((3, 8, 8));
+        let mut marked = request(&p, n + 1, &cases[1], &tx);
+        marked.pixels[[0, 0, 0]] = MARK;
+        reqs.insert(2, bad_pixels);
+        reqs.insert(4, marked);
+        let later = request(&p, n + 2, &cases[1], &tx);
+        drop(tx);
+        // max_wait long enough for all of them to share one encoder batch.
+        let engine = p.into_engine(options(300, stage), Arc::new(NoMetrics)).unwrap();
+        for r in reqs {
+            engine.submit(r).unwrap();
+        }
+        let mut seqs = seqs(&cases);
+        seqs.extend([1, 1, 1]);
+        let mut outcomes = Outcomes::new(&seqs);
+        outcomes.wait_for(&rx, n + 2);
+        // The engine goes on after the fault and the panic.
+        engine.submit(later).unwrap();
+        outcomes.wait_for(&rx, 1);
+        engine.shutdown();
+        let got = outcomes.arrived(&rx);
+        assert_exact(&got, &want);
+        let e = got[n].as_ref().expect_err("the image of another size failed");
+        assert!(e.contains("pixel"), "{e}");
+        let e = got[n + 1].as_ref().expect_err("the marked image failed");
+        assert!(e.contains("a marked image"), "{e}");
+        assert_eq!(got[n + 2].as_ref().unwrap(), &want[1], "the request after the faults");
+    }
+
+    #[test]
+    fn shutdown_answers_the_requests_still_in_the_image_stage() {
+        let (mut p, cases, want) = loaded(Target::Portable, "image-shutdown");
+        // A slow encoder: shutdown comes while the first image is encoded and the others
+        // wait in the image stage's queue.
+        let (started_tx, started) = mpsc::channel();
+        p.model.image_encoders().unwrap().before_each_run(move |_| {
+            let _ = started_tx.send(());
+            std::thread::sleep(Duration::from_millis(200));
+        });
+        let (tx, rx) = mpsc::channel();
+        let reqs: Vec<Request> =
+            cases.iter().enumerate().map(|(i, c)| request(&p, i, c, &tx)).collect();
+        let after = request(&p, cases.len(), &cases[1], &tx);
+        drop(tx);
+        let engine = p.into_engine(options(0, ImageStage::Thread), Arc::new(NoMetrics)).unwrap();
+        let mut reqs = reqs.into_iter();
+        engine.submit(reqs.next().unwrap()).unwrap();
+        started.recv_timeout(Duration::from_secs(60)).expect("the image stage started");
+        for r in reqs {
+            engine.submit(r).unwrap();
+        }
+        engine.shutdown();
+        // Every request was answered before shutdown returned.
+        let got = Outcomes::new(&seqs(&cases)).arrived(&rx);
+        assert_exact(&got, &want);
+        assert!(
+            matches!(engine.submit(after), Err(SubmitError::Closed)),
+            "a request after shutdown is refused"
+        );
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use blip2_ort_suite::{fixture, generate_cases, ids, photo, session_factory, temp_dir};
 use blip2_runtime::pipeline::Pipeline;
-use blip2_serve::engine::EngineOptions;
+use blip2_serve::engine::{EngineOptions, ImageStage};
 use blip2_serve::media::MediaPolicy;
 use blip2_serve::ServeOptions;
 use serde_json::{json, Value};
@@ -32,7 +32,12 @@ fn export(name: &str, test: &str) -> PathBuf {
 fn options() -> ServeOptions {
     ServeOptions {
         served_model_name: NAME.into(),
-        engine: EngineOptions { max_batch: 8, max_wait: Duration::from_millis(5), max_queue: 64 },
+        engine: EngineOptions {
+            max_batch: 8,
+            max_wait: Duration::from_millis(5),
+            max_queue: 64,
+            image_stage: ImageStage::Auto,
+        },
         api_key: None,
         media: MediaPolicy { local_root: None, remote: false, max_bytes: 8 << 20 },
         max_body_bytes: 8 << 20,
@@ -567,7 +572,12 @@ fn a_full_queue_is_refused_with_503() {
     let dir = export("opt-tiny", "queue");
     // The first request waits 5 s for company in the queue, holding the only place.
     let opts = ServeOptions {
-        engine: EngineOptions { max_batch: 8, max_wait: Duration::from_secs(5), max_queue: 1 },
+        engine: EngineOptions {
+            max_batch: 8,
+            max_wait: Duration::from_secs(5),
+            max_queue: 1,
+            image_stage: ImageStage::Auto,
+        },
         ..options()
     };
     let server = Server::start(&dir, opts);
@@ -1149,7 +1159,12 @@ fn retrieval_requests_from_several_clients_share_batches() {
     let r = retrieval_ref("itm-tiny");
     let dir = export_retrieval("itm-tiny", "batching");
     let opts = ServeOptions {
-        engine: EngineOptions { max_batch: 8, max_wait: Duration::from_millis(500), max_queue: 64 },
+        engine: EngineOptions {
+            max_batch: 8,
+            max_wait: Duration::from_millis(500),
+            max_queue: 64,
+            image_stage: ImageStage::Auto,
+        },
         ..options()
     };
     let server = Server::serving(retrieval_model(&dir).into(), opts);

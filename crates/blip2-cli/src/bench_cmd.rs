@@ -17,6 +17,7 @@ use ndarray::Array4;
 use serde_json::{json, Value};
 
 use crate::session::SessionOptions;
+use crate::stats::{median, round};
 use crate::UsageError;
 
 #[derive(Args, Debug)]
@@ -83,21 +84,6 @@ fn rss_mb(field: &str) -> Option<f64> {
     let line = s.lines().find(|l| l.starts_with(field))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some((kb / 1024.0 * 10.0).round() / 10.0)
-}
-
-pub(crate) fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-pub(crate) fn round(x: f64, digits: i32) -> f64 {
-    let p = 10f64.powi(digits);
-    (x * p).round() / p
 }
 
 /// Median wall milliseconds of `run(setup())` over `reps` runs after one warm-up; the

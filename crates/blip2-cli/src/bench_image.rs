@@ -13,7 +13,7 @@ use blip2_core::ImageConfig;
 use blip2_runtime::preprocess::{self, ImageLimits};
 use serde_json::{json, Value};
 
-use crate::bench_cmd::{median, round};
+use crate::stats::{median, round};
 
 /// The image processor of every released BLIP-2 checkpoint (Blip2Processor's
 /// BlipImageProcessor): 224x224 bicubic, rescale 1/255, CLIP's mean and std.

@@ -14,6 +14,7 @@ mod retrieval_cmd;
 mod serve_cmd;
 mod session;
 mod signals;
+mod stats;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 

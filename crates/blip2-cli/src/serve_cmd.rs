@@ -7,12 +7,20 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use blip2_serve::engine::EngineOptions;
+use blip2_serve::engine::{EngineOptions, ImageStage};
 use blip2_serve::media::MediaPolicy;
 use blip2_serve::ServeOptions;
 
 use crate::session::SessionOptions;
 use crate::UsageError;
+
+/// `--image-stage` ([`ImageStage`]).
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum ImageStageArg {
+    Auto,
+    Thread,
+    Inline,
+}
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
@@ -40,6 +48,11 @@ pub struct ServeArgs {
     /// Requests in flight at most (waiting or generating); more get 503 with Retry-After.
     #[arg(long, default_value_t = 64, value_parser = crate::args::positive)]
     pub max_queue: usize,
+    /// Where images are encoded: `thread` (a thread of its own, ahead of the language
+    /// model), `inline` (the engine thread, as it admits requests), or `auto`: `thread`
+    /// when the profile runs a graph on CUDA or TensorRT, `inline` on the CPU.
+    #[arg(long, value_enum, default_value_t = ImageStageArg::Auto)]
+    pub image_stage: ImageStageArg,
     /// Requests to /v1/* must send "Authorization: Bearer KEY" (also $BLIP2_ORT_API_KEY).
     #[arg(long, env = "BLIP2_ORT_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -118,6 +131,11 @@ pub fn run(a: &ServeArgs, quiet: bool, signals: Option<crate::signals::Handle>) 
             max_batch: a.max_batch,
             max_wait: Duration::from_millis(a.max_wait_ms as u64),
             max_queue: a.max_queue,
+            image_stage: match a.image_stage {
+                ImageStageArg::Auto => ImageStage::Auto,
+                ImageStageArg::Thread => ImageStage::Thread,
+                ImageStageArg::Inline => ImageStage::Inline,
+            },
         },
         api_key: a.api_key.clone(),
         media: MediaPolicy { local_root, remote: a.allow_remote_media, max_bytes: max_body_bytes },

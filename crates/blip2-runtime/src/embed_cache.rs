@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use ndarray::{Array3, Array4, ArrayD, Axis, IxDyn};
 
 use crate::error::RuntimeError;
-use crate::model::{to_f32, Blip2Model};
+use crate::model::{to_f32, EncodeImages};
 
 /// How many images' query embeddings [`crate::pipeline::Pipeline`] keeps by default: enough for a chat
 /// or a few questions about the same images, small next to the model (~100 KB each for
@@ -38,10 +38,10 @@ impl EmbedCache {
 
     /// Vision encoder + Q-Former for a batch, `[B, num_query_tokens, hidden]` as f32.
     /// Images seen recently come from the cache; the others (each distinct one once) run
-    /// as one batch.
+    /// as one batch. `model` is the model, or its encoders once handed over.
     pub fn embed(
         &mut self,
-        model: &mut Blip2Model,
+        model: &mut (impl EncodeImages + ?Sized),
         pixels: Array4<f32>,
     ) -> Result<ArrayD<f32>, RuntimeError> {
         if self.capacity == 0 || pixels.shape()[0] == 0 {

@@ -35,6 +35,10 @@ pub enum RuntimeError {
     /// A request's own search could not go on (the engine went on with the others).
     #[error("{0}")]
     Search(String),
+    /// A fault of the runtime itself (a panic caught, with what was being done); the
+    /// requests it concerned failed, the others went on.
+    #[error("{0}")]
+    Fault(String),
     /// A failure that several requests of one batch share (a model run they were in).
     #[error(transparent)]
     Shared(std::sync::Arc<RuntimeError>),

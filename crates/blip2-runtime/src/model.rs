@@ -1,6 +1,6 @@
 //! The sessions of an exported folder, described by its manifest: the vision encoder and
-//! Q-Former (run here), and the decoder's graphs, which the decoder states in
-//! [`crate::state`] drive step by step.
+//! Q-Former ([`ImageEncoders`], run here), and the decoder's graphs, which the decoder
+//! states in [`crate::state`] drive step by step.
 
 use std::path::{Path, PathBuf};
 
@@ -77,13 +77,44 @@ impl LmSignature {
     }
 }
 
+/// The vision encoder and the Q-Former: pixel values to the query embeddings the language
+/// model reads. [`Blip2Model`] holds them and runs them on its caller's thread (`infer`);
+/// the server's engine takes them over ([`Blip2Model::take_image_encoders`]) and runs them
+/// on a thread of their own, ahead of the language model.
+pub struct ImageEncoders {
+    vision: Session,
+    qformer: Session,
+    /// Whether the vision encoder's image features (the Q-Former's input) are fp16.
+    vision_fp16: bool,
+    /// `--quantize-encoders` exports: one image per call ([`ImageEncoders::encode_images`]).
+    per_image: bool,
+    /// The threads the encoders ran on (tests: the engine's image thread).
+    #[cfg(any(test, feature = "test-support"))]
+    threads: std::collections::HashSet<std::thread::ThreadId>,
+    /// Called with the pixel values before each run of the vision encoder (tests: a slow
+    /// or failing encoder).
+    #[cfg(any(test, feature = "test-support"))]
+    before_run: Option<Box<RunHook>>,
+}
+
+/// [`ImageEncoders::before_each_run`]'s hook.
+#[cfg(any(test, feature = "test-support"))]
+type RunHook = dyn FnMut(ndarray::ArrayView4<'_, f32>) + Send;
+
+/// Something that turns pixel values `[B,3,H,W]` into query embeddings
+/// `[B, num_query_tokens, hidden]` (an ONNX value in the language model's dtype): the
+/// encoders, or a model that still holds them.
+pub trait EncodeImages {
+    fn encode_images(&mut self, pixels: Array4<f32>) -> Result<DynValue, RuntimeError>;
+}
+
 pub struct Blip2Model {
     pub manifest: Manifest,
     /// The language model's inputs, outputs and cache, resolved at load.
     pub signature: LmSignature,
     pub dir: PathBuf,
-    vision: Session,
-    qformer: Session,
+    /// None once handed over ([`Blip2Model::take_image_encoders`]).
+    encoders: Option<ImageEncoders>,
     pub(crate) lm: Session,
     /// T5 only: the text encoder.
     pub(crate) text_encoder: Option<Session>,
@@ -93,13 +124,14 @@ pub struct Blip2Model {
     pub(crate) kv_join: Option<Session>,
     /// Whether the LM graph takes and returns fp16 tensors.
     pub(crate) lm_fp16: bool,
-    /// Whether the vision encoder's image features (the Q-Former's input) are fp16.
-    vision_fp16: bool,
     /// Where the KV cache lives between decode steps (host memory unless set).
     pub(crate) kv_memory: MemoryInfo<'static>,
     /// Set by [`Blip2Model::use_fixed_step_buffers`]: decode steps bind the same buffers
     /// every time (CUDA graphs), and finished requests leave theirs here.
     pub(crate) step_pool: Option<crate::state::fixed::StepPool>,
+    /// Whether the profile runs a graph on an accelerator (CUDA or TensorRT), set by
+    /// [`Blip2Model::place_for`]: the server's image stage then gets a thread of its own.
+    on_accelerator: bool,
     /// The threads the language model's graphs ran on (tests: one engine thread).
     #[cfg(any(test, feature = "test-support"))]
     lm_threads: std::collections::HashSet<std::thread::ThreadId>,
@@ -232,20 +264,29 @@ impl Blip2Model {
         let kv_memory =
             MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)
                 .map_err(ort_err("host memory info"))?;
+        let encoders = ImageEncoders {
+            vision,
+            qformer,
+            vision_fp16,
+            per_image: manifest.encoder_quantization.is_some(),
+            #[cfg(any(test, feature = "test-support"))]
+            threads: Default::default(),
+            #[cfg(any(test, feature = "test-support"))]
+            before_run: None,
+        };
         Ok(Self {
             manifest,
             signature,
             dir: dir.into(),
-            vision,
-            qformer,
+            encoders: Some(encoders),
             lm,
             text_encoder,
             kv_reorder,
             kv_join,
             lm_fp16,
-            vision_fp16,
             kv_memory,
             step_pool: None,
+            on_accelerator: false,
             #[cfg(any(test, feature = "test-support"))]
             lm_threads: Default::default(),
             #[cfg(any(test, feature = "test-support"))]
@@ -253,42 +294,34 @@ impl Blip2Model {
         })
     }
 
-    /// Vision encoder then Q-Former: pixel values `[B,3,H,W]` to the projected query
-    /// embeddings `[B, num_query_tokens, hidden]`, kept as an ONNX value in the LM's dtype.
+    /// Vision encoder then Q-Former ([`ImageEncoders::encode_images`]).
     pub fn encode_images(&mut self, pixels: Array4<f32>) -> Result<DynValue, RuntimeError> {
-        if self.per_image_encoders() && pixels.shape()[0] > 1 {
-            // Quantized encoders are fp32 throughout (the exporter refuses fp16 with them).
-            return f32_value(
-                self.one_image_at_a_time(pixels, |m, p| to_f32(&m.encode_images(p)?))?,
-            );
-        }
-        let px = Tensor::from_array(pixels).map_err(ort_err("pixel_values"))?;
-        let mut out = self
-            .vision
-            .run(ort::inputs![io::PIXEL_VALUES => px])
-            .map_err(ort_err("vision encoder"))?;
-        let feats = out
-            .remove(io::IMAGE_FEATURES)
-            .ok_or_else(|| RuntimeError::MissingOutput(io::IMAGE_FEATURES.into()))?;
-        let mut out = self
-            .qformer
-            .run(ort::inputs![io::IMAGE_FEATURES => feats])
-            .map_err(ort_err("Q-Former"))?;
-        out.remove(io::IMAGE_EMBEDS)
-            .ok_or_else(|| RuntimeError::MissingOutput(io::IMAGE_EMBEDS.into()))
+        self.image_encoders()?.encode_images(pixels)
     }
 
     /// The vision encoder alone (benchmarks, parity tests).
     pub fn vision_features(&mut self, pixels: Array4<f32>) -> Result<ArrayD<f32>, RuntimeError> {
-        if self.per_image_encoders() && pixels.shape()[0] > 1 {
-            return self.one_image_at_a_time(pixels, Self::vision_features);
-        }
-        let px = Tensor::from_array(pixels).map_err(ort_err("pixel_values"))?;
-        let out = self
-            .vision
-            .run(ort::inputs![io::PIXEL_VALUES => px])
-            .map_err(ort_err("vision encoder"))?;
-        to_f32(&out[io::IMAGE_FEATURES])
+        self.image_encoders()?.vision_features(pixels)
+    }
+
+    /// The vision encoder and Q-Former, unless they were handed over.
+    pub fn image_encoders(&mut self) -> Result<&mut ImageEncoders, RuntimeError> {
+        self.encoders.as_mut().ok_or_else(|| {
+            RuntimeError::Unsupported(
+                "the vision encoder and Q-Former were handed to the engine's image stage".into(),
+            )
+        })
+    }
+
+    /// Hands the vision encoder and Q-Former over (to the engine's image thread); the
+    /// model keeps the language model's graphs. None if they were handed over already.
+    pub fn take_image_encoders(&mut self) -> Option<ImageEncoders> {
+        self.encoders.take()
+    }
+
+    /// Takes the encoders back (the engine, as it shuts down).
+    pub fn put_image_encoders(&mut self, encoders: ImageEncoders) {
+        self.encoders = Some(encoders);
     }
 
     /// T5's text encoder alone: `encoder_hidden_states` for one batch (parity tests).
@@ -318,6 +351,16 @@ impl Blip2Model {
     /// CUDA graphs (`cuda_graph = true`).
     pub fn place_for(&mut self, profile: &crate::config::Profile) -> Result<(), RuntimeError> {
         use crate::config::Provider;
+        let accelerated = |g: GraphKind| {
+            matches!(
+                profile.providers_for(g.name()).first(),
+                Some(Provider::Cuda | Provider::TensorRt)
+            )
+        };
+        self.on_accelerator =
+            [GraphKind::VisionEncoder, GraphKind::QFormer, GraphKind::LanguageModel]
+                .into_iter()
+                .any(accelerated);
         let lm = profile.providers_for(GraphKind::LanguageModel.name());
         if matches!(lm.first(), Some(Provider::Cuda | Provider::TensorRt)) {
             self.keep_cache_on_cuda(profile.device_id)?;
@@ -326,6 +369,11 @@ impl Blip2Model {
             self.use_fixed_step_buffers()?;
         }
         Ok(())
+    }
+
+    /// Whether [`Blip2Model::place_for`] found a graph on CUDA or TensorRT.
+    pub fn on_accelerator(&self) -> bool {
+        self.on_accelerator
     }
 
     /// Keeps the KV cache on a CUDA device between steps (for sessions on the CUDA or
@@ -415,16 +463,15 @@ impl Blip2Model {
             .map_err(ort_err("the decoder's device allocator"))
     }
 
-    /// The Q-Former alone on given image features (f32, converted to the vision
-    /// encoder's dtype).
+    /// The Q-Former alone on given image features ([`ImageEncoders::qformer_embeds`]).
     pub fn qformer_embeds(&mut self, feats: ArrayD<f32>) -> Result<ArrayD<f32>, RuntimeError> {
-        if self.per_image_encoders() && feats.shape()[0] > 1 {
-            return self.one_image_at_a_time(feats, Self::qformer_embeds);
-        }
-        let t = float_value(self.vision_fp16, feats)?;
-        let out =
-            self.qformer.run(ort::inputs![io::IMAGE_FEATURES => t]).map_err(ort_err("Q-Former"))?;
-        to_f32(&out[io::IMAGE_EMBEDS])
+        self.image_encoders()?.qformer_embeds(feats)
+    }
+
+    #[cfg(any(test, feature = "test-support"))]
+    /// The threads the vision encoder and Q-Former have run on, and forgets them.
+    pub fn take_encoder_threads(&mut self) -> Vec<std::thread::ThreadId> {
+        self.encoders.as_mut().map(|e| e.threads.drain().collect()).unwrap_or_default()
     }
 }
 
@@ -435,21 +482,100 @@ impl Blip2Model {
     /// for transformers. None when no session's allocator for that memory keeps statistics
     /// (ONNX Runtime's CPU allocator without its arena, as the CPU profile runs).
     pub fn allocator_peak_bytes(&self, memory: &MemoryInfo<'_>) -> Option<u64> {
-        let sessions = [&self.vision, &self.qformer, &self.lm]
-            .into_iter()
+        let encoders = self.encoders.iter().flat_map(|e| [&e.vision, &e.qformer]);
+        let sessions = encoders
+            .chain([&self.lm])
             .chain(self.text_encoder.as_ref())
             .chain(self.kv_reorder.as_ref());
         sessions.filter_map(|s| allocator_peak(s, memory)).reduce(|a, b| a + b)
     }
 
-    /// Encoders with dynamically quantized activations (`--quantize-encoders`) pick one
-    /// quantization scale per call from the whole input; run one image per call so an
-    /// image's result never depends on the others in its batch.
-    fn per_image_encoders(&self) -> bool {
-        self.manifest.encoder_quantization.is_some()
+    /// Whether the LM graph takes `logits_to_keep` (earlier exports computed every position).
+    pub fn lm_takes_logits_to_keep(&self) -> bool {
+        self.signature.logits_to_keep
+    }
+}
+
+impl ImageEncoders {
+    /// Vision encoder then Q-Former: pixel values `[B,3,H,W]` to the projected query
+    /// embeddings `[B, num_query_tokens, hidden]`, kept as an ONNX value in the LM's dtype.
+    pub fn encode_images(&mut self, pixels: Array4<f32>) -> Result<DynValue, RuntimeError> {
+        if self.per_image && pixels.shape()[0] > 1 {
+            // Quantized encoders are fp32 throughout (the exporter refuses fp16 with them).
+            return f32_value(
+                self.one_image_at_a_time(pixels, |m, p| to_f32(&m.encode_images(p)?))?,
+            );
+        }
+        self.note_run(Some(pixels.view()));
+        let px = Tensor::from_array(pixels).map_err(ort_err("pixel_values"))?;
+        let mut out = self
+            .vision
+            .run(ort::inputs![io::PIXEL_VALUES => px])
+            .map_err(ort_err("vision encoder"))?;
+        let feats = out
+            .remove(io::IMAGE_FEATURES)
+            .ok_or_else(|| RuntimeError::MissingOutput(io::IMAGE_FEATURES.into()))?;
+        let mut out = self
+            .qformer
+            .run(ort::inputs![io::IMAGE_FEATURES => feats])
+            .map_err(ort_err("Q-Former"))?;
+        out.remove(io::IMAGE_EMBEDS)
+            .ok_or_else(|| RuntimeError::MissingOutput(io::IMAGE_EMBEDS.into()))
+    }
+
+    /// The vision encoder alone (benchmarks, parity tests).
+    pub fn vision_features(&mut self, pixels: Array4<f32>) -> Result<ArrayD<f32>, RuntimeError> {
+        if self.per_image && pixels.shape()[0] > 1 {
+            return self.one_image_at_a_time(pixels, Self::vision_features);
+        }
+        self.note_run(Some(pixels.view()));
+        let px = Tensor::from_array(pixels).map_err(ort_err("pixel_values"))?;
+        let out = self
+            .vision
+            .run(ort::inputs![io::PIXEL_VALUES => px])
+            .map_err(ort_err("vision encoder"))?;
+        to_f32(&out[io::IMAGE_FEATURES])
+    }
+
+    /// The Q-Former alone on given image features (f32, converted to the vision
+    /// encoder's dtype).
+    pub fn qformer_embeds(&mut self, feats: ArrayD<f32>) -> Result<ArrayD<f32>, RuntimeError> {
+        if self.per_image && feats.shape()[0] > 1 {
+            return self.one_image_at_a_time(feats, Self::qformer_embeds);
+        }
+        self.note_run(None);
+        let t = float_value(self.vision_fp16, feats)?;
+        let out =
+            self.qformer.run(ort::inputs![io::IMAGE_FEATURES => t]).map_err(ort_err("Q-Former"))?;
+        to_f32(&out[io::IMAGE_EMBEDS])
+    }
+
+    /// Under `test-support`, before a run: notes the thread, and calls the hook with the
+    /// pixel values of a vision-encoder run.
+    fn note_run(&mut self, _pixels: Option<ndarray::ArrayView4<'_, f32>>) {
+        #[cfg(any(test, feature = "test-support"))]
+        {
+            self.threads.insert(std::thread::current().id());
+            if let (Some(hook), Some(px)) = (&mut self.before_run, _pixels) {
+                hook(px);
+            }
+        }
+    }
+
+    #[cfg(any(test, feature = "test-support"))]
+    /// Calls `hook` with the pixel values before each run of the vision encoder (tests:
+    /// a slow encoder, or one that panics on a marked image).
+    pub fn before_each_run(
+        &mut self,
+        hook: impl FnMut(ndarray::ArrayView4<'_, f32>) + Send + 'static,
+    ) {
+        self.before_run = Some(Box::new(hook));
     }
 
     /// `encode` on each image of the batch `x` alone, the results joined along the batch.
+    /// Encoders with dynamically quantized activations (`--quantize-encoders`) pick one
+    /// quantization scale per call from the whole input; one image per call keeps an
+    /// image's result independent of the others in its batch.
     fn one_image_at_a_time<D: ndarray::RemoveAxis>(
         &mut self,
         x: ndarray::Array<f32, D>,
@@ -471,10 +597,17 @@ impl Blip2Model {
         ndarray::concatenate(Axis(0), &views)
             .map_err(|e| RuntimeError::Unsupported(format!("joining per-image outputs: {e}")))
     }
+}
 
-    /// Whether the LM graph takes `logits_to_keep` (earlier exports computed every position).
-    pub fn lm_takes_logits_to_keep(&self) -> bool {
-        self.signature.logits_to_keep
+impl EncodeImages for ImageEncoders {
+    fn encode_images(&mut self, pixels: Array4<f32>) -> Result<DynValue, RuntimeError> {
+        ImageEncoders::encode_images(self, pixels)
+    }
+}
+
+impl EncodeImages for Blip2Model {
+    fn encode_images(&mut self, pixels: Array4<f32>) -> Result<DynValue, RuntimeError> {
+        Blip2Model::encode_images(self, pixels)
     }
 }
 

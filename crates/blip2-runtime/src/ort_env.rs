@@ -149,7 +149,9 @@ pub fn init() -> Result<(), RuntimeSetupError> {
 /// instead of a pool per session. A pipeline runs its sessions one after another; with a
 /// pool each, the threads of the session that just finished keep spinning for work
 /// while the next one runs, and on a machine with few cores that costs ~15% of a
-/// caption (measured in docs/PERFORMANCE.md). Sessions' own thread counts are then
+/// caption (measured in docs/PERFORMANCE.md). The server's image stage runs the vision
+/// encoder beside the language model (from two threads): they then share this pool's
+/// threads rather than each bringing its own. Sessions' own thread counts are then
 /// ignored. Only the first initialisation of the process decides.
 pub fn init_with_threads(intra_op_threads: Option<usize>) -> Result<(), RuntimeSetupError> {
     environment_with(Some(intra_op_threads.unwrap_or(0))).map(|_| ())

@@ -9,7 +9,9 @@ use std::time::Duration;
 use blip2_runtime::engine::{EngineMetrics, Sink};
 use tokio::sync::mpsc::UnboundedSender;
 
-pub use blip2_runtime::engine::{Engine, EngineOptions, Event, Finish, Request, SubmitError};
+pub use blip2_runtime::engine::{
+    Engine, EngineOptions, Event, Finish, ImageStage, Request, SubmitError,
+};
 
 use crate::metrics::Metrics;
 

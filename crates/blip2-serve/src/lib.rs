@@ -506,7 +506,9 @@ async fn respond(
 ) -> Result<Response, ApiError> {
     let n = p.job.cfg.num_return_sequences;
     engine(&app, "")?.submit(p.job).map_err(|e| match e {
-        SubmitError::Full(_) | SubmitError::Closed => ApiError::unavailable(e.to_string()),
+        SubmitError::Full(_) | SubmitError::Closed | SubmitError::Stopped => {
+            ApiError::unavailable(e.to_string())
+        }
     })?;
     let id = format!(
         "{}-{:x}{:04x}",

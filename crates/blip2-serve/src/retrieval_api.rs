@@ -228,7 +228,7 @@ async fn run(r: &Retrieval, work: Work) -> Result<Output, ApiError> {
     match r.run(work).await {
         Ok(Ok(out)) => Ok(out),
         Ok(Err(e)) => Err(ApiError::internal(format!("the model failed: {e}"))),
-        Err(e @ (SubmitError::Full(_) | SubmitError::Closed)) => {
+        Err(e @ (SubmitError::Full(_) | SubmitError::Closed | SubmitError::Stopped)) => {
             Err(ApiError::unavailable(e.to_string()))
         }
     }

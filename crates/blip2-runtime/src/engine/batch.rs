@@ -5,8 +5,9 @@ use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-use ndarray::{Axis, Slice};
+use ndarray::{ArrayD, Axis, Slice};
 
+use super::encode::{encode_batch, panic_message};
 use super::text::{Settings, Stream};
 use super::{EngineMetrics, Event, Queued};
 use crate::embed_cache::EmbedCache;
@@ -137,13 +138,34 @@ impl Scheduler {
         out
     }
 
-    /// Admits `jobs`: their images and one prefill of their prompts, their first tokens;
-    /// then their rows join a running batch that takes rows in, or run as a batch of
-    /// their own. A failure fails these requests only.
+    /// Admits `jobs`: their images (through `embeds` and the model's encoders, as one
+    /// batch, on this thread; should that fail, each image alone, so a bad image fails
+    /// only its request) and one prefill of their prompts, their first tokens; then their
+    /// rows join a running batch that takes rows in, or run as a batch of their own. A
+    /// failure fails these requests only.
     pub fn admit(
         &mut self,
         model: &mut Blip2Model,
         embeds: &mut EmbedCache,
+        prompter: &Prompter,
+        mut jobs: Vec<Queued>,
+    ) {
+        if jobs.is_empty() {
+            return;
+        }
+        // A request whose image fails is answered (and leaves the queue) there.
+        encode_batch(model, embeds, &mut jobs, &*self.metrics);
+        if jobs.is_empty() {
+            return;
+        }
+        self.metrics.left_queue(jobs.len());
+        self.start(model, prompter, jobs);
+    }
+
+    /// [`Scheduler::admit`] for requests whose query embeddings the image stage made.
+    pub(super) fn admit_encoded(
+        &mut self,
+        model: &mut Blip2Model,
         prompter: &Prompter,
         jobs: Vec<Queued>,
     ) {
@@ -151,7 +173,13 @@ impl Scheduler {
             return;
         }
         self.metrics.left_queue(jobs.len());
-        let Some(mut fresh) = self.prefill(model, embeds, prompter, jobs) else { return };
+        self.start(model, prompter, jobs);
+    }
+
+    /// The prefill of `jobs` (each with its query embeddings) and their first tokens; then
+    /// their rows join a running batch, or run as a batch of their own.
+    fn start(&mut self, model: &mut Blip2Model, prompter: &Prompter, jobs: Vec<Queued>) {
+        let Some(mut fresh) = self.prefill(model, prompter, jobs) else { return };
         if fresh.groups.is_empty() {
             fresh.state.release(model);
             return;
@@ -197,19 +225,24 @@ impl Scheduler {
     fn prefill(
         &mut self,
         model: &mut Blip2Model,
-        embeds: &mut EmbedCache,
         prompter: &Prompter,
-        jobs: Vec<Queued>,
+        mut jobs: Vec<Queued>,
     ) -> Option<RunBatch> {
+        // Taken out of the requests: the prefill's state keeps what it needs of them.
+        let embeds: Option<Vec<ArrayD<f32>>> =
+            jobs.iter_mut().map(|q| q.image_embeds.take()).collect();
         let prefilled = (|| -> Result<state::Prefilled, RuntimeError> {
-            let views: Vec<_> =
-                jobs.iter().map(|q| q.req.pixels.view().insert_axis(Axis(0))).collect();
-            let pixels = ndarray::concatenate(Axis(0), &views)
-                .map_err(|e| RuntimeError::Input(format!("joining pixel values: {e}")))?;
+            let embeds = embeds.ok_or_else(|| {
+                RuntimeError::Fault(
+                    "a request reached the prefill without its image's embeddings".into(),
+                )
+            })?;
+            let views: Vec<_> = embeds.iter().map(|e| e.view().insert_axis(Axis(0))).collect();
+            let image_embeds = ndarray::concatenate(Axis(0), &views)
+                .map_err(|e| RuntimeError::Input(format!("joining image embeddings: {e}")))?;
             let texts: Vec<Vec<i64>> = jobs.iter().map(|q| q.req.text_ids.clone()).collect();
             let batch = prompter.assemble(&texts);
             let most_new = jobs.iter().map(|q| q.req.cfg.max_new_tokens).max().unwrap_or(1);
-            let image_embeds = embeds.embed(model, pixels)?;
             // Buffers as long as a running batch's that takes rows in, so they can join it.
             let running =
                 self.batches.iter().filter(|b| b.state.joins()).find_map(|b| b.state.capacity());
@@ -218,11 +251,7 @@ impl Scheduler {
         let p = match prefilled {
             Ok(p) => p,
             Err(e) => {
-                tracing::error!("the prefill of {} request(s) failed: {e}", jobs.len());
-                let e = Arc::new(e);
-                for q in &jobs {
-                    q.req.sink.send(Event::Failed(e.clone()));
-                }
+                fail_jobs(&jobs, e);
                 return None;
             }
         };
@@ -486,6 +515,15 @@ impl Group {
     }
 }
 
+/// Fails every request of `jobs` with `e` (their encoder run or their prefill).
+fn fail_jobs(jobs: &[Queued], e: RuntimeError) {
+    tracing::error!("the prefill of {} request(s) failed: {e}", jobs.len());
+    let e = Arc::new(e);
+    for q in jobs {
+        q.req.sink.send(Event::Failed(e.clone()));
+    }
+}
+
 /// Fails every request of `groups` with `e` (a model run they shared).
 fn fail_groups(groups: Vec<Group>, e: RuntimeError) {
     tracing::error!("generation failed for {} request(s): {e}", groups.len());
@@ -532,11 +570,4 @@ fn slice_rows(out: &StepOutput, offset: usize, n: usize) -> Result<StepOutput, S
             }
         }
     })
-}
-
-fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic".into())
 }

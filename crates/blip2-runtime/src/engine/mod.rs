@@ -1,12 +1,27 @@
-//! The engine: one thread owns the loaded model and runs every request's generation on
-//! it, batching continuously. `infer` (through [`crate::pipeline::Pipeline`]) and `serve`
-//! both drive the same [`Scheduler`]; the server through [`Engine`], which runs it on its
-//! own thread behind a bounded queue.
+//! The engine: one thread owns the loaded language model and runs every request's
+//! generation on it, batching continuously. `infer` (through
+//! [`crate::pipeline::Pipeline`]) and `serve` both drive the same [`Scheduler`]; the
+//! server through [`Engine`], which runs it on its own thread behind a bounded queue.
+//!
+//! The server's [`Engine`] is two threads when a graph runs on an accelerator
+//! ([`ImageStage`]; on a CPU, one: the engine thread encodes images as it admits
+//! requests, since a second thread would only share its cores):
+//! - **`blip2-images`** (the image stage, `images.rs`) owns the vision encoder, the
+//!   Q-Former ([`ImageEncoders`]) and the image-embedding cache. It takes submitted
+//!   requests first, encodes the images of those waiting as one batch, and hands each
+//!   request with its query embeddings to the engine thread. Should the batch fail, each
+//!   image is encoded alone, so a bad image fails only its own request.
+//! - **`blip2-engine`** owns the rest of the model (the language model, T5's text
+//!   encoder, `kv_reorder`) and only prefills and decodes, so it never waits for pixels:
+//!   the next requests' images are encoded while it steps the running batch.
+//!
+//! `infer` runs both on one thread: [`Scheduler::admit`] encodes the images it is given
+//! through the model's own encoders before the prefill.
 //!
 //! Scheduling, in short (as in vLLM and TGI):
 //! - **admit**: requests that arrived since the last step are prefilled together (their
-//!   images through the vision encoder and Q-Former, via the image-embedding cache, then
-//!   one prefill of their prompts), and each picks its first token.
+//!   query embeddings, made by the image stage or at admission, then one prefill of their
+//!   prompts), and each picks its first token.
 //! - **step**: one decode step for every row of a running batch. Each request keeps its
 //!   own search: greedy search and sampling per row ([`RowSearch`]), beam search as a
 //!   group of rows ([`BeamSearch`]) with its per-search reorder. A request therefore gets
@@ -22,17 +37,23 @@
 //!   fault in a model run fails the rows of that run, and the engine goes on.
 //!
 //! Every language-model run happens on the thread that drives the scheduler, so a CUDA
-//! provider's per-thread state (captured graphs, cuBLAS handles) is made once.
+//! provider's per-thread state (captured graphs, cuBLAS handles) is made once. The
+//! vision encoder and Q-Former run on the image thread: their sessions capture no CUDA
+//! graphs (only the language model's does), and a CUDA provider makes their per-thread
+//! state on that thread once.
 
 mod batch;
+mod encode;
+mod images;
 mod text;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ndarray::Array3;
+use ndarray::{Array3, ArrayD};
 
 pub use batch::{row_count as batch_rows, Scheduler};
 
@@ -41,7 +62,7 @@ use crate::error::RuntimeError;
 use crate::generation::GenerationConfig;
 #[allow(unused_imports)] // named in the docs above
 use crate::generation::{BeamSearch, RowSearch};
-use crate::model::Blip2Model;
+use crate::model::{Blip2Model, ImageEncoders};
 use crate::prompt::Prompter;
 #[allow(unused_imports)] // named in the docs above
 use crate::state::DecoderState;
@@ -148,13 +169,16 @@ impl EngineMetrics for NoMetrics {}
 pub struct Queued {
     pub req: Request,
     pub enqueued: Instant,
+    /// Its image's query embeddings `[num_query_tokens, hidden]`, once made (by the image
+    /// stage, or at admission); the prefill takes them.
+    image_embeds: Option<ArrayD<f32>>,
     _place: Option<Place>,
 }
 
 impl Queued {
     /// A request outside any queue (a [`Scheduler`] driven directly).
     pub fn new(req: Request) -> Self {
-        Queued { req, enqueued: Instant::now(), _place: None }
+        Queued { req, enqueued: Instant::now(), image_embeds: None, _place: None }
     }
 }
 
@@ -181,21 +205,43 @@ pub enum SubmitError {
     Full(usize),
     #[error("the server is shutting down")]
     Closed,
+    /// The engine's threads stopped on a fault (logged); nothing more will run.
+    #[error("the generation engine stopped after an internal fault (see the server's log); restart the server")]
+    Stopped,
 }
 
 /// Scheduling limits.
 #[derive(Clone, Debug)]
 pub struct EngineOptions {
     /// Rows (sequences, beams) in generation at once; newcomers wait for room (a request
-    /// wider than this runs alone).
+    /// wider than this runs alone). The image stage encodes batches of as many rows.
     pub max_batch: usize,
-    /// How long the first request to an idle engine waits for others to join it.
+    /// How long the first request to an idle engine waits for others to join it (in an
+    /// encoder batch and a prefill).
     pub max_wait: Duration,
     /// Requests admitted at once, waiting or generating; more are refused.
     pub max_queue: usize,
+    /// Where images are encoded.
+    pub image_stage: ImageStage,
 }
 
-/// The engine thread and its queue.
+/// Where the server's engine encodes images (vision encoder, Q-Former).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ImageStage {
+    /// On a thread of its own when the profile runs a graph on CUDA or TensorRT
+    /// ([`Blip2Model::on_accelerator`]); on the engine thread otherwise. On a CPU the
+    /// two threads would share the same cores and the same ONNX Runtime thread pool:
+    /// encoding ahead gains no time there, and the language model's steps slow down.
+    #[default]
+    Auto,
+    /// On the image stage's thread, ahead of the language model.
+    Thread,
+    /// On the engine thread, as it admits requests (an idle engine gives a burst
+    /// `max_wait` to gather into one encoder batch).
+    Inline,
+}
+
+/// The engine's threads (the image stage, then the engine thread) and its queue.
 pub struct Engine {
     queue: Mutex<Option<SyncSender<Queued>>>,
     admission: Arc<Admission>,
@@ -204,14 +250,21 @@ pub struct Engine {
     pub defaults: GenerationConfig,
     pub manifest: blip2_core::Manifest,
     pub limits: crate::preprocess::ImageLimits,
-    thread: Mutex<Option<std::thread::JoinHandle<Blip2Model>>>,
+    threads: Mutex<Option<Threads>>,
+}
+
+/// The image stage's thread (none when images are encoded inline) and the engine thread.
+struct Threads {
+    images: Option<std::thread::JoinHandle<ImageEncoders>>,
+    engine: std::thread::JoinHandle<Blip2Model>,
 }
 
 impl Engine {
-    /// Takes over a loaded model and starts the engine thread (see
-    /// [`crate::pipeline::Pipeline::into_engine`]).
+    /// Takes over a loaded model and starts the engine's threads: the image stage with
+    /// the model's vision encoder, Q-Former and `embed_cache`, the engine thread with the
+    /// rest (see [`crate::pipeline::Pipeline::into_engine`]).
     pub fn start(
-        model: Blip2Model,
+        mut model: Blip2Model,
         prompter: Prompter,
         limits: crate::preprocess::ImageLimits,
         embed_cache: EmbedCache,
@@ -227,10 +280,46 @@ impl Engine {
             max_queue: opts.max_queue.max(1),
             metrics: metrics.clone(),
         });
-        let p = prompter.clone();
-        let thread = std::thread::Builder::new()
-            .name("blip2-engine".into())
-            .spawn(move || run(rx, model, embed_cache, p, opts, metrics))?;
+        let threaded = match opts.image_stage {
+            ImageStage::Auto => model.on_accelerator(),
+            ImageStage::Thread => true,
+            ImageStage::Inline => false,
+        };
+        let spawn_engine = |intake: Intake, model: Blip2Model| {
+            let (p, opts, metrics) = (prompter.clone(), opts.clone(), metrics.clone());
+            std::thread::Builder::new()
+                .name("blip2-engine".into())
+                .spawn(move || run(intake, model, p, opts, metrics))
+        };
+        let threads = if threaded {
+            let encoders = model.take_image_encoders().ok_or_else(|| {
+                std::io::Error::other(
+                    "the model's vision encoder and Q-Former were handed over already",
+                )
+            })?;
+            let (encoded_tx, encoded_rx) = mpsc::channel();
+            let engine_idle = Arc::new(AtomicBool::new(true));
+            let stage = images::Stage {
+                rx,
+                out: encoded_tx,
+                encoders,
+                cache: embed_cache,
+                max_batch: opts.max_batch.max(1),
+                max_wait: opts.max_wait,
+                engine_idle: engine_idle.clone(),
+                metrics: metrics.clone(),
+            };
+            let engine =
+                spawn_engine(Intake::Encoded { rx: encoded_rx, idle: engine_idle }, model)?;
+            // Should this fail, the stage is dropped with its sender: the engine thread ends.
+            let images = std::thread::Builder::new()
+                .name("blip2-images".into())
+                .spawn(move || images::run(stage))?;
+            Threads { images: Some(images), engine }
+        } else {
+            let engine = spawn_engine(Intake::Raw { rx, cache: embed_cache }, model)?;
+            Threads { images: None, engine }
+        };
         Ok(Arc::new(Self {
             queue: Mutex::new(Some(tx)),
             admission,
@@ -238,7 +327,7 @@ impl Engine {
             defaults,
             manifest,
             limits,
-            thread: Mutex::new(Some(thread)),
+            threads: Mutex::new(Some(threads)),
         }))
     }
 
@@ -250,7 +339,12 @@ impl Engine {
             return Err(SubmitError::Full(a.max_queue));
         }
         a.metrics.queued();
-        let queued = Queued { req, enqueued: Instant::now(), _place: Some(Place(a.clone())) };
+        let queued = Queued {
+            req,
+            enqueued: Instant::now(),
+            image_embeds: None,
+            _place: Some(Place(a.clone())),
+        };
         let refused = |e| {
             a.metrics.left_queue(1);
             Err(e)
@@ -261,7 +355,8 @@ impl Engine {
             Ok(()) => Ok(()),
             // The channel holds max_queue and admission keeps fewer in flight.
             Err(TrySendError::Full(_)) => refused(SubmitError::Full(a.max_queue)),
-            Err(TrySendError::Disconnected(_)) => refused(SubmitError::Closed),
+            // The queue is open, so the image stage has stopped on a fault.
+            Err(TrySendError::Disconnected(_)) => refused(SubmitError::Stopped),
         }
     }
 
@@ -270,11 +365,18 @@ impl Engine {
         self.stop();
     }
 
-    /// [`Engine::shutdown`], returning the model the engine thread owned.
+    /// [`Engine::shutdown`], returning the model the engine's threads owned (its
+    /// encoders back in it, unless the image stage failed). The image stage encodes what
+    /// is queued and ends; then the engine thread runs every request to its end.
     fn stop(&self) -> Option<Blip2Model> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let t = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take()?;
-        t.join().ok()
+        let t = self.threads.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+        let encoders = t.images.and_then(|h| h.join().ok());
+        let mut model = t.engine.join().ok()?;
+        if let Some(e) = encoders {
+            model.put_image_encoders(e);
+        }
+        Some(model)
     }
 
     #[cfg(any(test, feature = "test-support"))]
@@ -284,57 +386,76 @@ impl Engine {
     }
 }
 
-/// The engine thread: admits what has arrived, steps every running batch, until the
-/// queue closes and nothing is left.
+/// Where the engine thread's requests come from.
+enum Intake {
+    /// The image stage, which hands them on with their query embeddings; `idle` tells it
+    /// when the engine thread waits for work.
+    Encoded { rx: Receiver<Vec<Queued>>, idle: Arc<AtomicBool> },
+    /// The queue itself: the engine thread encodes their images as it admits them,
+    /// through the model's encoders and this cache.
+    Raw { rx: Receiver<Queued>, cache: EmbedCache },
+}
+
+impl Intake {
+    /// Blocks for work (the engine is idle) and gives a burst `max_wait` to gather (the
+    /// image stage does that itself). False when the queue has closed and is empty.
+    fn wait(&mut self, waiting: &mut VecDeque<Queued>, opts: &EngineOptions) -> bool {
+        match self {
+            Intake::Encoded { rx, idle } => {
+                idle.store(true, Ordering::SeqCst);
+                let next = rx.recv();
+                idle.store(false, Ordering::SeqCst);
+                next.map(|batch| waiting.extend(batch)).is_ok()
+            }
+            Intake::Raw { rx, .. } => {
+                let Ok(first) = rx.recv() else { return false };
+                let deadline = first.enqueued + opts.max_wait;
+                let mut rows = batch::row_count(&first.req.cfg);
+                waiting.push_back(first);
+                while rows < opts.max_batch {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let Ok(q) = rx.recv_timeout(left) else { break };
+                    rows += batch::row_count(&q.req.cfg);
+                    waiting.push_back(q);
+                }
+                true
+            }
+        }
+    }
+
+    /// Takes what has arrived, without waiting.
+    fn arrived(&mut self, waiting: &mut VecDeque<Queued>) {
+        match self {
+            Intake::Encoded { rx, .. } => waiting.extend(rx.try_iter().flatten()),
+            Intake::Raw { rx, .. } => waiting.extend(rx.try_iter()),
+        }
+    }
+}
+
+/// The engine thread: admits what arrives, steps every running batch, until its intake
+/// has closed and nothing is left.
 fn run(
-    rx: Receiver<Queued>,
+    mut intake: Intake,
     mut model: Blip2Model,
-    mut embeds: EmbedCache,
     prompter: Arc<Prompter>,
     opts: EngineOptions,
     metrics: Arc<dyn EngineMetrics>,
 ) -> Blip2Model {
     let mut sched = Scheduler::new(opts.max_batch, metrics).with_room();
-    let mut waiting: std::collections::VecDeque<Queued> = Default::default();
-    let mut open = true;
+    let mut waiting: VecDeque<Queued> = Default::default();
     loop {
-        // Intake: when idle, block for a request and give others max_wait to join it;
-        // when generating, take what has arrived and go on.
-        if sched.is_idle() && waiting.is_empty() {
-            if !open {
-                break;
-            }
-            match rx.recv() {
-                Ok(q) => waiting.push_back(q),
-                Err(_) => break,
-            }
-            let deadline = waiting[0].enqueued + opts.max_wait;
-            while waiting.iter().map(|q| batch::row_count(&q.req.cfg)).sum::<usize>()
-                < opts.max_batch
-            {
-                match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                    Ok(q) => waiting.push_back(q),
-                    Err(RecvTimeoutError::Timeout) => break,
-                    Err(RecvTimeoutError::Disconnected) => {
-                        open = false;
-                        break;
-                    }
-                }
-            }
+        // Intake: when idle, block for requests; when generating, take what has arrived
+        // and go on.
+        if sched.is_idle() && waiting.is_empty() && !intake.wait(&mut waiting, &opts) {
+            break;
         }
-        loop {
-            match rx.try_recv() {
-                Ok(q) => waiting.push_back(q),
-                Err(mpsc::TryRecvError::Empty) => break,
-                Err(mpsc::TryRecvError::Disconnected) => {
-                    open = false;
-                    break;
-                }
-            }
-        }
+        intake.arrived(&mut waiting);
         let newcomers = sched.take_fitting(&mut waiting);
         if !newcomers.is_empty() {
-            sched.admit(&mut model, &mut embeds, &prompter, newcomers);
+            match &mut intake {
+                Intake::Encoded { .. } => sched.admit_encoded(&mut model, &prompter, newcomers),
+                Intake::Raw { cache, .. } => sched.admit(&mut model, cache, &prompter, newcomers),
+            }
         }
         sched.step(&mut model, &prompter);
     }
