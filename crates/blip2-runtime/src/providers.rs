@@ -155,7 +155,7 @@ pub fn apply(
         builder =
             builder.with_intra_threads(n).map_err(ort_ctx("setting the intra-op thread count"))?;
     }
-    // The graphs run one after another, never side by side.
+    // A graph's nodes run one after another (the parallelism is inside each operator).
     builder =
         builder.with_inter_threads(1).map_err(ort_ctx("setting the inter-op thread count"))?;
     if graph == "language_model" {
