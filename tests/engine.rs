@@ -659,6 +659,57 @@ mod image_stage {
         assert_eq!(got[n + 2].as_ref().unwrap(), &want[1], "the request after the faults");
     }
 
+    /// Panics whenever the engine reports a batch's rows: a fault on the engine thread
+    /// outside any request's search (a bug), which stops that thread.
+    struct PanicOnRows;
+    impl EngineMetrics for PanicOnRows {
+        fn batch_rows(&self, _rows: usize) {
+            panic!("a fault on the engine thread");
+        }
+    }
+
+    #[test]
+    fn an_engine_thread_that_stopped_is_reported_and_later_requests_fail_at_once() {
+        for stage in [ImageStage::Inline, ImageStage::Thread] {
+            let dir = export("opt-tiny", Target::Portable, &format!("stopped-{stage:?}"));
+            let p = Pipeline::load(&dir, &mut session_factory()).unwrap();
+            let case = &cases(&p.default_config())[1];
+            let (tx, rx) = mpsc::channel();
+            let (first, later) = (request(&p, 0, case, &tx), request(&p, 1, case, &tx));
+            drop(tx);
+            let engine = p.into_engine(options(0, stage), Arc::new(PanicOnRows)).unwrap();
+            assert!(engine.is_running());
+            engine.submit(first).unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while engine.is_running() {
+                assert!(std::time::Instant::now() < deadline, "{stage:?}: the engine still runs");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            // The request the engine thread held is not left waiting: its sink is gone.
+            let first_events: Vec<_> = rx.try_iter().collect();
+            assert!(
+                first_events.iter().all(|(i, e)| *i == 0 && !matches!(e, Event::Done { .. })),
+                "{stage:?}: {first_events:?}"
+            );
+            match stage {
+                // The queue's reader has gone: refused at once.
+                ImageStage::Inline => assert!(
+                    matches!(engine.submit(later), Err(SubmitError::Stopped)),
+                    "{stage:?}: a request after the fault was not refused"
+                ),
+                // The image stage still takes it, and fails it when it cannot hand it on.
+                _ => {
+                    engine.submit(later).unwrap();
+                    let (i, e) = rx.recv_timeout(Duration::from_secs(60)).expect("an answer");
+                    assert_eq!(i, 1);
+                    let Event::Failed(e) = e else { panic!("{stage:?}: {e:?}") };
+                    assert!(e.to_string().contains("engine thread has stopped"), "{e}");
+                }
+            }
+            engine.shutdown();
+        }
+    }
+
     #[test]
     fn shutdown_answers_the_requests_still_in_the_image_stage() {
         let (mut p, cases, want) = loaded(Target::Portable, "image-shutdown");

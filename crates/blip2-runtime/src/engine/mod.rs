@@ -360,6 +360,15 @@ impl Engine {
         }
     }
 
+    /// Whether the engine's threads are running: false once one of them has stopped on
+    /// a fault (requests then fail; the server's `/health` says so) and after shutdown.
+    pub fn is_running(&self) -> bool {
+        let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        threads.as_ref().is_some_and(|t| {
+            !t.engine.is_finished() && t.images.as_ref().is_none_or(|h| !h.is_finished())
+        })
+    }
+
     /// Stops taking requests and waits until every admitted one has been answered.
     pub fn shutdown(&self) {
         self.stop();
