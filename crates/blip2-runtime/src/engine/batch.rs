@@ -216,8 +216,9 @@ impl Scheduler {
                 return;
             }
         }
-        self.metrics.batch_rows(batch.state.rows());
+        let rows = batch.state.rows();
         self.batches.push(batch);
+        self.metrics.batch_rows(rows);
     }
 
     /// The newcomers' prefill, their first picks, and their rows selected: a batch of
@@ -512,6 +513,17 @@ impl Group {
         metrics.finished(self.job.enqueued.elapsed());
         let prompt_tokens = prompter.num_query_tokens + self.job.req.text_ids.len();
         self.job.req.sink.send(Event::Done { prompt_tokens });
+    }
+}
+
+impl Scheduler {
+    /// Fails every request of the running batches with `e` and drops the batches (the
+    /// engine thread is stopping on a fault).
+    pub(super) fn fail_all(&mut self, e: RuntimeError) {
+        let groups: Vec<Group> = self.batches.drain(..).flat_map(|b| b.groups).collect();
+        if !groups.is_empty() {
+            fail_groups(groups, e);
+        }
     }
 }
 

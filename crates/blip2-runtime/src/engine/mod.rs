@@ -48,6 +48,7 @@ mod images;
 mod text;
 
 use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
@@ -450,9 +451,9 @@ fn run(
     opts: EngineOptions,
     metrics: Arc<dyn EngineMetrics>,
 ) -> Blip2Model {
-    let mut sched = Scheduler::new(opts.max_batch, metrics).with_room();
+    let mut sched = Scheduler::new(opts.max_batch, metrics.clone()).with_room();
     let mut waiting: VecDeque<Queued> = Default::default();
-    loop {
+    let served = catch_unwind(AssertUnwindSafe(|| loop {
         // Intake: when idle, block for requests; when generating, take what has arrived
         // and go on.
         if sched.is_idle() && waiting.is_empty() && !intake.wait(&mut waiting, &opts) {
@@ -467,6 +468,20 @@ fn run(
             }
         }
         sched.step(&mut model, &prompter);
+    }));
+    // A fault outside any one request's search (a bug): the requests this thread holds
+    // hear why, and the thread ends; the engine then refuses or fails later requests,
+    // and `Engine::is_running` says it stopped.
+    if let Err(p) = served {
+        let why = format!("the generation engine failed: {}", encode::panic_message(&p));
+        tracing::error!("{why}; failing the requests it held, and stopping");
+        sched.fail_all(RuntimeError::Fault(why.clone()));
+        intake.arrived(&mut waiting);
+        let e = Arc::new(RuntimeError::Fault(why));
+        metrics.left_queue(waiting.len());
+        for q in waiting.drain(..) {
+            q.req.sink.send(Event::Failed(e.clone()));
+        }
     }
     model
 }
