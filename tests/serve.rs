@@ -1072,6 +1072,31 @@ fn embeddings_are_transformers_for_texts_and_images_as_float_and_base64() {
     );
 }
 
+/// A panic in the retrieval model's run fails that request (500 with the reason); the
+/// worker goes on: the same request then succeeds, and `/health` stays 200.
+#[test]
+fn a_panic_in_the_retrieval_model_fails_its_request_and_the_worker_goes_on() {
+    let r = retrieval_ref("itm-tiny");
+    let dir = export_retrieval("itm-tiny", "panic");
+    let mut model = retrieval_model(&dir);
+    let mut first = true;
+    model.before_each_run(move |_| {
+        if std::mem::take(&mut first) {
+            panic!("a marked fault in the vision encoder");
+        }
+    });
+    let server = Server::serving(model.into(), options());
+    let url = server.url("/v1/embeddings");
+    let item = json!({"type": "image_url", "image_url": {"url": data_url(&r.photos[0])}});
+    let body = json!({"model": NAME, "input": [item]});
+    let (code, v) = post(&url, &body);
+    assert_eq!(code, 500, "{v}");
+    assert!(v.to_string().contains("a marked fault in the vision encoder"), "{v}");
+    let (code, v) = post(&url, &body);
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(get(&server.url("/health"), None).0, 200);
+}
+
 /// `/v1/rerank` orders images by ITM probability with ITC as an extra field: transformers'
 /// ITM and ITC for each (photo, text); `top_n` keeps the best. `/v1/score` gives the same
 /// numbers for the same pairs, and pairs texts with images one to one.

@@ -209,6 +209,10 @@ impl TextTokenizer {
     }
 }
 
+/// [`RetrievalModel::before_each_run`]'s hook.
+#[cfg(any(test, feature = "test-support"))]
+type RunHook = dyn FnMut(ndarray::ArrayView4<'_, f32>) + Send + Sync;
+
 pub struct RetrievalModel {
     pub manifest: RetrievalManifest,
     pub dir: PathBuf,
@@ -220,6 +224,10 @@ pub struct RetrievalModel {
     tokenizer: TextTokenizer,
     /// Whether the vision encoder returns fp16 features.
     vision_fp16: bool,
+    /// Called with the pixel values before each run of the vision encoder (tests: a
+    /// failing model).
+    #[cfg(any(test, feature = "test-support"))]
+    before_run: Option<Box<RunHook>>,
 }
 
 impl RetrievalModel {
@@ -255,7 +263,18 @@ impl RetrievalModel {
             itm,
             tokenizer,
             vision_fp16,
+            #[cfg(any(test, feature = "test-support"))]
+            before_run: None,
         })
+    }
+
+    #[cfg(any(test, feature = "test-support"))]
+    /// Calls `f` with the pixel values before each run of the vision encoder.
+    pub fn before_each_run(
+        &mut self,
+        f: impl FnMut(ndarray::ArrayView4<'_, f32>) + Send + Sync + 'static,
+    ) {
+        self.before_run = Some(Box::new(f));
     }
 
     pub fn load_image(&self, path: &Path) -> Result<DynamicImage, RuntimeError> {
@@ -269,6 +288,10 @@ impl RetrievalModel {
 
     /// The vision encoder on pixel values: one pass per image, for ITC and ITM alike.
     pub fn image_features(&mut self, pixels: Array4<f32>) -> Result<ImageFeatures, RuntimeError> {
+        #[cfg(any(test, feature = "test-support"))]
+        if let Some(f) = &mut self.before_run {
+            f(pixels.view());
+        }
         let px = Tensor::from_array(pixels).map_err(ort_err(io::PIXEL_VALUES))?;
         let out = self
             .vision

@@ -290,17 +290,17 @@ async fn authorize(State(app): State<Arc<App>>, req: Request, next: Next) -> Res
     next.run(req).await
 }
 
-/// 200 while the server can answer; 503 once its generation engine has stopped on a
-/// fault (or is shutting down), so that a load balancer stops sending it requests.
+/// 200 while the server can answer; 503 once its generation engine (or retrieval
+/// worker) has stopped on a fault, or while it shuts down, so that a load balancer stops
+/// sending it requests.
 async fn health(State(app): State<Arc<App>>) -> Response {
-    match &app.engine {
-        Some(e) if !e.is_running() => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "error", "error": SubmitError::Stopped.to_string()})),
-        )
-            .into_response(),
-        _ => Json(json!({"status": "ok"})).into_response(),
+    let running = app.engine.as_ref().is_none_or(|e| e.is_running())
+        && app.retrieval.as_ref().is_none_or(|r| r.is_running());
+    if running {
+        return Json(json!({"status": "ok"})).into_response();
     }
+    let body = json!({"status": "error", "error": SubmitError::Stopped.to_string()});
+    (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
 }
 
 async fn metrics_text(State(app): State<Arc<App>>) -> Response {

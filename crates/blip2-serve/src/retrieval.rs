@@ -9,6 +9,7 @@
 //! image-embedding graph, and every (image, text) pair to match through ITM, each in
 //! calls of at most `max_batch` rows. Each request then gets its own rows back.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
@@ -121,9 +122,19 @@ impl Retrieval {
         {
             let guard = self.queue.lock().unwrap_or_else(|e| e.into_inner());
             let tx = guard.as_ref().ok_or(SubmitError::Closed)?;
-            tx.send(Job { work, reply, _place: place }).map_err(|_| SubmitError::Closed)?;
+            // The queue is open, so its reader has stopped on a fault.
+            tx.send(Job { work, reply, _place: place }).map_err(|_| SubmitError::Stopped)?;
         }
-        answer.await.map_err(|_| SubmitError::Closed)
+        // Shutdown answers all queued work first: an answer dropped unsent means the
+        // worker stopped on a fault.
+        answer.await.map_err(|_| SubmitError::Stopped)
+    }
+
+    /// Whether the worker thread is running (false once it stopped on a fault, and
+    /// after shutdown).
+    pub fn is_running(&self) -> bool {
+        let w = self.worker.lock().unwrap_or_else(|e| e.into_inner());
+        w.as_ref().is_some_and(|w| !w.is_finished())
     }
 
     /// Stops taking work and waits until all queued work has been answered.
@@ -157,7 +168,18 @@ fn work(mut model: RetrievalModel, rx: Receiver<Job>, opts: EngineOptions, metri
             continue;
         }
         let works: Vec<&Work> = jobs.iter().map(|j| &j.work).collect();
-        match run(&mut model, &works, max_batch, &metrics) {
+        // A panic in the model's run fails this batch's requests, with its reason; the
+        // worker goes on with the next.
+        let ran = catch_unwind(AssertUnwindSafe(|| run(&mut model, &works, max_batch, &metrics)))
+            .unwrap_or_else(|p| {
+                let why = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".into());
+                Err(RuntimeError::Fault(format!("the retrieval model failed: {why}")))
+            });
+        match ran {
             Ok(outs) => {
                 for (j, o) in jobs.into_iter().zip(outs) {
                     let _ = j.reply.send(Ok(o));
