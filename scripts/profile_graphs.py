@@ -9,7 +9,9 @@ under ONNX Runtime's profiler for each operator type's share of the kernel time.
 
 --kernels times single matrix products at the shapes of the small benchmark checkpoint
 instead (fp32 MatMul, DynamicQuantizeMatMul, MatMulNBits with 4- and 8-bit weights at
-accuracy levels 0 and 4), the choice the exporter's quantization options make.
+accuracy levels 0 and 4: the choice the exporter's quantization options make; and int8
+activations quantized row by row in standard operators around MatMulInteger, which the
+exporter does not make).
 
 Needs onnxruntime (the version blip2-ort runs, 1.31.1) and onnx from pip. The graphs run
 on random inputs; their values do not change the work.
@@ -128,11 +130,12 @@ def kernels(args):
 
     rng = np.random.default_rng(0)
 
-    def model(node, inits, k, n):
+    def model(nodes, inits, k, n, opset=17):
+        nodes = nodes if isinstance(nodes, list) else [nodes]
         graph = helper.make_graph(
-            [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+            nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
             [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])], inits)
-        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
                                                     helper.make_opsetid("com.microsoft", 1)])
         m.ir_version = 9
         return m.SerializeToString()
@@ -147,6 +150,28 @@ def kernels(args):
         node = helper.make_node("DynamicQuantizeMatMul", ["x", "w", "s"], ["y"], domain="com.microsoft")
         return model(node, [numpy_helper.from_array(w, "w"), numpy_helper.from_array(s, "s")], k, n)
 
+    def per_row_int8(k, n):
+        # Each row quantized with its own scale (max |x| / 127, zero point 128, as uint8),
+        # MatMulInteger against int8 weights, then the row and column scales: activations
+        # in int8 whose result does not depend on the other rows, from standard operators.
+        w = rng.integers(-127, 128, (k, n), dtype=np.int8)
+        consts = {"axis": np.array([1], np.int64), "eps": np.array(1e-8, np.float32),
+                  "c127": np.array(127, np.float32), "c128": np.array(128.5, np.float32),
+                  "zp": np.array(128, np.uint8), "cs": np.full(n, 0.01, np.float32)}
+        nodes = [helper.make_node("Abs", ["x"], ["a"]),
+                 helper.make_node("ReduceMax", ["a", "axis"], ["m"], keepdims=1),
+                 helper.make_node("Max", ["m", "eps"], ["m2"]),
+                 helper.make_node("Div", ["m2", "c127"], ["s"]),
+                 helper.make_node("Div", ["x", "s"], ["xs"]),
+                 helper.make_node("Add", ["xs", "c128"], ["xo"]),  # rounds, as the Cast truncates
+                 helper.make_node("Cast", ["xo"], ["xq"], to=TensorProto.UINT8),
+                 helper.make_node("MatMulInteger", ["xq", "w", "zp"], ["yi"]),
+                 helper.make_node("Cast", ["yi"], ["yf"], to=TensorProto.FLOAT),
+                 helper.make_node("Mul", ["s", "cs"], ["sc"]),
+                 helper.make_node("Mul", ["yf", "sc"], ["y"])]
+        inits = [numpy_helper.from_array(w, "w")] + [numpy_helper.from_array(v, k_) for k_, v in consts.items()]
+        return model(nodes, inits, k, n, opset=18)
+
     def nbits(bits, level):
         def make(k, n, block=32):
             blocks = k // block
@@ -159,7 +184,8 @@ def kernels(args):
 
     kinds = [("fp32 MatMul", fp32), ("DynamicQuantizeMatMul", dynamic_int8),
              ("MatMulNBits 8-bit, level 4", nbits(8, 4)), ("MatMulNBits 8-bit, level 0", nbits(8, 0)),
-             ("MatMulNBits 4-bit, level 4", nbits(4, 4)), ("MatMulNBits 4-bit, level 0", nbits(4, 0))]
+             ("MatMulNBits 4-bit, level 4", nbits(4, 4)), ("MatMulNBits 4-bit, level 0", nbits(4, 0)),
+             ("per-row int8 (MatMulInteger)", per_row_int8)]
     # Rows: a vision encoder's 197 patches; a caption prompt's 33 positions (prefill); a
     # decode step at batch 1 and 4; the LM head at batch 1.
     shapes = [(197, 768, 3072, "vision fc1"), (197, 3072, 768, "vision fc2"),
