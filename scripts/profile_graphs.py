@@ -10,8 +10,8 @@ under ONNX Runtime's profiler for each operator type's share of the kernel time.
 --kernels times single matrix products at the shapes of the small benchmark checkpoint
 instead (fp32 MatMul, DynamicQuantizeMatMul, MatMulNBits with 4- and 8-bit weights at
 accuracy levels 0 and 4: the choice the exporter's quantization options make; and int8
-activations quantized row by row in standard operators around MatMulInteger, which the
-exporter does not make).
+activations quantized row by row in standard operators around MatMulInteger, as
+`--quantize-lm-activations int8` exports them).
 
 Needs onnxruntime (the version blip2-ort runs, 1.31.1) and onnx from pip. The graphs run
 on random inputs; their values do not change the work.

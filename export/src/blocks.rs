@@ -35,6 +35,18 @@ pub fn linear(
             bv.as_deref(),
         );
     }
+    if b.projection() == Projection::RowInt8 {
+        let bv = if bias { Some(b.weight(&format!("{prefix}.bias"), &[out_dim])?) } else { None };
+        let name = format!("{prefix}.weight");
+        return b.matmul_row_int8(
+            &format!("{path}/RowInt8"),
+            x,
+            &name,
+            out_dim,
+            in_dim,
+            bv.as_deref(),
+        );
+    }
     let y = project(b, path, x, &format!("{prefix}.weight"), in_dim, out_dim)?;
     if !bias {
         return Ok(y);
@@ -64,6 +76,9 @@ pub fn project(
         ),
         Projection::NBits { .. } => {
             b.matmul_nbits(&format!("{path}/MatMulNBits"), x, name, out_dim, in_dim)
+        }
+        Projection::RowInt8 => {
+            b.matmul_row_int8(&format!("{path}/RowInt8"), x, name, out_dim, in_dim, None)
         }
         Projection::Float => {
             let w = b.weight_t(name, &[out_dim, in_dim])?;
@@ -359,7 +374,7 @@ pub fn lm_head(
     positions: Option<usize>,
 ) -> Result<String> {
     let float = b.float();
-    if matches!(b.projection(), Projection::NBits { .. }) {
+    if matches!(b.projection(), Projection::NBits { .. } | Projection::RowInt8) {
         // The table is [V, D], MatMulNBits' own layout: no reshape around it.
         let logits = b.matmul_nbits("/lm/lm_head/MatMulNBits", h, head, vocab, hidden)?;
         return Ok(b.cast("/lm/lm_head/Cast", &logits, float, Elem::F32));

@@ -28,6 +28,10 @@ pub enum Projection {
     /// ONNX Runtime's DynamicQuantizeMatMul: int8 weights with one scale per output
     /// channel, activations quantized to int8 per call (`--quantize-encoders`).
     DynamicInt8,
+    /// int8 weights with one scale per output channel, and each row of the activations
+    /// quantized to int8 with its own scale, in standard operators around MatMulInteger
+    /// (`--quantize-lm-activations`); the LM head keeps 8-bit MatMulNBits.
+    RowInt8,
 }
 
 pub struct Builder<'a> {
@@ -379,8 +383,11 @@ impl<'a> Builder<'a> {
         n: usize,
         k: usize,
     ) -> Result<String> {
-        let Projection::NBits { bits, block } = self.projection else {
-            unreachable!("MatMulNBits in a graph without it")
+        let (bits, block) = match self.projection {
+            Projection::NBits { bits, block } => (bits, block),
+            // The LM head of a row-int8 graph.
+            Projection::RowInt8 => blip2_core::Quantization::Int8.bits_block(),
+            _ => unreachable!("MatMulNBits in a graph without it"),
         };
         self.ck.get_shaped(name, &[n, k])?;
         let q = Quantizer { bits, block };
@@ -456,6 +463,89 @@ impl<'a> Builder<'a> {
             inputs.extend(["", bias]);
         }
         Ok(self.ms_op(path, "DynamicQuantizeMatMul", &inputs, vec![]))
+    }
+
+    /// `x @ W^T (+ bias)` for a checkpoint `[N, K]` weight with int8 activations that
+    /// keep rows apart: each row of `x` (over its last axis) gets its own scale
+    /// `s = max|x| / 127` and is quantized to uint8 around zero point 128, MatMulInteger
+    /// multiplies it by the int8 `[K, N]` weight (the weights of
+    /// [`Builder::matmul_dynamic_int8`]) on the CPU's int8 dot-product instructions,
+    /// and the int32 result is scaled back by the row's and the column's scales. A row's
+    /// result depends on that row alone, whatever it is batched with.
+    ///
+    /// ```text
+    ///   x ─Abs─ReduceMax(last axis)─Max(eps)─Div(127)─▶ s            [.., 1]
+    ///   x ─Div(s)─Add(128.5)─Cast(uint8)─MatMulInteger(W_q, 128)─Cast(f32)─Mul(s)─Mul(scales)(─Add(b))─▶
+    /// ```
+    pub fn matmul_row_int8(
+        &mut self,
+        path: &str,
+        x: &str,
+        name: &str,
+        n: usize,
+        k: usize,
+        bias: Option<&str>,
+    ) -> Result<String> {
+        self.ck.get_shaped(name, &[n, k])?;
+        let values = format!("{name}.int8");
+        let scales = format!("{name}.channel_scales");
+        let doc =
+            Some(format!("{name} transposed to [in, out], int8 with one scale per output channel"));
+        self.derived(
+            &values,
+            name,
+            Elem::I8,
+            vec![k as i64, n as i64],
+            doc,
+            (n * k) as u64,
+            ChannelQuantizer::write_values,
+        )?;
+        self.derived(&scales, name, Elem::F32, vec![n as i64], None, (n * 4) as u64, |t, w| {
+            let bytes: Vec<u8> =
+                ChannelQuantizer::scales(t).iter().flat_map(|v| v.to_le_bytes()).collect();
+            w.write_all(&bytes)
+        })?;
+        let abs = self.op(&format!("{path}/Abs"), "Abs", &[x], vec![]);
+        let max = self.op(
+            &format!("{path}/ReduceMax"),
+            "ReduceMax",
+            &[&abs],
+            vec![("axes", Attr::Ints(vec![-1])), ("keepdims", Attr::Int(1))],
+        );
+        // A row of zeros keeps a finite scale (its values quantize to 0 all the same).
+        let eps = self.scalar_of(1e-12, Elem::F32);
+        let max = self.op(&format!("{path}/Max"), "Max", &[&max, &eps], vec![]);
+        let c127 = self.scalar_of(127.0, Elem::F32);
+        let s = self.op(&format!("{path}/Div_scale"), "Div", &[&max, &c127], vec![]);
+        let xs = self.op(&format!("{path}/Div"), "Div", &[x, &s], vec![]);
+        // + 128 to the zero point, + 0.5 so that the Cast's truncation rounds.
+        let c128 = self.scalar_of(128.5, Elem::F32);
+        let shifted = self.op(&format!("{path}/Add_zero_point"), "Add", &[&xs, &c128], vec![]);
+        let xq = self.op(
+            &format!("{path}/Cast"),
+            "Cast",
+            &[&shifted],
+            vec![("to", Attr::Int(Elem::U8 as i64))],
+        );
+        let zp = self.constant("/constants/UINT8/128".into(), Elem::U8, vec![], vec![128]);
+        let yi = self.op(
+            &format!("{path}/MatMulInteger"),
+            "MatMulInteger",
+            &[&xq, &values, &zp],
+            vec![],
+        );
+        let yf = self.op(
+            &format!("{path}/Cast_float"),
+            "Cast",
+            &[&yi],
+            vec![("to", Attr::Int(Elem::F32 as i64))],
+        );
+        let y = self.op(&format!("{path}/Mul_row"), "Mul", &[&yf, &s], vec![]);
+        let y = self.op(&format!("{path}/Mul_channel"), "Mul", &[&y, &scales], vec![]);
+        Ok(match bias {
+            Some(b) => self.op(&format!("{path}/Add"), "Add", &[&y, b], vec![]),
+            None => y,
+        })
     }
 
     pub fn has(&self, name: &str) -> bool {

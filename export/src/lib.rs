@@ -79,6 +79,9 @@ pub struct ExportOptions {
     /// int8 weights and dynamically quantized int8 activations in the vision encoder's and
     /// Q-Former's projections (`--quantize-encoders int8`).
     pub quantize_encoders: bool,
+    /// int8 activations, quantized row by row, in the language model's projections
+    /// (`--quantize-lm-activations int8`, with `--quantize int8`).
+    pub quantize_lm_activations: bool,
     /// Which runtime the graphs are built for (`--target`).
     pub target: Target,
     /// Keep the output folder's lock ([`output::OutputLock`]) after a successful export
@@ -100,6 +103,7 @@ impl Default for ExportOptions {
             force_external_data: false,
             quantize: None,
             quantize_encoders: false,
+            quantize_lm_activations: false,
             target: Target::Portable,
             keep_lock: false,
         }
@@ -398,6 +402,20 @@ fn write_all(
             message: "int8 encoders (DynamicQuantizeMatMul) run on the CPU only; leave it out with --target cuda".into(),
         });
     }
+    if opts.quantize_lm_activations && opts.quantize != Some(Quantization::Int8) {
+        return Err(ExportError::Flag {
+            flag: "--quantize-lm-activations",
+            message: "int8 activations multiply int8 weights; add --quantize int8".into(),
+        });
+    }
+    if opts.quantize_lm_activations && opts.target == Target::Cuda {
+        return Err(ExportError::Flag {
+            flag: "--quantize-lm-activations",
+            message:
+                "int8 activations (MatMulInteger) are for the CPU; leave it out with --target cuda"
+                    .into(),
+        });
+    }
     if let (Target::Cuda, TextModel::T5(t)) = (opts.target, &cfg.text) {
         if !DMMHA_HEAD_SIZES.contains(&t.d_kv) {
             return Err(ExportError::Config {
@@ -420,6 +438,9 @@ fn write_all(
         Projection::NBits { bits, block }
     });
     let encoders = if opts.quantize_encoders { Projection::DynamicInt8 } else { Projection::Float };
+    // The language model's projections: --quantize's weights, with row-int8 activations
+    // under --quantize-lm-activations.
+    let lm = if opts.quantize_lm_activations { Projection::RowInt8 } else { weights };
     let fused = opts.target == Target::Cuda;
     let builder = |float: Elem, projection: Projection| {
         Builder::new(ck, float).with_projection(projection).with_fused_operators(fused)
@@ -445,7 +466,7 @@ fn write_all(
     let kv_join;
     let (family, text_encoder, lm_info, text_cfg) = match &cfg.text {
         TextModel::Opt(text) => {
-            let mut b = builder(lm_float, weights);
+            let mut b = builder(lm_float, lm);
             let image =
                 opt::ImageTokens { id: files.image_token_id, count: files.num_query_tokens };
             if fused {
@@ -492,11 +513,11 @@ fn write_all(
             (Family::Opt, None, lm_info, tc)
         }
         TextModel::T5(text) => {
-            let mut b = builder(lm_float, weights);
+            let mut b = builder(lm_float, lm);
             t5::build_encoder(&mut b, text, files.image_token_id)?;
             let enc_info =
                 write_graph(b, "text_encoder", io::TEXT_ENCODER_FILE, dir, opts, progress)?;
-            let mut b = builder(lm_float, weights);
+            let mut b = builder(lm_float, lm);
             if fused {
                 t5::build_decoder_cuda(&mut b, text, text.scale_output())?;
             } else {
@@ -539,6 +560,9 @@ fn write_all(
         dtype: opts.dtype,
         quantization: opts.quantize,
         encoder_quantization: opts.quantize_encoders.then_some(EncoderQuantization::Int8Dynamic),
+        lm_activation_quantization: opts
+            .quantize_lm_activations
+            .then_some(blip2_core::ActivationQuantization::Int8PerRow),
         target: opts.target,
         graphs: Graphs {
             vision_encoder: vision_info,

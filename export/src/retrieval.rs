@@ -118,8 +118,14 @@ pub(crate) fn write_all(
     let text: QFormerText =
         serde_json::from_value(value.get("qformer_config").cloned().unwrap_or(Value::Null))
             .map_err(|e| bad(&cfg_path, format!("qformer_config: {e}")))?;
-    if opts.quantize.is_some() || opts.quantize_encoders {
-        let flag = if opts.quantize.is_some() { "--quantize" } else { "--quantize-encoders" };
+    if opts.quantize.is_some() || opts.quantize_encoders || opts.quantize_lm_activations {
+        let flag = if opts.quantize.is_some() {
+            "--quantize"
+        } else if opts.quantize_encoders {
+            "--quantize-encoders"
+        } else {
+            "--quantize-lm-activations"
+        };
         return Err(ExportError::Flag {
             flag,
             message: "retrieval exports are not quantized; leave it out".into(),

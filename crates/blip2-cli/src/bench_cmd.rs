@@ -218,6 +218,8 @@ pub fn run(a: &BenchArgs, quiet: bool) -> Result<i32> {
     res.insert("dtype".into(), json!(pipe.model.manifest.dtype));
     res.insert("quantize".into(), json!(pipe.model.manifest.quantization));
     res.insert("quantize_encoders".into(), json!(pipe.model.manifest.encoder_quantization));
+    let lm_activations = pipe.model.manifest.lm_activation_quantization;
+    res.insert("quantize_lm_activations".into(), json!(lm_activations));
     res.insert("target".into(), json!(pipe.model.manifest.target.name()));
     res.insert("ort_version".into(), json!(blip2_runtime::ort_env::ORT_VERSION));
     res.insert("load_ms".into(), json!(load_ms));

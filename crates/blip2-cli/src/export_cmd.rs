@@ -38,6 +38,13 @@ pub struct ExportArgs {
     /// alone (docs/PERFORMANCE.md). Needs --dtype fp32.
     #[arg(long, value_enum)]
     pub quantize_encoders: Option<EncoderQuant>,
+    /// Quantize the language model's activations too: each row (token position) of its
+    /// projections' inputs to int8 with the row's own scale, multiplied with int8 weights
+    /// (one scale per output channel) on the CPU's int8 instructions; the LM head stays
+    /// 8-bit weight-only. A row's result never depends on its batch. Faster prefills on
+    /// the CPU; outputs move further from fp32 (docs/PERFORMANCE.md). Needs --quantize int8.
+    #[arg(long, value_enum)]
+    pub quantize_lm_activations: Option<EncoderQuant>,
     /// What the graphs are built for: `portable` (standard operators, any ONNX Runtime
     /// build and provider) or `cuda` (ONNX Runtime's fused attention and layer-norm
     /// operators, a fixed-length KV buffer updated in place and token selection on the
@@ -112,6 +119,7 @@ pub fn run(a: &ExportArgs, quiet: bool) -> Result<()> {
             Quant::Int4 => blip2_core::Quantization::Int4,
         }),
         quantize_encoders: a.quantize_encoders.is_some(),
+        quantize_lm_activations: a.quantize_lm_activations.is_some(),
         target: match a.target {
             TargetArg::Portable => blip2_core::Target::Portable,
             TargetArg::Cuda => blip2_core::Target::Cuda,
@@ -132,6 +140,9 @@ pub fn run(a: &ExportArgs, quiet: bool) -> Result<()> {
             quant = manifest.quantization.map(|q| format!(", {q} weights")).unwrap_or_default();
             if let Some(q) = &manifest.encoder_quantization {
                 quant.push_str(&format!(", {q} encoders"));
+            }
+            if let Some(q) = &manifest.lm_activation_quantization {
+                quant.push_str(&format!(", {q} language-model activations"));
             }
             if !manifest.target.is_portable() {
                 quant.push_str(&format!(", {} target", manifest.target.name()));

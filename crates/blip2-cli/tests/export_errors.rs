@@ -233,6 +233,33 @@ fn quantized_encoders_need_fp32() {
 }
 
 #[test]
+fn int8_lm_activations_need_int8_weights_and_the_portable_target() {
+    let (ck, out) = copy_fixture("opt-tiny", "lm-activations-alone");
+    let (code, stderr) = export_with(&["--quiet", "--quantize-lm-activations", "int8"], &ck, &out);
+    assert_one_line_error(code, &stderr, &["--quantize-lm-activations", "--quantize int8"], &out);
+    assert_eq!(code, 2, "flags at odds are a usage error");
+    let (ck, out) = copy_fixture("opt-tiny", "lm-activations-cuda");
+    let args =
+        ["--quiet", "--target", "cuda", "--quantize", "int8", "--quantize-lm-activations", "int8"];
+    let (code, stderr) = export_with(&args, &ck, &out);
+    assert_one_line_error(code, &stderr, &["--quantize-lm-activations", "--target cuda"], &out);
+}
+
+#[test]
+fn int8_lm_activations_export_from_the_command_line() {
+    let (ck, out) = copy_fixture("opt-tiny", "lm-activations");
+    let (code, stderr) =
+        export_with(&["--quantize", "int8", "--quantize-lm-activations", "int8"], &ck, &out);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("int8-per-row language-model activations"), "{stderr}");
+    let m = blip2_core::Manifest::load(&out).unwrap();
+    assert_eq!(m.lm_activation_quantization, Some(blip2_core::ActivationQuantization::Int8PerRow));
+    let lm = std::fs::read(out.join(&m.graphs.language_model.file)).unwrap();
+    assert!(lm.windows(13).any(|w| w == b"MatMulInteger"), "the LM uses MatMulInteger");
+    assert!(lm.windows(11).any(|w| w == b"MatMulNBits"), "its LM head stays MatMulNBits");
+}
+
+#[test]
 fn quantized_encoders_export_from_the_command_line() {
     let (ck, out) = copy_fixture("opt-tiny", "quantize-encoders");
     let (code, stderr) =

@@ -34,6 +34,15 @@ pub enum Quantization {
     Int4,
 }
 
+/// Quantization of the language model's activations (its projections' inputs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ActivationQuantization {
+    /// Each row (position) quantized to int8 with its own scale, so a row's result never
+    /// depends on the other rows of its batch; int8 weights per output channel.
+    #[serde(rename = "int8-per-row")]
+    Int8PerRow,
+}
+
 /// Quantization of the vision encoder's and Q-Former's projections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EncoderQuantization {
@@ -97,6 +106,14 @@ impl Quantization {
     }
 }
 
+impl ActivationQuantization {
+    pub fn name(self) -> &'static str {
+        match self {
+            ActivationQuantization::Int8PerRow => "int8-per-row",
+        }
+    }
+}
+
 impl EncoderQuantization {
     pub fn name(self) -> &'static str {
         match self {
@@ -135,7 +152,14 @@ macro_rules! display_by_name {
         }
     )*};
 }
-display_by_name!(Family, Dtype, Quantization, EncoderQuantization, GraphKind);
+display_by_name!(
+    Family,
+    Dtype,
+    Quantization,
+    ActivationQuantization,
+    EncoderQuantization,
+    GraphKind
+);
 
 #[cfg(test)]
 mod tests {
@@ -151,6 +175,11 @@ mod tests {
             s(serde_json::to_value(EncoderQuantization::Int8Dynamic).unwrap()),
             "int8-dynamic"
         );
+        assert_eq!(
+            s(serde_json::to_value(ActivationQuantization::Int8PerRow).unwrap()),
+            ActivationQuantization::Int8PerRow.name()
+        );
+        assert_eq!(ActivationQuantization::Int8PerRow.name(), "int8-per-row");
         assert_eq!(serde_json::from_str::<Family>("\"opt\"").unwrap(), Family::Opt);
         assert!(serde_json::from_str::<Family>("\"llama\"").is_err());
     }

@@ -2,7 +2,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Dtype, EncoderQuantization, Family, Quantization};
+use crate::{ActivationQuantization, Dtype, EncoderQuantization, Family, Quantization};
 
 /// Version of the manifest layout; `infer` refuses manifests it does not know.
 /// 2: OPT decoders embed only the prompt's image slots; `--target cuda` graphs take
@@ -30,6 +30,11 @@ pub struct Manifest {
     /// (int8 weights per output channel, activations quantized to int8 per call), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encoder_quantization: Option<EncoderQuantization>,
+    /// Quantization of the language model's activations: "int8-per-row" (each row's
+    /// projections in int8 with the row's own scale; the LM head stays weight-only), if
+    /// any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lm_activation_quantization: Option<ActivationQuantization>,
     /// Which runtime the graphs are built for: the portable standard-operator graphs
     /// (the default, left out of the file) or ONNX Runtime's CUDA provider.
     #[serde(default, skip_serializing_if = "Target::is_portable")]
