@@ -23,8 +23,13 @@ use ndarray::{Array4, Axis, IxDyn};
 use serde_json::Value;
 
 fn export(name: &str, test: &str) -> PathBuf {
+    export_for(Target::Cuda, name, test)
+}
+
+/// Exports fixture `name` for `target` into a folder of test `test`'s own.
+fn export_for(target: Target, name: &str, test: &str) -> PathBuf {
     let out = temp_dir(&format!("cuda-target-{test}-{name}")).join("export");
-    let opts = blip2_export::ExportOptions { target: Target::Cuda, ..Default::default() };
+    let opts = blip2_export::ExportOptions { target, ..Default::default() };
     blip2_export::export(
         &fixture(name).join("checkpoint"),
         &out,
@@ -933,6 +938,18 @@ fn rows_join_and_leave_by_slots_and_the_others_never_move() {
     st.release(&mut model);
 }
 
+/// One decode step of `st` on `tokens`, its logits.
+fn logits_step(
+    model: &mut Blip2Model,
+    st: &mut Box<dyn DecoderState>,
+    tokens: &[i64],
+) -> ndarray::Array2<f32> {
+    match st.step_for(model, tokens, Want::Logits).unwrap() {
+        StepOutput::Logits(l) => l,
+        other => panic!("logits, not {other:?}"),
+    }
+}
+
 #[test]
 fn portable_caches_reorder_rows_with_kv_reorder_as_through_the_host() {
     // Portable exports have a kv_reorder graph too: beams and rows leaving gather the
@@ -940,14 +957,7 @@ fn portable_caches_reorder_rows_with_kv_reorder_as_through_the_host() {
     // no host round trip on a GPU. On the CPU that path must give exactly what the host
     // path (exports made before) gives.
     for name in ["opt-tiny", "t5-tiny"] {
-        let out = temp_dir(&format!("portable-reorder-{name}")).join("export");
-        blip2_export::export(
-            &fixture(name).join("checkpoint"),
-            &out,
-            &Default::default(),
-            &mut blip2_export::NoProgress,
-        )
-        .unwrap();
+        let out = export_for(Target::Portable, name, "portable-reorder");
         let m = blip2_core::Manifest::load(&out).unwrap();
         assert!(m.graphs.kv_reorder.is_some(), "{name}: a portable export without kv_reorder");
         let (batch, embeds) = if name.starts_with("t5") {
@@ -972,19 +982,12 @@ fn portable_caches_reorder_rows_with_kv_reorder_as_through_the_host() {
             }
             let mut p =
                 blip2_runtime::state::prefill(&mut model, &batch, embeds.clone(), 8).unwrap();
-            let step = |model: &mut Blip2Model,
-                        p: &mut blip2_runtime::state::Prefilled,
-                        tokens: &[i64]| {
-                match p.state.step_for(model, tokens, Want::Logits).unwrap() {
-                    StepOutput::Logits(l) => l,
-                    other => panic!("logits, not {other:?}"),
-                }
-            };
-            let mut steps = vec![step(&mut model, &mut p, &[5, 6])];
-            p.state.select_rows(&mut model, &[1, 1, 0]).unwrap();
-            steps.push(step(&mut model, &mut p, &[7, 8, 9]));
-            p.state.select_rows(&mut model, &[2, 0]).unwrap();
-            steps.push(step(&mut model, &mut p, &[3, 4]));
+            let st = &mut p.state;
+            let mut steps = vec![logits_step(&mut model, st, &[5, 6])];
+            st.select_rows(&mut model, &[1, 1, 0]).unwrap();
+            steps.push(logits_step(&mut model, st, &[7, 8, 9]));
+            st.select_rows(&mut model, &[2, 0]).unwrap();
+            steps.push(logits_step(&mut model, st, &[3, 4]));
             steps
         };
         let (device, host) = (run(true), run(false));
@@ -1002,14 +1005,7 @@ fn portable_caches_join_with_kv_join_as_through_the_host() {
     // trip on a GPU. On the CPU that path must give exactly what the host path (exports
     // made before it) gives, and it must be the path taken.
     for name in ["opt-tiny", "t5-tiny"] {
-        let out = temp_dir(&format!("portable-join-{name}")).join("export");
-        blip2_export::export(
-            &fixture(name).join("checkpoint"),
-            &out,
-            &Default::default(),
-            &mut blip2_export::NoProgress,
-        )
-        .unwrap();
+        let out = export_for(Target::Portable, name, "portable-join");
         let m = blip2_core::Manifest::load(&out).unwrap();
         assert!(m.graphs.kv_join.is_some(), "{name}: a portable export without kv_join");
         let refd = fixture(name).join("reference");
@@ -1034,26 +1030,21 @@ fn portable_caches_join_with_kv_join_as_through_the_host() {
             if !device {
                 model.drop_kv_join();
             }
-            let step =
-                |model: &mut Blip2Model, st: &mut Box<dyn DecoderState>, tokens: &[i64]| match st
-                    .step_for(model, tokens, Want::Logits)
-                    .unwrap()
-                {
-                    StepOutput::Logits(l) => l,
-                    other => panic!("logits, not {other:?}"),
-                };
             let mut st =
                 blip2_runtime::state::prefill(&mut model, &a, first.clone(), 8).unwrap().state;
-            let mut steps = vec![step(&mut model, &mut st, &[5]), step(&mut model, &mut st, &[6])];
+            let mut steps = vec![
+                logits_step(&mut model, &mut st, &[5]),
+                logits_step(&mut model, &mut st, &[6]),
+            ];
             let newcomer =
                 blip2_runtime::state::prefill(&mut model, &b, second.clone(), 8).unwrap().state;
             assert!(st.join(&mut model, newcomer).is_ok(), "{name}: the join failed");
-            steps.push(step(&mut model, &mut st, &[7, 8]));
+            steps.push(logits_step(&mut model, &mut st, &[7, 8]));
             // The first row leaves: the positions only it needed are dropped.
             st.select_rows(&mut model, &[1]).unwrap();
-            steps.push(step(&mut model, &mut st, &[9]));
+            steps.push(logits_step(&mut model, &mut st, &[9]));
             st.select_rows(&mut model, &[0, 0]).unwrap();
-            steps.push(step(&mut model, &mut st, &[3, 4]));
+            steps.push(logits_step(&mut model, &mut st, &[3, 4]));
             st.release(&mut model);
             (steps, model.kv_join_runs())
         };

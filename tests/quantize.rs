@@ -146,6 +146,18 @@ fn measure(test: &str, name: &str, v: Variant) -> Agreement {
     Agreement { features, embeds, prefill_logits, same, total }
 }
 
+impl Agreement {
+    /// Over 100 generated tokens, at least half agreeing with transformers'.
+    fn assert_most_tokens_agree(&self, name: &str) {
+        assert!(
+            self.total > 100 && self.same * 2 >= self.total,
+            "{name}: only {}/{} tokens agree",
+            self.same,
+            self.total
+        );
+    }
+}
+
 const INT8: Variant =
     Variant { weights: Some(Quantization::Int8), encoders: false, lm_activations: false };
 const INT8_ROWS: Variant =
@@ -163,12 +175,7 @@ fn int8_weights_stay_close_to_fp32() {
             "{name}: int8 logits {:.2}% off",
             a.prefill_logits * 100.0
         );
-        assert!(
-            a.total > 100 && a.same * 2 >= a.total,
-            "{name}: only {}/{} tokens agree",
-            a.same,
-            a.total
-        );
+        a.assert_most_tokens_agree(name);
     }
 }
 
@@ -186,12 +193,7 @@ fn int8_lm_activations_stay_close_to_fp32() {
             w.prefill_logits * 100.0
         );
         assert!(a.prefill_logits < 0.05, "{name}: logits {:.2}% off", a.prefill_logits * 100.0);
-        assert!(
-            a.total > 100 && a.same * 2 >= a.total,
-            "{name}: only {}/{} tokens agree",
-            a.same,
-            a.total
-        );
+        a.assert_most_tokens_agree(name);
     }
 }
 
@@ -268,12 +270,7 @@ fn int8_encoders_stay_close_to_fp32() {
         assert!(a.features < 0.05, "{name}: image features {:.2}% off", a.features * 100.0);
         assert!(a.embeds < 0.05, "{name}: image embeds {:.2}% off", a.embeds * 100.0);
         assert!(a.prefill_logits < 1e-4, "{name}: logits {:.4}% off", a.prefill_logits * 100.0);
-        assert!(
-            a.total > 100 && a.same * 2 >= a.total,
-            "{name}: only {}/{} tokens agree",
-            a.same,
-            a.total
-        );
+        a.assert_most_tokens_agree(name);
         // With the int8 LM as well: the fastest CPU export.
         let a = measure(
             "encoders",
@@ -284,12 +281,7 @@ fn int8_encoders_stay_close_to_fp32() {
             a.features < 0.05 && a.embeds < 0.05 && a.prefill_logits < 0.05,
             "{name}: errors too large"
         );
-        assert!(
-            a.total > 100 && a.same * 2 >= a.total,
-            "{name}: only {}/{} tokens agree",
-            a.same,
-            a.total
-        );
+        a.assert_most_tokens_agree(name);
     }
 }
 

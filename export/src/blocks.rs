@@ -23,31 +23,13 @@ pub fn linear(
     out_dim: usize,
     bias: bool,
 ) -> Result<String> {
-    if b.projection() == Projection::DynamicInt8 {
+    let name = format!("{prefix}.weight");
+    if matches!(b.projection(), Projection::DynamicInt8 | Projection::RowInt8) {
+        // The int8 products add the bias themselves.
         let bv = if bias { Some(b.weight(&format!("{prefix}.bias"), &[out_dim])?) } else { None };
-        let name = format!("{prefix}.weight");
-        return b.matmul_dynamic_int8(
-            &format!("{path}/DynamicQuantizeMatMul"),
-            x,
-            &name,
-            out_dim,
-            in_dim,
-            bv.as_deref(),
-        );
+        return int8_product(b, path, x, &name, in_dim, out_dim, bv.as_deref());
     }
-    if b.projection() == Projection::RowInt8 {
-        let bv = if bias { Some(b.weight(&format!("{prefix}.bias"), &[out_dim])?) } else { None };
-        let name = format!("{prefix}.weight");
-        return b.matmul_row_int8(
-            &format!("{path}/RowInt8"),
-            x,
-            &name,
-            out_dim,
-            in_dim,
-            bv.as_deref(),
-        );
-    }
-    let y = project(b, path, x, &format!("{prefix}.weight"), in_dim, out_dim)?;
+    let y = project(b, path, x, &name, in_dim, out_dim)?;
     if !bias {
         return Ok(y);
     }
@@ -66,25 +48,34 @@ pub fn project(
     out_dim: usize,
 ) -> Result<String> {
     match b.projection() {
-        Projection::DynamicInt8 => b.matmul_dynamic_int8(
-            &format!("{path}/DynamicQuantizeMatMul"),
-            x,
-            name,
-            out_dim,
-            in_dim,
-            None,
-        ),
+        Projection::DynamicInt8 | Projection::RowInt8 => {
+            int8_product(b, path, x, name, in_dim, out_dim, None)
+        }
         Projection::NBits { .. } => {
             b.matmul_nbits(&format!("{path}/MatMulNBits"), x, name, out_dim, in_dim)
-        }
-        Projection::RowInt8 => {
-            b.matmul_row_int8(&format!("{path}/RowInt8"), x, name, out_dim, in_dim, None)
         }
         Projection::Float => {
             let w = b.weight_t(name, &[out_dim, in_dim])?;
             Ok(b.op(&format!("{path}/MatMul"), "MatMul", &[x, &w], vec![]))
         }
     }
+}
+
+/// `x @ W^T (+ bias)` with int8 weights per output channel and int8 activations: per
+/// call (DynamicQuantizeMatMul) or per row (MatMulInteger), as the graph's projection says.
+fn int8_product(
+    b: &mut Builder,
+    path: &str,
+    x: &str,
+    name: &str,
+    in_dim: usize,
+    out_dim: usize,
+    bias: Option<&str>,
+) -> Result<String> {
+    if b.projection() == Projection::RowInt8 {
+        return b.matmul_row_int8(&format!("{path}/RowInt8"), x, name, out_dim, in_dim, bias);
+    }
+    b.matmul_dynamic_int8(&format!("{path}/DynamicQuantizeMatMul"), x, name, out_dim, in_dim, bias)
 }
 
 /// LayerNormalization over the last axis with `{prefix}.weight` and `{prefix}.bias`.

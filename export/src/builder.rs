@@ -420,24 +420,9 @@ impl<'a> Builder<'a> {
         Ok(self.ms_op(path, "MatMulNBits", &[x, &values, &scales], attrs))
     }
 
-    /// `x @ W^T (+ bias)` for a checkpoint `[N, K]` weight with ONNX Runtime's
-    /// DynamicQuantizeMatMul (com.microsoft): the weight stored as int8 `[K, N]` with one
-    /// scale per output channel; at run time the kernel quantizes `x` to uint8 with one
-    /// scale and zero point for the whole tensor and multiplies in integers (the CPU's
-    /// int8 dot-product instructions), then rescales to fp32 and adds the bias.
-    ///
-    /// ```text
-    ///   x ──DynamicQuantizeMatMul(W_q [K, N] int8, scales [N], bias [N]) ─▶ [.., N]
-    /// ```
-    pub fn matmul_dynamic_int8(
-        &mut self,
-        path: &str,
-        x: &str,
-        name: &str,
-        n: usize,
-        k: usize,
-        bias: Option<&str>,
-    ) -> Result<String> {
+    /// A checkpoint `[N, K]` weight as int8 `[K, N]` (transposed) with one f32 scale per
+    /// output channel: the names of the two initializers, values then scales.
+    fn channel_int8_weights(&mut self, name: &str, n: usize, k: usize) -> Result<(String, String)> {
         self.ck.get_shaped(name, &[n, k])?;
         let values = format!("{name}.int8");
         let scales = format!("{name}.channel_scales");
@@ -457,6 +442,28 @@ impl<'a> Builder<'a> {
                 ChannelQuantizer::scales(t).iter().flat_map(|v| v.to_le_bytes()).collect();
             w.write_all(&bytes)
         })?;
+        Ok((values, scales))
+    }
+
+    /// `x @ W^T (+ bias)` for a checkpoint `[N, K]` weight with ONNX Runtime's
+    /// DynamicQuantizeMatMul (com.microsoft): the weight stored as int8 `[K, N]` with one
+    /// scale per output channel; at run time the kernel quantizes `x` to uint8 with one
+    /// scale and zero point for the whole tensor and multiplies in integers (the CPU's
+    /// int8 dot-product instructions), then rescales to fp32 and adds the bias.
+    ///
+    /// ```text
+    ///   x ──DynamicQuantizeMatMul(W_q [K, N] int8, scales [N], bias [N]) ─▶ [.., N]
+    /// ```
+    pub fn matmul_dynamic_int8(
+        &mut self,
+        path: &str,
+        x: &str,
+        name: &str,
+        n: usize,
+        k: usize,
+        bias: Option<&str>,
+    ) -> Result<String> {
+        let (values, scales) = self.channel_int8_weights(name, n, k)?;
         // Inputs: A, B, b_scale, b_zero_point (absent: symmetric), bias.
         let mut inputs = vec![x, values.as_str(), scales.as_str()];
         if let Some(bias) = bias {
@@ -486,25 +493,7 @@ impl<'a> Builder<'a> {
         k: usize,
         bias: Option<&str>,
     ) -> Result<String> {
-        self.ck.get_shaped(name, &[n, k])?;
-        let values = format!("{name}.int8");
-        let scales = format!("{name}.channel_scales");
-        let doc =
-            Some(format!("{name} transposed to [in, out], int8 with one scale per output channel"));
-        self.derived(
-            &values,
-            name,
-            Elem::I8,
-            vec![k as i64, n as i64],
-            doc,
-            (n * k) as u64,
-            ChannelQuantizer::write_values,
-        )?;
-        self.derived(&scales, name, Elem::F32, vec![n as i64], None, (n * 4) as u64, |t, w| {
-            let bytes: Vec<u8> =
-                ChannelQuantizer::scales(t).iter().flat_map(|v| v.to_le_bytes()).collect();
-            w.write_all(&bytes)
-        })?;
+        let (values, scales) = self.channel_int8_weights(name, n, k)?;
         let abs = self.op(&format!("{path}/Abs"), "Abs", &[x], vec![]);
         let max = self.op(
             &format!("{path}/ReduceMax"),

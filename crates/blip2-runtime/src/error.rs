@@ -57,3 +57,11 @@ pub(crate) fn ort_err(what: impl Into<String>) -> impl FnOnce(ort::Error) -> Run
     let what = what.into();
     move |source| RuntimeError::Ort { what, source }
 }
+
+/// What a caught panic said (its message, or "a panic").
+pub fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into())
+}

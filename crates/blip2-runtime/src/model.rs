@@ -97,9 +97,10 @@ pub struct ImageEncoders {
     before_run: Option<Box<RunHook>>,
 }
 
-/// [`ImageEncoders::before_each_run`]'s hook.
+/// A hook called with the pixel values before each run of a vision encoder
+/// ([`ImageEncoders::before_each_run`], `RetrievalModel::before_each_run`).
 #[cfg(any(test, feature = "test-support"))]
-type RunHook = dyn FnMut(ndarray::ArrayView4<'_, f32>) + Send;
+pub(crate) type RunHook = dyn FnMut(ndarray::ArrayView4<'_, f32>) + Send + Sync;
 
 /// Something that turns pixel values `[B,3,H,W]` into query embeddings
 /// `[B, num_query_tokens, hidden]` (an ONNX value in the language model's dtype): the
@@ -357,12 +358,10 @@ impl Blip2Model {
                 Some(Provider::Cuda | Provider::TensorRt)
             )
         };
-        self.on_accelerator =
-            [GraphKind::VisionEncoder, GraphKind::QFormer, GraphKind::LanguageModel]
-                .into_iter()
-                .any(accelerated);
-        let lm = profile.providers_for(GraphKind::LanguageModel.name());
-        if matches!(lm.first(), Some(Provider::Cuda | Provider::TensorRt)) {
+        let lm_accelerated = accelerated(GraphKind::LanguageModel);
+        self.on_accelerator = lm_accelerated
+            || [GraphKind::VisionEncoder, GraphKind::QFormer].into_iter().any(accelerated);
+        if lm_accelerated {
             self.keep_cache_on_cuda(profile.device_id)?;
         }
         if profile.cuda_graph {
@@ -567,7 +566,7 @@ impl ImageEncoders {
     /// a slow encoder, or one that panics on a marked image).
     pub fn before_each_run(
         &mut self,
-        hook: impl FnMut(ndarray::ArrayView4<'_, f32>) + Send + 'static,
+        hook: impl FnMut(ndarray::ArrayView4<'_, f32>) + Send + Sync + 'static,
     ) {
         self.before_run = Some(Box::new(hook));
     }

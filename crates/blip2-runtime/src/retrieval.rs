@@ -209,10 +209,6 @@ impl TextTokenizer {
     }
 }
 
-/// [`RetrievalModel::before_each_run`]'s hook.
-#[cfg(any(test, feature = "test-support"))]
-type RunHook = dyn FnMut(ndarray::ArrayView4<'_, f32>) + Send + Sync;
-
 pub struct RetrievalModel {
     pub manifest: RetrievalManifest,
     pub dir: PathBuf,
@@ -227,7 +223,7 @@ pub struct RetrievalModel {
     /// Called with the pixel values before each run of the vision encoder (tests: a
     /// failing model).
     #[cfg(any(test, feature = "test-support"))]
-    before_run: Option<Box<RunHook>>,
+    before_run: Option<Box<crate::model::RunHook>>,
 }
 
 impl RetrievalModel {

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use blip2_core::RetrievalManifest;
-use blip2_runtime::error::RuntimeError;
+use blip2_runtime::error::{panic_message, RuntimeError};
 use blip2_runtime::preprocess::ImageLimits;
 use blip2_runtime::retrieval::{
     itc, ImageFeatures, RetrievalModel, TextBatch, TextTokenizer, TokenRow,
@@ -172,12 +172,10 @@ fn work(mut model: RetrievalModel, rx: Receiver<Job>, opts: EngineOptions, metri
         // worker goes on with the next.
         let ran = catch_unwind(AssertUnwindSafe(|| run(&mut model, &works, max_batch, &metrics)))
             .unwrap_or_else(|p| {
-                let why = p
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| p.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "a panic".into());
-                Err(RuntimeError::Fault(format!("the retrieval model failed: {why}")))
+                Err(RuntimeError::Fault(format!(
+                    "the retrieval model failed: {}",
+                    panic_message(&p)
+                )))
             });
         match ran {
             Ok(outs) => {

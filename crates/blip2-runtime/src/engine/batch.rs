@@ -7,10 +7,11 @@ use std::sync::Arc;
 
 use ndarray::{ArrayD, Axis, Slice};
 
-use super::encode::{encode_batch, panic_message};
+use super::encode::encode_batch;
 use super::text::{Settings, Stream};
 use super::{EngineMetrics, Event, Queued};
 use crate::embed_cache::EmbedCache;
+use crate::error::panic_message;
 use crate::error::RuntimeError;
 use crate::generation::{
     self, BeamSearch, BeamStep, GenerationConfig, RowSearch, StepOutput, Want,
@@ -281,6 +282,15 @@ impl Scheduler {
         }
     }
 
+    /// Fails every request of the running batches with `e` and drops the batches (the
+    /// engine thread is stopping on a fault).
+    pub(super) fn fail_all(&mut self, e: RuntimeError) {
+        let groups: Vec<Group> = self.batches.drain(..).flat_map(|b| b.groups).collect();
+        if !groups.is_empty() {
+            fail_groups(groups, e);
+        }
+    }
+
     /// One decode step of every running batch, each followed by its picks and the rows
     /// that leave. A batch whose model run fails fails its requests and is dropped.
     pub fn step(&mut self, model: &mut Blip2Model, prompter: &Prompter) {
@@ -513,17 +523,6 @@ impl Group {
         metrics.finished(self.job.enqueued.elapsed());
         let prompt_tokens = prompter.num_query_tokens + self.job.req.text_ids.len();
         self.job.req.sink.send(Event::Done { prompt_tokens });
-    }
-}
-
-impl Scheduler {
-    /// Fails every request of the running batches with `e` and drops the batches (the
-    /// engine thread is stopping on a fault).
-    pub(super) fn fail_all(&mut self, e: RuntimeError) {
-        let groups: Vec<Group> = self.batches.drain(..).flat_map(|b| b.groups).collect();
-        if !groups.is_empty() {
-            fail_groups(groups, e);
-        }
     }
 }
 

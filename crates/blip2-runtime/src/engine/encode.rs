@@ -10,12 +10,12 @@ use ndarray::Axis;
 
 use super::{EngineMetrics, Event, Queued};
 use crate::embed_cache::EmbedCache;
-use crate::error::RuntimeError;
+use crate::error::{panic_message, RuntimeError};
 use crate::model::EncodeImages;
 
 /// Gives the `jobs` that have no query embeddings yet theirs: their images through the
 /// cache and the encoders, as one batch. On an error none of them has changed.
-pub(super) fn embed(
+fn embed(
     encoders: &mut (impl EncodeImages + ?Sized),
     cache: &mut EmbedCache,
     jobs: &mut [Queued],
@@ -86,11 +86,4 @@ pub(super) fn tell(job: &Queued, event: Event) {
     if catch_unwind(AssertUnwindSafe(|| job.req.sink.send(event))).is_err() {
         tracing::error!("a request's sink failed as it was told of its failure");
     }
-}
-
-pub(super) fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic".into())
 }

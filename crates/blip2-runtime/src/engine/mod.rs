@@ -473,7 +473,7 @@ fn run(
     // hear why, and the thread ends; the engine then refuses or fails later requests,
     // and `Engine::is_running` says it stopped.
     if let Err(p) = served {
-        let why = format!("the generation engine failed: {}", encode::panic_message(&p));
+        let why = format!("the generation engine failed: {}", crate::error::panic_message(&p));
         tracing::error!("{why}; failing the requests it held, and stopping");
         sched.fail_all(RuntimeError::Fault(why.clone()));
         intake.arrived(&mut waiting);

@@ -168,7 +168,7 @@ pub fn prefill_beside(
     running_capacity: Option<usize>,
 ) -> Result<Prefilled, RuntimeError> {
     let family = model.manifest.family;
-    let start = model.manifest.tokens.decoder_start_token_id.unwrap_or(0);
+    let start = t5::decoder_start(model);
     if family == blip2_core::Family::T5 {
         // The search sees the decoder's ids, as transformers' processors do for
         // encoder-decoder models.

@@ -261,7 +261,7 @@ impl T5State {
         let f = self.fixed.as_ref().expect("checked by join");
         let (len, capacity) = (f.len, f.capacity);
         let rows = other.cache.rows();
-        let start = m.manifest.tokens.decoder_start_token_id.unwrap_or(0);
+        let start = decoder_start(m);
         let allocator = m.cache_allocator()?;
         let joins = f.joins;
         let T5State { cross, enc_mask, selects, .. } = other;
@@ -324,12 +324,6 @@ impl DecoderState for T5State {
                 let reorder = m.kv_reorder.as_mut().ok_or_else(no_reorder)?;
                 self.cross.reorder_on_device(reorder, rows, &mut f.cross_spare, &f.allocator)?;
                 self.cache.reorder_on_device(reorder, rows, &mut f.spare, &f.allocator)?;
-                // The buffers keep every position (the fused attention's own layout):
-                // nothing to compact.
-                if let Some(rows_held) = &mut self.self_mask {
-                    *rows_held = rows.iter().map(|&r| rows_held[r].clone()).collect();
-                }
-                return Ok(());
             }
             None if m.kv_reorder.is_some() => {
                 let reorder = m.kv_reorder.as_mut().expect("checked");
@@ -353,6 +347,11 @@ impl DecoderState for T5State {
         }
         if let Some(rows_held) = &mut self.self_mask {
             *rows_held = rows.iter().map(|&r| rows_held[r].clone()).collect();
+        }
+        // Fixed buffers keep every position (the fused attention's own layout): only a
+        // growing cache drops the positions no row uses any more.
+        if self.fixed.is_some() {
+            return Ok(());
         }
         self.compact(m)
     }
@@ -405,7 +404,7 @@ impl DecoderState for T5State {
         if let Some(rows_held) = &mut self.self_mask {
             rows_held.iter_mut().for_each(Vec::clear);
         }
-        let start = m.manifest.tokens.decoder_start_token_id.unwrap_or(0);
+        let start = decoder_start(m);
         // The same start step as the prefill's (its picks are made already).
         let last = self.last_logits.take();
         self.step_want(m, &vec![start; rows], Want::Argmax)?;
@@ -531,6 +530,11 @@ fn zeroed(m: &mut Blip2Model, rows: usize, capacity: usize) -> Result<KvCache, R
         RuntimeError::Unsupported("this export has no kv_join graph; export it again".into())
     })?;
     KvCache::zeros_on_device(spec, rows, capacity, on)
+}
+
+/// The token every decoder row starts from: the manifest's, else 0.
+pub(crate) fn decoder_start(m: &Blip2Model) -> i64 {
+    m.manifest.tokens.decoder_start_token_id.unwrap_or(0)
 }
 
 fn no_encoder() -> RuntimeError {
