@@ -709,6 +709,43 @@ mod image_stage {
         }
     }
 
+    /// Counts the places released in the queue.
+    struct Releases(Arc<std::sync::atomic::AtomicUsize>);
+    impl EngineMetrics for Releases {
+        fn released(&self) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// Tells, when its request is done, whether its place in the queue was free by then.
+    struct PlaceFreeWhenDone(Arc<std::sync::atomic::AtomicUsize>, mpsc::Sender<bool>);
+    impl Sink for PlaceFreeWhenDone {
+        fn send(&self, event: Event) {
+            if let Event::Done { .. } = event {
+                let _ = self.1.send(self.0.load(std::sync::atomic::Ordering::SeqCst) == 1);
+            }
+        }
+    }
+
+    #[test]
+    fn a_finished_request_frees_its_queue_place_before_its_client_hears() {
+        // A client that sends its next request as soon as the last one is done must not
+        // find the queue still full of it (a 503 with max_queue 1).
+        let dir = export("opt-tiny", Target::Portable, "place");
+        let p = Pipeline::load(&dir, &mut session_factory()).unwrap();
+        let (tx, _) = mpsc::channel();
+        let mut req = request(&p, 0, &cases(&p.default_config())[1], &tx);
+        let released = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (done_tx, done) = mpsc::channel();
+        req.sink = Box::new(PlaceFreeWhenDone(released.clone(), done_tx));
+        let engine =
+            p.into_engine(options(0, ImageStage::Auto), Arc::new(Releases(released))).unwrap();
+        engine.submit(req).unwrap();
+        let free = done.recv_timeout(Duration::from_secs(60)).expect("the request is done");
+        assert!(free, "the client heard Done while the request still held its place");
+        engine.shutdown();
+    }
+
     #[test]
     fn shutdown_answers_the_requests_still_in_the_image_stage() {
         let (mut p, cases, want) = loaded(Target::Portable, "image-shutdown");

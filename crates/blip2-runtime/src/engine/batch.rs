@@ -522,7 +522,11 @@ impl Group {
         }
         metrics.finished(self.job.enqueued.elapsed());
         let prompt_tokens = prompter.num_query_tokens + self.job.req.text_ids.len();
-        self.job.req.sink.send(Event::Done { prompt_tokens });
+        // Its place in the queue is free before its client hears it is done, so that the
+        // client's next request finds it free.
+        let mut job = self.job;
+        job.release_place();
+        job.req.sink.send(Event::Done { prompt_tokens });
     }
 }
 

@@ -173,13 +173,18 @@ pub struct Queued {
     /// Its image's query embeddings `[num_query_tokens, hidden]`, once made (by the image
     /// stage, or at admission); the prefill takes them.
     image_embeds: Option<ArrayD<f32>>,
-    _place: Option<Place>,
+    place: Option<Place>,
 }
 
 impl Queued {
     /// A request outside any queue (a [`Scheduler`] driven directly).
     pub fn new(req: Request) -> Self {
-        Queued { req, enqueued: Instant::now(), image_embeds: None, _place: None }
+        Queued { req, enqueued: Instant::now(), image_embeds: None, place: None }
+    }
+
+    /// Frees its place in the queue (it is answered).
+    fn release_place(&mut self) {
+        self.place = None;
     }
 }
 
@@ -344,7 +349,7 @@ impl Engine {
             req,
             enqueued: Instant::now(),
             image_embeds: None,
-            _place: Some(Place(a.clone())),
+            place: Some(Place(a.clone())),
         };
         let refused = |e| {
             a.metrics.left_queue(1);
