@@ -6,12 +6,13 @@
 //! run on its image stage's thread ([`image_stage`]).
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 
 use blip2_core::Target;
 use blip2_ort_suite::{fixture, photo, session_factory, temp_dir};
 use blip2_runtime::engine::{
-    EngineOptions, Event, ImageStage, NoMetrics, Queued, Request, Scheduler, Sink,
+    EngineMetrics, EngineOptions, Event, ImageStage, NoMetrics, Queued, Request, Scheduler, Sink,
 };
 use blip2_runtime::generation::{self, GenerationConfig};
 use blip2_runtime::model::Blip2Model;
@@ -182,7 +183,8 @@ fn run_joined(
     pending.extend(extra);
     drop(tx);
     // Batches make room for newcomers as a server's do.
-    let mut sched = Scheduler::new(16, Arc::new(NoMetrics)).with_room();
+    let joins = Arc::new(JoinCount::default());
+    let mut sched = Scheduler::new(16, joins.clone()).with_room();
     let mut embeds = EmbedCache::new(0);
     let mut joined = 0;
     let mut step = 0;
@@ -204,7 +206,82 @@ fn run_joined(
         step += 1;
         assert!(step < 200, "generation does not end");
     }
+    // The engine reports each join to its metrics (the server's blip2_batch_joins_total).
+    assert_eq!(joins.0.load(Ordering::Relaxed), joined, "joins reported to the metrics");
     (collect(rx, n, &seqs), joined)
+}
+
+/// A server's batch of fixed buffers (OPT, `--target cuda`) starts as wide as the power
+/// of two that holds its rows, and moves into buffers twice as wide when newcomers find
+/// no free row, up to `max_batch`: a lone request's steps run one row. Every request
+/// still gets its single-run tokens.
+#[test]
+fn a_server_batch_starts_as_wide_as_its_rows_and_doubles_for_newcomers() {
+    for fixed_buffers in [false, true] {
+        let dir =
+            export("opt-tiny", Target::Cuda, if fixed_buffers { "width-fixed" } else { "width" });
+        let mut p = Pipeline::load(&dir, &mut session_factory()).unwrap();
+        if fixed_buffers {
+            p.model.use_fixed_step_buffers().unwrap();
+        }
+        let base = p.default_config();
+        let greedy = |image, prompt, join_at| Case {
+            image,
+            prompt,
+            cfg: GenerationConfig { max_new_tokens: 10, min_new_tokens: 10, ..base.clone() },
+            join_at,
+        };
+        // Rows after each admission: 1, 2, 3, 5; widths 1, 2, 4, 8 (max_batch 6 caps
+        // the last at 6).
+        let cases = [
+            greedy("camera.png", "", 0),
+            greedy("rocket.jpg", "a photo of", 1),
+            greedy("chelsea.png", "Question: what is in the picture? Answer:", 2),
+            greedy("no_time_for_that_tiny.gif", "a photo of the", 3),
+            greedy("rocket.jpg", "", 3),
+        ];
+        let want: Vec<Vec<Vec<i64>>> = cases.iter().map(|c| alone(&mut p, c)).collect();
+        let (tx, rx) = mpsc::channel();
+        let mut pending: Vec<Option<(usize, Request)>> = cases
+            .iter()
+            .enumerate()
+            .map(|(i, c)| Some((c.join_at, request(&p, i, c, &tx))))
+            .collect();
+        drop(tx);
+        let mut sched = Scheduler::new(6, Arc::new(NoMetrics)).with_room();
+        let mut embeds = EmbedCache::new(0);
+        let mut widths = Vec::new();
+        let mut step = 0;
+        while !(sched.is_idle() && pending.iter().all(Option::is_none)) {
+            let now: Vec<Queued> = pending
+                .iter_mut()
+                .filter(|x| x.as_ref().is_some_and(|(at, _)| *at <= step))
+                .map(|x| Queued::new(x.take().unwrap().1))
+                .collect();
+            if !now.is_empty() {
+                sched.admit(&mut p.model, &mut embeds, &p.prompter, now);
+                widths.push(sched.widths());
+            }
+            sched.step(&mut p.model, &p.prompter);
+            step += 1;
+            assert!(step < 100, "generation does not end");
+        }
+        assert_eq!(widths, [vec![1], vec![2], vec![4], vec![6]], "fixed buffers: {fixed_buffers}");
+        let got = collect(rx, cases.len(), &[1; 5]);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.as_ref().unwrap(), w, "request {i} (fixed buffers: {fixed_buffers})");
+        }
+    }
+}
+
+/// Counts the joins the engine reports.
+#[derive(Default)]
+struct JoinCount(AtomicUsize);
+impl EngineMetrics for JoinCount {
+    fn joined(&self, rows: usize) {
+        assert!(rows > 0, "a join of no rows");
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 fn check_kind(name: &str, target: Target, fixed_buffers: bool) {

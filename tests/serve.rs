@@ -444,6 +444,7 @@ fn health_models_and_metrics() {
         "blip2_request_latency_seconds_bucket",
         "blip2_time_to_first_token_seconds_bucket",
         "blip2_batch_rows_bucket",
+        "blip2_batch_joins_total 0",
         "blip2_generated_tokens_total",
         "blip2_queue_depth 0",
         "blip2_requests_in_flight 0",

@@ -43,6 +43,10 @@ impl EngineMetrics for Metrics {
         self.batch_rows.observe(rows as f64);
     }
 
+    fn joined(&self, _rows: usize) {
+        self.joins.inc();
+    }
+
     fn first_token(&self, since_queued: Duration) {
         self.ttft.observe(since_queued.as_secs_f64());
     }

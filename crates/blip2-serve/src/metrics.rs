@@ -24,6 +24,8 @@ pub struct Metrics {
     pub ttft: Histogram,
     /// Rows in each batch the engine started.
     pub batch_rows: Histogram,
+    /// Times newcomers' rows joined a running batch.
+    pub joins: Counter,
     pub tokens: Counter,
     /// Images, texts or pairs in each call the retrieval worker made.
     pub retrieval_batch_items: Histogram,
@@ -60,6 +62,12 @@ impl Metrics {
             "Rows (sequences) in each batch the engine started",
             batch_rows.clone(),
         );
+        let joins = Counter::default();
+        registry.register(
+            "batch_joins",
+            "Times newly admitted requests' rows joined a batch already generating",
+            joins.clone(),
+        );
         let retrieval_batch_items = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]);
         registry.register(
             "retrieval_batch_items",
@@ -86,6 +94,7 @@ impl Metrics {
             request_latency,
             ttft,
             batch_rows,
+            joins,
             tokens,
             retrieval_batch_items,
             queue_depth,

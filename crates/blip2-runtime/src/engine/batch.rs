@@ -31,13 +31,20 @@ pub fn row_count(cfg: &GenerationConfig) -> usize {
     }
 }
 
+/// The rows a server's batch of fixed buffers is made for when it holds `rows`: the
+/// smallest power of two that holds them, at most `max_batch` (few distinct widths, so
+/// few captured graphs and pooled buffer sets).
+pub fn slot_width(rows: usize, max_batch: usize) -> usize {
+    rows.max(1).next_power_of_two().min(max_batch.max(rows))
+}
+
 /// Running batches and the searches of their requests. Driven by one thread, which owns
 /// the model it is handed at each call.
 pub struct Scheduler {
     batches: Vec<RunBatch>,
     max_batch: usize,
-    /// Rows a new batch makes room for at once ([`Scheduler::with_room`]).
-    room: Option<usize>,
+    /// Whether batches make room for newcomers ([`Scheduler::with_room`]).
+    room: bool,
     metrics: Arc<dyn EngineMetrics>,
 }
 
@@ -97,7 +104,7 @@ struct SearchFault(String);
 
 impl Scheduler {
     pub fn new(max_batch: usize, metrics: Arc<dyn EngineMetrics>) -> Self {
-        Scheduler { batches: Vec::new(), max_batch: max_batch.max(1), room: None, metrics }
+        Scheduler { batches: Vec::new(), max_batch: max_batch.max(1), room: false, metrics }
     }
 
     /// Whether no request is generating.
@@ -110,12 +117,21 @@ impl Scheduler {
         self.batches.iter().map(|b| b.state.rows()).sum()
     }
 
-    /// Each new batch makes room for `max_batch` rows as it starts
-    /// ([`DecoderState::make_room`]): fixed-length buffers that wide, so newcomers join
-    /// by taking free rows (a server; `infer` keeps its batches as wide as their rows).
+    /// Batches make room for newcomers ([`DecoderState::make_room`]; a server, while
+    /// `infer` keeps its batches as wide as their rows): a batch of fixed buffers starts
+    /// [`slot_width`] rows wide, the power of two that holds its rows, and moves into
+    /// buffers twice as wide, and so on up to `max_batch`, when newcomers find no free
+    /// rows. A lone request's steps then run one row, not `max_batch` (on a GPU a step of
+    /// 32 rows costs about 3.5 times a step of one), and each width's steps keep one
+    /// captured CUDA graph.
     pub fn with_room(mut self) -> Self {
-        self.room = Some(self.max_batch);
+        self.room = true;
         self
+    }
+
+    /// The rows of each running batch's buffers (tests: batches grow as rows join).
+    pub fn widths(&self) -> Vec<usize> {
+        self.batches.iter().map(|b| b.state.slots()).collect()
     }
 
     /// Running batches (tests: newcomers joined the running one, or stepped beside it).
@@ -187,14 +203,24 @@ impl Scheduler {
         }
         // The first running batch that takes the rows in; else a batch of their own.
         let mut state = fresh.state;
+        let newcomers = state.rows();
         for i in 0..self.batches.len() {
             if !self.batches[i].state.joins() {
                 continue;
             }
             let running = &mut self.batches[i];
+            let rows = running.state.rows() + newcomers;
+            if self.room && rows <= self.max_batch && running.state.accepts(model, &*state) {
+                // Wider buffers when the newcomers do not fit. Should that fail (memory),
+                // the batch is as it was, and the newcomers go on to the next one or alone.
+                if running.state.make_room(model, slot_width(rows, self.max_batch)).is_err() {
+                    continue;
+                }
+            }
             match running.state.join(model, state) {
                 Ok(()) => {
                     running.groups.append(&mut fresh.groups);
+                    self.metrics.joined(newcomers);
                     self.metrics.batch_rows(running.state.rows());
                     return;
                 }
@@ -210,8 +236,9 @@ impl Scheduler {
             }
         }
         let mut batch = RunBatch { state, groups: fresh.groups };
-        if let Some(rows) = self.room {
-            if let Err(e) = batch.state.make_room(model, rows) {
+        if self.room {
+            let width = slot_width(batch.state.rows(), self.max_batch);
+            if let Err(e) = batch.state.make_room(model, width) {
                 batch.state.release(model);
                 fail_groups(batch.groups, e);
                 return;

@@ -31,7 +31,8 @@
 //! - Newcomers join the running batch when its decoder state takes rows in
 //!   ([`DecoderState::join`]: OPT's portable graph, left-padded; OPT's CUDA-target graph,
 //!   rows copied into free rows of the running batch's fixed buffers, which the engine
-//!   makes `max_batch` rows wide, [`Scheduler::with_room`]); otherwise they form a batch
+//!   makes wider, up to `max_batch` rows, when none is free, [`Scheduler::with_room`]);
+//!   otherwise they form a batch
 //!   of their own that steps in turn with the others on the same thread.
 //! - A fault in one request's search (an error or a panic) fails that request alone; a
 //!   fault in a model run fails the rows of that run, and the engine goes on.
@@ -56,7 +57,7 @@ use std::time::{Duration, Instant};
 
 use ndarray::{Array3, ArrayD};
 
-pub use batch::{row_count as batch_rows, Scheduler};
+pub use batch::{row_count as batch_rows, slot_width, Scheduler};
 
 use crate::embed_cache::EmbedCache;
 use crate::error::RuntimeError;
@@ -152,6 +153,8 @@ pub trait EngineMetrics: Send + Sync {
     fn left_queue(&self, _requests: usize) {}
     /// Rows of a batch after new rows joined it.
     fn batch_rows(&self, _rows: usize) {}
+    /// Newcomers' rows (this many) joined a running batch instead of starting one.
+    fn joined(&self, _rows: usize) {}
     /// A request's first token, this long after it was queued.
     fn first_token(&self, _since_queued: Duration) {}
     /// A token was generated.

@@ -74,11 +74,23 @@ pub trait DecoderState {
         false
     }
 
+    /// Whether [`DecoderState::join`] would take `other`'s rows given room for them
+    /// ([`DecoderState::make_room`]), so that room is only made for rows that will come.
+    fn accepts(&self, _model: &Blip2Model, _other: &dyn DecoderState) -> bool {
+        self.joins()
+    }
+
     /// Makes room for `rows` rows in all, so that newcomers can [`DecoderState::join`]
-    /// without new buffers (a server's batch, `--max-batch` rows wide). States that grow
-    /// as rows join have nothing to do.
+    /// without new buffers (a server's batch, as wide as [`crate::engine::slot_width`]
+    /// says). States that grow as rows join have nothing to do.
     fn make_room(&mut self, _model: &mut Blip2Model, _rows: usize) -> Result<(), RuntimeError> {
         Ok(())
+    }
+
+    /// The rows each step runs: [`DecoderState::rows`], or more for states whose
+    /// buffers keep free rows for newcomers.
+    fn slots(&self) -> usize {
+        self.rows()
     }
 
     /// Positions each row's buffers hold, for states whose buffers are of a fixed

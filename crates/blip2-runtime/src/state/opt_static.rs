@@ -15,9 +15,10 @@
 //! continues twice is copied into a free slot. Only the rows that move are copied, on
 //! the device, and the buffers keep their addresses (one captured CUDA graph for the
 //! running batch whatever its rows). A batch only grows into new buffers when it needs
-//! more slots than it has (beams expanding the rows of `infer`'s batch); the engine
-//! makes a server's batches `--max-batch` slots wide from the start
-//! ([`DecoderState::make_room`]).
+//! more slots than it has (beams expanding the rows of `infer`'s batch, or a server's
+//! batch made wider for newcomers that find no free slot: the engine starts a server's
+//! batch as wide as the power of two that holds its rows and doubles it as needed, up
+//! to `--max-batch`; [`DecoderState::make_room`], [`crate::engine::slot_width`]).
 //!
 //! When the model uses fixed step buffers ([`crate::model::Blip2Model::use_fixed_step_buffers`],
 //! for CUDA graphs), the buffers come from the model's pool and every decode step binds
@@ -104,20 +105,13 @@ impl OptStaticState {
         let allocator = m.cache_allocator()?;
         let shape = step_shape(m);
         let need = longest + max_new_tokens;
-        let fits = capacity.filter(|&c| c >= need);
-        let (buffers, capacity) = match m.step_pool.as_mut() {
-            Some(pool) => {
-                let capacity = fits.unwrap_or_else(|| pooled_capacity(need));
-                (Buffers::Fixed(Box::new(pool.take(shape, rows, capacity, &allocator)?)), capacity)
-            }
+        // Lengths rounded up (to 64 positions), so that newcomers with somewhat longer
+        // prompts or limits still fit a running batch's buffers and can join it.
+        let capacity = capacity.filter(|&c| c >= need).unwrap_or_else(|| pooled_capacity(need));
+        let buffers = match m.step_pool.as_mut() {
+            Some(pool) => Buffers::Fixed(Box::new(pool.take(shape, rows, capacity, &allocator)?)),
             None => {
-                let capacity = fits.unwrap_or(need);
-                (
-                    Buffers::Own {
-                        cache: KvCache::allocate(shape.kv, rows, capacity, &allocator)?,
-                    },
-                    capacity,
-                )
+                Buffers::Own { cache: KvCache::allocate(shape.kv, rows, capacity, &allocator)? }
             }
         };
         let embeds = lm_value(m, image_embeds)?;
@@ -479,17 +473,7 @@ impl DecoderState for OptStaticState {
     /// and enough slots free.
     fn join(&mut self, m: &mut Blip2Model, other: Box<dyn DecoderState>) -> Result<(), Joined> {
         let free = self.free_slots();
-        let joinable = other.as_any().downcast_ref::<OptStaticState>().is_some_and(|o| {
-            o.capacity == self.capacity
-                && o.lens.len() <= free.len()
-                && m.kv_reorder.is_some()
-                && matches!(
-                    (&self.buffers, &o.buffers),
-                    (Buffers::Own { .. }, Buffers::Own { .. })
-                        | (Buffers::Fixed(_), Buffers::Fixed(_))
-                )
-        });
-        if !joinable {
+        if !self.accepts(m, &*other) || other.rows() > free.len() {
             return Err(Joined::Refused(other));
         }
         let mut other = other.into_any().downcast::<OptStaticState>().expect("checked above");
@@ -500,8 +484,27 @@ impl DecoderState for OptStaticState {
         !matches!(self.buffers, Buffers::Released)
     }
 
+    /// Buffers of one length and one kind (own or pooled), and a `kv_reorder` to copy
+    /// the rows with.
+    fn accepts(&self, m: &Blip2Model, other: &dyn DecoderState) -> bool {
+        other.as_any().downcast_ref::<OptStaticState>().is_some_and(|o| {
+            self.joins()
+                && o.capacity == self.capacity
+                && m.kv_reorder.is_some()
+                && matches!(
+                    (&self.buffers, &o.buffers),
+                    (Buffers::Own { .. }, Buffers::Own { .. })
+                        | (Buffers::Fixed(_), Buffers::Fixed(_))
+                )
+        })
+    }
+
     fn capacity(&self) -> Option<usize> {
         Some(self.capacity)
+    }
+
+    fn slots(&self) -> usize {
+        self.slots
     }
 
     /// Moves the rows into buffers of `rows` slots when they have fewer, so newcomers
