@@ -128,6 +128,69 @@ impl Bench<'_> {
 
     /// Median ms of a whole generate at batch `b` with `n` new tokens, each rep on fresh
     /// pixel values so the image-embedding cache never answers.
+    /// The vision encoder, the Q-Former, the prefill and one greedy decode step (each a
+    /// median of --reps, after a warm-up) on `bs` rows, into `res` as `vision_b{bs}_ms`,
+    /// `qformer_b{bs}_ms`, `prefill_b{bs}_ms` and `decode_step_b{bs}_ms`.
+    fn pieces(&mut self, bs: usize, res: &mut BTreeMap<String, Value>) -> Result<()> {
+        let (a, size) = (self.args, self.size);
+        let (rng, pipe) = (&mut self.rng, &mut self.pipe);
+        let vision = timed(
+            a.reps,
+            || rng.pixels(bs, size),
+            |px| {
+                pipe.model.vision_features(px)?;
+                Ok(())
+            },
+        )?;
+        res.insert(format!("vision_b{bs}_ms"), json!(vision));
+        let feats = self.pipe.model.vision_features(self.rng.pixels(bs, size))?;
+        let pipe = &mut self.pipe;
+        let qformer = timed(
+            a.reps,
+            || feats.clone(),
+            |f| {
+                pipe.model.qformer_embeds(f)?;
+                Ok(())
+            },
+        )?;
+        res.insert(format!("qformer_b{bs}_ms"), json!(qformer));
+        let embeds = self.pipe.model.qformer_embeds(feats)?;
+        let batch = self.pipe.prompter.assemble(&vec![self.text.clone(); bs]);
+        let model = &mut self.pipe.model;
+        let mut prefill_times = Vec::new();
+        let mut step_times = Vec::new();
+        let tokens = vec![10; bs];
+        // Decode steps at the benchmark's context length, after a prefill as generate
+        // runs it (the first round is warm-up).
+        for rep in 0..=a.reps {
+            let e = embeds.clone();
+            let t = Instant::now();
+            let mut p = blip2_runtime::state::prefill(&mut *model, &batch, e, a.new_tokens)?;
+            let dt = t.elapsed();
+            let mut stepped = Ok(());
+            for _ in 1..a.new_tokens {
+                let t = Instant::now();
+                if let Err(e) = p.state.step_for(&mut *model, &tokens, Want::Argmax) {
+                    stepped = Err(e);
+                    break;
+                }
+                if rep > 0 {
+                    step_times.push(t.elapsed().as_secs_f64() * 1000.0);
+                }
+            }
+            p.state.release(&mut *model);
+            stepped?;
+            if rep > 0 {
+                prefill_times.push(dt.as_secs_f64() * 1000.0);
+            }
+        }
+        res.insert(format!("prefill_b{bs}_ms"), json!(round(median(prefill_times), 2)));
+        if !step_times.is_empty() {
+            res.insert(format!("decode_step_b{bs}_ms"), json!(round(median(step_times), 3)));
+        }
+        Ok(())
+    }
+
     fn generate(&mut self, b: usize, n: usize) -> Result<f64> {
         let cfg = self.config(n);
         let texts = vec![self.text.clone(); b];
@@ -235,61 +298,12 @@ pub fn run(a: &BenchArgs, quiet: bool) -> Result<i32> {
     b.pipe.generate_text_ids(px, std::slice::from_ref(&b.text), &cfg)?;
     res.insert("first_generate_b1_ms".into(), json!(round(t.elapsed().as_secs_f64() * 1000.0, 2)));
 
-    // The pieces, batch 1.
-    let (rng, pipe) = (&mut b.rng, &mut b.pipe);
-    let vision = timed(
-        a.reps,
-        || rng.pixels(1, size),
-        |px| {
-            pipe.model.vision_features(px)?;
-            Ok(())
-        },
-    )?;
-    res.insert("vision_b1_ms".into(), json!(vision));
-    let feats = b.pipe.model.vision_features(b.rng.pixels(1, size))?;
-    let pipe = &mut b.pipe;
-    let qformer = timed(
-        a.reps,
-        || feats.clone(),
-        |f| {
-            pipe.model.qformer_embeds(f)?;
-            Ok(())
-        },
-    )?;
-    res.insert("qformer_b1_ms".into(), json!(qformer));
-    let embeds = b.pipe.model.qformer_embeds(feats)?;
-    let batch = b.pipe.prompter.assemble(std::slice::from_ref(&b.text));
-    let model = &mut b.pipe.model;
-    let mut prefill_times = Vec::new();
-    let mut step_times = Vec::new();
-    // Decode steps at the benchmark's context length, after a prefill as generate runs
-    // it (the first round is warm-up for the prefill).
-    let mut steps = |step: &mut dyn FnMut() -> Result<()>| -> Result<()> {
-        for _ in 1..a.new_tokens {
-            let t = Instant::now();
-            step()?;
-            step_times.push(t.elapsed().as_secs_f64() * 1000.0);
-        }
-        Ok(())
-    };
-    for rep in 0..=a.reps {
-        let e = embeds.clone();
-        let t = Instant::now();
-        let mut p = blip2_runtime::state::prefill(&mut *model, &batch, e, a.new_tokens)?;
-        let dt = t.elapsed();
-        // Greedy decode steps, asking for what greedy search asks for.
-        let stepped = steps(&mut || {
-            p.state.step_for(&mut *model, &[10], Want::Argmax).map(|_| ()).map_err(Into::into)
-        });
-        p.state.release(&mut *model);
-        stepped?;
-        if rep > 0 {
-            prefill_times.push(dt.as_secs_f64() * 1000.0);
-        }
-    }
-    res.insert("prefill_b1_ms".into(), json!(round(median(prefill_times), 2)));
-    if !step_times.is_empty() {
-        res.insert("decode_step_b1_ms".into(), json!(round(median(step_times), 3)));
+    // The pieces, at batch 1 and at each other batch size asked for.
+    let mut sizes = vec![1];
+    sizes.extend(a.batch.iter().copied().filter(|&bs| bs > 1));
+    sizes.dedup();
+    for bs in sizes {
+        b.pieces(bs, &mut res)?;
     }
 
     // Whole generation per batch size, as hf_generate_bench.
@@ -408,6 +422,16 @@ fn print_table(
     for &b in &a.batch {
         row(&format!("generate, batch {b}"), num(&format!("generate_b{b}_ms")), "ms")?;
         row(&format!("  images/s, batch {b}"), num(&format!("images_per_s_b{b}")), "img/s")?;
+        if b > 1 {
+            for (what, key) in [
+                ("vision encoder", "vision"),
+                ("Q-Former", "qformer"),
+                ("prefill", "prefill"),
+                ("decode step", "decode_step"),
+            ] {
+                row(&format!("  {what}, batch {b}"), num(&format!("{key}_b{b}_ms")), "ms")?;
+            }
+        }
     }
     row("generate, batch 1, cached image", num("generate_b1_cached_image_ms"), "ms")?;
     row("RSS after load", num("rss_after_load_MB"), "MB")?;

@@ -766,10 +766,15 @@ fn bench_reports_the_keys_hf_generate_bench_uses() {
             "qformer_b1_ms",
             "ttft_b1_ms",
             "decode_step_b1_ms",
+            "qformer_b2_ms",
+            "prefill_b2_ms",
+            "decode_step_b2_ms",
         ] {
             assert!(v[k].as_f64().is_some_and(|x| x > 0.0), "{test}: missing or bad {k}: {v}");
         }
-        assert!(v["vision_b1_ms"].as_f64().is_some_and(|x| x >= 0.0), "{test}: {v}");
+        for k in ["vision_b1_ms", "vision_b2_ms"] {
+            assert!(v[k].as_f64().is_some_and(|x| x >= 0.0), "{test}: missing or bad {k}: {v}");
+        }
         // A difference of two timings: present, but timing noise on a busy machine can make
         // it negative for a model this small.
         assert!(v["decode_ms_per_token_b1"].as_f64().is_some(), "{test}: {v}");
@@ -953,4 +958,45 @@ fn fast_decode_from_the_flag_and_from_the_profile_key() {
     assert_eq!(batch(&["--fast-decode"]), flag[0]);
     let o = bin().args(["serve", "--fast-decode", "--help"]).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// `BLIP2_ORT_PROFILE=DIR`: every graph's session writes ONNX Runtime's profile of its
+/// runs into DIR when it ends, with the runs and each node's provider and operator.
+#[test]
+fn blip2_ort_profile_writes_each_sessions_profile() {
+    let m = export("opt-tiny", "profile");
+    let dir = tmp("profile-out").join("profiles");
+    let o = bin()
+        .env("BLIP2_ORT_PROFILE", &dir)
+        .args(["infer", "--model"])
+        .arg(&m)
+        .args(["caption", "--max-new-tokens", "3", "--min-new-tokens", "3"])
+        .arg(photo("chelsea.png"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut graphs = Vec::new();
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let path = e.unwrap().path();
+        let events: Vec<Value> =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let runs = events.iter().filter(|e| e["name"] == "model_run").count();
+        if runs == 0 {
+            continue; // a session that never ran (kv_reorder)
+        }
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let graph = name.split("_2").next().unwrap().to_string();
+        assert!(
+            events.iter().any(|e| e["cat"] == "Node"
+                && e["args"]["provider"] == "CPUExecutionProvider"
+                && e["args"]["op_name"].is_string()),
+            "{name}: no node events with provider and operator"
+        );
+        graphs.push((graph, runs));
+    }
+    graphs.sort();
+    let names: Vec<&str> = graphs.iter().map(|(g, _)| g.as_str()).collect();
+    assert_eq!(names, ["language_model", "qformer", "vision_encoder"], "{graphs:?}");
+    // The prompt and two decode steps.
+    assert_eq!(graphs[0].1, 3, "{graphs:?}");
 }

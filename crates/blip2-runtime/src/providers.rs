@@ -47,6 +47,11 @@ impl fmt::Display for Warning {
     }
 }
 
+/// When set to a folder, every session writes ONNX Runtime's profile of its runs there
+/// (`GRAPH_<time>.json`, Chrome trace format): for finding where time goes, not for
+/// serving (it slows every run).
+pub const PROFILE_ENV: &str = "BLIP2_ORT_PROFILE";
+
 fn ort_ctx<R>(what: &str) -> impl FnOnce(ort::Error<R>) -> ProviderError + '_
 where
     ort::Error: From<ort::Error<R>>,
@@ -164,6 +169,18 @@ pub fn apply(
         builder = builder
             .with_memory_pattern(false)
             .map_err(ort_ctx("turning off the memory pattern"))?;
+    }
+    if let Some(dir) = std::env::var_os(PROFILE_ENV).filter(|d| !d.is_empty()) {
+        // ONNX Runtime's profiler: each node's time (and on CUDA each kernel's), written
+        // as DIR/GRAPH_<time>.json when the session ends.
+        let dir = PathBuf::from(dir);
+        std::fs::create_dir_all(&dir).map_err(|e| ProviderError::Ort {
+            what: format!("{PROFILE_ENV}: creating {}", dir.display()),
+            source: ort::Error::new(e.to_string()),
+        })?;
+        builder = builder
+            .with_profiling(dir.join(graph))
+            .map_err(ort_ctx("turning on ONNX Runtime's profiler"))?;
     }
     let providers = profile.providers_for(graph);
     for (i, &p) in providers.iter().enumerate() {
