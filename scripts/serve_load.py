@@ -4,7 +4,7 @@ chat requests back to back, and the run reports throughput, latency and time to 
 token per C as a markdown table. Standard library only.
 
     python3 scripts/serve_load.py --base-url http://127.0.0.1:PORT --images DIR_OR_FILES... \
-        [--clients 1,4,8,16] [--requests-per-client K] [--max-tokens 20] [--question Q] \
+        [--clients 1,4,8,16] [--requests-per-client K] [--max-tokens 20] [--min-tokens 0] [--question Q] \
         [--warmup 2] [--label L] [--json OUT]
 
 Every request is greedy (temperature 0) with a fixed max_tokens and one image; requests
@@ -203,8 +203,9 @@ class Workload:
     """The request bodies: request i of a run takes image i mod n, so images differ
     between the requests in flight together."""
 
-    def __init__(self, model, images, question, max_tokens):
+    def __init__(self, model, images, question, max_tokens, min_tokens=0):
         self.model, self.images, self.question, self.max_tokens = model, images, question, max_tokens
+        self.min_tokens = min_tokens
         self.next = 0
         self.lock = threading.Lock()
 
@@ -216,9 +217,12 @@ class Workload:
         content = [{"type": "image_url", "image_url": {"url": url}}]
         if self.question:
             content.append({"type": "text", "text": self.question})
-        return path, {"model": self.model, "messages": [{"role": "user", "content": content}],
-                      "temperature": 0, "max_tokens": self.max_tokens, "stream": True,
-                      "stream_options": {"include_usage": True}}
+        body = {"model": self.model, "messages": [{"role": "user", "content": content}],
+                "temperature": 0, "max_tokens": self.max_tokens, "stream": True,
+                "stream_options": {"include_usage": True}}
+        if self.min_tokens:
+            body["min_tokens"] = self.min_tokens
+        return path, body
 
 
 def percentile(values, p):
@@ -323,6 +327,9 @@ def main():
     ap.add_argument("--clients", default="1,4,8,16", help="client counts to run, comma-separated")
     ap.add_argument("--requests-per-client", type=int, default=8, metavar="K")
     ap.add_argument("--max-tokens", type=int, default=20)
+    ap.add_argument("--min-tokens", type=int, default=0,
+                    help="sent as min_tokens (eos banned until then); = --max-tokens makes every answer "
+                         "exactly that long, as transformers' timing script does")
     ap.add_argument("--question", default="", help="the question asked about each image (default: caption)")
     ap.add_argument("--warmup", type=int, default=2, help="requests sent one at a time first, not counted")
     ap.add_argument("--model", help="the model id to send (default: the first of /v1/models)")
@@ -351,12 +358,13 @@ def main():
         if not ids:
             sys.exit("serve_load: /v1/models lists no model")
         model = ids[0]
-    workload = Workload(model, images, args.question, args.max_tokens)
+    workload = Workload(model, images, args.question, args.max_tokens, args.min_tokens)
 
     task = f"question {args.question!r}" if args.question else "caption"
+    min_note = f", min_tokens {args.min_tokens}" if args.min_tokens else ""
     print(f"# serve load{': ' + args.label if args.label else ''}")
     print(f"server {args.base_url}, model {model}, {len(images)} distinct images, {task}, "
-          f"max_tokens {args.max_tokens}, greedy, streaming; {args.requests_per_client} requests per client, "
+          f"max_tokens {args.max_tokens}{min_note}, greedy, streaming; {args.requests_per_client} requests per client, "
           f"{args.warmup} warm-up", flush=True)
 
     failures = []  # (phase, record)

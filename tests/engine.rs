@@ -628,10 +628,9 @@ mod image_stage {
     }
 
     #[test]
-    fn on_the_cpu_the_engine_thread_encodes_the_images_itself() {
-        // ImageStage::Auto with every graph on the CPU: one thread runs every graph.
+    fn by_default_the_engine_thread_encodes_the_images_itself() {
+        // ImageStage::Auto: one thread runs every graph.
         let (p, cases, want) = loaded(Target::Cuda, "inline");
-        assert!(!p.model.on_accelerator());
         let (mut model, client) = serve_while_decoding(p, ImageStage::Auto, &cases, &want);
         let encoders = model.take_encoder_threads();
         let lm = model.take_lm_threads();

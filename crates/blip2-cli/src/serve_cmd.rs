@@ -49,8 +49,8 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 64, value_parser = crate::args::positive)]
     pub max_queue: usize,
     /// Where images are encoded: `thread` (a thread of its own, ahead of the language
-    /// model), `inline` (the engine thread, as it admits requests), or `auto`: `thread`
-    /// when the profile runs a graph on CUDA or TensorRT, `inline` on the CPU.
+    /// model), `inline` (the engine thread, as it admits requests), or `auto`: the one
+    /// measured fastest, today `inline` on the CPU and on CUDA (docs/serving.md).
     #[arg(long, value_enum, default_value_t = ImageStageArg::Auto)]
     pub image_stage: ImageStageArg,
     /// Requests to /v1/* must send "Authorization: Bearer KEY" (also $BLIP2_ORT_API_KEY).

@@ -130,9 +130,6 @@ pub struct Blip2Model {
     /// Set by [`Blip2Model::use_fixed_step_buffers`]: decode steps bind the same buffers
     /// every time (CUDA graphs), and finished requests leave theirs here.
     pub(crate) step_pool: Option<crate::state::fixed::StepPool>,
-    /// Whether the profile runs a graph on an accelerator (CUDA or TensorRT), set by
-    /// [`Blip2Model::place_for`]: the server's image stage then gets a thread of its own.
-    on_accelerator: bool,
     /// The threads the language model's graphs ran on (tests: one engine thread).
     #[cfg(any(test, feature = "test-support"))]
     lm_threads: std::collections::HashSet<std::thread::ThreadId>,
@@ -287,7 +284,6 @@ impl Blip2Model {
             lm_fp16,
             kv_memory,
             step_pool: None,
-            on_accelerator: false,
             #[cfg(any(test, feature = "test-support"))]
             lm_threads: Default::default(),
             #[cfg(any(test, feature = "test-support"))]
@@ -352,15 +348,10 @@ impl Blip2Model {
     /// CUDA graphs (`cuda_graph = true`).
     pub fn place_for(&mut self, profile: &crate::config::Profile) -> Result<(), RuntimeError> {
         use crate::config::Provider;
-        let accelerated = |g: GraphKind| {
-            matches!(
-                profile.providers_for(g.name()).first(),
-                Some(Provider::Cuda | Provider::TensorRt)
-            )
-        };
-        let lm_accelerated = accelerated(GraphKind::LanguageModel);
-        self.on_accelerator = lm_accelerated
-            || [GraphKind::VisionEncoder, GraphKind::QFormer].into_iter().any(accelerated);
+        let lm_accelerated = matches!(
+            profile.providers_for(GraphKind::LanguageModel.name()).first(),
+            Some(Provider::Cuda | Provider::TensorRt)
+        );
         if lm_accelerated {
             self.keep_cache_on_cuda(profile.device_id)?;
         }
@@ -368,11 +359,6 @@ impl Blip2Model {
             self.use_fixed_step_buffers()?;
         }
         Ok(())
-    }
-
-    /// Whether [`Blip2Model::place_for`] found a graph on CUDA or TensorRT.
-    pub fn on_accelerator(&self) -> bool {
-        self.on_accelerator
     }
 
     /// Keeps the KV cache on a CUDA device between steps (for sessions on the CUDA or
