@@ -9,7 +9,9 @@
 #      and 32 (scripts/gpu_compare.sh), then scripts/serve_load against `serve` at 1, 8
 #      and 32 clients (--max-batch 32, every answer exactly NEW_TOKENS tokens): the
 #      cuda-graph profile with the image stage on its own thread (auto on a GPU) and
-#      inline, and the portable export on cuda;
+#      inline, and the portable export on cuda; then the language model's nodes timed at 1
+#      and 2 rows with CUDA_LAUNCH_BLOCKING=1 (a decode step of 2 rows costs 3x one of 1
+#      on an H200: which kernels);
 #   3. tokens: scripts/gpu_check.py on the first MAX_CASES recorded cases (single runs).
 # Each step has a time limit, cut to a budget of BUDGET_S (470 s) for the whole, and a
 # failed step prints why while the others still run. Results land in OUT
@@ -63,6 +65,17 @@ load() { # label, export, serve flags, clients
 load "cuda-graph thread" "$fig/export-cuda" "--ep cuda-graph --max-batch 32 --image-stage thread" 1,8,32
 load "cuda-graph inline" "$fig/export-cuda" "--ep cuda-graph --max-batch 32 --image-stage inline" 32
 load "portable cuda" "$fig/export-portable" "--ep cuda --max-batch 32" 1,32
+# Which kernels a decode step of 2 rows spends its time in, against 1 row: every launch
+# waits for its kernel (CUDA_LAUNCH_BLOCKING), so ONNX Runtime's node times are GPU times.
+if [ -f "$fig/export-cuda/blip2_manifest.json" ]; then
+  say ""; say "### kernels at 1 and 2 rows (CUDA_LAUNCH_BLOCKING=1, --ep cuda, language model)"
+  rm -rf "$OUT/profile"
+  CUDA_LAUNCH_BLOCKING=1 BLIP2_ORT_PROFILE="$OUT/profile" timeout "$(limit 60)" "$BIN" bench --model "$fig/export-cuda" \
+    --ep cuda --batch 2 --new-tokens 8 --reps 1 --json >"$OUT/profile-bench.json" 2>"$OUT/profile.log"
+  say "exit $?"
+  "$PYTHON" scripts/ort_profile_summary.py "$OUT/profile" --by-rows --top 40 >"$OUT/profile.md" 2>&1
+  sed -n '/^## language_model/,/^$/p' "$OUT/profile.md" >>"$OUT/summary.md"
+fi
 else
   say ""; say "(EP=cpu: step 2 skipped)"
 fi

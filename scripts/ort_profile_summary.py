@@ -3,10 +3,15 @@ Chrome-trace JSON per session) into one table per graph: its runs (count, median
 wall time: a run returns when its outputs are ready, so on a GPU this includes the
 kernels), then its nodes by provider and operator (count, total, share), largest first.
 
-    python3 scripts/ort_profile_summary.py DIR [--top 15]
+    python3 scripts/ort_profile_summary.py DIR [--top 15] [--by-rows]
+
+--by-rows splits each operator by the leading dimension of its first input (the rows of
+a batch, for the language model's nodes), to compare a step at one row with one at two.
 
 On CUDA a node's time is what launching it took on the host; nodes on the CPU provider and
-Memcpy nodes in a GPU session are where a GPU graph waits on the host. Standard library
+Memcpy nodes in a GPU session are where a GPU graph waits on the host. Run the command
+with CUDA_LAUNCH_BLOCKING=1 to make every launch wait for its kernel: each node's time is
+then its time on the GPU (plus the launch), and the whole runs slower. Standard library
 only.
 """
 import argparse
@@ -22,6 +27,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("dir")
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--by-rows", action="store_true",
+                    help="split operators by the leading dimension of their first input")
     args = ap.parse_args()
     files = sorted(f for f in os.listdir(args.dir) if f.endswith(".json"))
     if not files:
@@ -39,7 +46,12 @@ def main():
             if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
                 continue
             a = e.get("args", {})
-            k = (a.get("provider", "?").replace("ExecutionProvider", ""), a.get("op_name", "?"))
+            op = a.get("op_name", "?")
+            if args.by_rows:
+                shapes = a.get("input_type_shape") or [{}]
+                dims = next(iter(shapes[0].values()), [])
+                op = f"{op} [{dims[0] if dims else '-'}]"
+            k = (a.get("provider", "?").replace("ExecutionProvider", ""), op)
             nodes[k][0] += 1
             nodes[k][1] += e["dur"]
         if not runs and not nodes:

@@ -185,8 +185,26 @@ fn run_joined(
     // Batches make room for newcomers as a server's do.
     let joins = Arc::new(JoinCount::default());
     let mut sched = Scheduler::new(16, joins.clone()).with_room();
-    let mut embeds = EmbedCache::new(0);
     let mut joined = 0;
+    drive(p, &mut sched, pending, |sched, rows, batches| {
+        if rows > 0 && sched.batches() == batches && sched.rows() > rows {
+            joined += 1;
+        }
+    });
+    // The engine reports each join to its metrics (the server's blip2_batch_joins_total).
+    assert_eq!(joins.0.load(Ordering::Relaxed), joined, "joins reported to the metrics");
+    (collect(rx, n, &seqs), joined)
+}
+
+/// Drives `sched` on this thread, admitting each request before its step (`.0`);
+/// `admitted` sees the scheduler after each admission, with its rows and batches before.
+fn drive(
+    p: &mut Pipeline,
+    sched: &mut Scheduler,
+    pending: Vec<(usize, Request)>,
+    mut admitted: impl FnMut(&Scheduler, usize, usize),
+) {
+    let mut embeds = EmbedCache::new(0);
     let mut step = 0;
     let mut pending: Vec<Option<(usize, Request)>> = pending.into_iter().map(Some).collect();
     while !(sched.is_idle() && pending.iter().all(Option::is_none)) {
@@ -198,17 +216,12 @@ fn run_joined(
         if !now.is_empty() {
             let (rows, batches) = (sched.rows(), sched.batches());
             sched.admit(&mut p.model, &mut embeds, &p.prompter, now);
-            if rows > 0 && sched.batches() == batches && sched.rows() > rows {
-                joined += 1;
-            }
+            admitted(sched, rows, batches);
         }
         sched.step(&mut p.model, &p.prompter);
         step += 1;
         assert!(step < 200, "generation does not end");
     }
-    // The engine reports each join to its metrics (the server's blip2_batch_joins_total).
-    assert_eq!(joins.0.load(Ordering::Relaxed), joined, "joins reported to the metrics");
-    (collect(rx, n, &seqs), joined)
 }
 
 /// A server's batch of fixed buffers (OPT, `--target cuda`) starts as wide as the power
@@ -242,30 +255,12 @@ fn a_server_batch_starts_as_wide_as_its_rows_and_doubles_for_newcomers() {
         ];
         let want: Vec<Vec<Vec<i64>>> = cases.iter().map(|c| alone(&mut p, c)).collect();
         let (tx, rx) = mpsc::channel();
-        let mut pending: Vec<Option<(usize, Request)>> = cases
-            .iter()
-            .enumerate()
-            .map(|(i, c)| Some((c.join_at, request(&p, i, c, &tx))))
-            .collect();
+        let pending: Vec<(usize, Request)> =
+            cases.iter().enumerate().map(|(i, c)| (c.join_at, request(&p, i, c, &tx))).collect();
         drop(tx);
         let mut sched = Scheduler::new(6, Arc::new(NoMetrics)).with_room();
-        let mut embeds = EmbedCache::new(0);
         let mut widths = Vec::new();
-        let mut step = 0;
-        while !(sched.is_idle() && pending.iter().all(Option::is_none)) {
-            let now: Vec<Queued> = pending
-                .iter_mut()
-                .filter(|x| x.as_ref().is_some_and(|(at, _)| *at <= step))
-                .map(|x| Queued::new(x.take().unwrap().1))
-                .collect();
-            if !now.is_empty() {
-                sched.admit(&mut p.model, &mut embeds, &p.prompter, now);
-                widths.push(sched.widths());
-            }
-            sched.step(&mut p.model, &p.prompter);
-            step += 1;
-            assert!(step < 100, "generation does not end");
-        }
+        drive(&mut p, &mut sched, pending, |sched, _, _| widths.push(sched.widths()));
         assert_eq!(widths, [vec![1], vec![2], vec![4], vec![6]], "fixed buffers: {fixed_buffers}");
         let got = collect(rx, cases.len(), &[1; 5]);
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
