@@ -440,14 +440,17 @@ impl Group {
     fn next(&self, tokens: &mut Vec<i64>) -> Want {
         match &self.search {
             Search::Rows(rows) => {
-                let mut want = Want::Argmax;
+                // One answer for every row: what they all want, else the logits.
+                let mut want = None;
                 for (_, s, _) in rows {
                     tokens.push(s.last().expect("a row in a batch has picked"));
-                    if s.want() != Want::Argmax {
-                        want = Want::Logits;
-                    }
+                    want = match (want, s.want()) {
+                        (None, w) => Some(w),
+                        (Some(have), w) if have == w => Some(have),
+                        _ => Some(Want::Logits),
+                    };
                 }
-                want
+                want.unwrap_or(Want::Argmax)
             }
             Search::Beams(_, next) => {
                 let next = next.as_ref().expect("a running beam search asked for a step");

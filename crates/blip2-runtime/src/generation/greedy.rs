@@ -202,29 +202,35 @@ impl RowSearch {
     }
 
     /// What the row needs of its next position's logits: its argmax when nothing reads
-    /// the scores (greedy search, no processor at this length), else all of them.
+    /// the scores (greedy search, no processor at this length); while the minimum length
+    /// bans the eos tokens, its `eos + 1` best log-probabilities, among which the best
+    /// token that is not an eos always is (as [`super::generate`] asks); else all of them.
     pub fn want(&self) -> Want {
         let side = Processors::new(&self.cfg, self.prompt_len, 1).model_side(self.tokens.len());
-        if !self.cfg.do_sample && side == Some(false) {
-            Want::Argmax
-        } else {
-            Want::Logits
+        match side {
+            _ if self.cfg.do_sample => Want::Logits,
+            Some(false) => Want::Argmax,
+            Some(true) => Want::TopLogProbs(self.cfg.eos_token_ids.len() + 1),
+            None => Want::Logits,
         }
     }
 
     /// [`RowSearch::pick`] from row `row` of a step's answer: its logits, or the argmax
-    /// the model picked when [`RowSearch::want`] asked for it. `None` when the answer
-    /// holds neither (a step asked for something else).
+    /// the model picked, or the best candidate that is not an eos, when
+    /// [`RowSearch::want`] asked for that. `None` when the answer holds none of them (a
+    /// step asked for something else).
     pub fn pick_from(&mut self, out: &StepOutput, row: usize) -> Option<i64> {
-        match out {
-            StepOutput::Logits(l) => Some(self.pick(l.row(row))),
-            StepOutput::Argmax(picks) if self.want() == Want::Argmax => {
-                let pick = *picks.get(row)?;
-                self.push(pick);
-                Some(pick)
+        let pick = match (out, self.want()) {
+            (StepOutput::Logits(l), _) => return Some(self.pick(l.row(row))),
+            (StepOutput::Argmax(picks), Want::Argmax) => *picks.get(row)?,
+            (StepOutput::TopLogProbs { ids, .. }, Want::TopLogProbs(k)) if ids.ncols() >= k => {
+                let eos = &self.cfg.eos_token_ids;
+                *ids.outer_iter().nth(row)?.iter().find(|t| !eos.contains(t))?
             }
-            _ => None,
-        }
+            _ => return None,
+        };
+        self.push(pick);
+        Some(pick)
     }
 
     fn push(&mut self, pick: i64) {
@@ -258,5 +264,42 @@ impl RowSearch {
     /// Whether the row ended on an eos.
     pub fn ended_on_eos(&self) -> bool {
         self.last().is_some_and(|t| self.cfg.eos_token_ids.contains(&t))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::arr2;
+
+    /// While the minimum length bans the eos tokens, a greedy row asks the model for its
+    /// best `eos + 1` candidates, not the vocabulary's logits, and takes the best one that
+    /// is not an eos; afterwards it asks for the argmax.
+    #[test]
+    fn a_banned_eos_asks_for_candidates_not_logits() {
+        let cfg = GenerationConfig {
+            max_new_tokens: 4,
+            min_new_tokens: 2,
+            eos_token_ids: vec![2, 3],
+            ..GenerationConfig::default()
+        };
+        let mut row = RowSearch::new(vec![5, 6], &cfg, 0, 0).unwrap();
+        assert_eq!(row.want(), Want::TopLogProbs(3));
+        // Row 1 of the answer: the eos tokens come first, 9 is the best one left.
+        let out = StepOutput::TopLogProbs {
+            logprobs: arr2(&[[-0.1, -0.2, -0.3], [-0.5, -0.6, -0.9]]),
+            ids: arr2(&[[7, 8, 9], [3, 2, 9]]),
+        };
+        assert_eq!(row.pick_from(&out, 1), Some(9));
+        assert_eq!(row.want(), Want::TopLogProbs(3));
+        // Candidates of another count are not what it asked for.
+        let short = StepOutput::TopLogProbs { logprobs: arr2(&[[-0.1]]), ids: arr2(&[[4]]) };
+        assert_eq!(row.pick_from(&short, 0), None);
+        assert_eq!(row.pick_from(&out, 0), Some(7));
+        // Two new tokens: eos may end the row now, the model's argmax is enough.
+        assert_eq!(row.want(), Want::Argmax);
+        assert_eq!(row.pick_from(&StepOutput::Argmax(vec![2]), 0), Some(2));
+        assert!(row.is_finished() && row.ended_on_eos());
+        assert_eq!(row.new_tokens(), vec![9, 7]);
     }
 }
