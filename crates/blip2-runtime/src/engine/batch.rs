@@ -90,6 +90,7 @@ impl Search {
         (0..row_count(cfg))
             .map(|seq| {
                 RowSearch::new(prompt.clone(), cfg, seed, first_stream + seq as u64)
+                    .map(|s| s.with_vocab(vocab))
                     // Every sequence reads the prompt's one prefill row.
                     .map(|s| (seq, s, 0))
                     .map_err(|e| e.to_string())
@@ -370,7 +371,27 @@ impl RunBatch {
             });
         }
         let want = want.unwrap_or(Want::Logits);
-        self.state.step_for(model, &tokens, want)
+        let out = self.state.step_for(model, &tokens, want)?;
+        if matches!(out, StepOutput::TopLogits { .. }) {
+            // Sampling candidates that cannot tell (a tie at their edge): every row takes
+            // the step's full logits, which stayed where the decoder ran.
+            let mut offset = 0;
+            let mut settled = true;
+            for g in &self.groups {
+                settled &= g.settles(&out, offset);
+                offset += g.held;
+            }
+            if !settled {
+                let full = self.state.last_logits(model).ok_or_else(|| {
+                    RuntimeError::Unsupported(
+                        "the decoder answered sampling candidates but cannot give the full logits"
+                            .into(),
+                    )
+                })??;
+                return Ok(StepOutput::Logits(full));
+            }
+        }
+        Ok(out)
     }
 
     /// Every group picks from its rows of `out`; groups that have ended get their
@@ -433,6 +454,14 @@ impl Group {
             first_token: true,
             search: Search::Rows(Vec::new()),
             held: 1,
+        }
+    }
+
+    /// Whether every row of this group (they start at `offset`) can pick from `out`.
+    fn settles(&self, out: &StepOutput, offset: usize) -> bool {
+        match &self.search {
+            Search::Rows(rows) => rows.iter().all(|(_, s, row)| s.settles(out, offset + row)),
+            Search::Beams(..) => true,
         }
     }
 

@@ -158,6 +158,9 @@ pub struct RowSearch {
     rng: Rng,
     finished: bool,
     scores: Vec<f32>,
+    /// The model's vocabulary, when known ([`RowSearch::with_vocab`]): the row may then
+    /// ask for its best candidates instead of every logit.
+    vocab: usize,
 }
 
 impl RowSearch {
@@ -182,7 +185,15 @@ impl RowSearch {
             rng: Rng::new(seed, stream),
             finished: false,
             scores: Vec::new(),
+            vocab: 0,
         })
+    }
+
+    /// The model's vocabulary size: with it the row asks for its best candidates where
+    /// they are enough ([`RowSearch::want`]); without, for every logit then.
+    pub fn with_vocab(mut self, vocab: usize) -> Self {
+        self.vocab = vocab;
+        self
     }
 
     /// Picks the next token from the logits of the row's next position and appends it.
@@ -201,24 +212,62 @@ impl RowSearch {
         pick
     }
 
-    /// What the row needs of its next position's logits: its argmax when nothing reads
-    /// the scores (greedy search, no processor at this length); while the minimum length
-    /// bans the eos tokens, its `eos + 1` best log-probabilities, among which the best
-    /// token that is not an eos always is (as [`super::generate`] asks); else all of them.
+    /// What the row needs of its next position's logits, as [`super::generate`] asks:
+    /// its argmax when nothing reads the scores (greedy search, no processor at this
+    /// length); while the minimum length bans the eos tokens, its `eos + 1` best
+    /// log-probabilities, among which the best token that is not an eos always is;
+    /// sampling with top-k and no penalty, its `k + 1` best raw logits (`+ eos` while
+    /// they are banned; the extra one tells whether tokens left out tie with the k-th);
+    /// else all of them. Candidates only when the vocabulary is known and larger.
     pub fn want(&self) -> Want {
-        let side = Processors::new(&self.cfg, self.prompt_len, 1).model_side(self.tokens.len());
-        match side {
-            _ if self.cfg.do_sample => Want::Logits,
+        let p = Processors::new(&self.cfg, self.prompt_len, 1);
+        let len = self.tokens.len();
+        let eos = self.cfg.eos_token_ids.len();
+        if self.cfg.do_sample {
+            return match p.sampling_side(len) {
+                Some((k, ban)) if k + usize::from(ban) * eos < self.vocab => {
+                    Want::TopLogits(k + usize::from(ban) * eos + 1)
+                }
+                _ => Want::Logits,
+            };
+        }
+        match p.model_side(len) {
             Some(false) => Want::Argmax,
-            Some(true) => Want::TopLogProbs(self.cfg.eos_token_ids.len() + 1),
-            None => Want::Logits,
+            Some(true) if eos < self.vocab => Want::TopLogProbs(eos + 1),
+            _ => Want::Logits,
         }
     }
 
-    /// [`RowSearch::pick`] from row `row` of a step's answer: its logits, or the argmax
-    /// the model picked, or the best candidate that is not an eos, when
-    /// [`RowSearch::want`] asked for that. `None` when the answer holds none of them (a
-    /// step asked for something else).
+    /// Whether [`RowSearch::pick_from`] can pick from row `row` of `out`: false only for
+    /// sampling candidates that cannot tell (a tie at their edge), which need the step's
+    /// full logits.
+    pub fn settles(&self, out: &StepOutput, row: usize) -> bool {
+        match (out, self.want()) {
+            (StepOutput::TopLogits { logits, ids }, Want::TopLogits(_)) => {
+                self.sampling_candidates(logits, ids, row).is_some()
+            }
+            _ => true,
+        }
+    }
+
+    /// Row `row` of sampling candidates, processed: the tokens the draw chooses among,
+    /// in id order ([`Processors::apply_to_candidates`]).
+    fn sampling_candidates(
+        &self,
+        logits: &Array2<f32>,
+        ids: &Array2<i64>,
+        row: usize,
+    ) -> Option<Vec<(i64, f32)>> {
+        let (l, i) = (logits.outer_iter().nth(row)?, ids.outer_iter().nth(row)?);
+        let row: Vec<(i64, f32)> = i.iter().copied().zip(l.iter().copied()).collect();
+        Processors::new(&self.cfg, self.prompt_len, 1).apply_to_candidates(self.tokens.len(), &row)
+    }
+
+    /// [`RowSearch::pick`] from row `row` of a step's answer: its logits, or what
+    /// [`RowSearch::want`] asked for (the model's argmax; the best candidate that is not
+    /// an eos; a draw among the sampling candidates). `None` when the answer holds none
+    /// of them (a step asked for something else) or cannot tell
+    /// ([`RowSearch::settles`]).
     pub fn pick_from(&mut self, out: &StepOutput, row: usize) -> Option<i64> {
         let pick = match (out, self.want()) {
             (StepOutput::Logits(l), _) => return Some(self.pick(l.row(row))),
@@ -226,6 +275,11 @@ impl RowSearch {
             (StepOutput::TopLogProbs { ids, .. }, Want::TopLogProbs(k)) if ids.ncols() >= k => {
                 let eos = &self.cfg.eos_token_ids;
                 *ids.outer_iter().nth(row)?.iter().find(|t| !eos.contains(t))?
+            }
+            (StepOutput::TopLogits { logits, ids }, Want::TopLogits(k)) if ids.ncols() >= k => {
+                let kept = self.sampling_candidates(logits, ids, row)?;
+                let scores: Vec<f32> = kept.iter().map(|c| c.1).collect();
+                kept[sample_one(&scores, &mut self.rng)].0
             }
             _ => return None,
         };
@@ -283,7 +337,7 @@ mod tests {
             eos_token_ids: vec![2, 3],
             ..GenerationConfig::default()
         };
-        let mut row = RowSearch::new(vec![5, 6], &cfg, 0, 0).unwrap();
+        let mut row = RowSearch::new(vec![5, 6], &cfg, 0, 0).unwrap().with_vocab(100);
         assert_eq!(row.want(), Want::TopLogProbs(3));
         // Row 1 of the answer: the eos tokens come first, 9 is the best one left.
         let out = StepOutput::TopLogProbs {
@@ -301,5 +355,46 @@ mod tests {
         assert_eq!(row.pick_from(&StepOutput::Argmax(vec![2]), 0), Some(2));
         assert!(row.is_finished() && row.ended_on_eos());
         assert_eq!(row.new_tokens(), vec![9, 7]);
+    }
+
+    /// A sampled row asks for its `k + 1` best raw logits and draws among its
+    /// candidates exactly what the same draw picks over the full logits; candidates with
+    /// a tie at their edge cannot tell, and the row then needs the full logits.
+    #[test]
+    fn a_sampled_row_draws_from_its_candidates_as_from_the_full_logits() {
+        let cfg = GenerationConfig {
+            do_sample: true,
+            top_k: 3,
+            temperature: 0.7,
+            eos_token_ids: vec![0],
+            ..GenerationConfig::default()
+        };
+        let vocab = 10;
+        let full: Vec<f32> = vec![0.5, 2.0, -1.0, 1.5, 3.0, 0.1, -0.5, 1.0, 0.2, 0.3];
+        // The 4 best, best first: ids 4, 1, 3, 7.
+        let out = StepOutput::TopLogits {
+            logits: arr2(&[[3.0, 2.0, 1.5, 1.0]]),
+            ids: arr2(&[[4, 1, 3, 7]]),
+        };
+        for seed in 0..40 {
+            let mut a = RowSearch::new(vec![5], &cfg, seed, 1).unwrap().with_vocab(vocab);
+            let mut b = RowSearch::new(vec![5], &cfg, seed, 1).unwrap().with_vocab(vocab);
+            assert_eq!(a.want(), Want::TopLogits(4));
+            assert!(a.settles(&out, 0));
+            let from_candidates = a.pick_from(&out, 0).unwrap();
+            let from_logits = b.pick(ndarray::ArrayView1::from(&full));
+            assert_eq!(from_candidates, from_logits, "seed {seed}");
+        }
+        // The 4th candidate ties with the 3rd (the k-th): a token left out may tie too.
+        let tied = StepOutput::TopLogits {
+            logits: arr2(&[[3.0, 2.0, 1.5, 1.5]]),
+            ids: arr2(&[[4, 1, 3, 7]]),
+        };
+        let mut a = RowSearch::new(vec![5], &cfg, 0, 1).unwrap().with_vocab(vocab);
+        assert!(!a.settles(&tied, 0));
+        assert_eq!(a.pick_from(&tied, 0), None);
+        // Without the vocabulary's size the row asks for every logit.
+        let c = RowSearch::new(vec![5], &cfg, 0, 1).unwrap();
+        assert_eq!(c.want(), Want::Logits);
     }
 }
