@@ -38,6 +38,12 @@ pub fn slot_width(rows: usize, max_batch: usize) -> usize {
     rows.max(1).next_power_of_two().min(max_batch.max(rows))
 }
 
+/// The one answer a step gives rows that want `wants`: what they all want, else the
+/// logits (which every search can pick from); `None` for no rows.
+fn common_want(wants: impl Iterator<Item = Want>) -> Option<Want> {
+    wants.reduce(|have, w| if have == w { have } else { Want::Logits })
+}
+
 /// Running batches and the searches of their requests. Driven by one thread, which owns
 /// the model it is handed at each call.
 pub struct Scheduler {
@@ -362,15 +368,8 @@ impl RunBatch {
     /// they want of the logits (all of them unless every group wants the same).
     fn step(&mut self, model: &mut Blip2Model) -> Result<StepOutput, RuntimeError> {
         let mut tokens = Vec::with_capacity(self.state.rows());
-        let mut want: Option<Want> = None;
-        for g in &self.groups {
-            let w = g.next(&mut tokens);
-            want = Some(match want {
-                Some(have) if have != w => Want::Logits,
-                _ => w,
-            });
-        }
-        let want = want.unwrap_or(Want::Logits);
+        let want =
+            common_want(self.groups.iter().map(|g| g.next(&mut tokens))).unwrap_or(Want::Logits);
         let out = self.state.step_for(model, &tokens, want)?;
         if matches!(out, StepOutput::TopLogits { .. }) {
             // Sampling candidates that cannot tell (a tie at their edge): every row takes
@@ -468,19 +467,11 @@ impl Group {
     /// Appends the tokens of this group's rows for the next step; returns what it wants.
     fn next(&self, tokens: &mut Vec<i64>) -> Want {
         match &self.search {
-            Search::Rows(rows) => {
-                // One answer for every row: what they all want, else the logits.
-                let mut want = None;
-                for (_, s, _) in rows {
-                    tokens.push(s.last().expect("a row in a batch has picked"));
-                    want = match (want, s.want()) {
-                        (None, w) => Some(w),
-                        (Some(have), w) if have == w => Some(have),
-                        _ => Some(Want::Logits),
-                    };
-                }
-                want.unwrap_or(Want::Argmax)
-            }
+            Search::Rows(rows) => common_want(rows.iter().map(|(_, s, _)| {
+                tokens.push(s.last().expect("a row in a batch has picked"));
+                s.want()
+            }))
+            .unwrap_or(Want::Argmax),
             Search::Beams(_, next) => {
                 let next = next.as_ref().expect("a running beam search asked for a step");
                 tokens.extend_from_slice(&next.tokens);

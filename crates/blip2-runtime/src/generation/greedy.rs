@@ -49,10 +49,8 @@ pub(crate) fn run<M: StepModel + ?Sized>(
             let len = tokens.iter().zip(&unfinished).find(|(_, &u)| u).map_or(0, |(t, _)| t.len());
             let mut settled = Vec::with_capacity(rows);
             for (r, &open) in unfinished.iter().enumerate().take(rows) {
-                let row: Vec<(i64, f32)> =
-                    ids.row(r).iter().copied().zip(logits.row(r).iter().copied()).collect();
                 settled.push(if open {
-                    processors.apply_to_candidates(len, &row)
+                    processors.apply_to_row(len, logits, ids, r)
                 } else {
                     Some(Vec::new())
                 });
@@ -124,17 +122,7 @@ pub(crate) fn run<M: StepModel + ?Sized>(
         first = false;
         // Every unfinished row has the same length: the prompt plus the picks so far.
         let len = tokens.iter().zip(&unfinished).find(|(_, &u)| u).map_or(0, |(t, _)| t.len());
-        let want = match processors.model_side(len) {
-            _ if cfg.do_sample => match processors.sampling_side(len) {
-                Some((k, ban)) if k + usize::from(ban) * eos.len() < vocab => {
-                    Want::TopLogits(k + usize::from(ban) * eos.len() + 1)
-                }
-                _ => Want::Logits,
-            },
-            Some(false) => Want::Argmax,
-            Some(true) if eos.len() < vocab => Want::TopLogProbs(eos.len() + 1),
-            _ => Want::Logits,
-        };
+        let want = processors.want(len, cfg.do_sample, vocab);
         out = step(model, &next, vocab, want)?;
     }
 
@@ -212,30 +200,15 @@ impl RowSearch {
         pick
     }
 
-    /// What the row needs of its next position's logits, as [`super::generate`] asks:
-    /// its argmax when nothing reads the scores (greedy search, no processor at this
-    /// length); while the minimum length bans the eos tokens, its `eos + 1` best
-    /// log-probabilities, among which the best token that is not an eos always is;
-    /// sampling with top-k and no penalty, its `k + 1` best raw logits (`+ eos` while
-    /// they are banned; the extra one tells whether tokens left out tie with the k-th);
-    /// else all of them. Candidates only when the vocabulary is known and larger.
+    /// What the row needs of its next position's logits, as [`super::generate`] asks
+    /// ([`Processors::want`]): the argmax, the best candidates, or every logit (always,
+    /// when the vocabulary's size is unknown).
     pub fn want(&self) -> Want {
-        let p = Processors::new(&self.cfg, self.prompt_len, 1);
-        let len = self.tokens.len();
-        let eos = self.cfg.eos_token_ids.len();
-        if self.cfg.do_sample {
-            return match p.sampling_side(len) {
-                Some((k, ban)) if k + usize::from(ban) * eos < self.vocab => {
-                    Want::TopLogits(k + usize::from(ban) * eos + 1)
-                }
-                _ => Want::Logits,
-            };
-        }
-        match p.model_side(len) {
-            Some(false) => Want::Argmax,
-            Some(true) if eos < self.vocab => Want::TopLogProbs(eos + 1),
-            _ => Want::Logits,
-        }
+        Processors::new(&self.cfg, self.prompt_len, 1).want(
+            self.tokens.len(),
+            self.cfg.do_sample,
+            self.vocab,
+        )
     }
 
     /// Whether [`RowSearch::pick_from`] can pick from row `row` of `out`: false only for
@@ -251,16 +224,19 @@ impl RowSearch {
     }
 
     /// Row `row` of sampling candidates, processed: the tokens the draw chooses among,
-    /// in id order ([`Processors::apply_to_candidates`]).
+    /// in id order ([`Processors::apply_to_row`]).
     fn sampling_candidates(
         &self,
         logits: &Array2<f32>,
         ids: &Array2<i64>,
         row: usize,
     ) -> Option<Vec<(i64, f32)>> {
-        let (l, i) = (logits.outer_iter().nth(row)?, ids.outer_iter().nth(row)?);
-        let row: Vec<(i64, f32)> = i.iter().copied().zip(l.iter().copied()).collect();
-        Processors::new(&self.cfg, self.prompt_len, 1).apply_to_candidates(self.tokens.len(), &row)
+        Processors::new(&self.cfg, self.prompt_len, 1).apply_to_row(
+            self.tokens.len(),
+            logits,
+            ids,
+            row,
+        )
     }
 
     /// [`RowSearch::pick`] from row `row` of a step's answer: its logits, or what

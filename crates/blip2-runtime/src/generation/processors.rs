@@ -6,7 +6,7 @@
 
 use std::cmp::Ordering;
 
-use super::GenerationConfig;
+use super::{GenerationConfig, Want};
 
 /// Orders scores from high to low the way torch's topk/argmax/sort do: NaN counts as the largest.
 pub(crate) fn desc(a: f32, b: f32) -> Ordering {
@@ -118,6 +118,30 @@ impl<'a> Processors<'a> {
         })
     }
 
+    /// What a search needs of the next position's logits for a row with `len` ids (the
+    /// same for the whole-batch search and a server's rows): the argmax when nothing
+    /// reads the scores; while the minimum length bans the eos tokens, the `eos + 1` best
+    /// log-probabilities (the best token that is not an eos is among them); sampling with
+    /// top-k and no penalty, the `k + 1` best raw logits (`+ eos` while banned; the extra
+    /// one tells whether tokens left out tie with the k-th); else all of them.
+    /// Candidates only where the vocabulary holds more than them.
+    pub(crate) fn want(&self, len: usize, do_sample: bool, vocab: usize) -> Want {
+        let eos = self.eos.len();
+        if do_sample {
+            return match self.sampling_side(len) {
+                Some((k, ban)) if k + usize::from(ban) * eos < vocab => {
+                    Want::TopLogits(k + usize::from(ban) * eos + 1)
+                }
+                _ => Want::Logits,
+            };
+        }
+        match self.model_side(len) {
+            Some(false) => Want::Argmax,
+            Some(true) if eos < vocab => Want::TopLogProbs(eos + 1),
+            _ => Want::Logits,
+        }
+    }
+
     /// Sampling that reads only the best scores: `Some((k, ban))` when the processors are
     /// temperature, top-k (`k` candidates, with ties) and top-p, and the minimum length,
     /// which bans the eos tokens while `ban`; then the draw needs only the `k` best logits
@@ -132,6 +156,20 @@ impl<'a> Processors<'a> {
                 && len - self.prompt_len < self.min_new_tokens;
             (self.top_k.max(self.min_tokens_to_keep), ban)
         })
+    }
+
+    /// [`Processors::apply_to_candidates`] for row `r` of a step's candidates (`ids` and
+    /// their raw `logits`, `[rows, k]`, best first); `None` also when there is no row `r`.
+    pub(crate) fn apply_to_row(
+        &self,
+        len: usize,
+        logits: &ndarray::Array2<f32>,
+        ids: &ndarray::Array2<i64>,
+        r: usize,
+    ) -> Option<Vec<(i64, f32)>> {
+        let (l, i) = (logits.outer_iter().nth(r)?, ids.outer_iter().nth(r)?);
+        let row: Vec<(i64, f32)> = i.iter().copied().zip(l.iter().copied()).collect();
+        self.apply_to_candidates(len, &row)
     }
 
     /// [`Processors::apply`] for a row of rows with `len` ids, given only its best
