@@ -71,7 +71,7 @@ if [ -f "$fig/export-cuda/blip2_manifest.json" ]; then
   say ""; say "### kernels at 1 and 2 rows (CUDA_LAUNCH_BLOCKING=1, --ep cuda, language model)"
   rm -rf "$OUT/profile"
   CUDA_LAUNCH_BLOCKING=1 BLIP2_ORT_PROFILE="$OUT/profile" timeout "$(limit 60)" "$BIN" bench --model "$fig/export-cuda" \
-    --ep cuda --batch 2 --new-tokens 8 --reps 1 --json >"$OUT/profile-bench.json" 2>"$OUT/profile.log"
+    --ep cuda --batch 1,2 --new-tokens 8 --reps 1 --json >"$OUT/profile-bench.json" 2>"$OUT/profile.log"
   say "exit $?"
   "$PYTHON" scripts/ort_profile_summary.py "$OUT/profile" --by-rows --top 40 >"$OUT/profile.md" 2>&1
   sed -n '/^## language_model/,/^$/p' "$OUT/profile.md" >>"$OUT/summary.md"
