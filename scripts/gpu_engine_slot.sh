@@ -8,8 +8,8 @@
 #      and portable in fp16; `blip2-ort bench` and transformers' generate() at batches 1
 #      and 32 (scripts/gpu_compare.sh), then scripts/serve_load against `serve` at 1, 8
 #      and 32 clients (--max-batch 32, every answer exactly NEW_TOKENS tokens): the
-#      cuda-graph profile with the image stage on its own thread (auto on a GPU) and
-#      inline, and the portable export on cuda; then the language model's nodes timed at 1
+#      cuda-graph profile (image stage inline, what auto picks) and the portable export on
+#      cuda; then the language model's nodes timed at 1
 #      and 2 rows with CUDA_LAUNCH_BLOCKING=1 (a decode step of 2 rows costs 3x one of 1
 #      on an H200: which kernels);
 #   3. tokens: scripts/gpu_check.py on the first MAX_CASES recorded cases (single runs).
@@ -62,8 +62,7 @@ load() { # label, export, serve flags, clients
     --unique-images 200 --label "$label" --json "$OUT/serve-${label// /-}.json" >"$OUT/serve-${label// /-}.log" 2>&1
   say "exit $?"; grep -E '^\|' "$OUT/serve-${label// /-}.log" >>"$OUT/summary.md"
 }
-load "cuda-graph thread" "$fig/export-cuda" "--ep cuda-graph --max-batch 32 --image-stage thread" 1,8,32
-load "cuda-graph inline" "$fig/export-cuda" "--ep cuda-graph --max-batch 32 --image-stage inline" 32
+load "cuda-graph inline" "$fig/export-cuda" "--ep cuda-graph --max-batch 32 --image-stage inline" 1,8,32
 load "portable cuda" "$fig/export-portable" "--ep cuda --max-batch 32" 1,32
 # Which kernels a decode step of 2 rows spends its time in, against 1 row: every launch
 # waits for its kernel (CUDA_LAUNCH_BLOCKING), so ONNX Runtime's node times are GPU times.
