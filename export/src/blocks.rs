@@ -396,37 +396,35 @@ pub fn lm_head(
 /// `next_token` is the lowest id among the row's largest logits, as `torch.argmax`
 /// picks, by construction: ArgMax's tie order on CUDA is cuDNN's (undocumented), so the
 /// graph takes the smallest index whose logit equals the maximum instead (indices as
-/// float32 are exact up to 2^24 ids). `top_k` is a graph input of the shape TopK reads
-/// (int64 [1]) fed to it directly: TopK reads K on the host, and ONNX Runtime would run
-/// anything computed from it on the device and copy it back.
+/// float32 are exact up to 2^24 ids). Both reductions are TopK with K = 1 and only its
+/// values are read, which do not depend on how a kernel orders ties. They are not
+/// ReduceMax / ReduceMin: on ONNX Runtime's CUDA provider those reduce a `[B,1,V]` row
+/// with cuDNN, which took 2.7 ms each for two or more rows on an H200 (0.2 ms for one),
+/// more than the rest of an opt-2.7b decode step. `top_k` is a graph input of the shape
+/// TopK reads (int64 [1]) fed to it directly: TopK reads K on the host, and ONNX Runtime
+/// would run anything computed from it on the device and copy it back.
 ///
 /// ```text
-///   logits [B,1,V] ──ReduceMax(axis 2)──Equal(logits)──Where(0..V-1, else V)──ReduceMin──Reshape──Cast ─▶ next_token [B]
+///   logits [B,1,V] ──TopK(1).values──Equal(logits)──Where(0,-1..-(V-1), else -V)──TopK(1).values──Neg──Reshape──Cast ─▶ next_token [B]
 ///   logits ──LogSoftmax──TopK(top_k [1])──Squeeze(1) ─▶ top_logprobs, top_ids [B, top_k]
 ///   logits ──GatherElements(top_ids)──Squeeze(1) ─▶ top_logits [B, top_k]
 /// ```
 pub fn select_tokens(b: &mut Builder, logits: &str, p: &str, vocab: usize) {
-    let axes2 = || ("axes", Attr::Ints(vec![2]));
-    let max = b.op(
-        &format!("{p}/ReduceMax"),
-        "ReduceMax",
-        &[logits],
-        vec![axes2(), ("keepdims", Attr::Int(1))],
-    );
-    let is_max = b.op(&format!("{p}/Equal"), "Equal", &[logits, &max], vec![]);
-    let (zero, end, one) = (
+    let axis2 = || ("axis", Attr::Int(2));
+    let one_k = b.ints(&[1]);
+    let max = b.op_n(&format!("{p}/TopK_max"), "TopK", &[logits, &one_k], vec![axis2()], 2);
+    let is_max = b.op(&format!("{p}/Equal"), "Equal", &[logits, &max[0]], vec![]);
+    // Ids negated, so that the largest of them is the lowest id: 0, -1, ..., -(V-1),
+    // and -V for a logit below the maximum.
+    let (zero, end, minus_one) = (
         b.scalar_of(0.0, Elem::F32),
-        b.scalar_of(vocab as f32, Elem::F32),
-        b.scalar_of(1.0, Elem::F32),
+        b.scalar_of(-(vocab as f32), Elem::F32),
+        b.scalar_of(-1.0, Elem::F32),
     );
-    let ids = b.op(&format!("{p}/Range"), "Range", &[&zero, &end, &one], vec![]);
+    let ids = b.op(&format!("{p}/Range"), "Range", &[&zero, &end, &minus_one], vec![]);
     let ids = b.op(&format!("{p}/Where"), "Where", &[&is_max, &ids, &end], vec![]);
-    let first = b.op(
-        &format!("{p}/ReduceMin"),
-        "ReduceMin",
-        &[&ids],
-        vec![axes2(), ("keepdims", Attr::Int(0))],
-    );
+    let first = b.op_n(&format!("{p}/TopK_first"), "TopK", &[&ids, &one_k], vec![axis2()], 2);
+    let first = b.op(&format!("{p}/Neg"), "Neg", &[&first[0]], vec![]);
     let flat = b.ints(&[-1]);
     let next = b.op(&format!("{p}/Reshape"), "Reshape", &[&first, &flat], vec![]);
     let next =
