@@ -110,7 +110,7 @@ pub fn build(b: &mut Builder, c: &OptConfig, image: ImageTokens) -> Result<()> {
 ///   h ──▶ layers.0 … layers.L-1 (each: GroupQueryAttention(past_key_values.i, seqlens_k,
 ///         total_sequence_length) ─▶ present.i, the same buffers)
 ///     ──GatherElements(ArgMax(position_ids))──final_layer_norm──lm_head ─▶ logits [B,1,V]
-///   logits ──ArgMax ─▶ next_token [B]
+///   logits ──first largest (TopK values, blocks::select_tokens) ─▶ next_token [B]
 ///   logits ──LogSoftmax──TopK(top_k) ─▶ top_logprobs, top_ids [B, top_k]
 /// ```
 pub fn build_cuda(b: &mut Builder, c: &OptConfig, image: ImageTokens) -> Result<()> {
