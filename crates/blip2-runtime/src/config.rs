@@ -217,8 +217,17 @@ profile_keys! {
         gpu_mem_limit: u64,
         engine_cache_path: PathBuf,
         intra_op_threads: usize,
+        /// How the CUDA provider picks cuDNN's convolution algorithm for each new input
+        /// shape: one of [`CONV_ALGO_SEARCH`] (unset: ONNX Runtime's default, exhaustive).
+        conv_algo_search: String,
     }
 }
+
+/// `conv_algo_search`'s values: "exhaustive" times every cuDNN algorithm on the first
+/// run of each input shape (ONNX Runtime's default), "heuristic" takes cuDNN's pick
+/// without timing (as PyTorch does unless `cudnn.benchmark` is set), "default" takes
+/// cuDNN's default algorithm.
+pub const CONV_ALGO_SEARCH: [&str; 3] = ["exhaustive", "heuristic", "default"];
 
 impl Profile {
     /// The providers `graph` runs on.
@@ -344,6 +353,18 @@ impl PartialProfile {
             .map(|s| s.parse::<GraphOptimization>())
             .transpose()
             .map_err(|message| invalid(origin, name, message))?;
+        if let Some(v) = &raw.conv_algo_search {
+            if !CONV_ALGO_SEARCH.contains(&v.as_str()) {
+                return Err(invalid(
+                    origin,
+                    name,
+                    format!(
+                        "unknown conv_algo_search \"{v}\" (known: {})",
+                        CONV_ALGO_SEARCH.join(", ")
+                    ),
+                ));
+            }
+        }
         if let Some(n) = raw.intra_op_threads {
             check_threads(n)
                 .map_err(|m| invalid(origin, name, format!("intra_op_threads = {n}: {m}")))?;
@@ -549,6 +570,26 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn conv_algo_search_takes_cudnns_three_modes_and_refuses_others_naming_the_key() {
+        for v in CONV_ALGO_SEARCH {
+            let text = format!(
+                "[profiles.g]\nproviders = [\"cuda\", \"cpu\"]\nconv_algo_search = \"{v}\"\n"
+            );
+            let c = Config::from_toml(&text, "g.toml").unwrap();
+            assert_eq!(c.profile("g").unwrap().conv_algo_search.as_deref(), Some(v));
+        }
+        let c = Config::from_toml("[profiles.g]\nproviders = [\"cuda\"]\n", "g.toml").unwrap();
+        assert_eq!(c.profile("g").unwrap().conv_algo_search, None);
+        let text = "[profiles.g]\nproviders = [\"cuda\"]\nconv_algo_search = \"fastest\"\n";
+        let err = Config::from_toml(text, "g.toml").unwrap_err().to_string();
+        assert!(
+            err.starts_with("g.toml: profile \"g\": unknown conv_algo_search \"fastest\"")
+                && err.contains("exhaustive, heuristic, default"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -78,6 +78,16 @@ fn dispatch(p: Provider, profile: &Profile, graph: &str) -> ExecutionProviderDis
             if let Some(limit) = profile.gpu_mem_limit {
                 cuda = cuda.with_memory_limit(usize::try_from(limit).unwrap_or(usize::MAX));
             }
+            // Checked against config::CONV_ALGO_SEARCH when the profile was read.
+            let search = match profile.conv_algo_search.as_deref() {
+                Some("heuristic") => Some(ep::cuda::ConvAlgorithmSearch::Heuristic),
+                Some("default") => Some(ep::cuda::ConvAlgorithmSearch::Default),
+                Some("exhaustive") => Some(ep::cuda::ConvAlgorithmSearch::Exhaustive),
+                _ => None,
+            };
+            if let Some(search) = search {
+                cuda = cuda.with_conv_algorithm_search(search);
+            }
             cuda.build()
         }
         Provider::TensorRt => {
