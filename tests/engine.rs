@@ -307,6 +307,89 @@ fn check_kind(name: &str, target: Target, fixed_buffers: bool) {
     assert_eq!(p.model.take_lm_threads(), vec![std::thread::current().id()]);
 }
 
+/// opt-tiny with every row of its (tied) token embeddings equal to the first: every
+/// logit of every step is the same number, so a sampled row's candidates always tie at
+/// their edge.
+fn tied_logits_checkpoint(test: &str) -> PathBuf {
+    let src = fixture("opt-tiny").join("checkpoint");
+    let ck = temp_dir(&format!("engine-{test}")).join("checkpoint");
+    std::fs::create_dir_all(&ck).unwrap();
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap().path();
+        if f.file_name().unwrap() != "model.safetensors" {
+            std::fs::copy(&f, ck.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let name = "language_model.model.decoder.embed_tokens.weight";
+    let e = st.tensor(name).unwrap();
+    let (rows, width) = (e.shape()[0], e.shape()[1] * 4);
+    let tied: Vec<u8> = e.data()[..width].repeat(rows);
+    let mut tensors: Vec<(String, safetensors::tensor::TensorView)> =
+        st.tensors().into_iter().filter(|(n, _)| n != name).collect();
+    tensors.push((
+        name.into(),
+        safetensors::tensor::TensorView::new(e.dtype(), e.shape().to_vec(), &tied).unwrap(),
+    ));
+    safetensors::serialize_to_file(tensors, None, &ck.join("model.safetensors")).unwrap();
+    ck
+}
+
+/// Sampled rows of `--target cuda` exports ask the step for their top-k candidates; when
+/// those tie at their edge the draw cannot be made from them, and the whole batch takes
+/// that step's full logits. With every logit equal that happens at every step: the
+/// sampled requests (top-k 5 of 616 equal logits keeps all 616), beside a greedy one,
+/// still get their single-run tokens, joining at different steps.
+#[test]
+fn sampled_rows_whose_candidates_tie_take_the_full_logits_and_stay_exact() {
+    for fixed_buffers in [false, true] {
+        let test = if fixed_buffers { "tied-fixed" } else { "tied" };
+        let ck = tied_logits_checkpoint(test);
+        let dir = ck.parent().unwrap().join("export");
+        let opts = blip2_export::ExportOptions { target: Target::Cuda, ..Default::default() };
+        blip2_export::export(&ck, &dir, &opts, &mut blip2_export::NoProgress).unwrap();
+        let mut p = Pipeline::load(&dir, &mut session_factory()).unwrap();
+        if fixed_buffers {
+            p.model.use_fixed_step_buffers().unwrap();
+        }
+        let base = p.default_config();
+        let sampled = |image, seed, join_at| Case {
+            image,
+            prompt: "a photo of",
+            cfg: GenerationConfig {
+                max_new_tokens: 8,
+                min_new_tokens: 8,
+                do_sample: true,
+                top_k: 5,
+                seed: Some(seed),
+                ..base.clone()
+            },
+            join_at,
+        };
+        let cases = [
+            sampled("camera.png", 5, 0),
+            Case {
+                image: "rocket.jpg",
+                prompt: "",
+                cfg: GenerationConfig { max_new_tokens: 6, ..base.clone() },
+                join_at: 0,
+            },
+            sampled("chelsea.png", 17, 2),
+        ];
+        let want: Vec<Vec<Vec<i64>>> = cases.iter().map(|c| alone(&mut p, c)).collect();
+        // A draw over all 616 tokens, not over the 6 candidates the step returned.
+        let drawn: std::collections::BTreeSet<i64> =
+            want[0][0].iter().chain(&want[2][0]).copied().collect();
+        assert!(drawn.len() > 6, "draws over the whole vocabulary: {want:?}");
+        let (got, joined) = run_joined(&mut p, &cases, Vec::new());
+        assert!(joined >= 1, "the last request joined the running batch");
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.as_ref().unwrap(), w, "request {i} (fixed buffers: {fixed_buffers})");
+        }
+    }
+}
+
 #[test]
 fn opt_portable_requests_joining_at_different_steps_get_their_single_run_tokens() {
     check_kind("opt-tiny", Target::Portable, false);
