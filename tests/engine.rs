@@ -180,6 +180,7 @@ fn run_joined(
         cases.iter().enumerate().map(|(i, c)| (c.join_at, request(p, i, c, &tx))).collect();
     let n = pending.len();
     let seqs: Vec<usize> = pending.iter().map(|(_, r)| r.cfg.num_return_sequences).collect();
+    let extra_rows = extra.len();
     pending.extend(extra);
     drop(tx);
     // Batches make room for newcomers as a server's do.
@@ -193,6 +194,29 @@ fn run_joined(
     });
     // The engine reports each join to its metrics (the server's blip2_batch_joins_total).
     assert_eq!(joins.0.load(Ordering::Relaxed), joined, "joins reported to the metrics");
+    // And each admission with its rows (requests admitted at the same step are taken in
+    // together), and each decode step (blip2_admission_rows, blip2_decode_step_seconds).
+    let rows = |c: &GenerationConfig| {
+        if c.num_beams > 1 {
+            c.num_beams
+        } else if c.do_sample {
+            c.num_return_sequences
+        } else {
+            1
+        }
+    };
+    let mut want = std::collections::BTreeMap::<usize, usize>::new();
+    for c in cases {
+        *want.entry(c.join_at).or_default() += rows(&c.cfg);
+    }
+    let (admitted, stepped) = joins.1.lock().unwrap().clone();
+    if extra_rows == 0 {
+        assert_eq!(admitted, want.into_values().collect::<Vec<_>>(), "rows of each admission");
+    }
+    assert!(
+        !stepped.is_empty() && stepped.iter().all(|&r| (1..=16).contains(&r)),
+        "rows of each step: {stepped:?}"
+    );
     (collect(rx, n, &seqs), joined)
 }
 
@@ -269,13 +293,21 @@ fn a_server_batch_starts_as_wide_as_its_rows_and_doubles_for_newcomers() {
     }
 }
 
-/// Counts the joins the engine reports.
+/// Counts the joins the engine reports, and keeps the rows of each admission and of
+/// each decode step.
 #[derive(Default)]
-struct JoinCount(AtomicUsize);
+struct JoinCount(AtomicUsize, std::sync::Mutex<(Vec<usize>, Vec<usize>)>);
 impl EngineMetrics for JoinCount {
     fn joined(&self, rows: usize) {
         assert!(rows > 0, "a join of no rows");
         self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    fn admitted(&self, rows: usize, took: std::time::Duration) {
+        assert!(took > std::time::Duration::ZERO);
+        self.1.lock().unwrap().0.push(rows);
+    }
+    fn stepped(&self, rows: usize, _took: std::time::Duration) {
+        self.1.lock().unwrap().1.push(rows);
     }
 }
 

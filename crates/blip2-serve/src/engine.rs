@@ -47,6 +47,15 @@ impl EngineMetrics for Metrics {
         self.joins.inc();
     }
 
+    fn admitted(&self, rows: usize, took: Duration) {
+        self.admission_rows.observe(rows as f64);
+        self.admission_seconds.observe(took.as_secs_f64());
+    }
+
+    fn stepped(&self, _rows: usize, took: Duration) {
+        self.step_seconds.observe(took.as_secs_f64());
+    }
+
     fn first_token(&self, since_queued: Duration) {
         self.ttft.observe(since_queued.as_secs_f64());
     }

@@ -1,5 +1,6 @@
 //! `GET /metrics`: Prometheus text format. Requests by endpoint and status, request
-//! latency and time to first token, cohort batch sizes, tokens generated, the retrieval
+//! latency and time to first token, cohort batch sizes, how the engine thread's time
+//! splits between taking requests in and decode steps, tokens generated, the retrieval
 //! worker's batch sizes, requests waiting and in flight.
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -27,6 +28,12 @@ pub struct Metrics {
     /// Times newcomers' rows joined a running batch.
     pub joins: Counter,
     pub tokens: Counter,
+    /// Rows of the requests taken in together, each time.
+    pub admission_rows: Histogram,
+    /// Seconds the engine thread spent taking requests in, each time.
+    pub admission_seconds: Histogram,
+    /// Seconds of each decode step of a running batch (picks included).
+    pub step_seconds: Histogram,
     /// Images, texts or pairs in each call the retrieval worker made.
     pub retrieval_batch_items: Histogram,
     /// Admitted requests not yet in a running batch.
@@ -68,6 +75,24 @@ impl Metrics {
             "Times newly admitted requests' rows joined a batch already generating",
             joins.clone(),
         );
+        let admission_rows = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]);
+        registry.register(
+            "admission_rows",
+            "Rows of the requests the engine took in together (one encoder batch and one prefill)",
+            admission_rows.clone(),
+        );
+        let admission_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        registry.register(
+            "admission_seconds",
+            "Seconds the engine thread spent taking requests in (images, prefill, joining), while running batches waited",
+            admission_seconds.clone(),
+        );
+        let step_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
+        registry.register(
+            "decode_step_seconds",
+            "Seconds of each decode step of a running batch, its picks included",
+            step_seconds.clone(),
+        );
         let retrieval_batch_items = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]);
         registry.register(
             "retrieval_batch_items",
@@ -96,6 +121,9 @@ impl Metrics {
             batch_rows,
             joins,
             tokens,
+            admission_rows,
+            admission_seconds,
+            step_seconds,
             retrieval_batch_items,
             queue_depth,
             in_flight,

@@ -4,6 +4,7 @@
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
+use std::time::Instant;
 
 use ndarray::{ArrayD, Axis, Slice};
 
@@ -177,13 +178,14 @@ impl Scheduler {
         if jobs.is_empty() {
             return;
         }
+        let (t, rows) = (Instant::now(), jobs.iter().map(|q| row_count(&q.req.cfg)).sum());
         // A request whose image fails is answered (and leaves the queue) there.
         encode_batch(model, embeds, &mut jobs, &*self.metrics);
-        if jobs.is_empty() {
-            return;
+        if !jobs.is_empty() {
+            self.metrics.left_queue(jobs.len());
+            self.start(model, prompter, jobs);
         }
-        self.metrics.left_queue(jobs.len());
-        self.start(model, prompter, jobs);
+        self.metrics.admitted(rows, t.elapsed());
     }
 
     /// [`Scheduler::admit`] for requests whose query embeddings the image stage made.
@@ -196,8 +198,10 @@ impl Scheduler {
         if jobs.is_empty() {
             return;
         }
+        let (t, rows) = (Instant::now(), jobs.iter().map(|q| row_count(&q.req.cfg)).sum());
         self.metrics.left_queue(jobs.len());
         self.start(model, prompter, jobs);
+        self.metrics.admitted(rows, t.elapsed());
     }
 
     /// The prefill of `jobs` (each with its query embeddings) and their first tokens; then
@@ -331,8 +335,10 @@ impl Scheduler {
         let mut i = 0;
         while i < self.batches.len() {
             let b = &mut self.batches[i];
+            let (t, rows) = (Instant::now(), b.state.rows());
             let result =
                 b.step(model).and_then(|out| b.consume(model, prompter, &*self.metrics, &out));
+            self.metrics.stepped(rows, t.elapsed());
             match result {
                 Ok(()) if !b.groups.is_empty() => i += 1,
                 Ok(()) => {

@@ -155,6 +155,12 @@ pub trait EngineMetrics: Send + Sync {
     fn batch_rows(&self, _rows: usize) {}
     /// Newcomers' rows (this many) joined a running batch instead of starting one.
     fn joined(&self, _rows: usize) {}
+    /// Requests with this many rows in all were taken in together (their images encoded
+    /// on the engine thread unless the image stage did it, one prefill, their rows
+    /// joining a batch or starting one); the engine thread spent `took` on it.
+    fn admitted(&self, _rows: usize, _took: Duration) {}
+    /// A running batch of this many rows made one decode step, picks included.
+    fn stepped(&self, _rows: usize, _took: Duration) {}
     /// A request's first token, this long after it was queued.
     fn first_token(&self, _since_queued: Duration) {}
     /// A token was generated.
