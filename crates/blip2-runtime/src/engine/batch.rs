@@ -178,7 +178,8 @@ impl Scheduler {
         if jobs.is_empty() {
             return;
         }
-        let (t, rows) = (Instant::now(), jobs.iter().map(|q| row_count(&q.req.cfg)).sum());
+        let t = Instant::now();
+        let rows: usize = jobs.iter().map(|q| row_count(&q.req.cfg)).sum();
         // A request whose image fails is answered (and leaves the queue) there.
         encode_batch(model, embeds, &mut jobs, &*self.metrics);
         if !jobs.is_empty() {
@@ -198,7 +199,8 @@ impl Scheduler {
         if jobs.is_empty() {
             return;
         }
-        let (t, rows) = (Instant::now(), jobs.iter().map(|q| row_count(&q.req.cfg)).sum());
+        let t = Instant::now();
+        let rows: usize = jobs.iter().map(|q| row_count(&q.req.cfg)).sum();
         self.metrics.left_queue(jobs.len());
         self.start(model, prompter, jobs);
         self.metrics.admitted(rows, t.elapsed());
