@@ -60,7 +60,7 @@ load() { # label, export, serve flags, clients
   SERVE_FLAGS="$flags" BIN="$BIN" SERVE_START_TIMEOUT=120 timeout "$(limit 90)" scripts/serve_load "$ex" \
     --clients "$clients" --requests-per-client 4 --warmup 2 --max-tokens "$NEW_TOKENS" --min-tokens "$NEW_TOKENS" \
     --unique-images 200 --label "$label" --json "$OUT/serve-${label// /-}.json" >"$OUT/serve-${label// /-}.log" 2>&1
-  say "exit $?"; grep -E '^\|' "$OUT/serve-${label// /-}.log" >>"$OUT/summary.md"
+  say "exit $?"; grep -E '^(\||Where)' "$OUT/serve-${label// /-}.log" >>"$OUT/summary.md"
 }
 load "cuda-graph inline" "$fig/export-cuda" "--ep cuda-graph --max-batch 32 --image-stage inline" 1,8,32
 load "portable cuda" "$fig/export-portable" "--ep cuda --max-batch 32" 1,32

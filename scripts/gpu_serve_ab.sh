@@ -58,7 +58,7 @@ load() { # label, config file or empty
     timeout "$(limit 80)" scripts/serve_load "$ex" --clients "$CLIENTS" --requests-per-client "$PER_CLIENT" \
     --warmup 2 --max-tokens "$NEW_TOKENS" --min-tokens "$NEW_TOKENS" --unique-images 200 --label "$label" \
     --json "$OUT/serve-$label.json" >"$OUT/serve-$label.log" 2>&1
-  say "exit $?"; grep -E '^\|' "$OUT/serve-$label.log" >>"$OUT/summary.md"
+  say "exit $?"; grep -E '^(\||Where)' "$OUT/serve-$label.log" >>"$OUT/summary.md"
 }
 load exhaustive ""
 load heuristic "$heuristic"

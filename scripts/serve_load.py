@@ -236,27 +236,34 @@ def percentile(values, p):
     return v[lo] + (v[hi] - v[lo]) * (k - lo)
 
 
-def server_ttft(server):
-    """The server's own time-to-first-token histogram (GET /metrics): (sum, count,
-    [(upper bound, cumulative count)]). The server stamps the first token when it is
-    picked, also when its text is still empty (random weights often generate
-    whitespace), which the client cannot see."""
+HISTOGRAMS = ("blip2_time_to_first_token_seconds", "blip2_admission_rows", "blip2_admission_seconds",
+              "blip2_decode_step_seconds")
+
+
+def server_histograms(server):
+    """The server's own histograms (GET /metrics), each as (sum, count, [(upper bound,
+    cumulative count)]): its time to first token (stamped when the first token is picked,
+    also when its text is still empty, as random weights often generate whitespace,
+    which the client cannot see), and where the engine thread's time goes (taking
+    requests in, decode steps). A histogram the server does not have reads as empty."""
     conn = server.connect()
     try:
         conn.request("GET", server.prefix + "/metrics", headers=server.headers)
         text = conn.getresponse().read().decode()
     finally:
         conn.close()
-    total, count, buckets = 0.0, 0, []
+    out = {h: [0.0, 0, []] for h in HISTOGRAMS}
     for line in text.splitlines():
-        if line.startswith("blip2_time_to_first_token_seconds_sum"):
-            total = float(line.split()[-1])
-        elif line.startswith("blip2_time_to_first_token_seconds_count"):
-            count = int(float(line.split()[-1]))
-        elif line.startswith("blip2_time_to_first_token_seconds_bucket"):
-            le = line.split('le="', 1)[1].split('"', 1)[0]
-            buckets.append((float("inf") if le == "+Inf" else float(le), int(float(line.split()[-1]))))
-    return total, count, buckets
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        for h in HISTOGRAMS:
+            if name == h + "_sum":
+                out[h][0] = float(line.split()[-1])
+            elif name == h + "_count":
+                out[h][1] = int(float(line.split()[-1]))
+            elif name == h + "_bucket":
+                le = line.split('le="', 1)[1].split('"', 1)[0]
+                out[h][2].append((float("inf") if le == "+Inf" else float(le), int(float(line.split()[-1]))))
+    return {h: tuple(v) for h, v in out.items()}
 
 
 def histogram_delta(before, after):
@@ -381,9 +388,14 @@ def main():
     all_records = {}
     for c in levels:
         expected = c * args.requests_per_client
-        before = server_ttft(server)
+        before = server_histograms(server)
         records, wall = run_level(server, workload, c, args.requests_per_client)
-        s_mean, s_p50, s_p99 = histogram_delta(before, server_ttft(server))
+        after = server_histograms(server)
+        ttft_h = "blip2_time_to_first_token_seconds"
+        s_mean, s_p50, s_p99 = histogram_delta(before[ttft_h], after[ttft_h])
+        # The engine thread: sums and counts over this level.
+        engine = {h.removeprefix("blip2_"): (after[h][0] - before[h][0], after[h][1] - before[h][1])
+                  for h in HISTOGRAMS[1:]}
         good = [r for r in records if r["error"] is None]
         bad = [r for r in records if r["error"] is not None]
         lost = expected - len(records)
@@ -400,7 +412,10 @@ def main():
                "latency_ms_p50": statistics.median(lat) if lat else None,
                "latency_ms_p99": percentile(lat, 99),
                "ttft_ms_p50": statistics.median(ttft) if ttft else None, "ttft_ms_p99": percentile(ttft, 99),
-               "server_ttft_ms_mean": s_mean, "server_ttft_ms_p50": s_p50, "server_ttft_ms_p99": s_p99}
+               "server_ttft_ms_mean": s_mean, "server_ttft_ms_p50": s_p50, "server_ttft_ms_p99": s_p99,
+               "admissions": engine["admission_rows"][1], "admitted_rows": engine["admission_rows"][0],
+               "admitting_s": engine["admission_seconds"][0], "decode_steps": engine["decode_step_seconds"][1],
+               "stepping_s": engine["decode_step_seconds"][0]}
         rows.append(row)
         all_records[str(c)] = records
         print(f"C={c}: {len(good)}/{expected} ok in {wall:.2f} s", file=sys.stderr, flush=True)
@@ -417,6 +432,22 @@ def main():
               f"| {fmt(r['ttft_ms_p50'])} / {fmt(r['ttft_ms_p99'])} "
               f"| {fmt(r['server_ttft_ms_mean'])} / {fmt(r['server_ttft_ms_p50'])} / {fmt(r['server_ttft_ms_p99'])} "
               f"| {fmt(r['vs_c1'], 2) + 'x' if r['vs_c1'] is not None else '-'} |")
+
+    if any(r["admissions"] for r in rows):
+        print()
+        print("Where the engine thread's time went (the server's blip2_admission_* and "
+              "blip2_decode_step_seconds over each level):")
+        print()
+        print("| clients | admissions | rows per admission | taking requests in (s, share of wall) "
+              "| decode steps | stepping (s, share of wall) | ms a step |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        for r in rows:
+            n, steps, wall = r["admissions"], r["decode_steps"], r["wall_s"]
+            share = (lambda x: f"{100 * x / wall:.0f}%") if wall else (lambda x: "-")
+            print(f"| {r['clients']} | {n} | {fmt(r['admitted_rows'] / n if n else None, 1)} "
+                  f"| {fmt(r['admitting_s'], 2)} ({share(r['admitting_s'])}) | {steps} "
+                  f"| {fmt(r['stepping_s'], 2)} ({share(r['stepping_s'])}) "
+                  f"| {fmt(r['stepping_s'] / steps * 1000 if steps else None, 2)} |")
 
     if args.json:
         out = {"label": args.label, "base_url": args.base_url, "model": model,
