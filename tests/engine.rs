@@ -515,6 +515,7 @@ fn every_language_model_run_of_the_threaded_engine_is_on_its_one_thread() {
         max_wait: std::time::Duration::from_millis(5),
         max_queue: 64,
         image_stage: ImageStage::Auto,
+        admit_wait: std::time::Duration::ZERO,
     };
     let engine = p.into_engine(opts, Arc::new(NoMetrics)).unwrap();
     let (tx, rx) = mpsc::channel();
@@ -632,6 +633,7 @@ mod image_stage {
             max_wait: Duration::from_millis(max_wait_ms),
             max_queue: 64,
             image_stage,
+            admit_wait: Duration::ZERO,
         }
     }
 
@@ -720,6 +722,92 @@ mod image_stage {
                 let (p, cases, want) = loaded(target, &format!("decoding-{stage:?}"));
                 serve_while_decoding(p, stage, &cases, &want);
             }
+        }
+    }
+
+    /// Holds the engine thread after each decode step until the test has submitted what
+    /// it wants to arrive before the next one (it hangs up to let the engine run free),
+    /// and keeps the rows of each admission.
+    struct Lockstep {
+        stepped: Mutex<Option<mpsc::Sender<()>>>,
+        go: Mutex<Option<mpsc::Receiver<()>>>,
+        admitted: Mutex<Vec<usize>>,
+    }
+
+    impl EngineMetrics for Lockstep {
+        fn stepped(&self, _rows: usize, _took: Duration) {
+            let told = self.stepped.lock().unwrap().as_ref().is_some_and(|tx| tx.send(()).is_ok());
+            if told {
+                let go = self.go.lock().unwrap();
+                let _ = go.as_ref().unwrap().recv_timeout(Duration::from_secs(60));
+            }
+        }
+        fn admitted(&self, rows: usize, _took: Duration) {
+            self.admitted.lock().unwrap().push(rows);
+        }
+    }
+
+    /// `--admit-wait-ms`: while a batch of 4 beams decodes, one-row newcomers arriving one
+    /// a step are taken in a step at a time without it, and two at a time with it (once
+    /// they hold half the running rows, or their wait is over); their tokens stay their
+    /// single-run tokens either way.
+    #[test]
+    fn newcomers_wait_to_be_taken_in_together_with_admit_wait() {
+        for (wait_ms, want_admissions) in [(0, vec![4, 1, 1, 1, 1]), (300, vec![4, 2, 2])] {
+            let (mut p, _, _) = loaded(Target::Cuda, &format!("admit-wait-{wait_ms}"));
+            let base = p.default_config();
+            let mut cases = vec![Case {
+                image: "camera.png",
+                prompt: "",
+                cfg: GenerationConfig {
+                    max_new_tokens: 12,
+                    min_new_tokens: 12,
+                    num_beams: 4,
+                    ..base.clone()
+                },
+                join_at: 0,
+            }];
+            for (i, image) in
+                ["rocket.jpg", "chelsea.png", "no_time_for_that_tiny.gif", "camera.png"]
+                    .iter()
+                    .enumerate()
+            {
+                cases.push(Case {
+                    image,
+                    prompt: "a photo of",
+                    cfg: GenerationConfig { max_new_tokens: 4 + i, ..base.clone() },
+                    join_at: i + 1,
+                });
+            }
+            let want: Vec<_> = cases.iter().map(|c| alone(&mut p, c)).collect();
+            let (tx, rx) = mpsc::channel();
+            let reqs: Vec<Request> =
+                cases.iter().enumerate().map(|(i, c)| request(&p, i, c, &tx)).collect();
+            drop(tx);
+            let (stepped_tx, stepped) = mpsc::channel();
+            let (go, go_rx) = mpsc::channel();
+            let hook = Arc::new(Lockstep {
+                stepped: Mutex::new(Some(stepped_tx)),
+                go: Mutex::new(Some(go_rx)),
+                admitted: Mutex::new(Vec::new()),
+            });
+            let opts = EngineOptions {
+                admit_wait: Duration::from_millis(wait_ms),
+                ..options(5, ImageStage::Inline)
+            };
+            let engine = p.into_engine(opts, hook.clone()).unwrap();
+            let mut reqs = reqs.into_iter();
+            engine.submit(reqs.next().unwrap()).unwrap();
+            for r in reqs {
+                stepped.recv_timeout(Duration::from_secs(60)).expect("a decode step");
+                engine.submit(r).unwrap();
+                go.send(()).unwrap();
+            }
+            drop((stepped, go));
+            let got = collect(rx, cases.len(), &seqs(&cases));
+            assert_exact(&got, &want);
+            assert_eq!(*hook.admitted.lock().unwrap(), want_admissions, "admit wait {wait_ms} ms");
+            engine.shutdown();
         }
     }
 

@@ -37,6 +37,7 @@ fn options() -> ServeOptions {
             max_wait: Duration::from_millis(5),
             max_queue: 64,
             image_stage: ImageStage::Auto,
+            admit_wait: Duration::ZERO,
         },
         api_key: None,
         media: MediaPolicy { local_root: None, remote: false, max_bytes: 8 << 20 },
@@ -581,6 +582,7 @@ fn a_full_queue_is_refused_with_503() {
             max_wait: Duration::from_secs(5),
             max_queue: 1,
             image_stage: ImageStage::Auto,
+            admit_wait: Duration::ZERO,
         },
         ..options()
     };
@@ -1193,6 +1195,7 @@ fn retrieval_requests_from_several_clients_share_batches() {
             max_wait: Duration::from_millis(500),
             max_queue: 64,
             image_stage: ImageStage::Auto,
+            admit_wait: Duration::ZERO,
         },
         ..options()
     };

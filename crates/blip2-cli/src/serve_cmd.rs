@@ -45,6 +45,11 @@ pub struct ServeArgs {
     /// How long a request waits for others to batch with, in milliseconds.
     #[arg(long, default_value_t = 5, value_parser = crate::args::count)]
     pub max_wait_ms: usize,
+    /// While a batch generates, how long newcomers may wait for others to be taken in
+    /// with them (one encoder batch, one prefill), in milliseconds; they go in earlier
+    /// once they hold half as many rows as are running. 0 (default): at the next step.
+    #[arg(long, default_value_t = 0, value_parser = crate::args::count)]
+    pub admit_wait_ms: usize,
     /// Requests in flight at most (waiting or generating); more get 503 with Retry-After.
     #[arg(long, default_value_t = 64, value_parser = crate::args::positive)]
     pub max_queue: usize,
@@ -136,6 +141,7 @@ pub fn run(a: &ServeArgs, quiet: bool, signals: Option<crate::signals::Handle>) 
                 ImageStageArg::Thread => ImageStage::Thread,
                 ImageStageArg::Inline => ImageStage::Inline,
             },
+            admit_wait: Duration::from_millis(a.admit_wait_ms as u64),
         },
         api_key: a.api_key.clone(),
         media: MediaPolicy { local_root, remote: a.allow_remote_media, max_bytes: max_body_bytes },

@@ -238,6 +238,26 @@ pub struct EngineOptions {
     pub max_queue: usize,
     /// Where images are encoded.
     pub image_stage: ImageStage,
+    /// While batches generate, how long newcomers may wait (from their admission to the
+    /// queue) for others to be taken in with them, so that they share an encoder batch
+    /// and a prefill ([`holds_newcomers`]); zero takes them in at the next step.
+    pub admit_wait: Duration,
+}
+
+/// Whether the engine thread leaves the newcomers waiting for now, while `running_rows`
+/// rows generate: it takes them in once they hold at least half as many rows as are
+/// running (at least one), or once the first of them has waited `admit_wait`; never
+/// when nothing runs.
+pub fn holds_newcomers(
+    running_rows: usize,
+    waiting_rows: usize,
+    first_waited: Duration,
+    admit_wait: Duration,
+) -> bool {
+    running_rows > 0
+        && waiting_rows > 0
+        && waiting_rows < running_rows.div_ceil(2)
+        && first_waited < admit_wait
 }
 
 /// Where the server's engine encodes images (vision encoder, Q-Former).
@@ -475,7 +495,11 @@ fn run(
             break;
         }
         intake.arrived(&mut waiting);
-        let newcomers = sched.take_fitting(&mut waiting);
+        let held = waiting.front().is_some_and(|first| {
+            let rows = waiting.iter().map(|q| batch::row_count(&q.req.cfg)).sum();
+            holds_newcomers(sched.rows(), rows, first.enqueued.elapsed(), opts.admit_wait)
+        });
+        let newcomers = if held { Vec::new() } else { sched.take_fitting(&mut waiting) };
         if !newcomers.is_empty() {
             match &mut intake {
                 Intake::Encoded { .. } => sched.admit_encoded(&mut model, &prompter, newcomers),
