@@ -1052,3 +1052,21 @@ mod image_stage {
         );
     }
 }
+
+/// The admission rule of `--admit-wait-ms`: newcomers wait while batches run, until they
+/// hold half as many rows as are running or the first has waited long enough; never when
+/// nothing runs, and not at all with no wait.
+#[test]
+fn newcomers_are_held_only_while_few_and_not_yet_waited_out() {
+    use blip2_runtime::engine::holds_newcomers;
+    use std::time::Duration;
+    let (ms, wait) = (Duration::from_millis, Duration::from_millis(20));
+    assert!(holds_newcomers(8, 3, ms(5), wait), "3 rows against 8 running, 5 of 20 ms");
+    assert!(!holds_newcomers(8, 4, ms(5), wait), "half the running rows go in");
+    assert!(!holds_newcomers(7, 4, ms(5), wait), "half of 7 rounds up to 4");
+    assert!(holds_newcomers(7, 3, ms(5), wait));
+    assert!(!holds_newcomers(8, 3, ms(20), wait), "waited out");
+    assert!(!holds_newcomers(0, 1, ms(0), wait), "nothing runs");
+    assert!(!holds_newcomers(1, 1, ms(0), wait), "one running row: any newcomer is half");
+    assert!(!holds_newcomers(8, 1, ms(0), Duration::ZERO), "no wait asked for");
+}
