@@ -99,7 +99,10 @@ def graphs(args):
     lm = g["language_model"]
     quiet = ort.SessionOptions()
     quiet.log_severity_level = 3
-    names = [i.name for i in ort.InferenceSession(lm, quiet, providers=["CPUExecutionProvider"]).get_inputs()]
+    probe = ort.InferenceSession(lm, quiet, providers=["CPUExecutionProvider"])
+    # logits_to_keep is an input with a default (an initializer ONNX Runtime lets a caller
+    # override), which get_inputs() leaves out; blip2-ort feeds 1 at the prefill.
+    names = [i.name for i in probe.get_inputs()] + [i.name for i in probe.get_overridable_initializers()]
     pasts = [n for n in names if n.startswith("past_key_values.")]
 
     def past(b, length):
