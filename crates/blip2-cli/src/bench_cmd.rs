@@ -126,8 +126,6 @@ impl Bench<'_> {
         c
     }
 
-    /// Median ms of a whole generate at batch `b` with `n` new tokens, each rep on fresh
-    /// pixel values so the image-embedding cache never answers.
     /// The vision encoder, the Q-Former, the prefill and one greedy decode step (each a
     /// median of --reps, after a warm-up) on `bs` rows, into `res` as `vision_b{bs}_ms`,
     /// `qformer_b{bs}_ms`, `prefill_b{bs}_ms` and `decode_step_b{bs}_ms`.
@@ -191,6 +189,8 @@ impl Bench<'_> {
         Ok(())
     }
 
+    /// Median ms of a whole generate at batch `b` with `n` new tokens, each rep on fresh
+    /// pixel values so the image-embedding cache never answers.
     fn generate(&mut self, b: usize, n: usize) -> Result<f64> {
         let cfg = self.config(n);
         let texts = vec![self.text.clone(); b];

@@ -173,20 +173,9 @@ impl Scheduler {
         model: &mut Blip2Model,
         embeds: &mut EmbedCache,
         prompter: &Prompter,
-        mut jobs: Vec<Queued>,
+        jobs: Vec<Queued>,
     ) {
-        if jobs.is_empty() {
-            return;
-        }
-        let t = Instant::now();
-        let rows: usize = jobs.iter().map(|q| row_count(&q.req.cfg)).sum();
-        // A request whose image fails is answered (and leaves the queue) there.
-        encode_batch(model, embeds, &mut jobs, &*self.metrics);
-        if !jobs.is_empty() {
-            self.metrics.left_queue(jobs.len());
-            self.start(model, prompter, jobs);
-        }
-        self.metrics.admitted(rows, t.elapsed());
+        self.take_in(model, Some(embeds), prompter, jobs);
     }
 
     /// [`Scheduler::admit`] for requests whose query embeddings the image stage made.
@@ -196,13 +185,31 @@ impl Scheduler {
         prompter: &Prompter,
         jobs: Vec<Queued>,
     ) {
+        self.take_in(model, None, prompter, jobs);
+    }
+
+    /// [`Scheduler::admit`], encoding the images first when `embeds` is given; reports the
+    /// admission's rows and time to the metrics.
+    fn take_in(
+        &mut self,
+        model: &mut Blip2Model,
+        embeds: Option<&mut EmbedCache>,
+        prompter: &Prompter,
+        mut jobs: Vec<Queued>,
+    ) {
         if jobs.is_empty() {
             return;
         }
         let t = Instant::now();
         let rows: usize = jobs.iter().map(|q| row_count(&q.req.cfg)).sum();
-        self.metrics.left_queue(jobs.len());
-        self.start(model, prompter, jobs);
+        if let Some(embeds) = embeds {
+            // A request whose image fails is answered (and leaves the queue) there.
+            encode_batch(model, embeds, &mut jobs, &*self.metrics);
+        }
+        if !jobs.is_empty() {
+            self.metrics.left_queue(jobs.len());
+            self.start(model, prompter, jobs);
+        }
         self.metrics.admitted(rows, t.elapsed());
     }
 

@@ -495,10 +495,12 @@ fn run(
             break;
         }
         intake.arrived(&mut waiting);
-        let held = waiting.front().is_some_and(|first| {
-            let rows = waiting.iter().map(|q| batch::row_count(&q.req.cfg)).sum();
-            holds_newcomers(sched.rows(), rows, first.enqueued.elapsed(), opts.admit_wait)
-        });
+        // Only with an admit wait: otherwise nothing is held and the rows are not counted.
+        let held = !opts.admit_wait.is_zero()
+            && waiting.front().is_some_and(|first| {
+                let rows = waiting.iter().map(|q| batch::row_count(&q.req.cfg)).sum();
+                holds_newcomers(sched.rows(), rows, first.enqueued.elapsed(), opts.admit_wait)
+            });
         let newcomers = if held { Vec::new() } else { sched.take_fitting(&mut waiting) };
         if !newcomers.is_empty() {
             match &mut intake {
