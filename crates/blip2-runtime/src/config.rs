@@ -132,6 +132,7 @@ macro_rules! profile_keys {
     (
         defaulted { $( $(#[$dm:meta])* $d:ident: $dt:ty = $dv:expr, )* }
         optional { $( $(#[$om:meta])* $o:ident: $ot:ty, )* }
+        parsed { $( $(#[$pm:meta])* $p:ident: $pt:ty, )* }
     ) => {
         /// One resolved profile; the CLI's `models.toml` says what each key means.
         #[derive(Debug, Clone, PartialEq)]
@@ -144,6 +145,7 @@ macro_rules! profile_keys {
             pub graph_optimization: GraphOptimization,
             $( $(#[$dm])* pub $d: $dt, )*
             $( $(#[$om])* pub $o: Option<$ot>, )*
+            $( $(#[$pm])* pub $p: Option<$pt>, )*
         }
 
         /// A profile as a file writes it.
@@ -156,24 +158,36 @@ macro_rules! profile_keys {
             graph_optimization: Option<String>,
             $( $d: Option<$dt>, )*
             $( $o: Option<$ot>, )*
+            $( $p: Option<String>, )*
         }
 
-        /// The keys taken as they are written, each left open (None) where a file did
-        /// not set it.
+        /// The keys as a file sets them (the parsed ones read from their text), each
+        /// left open (None) where the file did not set it.
         #[derive(Debug, Clone, Default)]
         struct PlainKeys {
             $( $d: Option<$dt>, )*
             $( $o: Option<$ot>, )*
+            $( $p: Option<$pt>, )*
         }
 
         impl PlainKeys {
-            fn of(raw: &RawProfile) -> Self {
-                Self { $( $d: raw.$d.clone(), )* $( $o: raw.$o.clone(), )* }
+            /// The raw profile's keys; a parsed key's text that does not parse is refused
+            /// with its type's message.
+            fn of(raw: &RawProfile) -> Result<Self, String> {
+                Ok(Self {
+                    $( $d: raw.$d.clone(), )*
+                    $( $o: raw.$o.clone(), )*
+                    $( $p: raw.$p.as_deref().map(<$pt as FromStr>::from_str).transpose()?, )*
+                })
             }
 
             /// `over`'s keys win.
             fn overlay(self, over: Self) -> Self {
-                Self { $( $d: over.$d.or(self.$d), )* $( $o: over.$o.or(self.$o), )* }
+                Self {
+                    $( $d: over.$d.or(self.$d), )*
+                    $( $o: over.$o.or(self.$o), )*
+                    $( $p: over.$p.or(self.$p), )*
+                }
             }
 
             /// The profile with these keys, each unset one at its default.
@@ -191,6 +205,7 @@ macro_rules! profile_keys {
                     graph_optimization,
                     $( $d: self.$d.clone().unwrap_or($dv), )*
                     $( $o: self.$o.clone(), )*
+                    $( $p: self.$p, )*
                 }
             }
         }
@@ -217,17 +232,50 @@ profile_keys! {
         gpu_mem_limit: u64,
         engine_cache_path: PathBuf,
         intra_op_threads: usize,
+    }
+    parsed {
         /// How the CUDA provider picks cuDNN's convolution algorithm for each new input
-        /// shape: one of [`CONV_ALGO_SEARCH`] (unset: ONNX Runtime's default, exhaustive).
-        conv_algo_search: String,
+        /// shape (unset: ONNX Runtime's default, exhaustive).
+        conv_algo_search: ConvAlgoSearch,
     }
 }
 
-/// `conv_algo_search`'s values: "exhaustive" times every cuDNN algorithm on the first
-/// run of each input shape (ONNX Runtime's default), "heuristic" takes cuDNN's pick
-/// without timing (as PyTorch does unless `cudnn.benchmark` is set), "default" takes
-/// cuDNN's default algorithm.
-pub const CONV_ALGO_SEARCH: [&str; 3] = ["exhaustive", "heuristic", "default"];
+/// `conv_algo_search`: how the CUDA provider picks cuDNN's convolution algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConvAlgoSearch {
+    /// Times every algorithm on the first run of each input shape (ONNX Runtime's default).
+    Exhaustive,
+    /// cuDNN's pick without timing (as PyTorch does unless `cudnn.benchmark` is set).
+    Heuristic,
+    /// cuDNN's default algorithm.
+    Default,
+}
+
+impl ConvAlgoSearch {
+    pub const ALL: [ConvAlgoSearch; 3] =
+        [ConvAlgoSearch::Exhaustive, ConvAlgoSearch::Heuristic, ConvAlgoSearch::Default];
+
+    /// The key's value in a profile.
+    pub fn name(self) -> &'static str {
+        match self {
+            ConvAlgoSearch::Exhaustive => "exhaustive",
+            ConvAlgoSearch::Heuristic => "heuristic",
+            ConvAlgoSearch::Default => "default",
+        }
+    }
+}
+
+impl FromStr for ConvAlgoSearch {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL.into_iter().find(|c| c.name() == s).ok_or_else(|| {
+            format!(
+                "unknown conv_algo_search \"{s}\" (known: {})",
+                Self::ALL.map(ConvAlgoSearch::name).join(", ")
+            )
+        })
+    }
+}
 
 impl Profile {
     /// The providers `graph` runs on.
@@ -334,7 +382,7 @@ struct PartialProfile {
 
 impl PartialProfile {
     fn from_raw(raw: RawProfile, name: &str, origin: &str) -> Result<Self, ConfigError> {
-        let keys = PlainKeys::of(&raw);
+        let keys = PlainKeys::of(&raw).map_err(|message| invalid(origin, name, message))?;
         let providers =
             raw.providers.map(|list| parse_provider_list(&list, name, origin)).transpose()?;
         let mut graphs = BTreeMap::new();
@@ -353,18 +401,6 @@ impl PartialProfile {
             .map(|s| s.parse::<GraphOptimization>())
             .transpose()
             .map_err(|message| invalid(origin, name, message))?;
-        if let Some(v) = &raw.conv_algo_search {
-            if !CONV_ALGO_SEARCH.contains(&v.as_str()) {
-                return Err(invalid(
-                    origin,
-                    name,
-                    format!(
-                        "unknown conv_algo_search \"{v}\" (known: {})",
-                        CONV_ALGO_SEARCH.join(", ")
-                    ),
-                ));
-            }
-        }
         if let Some(n) = raw.intra_op_threads {
             check_threads(n)
                 .map_err(|m| invalid(origin, name, format!("intra_op_threads = {n}: {m}")))?;
@@ -574,12 +610,12 @@ mod tests {
 
     #[test]
     fn conv_algo_search_takes_cudnns_three_modes_and_refuses_others_naming_the_key() {
-        for v in CONV_ALGO_SEARCH {
+        for v in ["exhaustive", "heuristic", "default"] {
             let text = format!(
                 "[profiles.g]\nproviders = [\"cuda\", \"cpu\"]\nconv_algo_search = \"{v}\"\n"
             );
             let c = Config::from_toml(&text, "g.toml").unwrap();
-            assert_eq!(c.profile("g").unwrap().conv_algo_search.as_deref(), Some(v));
+            assert_eq!(c.profile("g").unwrap().conv_algo_search.map(ConvAlgoSearch::name), Some(v));
         }
         let c = Config::from_toml("[profiles.g]\nproviders = [\"cuda\"]\n", "g.toml").unwrap();
         assert_eq!(c.profile("g").unwrap().conv_algo_search, None);

@@ -15,7 +15,7 @@ use ort::ep::{self, ExecutionProvider, ExecutionProviderDispatch};
 use ort::session::builder::SessionBuilder;
 use ort::session::Session;
 
-use crate::config::{Profile, Provider};
+use crate::config::{ConvAlgoSearch, Profile, Provider};
 use crate::ort_env::{self, RuntimeSetupError};
 use blip2_core::GraphKind;
 
@@ -78,15 +78,12 @@ fn dispatch(p: Provider, profile: &Profile, graph: &str) -> ExecutionProviderDis
             if let Some(limit) = profile.gpu_mem_limit {
                 cuda = cuda.with_memory_limit(usize::try_from(limit).unwrap_or(usize::MAX));
             }
-            // Checked against config::CONV_ALGO_SEARCH when the profile was read.
-            let search = match profile.conv_algo_search.as_deref() {
-                Some("heuristic") => Some(ep::cuda::ConvAlgorithmSearch::Heuristic),
-                Some("default") => Some(ep::cuda::ConvAlgorithmSearch::Default),
-                Some("exhaustive") => Some(ep::cuda::ConvAlgorithmSearch::Exhaustive),
-                _ => None,
-            };
-            if let Some(search) = search {
-                cuda = cuda.with_conv_algorithm_search(search);
+            if let Some(search) = profile.conv_algo_search {
+                cuda = cuda.with_conv_algorithm_search(match search {
+                    ConvAlgoSearch::Exhaustive => ep::cuda::ConvAlgorithmSearch::Exhaustive,
+                    ConvAlgoSearch::Heuristic => ep::cuda::ConvAlgorithmSearch::Heuristic,
+                    ConvAlgoSearch::Default => ep::cuda::ConvAlgorithmSearch::Default,
+                });
             }
             cuda.build()
         }
