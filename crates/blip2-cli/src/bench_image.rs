@@ -82,6 +82,9 @@ fn split_ms(
     Ok((round(median(decode), 2), round(median(rest), 2)))
 }
 
+/// What `bench --image` says when libjpeg-turbo runs without its SIMD code.
+pub const NO_SIMD: &str = "libjpeg-turbo was built without its SIMD code (no nasm when it was built), so JPEGs decode about 2x slower than they should (the same pixels); install nasm, then run `cargo clean -p mozjpeg-sys && cargo clean --release -p mozjpeg-sys` and build again";
+
 pub fn run(
     images: &[PathBuf],
     workers: &[usize],
@@ -103,6 +106,11 @@ pub fn run(
     res.insert("size".into(), json!([cfg.width, cfg.height]));
     res.insert("reps".into(), json!(reps));
     res.insert("cores".into(), json!(std::thread::available_parallelism().map_or(1, |n| n.get())));
+    let simd = preprocess::jpeg_simd();
+    res.insert("jpeg_simd".into(), json!(simd));
+    if !simd {
+        eprintln!("warning: {NO_SIMD}");
+    }
     for (mode, limits) in [("exact", &exact), ("fast", &fast)] {
         let (decode, rest) = split_ms(images, limits, cfg, reps)?;
         res.insert(format!("{mode}_decode_ms"), json!(decode));
@@ -125,6 +133,7 @@ pub fn run(
         cfg.height,
         res["cores"]
     )?;
+    writeln!(out, "  libjpeg-turbo SIMD: {}", if simd { "on" } else { "off (see the warning)" })?;
     let num = |k: &str| res.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
     for mode in ["exact", "fast"] {
         let label = if mode == "exact" { "exact (Pillow's pixels)" } else { "--fast-decode" };

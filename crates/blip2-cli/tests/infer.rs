@@ -870,6 +870,30 @@ fn truncated_jpeg_is_refused_and_a_batch_goes_on() {
     assert_eq!(got[1]["token_ids"], photo_reference("t5-tiny", "exif6_caption")["sequences"][0]);
 }
 
+/// libjpeg-turbo's SIMD decoder is in the build wherever nasm is installed (x86-64). A build
+/// made before nasm was installed keeps its C-only decoder (2x slower, same pixels), as
+/// cargo does not run mozjpeg-sys's build script again: `bench --image` says so, and this
+/// test fails until that build is cleaned.
+#[test]
+fn jpeg_decoder_runs_its_simd_code_where_nasm_is_installed() {
+    let o = bin()
+        .args(["bench", "--reps", "1", "--workers", "1", "--json", "--image"])
+        .arg(photo("rocket.jpg"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let simd = v["jpeg_simd"].as_bool().unwrap_or_else(|| panic!("no jpeg_simd: {v}"));
+    assert_eq!(stderr(&o).contains("without its SIMD code"), !simd, "{}", stderr(&o));
+    let nasm = std::process::Command::new("nasm").arg("-v").output();
+    if cfg!(target_arch = "x86_64") && nasm.is_ok_and(|o| o.status.success()) {
+        assert!(
+            simd,
+            "nasm is installed but libjpeg-turbo was built without it (before nasm was installed): run `cargo clean -p mozjpeg-sys && cargo clean --release -p mozjpeg-sys` (scripts/test does)"
+        );
+    }
+}
+
 #[test]
 fn bench_image_times_preprocessing_and_names_bad_input() {
     let o = bin()

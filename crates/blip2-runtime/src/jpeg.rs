@@ -17,6 +17,20 @@ use std::panic::{self, AssertUnwindSafe};
 use image::{DynamicImage, GrayImage, RgbImage};
 use mozjpeg_sys as j;
 
+extern "C" {
+    // libjpeg-turbo's own test of its SIMD inverse DCT: 1 when the library was built with
+    // its SIMD code (nasm on x86) and this CPU runs it, 0 when built without (jsimd_none.c)
+    // or turned off at run time (JSIMD_FORCENONE=1). Defined in both builds.
+    fn jsimd_can_idct_islow() -> c_int;
+}
+
+/// Whether libjpeg-turbo decodes with its SIMD code here (inverse DCT, upsampling and
+/// colour conversion: about 2x faster than its C code, the same pixels).
+pub(crate) fn simd() -> bool {
+    // SAFETY: takes nothing; reads the CPU's features once and caches them.
+    unsafe { jsimd_can_idct_islow() != 0 }
+}
+
 /// Pillow's test for a JPEG file (`JpegImagePlugin._accept`).
 pub(crate) fn is_jpeg(bytes: &[u8]) -> bool {
     bytes.starts_with(b"\xff\xd8\xff")

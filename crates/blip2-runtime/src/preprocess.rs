@@ -97,6 +97,14 @@ pub enum PreprocessError {
     },
 }
 
+/// Whether JPEGs are decoded with libjpeg-turbo's SIMD code. False when the build found no
+/// nasm (x86): the same pixels, about 2x slower to decode; installing nasm is not enough
+/// for a build that already exists, which keeps its C-only decoder until
+/// `cargo clean -p mozjpeg-sys` (README, "On a fresh machine").
+pub fn jpeg_simd() -> bool {
+    jpeg::simd()
+}
+
 /// Reads and decodes an image file (PNG, JPEG, GIF first frame, WebP, BMP, TIFF) and turns
 /// it upright by its EXIF orientation; the format is taken from the content, not the
 /// extension. A truncated file is an error, as in Pillow.
