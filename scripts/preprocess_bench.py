@@ -114,12 +114,36 @@ def hf_ms_per_image(files, workers, reps):
     return statistics.median(times)
 
 
+def pillow_decode_ms(files, reps, draft):
+    """Pillow's own read + decode (its bundled libjpeg-turbo), one thread, ms per image:
+    `Image.open` + `load`, with `draft` to twice 224 (what --fast-decode asks of libjpeg)
+    for JPEGs when `draft`; median of reps."""
+    from PIL import Image
+
+    times = []
+    for _ in range(reps + 1):
+        t = time.perf_counter()
+        for f in files:
+            im = Image.open(f)
+            if draft:
+                im.draft("RGB", (448, 448))
+            im.load()
+        times.append((time.perf_counter() - t) * 1000 / len(files))
+    return statistics.median(times[1:])
+
+
 def ours(binary, files, workers, reps):
     cmd = [binary, "bench", "--json", "--reps", str(reps), "--workers", ",".join(map(str, workers))]
     for f in files:
         cmd += ["--image", f]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    r = json.loads(out.strip().splitlines()[-1])
+    if not r.get("jpeg_simd"):
+        sys.exit(
+            f"preprocess_bench: {binary} decodes JPEGs without libjpeg-turbo's SIMD code (built "
+            "without nasm); install nasm, `cargo clean --release -p mozjpeg-sys`, build again"
+        )
+    return r
 
 
 def main():
@@ -150,7 +174,9 @@ def main():
         for w in workers:
             e, f = r[f"exact_w{w}_ms_per_image"], r[f"fast_w{w}_ms_per_image"]
             rows.append((SETS[s][2], mb, w, hf[w], e, f))
-        rows.append((SETS[s][2], mb, "split", r["exact_decode_ms"], r["exact_resize_normalize_ms"], r["fast_decode_ms"], r["fast_resize_normalize_ms"]))
+        pil = pillow_decode_ms(files[s], a.reps, False)
+        pil_draft = pillow_decode_ms(files[s], a.reps, True) if s != "png" else None
+        rows.append((SETS[s][2], mb, "split", r["exact_decode_ms"], r["exact_resize_normalize_ms"], r["fast_decode_ms"], r["fast_resize_normalize_ms"], pil, pil_draft))
     lines = [
         f"`python scripts/preprocess_bench.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
         f"({cores} cores, {len(PHOTOS)} photos a set, median of {a.reps}; transformers {transformers.__version__}, "
@@ -165,11 +191,21 @@ def main():
             continue
         name, mb, w, hf, e, f = row
         lines.append(f"| {name} | {mb:.1f} | {w} | {hf:.1f} | {e:.1f} | {hf / e:.1f}x | {f:.1f} | {hf / f:.1f}x |")
-    lines += ["", "One worker, split (ms per image): read + decode / RGB + resize + normalize.", ""]
-    lines += ["| images | exact decode | exact rest | fast decode | fast rest |", "| --- | ---: | ---: | ---: | ---: |"]
+    lines += [
+        "",
+        "One worker, split (ms per image): read + decode / RGB + resize + normalize; beside them "
+        "Pillow's own read + decode on one thread (`Image.open` + `load`; draft: after "
+        "`draft(\"RGB\", (448, 448))`, the scale --fast-decode asks for).",
+        "",
+    ]
+    lines += [
+        "| images | exact decode | exact rest | fast decode | fast rest | Pillow decode | Pillow draft decode |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for row in rows:
         if row[2] == "split":
-            lines.append(f"| {row[0]} | {row[3]:.1f} | {row[4]:.1f} | {row[5]:.1f} | {row[6]:.1f} |")
+            draft = "-" if row[8] is None else f"{row[8]:.1f}"
+            lines.append(f"| {row[0]} | {row[3]:.1f} | {row[4]:.1f} | {row[5]:.1f} | {row[6]:.1f} | {row[7]:.1f} | {draft} |")
     table = "\n".join(lines)
     print(table)
     if a.write:
