@@ -463,6 +463,52 @@ fn decoder_head(
     lm_head(b, &out, &head, d, c.vocab_size, positions)
 }
 
+/// A decoder block after its self-attention: RMSNorm, cross-attention over the text
+/// encoder's keys and values (`cross`) where `cross_allowed`, residual; RMSNorm, feed-forward,
+/// residual. The same for both decoder graphs.
+///
+/// Cross-attention is in plain operators in the `--target cuda` graph too: the CUDA kernel
+/// of DecoderMaskedMultiHeadAttention reads every key cache, the encoder's keys included, in
+/// its own tiled layout [B, H, D/x, T, x] (x = 16 bytes of elements), while the CPU kernel
+/// and the text encoder's outputs are [B, H, T, D]: the fused operator gave the GPU other
+/// tokens than the CPU (measured on an H200, 2026-12-04). One query over the encoder's keys
+/// is a few small products either way.
+fn cross_and_feed_forward(
+    b: &mut Builder,
+    c: &T5Config,
+    path: &str,
+    pre: &str,
+    h: &str,
+    (ck, cv): (&String, &String),
+    cross_allowed: &str,
+) -> Result<String> {
+    let (d, eps) = (c.d_model, c.layer_norm_epsilon);
+    let x = rms_norm(
+        b,
+        &format!("{path}/cross/layer_norm"),
+        h,
+        &format!("{pre}.1.layer_norm"),
+        d,
+        eps,
+    )?;
+    let a = t5_attention(
+        b,
+        c,
+        &format!("{path}/cross"),
+        &x,
+        ck,
+        cv,
+        &format!("{pre}.1.EncDecAttention"),
+        None,
+        cross_allowed,
+    )?;
+    let h = residual(b, &format!("{path}/cross/residual"), h, &a);
+    let x =
+        rms_norm(b, &format!("{path}/ff/layer_norm"), &h, &format!("{pre}.2.layer_norm"), d, eps)?;
+    let f = feed_forward(b, c, &format!("{path}/ff"), &x, &format!("{pre}.2.DenseReluDense"))?;
+    Ok(b.op(&format!("{path}/ff/Add"), "Add", &[&h, &f], vec![]))
+}
+
 /// The CUDA-target decoder (`--target cuda`): self-attention is ONNX Runtime's
 /// DecoderMaskedMultiHeadAttention (com.microsoft), which runs one new position a step,
 /// as T5's decoder does from its start token on. It reads and writes a KV buffer of a
@@ -580,43 +626,7 @@ pub fn build_decoder_cuda(b: &mut Builder, c: &T5Config, scale_output: bool) -> 
         let a = proj(b, &format!("{path}/attn/o"), &a, &format!("{att}.o.weight"), inner, d)?;
         h = residual(b, &format!("{path}/attn/residual"), &h, &a);
 
-        let x = rms_norm(
-            b,
-            &format!("{path}/cross/layer_norm"),
-            &h,
-            &format!("{pre}.1.layer_norm"),
-            d,
-            c.layer_norm_epsilon,
-        )?;
-        // Cross-attention in plain operators: the CUDA kernel of DecoderMaskedMultiHeadAttention
-        // reads every key cache, the encoder's keys included, in its own tiled layout
-        // [B, H, D/x, T, x] (x = 16 bytes of elements), while the CPU kernel and the text
-        // encoder's outputs are [B, H, T, D]: the fused operator gave the GPU other tokens
-        // than the CPU (measured on an H200, 2026-12-04). One query over the encoder's keys
-        // is a few small products either way.
-        let a = t5_attention(
-            b,
-            c,
-            &format!("{path}/cross"),
-            &x,
-            ck,
-            cv,
-            &format!("{pre}.1.EncDecAttention"),
-            None,
-            &cross_allowed,
-        )?;
-        h = residual(b, &format!("{path}/cross/residual"), &h, &a);
-
-        let x = rms_norm(
-            b,
-            &format!("{path}/ff/layer_norm"),
-            &h,
-            &format!("{pre}.2.layer_norm"),
-            d,
-            c.layer_norm_epsilon,
-        )?;
-        let f = feed_forward(b, c, &format!("{path}/ff"), &x, &format!("{pre}.2.DenseReluDense"))?;
-        h = b.op(&format!("{path}/ff/Add"), "Add", &[&h, &f], vec![]);
+        h = cross_and_feed_forward(b, c, &path, &pre, &h, (ck, cv), &cross_allowed)?;
     }
     let logits = decoder_head(b, c, &h, scale_output, Some(1))?;
     b.output(
@@ -737,36 +747,7 @@ pub fn build_decoder(b: &mut Builder, c: &T5Config, scale_output: bool) -> Resul
             &causal,
         )?;
         h = residual(b, &format!("{path}/attn/residual"), &h, &a);
-        let x = rms_norm(
-            b,
-            &format!("{path}/cross/layer_norm"),
-            &h,
-            &format!("{pre}.1.layer_norm"),
-            d,
-            c.layer_norm_epsilon,
-        )?;
-        let a = t5_attention(
-            b,
-            c,
-            &format!("{path}/cross"),
-            &x,
-            ck,
-            cv,
-            &format!("{pre}.1.EncDecAttention"),
-            None,
-            &cross_allowed,
-        )?;
-        h = residual(b, &format!("{path}/cross/residual"), &h, &a);
-        let x = rms_norm(
-            b,
-            &format!("{path}/ff/layer_norm"),
-            &h,
-            &format!("{pre}.2.layer_norm"),
-            d,
-            c.layer_norm_epsilon,
-        )?;
-        let f = feed_forward(b, c, &format!("{path}/ff"), &x, &format!("{pre}.2.DenseReluDense"))?;
-        h = b.op(&format!("{path}/ff/Add"), "Add", &[&h, &f], vec![]);
+        h = cross_and_feed_forward(b, c, &path, &pre, &h, (ck, cv), &cross_allowed)?;
     }
     let logits = decoder_head(b, c, &h, scale_output, None)?;
     b.output(
