@@ -19,8 +19,9 @@ use mozjpeg_sys as j;
 
 extern "C" {
     // libjpeg-turbo's own test of its SIMD inverse DCT: 1 when the library was built with
-    // its SIMD code (nasm on x86) and this CPU runs it, 0 when built without (jsimd_none.c)
-    // or turned off at run time (JSIMD_FORCENONE=1). Defined in both builds.
+    // its SIMD code (nasm on x86) and this CPU runs it, 0 when built without (jsimd_none.c).
+    // Defined in both builds. (mozjpeg-sys builds with NO_GETENV, so libjpeg-turbo's
+    // JSIMD_FORCENONE and friends are not read.)
     fn jsimd_can_idct_islow() -> c_int;
 }
 
