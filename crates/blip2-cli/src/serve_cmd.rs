@@ -129,6 +129,10 @@ pub fn run(a: &ServeArgs, quiet: bool, signals: Option<crate::signals::Handle>) 
         }
         blip2_serve::Served::Captioning(crate::session::load_pipeline(&dir, &a.session)?)
     };
+    if !blip2_runtime::preprocess::jpeg_simd() {
+        // Every uploaded JPEG is decoded on the server's cores: say so once, at start-up.
+        eprintln!("warning: {}", crate::bench_image::NO_SIMD);
+    }
     let max_body_bytes = a.max_body_mb.saturating_mul(1 << 20);
     let opts = ServeOptions {
         served_model_name: a.served_model_name.clone().unwrap_or_else(|| a.model.clone()),
