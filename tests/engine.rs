@@ -196,18 +196,9 @@ fn run_joined(
     assert_eq!(joins.0.load(Ordering::Relaxed), joined, "joins reported to the metrics");
     // And each admission with its rows (requests admitted at the same step are taken in
     // together), and each decode step (blip2_admission_rows, blip2_decode_step_seconds).
-    let rows = |c: &GenerationConfig| {
-        if c.num_beams > 1 {
-            c.num_beams
-        } else if c.do_sample {
-            c.num_return_sequences
-        } else {
-            1
-        }
-    };
     let mut want = std::collections::BTreeMap::<usize, usize>::new();
     for c in cases {
-        *want.entry(c.join_at).or_default() += rows(&c.cfg);
+        *want.entry(c.join_at).or_default() += blip2_runtime::engine::batch_rows(&c.cfg);
     }
     let (admitted, stepped) = joins.1.lock().unwrap().clone();
     if extra_rows == 0 {

@@ -82,9 +82,6 @@ fn split_ms(
     Ok((round(median(decode), 2), round(median(rest), 2)))
 }
 
-/// What `bench --image` says when libjpeg-turbo runs without its SIMD code.
-pub const NO_SIMD: &str = "libjpeg-turbo was built without its SIMD code (no nasm when it was built), so JPEGs decode about 2x slower than they should (the same pixels); install nasm, then run `cargo clean -p mozjpeg-sys && cargo clean --release -p mozjpeg-sys` and build again";
-
 pub fn run(
     images: &[PathBuf],
     workers: &[usize],
@@ -109,7 +106,7 @@ pub fn run(
     let simd = preprocess::jpeg_simd();
     res.insert("jpeg_simd".into(), json!(simd));
     if !simd {
-        eprintln!("warning: {NO_SIMD}");
+        eprintln!("warning: {}", preprocess::JPEG_NO_SIMD);
     }
     for (mode, limits) in [("exact", &exact), ("fast", &fast)] {
         let (decode, rest) = split_ms(images, limits, cfg, reps)?;

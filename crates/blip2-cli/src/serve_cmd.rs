@@ -131,7 +131,7 @@ pub fn run(a: &ServeArgs, quiet: bool, signals: Option<crate::signals::Handle>) 
     };
     if !blip2_runtime::preprocess::jpeg_simd() {
         // Every uploaded JPEG is decoded on the server's cores: say so once, at start-up.
-        eprintln!("warning: {}", crate::bench_image::NO_SIMD);
+        eprintln!("warning: {}", blip2_runtime::preprocess::JPEG_NO_SIMD);
     }
     let max_body_bytes = a.max_body_mb.saturating_mul(1 << 20);
     let opts = ServeOptions {

@@ -105,6 +105,9 @@ pub fn jpeg_simd() -> bool {
     jpeg::simd()
 }
 
+/// What `bench --image` and `serve` say when [`jpeg_simd`] is false.
+pub const JPEG_NO_SIMD: &str = "libjpeg-turbo was built without its SIMD code (no nasm when it was built), so JPEGs decode about 2x slower than they should (the same pixels); install nasm, then run `cargo clean -p mozjpeg-sys && cargo clean --release -p mozjpeg-sys` and build again";
+
 /// Reads and decodes an image file (PNG, JPEG, GIF first frame, WebP, BMP, TIFF) and turns
 /// it upright by its EXIF orientation; the format is taken from the content, not the
 /// extension. A truncated file is an error, as in Pillow.

@@ -42,6 +42,9 @@ pub struct Metrics {
     pub in_flight: Gauge,
 }
 
+/// Buckets of the histograms that count rows or items of a batch.
+const ROW_BUCKETS: [f64; 7] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
+
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("blip2");
@@ -63,7 +66,7 @@ impl Metrics {
             "Seconds from a generation request's admission to its first token",
             ttft.clone(),
         );
-        let batch_rows = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]);
+        let batch_rows = Histogram::new(ROW_BUCKETS);
         registry.register(
             "batch_rows",
             "Rows (sequences) in each batch the engine started",
@@ -75,7 +78,7 @@ impl Metrics {
             "Times newly admitted requests' rows joined a batch already generating",
             joins.clone(),
         );
-        let admission_rows = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]);
+        let admission_rows = Histogram::new(ROW_BUCKETS);
         registry.register(
             "admission_rows",
             "Rows of the requests the engine took in together (one encoder batch and one prefill)",
@@ -93,7 +96,7 @@ impl Metrics {
             "Seconds of each decode step of a running batch, its picks included",
             step_seconds.clone(),
         );
-        let retrieval_batch_items = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]);
+        let retrieval_batch_items = Histogram::new(ROW_BUCKETS);
         registry.register(
             "retrieval_batch_items",
             "Images, texts or (image, text) pairs in each call of a retrieval export's graphs",
