@@ -31,11 +31,8 @@ PRESET=${PRESET:-opt-2.7b}
 MAX_CASES=${MAX_CASES:-6}
 NEW_TOKENS=${NEW_TOKENS:-20}
 PYTHON=${PYTHON:-python3}
-mkdir -p "$OUT"
-DEADLINE=$(( $(date +%s) + ${BUDGET_S:-470} ))
-limit() { local left=$(( DEADLINE - $(date +%s) )); [ "$left" -lt "$1" ] && echo $(( left > 1 ? left : 1 )) || echo "$1"; }
-say() { echo "$*" | tee -a "$OUT/summary.md"; }
-[ -x "$BIN" ] || { echo "error: $BIN: no blip2-ort binary (cargo build --release, or set BIN)" >&2; exit 1; }
+source scripts/gpu_common.sh
+slot_begin "${BUDGET_S:-470}"
 : >"$OUT/summary.md"
 command -v nvidia-smi >/dev/null && say "GPU: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1)"
 say "binary: $("$BIN" --version 2>&1), $(date -u +%FT%TZ)"

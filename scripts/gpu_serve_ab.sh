@@ -33,11 +33,8 @@ ADMIT_WAITS=${ADMIT_WAITS:-0 20 50}
 MAX_CASES=${MAX_CASES:-6}
 PYTHON=${PYTHON:-python3}
 export BLIP2_ORT_CONFIG=${CONFIG:-}
-mkdir -p "$OUT"
-DEADLINE=$(( $(date +%s) + ${BUDGET_S:-300} ))
-limit() { local left=$(( DEADLINE - $(date +%s) )); [ "$left" -lt "$1" ] && echo $(( left > 1 ? left : 1 )) || echo "$1"; }
-say() { echo "$*" | tee -a "$OUT/summary.md"; }
-[ -x "$BIN" ] || { echo "error: $BIN: no blip2-ort binary (cargo build --release, or set BIN)" >&2; exit 1; }
+source scripts/gpu_common.sh
+slot_begin "${BUDGET_S:-300}"
 : >"$OUT/summary.md"
 command -v nvidia-smi >/dev/null && say "GPU: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>&1)"
 say "binary: $("$BIN" --version 2>&1), $(date -u +%FT%TZ), serve --ep $EP${CONFIG:+, config $CONFIG}"

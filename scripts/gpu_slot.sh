@@ -28,14 +28,12 @@ EP=${EP:-cuda}
 PRESET=${PRESET:-opt-2.7b}
 MAX_CASES=${MAX_CASES:-6}
 PYTHON=${PYTHON:-python3}
-mkdir -p "$OUT"
 # The whole command stays under 8 minutes: each step's limit is cut to what is left.
-DEADLINE=$(( $(date +%s) + ${BUDGET_S:-470} ))
-limit() { local left=$(( DEADLINE - $(date +%s) )); [ "$left" -lt "$1" ] && echo $(( left > 1 ? left : 1 )) || echo "$1"; }
+source scripts/gpu_common.sh
+slot_begin "${BUDGET_S:-470}"
 rows=()
 row() { rows+=("| $1 | $2 | $3 |"); echo "== $1: $2 ${3:+($3)}"; }
 last_line() { tail -n 1 "$1" 2>/dev/null | tr '|' '/' | cut -c1-200; }
-[ -x "$BIN" ] || { echo "error: $BIN: no blip2-ort binary (cargo build --release, or set BIN)" >&2; exit 1; }
 
 # 1. Probe.
 if [ "$EP" = cpu ]; then
